@@ -1,0 +1,1 @@
+"""Python client for the peftserve gRPC API (no torch import)."""

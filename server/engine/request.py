@@ -1,0 +1,40 @@
+"""What enters the engine (a `Request`) and what comes out of each step (`RequestOutput`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peftserve.engine.sampling_params import SamplingParams
+from peftserve.engine.sequence import FinishReason
+
+
+@dataclass(frozen=True)
+class Request:
+    """Exactly one of prompt, messages, prompt_token_ids."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None  # chat turns; the chat template is applied
+    prompt_token_ids: tuple[int, ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # None or "": the base model
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float  # arrival -> first scheduled
+    ttft_s: float | None  # arrival -> first token
+    e2e_s: float | None  # arrival -> finished (None while running)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    text: str  # text new since the previous output of this request
+    token_ids: list[int]  # tokens new since the previous output
+    logprobs: list[float] | None
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings | None = None  # set on the first and the final output

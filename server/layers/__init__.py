@@ -1,0 +1,1 @@
+"""Building blocks of the base model's forward pass, over flattened tokens [T, ...]."""

@@ -1,0 +1,38 @@
+"""The base model's linear layers, with a seam for per-token adapter deltas.
+
+A fused projection (q/k/v, or gate/up) is one matmul; its `slice_sizes` name the output slices
+so that an adapter hook can add a different low-rank update to each slice in one call.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class DeltaHook(Protocol):
+    """Adds per-token adapter deltas to a linear layer's output in place."""
+
+    def apply(self, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        # x: [T, in], y: [T, out] (the base output, updated in place)
+        ...
+
+
+class AdaptableLinear(nn.Module):
+    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                 slice_sizes: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.name = name  # module kind used by adapters: "qkv", "o", "gate_up", "down"
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.slice_sizes = slice_sizes or (weight.shape[0],)
+
+    def forward(self, x: torch.Tensor, hook: DeltaHook | None = None) -> torch.Tensor:
+        # x: [T, in] -> [T, out]
+        y = F.linear(x, self.weight, self.bias)
+        if hook is not None:
+            hook.apply(self.name, x, y)
+        return y

@@ -1,0 +1,1 @@
+"""Base models: where weights come from (loader) and our own forward pass (llama)."""

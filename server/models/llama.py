@@ -1,0 +1,137 @@
+"""Llama-family causal LM (Llama, SmolLM, Mistral, Qwen2) in peftserve's own layers.
+
+transformers only supplies the config and the weights. q/k/v and gate/up are fused into one
+matmul each; their output slices stay named so adapters can update each slice separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PretrainedConfig
+
+from peftserve.errors import UnsupportedModel
+from peftserve.layers.attention import AttentionMetadata, paged_attention, write_kv
+from peftserve.layers.linear import AdaptableLinear, DeltaHook
+from peftserve.layers.norm import RMSNorm
+from peftserve.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelShape:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            layers=config.num_hidden_layers,
+            heads=config.num_attention_heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            vocab=config.vocab_size,
+            max_positions=config.max_position_embeddings,
+        )
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every layer needs for one step, built once by the model runner."""
+
+    attn: AttentionMetadata
+    cos: torch.Tensor  # [T, 1, head_dim]
+    sin: torch.Tensor  # [T, 1, head_dim]
+    hook: DeltaHook | None = None  # adapter deltas for linear layers (None: base only)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: ModelShape, eps: float, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
+        self.scale = shape.head_dim**-0.5
+        self.input_norm = RMSNorm(shape.hidden, eps)
+        self.post_attn_norm = RMSNorm(shape.hidden, eps)
+        self.input_norm.weight.data = w["input_layernorm.weight"]
+        self.post_attn_norm.weight.data = w["post_attention_layernorm.weight"]
+        qkv_bias = None
+        if "self_attn.q_proj.bias" in w:
+            qkv_bias = torch.cat([w[f"self_attn.{p}_proj.bias"] for p in "qkv"])
+        self.qkv = AdaptableLinear(
+            "qkv", torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"]), qkv_bias,
+            (q_out, kv_out, kv_out))
+        self.o = AdaptableLinear("o", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+        self.gate_up = AdaptableLinear(
+            "gate_up", torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None,
+            (shape.intermediate, shape.intermediate))
+        self.down = AdaptableLinear("down", w["mlp.down_proj.weight"], None)
+        self.q_out, self.kv_out = q_out, kv_out
+
+    def forward(self, h: torch.Tensor, cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        # h: [T, hidden]; cache: [2, slots, kv_heads, head_dim] for this layer
+        T = h.shape[0]
+        qkv = self.qkv(self.input_norm(h), ctx.hook)
+        q, k, v = qkv.split((self.q_out, self.kv_out, self.kv_out), dim=-1)
+        q = apply_rotary(q.view(T, self.heads, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rotary(k.view(T, self.kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        v = v.view(T, self.kv_heads, self.head_dim)
+        write_kv(cache, ctx.attn.slot_mapping, k, v)
+        a = paged_attention(q, k, v, cache, ctx.attn, self.scale)
+        h = h + self.o(a.reshape(T, self.q_out), ctx.hook)
+        gu = self.gate_up(self.post_attn_norm(h), ctx.hook)
+        gate, up = gu.chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up, ctx.hook)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, state: dict[str, torch.Tensor],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.shape = ModelShape.from_config(config)
+        if getattr(config, "mlp_bias", False):
+            raise UnsupportedModel("mlp_bias=True is not supported")
+        state = {k.removeprefix("model."): v.to(device=device, dtype=dtype) for k, v in state.items()}
+        eps = config.rms_norm_eps
+        self.embed = nn.Parameter(state["embed_tokens.weight"], requires_grad=False)  # [V, hidden]
+        self.layers = nn.ModuleList()
+        for i in range(self.shape.layers):
+            prefix = f"layers.{i}."
+            w = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            self.layers.append(DecoderLayer(self.shape, eps, w))
+        self.norm = RMSNorm(self.shape.hidden, eps)
+        self.norm.weight.data = state["norm.weight"]
+        lm_head = state.get("lm_head.weight")
+        if lm_head is None or getattr(config, "tie_word_embeddings", False):
+            lm_head = self.embed
+        self.lm_head = lm_head  # [V, hidden]
+        self.rotary = RotaryEmbedding(config, self.shape.head_dim, device)
+        self.dtype = dtype
+        self.device = device
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [T] -> [T, hidden]
+        return F.embedding(input_ids, self.embed)
+
+    @torch.inference_mode()
+    def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        # h: [T, hidden] input embeddings; kv_cache: [layers, 2, slots, kv_heads, head_dim]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, kv_cache[i], ctx)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [B, hidden] (only the rows that sample) -> [B, vocab] fp32
+        return F.linear(h, self.lm_head).float()

@@ -15,7 +15,8 @@ from peftserve.engine.detokenizer import Detokenizer
 from peftserve.engine.model_runner import ModelRunner
 from peftserve.engine.request import Request, RequestOutput, Timings
 from peftserve.engine.sampler import sample
-from peftserve.engine.scheduler import ScheduledBatch, Scheduler
+from peftserve.engine.sampling_params import SamplingParams
+from peftserve.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from peftserve.engine.sequence import FinishReason, Sequence
 from peftserve.errors import InvalidRequest, Overloaded
 from peftserve.models.loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir
@@ -199,6 +200,22 @@ class Engine:
             request_id=seq.request_id, text=text, token_ids=new_tokens, logprobs=logprobs,
             finished=final, finish_reason=seq.finish_reason, prompt_tokens=seq.prompt_len,
             completion_tokens=seq.num_output_tokens, timings=timings)
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of `token_ids` ([n, vocab] fp32), for evaluation and
+        parity checks. Runs alone: call it only while no request is in flight."""
+        if self.has_unfinished():
+            raise RuntimeError("score() needs an idle engine")
+        if not 0 < len(token_ids) <= self.max_model_len:
+            raise InvalidRequest(f"score() takes 1..{self.max_model_len} tokens")
+        seq = Sequence(-1, "score", list(token_ids), SamplingParams(max_new_tokens=1))
+        self.block_manager.allocate(seq, len(token_ids))
+        try:
+            batch = ScheduledBatch([], [ScheduledSeq(seq, len(token_ids))], [])
+            with torch.inference_mode():
+                return self.model.logits(self.runner.hidden_states(batch))
+        finally:
+            self.block_manager.free(seq)
 
     # --- offline convenience ----------------------------------------------------------------
 

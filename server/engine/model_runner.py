@@ -87,14 +87,18 @@ class ModelRunner:
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev), meta)
 
+    def hidden_states(self, batch: ScheduledBatch, hook: DeltaHook | None = None) -> torch.Tensor:
+        """Runs the model over the step's tokens -> final hidden states [T, hidden]."""
+        input_ids, positions, meta = self.prepare(batch)
+        cos, sin = self.model.rotary.cos_sin(positions, self.model.dtype)
+        ctx = StepContext(attn=meta, cos=cos, sin=sin, hook=hook)
+        return self.model(self.model.embed_tokens(input_ids), self.kv_cache, ctx)
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, hook: DeltaHook | None = None) -> torch.Tensor:
         """Runs one step. Returns fp32 logits [B, vocab] for the items that sample, in
         `batch.items` order (items that only advance a prefill chunk have no row)."""
-        input_ids, positions, meta = self.prepare(batch)
-        cos, sin = self.model.rotary.cos_sin(positions, self.model.dtype)
-        ctx = StepContext(attn=meta, cos=cos, sin=sin, hook=hook)
-        h = self.model(self.model.embed_tokens(input_ids), self.kv_cache, ctx)
+        h = self.hidden_states(batch, hook)
         rows, row = [], 0
         for item in batch.items:
             row += item.num_new_tokens

@@ -1,0 +1,165 @@
+"""Runs the engine's step loop in its own thread and streams outputs to asyncio.
+
+The event loop never runs a forward pass: requests and aborts go through an inbox that the engine
+thread drains between steps, and outputs come back with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request, RequestOutput
+from peftserve.errors import EngineStopped
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput items, or one exception
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._inbox: list[Callable[[], None]] = []
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._admitting = True
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.on_step: Callable[[Engine], None] | None = None  # metrics hook, engine thread
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="peftserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop_admitting(self) -> None:
+        self._admitting = False
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def call(self, fn: Callable[[], object]) -> asyncio.Future:
+        """Runs `fn` on the engine thread between steps; awaitable from asyncio."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as e:  # handed to the caller, who decides
+                loop.call_soon_threadsafe(_set_exception, fut, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._post(run)
+        return fut
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs. Errors from validation are raised here; leaving the
+        iterator early (client cancelled, deadline) aborts the request and frees its blocks."""
+        if not self._admitting:
+            raise EngineStopped("the server is shutting down")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._post(lambda: self._add(req, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._post(lambda: self._abort(req.request_id))
+
+    def _add(self, req: Request, stream: _Stream) -> None:
+        try:
+            self.engine.add_request(req)
+        except Exception as e:
+            stream.put(e)
+            return
+        self._streams[req.request_id] = stream
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._inbox.append(fn)
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            todo, self._inbox = self._inbox, []
+        for fn in todo:
+            fn()
+
+    def _loop(self) -> None:
+        while self._running:
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:
+                log.exception("engine step failed; failing the running requests")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+            if self.on_step is not None:
+                self.on_step(self.engine)
+        self._fail_all(EngineStopped("the engine stopped"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            stream.put(error)
+        self._streams.clear()
+
+
+def _set_result(fut: asyncio.Future, value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,4 +1,4 @@
-"""`peftserve` command line."""
+"""`peftserve` command line: serve, generate, adapters, info, demo."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -39,6 +40,95 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# `peftserve serve` flags: (flag, type, help). Each sets the ServeConfig / EngineConfig field of
+# the same name (dashes -> underscores); an omitted flag keeps the TOML file's value or the
+# default shown.
+_SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--model", str, "'default' (SmolLM2-135M-Instruct) or a local Hugging Face model directory"),
+    ("--dtype", str, "auto | float32 | bfloat16 | float16 (auto: bf16 where native)"),
+    ("--device", str, "auto | cpu | cuda[:N]"),
+    ("--host", str, "gRPC bind address"),
+    ("--port", int, "gRPC port (0: any free port; the bound one is printed)"),
+    ("--metrics-host", str, "Prometheus /metrics bind address"),
+    ("--metrics-port", int, "Prometheus /metrics port (0: any free port, -1: no endpoint)"),
+    ("--adapter-root", str, "RegisterAdapter by path reads only below this directory "
+                            "(unset: by-path registration refused)"),
+    ("--staging-dir", str, "where inline adapter uploads are written (unset: a private temp dir)"),
+    ("--max-inline-adapter-bytes", int, "size cap of one inline adapter upload"),
+    ("--max-prompt-tokens", int, "longest prompt accepted (unset: the context length - 1)"),
+    ("--max-new-tokens-limit", int, "the most new tokens a request may ask for"),
+    ("--default-max-new-tokens", int, "new tokens when a request does not say"),
+    ("--max-concurrent-streams", int, "Generate/GenerateStream calls in flight; beyond: "
+                                      "RESOURCE_EXHAUSTED"),
+    ("--max-waiting", int, "the engine's waiting queue; beyond: RESOURCE_EXHAUSTED"),
+    ("--max-num-seqs", int, "sequences running in one batch"),
+    ("--max-num-batched-tokens", int, "tokens in one forward pass"),
+    ("--max-model-len", int, "context length (unset: the model's)"),
+    ("--block-size", int, "tokens per KV cache block"),
+    ("--num-kv-blocks", int, "KV cache blocks (unset: sized from --kv-cache-bytes)"),
+    ("--kv-cache-bytes", int, "KV cache memory budget"),
+    ("--max-loras", int, "device slots for LoRA / bottleneck adapters in one batch"),
+    ("--max-lora-rank", int, "the largest adapter rank accepted"),
+    ("--max-cpu-adapters", int, "adapters kept in host memory (LRU)"),
+    ("--max-virtual-tokens", int, "the most prefix / prompt tuning virtual tokens"),
+    ("--num-threads", int, "torch intra-op threads (unset: torch's default)"),
+    ("--cache-dir", str, "converted default-model weights (unset: ~/.cache/peftserve)"),
+    ("--seed", int, "engine seed"),
+    ("--metrics-max-adapter-labels", int, "adapters with their own `adapter` metric label; "
+                                          "the rest are 'other'"),
+    ("--tls-cert", str, "PEM certificate; with --tls-key the server speaks TLS only"),
+    ("--tls-key", str, "PEM private key"),
+    ("--grace-period-s", float, "on SIGTERM, seconds in-flight requests get to finish"),
+)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from peftserve import serve_config
+    from peftserve.grpc.server import serve
+
+    values = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+              for flag, _, _ in _SERVE_FLAGS}
+    values["admin_token_file"] = args.admin_token_file
+    try:
+        config = serve_config.build(values, args.config)
+    except (ValueError, OSError) as e:
+        print(f"peftserve serve: {e}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
+def _serve_defaults() -> dict[str, object]:
+    from dataclasses import fields
+
+    from peftserve.config import EngineConfig
+    from peftserve.serve_config import ServeConfig
+
+    out: dict[str, object] = {f.name: f.default for f in fields(EngineConfig)}
+    out.update({f.name: f.default for f in fields(ServeConfig) if f.name != "engine"})
+    return out
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="serve the gRPC API and Prometheus metrics",
+        description="Serve the peftserve gRPC API (with grpc.health.v1 and reflection) and "
+                    "Prometheus metrics. Flags override the --config TOML file, which "
+                    "overrides the defaults. SIGTERM drains: no new requests, in-flight ones "
+                    "finish within --grace-period-s, exit 0.")
+    serve.add_argument("--config", type=Path, default=None,
+                       help="TOML file with the same keys (underscores), engine keys at the "
+                            "top level or under [engine]")
+    defaults = _serve_defaults()
+    for flag, kind, text in _SERVE_FLAGS:
+        default = defaults.get(flag[2:].replace("-", "_"))
+        shown = f" (default: {default})" if default is not None else ""
+        serve.add_argument(flag, type=kind, default=None, help=text + shown)
+    serve.add_argument("--admin-token-file", type=Path, default=None,
+                       help="file holding the bearer token admin RPCs need (else "
+                            "$PEFTSERVE_ADMIN_TOKEN; neither: admin RPCs are open)")
+    serve.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftserve", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -50,12 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.set_defaults(func=_demo)
+    _add_serve(sub)
+    from peftserve.client import cli as client_cli
+
+    client_cli.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("generate", "adapters", "info"):
+        from peftserve.client import cli as client_cli
+
+        return client_cli.run(args)
     return int(args.func(args))
 
 

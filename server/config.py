@@ -25,6 +25,10 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: leave torch's default
     cache_dir: str | None = None  # converted default-model weights; None: ~/.cache/peftserve
     seed: int = 0
+    max_loras: int = 8  # device slots for LoRA / bottleneck adapters in one batch
+    max_lora_rank: int = 64  # the largest rank (or bottleneck size) an adapter may have
+    max_cpu_adapters: int = 64  # adapters kept in host memory (LRU); the rest reload from disk
+    max_virtual_tokens: int = 256  # prefix / prompt tuning virtual tokens
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -32,7 +36,8 @@ class EngineConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
-                     "max_new_tokens_limit", "max_waiting"):
+                     "max_new_tokens_limit", "max_waiting", "max_loras", "max_lora_rank",
+                     "max_cpu_adapters", "max_virtual_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -11,8 +11,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from peftserve.adapters.handle import AdapterInfo
+from peftserve.adapters.registry import validate_name
 from peftserve.engine.engine import Engine
+from peftserve.engine.stats import EngineStats
 from peftserve.engine.request import Request, RequestOutput
 from peftserve.errors import EngineStopped
 
@@ -76,6 +80,28 @@ class AsyncEngine:
         self._post(run)
         return fut
 
+    # --- adapters ---------------------------------------------------------------------------
+
+    async def register_adapter(self, name: str, path: Path, replace: bool = False) -> AdapterInfo:
+        """Reads and checks the files in a worker thread (the step loop keeps running), then
+        registers on the engine thread between two steps."""
+        validate_name(name)
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(None, self.engine.registry.load_from_disk, Path(path))
+        return await self.call(lambda: self.engine.add_adapter(name, loaded, Path(path), replace))
+
+    async def unregister_adapter(self, name: str) -> None:
+        await self.call(lambda: self.engine.unregister_adapter(name))
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        return await self.call(self.engine.list_adapters)
+
+    async def get_adapter(self, name: str) -> AdapterInfo:
+        return await self.call(lambda: self.engine.get_adapter(name))
+
+    async def stats(self) -> EngineStats:
+        return await self.call(self.engine.stats)
+
     # --- requests ---------------------------------------------------------------------------
 
     async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
@@ -138,6 +164,9 @@ class AsyncEngine:
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all(e)
                 continue
+            if not outputs and not self.engine.last_batch_size:
+                self._wake.wait(timeout=0.005)  # only adapters loading: do not spin
+                self._wake.clear()
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:

@@ -46,6 +46,15 @@ class BlockManager:
             self.refcount[block] = 1
             seq.block_table.append(block)
 
+    def take(self, num_blocks: int) -> list[int]:
+        """Blocks held by their caller (a shared prefix) rather than by a sequence."""
+        if num_blocks > len(self._free):
+            raise RuntimeError(f"take {num_blocks} blocks with {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(num_blocks)]
+        for block in blocks:
+            self.refcount[block] = 1
+        return blocks
+
     def share(self, blocks: list[int]) -> None:
         """Take one more reference on blocks already in use (shared prefixes)."""
         for block in blocks:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from peftserve.adapters.slots import AdapterHook, DeviceSlots
 from peftserve.engine.scheduler import ScheduledBatch, ScheduledSeq
+from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata, PrefillChunk
 from peftserve.layers.linear import DeltaHook
 from peftserve.models.llama import LlamaModel, StepContext
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 slots: DeviceSlots | None = None) -> None:
         self.model = model
+        self.slots = slots
         self.block_size = block_size
         s = model.shape
         self.device = model.device
@@ -34,16 +38,15 @@ class ModelRunner:
         return slots[start - first: end - first]
 
     def _decode_metadata(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> block tables [nd, max_blocks] (padded with block 0) and the mask of real context
+        positions [nd, 1, 1, 1, max_blocks * block_size]."""
         bs = self.block_size
-        ctx_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes])
-        max_blocks = -(-int(ctx_lens.max()) // bs)
-        table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-        for i, d in enumerate(decodes):
-            bt = d.seq.block_table[:max_blocks]
-            table[i, :len(bt)] = torch.tensor(bt, dtype=torch.long)
-        slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)  # [nd, max_blocks * bs]
-        mask = torch.arange(max_blocks * bs)[None, :] < ctx_lens[:, None]
-        return slots, mask[:, None, None, :]
+        ctx_lens = [d.seq.num_computed_tokens + 1 for d in decodes]
+        max_blocks = -(-max(ctx_lens) // bs)
+        table = [d.seq.block_table[:max_blocks] + [0] * (max_blocks - len(d.seq.block_table[:max_blocks]))
+                 for d in decodes]
+        mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(ctx_lens)[:, None]
+        return torch.tensor(table, dtype=torch.long), mask[:, None, None, None, :]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """-> input_ids [T], positions [T], attention metadata (all on the model's device)."""
@@ -70,17 +73,19 @@ class ModelRunner:
             if start > 0:
                 ctx_slots = self._slots(seq.block_table, 0, start + n).to(self.device)
                 mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start).to(self.device)
+                mask = mask[None, None, None]
             chunks.append(PrefillChunk(row, row + n, ctx_slots, mask))
             row += n
         dev = self.device
-        decode_slots = decode_mask = None
+        decode_blocks = decode_mask = None
         if batch.decodes:
-            decode_slots, decode_mask = self._decode_metadata(batch.decodes)
-            decode_slots, decode_mask = decode_slots.to(dev), decode_mask.to(dev)
+            decode_blocks, decode_mask = self._decode_metadata(batch.decodes)
+            decode_blocks, decode_mask = decode_blocks.to(dev), decode_mask.to(dev)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts).to(dev),
             num_decodes=len(batch.decodes),
-            decode_slots=decode_slots,
+            block_size=self.block_size,
+            decode_blocks=decode_blocks,
             decode_mask=decode_mask,
             prefills=tuple(chunks),
         )
@@ -94,11 +99,21 @@ class ModelRunner:
         ctx = StepContext(attn=meta, cos=cos, sin=sin, hook=hook)
         return self.model(self.model.embed_tokens(input_ids), self.kv_cache, ctx)
 
+    def adapter_hook(self, batch: ScheduledBatch) -> DeltaHook | None:
+        """The step's per-token adapter deltas; None when no token uses a slot adapter."""
+        if self.slots is None or not any(item.seq.slot >= 0 for item in batch.items):
+            return None
+        token_slot = torch.tensor([item.seq.slot for item in batch.items
+                                   for _ in range(item.num_new_tokens)], dtype=torch.int32)
+        meta = build_segment_meta(token_slot.to(self.device))
+        acts = {self.slots.slot_activation.get(item.seq.slot) for item in batch.items}
+        return AdapterHook(self.slots, meta, tuple(sorted(a for a in acts if a)))
+
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, hook: DeltaHook | None = None) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Runs one step. Returns fp32 logits [B, vocab] for the items that sample, in
         `batch.items` order (items that only advance a prefill chunk have no row)."""
-        h = self.hidden_states(batch, hook)
+        h = self.hidden_states(batch, self.adapter_hook(batch))
         rows, row = [], 0
         for item in batch.items:
             row += item.num_new_tokens
@@ -107,3 +122,31 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, self.model.shape.vocab, device=self.device)
         return self.model.logits(h[torch.tensor(rows, device=self.device)])
+
+    # --- shared prefixes (PrefixWriter) -----------------------------------------------------
+
+    @torch.inference_mode()
+    def write_prefix(self, blocks: list[int], *, kv: torch.Tensor | None = None,
+                     embeds: torch.Tensor | None = None, token_ids: list[int] | None = None) -> None:
+        """Fills `blocks` with the K/V of positions 0..n-1: given directly (prefix tuning,
+        kv: [layers, 2, n, kv_heads, head_dim]), or computed by a forward pass over input
+        embeddings (prompt tuning, embeds: [n, hidden]) or tokens (templates)."""
+        n = kv.shape[2] if kv is not None else embeds.shape[0] if embeds is not None else len(token_ids or [])
+        slots = self._slots(blocks, 0, n).to(self.device)
+        if kv is not None:
+            self.kv_cache[:, :, slots] = kv.to(device=self.device, dtype=self.model.dtype)
+            return
+        if embeds is not None:
+            h = embeds.to(device=self.device, dtype=self.model.dtype)
+        else:
+            h = self.model.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+        positions = torch.arange(n, device=self.device)
+        meta = AttentionMetadata(slot_mapping=slots, num_decodes=0, block_size=self.block_size,
+                                 decode_blocks=None, decode_mask=None,
+                                 prefills=(PrefillChunk(0, n, None, None),))
+        cos, sin = self.model.rotary.cos_sin(positions, self.model.dtype)
+        self.model(h, self.kv_cache, StepContext(attn=meta, cos=cos, sin=sin))
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        self.kv_cache[:, :, dst * bs:(dst + 1) * bs] = self.kv_cache[:, :, src * bs:(src + 1) * bs]

@@ -38,3 +38,5 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings | None = None  # set on the first and the final output
+    adapter_kind: str = "base"  # AdapterKind value, or "base"
+    error: str | None = None  # set when the request ended because of a server-side failure

@@ -7,6 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from peftserve.engine.admission import Admission, AdmissionPolicy, BaseOnly
 from peftserve.engine.block_manager import BlockManager
 from peftserve.engine.sequence import FinishReason, Sequence, SeqStatus
 
@@ -27,6 +28,7 @@ class ScheduledBatch:
     decodes: list[ScheduledSeq]  # one new token each (read through the cache)
     prefills: list[ScheduledSeq]  # chunks of prompts (or of recomputed sequences)
     preempted: list[Sequence]
+    failed: list[Sequence]  # their adapter could not be loaded; the engine ends them
 
     @property
     def items(self) -> list[ScheduledSeq]:
@@ -42,8 +44,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, admission: AdmissionPolicy | None = None) -> None:
         self.blocks = block_manager
+        self.admission: AdmissionPolicy = admission or BaseOnly()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -60,6 +63,7 @@ class Scheduler:
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
+        failed: list[Sequence] = []
         scheduled: list[Sequence] = []
         # Running sequences first, oldest first; the newest is preempted when blocks run out.
         queue = list(self.running)
@@ -67,7 +71,7 @@ class Scheduler:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_needed(seq, seq.num_computed_tokens + n)
-            while not self.blocks.can_allocate(need):
+            while not self.blocks.can_allocate(need) and not self.admission.reclaim_blocks():
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 preempted.append(victim)
@@ -83,20 +87,32 @@ class Scheduler:
             budget -= n
         # Sequences left in `queue` got no budget this step; they stay running.
         if not preempted:
-            self._admit(budget, prefills, scheduled)
+            self._admit(budget, prefills, scheduled, failed)
         self.running = scheduled + [s for s in self.running if s not in scheduled
                                     and s.status is SeqStatus.RUNNING]
-        return ScheduledBatch(decodes, prefills, preempted)
+        return ScheduledBatch(decodes, prefills, preempted, failed)
 
-    def _admit(self, budget: int, prefills: list[ScheduledSeq], scheduled: list[Sequence]) -> None:
+    def _admit(self, budget: int, prefills: list[ScheduledSeq], scheduled: list[Sequence],
+               failed: list[Sequence]) -> None:
         admitted = 0
-        while self.waiting and budget > 0 and len(self.running) + admitted < self.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) + admitted >= self.max_num_seqs:
+                break
+            verdict = self.admission.admit(seq)
+            if verdict is Admission.WAIT:
+                continue  # its adapter is not ready; it does not hold up the others
+            if verdict is Admission.FAILED:
+                self.waiting.remove(seq)
+                failed.append(seq)
+                continue
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_needed(seq, seq.num_computed_tokens + n)
+            while not self.blocks.can_allocate(need) and self.admission.reclaim_blocks():
+                pass
             if not self.blocks.can_allocate(need):
+                self._release(seq)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.blocks.allocate(seq, seq.num_computed_tokens + n)
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
@@ -106,10 +122,15 @@ class Scheduler:
             admitted += 1
             budget -= n
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the sequence's K/V; it prefills again when readmitted."""
+    def _release(self, seq: Sequence) -> None:
+        """Gives back what admission or running took: KV blocks, the adapter pin."""
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
+        self.admission.on_preempt(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop the sequence's K/V; it prefills again when readmitted."""
+        self._release(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         if seq in self.running:
@@ -124,7 +145,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
-        self.blocks.free(seq)
+        self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,11 +42,22 @@ class Sequence:
     first_token_time: float | None = None
     generator: torch.Generator | None = None
     output_logprobs: list[float] = field(default_factory=list)
+    adapter: Any = None  # AdapterEntry, or None for the base model
+    prefix_len: int = 0  # leading tokens served from the adapter's shared KV blocks
+    num_virtual: int = 0  # leading placeholder tokens that are not real (prefix/prompt tuning)
+    slot: int = -1  # device slot of a LoRA / bottleneck adapter while running
+    pinned: bool = False  # counted in its adapter's running sequences (slot / prefix pinned)
+    error: str | None = None  # why the request failed, when it did
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens as the user counts them (virtual tokens excluded)."""
+        return len(self.prompt_token_ids) - self.num_virtual
 
     @property
     def prompt_len(self) -> int:

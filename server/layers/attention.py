@@ -20,15 +20,16 @@ class PrefillChunk:
     # Flat cache slots of the whole context (earlier tokens + this chunk): [ctx_len]. None when the
     # chunk is the whole context (a fresh prefill), which attends to its own K/V directly.
     context_slots: torch.Tensor | None
-    causal_mask: torch.Tensor | None  # [chunk_len, ctx_len] bool, with context_slots
+    causal_mask: torch.Tensor | None  # [1, 1, 1, chunk_len, ctx_len] bool, with context_slots
 
 
 @dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each token
     num_decodes: int  # rows 0..num_decodes-1 are single decode tokens
-    decode_slots: torch.Tensor | None  # [num_decodes, max_ctx] flat slots of each context (padded)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_ctx] bool, False on padding
+    block_size: int
+    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] block tables (padded with 0)
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, 1, max_blocks * block_size] bool
     prefills: tuple[PrefillChunk, ...]
 
 
@@ -40,6 +41,22 @@ def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
     cache[1].index_copy_(0, slot_mapping, v)
 
 
+def masked_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """q: [B, heads, Q, head_dim]; k, v: [B, kv_heads, L, head_dim]; mask: bool, broadcast to
+    [B, kv_heads, group, Q, L], True = attend. Returns [B, heads, Q, head_dim].
+
+    Written out instead of SDPA because, with a mask, the CPU SDPA kernels are up to 10x slower
+    in bf16 at decode shapes; scores are softmaxed in fp32 as transformers' eager path does."""
+    B, H, Q, D = q.shape
+    kvh, L = k.shape[1], k.shape[2]
+    group = H // kvh
+    qg = q.reshape(B, kvh, group * Q, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(B, kvh, group, Q, L).float() * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
+    return torch.matmul(probs.view(B, kvh, group * Q, L), v).view(B, H, Q, D)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's, already in `cache`).
@@ -47,12 +64,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        assert meta.decode_slots is not None
-        kc = cache[0][meta.decode_slots].transpose(1, 2)  # [nd, kv_heads, max_ctx, head_dim]
-        vc = cache[1][meta.decode_slots].transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # [nd, heads, 1, head_dim]
-        o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale,
-                                           enable_gqa=True)
+        assert meta.decode_blocks is not None and meta.decode_mask is not None
+        # Gather whole blocks (one index per block, not per token): [nd, kv_heads, ctx, head_dim]
+        blocks = cache.unflatten(1, (-1, meta.block_size))[:, meta.decode_blocks]
+        kc = blocks[0].flatten(1, 2).transpose(1, 2)
+        vc = blocks[1].flatten(1, 2).transpose(1, 2)
+        o = masked_gqa_attention(q[:nd].unsqueeze(2), kc, vc, meta.decode_mask, scale)
         out[:nd] = o.squeeze(2)
     for chunk in meta.prefills:
         qc = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
@@ -62,9 +79,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale,
                                                enable_gqa=True)
         else:
+            assert chunk.causal_mask is not None
             kc = cache[0][chunk.context_slots].transpose(0, 1).unsqueeze(0)
             vc = cache[1][chunk.context_slots].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.causal_mask,
-                                               scale=scale, enable_gqa=True)
+            o = masked_gqa_attention(qc, kc, vc, chunk.causal_mask, scale)
         out[chunk.start:chunk.end] = o.squeeze(0).transpose(0, 1)
     return out

@@ -16,15 +16,16 @@ from torch.nn import functional as F
 class DeltaHook(Protocol):
     """Adds per-token adapter deltas to a linear layer's output in place."""
 
-    def apply(self, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (the base output, updated in place)
         ...
 
 
 class AdaptableLinear(nn.Module):
-    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
+    def __init__(self, layer: int, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
                  slice_sizes: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        self.layer = layer
         self.name = name  # module kind used by adapters: "qkv", "o", "gate_up", "down"
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
@@ -34,5 +35,5 @@ class AdaptableLinear(nn.Module):
         # x: [T, in] -> [T, out]
         y = F.linear(x, self.weight, self.bias)
         if hook is not None:
-            hook.apply(self.name, x, y)
+            hook.apply(self.layer, self.name, x, y)
         return y

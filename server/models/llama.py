@@ -57,7 +57,7 @@ class StepContext:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: ModelShape, eps: float, w: dict[str, torch.Tensor]) -> None:
+    def __init__(self, layer: int, shape: ModelShape, eps: float, w: dict[str, torch.Tensor]) -> None:
         super().__init__()
         q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
@@ -70,13 +70,13 @@ class DecoderLayer(nn.Module):
         if "self_attn.q_proj.bias" in w:
             qkv_bias = torch.cat([w[f"self_attn.{p}_proj.bias"] for p in "qkv"])
         self.qkv = AdaptableLinear(
-            "qkv", torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"]), qkv_bias,
+            layer, "qkv", torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"]), qkv_bias,
             (q_out, kv_out, kv_out))
-        self.o = AdaptableLinear("o", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+        self.o = AdaptableLinear(layer, "o", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
         self.gate_up = AdaptableLinear(
-            "gate_up", torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None,
+            layer, "gate_up", torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None,
             (shape.intermediate, shape.intermediate))
-        self.down = AdaptableLinear("down", w["mlp.down_proj.weight"], None)
+        self.down = AdaptableLinear(layer, "down", w["mlp.down_proj.weight"], None)
         self.q_out, self.kv_out = q_out, kv_out
 
     def forward(self, h: torch.Tensor, cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -109,7 +109,7 @@ class LlamaModel(nn.Module):
         for i in range(self.shape.layers):
             prefix = f"layers.{i}."
             w = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            self.layers.append(DecoderLayer(self.shape, eps, w))
+            self.layers.append(DecoderLayer(i, self.shape, eps, w))
         self.norm = RMSNorm(self.shape.hidden, eps)
         self.norm.weight.data = state["norm.weight"]
         lm_head = state.get("lm_head.weight")

@@ -1,0 +1,131 @@
+"""Device slot buffers: every resident LoRA / bottleneck adapter's weights stacked per module.
+
+A slot index (not the adapter's id) picks an adapter's rows in each buffer. Kernels read each
+slot's exact rank from `rank`; rank 0 means "no update here", so an adapter that targets only q,v
+costs nothing on o/gate/up/down. Buffers are allocated on first use of a module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from peftserve.adapters.bottleneck import BottleneckWeights
+from peftserve.adapters.lora import LoraWeights
+from peftserve.kernels import SegmentMeta, add_lowrank_delta
+from peftserve.models.llama import ModelShape
+
+# Fused base projections and the LoRA slices inside each, in output order.
+GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",),
+                                       "gate_up": ("gate", "up"), "down": ("down",)}
+GROUP_OF = {proj: (group, i) for group, projs in GROUPS.items() for i, proj in enumerate(projs)}
+# Bottleneck placements act on the output of these projections (before the residual add).
+PLACEMENT_GROUP = {"mh_adapter": "o", "output_adapter": "down"}
+
+
+@dataclass
+class StackedModule:
+    """One (layer, module) buffer set for all slots."""
+
+    A: torch.Tensor  # [n_slices, S, R_max, in]
+    B: torch.Tensor  # [S, out_total, R_max]
+    rank: torch.Tensor  # [n_slices, S] int32
+    scale: torch.Tensor  # [n_slices, S] float32
+    slice_sizes: tuple[int, ...]
+    b_down: torch.Tensor | None = None  # [S, R_max] (bottleneck)
+    b_up: torch.Tensor | None = None  # [S, out_total] (bottleneck)
+
+    def clear(self, slot: int) -> None:
+        self.rank[:, slot] = 0
+
+
+class DeviceSlots:
+    def __init__(self, shape: ModelShape, num_slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.shape, self.num_slots, self.max_rank = shape, num_slots, max_rank
+        self.dtype, self.device = dtype, device
+        q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        self._dims = {"qkv": (shape.hidden, (q, kv, kv)), "o": (q, (shape.hidden,)),
+                      "gate_up": (shape.hidden, (shape.intermediate, shape.intermediate)),
+                      "down": (shape.intermediate, (shape.hidden,))}
+        self.lora: dict[tuple[int, str], StackedModule] = {}
+        # Bottlenecks are keyed by activation too: one kernel call applies one activation.
+        self.bottleneck: dict[tuple[int, str, str], StackedModule] = {}
+        self.slot_activation: dict[int, str] = {}
+
+    def _new(self, d_in: int, sizes: tuple[int, ...], bias: bool) -> StackedModule:
+        S, R, n, kw = self.num_slots, self.max_rank, len(sizes), dict(device=self.device)
+        # Zero-filled: the CPU path multiplies storage past a slot's rank by exact zeros.
+        return StackedModule(
+            A=torch.zeros(n, S, R, d_in, dtype=self.dtype, **kw),
+            B=torch.zeros(S, sum(sizes), R, dtype=self.dtype, **kw),
+            rank=torch.zeros(n, S, dtype=torch.int32, **kw),
+            scale=torch.zeros(n, S, dtype=torch.float32, **kw),
+            slice_sizes=sizes,
+            b_down=torch.zeros(S, R, dtype=self.dtype, **kw) if bias else None,
+            b_up=torch.zeros(S, sum(sizes), dtype=self.dtype, **kw) if bias else None)
+
+    def clear(self, slot: int) -> None:
+        for m in (*self.lora.values(), *self.bottleneck.values()):
+            m.clear(slot)
+        self.slot_activation.pop(slot, None)
+
+    def write_lora(self, slot: int, weights: LoraWeights) -> None:
+        self.clear(slot)
+        for (layer, proj), mod in weights.modules.items():
+            group, i = GROUP_OF[proj]
+            buf = self.lora.get((layer, group))
+            if buf is None:
+                d_in, sizes = self._dims[group]
+                buf = self.lora[(layer, group)] = self._new(d_in, sizes, bias=False)
+            r = mod.A.shape[0]
+            off = sum(buf.slice_sizes[:i])
+            buf.A[i, slot].zero_()
+            buf.A[i, slot, :r] = mod.A.to(self.dtype)
+            buf.B[slot, off:off + buf.slice_sizes[i]].zero_()
+            buf.B[slot, off:off + buf.slice_sizes[i], :r] = mod.B.to(self.dtype)
+            buf.rank[i, slot] = r
+            buf.scale[i, slot] = mod.scale
+
+    def write_bottleneck(self, slot: int, weights: BottleneckWeights) -> None:
+        self.clear(slot)
+        act = weights.activation
+        for (layer, placement), (wd, bd, wu, bu) in weights.modules.items():
+            group = PLACEMENT_GROUP[placement]
+            buf = self.bottleneck.get((layer, group, act))
+            if buf is None:
+                buf = self.bottleneck[(layer, group, act)] = self._new(
+                    self.shape.hidden, (self.shape.hidden,), bias=True)
+            assert buf.b_down is not None and buf.b_up is not None
+            r = wd.shape[0]
+            buf.A[0, slot].zero_()
+            buf.A[0, slot, :r] = wd.to(self.dtype)
+            buf.B[slot].zero_()
+            buf.B[slot, :, :r] = wu.to(self.dtype)
+            buf.b_down[slot].zero_()
+            buf.b_down[slot, :r] = bd.to(self.dtype)
+            buf.b_up[slot] = bu.to(self.dtype)
+            buf.rank[0, slot] = r
+            buf.scale[0, slot] = weights.scaling
+        self.slot_activation[slot] = act
+
+
+class AdapterHook:
+    """The DeltaHook of one step: per-token LoRA deltas and bottleneck updates."""
+
+    def __init__(self, slots: DeviceSlots, meta: SegmentMeta, activations: tuple[str, ...]) -> None:
+        self.slots, self.meta, self.activations = slots, meta, activations
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        # x: [T, in], y: [T, out] (updated in place)
+        lora = self.slots.lora.get((layer, module))
+        if lora is not None:
+            add_lowrank_delta(y, x, lora.A, lora.B, lora.rank, lora.scale, self.meta,
+                              lora.slice_sizes)
+        for act in self.activations:
+            bn = self.slots.bottleneck.get((layer, module, act))
+            if bn is not None:
+                # The bottleneck reads the sub-layer output it updates: give it a copy.
+                add_lowrank_delta(y, y.clone(), bn.A, bn.B, bn.rank, bn.scale, self.meta,
+                                  bn.slice_sizes, b_down=bn.b_down, b_up=bn.b_up, act=act)

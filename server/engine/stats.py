@@ -1,0 +1,24 @@
+"""A snapshot of the engine for metrics and introspection, taken on the engine thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    batch_size: int  # sequences in the last step
+    batch_tokens: int  # tokens in the last step
+    kv_blocks_used: int
+    kv_blocks_total: int
+    running_adapters: tuple[str, ...]
+    waiting_adapters: tuple[str, ...]
+    max_loras: int
+    adapters_resident: dict[str, int] = field(default_factory=dict)  # tier -> count
+    adapter_loads: int = 0
+    adapter_load_seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_evictions: int = 0

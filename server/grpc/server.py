@@ -1,0 +1,117 @@
+"""`peftserve serve`: the engine, the gRPC server (with health and reflection), the metrics
+endpoint, and a graceful drain on SIGTERM.
+
+On start-up it prints one line, `peftserve listening on HOST:PORT metrics HOST:PORT`, with the
+ports actually bound (so port 0 works).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from peftserve.engine.async_engine import AsyncEngine
+from peftserve.engine.engine import Engine
+from peftserve.engine.stats import EngineStats
+from peftserve.grpc.adapter_files import AdapterFiles
+from peftserve.grpc.interceptors import ApiInterceptor
+from peftserve.grpc.servicer import PeftServeServicer
+from peftserve.metrics import Metrics, engine_stats
+from peftserve.serve_config import ServeConfig
+from peftserve.v1 import service_pb2, service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["PeftServe"].full_name
+SCRAPE_SNAPSHOT_TIMEOUT_S = 5.0  # a scrape waits this long for the engine thread's snapshot
+MESSAGE_OVERHEAD = 1 << 20  # room for the non-file fields of an inline registration
+
+
+def serve(config: ServeConfig) -> int:
+    """Loads the model, serves until SIGTERM/SIGINT, drains, returns the exit status."""
+    engine = Engine.from_config(config.engine)
+    return asyncio.run(_serve(config, engine))
+
+
+async def _serve(config: ServeConfig, engine: Engine) -> int:
+    loop = asyncio.get_running_loop()
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    metrics = Metrics(config.metrics_max_adapter_labels)
+    metrics.engine.refresh = lambda: _snapshot_from(loop, async_engine)
+    files = AdapterFiles(config.adapter_root, config.staging_dir, config.max_inline_adapter_bytes)
+    servicer = PeftServeServicer(async_engine, config, metrics, files)
+    health = HealthServicer()
+    server = build_server(config, servicer, health)
+    address = f"{config.host}:{config.port}"
+    if config.tls:
+        assert config.tls_cert is not None and config.tls_key is not None
+        creds = grpc.ssl_server_credentials([(config.tls_key.read_bytes(),
+                                              config.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    await server.start()
+    http = None
+    metrics_address = "off"
+    if config.metrics_port is not None:
+        http, _ = start_http_server(config.metrics_port, config.metrics_host, metrics.registry)
+        metrics_address = f"{config.metrics_host}:{http.server_port}"
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    print(f"peftserve listening on {config.host}:{port} metrics {metrics_address}", flush=True)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.warning("draining: no new requests; in-flight ones get %.0fs", config.grace_period_s)
+    print(f"peftserve draining ({servicer.active_streams} requests in flight)", flush=True)
+    await health.enter_graceful_shutdown()
+    async_engine.stop_admitting()
+    await server.stop(config.grace_period_s)  # refuses new calls, waits for in-flight ones
+    async_engine.shutdown()
+    servicer.close()
+    files.close()
+    if http is not None:
+        http.shutdown()
+    print("peftserve stopped", flush=True)
+    return 0
+
+
+def build_server(config: ServeConfig, servicer: PeftServeServicer,
+                 health: HealthServicer) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        interceptors=[ApiInterceptor(config.admin_token)],
+        options=[("grpc.max_receive_message_length",
+                  config.max_inline_adapter_bytes + MESSAGE_OVERHEAD),
+                 ("grpc.so_reuseport", 0)])
+    service_pb2_grpc.add_PeftServeServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    return server
+
+
+def _snapshot_from(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> EngineStats | None:
+    """Called on the metrics HTTP thread: asks the engine thread for a snapshot between steps."""
+
+    async def take() -> EngineStats:
+        return await engine.call(lambda: engine_stats(engine.engine))
+
+    try:
+        return asyncio.run_coroutine_threadsafe(take(), loop).result(SCRAPE_SNAPSHOT_TIMEOUT_S)
+    except (FutureTimeout, RuntimeError) as e:  # a long step, or the loop is closing
+        log.warning("metrics scrape without a fresh engine snapshot: %r", e)
+        return None
+

@@ -1,0 +1,191 @@
+"""The PeftServe service: protobuf in, an engine call, protobuf out.
+
+Errors are raised as typed exceptions and become status codes in `interceptors` / `errors`.
+Every await here is on the event loop; the engine thread does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from peftserve import __version__
+from peftserve.engine.async_engine import AsyncEngine
+from peftserve.engine.request import Request, RequestOutput
+from peftserve.errors import InvalidRequest, Overloaded
+from peftserve.grpc import convert
+from peftserve.grpc.adapter_files import AdapterFiles, discard
+from peftserve.grpc.errors import RequestFailed, code_of, outcome
+from peftserve.grpc.interceptors import current_request_id
+from peftserve.metrics import Metrics, engine_stats
+from peftserve.serve_config import ServeConfig
+from peftserve.v1 import (adapters_pb2, generate_pb2, server_info_pb2, service_pb2_grpc)
+
+log = logging.getLogger(__name__)
+
+
+class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
+    def __init__(self, engine: AsyncEngine, config: ServeConfig, metrics: Metrics,
+                 files: AdapterFiles) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.files = files
+        self.active_streams = 0
+        self._admin_lock = asyncio.Lock()  # one registration change at a time
+        # Counting prompt tokens for max_prompt_tokens: off the event loop and the engine thread.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="peftserve-tokenize")
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- generation -------------------------------------------------------------------------
+
+    async def Generate(self, request: generate_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> generate_pb2.GenerateResponse:
+        outs = [out async for out in self._generate(request, context)]
+        return convert.generate_response(outs)
+
+    async def GenerateStream(self, request: generate_pb2.GenerateRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
+        async for out in self._generate(request, context):
+            yield convert.stream_chunk(out)
+
+    async def _generate(self, pb: generate_pb2.GenerateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[RequestOutput]:
+        tracker = self.metrics.track(pb.adapter or None)
+        result = "cancelled"  # unless it finishes or fails below
+        self.active_streams += 1
+        self.metrics.active_streams.inc()
+        try:
+            if self.active_streams > self.config.max_concurrent_streams:
+                raise Overloaded(f"too many requests in flight "
+                                 f"({self.config.max_concurrent_streams})")
+            req = convert.request_from_pb(pb, pb.request_id or current_request_id(),
+                                          self.config.default_max_new_tokens)
+            await self._check_prompt_length(req)
+            async for out in self.engine.generate(req):
+                tracker.on_output(out)
+                if out.error is not None:
+                    raise RequestFailed(f"the request failed: {out.error}")
+                yield out
+                if out.finished:
+                    result = out.finish_reason.value if out.finish_reason else "stop"
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            result = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            raise
+        except Exception as e:
+            result = outcome(code_of(e))
+            raise
+        finally:
+            self.active_streams -= 1
+            self.metrics.active_streams.dec()
+            tracker.finish(result)
+
+    async def _check_prompt_length(self, req: Request) -> None:
+        limit = self.config.max_prompt_tokens
+        if limit is None:
+            return  # the engine refuses prompts that leave no room in the context
+        if req.prompt_token_ids is not None:
+            n = len(req.prompt_token_ids)
+        else:
+            loop = asyncio.get_running_loop()
+            n = await loop.run_in_executor(self._tokenize_pool, self._count_tokens, req)
+        if n > limit:
+            raise InvalidRequest(f"the prompt has {n} tokens; this server takes at most {limit}")
+
+    def _count_tokens(self, req: Request) -> int:
+        tok = self.engine.engine.tokenizer
+        try:
+            if req.prompt is not None:
+                return len(tok(req.prompt)["input_ids"])
+            if req.messages:
+                return len(tok.apply_chat_template(list(req.messages), add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"])
+        except Exception:  # a bad template or message: the engine says what is wrong
+            return 0
+        return 0
+
+    # --- adapters ---------------------------------------------------------------------------
+
+    async def RegisterAdapter(self, request: adapters_pb2.RegisterAdapterRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> adapters_pb2.RegisterAdapterResponse:
+        source = request.WhichOneof("source")
+        if source is None:
+            raise InvalidRequest("give the adapter's path or its files inline")
+        async with self._admin_lock:
+            if source == "path":
+                directory, staged = self.files.resolve(request.path), False
+            else:
+                directory = await asyncio.to_thread(self.files.stage, dict(request.inline.files))
+                staged = True
+            try:
+                info = await self.engine.register_adapter(request.name, directory,
+                                                          replace=request.replace)
+            except BaseException:
+                if staged:
+                    discard(directory)
+                raise
+            if staged:
+                self.files.keep(request.name, directory)
+            else:
+                self.files.release(request.name)  # a path registration replaced a staged copy
+        log.info("registered adapter %s (%s) from %s", info.name, info.kind.value,
+                 "inline files" if staged else directory)
+        return adapters_pb2.RegisterAdapterResponse(adapter=convert.adapter_to_pb(info))
+
+    async def UnregisterAdapter(self, request: adapters_pb2.UnregisterAdapterRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> adapters_pb2.UnregisterAdapterResponse:
+        async with self._admin_lock:
+            await self.engine.unregister_adapter(request.name)
+            self.files.release(request.name)
+        log.info("unregistered adapter %s", request.name)
+        return adapters_pb2.UnregisterAdapterResponse()
+
+    async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest,
+                           context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
+        infos = await self.engine.list_adapters()
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[convert.adapter_to_pb(i) for i in sorted(infos, key=lambda i: i.name)])
+
+    async def GetAdapter(self, request: adapters_pb2.GetAdapterRequest,
+                         context: grpc.aio.ServicerContext) -> adapters_pb2.Adapter:
+        return convert.adapter_to_pb(await self.engine.get_adapter(request.name))
+
+    # --- the server -------------------------------------------------------------------------
+
+    async def ServerInfo(self, request: server_info_pb2.ServerInfoRequest,
+                         context: grpc.aio.ServicerContext) -> server_info_pb2.ServerInfoResponse:
+        engine = self.engine.engine
+        stats = await self.engine.call(lambda: engine_stats(engine))
+        model = engine.model
+        context_len = engine.max_model_len
+        max_prompt = context_len - 1
+        if self.config.max_prompt_tokens is not None:
+            max_prompt = min(max_prompt, self.config.max_prompt_tokens)
+        cfg = engine.config
+        return server_info_pb2.ServerInfoResponse(
+            version=__version__, model=cfg.model, dtype=str(model.dtype).removeprefix("torch."),
+            device=str(model.device),
+            kernel_backend="triton" if model.device.type == "cuda" else "torch",
+            limits=server_info_pb2.Limits(
+                max_prompt_tokens=max_prompt, max_new_tokens=cfg.max_new_tokens_limit,
+                max_model_len=context_len,
+                max_concurrent_streams=self.config.max_concurrent_streams,
+                max_waiting_requests=cfg.max_waiting,
+                max_inline_adapter_bytes=self.config.max_inline_adapter_bytes,
+                max_num_seqs=cfg.max_num_seqs, max_loras=stats.max_loras),
+            load=server_info_pb2.Load(
+                num_running=stats.num_running, num_waiting=stats.num_waiting,
+                kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
+                active_streams=self.active_streams),
+            admin_token_required=self.config.admin_token is not None,
+            adapter_root_configured=self.config.adapter_root is not None)

@@ -43,11 +43,13 @@ def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
 
 def masked_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                          scale: float) -> torch.Tensor:
-    """q: [B, heads, Q, head_dim]; k, v: [B, kv_heads, L, head_dim]; mask: bool, broadcast to
-    [B, kv_heads, group, Q, L], True = attend. Returns [B, heads, Q, head_dim].
-
-    Written out instead of SDPA because, with a mask, the CPU SDPA kernels are up to 10x slower
-    in bf16 at decode shapes; scores are softmaxed in fp32 as transformers' eager path does."""
+    """q: [B, heads, Q, head_dim]; k, v: [B, kv_heads, L, head_dim]; mask: bool
+    [B, 1, 1, Q, L], True = attend. Returns [B, heads, Q, head_dim]."""
+    if q.dtype == torch.float32 or q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, 0], scale=scale,
+                                              enable_gqa=True)
+    # With a mask, the CPU SDPA kernels are up to 10x slower in bf16/fp16 at decode shapes than
+    # these two matmuls; scores are softmaxed in fp32 as transformers' eager path does.
     B, H, Q, D = q.shape
     kvh, L = k.shape[1], k.shape[2]
     group = H // kvh

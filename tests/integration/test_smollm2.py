@@ -65,3 +65,38 @@ def test_greedy_generations_match_transformers_generate(smollm2):
                               attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
         ours = [t for o in results[r.request_id] for t in o.token_ids]
         assert ours == ref.tolist(), engine.tokenizer.decode(r.prompt_token_ids)
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix", "prompt"])
+def test_adapters_match_peft_on_smollm2(smollm2, tmp_path, kind):
+    from tests import adapters as A
+
+    engine, _ = smollm2
+    model_dir = resolve_model_dir("default")
+    if kind == "lora":
+        path = A.make_lora(model_dir, tmp_path / kind, r=16, targets=A.ALL_LINEAR,
+                           rank_pattern={"v_proj": 4}, use_rslora=True)
+    elif kind == "prefix":
+        path = A.make_prefix_tuning(model_dir, tmp_path / kind, virtual=10)
+    else:
+        path = A.make_prompt_tuning(model_dir, tmp_path / kind, virtual=6)
+    virtual = 6 if kind == "prompt" else 0
+    engine.register_adapter(kind, path)
+    oracle = A.peft_model(model_dir, path)
+    try:
+        ids = chat_ids(engine, PROMPTS[0])
+        ours = engine.score(ids, adapter=kind)
+        with torch.no_grad():
+            ref = oracle(input_ids=torch.tensor([ids])).logits[0, virtual:]
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+        assert (ours - engine.score(ids)).abs().max() > 1e-2
+        res = engine.generate([Request("g", prompt_token_ids=tuple(ids), adapter=kind,
+                                       params=SamplingParams(max_new_tokens=8, ignore_eos=True))])
+        greedy, seq = [], list(ids)
+        for _ in range(8):
+            with torch.no_grad():
+                greedy.append(int(oracle(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(greedy[-1])
+        assert [t for o in res["g"] for t in o.token_ids] == greedy
+    finally:
+        engine.unregister_adapter(kind)

@@ -27,7 +27,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
-	$(BIN)/python bench/engine_throughput.py
+	$(BIN)/python -m bench.engine_throughput
 
 lint: install
 	$(BIN)/ruff check server kernels clients tests bench

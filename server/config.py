@@ -35,9 +35,18 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
-                     "max_new_tokens_limit", "max_waiting", "max_loras", "max_lora_rank",
-                     "max_cpu_adapters", "max_virtual_tokens"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "kv_cache_bytes",
+            "max_new_tokens_limit",
+            "max_waiting",
+            "max_loras",
+            "max_lora_rank",
+            "max_cpu_adapters",
+            "max_virtual_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

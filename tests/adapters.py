@@ -1,4 +1,4 @@
-"""Adapters of every kind for tests, built with PEFT (and peftserve's own formats) on a model dir."""
+"""Adapters of every kind for tests, built with PEFT (or in peftserve's own formats)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,23 @@ def base_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def make_lora(model_dir: Path, out: Path, r: int = 8, alpha: float = 16,
-              targets: list[str] | None = None, seed: int = 0, **kw) -> Path:
+def make_lora(
+    model_dir: Path,
+    out: Path,
+    r: int = 8,
+    alpha: float = 16,
+    targets: list[str] | None = None,
+    seed: int = 0,
+    **kw,
+) -> Path:
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or ["q_proj", "v_proj"],
-                     task_type="CAUSAL_LM", **kw)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets or ["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+        **kw,
+    )
     model = get_peft_model(base_model(model_dir), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -35,16 +47,18 @@ def make_lora(model_dir: Path, out: Path, r: int = 8, alpha: float = 16,
 
 def make_prefix_tuning(model_dir: Path, out: Path, virtual: int = 5, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = get_peft_model(base_model(model_dir),
-                           PrefixTuningConfig(num_virtual_tokens=virtual, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base_model(model_dir), PrefixTuningConfig(num_virtual_tokens=virtual, task_type="CAUSAL_LM")
+    )
     model.save_pretrained(out)
     return out
 
 
 def make_prompt_tuning(model_dir: Path, out: Path, virtual: int = 4, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = get_peft_model(base_model(model_dir),
-                           PromptTuningConfig(num_virtual_tokens=virtual, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base_model(model_dir), PromptTuningConfig(num_virtual_tokens=virtual, task_type="CAUSAL_LM")
+    )
     model.save_pretrained(out)
     return out
 
@@ -53,13 +67,23 @@ def peft_model(model_dir: Path, adapter_dir: Path) -> PeftModel:
     return PeftModel.from_pretrained(base_model(model_dir), adapter_dir).eval()
 
 
-def make_bottleneck(model_dir: Path, out: Path, architecture: str = "houlsby",
-                    reduction_factor: int = 16, scaling: float = 1.0, seed: int = 0,
-                    **overrides) -> Path:
+def make_bottleneck(
+    model_dir: Path,
+    out: Path,
+    architecture: str = "houlsby",
+    reduction_factor: int = 16,
+    scaling: float = 1.0,
+    seed: int = 0,
+    **overrides,
+) -> Path:
     """peftserve's bottleneck format with random (non-zero) weights."""
     hf = AutoConfig.from_pretrained(model_dir)
-    cfg = {**PRESETS[architecture], "reduction_factor": reduction_factor, "scaling": scaling,
-           **overrides}
+    cfg = {
+        **PRESETS[architecture],
+        "reduction_factor": reduction_factor,
+        "scaling": scaling,
+        **overrides,
+    }
     r = hf.hidden_size // cfg["reduction_factor"]
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -73,8 +97,9 @@ def make_bottleneck(model_dir: Path, out: Path, architecture: str = "houlsby",
             tensors[f"{p}.up.weight"] = torch.randn(hf.hidden_size, r, generator=g) * 0.2
             tensors[f"{p}.up.bias"] = torch.randn(hf.hidden_size, generator=g) * 0.1
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"peftserve_type": "BOTTLENECK", "architecture": architecture, **cfg}))
+    (out / "adapter_config.json").write_text(
+        json.dumps({"peftserve_type": "BOTTLENECK", "architecture": architecture, **cfg})
+    )
     save_file(tensors, out / "adapter_model.safetensors")
     return out
 
@@ -91,24 +116,38 @@ def bottleneck_reference(model_dir: Path, adapter_dir: Path):
     hidden = model.config.hidden_size
     r = hidden // cfg["reduction_factor"]
     for i, layer in enumerate(model.model.layers):
-        for placement, target in (("mh_adapter", layer.self_attn.o_proj),
-                                  ("output_adapter", layer.mlp.down_proj)):
+        for placement, target in (
+            ("mh_adapter", layer.self_attn.o_proj),
+            ("output_adapter", layer.mlp.down_proj),
+        ):
             if not cfg[placement]:
                 continue
             mod = BottleneckModule(hidden, r, cfg["non_linearity"], cfg["scaling"])
             p = f"layers.{i}.{placement}"
-            mod.down.weight.data, mod.down.bias.data = tensors[f"{p}.down.weight"], tensors[f"{p}.down.bias"]
-            mod.up.weight.data, mod.up.bias.data = tensors[f"{p}.up.weight"], tensors[f"{p}.up.bias"]
+            mod.down.weight.data, mod.down.bias.data = (
+                tensors[f"{p}.down.weight"],
+                tensors[f"{p}.down.bias"],
+            )
+            mod.up.weight.data, mod.up.bias.data = (
+                tensors[f"{p}.up.weight"],
+                tensors[f"{p}.up.bias"],
+            )
             target.register_forward_hook(lambda _m, _i, out, mod=mod: mod(out))
     return model
 
 
-def make_template(out: Path, system: str | None = "You answer briefly.",
-                  few_shot: list[dict[str, str]] | None = None,
-                  chain_of_thought: str | None = None) -> Path:
+def make_template(
+    out: Path,
+    system: str | None = "You answer briefly.",
+    few_shot: list[dict[str, str]] | None = None,
+    chain_of_thought: str | None = None,
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"peftserve_type": "PROMPT_TEMPLATE", "system": system,
-           "few_shot": few_shot if few_shot is not None else [{"user": "2 + 2", "assistant": "4"}],
-           "chain_of_thought": chain_of_thought}
+    cfg = {
+        "peftserve_type": "PROMPT_TEMPLATE",
+        "system": system,
+        "few_shot": few_shot if few_shot is not None else [{"user": "2 + 2", "assistant": "4"}],
+        "chain_of_thought": chain_of_thought,
+    }
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     return out

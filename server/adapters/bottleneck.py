@@ -29,8 +29,12 @@ from peftserve.models.llama import ModelShape
 PLACEMENTS = ("mh_adapter", "output_adapter")
 ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "gelu": F.gelu}
 PRESETS = {  # AdapterHub's defaults
-    "houlsby": dict(mh_adapter=True, output_adapter=True, reduction_factor=16, non_linearity="swish"),
-    "pfeiffer": dict(mh_adapter=False, output_adapter=True, reduction_factor=16, non_linearity="relu"),
+    "houlsby": dict(
+        mh_adapter=True, output_adapter=True, reduction_factor=16, non_linearity="swish"
+    ),
+    "pfeiffer": dict(
+        mh_adapter=False, output_adapter=True, reduction_factor=16, non_linearity="relu"
+    ),
 }
 _KEY = re.compile(r"^layers\.(\d+)\.(mh_adapter|output_adapter)\.(down|up)\.(weight|bias)$")
 
@@ -61,7 +65,8 @@ class BottleneckModule(nn.Module):
 class BottleneckWeights:
     activation: str  # relu | silu | gelu
     scaling: float
-    # (layer, placement) -> (down.weight [r, hidden], down.bias [r], up.weight [hidden, r], up.bias [hidden])
+    # (layer, placement) -> (down.weight [r, hidden], down.bias [r], up.weight [hidden, r],
+    #                        up.bias [hidden])
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @property
@@ -78,8 +83,13 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     merged: dict[str, Any] = dict(PRESETS[preset]) if preset in PRESETS else {}
     if preset is not None and preset not in PRESETS:
         raise InvalidAdapter(f"architecture {preset!r} is not one of {', '.join(PRESETS)}")
-    merged.update({k: v for k, v in config.items() if k in (
-        "mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "scaling")})
+    merged.update(
+        {
+            k: v
+            for k, v in config.items()
+            if k in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "scaling")
+        }
+    )
     merged.setdefault("scaling", 1.0)
     # original_ln_*/residual_before_ln describe post-norm (BERT) models; Llama is pre-norm and the
     # adapter sits on the sub-layer output before the residual add, so they have no meaning here.
@@ -93,8 +103,9 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_bottleneck(directory: Path, config: dict[str, Any], shape: ModelShape,
-                    max_rank: int) -> BottleneckWeights:
+def load_bottleneck(
+    directory: Path, config: dict[str, Any], shape: ModelShape, max_rank: int
+) -> BottleneckWeights:
     cfg = resolve_config(config)
     activation = canonical_activation(str(cfg["non_linearity"]))
     rf = float(cfg["reduction_factor"])
@@ -102,8 +113,10 @@ def load_bottleneck(directory: Path, config: dict[str, Any], shape: ModelShape,
         raise InvalidAdapter(f"reduction_factor must be > 0, got {rf}")
     r = int(shape.hidden // rf)
     if not 1 <= r <= max_rank:
-        raise InvalidAdapter(f"bottleneck size {r} (hidden {shape.hidden} / reduction_factor {rf}) "
-                             f"must be in 1..{max_rank}, this server's max rank")
+        raise InvalidAdapter(
+            f"bottleneck size {r} (hidden {shape.hidden} / reduction_factor {rf}) "
+            f"must be in 1..{max_rank}, this server's max rank"
+        )
     tensors = read_safetensors(directory, "adapter_model.safetensors")
     placements = [p for p in PLACEMENTS if cfg.get(p)]
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -113,11 +126,16 @@ def load_bottleneck(directory: Path, config: dict[str, Any], shape: ModelShape,
             raise InvalidAdapter(f"unexpected tensor {key!r} for placements {placements}")
         layer = int(m.group(1))
         if layer >= shape.layers:
-            raise InvalidAdapter(f"tensor {key!r} is for layer {layer}; the base model has "
-                                 f"{shape.layers} layers")
+            raise InvalidAdapter(
+                f"tensor {key!r} is for layer {layer}; the base model has {shape.layers} layers"
+            )
         found.setdefault((layer, m.group(2)), {})[f"{m.group(3)}.{m.group(4)}"] = t
-    expected = {"down.weight": (r, shape.hidden), "down.bias": (r,),
-                "up.weight": (shape.hidden, r), "up.bias": (shape.hidden,)}
+    expected = {
+        "down.weight": (r, shape.hidden),
+        "down.bias": (r,),
+        "up.weight": (shape.hidden, r),
+        "up.bias": (shape.hidden,),
+    }
     modules = {}
     for layer in range(shape.layers):
         for p in placements:
@@ -129,6 +147,7 @@ def load_bottleneck(directory: Path, config: dict[str, Any], shape: ModelShape,
                 if tuple(got.shape) != want:
                     raise InvalidAdapter(
                         f"layers.{layer}.{p}.{name} has shape {tuple(got.shape)}, expected {want} "
-                        f"(hidden {shape.hidden}, reduction_factor {rf})")
+                        f"(hidden {shape.hidden}, reduction_factor {rf})"
+                    )
             modules[(layer, p)] = tuple(parts[n].float().contiguous() for n in expected)
     return BottleneckWeights(activation, float(cfg["scaling"]), modules)  # type: ignore[arg-type]

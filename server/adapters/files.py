@@ -35,7 +35,8 @@ def read_safetensors(directory: Path, filename: str) -> dict[str, torch.Tensor]:
         if pickles:
             raise InvalidAdapter(
                 f"found pickle weights ({', '.join(pickles)}); peftserve loads safetensors only "
-                f"— re-save with safe_serialization=True")
+                f"— re-save with safe_serialization=True"
+            )
         raise InvalidAdapter(f"{filename} is missing")
     try:
         tensors = load_file(path)

@@ -67,14 +67,19 @@ class LoadedAdapter:
 def adapter_kind(config: dict) -> AdapterKind:
     peft_type = str(config.get("peft_type") or "").upper()
     own_type = str(config.get("peftserve_type") or "").upper()
-    kinds = {"LORA": AdapterKind.LORA, "PREFIX_TUNING": AdapterKind.PREFIX_TUNING,
-             "PROMPT_TUNING": AdapterKind.PROMPT_TUNING, "BOTTLENECK": AdapterKind.BOTTLENECK,
-             "PROMPT_TEMPLATE": AdapterKind.PROMPT_TEMPLATE}
+    kinds = {
+        "LORA": AdapterKind.LORA,
+        "PREFIX_TUNING": AdapterKind.PREFIX_TUNING,
+        "PROMPT_TUNING": AdapterKind.PROMPT_TUNING,
+        "BOTTLENECK": AdapterKind.BOTTLENECK,
+        "PROMPT_TEMPLATE": AdapterKind.PROMPT_TEMPLATE,
+    }
     kind = kinds.get(own_type or peft_type)
     if kind is None:
         raise InvalidAdapter(
             f"unsupported adapter type {own_type or peft_type or '(none)'}: peftserve serves PEFT "
-            "LORA, PREFIX_TUNING, PROMPT_TUNING and its own BOTTLENECK and PROMPT_TEMPLATE")
+            "LORA, PREFIX_TUNING, PROMPT_TUNING and its own BOTTLENECK and PROMPT_TEMPLATE"
+        )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise InvalidAdapter(f"task_type {config['task_type']!r} is not CAUSAL_LM")
     return kind
@@ -89,14 +94,18 @@ def load_adapter(directory: Path, shape: ModelShape, limits: AdapterLimits) -> L
     if kind is AdapterKind.LORA:
         out = LoadedAdapter(kind, lora=load_lora(directory, config, shape, limits.max_lora_rank))
     elif kind is AdapterKind.BOTTLENECK:
-        out = LoadedAdapter(kind, bottleneck=load_bottleneck(directory, config, shape,
-                                                             limits.max_lora_rank))
+        out = LoadedAdapter(
+            kind, bottleneck=load_bottleneck(directory, config, shape, limits.max_lora_rank)
+        )
     elif kind is AdapterKind.PREFIX_TUNING:
-        out = LoadedAdapter(kind, prefix_kv=load_prefix_tuning(directory, config, shape,
-                                                               limits.max_virtual_tokens))
+        out = LoadedAdapter(
+            kind, prefix_kv=load_prefix_tuning(directory, config, shape, limits.max_virtual_tokens)
+        )
     elif kind is AdapterKind.PROMPT_TUNING:
-        out = LoadedAdapter(kind, prompt_embeds=load_prompt_tuning(directory, config, shape,
-                                                                   limits.max_virtual_tokens))
+        out = LoadedAdapter(
+            kind,
+            prompt_embeds=load_prompt_tuning(directory, config, shape, limits.max_virtual_tokens),
+        )
     else:
         out = LoadedAdapter(kind, template=parse_template(config))
     return replace(out, load_time_s=time.perf_counter() - t0)

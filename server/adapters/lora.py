@@ -16,19 +16,34 @@ from peftserve.adapters.files import read_safetensors
 from peftserve.models.llama import ModelShape
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-_PARENT = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
-           "gate": "mlp", "up": "mlp", "down": "mlp"}
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\."
-                  r"(q|k|v|o|gate|up|down)_proj\.lora_(A|B)\.weight$")
+_PARENT = {
+    "q": "self_attn",
+    "k": "self_attn",
+    "v": "self_attn",
+    "o": "self_attn",
+    "gate": "mlp",
+    "up": "mlp",
+    "down": "mlp",
+}
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\."
+    r"(q|k|v|o|gate|up|down)_proj\.lora_(A|B)\.weight$"
+)
 ALL_LINEAR = {f"{p}_proj" for p in PROJECTIONS}
 
 
 def module_dims(shape: ModelShape, proj: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection in the base model."""
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    return {"q": (shape.hidden, q), "k": (shape.hidden, kv), "v": (shape.hidden, kv),
-            "o": (q, shape.hidden), "gate": (shape.hidden, shape.intermediate),
-            "up": (shape.hidden, shape.intermediate), "down": (shape.intermediate, shape.hidden)}[proj]
+    return {
+        "q": (shape.hidden, q),
+        "k": (shape.hidden, kv),
+        "v": (shape.hidden, kv),
+        "o": (q, shape.hidden),
+        "gate": (shape.hidden, shape.intermediate),
+        "up": (shape.hidden, shape.intermediate),
+        "down": (shape.intermediate, shape.hidden),
+    }[proj]
 
 
 @dataclass(frozen=True)
@@ -63,8 +78,10 @@ def _check_config(config: dict[str, Any]) -> None:
     if config.get("use_dora"):
         raise InvalidAdapter("DoRA adapters (use_dora=true) are not supported")
     if config.get("modules_to_save"):
-        raise InvalidAdapter(f"modules_to_save={config['modules_to_save']} is not supported: "
-                             "peftserve keeps every base weight frozen and shared")
+        raise InvalidAdapter(
+            f"modules_to_save={config['modules_to_save']} is not supported: "
+            "peftserve keeps every base weight frozen and shared"
+        )
     if config.get("bias", "none") != "none":
         raise InvalidAdapter(f"bias={config['bias']!r} is not supported (only 'none')")
     if config.get("fan_in_fan_out"):
@@ -76,24 +93,30 @@ def _check_config(config: dict[str, Any]) -> None:
         wanted = {t.split(".")[-1] for t in targets}
         missing = sorted(wanted - ALL_LINEAR)
         if missing:
-            raise InvalidAdapter(f"target modules the model lacks or peftserve cannot adapt: "
-                                 f"{', '.join(missing)} (supported: {', '.join(sorted(ALL_LINEAR))})")
+            raise InvalidAdapter(
+                f"target modules the model lacks or peftserve cannot adapt: "
+                f"{', '.join(missing)} (supported: {', '.join(sorted(ALL_LINEAR))})"
+            )
 
 
-def load_lora(directory: Path, config: dict[str, Any], shape: ModelShape,
-              max_rank: int) -> LoraWeights:
+def load_lora(
+    directory: Path, config: dict[str, Any], shape: ModelShape, max_rank: int
+) -> LoraWeights:
     _check_config(config)
     tensors = read_safetensors(directory, "adapter_model.safetensors")
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise InvalidAdapter(f"unexpected tensor {key!r}: peftserve adapts only the "
-                                 f"q/k/v/o/gate/up/down projections of decoder layers")
+            raise InvalidAdapter(
+                f"unexpected tensor {key!r}: peftserve adapts only the "
+                f"q/k/v/o/gate/up/down projections of decoder layers"
+            )
         layer, proj, ab = int(m.group(1)), m.group(3), m.group(4)
         if layer >= shape.layers:
-            raise InvalidAdapter(f"tensor {key!r} is for layer {layer}; the base model has "
-                                 f"{shape.layers} layers")
+            raise InvalidAdapter(
+                f"tensor {key!r} is for layer {layer}; the base model has {shape.layers} layers"
+            )
         pairs.setdefault((layer, proj), {})[ab] = t
     if not pairs:
         raise InvalidAdapter("adapter_model.safetensors holds no LoRA tensors")
@@ -111,7 +134,8 @@ def load_lora(directory: Path, config: dict[str, Any], shape: ModelShape,
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != d_in or B.shape != (d_out, rank):
             raise InvalidAdapter(
                 f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the base "
-                f"projection ({d_in} -> {d_out}); was the adapter trained for another model?")
+                f"projection ({d_in} -> {d_out}); was the adapter trained for another model?"
+            )
         if rank > max_rank:
             raise InvalidAdapter(f"{name} has rank {rank}, above this server's max rank {max_rank}")
         r = int(_pattern_value(rank_pattern, name, r_default))

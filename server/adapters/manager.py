@@ -27,15 +27,26 @@ PLACEHOLDER_TOKEN = 0  # stands in token_ids for virtual tokens; never embedded
 class PrefixWriter(Protocol):
     """The model runner's side: fill KV blocks for a shared prefix, copy a block."""
 
-    def write_prefix(self, blocks: list[int], *, kv: torch.Tensor | None = None,
-                     embeds: torch.Tensor | None = None, token_ids: list[int] | None = None) -> None: ...
+    def write_prefix(
+        self,
+        blocks: list[int],
+        *,
+        kv: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
+        token_ids: list[int] | None = None,
+    ) -> None: ...
 
     def copy_block(self, src: int, dst: int) -> None: ...
 
 
 class AdapterManager:
-    def __init__(self, registry: AdapterRegistry, slots: DeviceSlots, blocks: BlockManager,
-                 writer: PrefixWriter) -> None:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        slots: DeviceSlots,
+        blocks: BlockManager,
+        writer: PrefixWriter,
+    ) -> None:
         self.registry, self.slots, self.blocks, self.writer = registry, slots, blocks, writer
         self.slot_owner: list[AdapterEntry | None] = [None] * slots.num_slots
         self._slot_lru: OrderedDict[int, None] = OrderedDict()
@@ -164,11 +175,13 @@ class AdapterManager:
         else:
             self.writer.write_prefix(blocks, token_ids=ids)
         self.misses += 1
-        return SharedPrefix(n, list(ids), blocks, virtual=entry.kind is not AdapterKind.PROMPT_TEMPLATE)
+        return SharedPrefix(
+            n, list(ids), blocks, virtual=entry.kind is not AdapterKind.PROMPT_TEMPLATE
+        )
 
     def _attach_prefix(self, seq: Sequence, entry: AdapterEntry) -> bool:
         prefix = entry.prefix
-        if isinstance(prefix, SharedPrefix) and prefix.token_ids != seq.token_ids[:seq.prefix_len]:
+        if isinstance(prefix, SharedPrefix) and prefix.token_ids != seq.token_ids[: seq.prefix_len]:
             prefix = None  # a template whose rendering differs (another chat history shape)
         if prefix is None:
             if entry.prefix is not None and entry.running == 0:

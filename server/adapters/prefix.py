@@ -26,36 +26,43 @@ def _embeddings(directory: Path, config: dict[str, Any], max_virtual_tokens: int
     emb = tensors["prompt_embeddings"]
     v = int(config.get("num_virtual_tokens", -1))
     if emb.dim() != 2 or emb.shape[0] != v:
-        raise InvalidAdapter(f"prompt_embeddings has shape {tuple(emb.shape)}; num_virtual_tokens "
-                             f"is {v}")
+        raise InvalidAdapter(
+            f"prompt_embeddings has shape {tuple(emb.shape)}; num_virtual_tokens is {v}"
+        )
     if not 1 <= v <= max_virtual_tokens:
         raise InvalidAdapter(f"num_virtual_tokens {v} must be in 1..{max_virtual_tokens}")
     return emb
 
 
-def load_prefix_tuning(directory: Path, config: dict[str, Any], shape: ModelShape,
-                       max_virtual_tokens: int) -> torch.Tensor:
+def load_prefix_tuning(
+    directory: Path, config: dict[str, Any], shape: ModelShape, max_virtual_tokens: int
+) -> torch.Tensor:
     """-> K/V of the virtual tokens, [layers, 2, V, kv_heads, head_dim] fp32."""
     emb = _embeddings(directory, config, max_virtual_tokens)
     kv_dim = shape.kv_heads * shape.head_dim
     if config.get("num_layers", shape.layers) != shape.layers:
-        raise InvalidAdapter(f"num_layers {config['num_layers']} differs from the base model's "
-                             f"{shape.layers}")
+        raise InvalidAdapter(
+            f"num_layers {config['num_layers']} differs from the base model's {shape.layers}"
+        )
     if config.get("token_dim", kv_dim) != kv_dim or emb.shape[1] != shape.layers * 2 * kv_dim:
         raise InvalidAdapter(
             f"prompt_embeddings has width {emb.shape[1]}, token_dim {config.get('token_dim')}; the "
             f"base model needs token_dim = kv_heads * head_dim = {kv_dim} and width "
-            f"{shape.layers * 2 * kv_dim}")
+            f"{shape.layers * 2 * kv_dim}"
+        )
     v = emb.shape[0]
     kv = emb.float().view(v, shape.layers, 2, shape.kv_heads, shape.head_dim)
     return kv.permute(1, 2, 0, 3, 4).contiguous()
 
 
-def load_prompt_tuning(directory: Path, config: dict[str, Any], shape: ModelShape,
-                       max_virtual_tokens: int) -> torch.Tensor:
+def load_prompt_tuning(
+    directory: Path, config: dict[str, Any], shape: ModelShape, max_virtual_tokens: int
+) -> torch.Tensor:
     """-> virtual-token input embeddings [V, hidden] fp32."""
     emb = _embeddings(directory, config, max_virtual_tokens)
     if emb.shape[1] != shape.hidden or config.get("token_dim", shape.hidden) != shape.hidden:
-        raise InvalidAdapter(f"prompt_embeddings has width {emb.shape[1]}; the base model's hidden "
-                             f"size is {shape.hidden}")
+        raise InvalidAdapter(
+            f"prompt_embeddings has width {emb.shape[1]}; the base model's hidden "
+            f"size is {shape.hidden}"
+        )
     return emb.float().contiguous()

@@ -24,8 +24,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def validate_name(name: str) -> str:
     if not NAME_RE.match(name or ""):
-        raise InvalidAdapter(f"adapter name {name!r} must be 1-128 characters of letters, digits, "
-                             "'.', '_' or '-', starting with a letter or digit")
+        raise InvalidAdapter(
+            f"adapter name {name!r} must be 1-128 characters of letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
     return name
 
 
@@ -55,9 +57,18 @@ class AdapterEntry:
         return "host" if self.loaded is not None else "disk"
 
     def info(self) -> AdapterInfo:
-        return AdapterInfo(self.name, self.kind, str(self.source), self.num_params, self.num_bytes,
-                           dict(self.ranks), self.residency(), self.load_time_s,
-                           self.requests_served, self.registered_at)
+        return AdapterInfo(
+            self.name,
+            self.kind,
+            str(self.source),
+            self.num_params,
+            self.num_bytes,
+            dict(self.ranks),
+            self.residency(),
+            self.load_time_s,
+            self.requests_served,
+            self.registered_at,
+        )
 
 
 class AdapterRegistry:
@@ -74,14 +85,29 @@ class AdapterRegistry:
         """Thread-safe: reads and validates files only."""
         return load_adapter(directory, self.shape, self.limits)
 
-    def add(self, name: str, loaded: LoadedAdapter, source: Path, replace: bool = False,
-            on_replaced=None) -> AdapterEntry:
+    def add(
+        self,
+        name: str,
+        loaded: LoadedAdapter,
+        source: Path,
+        replace: bool = False,
+        on_replaced=None,
+    ) -> AdapterEntry:
         validate_name(name)
         old = self._entries.get(name)
         if old is not None and not replace:
             raise AdapterExists(f"adapter {name!r} is already registered (use replace)")
-        entry = AdapterEntry(name, loaded.kind, source, loaded.num_params, loaded.num_bytes,
-                             loaded.ranks(), loaded, loaded.load_time_s, template=loaded.template)
+        entry = AdapterEntry(
+            name,
+            loaded.kind,
+            source,
+            loaded.num_params,
+            loaded.num_bytes,
+            loaded.ranks(),
+            loaded,
+            loaded.load_time_s,
+            template=loaded.template,
+        )
         self._entries[name] = entry
         self._touch_host(entry)
         self.loads += 1

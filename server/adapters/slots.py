@@ -17,8 +17,12 @@ from peftserve.kernels import SegmentMeta, add_lowrank_delta
 from peftserve.models.llama import ModelShape
 
 # Fused base projections and the LoRA slices inside each, in output order.
-GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",),
-                                       "gate_up": ("gate", "up"), "down": ("down",)}
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q", "k", "v"),
+    "o": ("o",),
+    "gate_up": ("gate", "up"),
+    "down": ("down",),
+}
 GROUP_OF = {proj: (group, i) for group, projs in GROUPS.items() for i, proj in enumerate(projs)}
 # Bottleneck placements act on the output of these projections (before the residual add).
 PLACEMENT_GROUP = {"mh_adapter": "o", "output_adapter": "down"}
@@ -41,14 +45,23 @@ class StackedModule:
 
 
 class DeviceSlots:
-    def __init__(self, shape: ModelShape, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        shape: ModelShape,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.shape, self.num_slots, self.max_rank = shape, num_slots, max_rank
         self.dtype, self.device = dtype, device
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-        self._dims = {"qkv": (shape.hidden, (q, kv, kv)), "o": (q, (shape.hidden,)),
-                      "gate_up": (shape.hidden, (shape.intermediate, shape.intermediate)),
-                      "down": (shape.intermediate, (shape.hidden,))}
+        self._dims = {
+            "qkv": (shape.hidden, (q, kv, kv)),
+            "o": (q, (shape.hidden,)),
+            "gate_up": (shape.hidden, (shape.intermediate, shape.intermediate)),
+            "down": (shape.intermediate, (shape.hidden,)),
+        }
         self.lora: dict[tuple[int, str], StackedModule] = {}
         # Bottlenecks are keyed by activation too: one kernel call applies one activation.
         self.bottleneck: dict[tuple[int, str, str], StackedModule] = {}
@@ -64,7 +77,8 @@ class DeviceSlots:
             scale=torch.zeros(n, S, dtype=torch.float32, **kw),
             slice_sizes=sizes,
             b_down=torch.zeros(S, R, dtype=self.dtype, **kw) if bias else None,
-            b_up=torch.zeros(S, sum(sizes), dtype=self.dtype, **kw) if bias else None)
+            b_up=torch.zeros(S, sum(sizes), dtype=self.dtype, **kw) if bias else None,
+        )
 
     def clear(self, slot: int) -> None:
         for m in (*self.lora.values(), *self.bottleneck.values()):
@@ -83,8 +97,8 @@ class DeviceSlots:
             off = sum(buf.slice_sizes[:i])
             buf.A[i, slot].zero_()
             buf.A[i, slot, :r] = mod.A.to(self.dtype)
-            buf.B[slot, off:off + buf.slice_sizes[i]].zero_()
-            buf.B[slot, off:off + buf.slice_sizes[i], :r] = mod.B.to(self.dtype)
+            buf.B[slot, off : off + buf.slice_sizes[i]].zero_()
+            buf.B[slot, off : off + buf.slice_sizes[i], :r] = mod.B.to(self.dtype)
             buf.rank[i, slot] = r
             buf.scale[i, slot] = mod.scale
 
@@ -96,7 +110,8 @@ class DeviceSlots:
             buf = self.bottleneck.get((layer, group, act))
             if buf is None:
                 buf = self.bottleneck[(layer, group, act)] = self._new(
-                    self.shape.hidden, (self.shape.hidden,), bias=True)
+                    self.shape.hidden, (self.shape.hidden,), bias=True
+                )
             assert buf.b_down is not None and buf.b_up is not None
             r = wd.shape[0]
             buf.A[0, slot].zero_()
@@ -121,11 +136,23 @@ class AdapterHook:
         # x: [T, in], y: [T, out] (updated in place)
         lora = self.slots.lora.get((layer, module))
         if lora is not None:
-            add_lowrank_delta(y, x, lora.A, lora.B, lora.rank, lora.scale, self.meta,
-                              lora.slice_sizes)
+            add_lowrank_delta(
+                y, x, lora.A, lora.B, lora.rank, lora.scale, self.meta, lora.slice_sizes
+            )
         for act in self.activations:
             bn = self.slots.bottleneck.get((layer, module, act))
             if bn is not None:
                 # The bottleneck reads the sub-layer output it updates: give it a copy.
-                add_lowrank_delta(y, y.clone(), bn.A, bn.B, bn.rank, bn.scale, self.meta,
-                                  bn.slice_sizes, b_down=bn.b_down, b_up=bn.b_up, act=act)
+                add_lowrank_delta(
+                    y,
+                    y.clone(),
+                    bn.A,
+                    bn.B,
+                    bn.rank,
+                    bn.scale,
+                    self.meta,
+                    bn.slice_sizes,
+                    b_down=bn.b_down,
+                    b_up=bn.b_up,
+                    act=act,
+                )

@@ -47,8 +47,18 @@ def _text(value: Any, field: str) -> str:
 
 
 def parse_template(config: dict[str, Any]) -> PromptTemplate:
-    expect_keys(config, {"peftserve_type", "system", "few_shot", "chain_of_thought",
-                         "base_model_name_or_path", "description"}, "prompt template")
+    expect_keys(
+        config,
+        {
+            "peftserve_type",
+            "system",
+            "few_shot",
+            "chain_of_thought",
+            "base_model_name_or_path",
+            "description",
+        },
+        "prompt template",
+    )
     system = _text(config["system"], "system") if config.get("system") is not None else None
     shots = config.get("few_shot") or []
     if not isinstance(shots, list):
@@ -57,11 +67,17 @@ def parse_template(config: dict[str, Any]) -> PromptTemplate:
     for i, shot in enumerate(shots):
         if not isinstance(shot, dict) or set(shot) != {"user", "assistant"}:
             raise InvalidAdapter(f"few_shot[{i}] must be an object with 'user' and 'assistant'")
-        few_shot.append((_text(shot["user"], f"few_shot[{i}].user"),
-                         _text(shot["assistant"], f"few_shot[{i}].assistant")))
+        few_shot.append(
+            (
+                _text(shot["user"], f"few_shot[{i}].user"),
+                _text(shot["assistant"], f"few_shot[{i}].assistant"),
+            )
+        )
     cot = config.get("chain_of_thought")
     cot = _text(cot, "chain_of_thought") if cot is not None else None
     if system is None and not few_shot and cot is None:
-        raise InvalidAdapter("a prompt template needs a system prompt, few-shot turns or a "
-                             "chain-of-thought instruction")
+        raise InvalidAdapter(
+            "a prompt template needs a system prompt, few-shot turns or a "
+            "chain-of-thought instruction"
+        )
     return PromptTemplate(system, tuple(few_shot), cot)

@@ -16,8 +16,8 @@ from pathlib import Path
 from peftserve.adapters.handle import AdapterInfo
 from peftserve.adapters.registry import validate_name
 from peftserve.engine.engine import Engine
-from peftserve.engine.stats import EngineStats
 from peftserve.engine.request import Request, RequestOutput
+from peftserve.engine.stats import EngineStats
 from peftserve.errors import EngineStopped
 
 log = logging.getLogger(__name__)

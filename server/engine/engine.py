@@ -26,8 +26,8 @@ from peftserve.engine.scheduler import ScheduledBatch, Scheduler
 from peftserve.engine.sequence import FinishReason, Sequence
 from peftserve.engine.stats import EngineStats
 from peftserve.errors import InvalidRequest, Overloaded
-from peftserve.models.loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir
 from peftserve.models.llama import LlamaModel
+from peftserve.models.loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir
 from peftserve.platform import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,9 @@ class _Tracked:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self, config: EngineConfig, model: LlamaModel, tokenizer, eos_token_ids: set[int]
+    ) -> None:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -50,18 +52,26 @@ class Engine:
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // per_block)
         capacity = num_blocks * config.block_size
         # A lone sequence always fits, so preemption can never starve the last one running.
-        self.max_model_len = min(config.max_model_len or model.shape.max_positions,
-                                 model.shape.max_positions, capacity)
+        self.max_model_len = min(
+            config.max_model_len or model.shape.max_positions, model.shape.max_positions, capacity
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.slots = DeviceSlots(model.shape, config.max_loras, config.max_lora_rank, model.dtype,
-                                 model.device)
+        self.slots = DeviceSlots(
+            model.shape, config.max_loras, config.max_lora_rank, model.dtype, model.device
+        )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.slots)
         self.registry = AdapterRegistry(
-            model.shape, AdapterLimits(config.max_lora_rank, config.max_virtual_tokens),
-            config.max_cpu_adapters)
+            model.shape,
+            AdapterLimits(config.max_lora_rank, config.max_virtual_tokens),
+            config.max_cpu_adapters,
+        )
         self.adapters = AdapterManager(self.registry, self.slots, self.block_manager, self.runner)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, admission=self.adapters)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            admission=self.adapters,
+        )
         self._last_batch = (0, 0)
         self._tracked: dict[str, _Tracked] = {}
         self._seq_ids = itertools.count()
@@ -89,9 +99,14 @@ class Engine:
 
     def _chat_ids(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         try:
-            return list(self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=generation_prompt, tokenize=True,
-                return_dict=True)["input_ids"])
+            return list(
+                self.tokenizer.apply_chat_template(
+                    messages,
+                    add_generation_prompt=generation_prompt,
+                    tokenize=True,
+                    return_dict=True,
+                )["input_ids"]
+            )
         except Exception as e:  # the template's own message says what is wrong
             raise InvalidRequest(f"chat template failed: {e}") from e
 
@@ -132,13 +147,16 @@ class Engine:
         if not prefix_msgs:
             return self._chat_ids(turns, True), 0
         prefix_text = self.tokenizer.apply_chat_template(prefix_msgs, tokenize=False)
-        full_text = self.tokenizer.apply_chat_template(prefix_msgs + turns, tokenize=False,
-                                                      add_generation_prompt=True)
+        full_text = self.tokenizer.apply_chat_template(
+            prefix_msgs + turns, tokenize=False, add_generation_prompt=True
+        )
         if not full_text.startswith(prefix_text):
-            raise InvalidRequest("this model's chat template does not render the template's turns "
-                                 "as a prefix of the conversation")
+            raise InvalidRequest(
+                "this model's chat template does not render the template's turns "
+                "as a prefix of the conversation"
+            )
         prefix = self.tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-        rest = self.tokenizer(full_text[len(prefix_text):], add_special_tokens=False)["input_ids"]
+        rest = self.tokenizer(full_text[len(prefix_text) :], add_special_tokens=False)["input_ids"]
         return list(prefix) + list(rest), len(prefix)
 
     def validate(self, prompt_len: int, req: Request) -> None:
@@ -147,10 +165,13 @@ class Engine:
         if prompt_len >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt has {prompt_len} tokens; this server's context is "
-                f"{self.max_model_len} tokens, leaving no room to generate")
+                f"{self.max_model_len} tokens, leaving no room to generate"
+            )
         if req.params.max_new_tokens > self.config.max_new_tokens_limit:
-            raise InvalidRequest(f"max_new_tokens {req.params.max_new_tokens} exceeds the limit "
-                                 f"{self.config.max_new_tokens_limit}")
+            raise InvalidRequest(
+                f"max_new_tokens {req.params.max_new_tokens} exceeds the limit "
+                f"{self.config.max_new_tokens_limit}"
+            )
 
     def add_request(self, req: Request) -> Sequence:
         """Validates, tokenizes and queues a request. Raises InvalidRequest, AdapterNotFound or
@@ -160,17 +181,27 @@ class Engine:
         entry = self.registry.get(req.adapter) if req.adapter else None
         ids, template_len = self.tokenize(req, entry)
         virtual = 0
-        if entry is not None and entry.kind in (AdapterKind.PREFIX_TUNING, AdapterKind.PROMPT_TUNING):
+        if entry is not None and entry.kind in (
+            AdapterKind.PREFIX_TUNING,
+            AdapterKind.PROMPT_TUNING,
+        ):
             virtual = entry.ranks["virtual_tokens"]
             ids = [PLACEHOLDER_TOKEN] * virtual + ids
         self.validate(len(ids), req)
-        seq = Sequence(next(self._seq_ids), req.request_id, ids, req.params,
-                       eos_token_ids=frozenset() if req.params.ignore_eos else self.eos_token_ids,
-                       prefix_len=virtual or template_len, num_virtual=virtual)
+        seq = Sequence(
+            next(self._seq_ids),
+            req.request_id,
+            ids,
+            req.params,
+            eos_token_ids=frozenset() if req.params.ignore_eos else self.eos_token_ids,
+            prefix_len=virtual or template_len,
+            num_virtual=virtual,
+        )
         if entry is not None:
             self.adapters.attach(seq, entry)
         self._tracked[req.request_id] = _Tracked(
-            seq, Detokenizer(self.tokenizer, req.params.stop, req.params.skip_special_tokens))
+            seq, Detokenizer(self.tokenizer, req.params.stop, req.params.skip_special_tokens)
+        )
         self.scheduler.add(seq)
         return seq
 
@@ -216,9 +247,12 @@ class Engine:
         sampling = [item.seq for item in batch.items if item.seq.num_uncomputed == 0]
         if not sampling:
             return []
-        tokens, logprobs = sample(logits, [s.params for s in sampling],
-                                  [s.token_ids[s.num_virtual:] for s in sampling],
-                                  [s.generator for s in sampling])
+        tokens, logprobs = sample(
+            logits,
+            [s.params for s in sampling],
+            [s.token_ids[s.num_virtual :] for s in sampling],
+            [s.generator for s in sampling],
+        )
         now = time.monotonic()
         outputs = []
         for i, seq in enumerate(sampling):
@@ -236,7 +270,10 @@ class Engine:
         reason = None
         if token in seq.eos_token_ids or token in seq.params.stop_token_ids:
             reason = FinishReason.STOP
-        elif seq.num_output_tokens >= seq.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif (
+            seq.num_output_tokens >= seq.params.max_new_tokens
+            or len(seq.token_ids) >= self.max_model_len
+        ):
             reason = FinishReason.LENGTH
         ids = seq.output_token_ids
         if reason is FinishReason.STOP:
@@ -244,18 +281,22 @@ class Engine:
         delta, stopped = tracked.detok.update(ids, final=reason is not None)
         if stopped:
             reason = FinishReason.STOP
-        new_tokens = seq.output_token_ids[tracked.emitted_tokens:]
+        new_tokens = seq.output_token_ids[tracked.emitted_tokens :]
         if reason is not None:
             self._finish(seq, reason)
             del self._tracked[seq.request_id]
         return self._output(tracked, new_tokens, delta, final=reason is not None)
 
-    def _output(self, tracked: _Tracked, new_tokens: list[int], text: str, final: bool) -> RequestOutput:
+    def _output(
+        self, tracked: _Tracked, new_tokens: list[int], text: str, final: bool
+    ) -> RequestOutput:
         seq = tracked.seq
         first = tracked.emitted_tokens == 0 and bool(new_tokens)
         logprobs = None
         if seq.params.logprobs:
-            logprobs = seq.output_logprobs[tracked.emitted_tokens:tracked.emitted_tokens + len(new_tokens)]
+            logprobs = seq.output_logprobs[
+                tracked.emitted_tokens : tracked.emitted_tokens + len(new_tokens)
+            ]
         tracked.emitted_tokens += len(new_tokens)
         timings = None
         if first or final:
@@ -263,13 +304,23 @@ class Engine:
             start = seq.first_scheduled_time or now
             timings = Timings(
                 queue_s=start - seq.arrival_time,
-                ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
-                e2e_s=now - seq.arrival_time if final else None)
+                ttft_s=None
+                if seq.first_token_time is None
+                else seq.first_token_time - seq.arrival_time,
+                e2e_s=now - seq.arrival_time if final else None,
+            )
         return RequestOutput(
-            request_id=seq.request_id, text=text, token_ids=new_tokens, logprobs=logprobs,
-            finished=final, finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=seq.num_output_tokens, timings=timings,
-            adapter_kind=seq.adapter.kind.value if seq.adapter is not None else BASE_KIND)
+            request_id=seq.request_id,
+            text=text,
+            token_ids=new_tokens,
+            logprobs=logprobs,
+            finished=final,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_output_tokens,
+            timings=timings,
+            adapter_kind=seq.adapter.kind.value if seq.adapter is not None else BASE_KIND,
+        )
 
     def score(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits at every position of `token_ids` under `adapter` ([n, vocab] fp32), for
@@ -277,10 +328,18 @@ class Engine:
         if self.has_unfinished():
             raise RuntimeError("score() needs an idle engine")
         if len(token_ids) > self.config.max_num_batched_tokens:
-            raise InvalidRequest(f"score() takes at most {self.config.max_num_batched_tokens} tokens")
+            raise InvalidRequest(
+                f"score() takes at most {self.config.max_num_batched_tokens} tokens"
+            )
         rid = f"score-{next(self._seq_ids)}"
-        self.add_request(Request(rid, prompt_token_ids=tuple(token_ids), adapter=adapter,
-                                 params=SamplingParams(max_new_tokens=1)))
+        self.add_request(
+            Request(
+                rid,
+                prompt_token_ids=tuple(token_ids),
+                adapter=adapter,
+                params=SamplingParams(max_new_tokens=1),
+            )
+        )
         try:
             batch = self.scheduler.schedule()
             while not len(batch) and not batch.failed:  # the adapter is loading
@@ -296,12 +355,15 @@ class Engine:
 
     # --- adapters (engine thread) -----------------------------------------------------------
 
-    def add_adapter(self, name: str, loaded: LoadedAdapter, source: Path,
-                    replace: bool = False) -> AdapterInfo:
+    def add_adapter(
+        self, name: str, loaded: LoadedAdapter, source: Path, replace: bool = False
+    ) -> AdapterInfo:
         """Registers weights already read by `registry.load_from_disk` (off this thread).
         With `replace`, new requests get the new weights at once; running ones finish on the
         old ones, whose device state is freed when they are done."""
-        return self.registry.add(name, loaded, source, replace, on_replaced=self.adapters.retire).info()
+        return self.registry.add(
+            name, loaded, source, replace, on_replaced=self.adapters.retire
+        ).info()
 
     def register_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
         """Reads and registers in one call (offline use; the server loads off the step loop)."""
@@ -322,14 +384,22 @@ class Engine:
         names = lambda seqs: tuple(sorted({s.adapter.name for s in seqs if s.adapter is not None}))  # noqa: E731
         reg, mgr = self.registry, self.adapters
         return EngineStats(
-            num_running=len(sched.running), num_waiting=len(sched.waiting),
-            batch_size=self._last_batch[0], batch_tokens=self._last_batch[1],
-            kv_blocks_used=self.block_manager.num_used, kv_blocks_total=self.block_manager.num_blocks,
-            running_adapters=names(sched.running), waiting_adapters=names(sched.waiting),
-            max_loras=self.config.max_loras, adapters_resident=reg.resident_counts(),
-            adapter_loads=reg.loads, adapter_load_seconds=reg.load_seconds,
-            cache_hits=mgr.hits, cache_misses=mgr.misses,
-            cache_evictions=mgr.evictions + reg.host_evictions)
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            batch_size=self._last_batch[0],
+            batch_tokens=self._last_batch[1],
+            kv_blocks_used=self.block_manager.num_used,
+            kv_blocks_total=self.block_manager.num_blocks,
+            running_adapters=names(sched.running),
+            waiting_adapters=names(sched.waiting),
+            max_loras=self.config.max_loras,
+            adapters_resident=reg.resident_counts(),
+            adapter_loads=reg.loads,
+            adapter_load_seconds=reg.load_seconds,
+            cache_hits=mgr.hits,
+            cache_misses=mgr.misses,
+            cache_evictions=mgr.evictions + reg.host_evictions,
+        )
 
     # --- offline convenience ----------------------------------------------------------------
 

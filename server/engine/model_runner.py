@@ -13,16 +13,24 @@ from peftserve.models.llama import LlamaModel, StepContext
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
-                 slots: DeviceSlots | None = None) -> None:
+    def __init__(
+        self, model: LlamaModel, num_blocks: int, block_size: int, slots: DeviceSlots | None = None
+    ) -> None:
         self.model = model
         self.slots = slots
         self.block_size = block_size
         s = model.shape
         self.device = model.device
         # [layers, K/V, slots, kv_heads, head_dim]; slot = block * block_size + offset
-        self.kv_cache = torch.zeros(s.layers, 2, num_blocks * block_size, s.kv_heads, s.head_dim,
-                                    dtype=model.dtype, device=self.device)
+        self.kv_cache = torch.zeros(
+            s.layers,
+            2,
+            num_blocks * block_size,
+            s.kv_heads,
+            s.head_dim,
+            dtype=model.dtype,
+            device=self.device,
+        )
 
     @staticmethod
     def cache_bytes_per_block(model: LlamaModel, block_size: int) -> int:
@@ -32,10 +40,10 @@ class ModelRunner:
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         # flat cache slots of positions start..end-1: [end - start]
         bs = self.block_size
-        blocks = torch.tensor(block_table[start // bs: -(-end // bs)], dtype=torch.long)
+        blocks = torch.tensor(block_table[start // bs : -(-end // bs)], dtype=torch.long)
         slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
         first = (start // bs) * bs
-        return slots[start - first: end - first]
+        return slots[start - first : end - first]
 
     def _decode_metadata(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> block tables [nd, max_blocks] (padded with block 0) and the mask of real context
@@ -43,12 +51,17 @@ class ModelRunner:
         bs = self.block_size
         ctx_lens = [d.seq.num_computed_tokens + 1 for d in decodes]
         max_blocks = -(-max(ctx_lens) // bs)
-        table = [d.seq.block_table[:max_blocks] + [0] * (max_blocks - len(d.seq.block_table[:max_blocks]))
-                 for d in decodes]
+        table = [
+            d.seq.block_table[:max_blocks]
+            + [0] * (max_blocks - len(d.seq.block_table[:max_blocks]))
+            for d in decodes
+        ]
         mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(ctx_lens)[:, None]
         return torch.tensor(table, dtype=torch.long), mask[:, None, None, None, :]
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """-> input_ids [T], positions [T], attention metadata (all on the model's device)."""
         ids: list[int] = []
         positions: list[int] = []
@@ -59,20 +72,28 @@ class ModelRunner:
             positions.append(pos)
         if batch.decodes:
             bs = self.block_size
-            slot_parts.append(torch.tensor(
-                [d.seq.block_table[p // bs] * bs + p % bs
-                 for d, p in zip(batch.decodes, positions, strict=True)], dtype=torch.long))
+            slot_parts.append(
+                torch.tensor(
+                    [
+                        d.seq.block_table[p // bs] * bs + p % bs
+                        for d, p in zip(batch.decodes, positions, strict=True)
+                    ],
+                    dtype=torch.long,
+                )
+            )
         chunks: list[PrefillChunk] = []
         row = len(batch.decodes)
         for p in batch.prefills:
             seq, start, n = p.seq, p.seq.num_computed_tokens, p.num_new_tokens
-            ids.extend(seq.token_ids[start:start + n])
+            ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slot_parts.append(self._slots(seq.block_table, start, start + n))
             ctx_slots = mask = None
             if start > 0:
                 ctx_slots = self._slots(seq.block_table, 0, start + n).to(self.device)
-                mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start).to(self.device)
+                mask = (
+                    torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start).to(self.device)
+                )
                 mask = mask[None, None, None]
             chunks.append(PrefillChunk(row, row + n, ctx_slots, mask))
             row += n
@@ -89,8 +110,11 @@ class ModelRunner:
             decode_mask=decode_mask,
             prefills=tuple(chunks),
         )
-        return (torch.tensor(ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta)
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            meta,
+        )
 
     def hidden_states(self, batch: ScheduledBatch, hook: DeltaHook | None = None) -> torch.Tensor:
         """Runs the model over the step's tokens -> final hidden states [T, hidden]."""
@@ -103,8 +127,10 @@ class ModelRunner:
         """The step's per-token adapter deltas; None when no token uses a slot adapter."""
         if self.slots is None or not any(item.seq.slot >= 0 for item in batch.items):
             return None
-        token_slot = torch.tensor([item.seq.slot for item in batch.items
-                                   for _ in range(item.num_new_tokens)], dtype=torch.int32)
+        token_slot = torch.tensor(
+            [item.seq.slot for item in batch.items for _ in range(item.num_new_tokens)],
+            dtype=torch.int32,
+        )
         meta = build_segment_meta(token_slot.to(self.device))
         acts = {self.slots.slot_activation.get(item.seq.slot) for item in batch.items}
         return AdapterHook(self.slots, meta, tuple(sorted(a for a in acts if a)))
@@ -126,12 +152,24 @@ class ModelRunner:
     # --- shared prefixes (PrefixWriter) -----------------------------------------------------
 
     @torch.inference_mode()
-    def write_prefix(self, blocks: list[int], *, kv: torch.Tensor | None = None,
-                     embeds: torch.Tensor | None = None, token_ids: list[int] | None = None) -> None:
+    def write_prefix(
+        self,
+        blocks: list[int],
+        *,
+        kv: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
+        token_ids: list[int] | None = None,
+    ) -> None:
         """Fills `blocks` with the K/V of positions 0..n-1: given directly (prefix tuning,
         kv: [layers, 2, n, kv_heads, head_dim]), or computed by a forward pass over input
         embeddings (prompt tuning, embeds: [n, hidden]) or tokens (templates)."""
-        n = kv.shape[2] if kv is not None else embeds.shape[0] if embeds is not None else len(token_ids or [])
+        n = (
+            kv.shape[2]
+            if kv is not None
+            else embeds.shape[0]
+            if embeds is not None
+            else len(token_ids or [])
+        )
         slots = self._slots(blocks, 0, n).to(self.device)
         if kv is not None:
             self.kv_cache[:, :, slots] = kv.to(device=self.device, dtype=self.model.dtype)
@@ -139,14 +177,23 @@ class ModelRunner:
         if embeds is not None:
             h = embeds.to(device=self.device, dtype=self.model.dtype)
         else:
-            h = self.model.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+            h = self.model.embed_tokens(
+                torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            )
         positions = torch.arange(n, device=self.device)
-        meta = AttentionMetadata(slot_mapping=slots, num_decodes=0, block_size=self.block_size,
-                                 decode_blocks=None, decode_mask=None,
-                                 prefills=(PrefillChunk(0, n, None, None),))
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            num_decodes=0,
+            block_size=self.block_size,
+            decode_blocks=None,
+            decode_mask=None,
+            prefills=(PrefillChunk(0, n, None, None),),
+        )
         cos, sin = self.model.rotary.cos_sin(positions, self.model.dtype)
         self.model(h, self.kv_cache, StepContext(attn=meta, cos=cos, sin=sin))
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
-        self.kv_cache[:, :, dst * bs:(dst + 1) * bs] = self.kv_cache[:, :, src * bs:(src + 1) * bs]
+        self.kv_cache[:, :, dst * bs : (dst + 1) * bs] = self.kv_cache[
+            :, :, src * bs : (src + 1) * bs
+        ]

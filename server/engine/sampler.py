@@ -29,8 +29,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[float] | None]:
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    histories: list[list[int]],
+    generators: list[torch.Generator | None],
+) -> tuple[list[int], list[float] | None]:
     """logits: [B, V] fp32. Returns B tokens, and their logprobs under the unprocessed
     distribution when any row asked for them."""
     raw = logits

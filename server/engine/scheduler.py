@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from peftserve.engine.admission import Admission, AdmissionPolicy, BaseOnly
 from peftserve.engine.block_manager import BlockManager
-from peftserve.engine.sequence import FinishReason, Sequence, SeqStatus
+from peftserve.engine.sequence import FinishReason, SeqStatus, Sequence
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, admission: AdmissionPolicy | None = None) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        admission: AdmissionPolicy | None = None,
+    ) -> None:
         self.blocks = block_manager
         self.admission: AdmissionPolicy = admission or BaseOnly()
         self.max_num_seqs = max_num_seqs
@@ -88,12 +93,18 @@ class Scheduler:
         # Sequences left in `queue` got no budget this step; they stay running.
         if not preempted:
             self._admit(budget, prefills, scheduled, failed)
-        self.running = scheduled + [s for s in self.running if s not in scheduled
-                                    and s.status is SeqStatus.RUNNING]
+        self.running = scheduled + [
+            s for s in self.running if s not in scheduled and s.status is SeqStatus.RUNNING
+        ]
         return ScheduledBatch(decodes, prefills, preempted, failed)
 
-    def _admit(self, budget: int, prefills: list[ScheduledSeq], scheduled: list[Sequence],
-               failed: list[Sequence]) -> None:
+    def _admit(
+        self,
+        budget: int,
+        prefills: list[ScheduledSeq],
+        scheduled: list[Sequence],
+        failed: list[Sequence],
+    ) -> None:
         admitted = 0
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) + admitted >= self.max_num_seqs:

@@ -33,21 +33,24 @@ class AttentionMetadata:
     prefills: tuple[PrefillChunk, ...]
 
 
-def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
+def write_kv(
+    cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     # cache: [2, num_blocks * block_size, kv_heads, head_dim] (a flat view of one layer's blocks)
     # slot_mapping: [T]; k, v: [T, kv_heads, head_dim]
     cache[0].index_copy_(0, slot_mapping, k)
     cache[1].index_copy_(0, slot_mapping, v)
 
 
-def masked_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                         scale: float) -> torch.Tensor:
+def masked_gqa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """q: [B, heads, Q, head_dim]; k, v: [B, kv_heads, L, head_dim]; mask: bool
     [B, 1, 1, Q, L], True = attend. Returns [B, heads, Q, head_dim]."""
     if q.dtype == torch.float32 or q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, 0], scale=scale,
-                                              enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, 0], scale=scale, enable_gqa=True
+        )
     # With a mask, the CPU SDPA kernels are up to 10x slower in bf16/fp16 at decode shapes than
     # these two matmuls; scores are softmaxed in fp32 as transformers' eager path does.
     B, H, Q, D = q.shape
@@ -59,8 +62,14 @@ def masked_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return torch.matmul(probs.view(B, kvh, group * Q, L), v).view(B, H, Q, D)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's, already in `cache`).
     Returns [T, heads, head_dim]."""
     out = torch.empty_like(q)
@@ -74,16 +83,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         o = masked_gqa_attention(q[:nd].unsqueeze(2), kc, vc, meta.decode_mask, scale)
         out[:nd] = o.squeeze(2)
     for chunk in meta.prefills:
-        qc = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
+        qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
         if chunk.context_slots is None:
-            kc = k[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)
-            vc = v[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale,
-                                               enable_gqa=True)
+            kc = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+            vc = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True
+            )
         else:
             assert chunk.causal_mask is not None
             kc = cache[0][chunk.context_slots].transpose(0, 1).unsqueeze(0)
             vc = cache[1][chunk.context_slots].transpose(0, 1).unsqueeze(0)
             o = masked_gqa_attention(qc, kc, vc, chunk.causal_mask, scale)
-        out[chunk.start:chunk.end] = o.squeeze(0).transpose(0, 1)
+        out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1)
     return out

@@ -22,8 +22,14 @@ class DeltaHook(Protocol):
 
 
 class AdaptableLinear(nn.Module):
-    def __init__(self, layer: int, name: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                 slice_sizes: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        layer: int,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        slice_sizes: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.name = name  # module kind used by adapters: "qkv", "o", "gate_up", "down"

@@ -33,7 +33,9 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> ModelShape:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         return cls(
             hidden=config.hidden_size,
             intermediate=config.intermediate_size,
@@ -57,7 +59,9 @@ class StepContext:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, layer: int, shape: ModelShape, eps: float, w: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, layer: int, shape: ModelShape, eps: float, w: dict[str, torch.Tensor]
+    ) -> None:
         super().__init__()
         q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
@@ -70,12 +74,22 @@ class DecoderLayer(nn.Module):
         if "self_attn.q_proj.bias" in w:
             qkv_bias = torch.cat([w[f"self_attn.{p}_proj.bias"] for p in "qkv"])
         self.qkv = AdaptableLinear(
-            layer, "qkv", torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"]), qkv_bias,
-            (q_out, kv_out, kv_out))
-        self.o = AdaptableLinear(layer, "o", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+            layer,
+            "qkv",
+            torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"]),
+            qkv_bias,
+            (q_out, kv_out, kv_out),
+        )
+        self.o = AdaptableLinear(
+            layer, "o", w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias")
+        )
         self.gate_up = AdaptableLinear(
-            layer, "gate_up", torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), None,
-            (shape.intermediate, shape.intermediate))
+            layer,
+            "gate_up",
+            torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]),
+            None,
+            (shape.intermediate, shape.intermediate),
+        )
         self.down = AdaptableLinear(layer, "down", w["mlp.down_proj.weight"], None)
         self.q_out, self.kv_out = q_out, kv_out
 
@@ -96,19 +110,26 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, state: dict[str, torch.Tensor],
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.shape = ModelShape.from_config(config)
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModel("mlp_bias=True is not supported")
-        state = {k.removeprefix("model."): v.to(device=device, dtype=dtype) for k, v in state.items()}
+        state = {
+            k.removeprefix("model."): v.to(device=device, dtype=dtype) for k, v in state.items()
+        }
         eps = config.rms_norm_eps
         self.embed = nn.Parameter(state["embed_tokens.weight"], requires_grad=False)  # [V, hidden]
         self.layers = nn.ModuleList()
         for i in range(self.shape.layers):
             prefix = f"layers.{i}."
-            w = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            w = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             self.layers.append(DecoderLayer(i, self.shape, eps, w))
         self.norm = RMSNorm(self.shape.hidden, eps)
         self.norm.weight.data = state["norm.weight"]

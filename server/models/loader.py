@@ -49,7 +49,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses to save a GGUF-loaded model while it still looks quantized.
     model.hf_quantizer = None
@@ -109,9 +111,10 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of the directory's safetensors files (pickle checkpoints are refused)."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        if any(p.suffix in (".bin", ".pt") for p in model_dir.iterdir()):
             raise UnsupportedModel(
-                f"{model_dir} holds only pickle weights (.bin/.pt); peftserve loads safetensors only"
+                f"{model_dir} holds only pickle weights (.bin/.pt); "
+                "peftserve loads safetensors only"
             )
         raise UnsupportedModel(f"no .safetensors weights in {model_dir}")
     state: dict[str, torch.Tensor] = {}

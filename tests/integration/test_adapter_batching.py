@@ -15,8 +15,14 @@ from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
 from tests import adapters as A
 
-PROMPTS = ["the quick brown fox", "hello world, how are you today?", "low rank",
-           "0 1 2 3", "positive negative neutral", "jumps over the lazy dog"]
+PROMPTS = [
+    "the quick brown fox",
+    "hello world, how are you today?",
+    "low rank",
+    "0 1 2 3",
+    "positive negative neutral",
+    "jumps over the lazy dog",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +31,20 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory):
     return {
         "lora-r2": A.make_lora(tiny_llama_dir, root / "lora-r2", r=2, seed=1),
         "lora-r8": A.make_lora(tiny_llama_dir, root / "lora-r8", r=8, seed=2, targets=A.ALL_LINEAR),
-        "lora-r32": A.make_lora(tiny_llama_dir, root / "lora-r32", r=32, seed=3,
-                                targets=["k_proj", "o_proj", "down_proj"]),
+        "lora-r32": A.make_lora(
+            tiny_llama_dir,
+            root / "lora-r32",
+            r=32,
+            seed=3,
+            targets=["k_proj", "o_proj", "down_proj"],
+        ),
         "houlsby": A.make_bottleneck(tiny_llama_dir, root / "houlsby", "houlsby", seed=4),
         "pfeiffer": A.make_bottleneck(tiny_llama_dir, root / "pfeiffer", "pfeiffer", seed=5),
         "prefix": A.make_prefix_tuning(tiny_llama_dir, root / "prefix", virtual=6, seed=6),
         "prompt": A.make_prompt_tuning(tiny_llama_dir, root / "prompt", virtual=3, seed=7),
-        "template": A.make_template(root / "template", system="Be brief.",
-                                    few_shot=[{"user": "hi", "assistant": "hello"}]),
+        "template": A.make_template(
+            root / "template", system="Be brief.", few_shot=[{"user": "hi", "assistant": "hello"}]
+        ),
     }
 
 
@@ -48,8 +60,14 @@ def requests(names: list[str | None], seed: int = 0) -> list[Request]:
     reqs = []
     for i, name in enumerate(names):
         params = SamplingParams(max_new_tokens=6 + (i * 5 + seed) % 14, ignore_eos=True)
-        reqs.append(Request(f"{name or 'base'}-{i}", prompt=PROMPTS[i % len(PROMPTS)],
-                            adapter=name, params=params))
+        reqs.append(
+            Request(
+                f"{name or 'base'}-{i}",
+                prompt=PROMPTS[i % len(PROMPTS)],
+                adapter=name,
+                params=params,
+            )
+        )
     return reqs
 
 
@@ -64,7 +82,17 @@ def run_alone(engine: Engine, reqs: list[Request]) -> dict[str, list[int]]:
     return out
 
 
-MIX = [None, "lora-r2", "lora-r8", "lora-r32", "houlsby", "pfeiffer", "prefix", "prompt", "template"]
+MIX = [
+    None,
+    "lora-r2",
+    "lora-r8",
+    "lora-r32",
+    "houlsby",
+    "pfeiffer",
+    "prefix",
+    "prompt",
+    "template",
+]
 
 
 def test_every_kind_in_one_batch_matches_running_alone(tiny_llama_dir, adapter_dirs):
@@ -82,13 +110,18 @@ def test_every_kind_in_one_batch_matches_running_alone(tiny_llama_dir, adapter_d
     assert biggest == len(reqs)  # all 18 requests, 9 kinds/adapters, shared one step
     assert tokens(results) == alone
     # Adapters do change the output: a LoRA request differs from the base on the same prompt.
-    assert alone["lora-r8-2"] != run_alone(engine, [Request("x", prompt=PROMPTS[2],
-                                                            params=reqs[2].params)])["x"]
+    assert (
+        alone["lora-r8-2"]
+        != run_alone(engine, [Request("x", prompt=PROMPTS[2], params=reqs[2].params)])["x"]
+    )
     assert engine.block_manager.num_used == sum(
-        len(e.prefix.blocks) for e in engine.registry.entries() if e.prefix is not None)
+        len(e.prefix.blocks) for e in engine.registry.entries() if e.prefix is not None
+    )
 
 
-def test_two_slots_five_adapters_all_complete_and_pinned_slots_survive(tiny_llama_dir, adapter_dirs):
+def test_two_slots_five_adapters_all_complete_and_pinned_slots_survive(
+    tiny_llama_dir, adapter_dirs
+):
     names = ["lora-r2", "lora-r8", "lora-r32", "houlsby", "pfeiffer"]
     dirs = {n: adapter_dirs[n] for n in names}
     alone = run_alone(engine_with(tiny_llama_dir, dirs), requests(names * 2, seed=1))
@@ -120,8 +153,9 @@ def test_cold_adapters_reload_from_disk_when_host_tier_is_small(tiny_llama_dir, 
 
 
 def test_unregister_in_use_lets_running_requests_finish(tiny_llama_dir, adapter_dirs):
-    engine = engine_with(tiny_llama_dir, {"lora-r8": adapter_dirs["lora-r8"],
-                                          "prefix": adapter_dirs["prefix"]})
+    engine = engine_with(
+        tiny_llama_dir, {"lora-r8": adapter_dirs["lora-r8"], "prefix": adapter_dirs["prefix"]}
+    )
     reqs = requests(["lora-r8", "prefix"])
     alone = run_alone(engine, reqs)
     for r in reqs:
@@ -166,7 +200,9 @@ def test_replace_swaps_for_new_requests_without_breaking_running_ones(tiny_llama
     assert engine.get_adapter("a").ranks["q"] == 8
 
 
-def test_adapter_whose_files_vanish_fails_only_its_own_request(tiny_llama_dir, adapter_dirs, tmp_path):
+def test_adapter_whose_files_vanish_fails_only_its_own_request(
+    tiny_llama_dir, adapter_dirs, tmp_path
+):
     path = shutil.copytree(adapter_dirs["lora-r2"], tmp_path / "gone")
     engine = engine_with(tiny_llama_dir, {"gone": path}, max_cpu_adapters=1)
     engine.register_adapter("other", adapter_dirs["lora-r8"])  # evicts "gone" from host memory

@@ -34,8 +34,16 @@ def oracle_greedy(model, ids: list[int], n: int, virtual: int = 0) -> list[int]:
 
 
 def ours_greedy(engine: Engine, ids: list[int], adapter: str | None, n: int = NEW) -> list[int]:
-    res = engine.generate([Request("g", prompt_token_ids=tuple(ids), adapter=adapter,
-                                   params=SamplingParams(max_new_tokens=n, ignore_eos=True))])
+    res = engine.generate(
+        [
+            Request(
+                "g",
+                prompt_token_ids=tuple(ids),
+                adapter=adapter,
+                params=SamplingParams(max_new_tokens=n, ignore_eos=True),
+            )
+        ]
+    )
     return [t for o in res["g"] for t in o.token_ids]
 
 
@@ -49,16 +57,28 @@ def check(engine: Engine, oracle, name: str, virtual: int = 0) -> None:
         assert (ours - engine.score(ids)).abs().max() > 1e-2  # the adapter does change the output
         assert ours_greedy(engine, ids, name) == oracle_greedy(oracle, ids, NEW)
     assert engine.block_manager.num_used == sum(
-        len(e.prefix.blocks) for e in engine.registry.entries() if e.prefix is not None)
+        len(e.prefix.blocks) for e in engine.registry.entries() if e.prefix is not None
+    )
 
 
-@pytest.mark.parametrize("lora_kw", [
-    dict(r=1), dict(r=3), dict(r=8), dict(r=64, alpha=32),
-    dict(r=8, targets=A.ALL_LINEAR),
-    dict(r=8, targets=A.ALL_LINEAR, rank_pattern={"v_proj": 3, "down_proj": 5},
-         alpha_pattern={"q_proj": 4}),
-    dict(r=16, use_rslora=True, targets=["q_proj", "k_proj", "up_proj"]),
-], ids=["r1", "r3", "r8", "r64", "all-linear", "rank-alpha-pattern", "rslora"])
+@pytest.mark.parametrize(
+    "lora_kw",
+    [
+        dict(r=1),
+        dict(r=3),
+        dict(r=8),
+        dict(r=64, alpha=32),
+        dict(r=8, targets=A.ALL_LINEAR),
+        dict(
+            r=8,
+            targets=A.ALL_LINEAR,
+            rank_pattern={"v_proj": 3, "down_proj": 5},
+            alpha_pattern={"q_proj": 4},
+        ),
+        dict(r=16, use_rslora=True, targets=["q_proj", "k_proj", "up_proj"]),
+    ],
+    ids=["r1", "r3", "r8", "r64", "all-linear", "rank-alpha-pattern", "rslora"],
+)
 def test_lora_matches_peft(tiny_llama_dir, tmp_path, lora_kw):
     path = A.make_lora(tiny_llama_dir, tmp_path / "lora", **lora_kw)
     engine = engine_for(tiny_llama_dir)
@@ -89,10 +109,15 @@ def test_prompt_tuning_matches_peft(tiny_llama_dir, tmp_path, virtual):
     check(engine, A.peft_model(tiny_llama_dir, path), "p", virtual=virtual)
 
 
-@pytest.mark.parametrize("arch, kw", [
-    ("houlsby", {}), ("pfeiffer", {}),
-    ("houlsby", dict(non_linearity="gelu", scaling=0.5, reduction_factor=8)),
-], ids=["houlsby", "pfeiffer", "gelu-scaled-rf8"])
+@pytest.mark.parametrize(
+    "arch, kw",
+    [
+        ("houlsby", {}),
+        ("pfeiffer", {}),
+        ("houlsby", dict(non_linearity="gelu", scaling=0.5, reduction_factor=8)),
+    ],
+    ids=["houlsby", "pfeiffer", "gelu-scaled-rf8"],
+)
 def test_bottleneck_matches_injected_reference(tiny_llama_dir, tmp_path, arch, kw):
     path = A.make_bottleneck(tiny_llama_dir, tmp_path / "bn", architecture=arch, **kw)
     engine = engine_for(tiny_llama_dir)
@@ -101,19 +126,31 @@ def test_bottleneck_matches_injected_reference(tiny_llama_dir, tmp_path, arch, k
 
 
 def test_template_equals_base_model_on_the_rendered_prompt(tiny_llama_dir, tmp_path):
-    path = A.make_template(tmp_path / "t", system="Answer briefly.",
-                           few_shot=[{"user": "hello", "assistant": "world"}],
-                           chain_of_thought="think step by step")
+    path = A.make_template(
+        tmp_path / "t",
+        system="Answer briefly.",
+        few_shot=[{"user": "hello", "assistant": "world"}],
+        chain_of_thought="think step by step",
+    )
     engine = engine_for(tiny_llama_dir)
     engine.register_adapter("t", path)
-    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello"},
-            {"role": "assistant", "content": "world"},
-            {"role": "user", "content": "low rank\nthink step by step"}]
+    msgs = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "world"},
+        {"role": "user", "content": "low rank\nthink step by step"},
+    ]
     text = engine.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     hf = A.base_model(tiny_llama_dir)
     for prompt in ["low rank"]:
-        seq = engine.add_request(Request("t1", prompt=prompt, adapter="t",
-                                         params=SamplingParams(max_new_tokens=NEW, ignore_eos=True)))
+        seq = engine.add_request(
+            Request(
+                "t1",
+                prompt=prompt,
+                adapter="t",
+                params=SamplingParams(max_new_tokens=NEW, ignore_eos=True),
+            )
+        )
         assert engine.tokenizer.decode(seq.prompt_token_ids) == text
         assert seq.prefix_len > 0
         outs = []

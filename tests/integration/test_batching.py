@@ -84,9 +84,11 @@ def test_preemption_by_recompute_keeps_outputs(tiny_llama_dir, alone):
 def test_blocks_all_free_after_finished_stopped_aborted_preempted(tiny_llama_dir):
     eng = engine(tiny_llama_dir, num_kv_blocks=20, max_num_batched_tokens=16)
     reqs = make_requests(12, seed=1)
-    stop_tok = Request("stop-token", prompt="hello world",
-                       params=SamplingParams(max_new_tokens=40, ignore_eos=True,
-                                             stop_token_ids=tuple(range(400))))
+    stop_tok = Request(
+        "stop-token",
+        prompt="hello world",
+        params=SamplingParams(max_new_tokens=40, ignore_eos=True, stop_token_ids=tuple(range(400))),
+    )
     seqs = [eng.add_request(r) for r in reqs] + [eng.add_request(stop_tok)]
     finished = set()
     steps = 0

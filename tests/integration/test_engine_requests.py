@@ -19,26 +19,39 @@ from peftserve.errors import InvalidRequest, Overloaded
 
 @pytest.fixture()
 def engine(tiny_llama_dir) -> Engine:
-    return Engine.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32",
-                                           num_kv_blocks=64, block_size=4, max_model_len=64,
-                                           max_new_tokens_limit=200, max_waiting=4))
+    return Engine.from_config(
+        EngineConfig(
+            model=str(tiny_llama_dir),
+            dtype="float32",
+            num_kv_blocks=64,
+            block_size=4,
+            max_model_len=64,
+            max_new_tokens_limit=200,
+            max_waiting=4,
+        )
+    )
 
 
 def text_of(outs) -> str:
     return "".join(o.text for o in outs)
 
 
-@pytest.mark.parametrize("req, message", [
-    (Request("a", prompt=""), "empty"),
-    (Request("a", prompt="x " * 80), "context"),
-    (Request("a", prompt="hi", params=SamplingParams(max_new_tokens=201)), "limit"),
-    (Request("a"), "exactly one"),
-    (Request("a", prompt="hi", prompt_token_ids=(1, 2)), "exactly one"),
-    (Request("a", prompt_token_ids=(1, 10**6)), "prompt_token_ids"),
-    (Request("a", messages=()), "messages"),
-])
+@pytest.mark.parametrize(
+    "req, message",
+    [
+        (Request("a", prompt=""), "empty"),
+        (Request("a", prompt="x " * 80), "context"),
+        (Request("a", prompt="hi", params=SamplingParams(max_new_tokens=201)), "limit"),
+        (Request("a"), "exactly one"),
+        (Request("a", prompt="hi", prompt_token_ids=(1, 2)), "exactly one"),
+        (Request("a", prompt_token_ids=(1, 10**6)), "prompt_token_ids"),
+        (Request("a", messages=()), "messages"),
+    ],
+)
 def test_bad_requests_are_refused_and_others_keep_running(engine, req, message):
-    good = Request("good", prompt="hello world", params=SamplingParams(max_new_tokens=8, ignore_eos=True))
+    good = Request(
+        "good", prompt="hello world", params=SamplingParams(max_new_tokens=8, ignore_eos=True)
+    )
     engine.add_request(good)
     engine.step()
     with pytest.raises(InvalidRequest, match=message):
@@ -62,18 +75,37 @@ def test_duplicate_request_id_and_full_queue_are_refused(engine):
 
 
 def test_stop_string_cuts_the_text_and_stop_token_is_not_emitted(engine):
-    base = engine.generate([Request("b", prompt="hello world",
-                                    params=SamplingParams(max_new_tokens=20, ignore_eos=True))])["b"]
+    base = engine.generate(
+        [
+            Request(
+                "b", prompt="hello world", params=SamplingParams(max_new_tokens=20, ignore_eos=True)
+            )
+        ]
+    )["b"]
     full = text_of(base)
     assert len(full) > 6
     stop = full[3:6]
-    outs = engine.generate([Request("s", prompt="hello world", params=SamplingParams(
-        max_new_tokens=20, ignore_eos=True, stop=(stop,)))])["s"]
-    assert text_of(outs) == full[:full.index(stop)]
+    outs = engine.generate(
+        [
+            Request(
+                "s",
+                prompt="hello world",
+                params=SamplingParams(max_new_tokens=20, ignore_eos=True, stop=(stop,)),
+            )
+        ]
+    )["s"]
+    assert text_of(outs) == full[: full.index(stop)]
     assert outs[-1].finish_reason is FinishReason.STOP
     tok = base[0].token_ids[0]
-    outs = engine.generate([Request("t", prompt="hello world", params=SamplingParams(
-        max_new_tokens=20, stop_token_ids=(tok,)))])["t"]
+    outs = engine.generate(
+        [
+            Request(
+                "t",
+                prompt="hello world",
+                params=SamplingParams(max_new_tokens=20, stop_token_ids=(tok,)),
+            )
+        ]
+    )["t"]
     assert outs[-1].finish_reason is FinishReason.STOP and outs[-1].completion_tokens == 1
     assert text_of(outs) == ""
 
@@ -81,14 +113,22 @@ def test_stop_string_cuts_the_text_and_stop_token_is_not_emitted(engine):
 def test_chat_messages_use_the_chat_template(engine):
     msgs = ({"role": "user", "content": "hello"},)
     seq = engine.add_request(Request("c", messages=msgs))
-    expected = engine.tokenizer.apply_chat_template(list(msgs), add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True)["input_ids"]
+    expected = engine.tokenizer.apply_chat_template(
+        list(msgs), add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     assert seq.prompt_token_ids == list(expected)
 
 
 def test_logprobs_match_scored_logits(engine):
-    outs = engine.generate([Request("l", prompt="hello world", params=SamplingParams(
-        max_new_tokens=5, ignore_eos=True, logprobs=True))])["l"]
+    outs = engine.generate(
+        [
+            Request(
+                "l",
+                prompt="hello world",
+                params=SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True),
+            )
+        ]
+    )["l"]
     toks = [t for o in outs for t in o.token_ids]
     lps = [lp for o in outs for lp in o.logprobs]
     prompt = engine.tokenizer("hello world")["input_ids"]
@@ -103,8 +143,12 @@ def test_async_engine_streams_and_abort_frees_blocks(engine):
     aeng.start()
 
     async def main():
-        long = Request("long", prompt="hello", params=SamplingParams(max_new_tokens=90, ignore_eos=True))
-        short = Request("short", prompt="the quick", params=SamplingParams(max_new_tokens=6, ignore_eos=True))
+        long = Request(
+            "long", prompt="hello", params=SamplingParams(max_new_tokens=90, ignore_eos=True)
+        )
+        short = Request(
+            "short", prompt="the quick", params=SamplingParams(max_new_tokens=6, ignore_eos=True)
+        )
         got = []
 
         async def consume_short():

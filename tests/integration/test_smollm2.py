@@ -30,16 +30,20 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def smollm2():
     model_dir = resolve_model_dir("default")
-    engine = Engine.from_config(EngineConfig(model="default", dtype="float32", max_model_len=1024,
-                                             kv_cache_bytes=64 << 20))
+    engine = Engine.from_config(
+        EngineConfig(model="default", dtype="float32", max_model_len=1024, kv_cache_bytes=64 << 20)
+    )
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return engine, hf
 
 
 def chat_ids(engine: Engine, prompt: str) -> list[int]:
-    return engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"]
+    return engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"]
 
 
 def test_logits_match_transformers(smollm2):
@@ -55,14 +59,21 @@ def test_logits_match_transformers(smollm2):
 def test_greedy_generations_match_transformers_generate(smollm2):
     engine, hf = smollm2
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    reqs = [Request(str(i), prompt_token_ids=tuple(chat_ids(engine, p)), params=params)
-            for i, p in enumerate(PROMPTS)]
+    reqs = [
+        Request(str(i), prompt_token_ids=tuple(chat_ids(engine, p)), params=params)
+        for i, p in enumerate(PROMPTS)
+    ]
     results = engine.generate(reqs)  # all 8 in one continuous batch
     for r in reqs:
         ids = torch.tensor([r.prompt_token_ids])
         with torch.no_grad():
-            ref = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                              attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
+            ref = hf.generate(
+                ids,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                attention_mask=torch.ones_like(ids),
+            )[0, ids.shape[1] :]
         ours = [t for o in results[r.request_id] for t in o.token_ids]
         assert ours == ref.tolist(), engine.tokenizer.decode(r.prompt_token_ids)
 
@@ -74,8 +85,14 @@ def test_adapters_match_peft_on_smollm2(smollm2, tmp_path, kind):
     engine, _ = smollm2
     model_dir = resolve_model_dir("default")
     if kind == "lora":
-        path = A.make_lora(model_dir, tmp_path / kind, r=16, targets=A.ALL_LINEAR,
-                           rank_pattern={"v_proj": 4}, use_rslora=True)
+        path = A.make_lora(
+            model_dir,
+            tmp_path / kind,
+            r=16,
+            targets=A.ALL_LINEAR,
+            rank_pattern={"v_proj": 4},
+            use_rslora=True,
+        )
     elif kind == "prefix":
         path = A.make_prefix_tuning(model_dir, tmp_path / kind, virtual=10)
     else:
@@ -90,8 +107,16 @@ def test_adapters_match_peft_on_smollm2(smollm2, tmp_path, kind):
             ref = oracle(input_ids=torch.tensor([ids])).logits[0, virtual:]
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
         assert (ours - engine.score(ids)).abs().max() > 1e-2
-        res = engine.generate([Request("g", prompt_token_ids=tuple(ids), adapter=kind,
-                                       params=SamplingParams(max_new_tokens=8, ignore_eos=True))])
+        res = engine.generate(
+            [
+                Request(
+                    "g",
+                    prompt_token_ids=tuple(ids),
+                    adapter=kind,
+                    params=SamplingParams(max_new_tokens=8, ignore_eos=True),
+                )
+            ]
+        )
         greedy, seq = [], list(ids)
         for _ in range(8):
             with torch.no_grad():

@@ -40,16 +40,17 @@ def edited(src, tmp_path, config=None, tensors=None):
     return out
 
 
-def refused(path, shape, match, limits=AdapterLimits(max_lora_rank=64)):
+def refused(path, shape, match, limits: AdapterLimits | None = None):
     with pytest.raises(InvalidAdapter, match=match):
-        load_adapter(path, shape, limits)
+        load_adapter(path, shape, limits or AdapterLimits(max_lora_rank=64))
 
 
 def test_valid_lora_loads(lora_dir, shape):
     loaded = load_adapter(lora_dir, shape, AdapterLimits())
     assert loaded.ranks() == {"q": 4, "v": 4}
-    assert loaded.num_params == 2 * shape.layers * 4 * (shape.hidden + shape.hidden) - \
-        shape.layers * 4 * (shape.hidden - shape.kv_heads * shape.head_dim)
+    assert loaded.num_params == 2 * shape.layers * 4 * (
+        shape.hidden + shape.hidden
+    ) - shape.layers * 4 * (shape.hidden - shape.kv_heads * shape.head_dim)
 
 
 def test_pickle_weights_are_refused(lora_dir, shape, tmp_path):
@@ -59,15 +60,18 @@ def test_pickle_weights_are_refused(lora_dir, shape, tmp_path):
     refused(out, shape, "pickle")
 
 
-@pytest.mark.parametrize("config, match", [
-    ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"target_modules": ["q_proj", "c_attn"]}, "lacks"),
-    ({"bias": "all"}, "bias"),
-    ({"r": 7}, "config says r=7"),
-    ({"peft_type": "IA3"}, "unsupported adapter type"),
-    ({"task_type": "SEQ_CLS"}, "CAUSAL_LM"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"target_modules": ["q_proj", "c_attn"]}, "lacks"),
+        ({"bias": "all"}, "bias"),
+        ({"r": 7}, "config says r=7"),
+        ({"peft_type": "IA3"}, "unsupported adapter type"),
+        ({"task_type": "SEQ_CLS"}, "CAUSAL_LM"),
+    ],
+)
 def test_unsupported_lora_contents_are_refused(lora_dir, shape, tmp_path, config, match):
     refused(edited(lora_dir, tmp_path, config=config), shape, match)
 
@@ -81,6 +85,7 @@ def test_nan_weights_are_refused(lora_dir, shape, tmp_path):
         k = next(iter(t))
         t[k][0, 0] = float("nan")
         return t
+
     refused(edited(lora_dir, tmp_path, tensors=poison), shape, "NaN")
 
 
@@ -96,6 +101,7 @@ def test_unexpected_tensor_is_refused(lora_dir, shape, tmp_path):
     def extra(t):
         t["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, shape.hidden)
         return t
+
     refused(edited(lora_dir, tmp_path, tensors=extra), shape, "unexpected tensor")
 
 
@@ -109,13 +115,19 @@ def test_prefix_and_prompt_tuning_for_another_base_are_refused(tiny_llama_dir, s
 
 def test_bottleneck_refusals(tiny_llama_dir, shape, tmp_path):
     path = A.make_bottleneck(tiny_llama_dir, tmp_path / "bn", "houlsby")
-    assert load_adapter(path, shape, AdapterLimits()).ranks() == {"mh_adapter": 4, "output_adapter": 4}
+    assert load_adapter(path, shape, AdapterLimits()).ranks() == {
+        "mh_adapter": 4,
+        "output_adapter": 4,
+    }
     refused(edited(path, tmp_path / "a", config={"non_linearity": "tanh"}), shape, "tanh")
-    refused(edited(path, tmp_path / "b", config={"reduction_factor": 128}), shape, "bottleneck size")
+    refused(
+        edited(path, tmp_path / "b", config={"reduction_factor": 128}), shape, "bottleneck size"
+    )
 
     def drop(t):
         del t["layers.1.output_adapter.up.bias"]
         return t
+
     refused(edited(path, tmp_path / "c", tensors=drop), shape, "layers.1.output_adapter.up.bias")
 
 
@@ -149,8 +161,9 @@ def test_failed_registration_leaves_nothing_behind(tiny_llama_dir, lora_dir, tmp
     from peftserve.config import EngineConfig
     from peftserve.engine.engine import Engine
 
-    engine = Engine.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32",
-                                             num_kv_blocks=32, max_lora_rank=2))
+    engine = Engine.from_config(
+        EngineConfig(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=32, max_lora_rank=2)
+    )
     with pytest.raises(InvalidAdapter):
         engine.register_adapter("big", lora_dir)
     with pytest.raises(InvalidAdapter):

@@ -19,7 +19,9 @@ def test_masked_gqa_attention_matches_sdpa(dtype, atol, B, Q, L):
     pos = torch.arange(L)[None, None, :]  # [1, 1, L]
     qpos = (lens[:, None] - Q + torch.arange(Q)[None, :])[:, :, None]  # [B, Q, 1]
     mask = (pos <= qpos) & (pos < lens[:, None, None])  # causal within each context
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True, scale=0.25)
+    ref = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None], enable_gqa=True, scale=0.25
+    )
     out = masked_gqa_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask[:, None, None], 0.25)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)

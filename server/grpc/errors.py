@@ -29,8 +29,9 @@ class RegistrationDisabled(PeftServeError):
 
 
 class RequestFailed(PeftServeError):
-    """The engine ended the request because of a server-side failure it could name (for
-    example an adapter whose files changed on disk since registration)."""
+    """The engine ended the request because of a server-side state it could name, such as an
+    adapter whose files changed on disk since registration: retrying will not help until an
+    operator fixes it (FAILED_PRECONDITION)."""
 
 
 # Most specific first: InvalidAdapter is an InvalidRequest.
@@ -44,7 +45,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (EngineStopped, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (RequestFailed, grpc.StatusCode.INTERNAL),
+    (RequestFailed, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 INTERNAL_MESSAGE = "internal error (request id {rid}); the server logged the details"

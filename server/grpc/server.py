@@ -24,7 +24,7 @@ from peftserve.engine.stats import EngineStats
 from peftserve.grpc.adapter_files import AdapterFiles
 from peftserve.grpc.interceptors import ApiInterceptor
 from peftserve.grpc.servicer import PeftServeServicer
-from peftserve.metrics import Metrics, engine_stats
+from peftserve.metrics import Metrics
 from peftserve.serve_config import ServeConfig
 from peftserve.v1 import service_pb2, service_pb2_grpc
 
@@ -106,11 +106,9 @@ def build_server(config: ServeConfig, servicer: PeftServeServicer,
 def _snapshot_from(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> EngineStats | None:
     """Called on the metrics HTTP thread: asks the engine thread for a snapshot between steps."""
 
-    async def take() -> EngineStats:
-        return await engine.call(lambda: engine_stats(engine.engine))
-
     try:
-        return asyncio.run_coroutine_threadsafe(take(), loop).result(SCRAPE_SNAPSHOT_TIMEOUT_S)
+        return asyncio.run_coroutine_threadsafe(engine.stats(), loop).result(
+            SCRAPE_SNAPSHOT_TIMEOUT_S)
     except (FutureTimeout, RuntimeError) as e:  # a long step, or the loop is closing
         log.warning("metrics scrape without a fresh engine snapshot: %r", e)
         return None

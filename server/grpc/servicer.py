@@ -21,7 +21,7 @@ from peftserve.grpc import convert
 from peftserve.grpc.adapter_files import AdapterFiles, discard
 from peftserve.grpc.errors import RequestFailed, code_of, outcome
 from peftserve.grpc.interceptors import current_request_id
-from peftserve.metrics import Metrics, engine_stats
+from peftserve.metrics import Metrics
 from peftserve.serve_config import ServeConfig
 from peftserve.v1 import adapters_pb2, generate_pb2, server_info_pb2, service_pb2_grpc
 
@@ -166,7 +166,7 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
     async def ServerInfo(self, request: server_info_pb2.ServerInfoRequest,
                          context: grpc.aio.ServicerContext) -> server_info_pb2.ServerInfoResponse:
         engine = self.engine.engine
-        stats = await self.engine.call(lambda: engine_stats(engine))
+        stats = await self.engine.stats()
         model = engine.model
         context_len = engine.max_model_len
         max_prompt = context_len - 1

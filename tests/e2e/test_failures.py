@@ -5,6 +5,7 @@ cancellation mid-stream."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from peftserve.client import (
     Client,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -20,6 +22,7 @@ from peftserve.client import (
     UnauthenticatedError,
 )
 from peftserve.v1 import generate_pb2, service_pb2_grpc
+from tests import adapters as A
 from tests.e2e.conftest import ADMIN_TOKEN
 from tests.e2e.server_process import metric, scrape, wait_for
 
@@ -30,10 +33,16 @@ LONG = Sampling(max_new_tokens=480, ignore_eos=True)  # seconds of work on the t
 
 
 @pytest.fixture(scope="module")
-def server(start_server, token_file):
+def staging(tmp_path_factory):
+    return tmp_path_factory.mktemp("staging")
+
+
+@pytest.fixture(scope="module")
+def server(start_server, token_file, staging):
     return start_server("--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting", str(MAX_WAITING),
                         "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--max-new-tokens-limit",
-                        "500", "--admin-token-file", str(token_file))
+                        "500", "--admin-token-file", str(token_file), "--staging-dir",
+                        str(staging), "--max-cpu-adapters", "1")
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +180,25 @@ def test_cancel_mid_stream_returns_every_kv_block(client, server):
     assert metric(after, "peftserve_active_streams") == 0
     cancelled = metric(after, "peftserve_requests_total", outcome="cancelled")
     assert cancelled == metric(before, "peftserve_requests_total", outcome="cancelled") + 1
+
+
+def test_adapter_broken_on_disk_is_failed_precondition(client, tiny_llama_dir, tmp_path, staging):
+    """Host memory holds one adapter: registering a second sends the first back to disk, where
+    its file is then damaged; using it must fail that request only, with the reason."""
+    first = client.register_adapter("first", directory=A.make_lora(tiny_llama_dir,
+                                                                   tmp_path / "a", r=2))
+    client.register_adapter("second", directory=A.make_lora(tiny_llama_dir, tmp_path / "b",
+                                                            r=2, seed=1))
+    try:
+        assert client.get_adapter("first").residency == "disk"
+        weights = staging / Path(first.source).name / "adapter_model.safetensors"
+        weights.write_bytes(b"damaged")
+        with pytest.raises(FailedPreconditionError, match="'first' failed to load"):
+            client.generate("x", adapter="first", sampling=Sampling(max_new_tokens=2))
+        out = client.generate("x", adapter="second", sampling=Sampling(max_new_tokens=2,
+                                                                        ignore_eos=True))
+        assert out.adapter_kind == "lora" and out.completion_tokens == 2
+    finally:
+        client.unregister_adapter("first")
+        client.unregister_adapter("second")
+    assert list(staging.iterdir()) == []

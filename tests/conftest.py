@@ -1,8 +1,17 @@
 from __future__ import annotations
 
-import pytest
+import os
 
-from tests.tiny import make_model_dir
+import torch
+
+# Triton kernels run under the interpreter on a machine without CUDA; this must be set before
+# anything (transformers included) imports triton.language.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny import make_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

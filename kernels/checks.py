@@ -1,0 +1,198 @@
+"""Argument checks shared by the Triton launchers and the CPU path.
+
+Every failure is a ValueError that names the argument, the expected layout and what was given:
+these tensors come from the engine's slot buffers, and a wrong layout must fail loudly here rather
+than read out of bounds in a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .activation import activation_code
+from .segment_meta import SegmentMeta
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_shrink_args(
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [n_slices, S, R_max, in]
+    rank: torch.Tensor,  # [n_slices, S] int32
+    meta: SegmentMeta,
+    b_down: torch.Tensor | None,  # [S, R_max]
+    act: str | None,
+) -> None:
+    _check_dims("x", x, 2, "[T, in]")
+    _check_dims("A", A, 4, "[n_slices, S, R_max, in]")
+    n_slices, n_slots, r_max, d_in = A.shape
+    if x.shape[1] != d_in:
+        raise ValueError(f"x is [T, in] = {tuple(x.shape)} but A has in = {d_in}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    _check_same_dtype("A", A, x.dtype)
+    _check_rank_table("rank", rank, n_slices, n_slots, torch.int32)
+    _check_meta(meta, x.shape[0], n_slots, x.device)
+    if b_down is not None:
+        _check_bias("b_down", b_down, (n_slots, r_max), "[S, R_max]", x.dtype)
+    activation_code(act)
+    _check_last_dim_contiguous(x=x, A=A)
+    _check_same_device(x.device, A=A, rank=rank, b_down=b_down)
+
+
+def check_expand_args(
+    y: torch.Tensor,  # [T, out_total]
+    v: torch.Tensor,  # [n_slices, T, R_max] float32
+    B: torch.Tensor,  # [S, out_total, R_max]
+    rank: torch.Tensor,  # [n_slices, S] int32
+    scale: torch.Tensor,  # [n_slices, S] float32
+    meta: SegmentMeta,
+    slice_sizes: tuple[int, ...],
+    b_up: torch.Tensor | None,  # [S, out_total]
+) -> None:
+    _check_dims("y", y, 2, "[T, out_total]")
+    _check_dims("v", v, 3, "[n_slices, T, R_max]")
+    _check_dims("B", B, 3, "[S, out_total, R_max]")
+    if v.dtype != torch.float32:
+        raise ValueError(f"v must be float32 (the shrink output), got {v.dtype}")
+    expected = (v.shape[0], y.shape[0], B.shape[2])
+    if v.shape != expected:
+        raise ValueError(f"v must be [n_slices, T, R_max] = {list(expected)}, got {tuple(v.shape)}")
+    _check_last_dim_contiguous(v=v)
+    _check_same_device(y.device, v=v)
+    _check_expand_weights(y, B, rank, scale, meta, slice_sizes, b_up, v.shape[0])
+
+
+def check_lowrank_args(
+    y: torch.Tensor,  # [T, out_total]
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [n_slices, S, R_max, in]
+    B: torch.Tensor,  # [S, out_total, R_max]
+    rank: torch.Tensor,  # [n_slices, S] int32
+    scale: torch.Tensor,  # [n_slices, S] float32
+    meta: SegmentMeta,
+    slice_sizes: tuple[int, ...],
+    b_down: torch.Tensor | None,  # [S, R_max]
+    b_up: torch.Tensor | None,  # [S, out_total]
+    act: str | None,
+) -> None:
+    check_shrink_args(x, A, rank, meta, b_down, act)
+    _check_dims("y", y, 2, "[T, out_total]")
+    _check_dims("B", B, 3, "[S, out_total, R_max]")
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows but x has {x.shape[0]}")
+    if B.shape[0] != A.shape[1] or B.shape[2] != A.shape[2]:
+        raise ValueError(
+            f"B is [S, out_total, R_max] = {tuple(B.shape)} but A is [n_slices, S, R_max, in] = "
+            f"{tuple(A.shape)}: S and R_max must agree"
+        )
+    _check_expand_weights(y, B, rank, scale, meta, slice_sizes, b_up, A.shape[0])
+
+
+def _check_expand_weights(
+    y: torch.Tensor,
+    B: torch.Tensor,
+    rank: torch.Tensor,
+    scale: torch.Tensor,
+    meta: SegmentMeta,
+    slice_sizes: tuple[int, ...],
+    b_up: torch.Tensor | None,
+    n_slices: int,
+) -> None:
+    n_slots, out_total, _ = B.shape
+    if y.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"y must be float32, float16 or bfloat16, got {y.dtype}")
+    _check_same_dtype("B", B, y.dtype)
+    if y.shape[1] != out_total:
+        raise ValueError(
+            f"y is [T, out_total] = {tuple(y.shape)} but B has out_total = {out_total}"
+        )
+    check_slice_sizes(slice_sizes, n_slices, out_total)
+    _check_rank_table("rank", rank, n_slices, n_slots, torch.int32)
+    _check_rank_table("scale", scale, n_slices, n_slots, torch.float32)
+    _check_meta(meta, y.shape[0], n_slots, y.device)
+    if b_up is not None:
+        _check_bias("b_up", b_up, (n_slots, out_total), "[S, out_total]", y.dtype)
+    _check_last_dim_contiguous(y=y, B=B)
+    _check_same_device(y.device, B=B, rank=rank, scale=scale, b_up=b_up)
+
+
+def check_slice_sizes(slice_sizes: tuple[int, ...], n_slices: int, out_total: int) -> None:
+    if not isinstance(slice_sizes, tuple) or not all(
+        isinstance(n, int) and n > 0 for n in slice_sizes
+    ):
+        raise ValueError(f"slice_sizes must be a tuple of positive ints, got {slice_sizes!r}")
+    if len(slice_sizes) != n_slices:
+        raise ValueError(
+            f"slice_sizes has {len(slice_sizes)} entries but there are {n_slices} slices"
+        )
+    if sum(slice_sizes) != out_total:
+        raise ValueError(
+            f"slice_sizes {slice_sizes} sum to {sum(slice_sizes)}, not out_total {out_total}"
+        )
+
+
+def _check_dims(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have the activations' dtype {dtype}, got {t.dtype}")
+
+
+def _check_rank_table(
+    name: str, t: torch.Tensor, n_slices: int, n_slots: int, dtype: torch.dtype
+) -> None:
+    _check_dims(name, t, 2, "[n_slices, S]")
+    if t.shape != (n_slices, n_slots):
+        raise ValueError(
+            f"{name} must be [n_slices, S] = [{n_slices}, {n_slots}], got {tuple(t.shape)}"
+        )
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def _check_bias(
+    name: str, t: torch.Tensor, shape: tuple[int, int], layout: str, dtype: torch.dtype
+) -> None:
+    _check_dims(name, t, 2, layout)
+    if t.shape != shape:
+        raise ValueError(f"{name} must be {layout} = {list(shape)}, got {tuple(t.shape)}")
+    _check_same_dtype(name, t, dtype)
+    if t.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def _check_meta(meta: SegmentMeta, n_tokens: int, n_slots: int, device: torch.device) -> None:
+    if not isinstance(meta, SegmentMeta):
+        raise ValueError(
+            f"meta must be a SegmentMeta (build_segment_meta), got {type(meta).__name__}"
+        )
+    if meta.num_tokens != n_tokens:
+        raise ValueError(
+            f"meta was built for {meta.num_tokens} tokens but the batch has {n_tokens}"
+        )
+    if meta.seg_slots_list and meta.seg_slots_list[-1] >= n_slots:
+        raise ValueError(
+            f"meta uses slot {meta.seg_slots_list[-1]} but there are only {n_slots} slots"
+        )
+    if meta.token_slot.device != device:
+        raise ValueError(f"meta is on {meta.token_slot.device} but the tensors are on {device}")
+
+
+def _check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def _check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the activations are on {device}")

@@ -1,0 +1,98 @@
+"""Public ops: check the arguments once, then run on the tensors' device.
+
+CUDA tensors go to the Triton kernels, imported on first use (see triton_shrink.py); CPU tensors
+go to the grouped-matmul torch path (cpu_lowrank.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_expand_args, check_lowrank_args, check_shrink_args
+from .cpu_lowrank import expand_cpu, lowrank_delta_cpu, shrink_cpu
+from .segment_meta import SegmentMeta
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [n_slices, S, R_max, in]
+    rank: torch.Tensor,  # [n_slices, S] int32, 0 = no update on that slice
+    meta: SegmentMeta,  # this step's token -> slot grouping
+    *,
+    b_down: torch.Tensor | None = None,  # [S, R_max], bottleneck bias before `act`
+    act: str | None = None,  # "relu" | "silu" | "gelu" | None
+) -> torch.Tensor:  # v: [n_slices, T, R_max] float32, zero outside each token's rank
+    """v[i, t, :r] = act(A[i, s, :r] @ x[t] + b_down[s, :r]), s = slot of t, r = rank[i, s].
+
+    Tokens with slot -1 and slices with rank 0 leave zeros. See reference.shrink_reference.
+    """
+    check_shrink_args(x, A, rank, meta, b_down, act)
+    if _on_cuda(x):
+        from .triton_shrink import launch_shrink
+
+        return launch_shrink(x, A, rank, meta, b_down, act)
+    return shrink_cpu(x, A, rank, meta, b_down, act)
+
+
+def lora_expand(
+    y: torch.Tensor,  # [T, out_total], updated in place
+    v: torch.Tensor,  # [n_slices, T, R_max] float32 (lora_shrink's output)
+    B: torch.Tensor,  # [S, out_total, R_max]
+    rank: torch.Tensor,  # [n_slices, S] int32
+    scale: torch.Tensor,  # [n_slices, S] float32
+    meta: SegmentMeta,
+    slice_sizes: tuple[int, ...],  # out_i per slice, summing to out_total
+    *,
+    b_up: torch.Tensor | None = None,  # [S, out_total], bottleneck bias, scaled with the rest
+) -> torch.Tensor:  # y
+    """y[t, off_i:off_i+out_i] += scale[i, s] * (B[s, off_i:off_i+out_i, :r] @ v[i, t, :r] + b_up).
+
+    In place; rows with slot -1 and slices with rank 0 are untouched. See
+    reference.expand_reference.
+    """
+    check_expand_args(y, v, B, rank, scale, meta, slice_sizes, b_up)
+    if _on_cuda(y):
+        from .triton_expand import launch_expand
+
+        return launch_expand(y, v, B, rank, scale, meta, slice_sizes, b_up)
+    return expand_cpu(y, v, B, rank, scale, meta, slice_sizes, b_up)
+
+
+def add_lowrank_delta(
+    y: torch.Tensor,  # [T, out_total], updated in place
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [n_slices, S, R_max, in]
+    B: torch.Tensor,  # [S, out_total, R_max]
+    rank: torch.Tensor,  # [n_slices, S] int32
+    scale: torch.Tensor,  # [n_slices, S] float32
+    meta: SegmentMeta,
+    slice_sizes: tuple[int, ...],  # out_i per slice, summing to out_total
+    *,
+    b_down: torch.Tensor | None = None,  # [S, R_max]
+    b_up: torch.Tensor | None = None,  # [S, out_total]
+    act: str | None = None,  # "relu" | "silu" | "gelu" | None
+) -> torch.Tensor:  # y
+    """Shrink then expand: LoRA (no biases, no act) or a bottleneck adapter; y updated in place.
+
+    A base-only step (no token has a slot) returns y at once, before any check. On CPU the
+    intermediate is never materialised as [n_slices, T, R_max]. See
+    reference.lowrank_delta_reference.
+    """
+    if meta.is_empty:
+        return y
+    check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
+    if _on_cuda(x):
+        from .triton_expand import launch_expand
+        from .triton_shrink import launch_shrink
+
+        v = launch_shrink(x, A, rank, meta, b_down, act)
+        return launch_expand(y, v, B, rank, scale, meta, slice_sizes, b_up)
+    return lowrank_delta_cpu(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    if t.is_cuda:
+        return True
+    if t.device.type != "cpu":
+        raise ValueError(f"tensors must be on a CUDA device or the CPU, got {t.device}")
+    return False

@@ -1,0 +1,138 @@
+"""add_lowrank_delta (shrink then expand, y in place) against reference.lowrank_delta_reference:
+the CPU path in both of its layouts at SmolLM2-135M sizes, the two Triton kernels chained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftserve.kernels import add_lowrank_delta, build_segment_meta
+from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
+from peftserve.kernels.triton_expand import expand_triton
+from peftserve.kernels.triton_shrink import shrink_triton
+from tests.kernels.lowrank_cases import (
+    BF16_TOL,
+    FP16_TOL,
+    FP32_TOL,
+    KERNEL_DEVICE,
+    TF32_TOL,
+    assert_close,
+    assert_untouched_rows,
+    make_case,
+    reference_y,
+    requires_cuda,
+)
+
+SMOLLM2_QKV = (576, 192, 192)  # q, k, v output widths; hidden 576
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "layout", "seg_len"), [(32, "decode", 1), (300, "prefill", 60)]
+)
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), [FP32_TOL, BF16_TOL])
+@pytest.mark.parametrize("bottleneck", [None, "silu"])
+def test_cpu_layouts_match_reference(n_tokens, layout, seg_len, dtype, atol, rtol, bottleneck):
+    """Both CPU layouts on the same case, and the dispatcher, whichever layout it picks."""
+    case = make_case(
+        n_tokens=n_tokens,
+        d_in=576,
+        slice_sizes=SMOLLM2_QKV,
+        n_slots=40,
+        max_rank=64,
+        dtype=dtype,
+        bottleneck=bottleneck,
+        layout=layout,
+        seg_len=seg_len,
+        garbage=1e4,  # the padded layout multiplies storage past the rank by zero: finite only
+    )
+    expected = reference_y(case)
+    for padded in (False, True):
+        y = case.y.clone()
+        lowrank_delta_cpu(
+            y, case.x, case.A, case.B, case.rank, case.scale, case.meta, case.slice_sizes,
+            case.b_down, case.b_up, case.act, padded=padded,
+        )  # fmt: skip
+        assert_close(y, expected, atol, rtol)
+        assert_untouched_rows(y, case.y, case.token_slot)
+    y = case.y.clone()
+    out = add_lowrank_delta(
+        y, case.x, case.A, case.B, case.rank, case.scale, case.meta, case.slice_sizes,
+        **case.bias_kwargs,
+    )  # fmt: skip
+    assert out is y
+    assert_close(y, expected, atol, rtol)
+
+
+def test_cpu_all_ranks_zero_leaves_y_alone():
+    case = make_case(n_tokens=12, d_in=33, slice_sizes=(16, 8), n_slots=13, max_rank=4)
+    rank = torch.zeros_like(case.rank)
+    for padded in (False, True):
+        y = case.y.clone()
+        lowrank_delta_cpu(
+            y, case.x, case.A, case.B, rank, case.scale, case.meta, case.slice_sizes,
+            None, None, None, padded=padded,
+        )  # fmt: skip
+        assert torch.equal(y, case.y)
+
+
+def test_base_only_batch_returns_y_untouched():
+    case = make_case(n_tokens=8, d_in=33, slice_sizes=(16,), n_slots=3, max_rank=4)
+    meta = build_segment_meta(torch.full((8,), -1))
+    y = case.y.clone()
+    out = add_lowrank_delta(y, case.x, case.A, case.B, case.rank, case.scale, meta, (16,))
+    assert out is y and torch.equal(y, case.y)
+
+
+@pytest.mark.parametrize("max_rank", [1, 16, 128])
+@pytest.mark.parametrize("bottleneck", [None, "gelu"])
+# bf16 only on a GPU (test_gpu_*): the interpreter's bf16 tl.dot returns garbage.
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), [FP32_TOL, FP16_TOL])
+def test_triton_shrink_then_expand_matches_reference(max_rank, bottleneck, dtype, atol, rtol):
+    """The v the shrink kernel writes is what the expand kernel expects."""
+    case = make_case(
+        n_tokens=27,
+        d_in=73,
+        slice_sizes=(48, 16, 16),
+        n_slots=7,
+        max_rank=max_rank,
+        dtype=dtype,
+        device=KERNEL_DEVICE,
+        bottleneck=bottleneck,
+    )
+    v = shrink_triton(case.x, case.A, case.rank, case.meta, b_down=case.b_down, act=case.act)
+    y = case.y.clone()
+    expand_triton(y, v, case.B, case.rank, case.scale, case.meta, case.slice_sizes, b_up=case.b_up)
+    assert_close(y, reference_y(case), atol, rtol)
+    assert_untouched_rows(y, case.y, case.token_slot)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(("dtype", "atol", "rtol", "tf32"), [
+    (*FP32_TOL, False), (*TF32_TOL, True), (*FP16_TOL, False), (*BF16_TOL, False),
+])  # fmt: skip
+@pytest.mark.parametrize(("n_tokens", "layout"), [(32, "decode"), (300, "prefill")])
+@pytest.mark.parametrize("bottleneck", [None, "gelu"])
+def test_gpu_dispatch_matches_reference(
+    dtype, atol, rtol, tf32, n_tokens, layout, bottleneck, monkeypatch
+):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    case = make_case(
+        n_tokens=n_tokens,
+        d_in=576,
+        slice_sizes=SMOLLM2_QKV,
+        n_slots=40,
+        max_rank=64,
+        dtype=dtype,
+        device="cuda",
+        bottleneck=bottleneck,
+        layout=layout,
+        seg_len=60,
+    )
+    y = case.y.clone()
+    add_lowrank_delta(
+        y, case.x, case.A, case.B, case.rank, case.scale, case.meta, case.slice_sizes,
+        **case.bias_kwargs,
+    )  # fmt: skip
+    assert_close(y, reference_y(case), atol, rtol)
+    assert_untouched_rows(y, case.y, case.token_slot)

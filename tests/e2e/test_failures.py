@@ -152,10 +152,15 @@ def test_full_queue_is_resource_exhausted(client, server):
 
 
 def test_deadline_exceeded_frees_the_request(client, server):
+    got = 0
     t0 = time.monotonic()
     with pytest.raises(DeadlineExceededError):
-        client.generate("slow", sampling=LONG, timeout=0.3)
+        for chunk in client.generate_stream("slow", sampling=LONG, timeout=0.5):
+            got += len(chunk.token_ids)
     assert time.monotonic() - t0 < 5
+    assert 0 < got < LONG.max_new_tokens, "the deadline must hit a request in flight"
+    with pytest.raises(DeadlineExceededError):
+        client.generate("slow", sampling=LONG, timeout=0.3)
     wait_for(lambda: idle(client), what="the expired request's KV blocks freed")
     samples = scrape(server.metrics_url)
     assert metric(samples, "peftserve_requests_total", outcome="deadline_exceeded") >= 1

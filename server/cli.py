@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from peftserve.client import cli as client_cli
 
     client_cli.add_commands(sub)
+    from peftserve.train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

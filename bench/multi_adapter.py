@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import environment, median_time, workload
-from peftserve.adapters.lora import module_dims
+from peftserve.adapters.lora import module_dims, module_name
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
@@ -46,15 +46,6 @@ from tests import adapters as A
 
 QV = ["q", "v"]
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
-_PARENT = {
-    "q": "self_attn",
-    "k": "self_attn",
-    "v": "self_attn",
-    "o": "self_attn",
-    "gate": "mlp",
-    "up": "mlp",
-    "down": "mlp",
-}
 
 
 def write_lora(out: Path, engine: Engine, rank: int, targets: list[str], seed: int) -> Path:
@@ -64,7 +55,7 @@ def write_lora(out: Path, engine: Engine, rank: int, targets: list[str], seed: i
     for layer in range(engine.model.shape.layers):
         for p in targets:
             d_in, d_out = module_dims(engine.model.shape, p)
-            key = f"base_model.model.model.layers.{layer}.{_PARENT[p]}.{p}_proj"
+            key = f"base_model.model.{module_name(layer, p)}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
             tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
     out.mkdir(parents=True, exist_ok=True)

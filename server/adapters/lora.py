@@ -32,6 +32,11 @@ _KEY = re.compile(
 ALL_LINEAR = {f"{p}_proj" for p in PROJECTIONS}
 
 
+def module_name(layer: int, proj: str) -> str:
+    """The projection's module name in transformers' Llama (what PEFT patterns match)."""
+    return f"model.layers.{layer}.{_PARENT[proj]}.{proj}_proj"
+
+
 def module_dims(shape: ModelShape, proj: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection in the base model."""
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -125,7 +130,7 @@ def load_lora(
     alpha_pattern = config.get("alpha_pattern") or {}
     modules = {}
     for (layer, proj), ab in sorted(pairs.items()):
-        name = f"model.layers.{layer}.{_PARENT[proj]}.{proj}_proj"
+        name = module_name(layer, proj)
         if set(ab) != {"A", "B"}:
             raise InvalidAdapter(f"{name} has lora_{'A' if 'A' not in ab else 'B'} missing")
         A, B = ab["A"], ab["B"]

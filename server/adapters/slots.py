@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from peftserve.adapters.bottleneck import BottleneckWeights
-from peftserve.adapters.lora import LoraWeights
+from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta, add_lowrank_delta
 from peftserve.models.llama import ModelShape
 
@@ -55,12 +55,10 @@ class DeviceSlots:
     ) -> None:
         self.shape, self.num_slots, self.max_rank = shape, num_slots, max_rank
         self.dtype, self.device = dtype, device
-        q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        # group -> (in_features, output slice sizes), from the table the LoRA loader checks against
         self._dims = {
-            "qkv": (shape.hidden, (q, kv, kv)),
-            "o": (q, (shape.hidden,)),
-            "gate_up": (shape.hidden, (shape.intermediate, shape.intermediate)),
-            "down": (shape.intermediate, (shape.hidden,)),
+            group: (module_dims(shape, projs[0])[0], tuple(module_dims(shape, p)[1] for p in projs))
+            for group, projs in GROUPS.items()
         }
         self.lora: dict[tuple[int, str], StackedModule] = {}
         # Bottlenecks are keyed by activation too: one kernel call applies one activation.

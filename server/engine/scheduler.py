@@ -76,7 +76,7 @@ class Scheduler:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_needed(seq, seq.num_computed_tokens + n)
-            while not self.blocks.can_allocate(need) and not self.admission.reclaim_blocks():
+            while not self._make_room(need):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 preempted.append(victim)
@@ -118,9 +118,7 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_needed(seq, seq.num_computed_tokens + n)
-            while not self.blocks.can_allocate(need) and self.admission.reclaim_blocks():
-                pass
-            if not self.blocks.can_allocate(need):
+            if not self._make_room(need):
                 self._release(seq)
                 break
             self.waiting.remove(seq)
@@ -132,6 +130,13 @@ class Scheduler:
             scheduled.append(seq)
             admitted += 1
             budget -= n
+
+    def _make_room(self, need: int) -> bool:
+        """True when `need` blocks are free, after freeing idle shared prefixes if it helps."""
+        while not self.blocks.can_allocate(need):
+            if not self.admission.reclaim_blocks():
+                return False
+        return True
 
     def _release(self, seq: Sequence) -> None:
         """Gives back what admission or running took: KV blocks, the adapter pin."""

@@ -66,6 +66,47 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _connection(info)
     info.set_defaults(func=_info)
 
+    _add_bench(sub)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser(
+        "bench", help="load-test a running server: throughput and latency by adapter kind",
+        description="Open-loop (Poisson --rate) or closed-loop (--concurrency) load over gRPC; "
+                    "reports req/s, tokens/s, TTFT / inter-token / e2e p50/p90/p99 overall, "
+                    "per adapter kind and per adapter, and errors by status code. With "
+                    "--metrics-url it cross-checks its latencies against the server's own "
+                    "Prometheus histograms.",
+        epilog="example: peftserve bench --rate 2 --duration 60 --popularity zipf "
+               "--metrics-url http://127.0.0.1:9464/metrics --out bench.json")
+    _connection(b)
+    b.add_argument("--adapters", default=None,
+                   help="comma-separated names, 'base' for the base model (default: every "
+                        "registered adapter, and base)")
+    b.add_argument("--kinds", default=None,
+                   help="only registered adapters of these kinds (comma-separated: lora, "
+                        "bottleneck, prefix_tuning, prompt_tuning, prompt_template)")
+    b.add_argument("--no-base", action="store_true", help="leave the base model out")
+    load = b.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, default=None,
+                      help="requests/s, Poisson arrivals (open loop)")
+    load.add_argument("--concurrency", type=int, default=None,
+                      help="requests kept in flight (closed loop; default 8 without --rate)")
+    b.add_argument("--duration", type=float, default=60.0, help="seconds of sending (default 60)")
+    b.add_argument("--num-requests", type=int, default=None, help="stop after this many")
+    b.add_argument("--popularity", choices=("uniform", "zipf"), default="uniform",
+                   help="how often each adapter is named (zipf: in the order given)")
+    b.add_argument("--zipf-alpha", type=float, default=1.0)
+    b.add_argument("--prompt-len", default="32-128",
+                   help="prompt words: N, LO-HI or exp:MEAN (default 32-128)")
+    b.add_argument("--output-len", default="16-128",
+                   help="tokens to generate, EOS ignored: N, LO-HI or exp:MEAN (default 16-128)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--metrics-url", default=None,
+                   help="the server's /metrics (e.g. http://127.0.0.1:9464/metrics)")
+    b.add_argument("--out", type=Path, default=None, help="write the full report as JSON")
+    b.set_defaults(func=_bench)
+
 
 def _connection(p: argparse.ArgumentParser, admin: bool = False) -> None:
     p.add_argument("--server", default=DEFAULT_TARGET, help=f"host:port (default {DEFAULT_TARGET})")
@@ -164,6 +205,42 @@ def _info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         print(_json(client.server_info()))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from peftserve.client import loadgen
+
+    with _client(args) as client:
+        registered = client.list_adapters()
+    if args.adapters:
+        adapters = tuple(a.strip() for a in args.adapters.split(",") if a.strip())
+    else:
+        kinds = set(args.kinds.split(",")) if args.kinds else None
+        adapters = tuple(a.name for a in registered if kinds is None or a.kind in kinds)
+        if not args.no_base:
+            adapters = (loadgen.BASE, *adapters)
+    try:
+        spec = loadgen.LoadSpec(
+            adapters=adapters, rate=args.rate,
+            concurrency=args.concurrency if args.rate is None and args.concurrency else
+            (None if args.rate is not None else 8),
+            duration_s=args.duration, max_requests=args.num_requests,
+            popularity=args.popularity, zipf_alpha=args.zipf_alpha,
+            prompt_len=loadgen.Lengths.parse(args.prompt_len),
+            output_len=loadgen.Lengths.parse(args.output_len), seed=args.seed,
+            timeout_s=args.timeout)
+        result = asyncio.run(loadgen.bench(args.server, spec, args.metrics_url, progress=True,
+                                           tls=args.tls, tls_ca=args.tls_ca))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(loadgen.render(result))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0 if result["overall"]["ok"] else 1  # type: ignore[index]
 
 
 def _json(obj: AdapterInfo | ServerInfo) -> str:

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in ("generate", "adapters", "info"):
+    if args.command in ("generate", "adapters", "info", "bench"):
         from peftserve.client import cli as client_cli
 
         return client_cli.run(args)

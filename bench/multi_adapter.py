@@ -41,6 +41,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.models.llama import ModelShape
 from peftserve.models.loader import resolve_model_dir
 from tests import adapters as A
 
@@ -48,13 +49,13 @@ QV = ["q", "v"]
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
-def write_lora(out: Path, engine: Engine, rank: int, targets: list[str], seed: int) -> Path:
+def write_lora(out: Path, shape: ModelShape, rank: int, targets: list[str], seed: int) -> Path:
     """A PEFT-format LoRA with random (non-zero) weights, written directly: fast for many."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for layer in range(engine.model.shape.layers):
+    for layer in range(shape.layers):
         for p in targets:
-            d_in, d_out = module_dims(engine.model.shape, p)
+            d_in, d_out = module_dims(shape, p)
             key = f"base_model.model.{module_name(layer, p)}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
             tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
@@ -205,7 +206,7 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
     """Register a rank-16 all-linear adapter from disk, then time to its first token."""
     times = []
     for i in range(reps):
-        path = write_lora(root / f"cold{i}", engine, 16, ALL, seed=1000 + i)
+        path = write_lora(root / f"cold{i}", engine.model.shape, 16, ALL, seed=1000 + i)
         t0 = time.perf_counter()
         engine.register_adapter(f"cold{i}", path)
         engine.generate(
@@ -247,13 +248,18 @@ def main() -> None:
         )
     )
     root = Path(tempfile.mkdtemp(prefix="peftserve-bench-"))
-    qv = [write_lora(root / f"qv{i}", engine, (8, 16)[i % 2], QV, seed=i) for i in range(n)]
+    qv = [
+        write_lora(root / f"qv{i}", engine.model.shape, (8, 16)[i % 2], QV, seed=i)
+        for i in range(n)
+    ]
     heavy = [
-        write_lora(root / f"heavy{i}", engine, (8, 16, 32, 64)[i % 4], ALL, seed=100 + i)
+        write_lora(
+            root / f"heavy{i}", engine.model.shape, (8, 16, 32, 64)[i % 4], ALL, seed=100 + i
+        )
         for i in range(n)
     ]
     kinds = {
-        "mix-lora": write_lora(root / "mix-lora", engine, 16, QV, seed=200),
+        "mix-lora": write_lora(root / "mix-lora", engine.model.shape, 16, QV, seed=200),
         "mix-houlsby": A.make_bottleneck(model_dir, root / "houlsby", "houlsby", seed=201),
         "mix-pfeiffer": A.make_bottleneck(model_dir, root / "pfeiffer", "pfeiffer", seed=202),
         "mix-prefix": A.make_prefix_tuning(model_dir, root / "prefix", virtual=16, seed=203),

@@ -21,12 +21,13 @@ class ModelRunner:
         self.block_size = block_size
         s = model.shape
         self.device = model.device
-        # [layers, K/V, slots, kv_heads, head_dim]; slot = block * block_size + offset
+        # [layers, K/V, kv_heads, slots, head_dim]; slot = block * block_size + offset. Head-major:
+        # decode attention gathers whole blocks and reads them in place (layers/attention.py).
         self.kv_cache = torch.zeros(
             s.layers,
             2,
-            num_blocks * block_size,
             s.kv_heads,
+            num_blocks * block_size,
             s.head_dim,
             dtype=model.dtype,
             device=self.device,
@@ -172,7 +173,8 @@ class ModelRunner:
         )
         slots = self._slots(blocks, 0, n).to(self.device)
         if kv is not None:
-            self.kv_cache[:, :, slots] = kv.to(device=self.device, dtype=self.model.dtype)
+            kv = kv.to(device=self.device, dtype=self.model.dtype).transpose(2, 3)
+            self.kv_cache[:, :, :, slots] = kv
             return
         if embeds is not None:
             h = embeds.to(device=self.device, dtype=self.model.dtype)
@@ -194,6 +196,6 @@ class ModelRunner:
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
-        self.kv_cache[:, :, dst * bs : (dst + 1) * bs] = self.kv_cache[
-            :, :, src * bs : (src + 1) * bs
+        self.kv_cache[:, :, :, dst * bs : (dst + 1) * bs] = self.kv_cache[
+            :, :, :, src * bs : (src + 1) * bs
         ]

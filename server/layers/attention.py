@@ -36,10 +36,11 @@ class AttentionMetadata:
 def write_kv(
     cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    # cache: [2, num_blocks * block_size, kv_heads, head_dim] (a flat view of one layer's blocks)
+    # cache: [2, kv_heads, num_blocks * block_size, head_dim] (one layer's blocks, head-major, so
+    # that a gather of whole blocks is already the [kv_heads, seqs, ctx, head_dim] attention reads)
     # slot_mapping: [T]; k, v: [T, kv_heads, head_dim]
-    cache[0].index_copy_(0, slot_mapping, k)
-    cache[1].index_copy_(0, slot_mapping, v)
+    cache[0].index_copy_(1, slot_mapping, k.transpose(0, 1))
+    cache[1].index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def masked_gqa_attention(
@@ -62,6 +63,32 @@ def masked_gqa_attention(
     return torch.matmul(probs.view(B, kvh, group * Q, L), v).view(B, H, Q, D)
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token per sequence. q: [B, heads, head_dim]; k, v: [kv_heads, B, L, head_dim]
+    as gathered from the head-major cache (contiguous: the matmuls read it in place); mask:
+    bool [B, 1, 1, 1, L], True = attend. Returns [B, heads, head_dim]."""
+    B, H, D = q.shape
+    kvh, L = k.shape[0], k.shape[2]
+    group = H // kvh
+    if q.is_cuda:
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask[:, 0],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return o.squeeze(2)
+    # The group's query heads share their KV head: [kv_heads, B, group, head_dim] x [.., L, ..]
+    qg = q.view(B, kvh, group, D).transpose(0, 1)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [kv_heads, B, group, L]
+    probs = scores.masked_fill(~mask.view(B, 1, L), float("-inf")).softmax(-1).to(q.dtype)
+    return torch.matmul(probs, v).transpose(0, 1).reshape(B, H, D)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,12 +103,9 @@ def paged_attention(
     nd = meta.num_decodes
     if nd:
         assert meta.decode_blocks is not None and meta.decode_mask is not None
-        # Gather whole blocks (one index per block, not per token): [nd, kv_heads, ctx, head_dim]
-        blocks = cache.unflatten(1, (-1, meta.block_size))[:, meta.decode_blocks]
-        kc = blocks[0].flatten(1, 2).transpose(1, 2)
-        vc = blocks[1].flatten(1, 2).transpose(1, 2)
-        o = masked_gqa_attention(q[:nd].unsqueeze(2), kc, vc, meta.decode_mask, scale)
-        out[:nd] = o.squeeze(2)
+        # Gather whole blocks (one index per block, not per token): [2, kv_heads, nd, ctx, dim]
+        blocks = cache.unflatten(2, (-1, meta.block_size))[:, :, meta.decode_blocks].flatten(3, 4)
+        out[:nd] = decode_attention(q[:nd], blocks[0], blocks[1], meta.decode_mask, scale)
     for chunk in meta.prefills:
         qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
         if chunk.context_slots is None:
@@ -92,8 +116,8 @@ def paged_attention(
             )
         else:
             assert chunk.causal_mask is not None
-            kc = cache[0][chunk.context_slots].transpose(0, 1).unsqueeze(0)
-            vc = cache[1][chunk.context_slots].transpose(0, 1).unsqueeze(0)
+            kc = cache[0][:, chunk.context_slots].unsqueeze(0)
+            vc = cache[1][:, chunk.context_slots].unsqueeze(0)
             o = masked_gqa_attention(qc, kc, vc, chunk.causal_mask, scale)
         out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1)
     return out

@@ -94,7 +94,7 @@ class DecoderLayer(nn.Module):
         self.q_out, self.kv_out = q_out, kv_out
 
     def forward(self, h: torch.Tensor, cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        # h: [T, hidden]; cache: [2, slots, kv_heads, head_dim] for this layer
+        # h: [T, hidden]; cache: [2, kv_heads, slots, head_dim] for this layer
         T = h.shape[0]
         qkv = self.qkv(self.input_norm(h), ctx.hook)
         # q and k heads side by side: one rotary application for both.
@@ -149,7 +149,7 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        # h: [T, hidden] input embeddings; kv_cache: [layers, 2, slots, kv_heads, head_dim]
+        # h: [T, hidden] input embeddings; kv_cache: [layers, 2, kv_heads, slots, head_dim]
         for i, layer in enumerate(self.layers):
             h = layer(h, kv_cache[i], ctx)
         return self.norm(h)

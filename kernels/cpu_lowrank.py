@@ -27,7 +27,8 @@ checking would need a device sync).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,68 @@ def lowrank_delta_cpu(
         vs[i, a:b, :r] = _shrink_segment(xs[a:b], A[i, s, :r], b_down, s, r, fn)
     delta = _expand_segments(vs, B, ranks, scale, meta, slice_sizes, b_up)
     y.index_add_(0, meta.sorted_tokens, delta)
+    return y
+
+
+@dataclass(frozen=True)
+class PackedLora:
+    """One slot's LoRA on one fused projection (q,k,v or gate,up), packed for the by-segment
+    CPU path: the slices' A rows stacked at their exact ranks, and B block-diagonal over the
+    slices with each slice's scale folded in. A segment then costs two matmuls and one add
+    whatever the number of slices: small CPU matmuls cost ~25 us each however small they are
+    (bench/kernels.py), so the number of calls, not the FLOPs, is what a LoRA costs here."""
+
+    A: torch.Tensor  # [sum of the slices' ranks, in]
+    B: torch.Tensor  # [out_total, sum of the slices' ranks]
+
+
+def pack_lora(
+    A: torch.Tensor,  # [n_slices, S, R_max, in]
+    B: torch.Tensor,  # [S, out_total, R_max]
+    rank: torch.Tensor,  # [n_slices, S] int32
+    scale: torch.Tensor,  # [n_slices, S] float32
+    slot: int,
+    slice_sizes: tuple[int, ...],
+) -> PackedLora | None:
+    """The slot's weights from the stacked buffers, packed; None when every rank is 0."""
+    ranks = [int(r) for r in rank[:, slot].tolist()]
+    if not any(ranks):
+        return None
+    offsets = _offsets(slice_sizes)
+    packed_b = torch.zeros(B.shape[1], sum(ranks), dtype=B.dtype, device=B.device)
+    col = 0
+    for i, r in enumerate(ranks):
+        if r:
+            rows = slice(offsets[i], offsets[i + 1])
+            packed_b[rows, col : col + r] = B[slot, rows, :r].float() * float(scale[i, slot])
+            col += r
+    packed_a = torch.cat([A[i, slot, :r] for i, r in enumerate(ranks) if r])
+    return PackedLora(packed_a.contiguous(), packed_b)
+
+
+def lora_delta_packed_cpu(
+    y: torch.Tensor,  # [T, out_total], updated in place
+    x: torch.Tensor,  # [T, in]
+    packed: Sequence[PackedLora | None],  # by slot; None = the slot has no update here
+    meta: SegmentMeta,
+) -> torch.Tensor:
+    """y[t] += B_s @ (A_s @ x[t]) for each token's slot s, one segment at a time (the packed
+    form of lowrank_delta_cpu's by-segment layout, LoRA only). Rows are read and written in
+    place when the step's tokens are already grouped by slot (`meta.in_order`)."""
+    if meta.is_empty:
+        return y
+    starts = meta.seg_starts_list
+    xs = x if meta.in_order else x.index_select(0, meta.sorted_tokens)
+    for j, s in enumerate(meta.seg_slots_list):
+        p = packed[s]
+        if p is None:
+            continue
+        a, b = starts[j], starts[j + 1]
+        d = F.linear(F.linear(xs[a:b], p.A), p.B)
+        if meta.in_order:
+            y[a:b].add_(d)
+        else:
+            y.index_add_(0, meta.sorted_tokens[a:b], d)
     return y
 
 

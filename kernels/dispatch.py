@@ -6,10 +6,19 @@ go to the grouped-matmul torch path (cpu_lowrank.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .checks import check_expand_args, check_lowrank_args, check_shrink_args
-from .cpu_lowrank import expand_cpu, lowrank_delta_cpu, shrink_cpu
+from .cpu_lowrank import (
+    PackedLora,
+    expand_cpu,
+    lora_delta_packed_cpu,
+    lowrank_delta_cpu,
+    shrink_cpu,
+    use_padded_layout,
+)
 from .segment_meta import SegmentMeta
 
 
@@ -71,15 +80,27 @@ def add_lowrank_delta(
     b_down: torch.Tensor | None = None,  # [S, R_max]
     b_up: torch.Tensor | None = None,  # [S, out_total]
     act: str | None = None,  # "relu" | "silu" | "gelu" | None
+    packed: Sequence[PackedLora | None] | None = None,  # CPU, LoRA: the slots' packed weights
 ) -> torch.Tensor:  # y
     """Shrink then expand: LoRA (no biases, no act) or a bottleneck adapter; y updated in place.
 
     A base-only step (no token has a slot) returns y at once, before any check. On CPU the
     intermediate is never materialised as [n_slices, T, R_max]. See
     reference.lowrank_delta_reference.
+
+    `packed` (cpu_lowrank.pack_lora of each slot, kept in step with A/B/rank/scale by the
+    caller) lets the CPU by-segment layout run two matmuls per segment instead of two per
+    (segment, slice); the batched decode layout reads the stacked buffers either way.
     """
     if meta.is_empty:
         return y
+    if packed is not None and not x.is_cuda and not use_padded_layout(meta):
+        if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.dtype != y.dtype:
+            raise ValueError(
+                f"x [T, in] and y [T, out] of one dtype, got {x.shape} {x.dtype}, "
+                f"{y.shape} {y.dtype}"
+            )
+        return lora_delta_packed_cpu(y, x, packed, meta)
     check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
     if _on_cuda(x):
         from .triton_expand import launch_expand

@@ -48,6 +48,9 @@ class SegmentMeta:
     seg_slots_list: tuple[int, ...]  # host copy of `seg_slots`
     max_seg_len: int  # longest segment, 0 when no token has an adapter
     slot_span: tuple[int, int]  # (first, last + 1) active slot; (0, 0) when none
+    # Every token has a slot and the tokens are already grouped by slot (sorted_tokens is
+    # 0..T-1): the CPU path then reads and writes row ranges in place, without gather/scatter.
+    in_order: bool = False
     _chunks: dict[int, SegmentChunks] = field(default_factory=dict, repr=False)
 
     @property
@@ -138,4 +141,5 @@ def build_segment_meta(token_slot: torch.Tensor) -> SegmentMeta:
         seg_slots_list=tuple(seg_slots.tolist()),
         max_seg_len=max_len,
         slot_span=span,
+        in_order=n_act == host.numel() and bool(torch.equal(sorted_tokens, torch.arange(n_act))),
     )

@@ -14,6 +14,7 @@ import torch
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta, add_lowrank_delta
+from peftserve.kernels.cpu_lowrank import PackedLora, pack_lora
 from peftserve.models.llama import ModelShape
 
 # Fused base projections and the LoRA slices inside each, in output order.
@@ -61,6 +62,11 @@ class DeviceSlots:
             for group, projs in GROUPS.items()
         }
         self.lora: dict[tuple[int, str], StackedModule] = {}
+        # CPU only: each slot's LoRA packed per module (cpu_lowrank.PackedLora), rebuilt from the
+        # stacked buffers whenever a slot is written or cleared.
+        self.packed: dict[tuple[int, str], list[PackedLora | None]] | None = (
+            {} if device.type == "cpu" else None
+        )
         # Bottlenecks are keyed by activation too: one kernel call applies one activation.
         self.bottleneck: dict[tuple[int, str, str], StackedModule] = {}
         self.slot_activation: dict[int, str] = {}
@@ -81,6 +87,9 @@ class DeviceSlots:
     def clear(self, slot: int) -> None:
         for m in (*self.lora.values(), *self.bottleneck.values()):
             m.clear(slot)
+        if self.packed is not None:
+            for per_slot in self.packed.values():
+                per_slot[slot] = None
         self.slot_activation.pop(slot, None)
 
     def write_lora(self, slot: int, weights: LoraWeights) -> None:
@@ -99,6 +108,11 @@ class DeviceSlots:
             buf.B[slot, off : off + buf.slice_sizes[i], :r] = mod.B.to(self.dtype)
             buf.rank[i, slot] = r
             buf.scale[i, slot] = mod.scale
+        if self.packed is not None:
+            for layer, group in {(layer, GROUP_OF[proj][0]) for layer, proj in weights.modules}:
+                buf = self.lora[(layer, group)]
+                per_slot = self.packed.setdefault((layer, group), [None] * self.num_slots)
+                per_slot[slot] = pack_lora(buf.A, buf.B, buf.rank, buf.scale, slot, buf.slice_sizes)
 
     def write_bottleneck(self, slot: int, weights: BottleneckWeights) -> None:
         self.clear(slot)
@@ -134,8 +148,17 @@ class AdapterHook:
         # x: [T, in], y: [T, out] (updated in place)
         lora = self.slots.lora.get((layer, module))
         if lora is not None:
+            packed = None if self.slots.packed is None else self.slots.packed[(layer, module)]
             add_lowrank_delta(
-                y, x, lora.A, lora.B, lora.rank, lora.scale, self.meta, lora.slice_sizes
+                y,
+                x,
+                lora.A,
+                lora.B,
+                lora.rank,
+                lora.scale,
+                self.meta,
+                lora.slice_sizes,
+                packed=packed,
             )
         for act in self.activations:
             bn = self.slots.bottleneck.get((layer, module, act))

@@ -3,11 +3,13 @@ the CPU path in both of its layouts at SmolLM2-135M sizes, the two Triton kernel
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from peftserve.kernels import add_lowrank_delta, build_segment_meta
-from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
+from peftserve.kernels.cpu_lowrank import lora_delta_packed_cpu, lowrank_delta_cpu, pack_lora
 from peftserve.kernels.triton_expand import expand_triton
 from peftserve.kernels.triton_shrink import shrink_triton
 from tests.kernels.lowrank_cases import (
@@ -136,3 +138,54 @@ def test_gpu_dispatch_matches_reference(
     )  # fmt: skip
     assert_close(y, reference_y(case), atol, rtol)
     assert_untouched_rows(y, case.y, case.token_slot)
+
+
+@pytest.mark.parametrize(("layout", "seg_len"), [("random", 1), ("prefill", 40)])
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), [FP32_TOL, BF16_TOL])
+def test_cpu_packed_lora_matches_reference(layout, seg_len, dtype, atol, rtol):
+    """The packed by-segment path (A rows at exact ranks, B block-diagonal with the scales
+    folded in) on mixed ranks, a slice of rank 0 (slot 1), an empty slot and idle tokens."""
+    case = make_case(
+        n_tokens=120, d_in=576, slice_sizes=SMOLLM2_QKV, n_slots=9, max_rank=16, dtype=dtype,
+        layout=layout, seg_len=seg_len, garbage=1e4,  # finite: the dispatcher may pick padded
+    )  # fmt: skip
+    packed = [pack_lora(case.A, case.B, case.rank, case.scale, s, case.slice_sizes)
+              for s in range(case.A.shape[1])]
+    assert packed[1].A.shape[0] == int(case.rank[:, 1].sum())  # exact ranks, nothing padded
+    expected = reference_y(case)
+    y = case.y.clone()
+    lora_delta_packed_cpu(y, case.x, packed, case.meta)
+    assert_close(y, expected, atol, rtol)
+    assert_untouched_rows(y, case.y, case.token_slot)
+    y = case.y.clone()  # the dispatcher, whichever layout it picks
+    add_lowrank_delta(y, case.x, case.A, case.B, case.rank, case.scale, case.meta,
+                      case.slice_sizes, packed=packed)
+    assert_close(y, expected, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_packed_rows_in_place_equal_gather_scatter_bitwise(dtype):
+    """Tokens already grouped by slot are updated in place; the result is bit-for-bit the one
+    the gather/scatter form gives, so a request's output does not depend on that."""
+    case = make_case(n_tokens=12, d_in=64, slice_sizes=(32, 16, 16), n_slots=4, max_rank=8,
+                     dtype=dtype)
+    token_slot = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    meta = build_segment_meta(token_slot)
+    assert meta.in_order
+    assert not build_segment_meta(torch.tensor([1, 0, 0])).in_order
+    assert not build_segment_meta(torch.tensor([0, -1, 1])).in_order
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    packed = [pack_lora(case.A, case.B, case.rank, case.scale, s, case.slice_sizes)
+              for s in range(4)]
+    y1, y2 = case.y.clone(), case.y.clone()
+    lora_delta_packed_cpu(y1, x, packed, meta)
+    lora_delta_packed_cpu(y2, x, packed, dataclasses.replace(meta, in_order=False))
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, case.y)
+
+
+def test_pack_lora_of_a_slot_without_update_is_none():
+    case = make_case(n_tokens=4, d_in=16, slice_sizes=(8, 8), n_slots=3, max_rank=4)
+    rank = case.rank.clone()
+    rank[:, 2] = 0
+    assert pack_lora(case.A, case.B, rank, case.scale, 2, case.slice_sizes) is None

@@ -239,6 +239,8 @@ def main() -> None:
     ap.add_argument("--output-len", default="16-64")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="rounds over all phases; best kept")
+    ap.add_argument("--only", default=None, help="comma-separated phases (a partial run: "
+                    "no plots, no merged or PEFT rows)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-peft-swap", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -266,6 +268,8 @@ def main() -> None:
                   "mixed": (L.BASE, *KINDS)}
         sweep = ("lora-r16", *(f"d{i}" for i in range(1, max(DISTINCT))))
         phases.update({f"distinct-{k}": sweep[:k] for k in DISTINCT})
+        if args.only:
+            phases = {k: v for k, v in phases.items() if k in args.only.split(",")}
         # Rounds over all phases, so that a slow spell of the machine hits every phase alike;
         # each phase keeps its best-throughput round (all rounds' numbers are recorded).
         for _ in range(args.repeat):
@@ -273,6 +277,9 @@ def main() -> None:
                 keep(result, name, phase(server, name, adapters, args))
     finally:
         server.terminate()
+    if args.only:
+        print(json.dumps({k: r["throughput"] for k, r in result["phases"].items()}))
+        return
     merged = merge(model_dir, paths["lora-r16"], work / "merged",
                    torch.bfloat16 if result["dtype"] == "bfloat16" else torch.float32)
     server = ServerProcess(["--model", str(merged), *common], work / "merged.log").start()

@@ -13,6 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from peftserve.adapters.errors import AdapterExists, AdapterNotFound, InvalidAdapter
 from peftserve.adapters.handle import AdapterInfo, AdapterKind
 from peftserve.adapters.loader import AdapterLimits, LoadedAdapter, load_adapter
@@ -76,10 +78,23 @@ class AdapterRegistry:
         self.shape, self.limits, self.max_cpu_adapters = shape, limits, max_cpu_adapters
         self._entries: dict[str, AdapterEntry] = {}
         self._host_lru: OrderedDict[AdapterEntry, None] = OrderedDict()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        # Loads run here, never on the engine thread. One torch thread each: a worker whose ops go
+        # parallel gets an OpenMP team of its own, which then competes with the engine thread's
+        # for the cores (measured: a batch of two LoRAs at 85 instead of 169 tok/s on 2 cores
+        # once a rank-64 adapter had been loaded this way).
+        self._pool = ThreadPoolExecutor(
+            max_workers=2,
+            thread_name_prefix="adapter-load",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
         self.loads = 0
         self.load_seconds = 0.0
         self.host_evictions = 0
+
+    def submit_load(self, directory: Path) -> Future:
+        """load_from_disk on a loader thread; the future's result is the LoadedAdapter."""
+        return self._pool.submit(self.load_from_disk, directory)
 
     def load_from_disk(self, directory: Path) -> LoadedAdapter:
         """Thread-safe: reads and validates files only."""
@@ -141,7 +156,7 @@ class AdapterRegistry:
             self._touch_host(entry)
             return True
         if entry.loading is None:
-            entry.loading = self._pool.submit(self.load_from_disk, entry.source)
+            entry.loading = self.submit_load(entry.source)
             return False
         if not entry.loading.done():
             return False

@@ -105,11 +105,10 @@ class AsyncEngine:
     # --- adapters ---------------------------------------------------------------------------
 
     async def register_adapter(self, name: str, path: Path, replace: bool = False) -> AdapterInfo:
-        """Reads and checks the files in a worker thread (the step loop keeps running), then
+        """Reads and checks the files on a loader thread (the step loop keeps running), then
         registers on the engine thread between two steps."""
         validate_name(name)
-        loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(None, self.engine.registry.load_from_disk, Path(path))
+        loaded = await asyncio.wrap_future(self.engine.registry.submit_load(Path(path)))
         return await self.call(lambda: self.engine.add_adapter(name, loaded, Path(path), replace))
 
     async def unregister_adapter(self, name: str) -> None:

@@ -4,8 +4,10 @@ residency under slot pressure; unregister / replace while requests run."""
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
+import torch
 
 from peftserve.adapters.errors import AdapterExists, AdapterNotFound
 from peftserve.config import EngineConfig
@@ -213,3 +215,22 @@ def test_adapter_whose_files_vanish_fails_only_its_own_request(
     assert failed.finish_reason is FinishReason.ABORT and "failed to load" in failed.error
     assert results[reqs[1].request_id][-1].finish_reason is FinishReason.LENGTH
     assert engine.block_manager.num_used == 0
+
+
+def test_loads_run_off_the_engine_thread_with_one_torch_thread(tiny_llama_dir, adapter_dirs,
+                                                               monkeypatch):
+    """A loader thread whose torch ops go parallel gets an OpenMP team of its own, competing
+    with the engine thread's for the cores: loads run with one torch thread, and leave the
+    engine thread's count alone."""
+    engine = engine_with(tiny_llama_dir, {})
+    before = torch.get_num_threads()
+    seen = []
+
+    def load(directory):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return A.__name__
+
+    monkeypatch.setattr(engine.registry, "load_from_disk", load)
+    engine.registry.submit_load(adapter_dirs["lora-r2"]).result()
+    assert seen and seen[0][0].startswith("adapter-load") and seen[0][1] == 1
+    assert torch.get_num_threads() == before

@@ -108,18 +108,20 @@ def latency(server: ServerProcess, adapter: str, concurrency: int, requests: int
 
 def measure_server(server: ServerProcess, names: list[str]) -> dict[str, dict]:
     """Latencies per load for each name (base first and last), and idle KV blocks held."""
-    out: dict[str, dict] = {}
+    out: dict[str, dict] = {name: {} for name in names}
+    # KV blocks an adapter keeps while idle (a prefix's or template's shared blocks): each one's
+    # first request adds them, before any latency run has touched it.
     with Client(server.target, timeout=600) as c:
-        idle = c.server_info().load.kv_blocks_used
+        held = c.server_info().load.kv_blocks_used
+        for name in names:
+            warm(server.target, (name,))
+            now = c.server_info().load.kv_blocks_used
+            out[name]["kv_blocks_held_idle"], held = now - held, now
     for load, (conc, n) in LOADS.items():
         for i, name in enumerate([L.BASE, *names, L.BASE]):
             key = "base (second run)" if name == L.BASE and i else name
             out.setdefault(key, {})[load] = latency(server, name, conc, n)
             print(f"{load:>13} {key:<28} {out[key][load]}", flush=True)
-    with Client(server.target, timeout=600) as c:
-        for name in names:
-            warm(server.target, (name,))
-            out[name]["kv_blocks_held_idle"] = c.server_info().load.kv_blocks_used - idle
     return out
 
 

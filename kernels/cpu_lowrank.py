@@ -147,7 +147,10 @@ class PackedLora:
     CPU path: the slices' A rows stacked at their exact ranks, and B block-diagonal over the
     slices with each slice's scale folded in. A segment then costs two matmuls and one add
     whatever the number of slices: small CPU matmuls cost ~25 us each however small they are
-    (bench/kernels.py), so the number of calls, not the FLOPs, is what a LoRA costs here."""
+    (bench/kernels.py), so the number of calls, not the FLOPs, is what a LoRA costs here.
+    Half precision only (the dispatcher's choice): in fp32, the parity dtype, stacking the
+    slices changes the order of the sums inside the matmuls, which moved SmolLM2's logits
+    1.3e-4 away from PEFT's (the parity bound is 1e-4)."""
 
     A: torch.Tensor  # [sum of the slices' ranks, in]
     B: torch.Tensor  # [out_total, sum of the slices' ranks]

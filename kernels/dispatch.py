@@ -90,11 +90,17 @@ def add_lowrank_delta(
 
     `packed` (cpu_lowrank.pack_lora of each slot, kept in step with A/B/rank/scale by the
     caller) lets the CPU by-segment layout run two matmuls per segment instead of two per
-    (segment, slice); the batched decode layout reads the stacked buffers either way.
+    (segment, slice) in half precision; fp32 (the parity dtype) and the batched decode layout
+    read the stacked buffers.
     """
     if meta.is_empty:
         return y
-    if packed is not None and not x.is_cuda and not use_padded_layout(meta):
+    if (
+        packed is not None
+        and not x.is_cuda
+        and x.dtype != torch.float32
+        and not use_padded_layout(meta)
+    ):
         if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.dtype != y.dtype:
             raise ValueError(
                 f"x [T, in] and y [T, out] of one dtype, got {x.shape} {x.dtype}, "

@@ -196,6 +196,7 @@ class Engine:
             eos_token_ids=frozenset() if req.params.ignore_eos else self.eos_token_ids,
             prefix_len=virtual or template_len,
             num_virtual=virtual,
+            arrival_time=time.monotonic() if req.arrival_time is None else req.arrival_time,
         )
         if entry is not None:
             self.adapters.attach(seq, entry)

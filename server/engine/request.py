@@ -18,6 +18,10 @@ class Request:
     prompt_token_ids: tuple[int, ...] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # None or "": the base model
+    # time.monotonic() when the request reached the server (the gRPC handler sets it), so that
+    # queue time and TTFT count the wait before the engine thread takes the request; None: when
+    # the engine takes it.
+    arrival_time: float | None = None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ _RESIDENCY = {
 
 
 def request_from_pb(pb: generate_pb2.GenerateRequest, request_id: str,
-                    default_max_new_tokens: int) -> Request:
+                    default_max_new_tokens: int, arrival_time: float | None = None) -> Request:
     """Raises InvalidRequest (also for bad sampling values, via SamplingParams)."""
     which = pb.WhichOneof("input")
     if which is None:
@@ -43,7 +43,7 @@ def request_from_pb(pb: generate_pb2.GenerateRequest, request_id: str,
     return Request(request_id=request_id, prompt=prompt, messages=messages,
                    prompt_token_ids=token_ids, params=sampling_from_pb(pb.sampling,
                                                                        default_max_new_tokens),
-                   adapter=pb.adapter or None)
+                   adapter=pb.adapter or None, arrival_time=arrival_time)
 
 
 def sampling_from_pb(pb: generate_pb2.SamplingParameters, default_max_new_tokens: int

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,6 +59,7 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
 
     async def _generate(self, pb: generate_pb2.GenerateRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[RequestOutput]:
+        arrived = time.monotonic()  # queue time and TTFT count from here
         tracker = self.metrics.track(pb.adapter or None)
         result = "cancelled"  # unless it finishes or fails below
         self.active_streams += 1
@@ -67,7 +69,7 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
                 raise Overloaded(f"too many requests in flight "
                                  f"({self.config.max_concurrent_streams})")
             req = convert.request_from_pb(pb, pb.request_id or current_request_id(),
-                                          self.config.default_max_new_tokens)
+                                          self.config.default_max_new_tokens, arrived)
             await self._check_prompt_length(req)
             async for out in self.engine.generate(req):
                 tracker.on_output(out)

@@ -4,6 +4,7 @@ streaming through AsyncEngine, abort freeing blocks."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -217,3 +218,26 @@ def test_async_engine_builds_the_engine_on_its_own_thread(tiny_llama_dir):
 
     with pytest.raises(InvalidRequest, match="no such model"):
         AsyncEngine().start(broken)
+
+
+def test_timings_count_from_the_arrival_the_server_stamped(engine):
+    """The gRPC handler stamps arrival before tokenizing and handing the request over; queue
+    time, TTFT and e2e count from there, not from when the engine thread took it."""
+    waited = 0.75
+    stamped = Request(
+        "stamped",
+        prompt_token_ids=(5, 6, 7),
+        arrival_time=time.monotonic() - waited,
+        params=SamplingParams(max_new_tokens=2, ignore_eos=True),
+    )
+    fresh = Request(
+        "fresh",
+        prompt_token_ids=(5, 6, 7),
+        params=SamplingParams(max_new_tokens=2, ignore_eos=True),
+    )
+    outs = engine.generate([stamped, fresh])
+    first = {rid: next(o for o in out if o.timings is not None) for rid, out in outs.items()}
+    assert first["stamped"].timings.queue_s >= waited
+    assert first["stamped"].timings.ttft_s >= waited
+    assert outs["stamped"][-1].timings.e2e_s >= waited
+    assert first["fresh"].timings.ttft_s < waited

@@ -9,7 +9,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class RegisterError(RuntimeError):
-    pass
+    """The trained adapter could not be registered with the server; the message says why."""
 
 
 def register(target: str, name: str, directory: Path, admin_token: str | None = None,

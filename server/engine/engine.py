@@ -324,8 +324,9 @@ class Engine:
         )
 
     def score(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
-        """Logits at every position of `token_ids` under `adapter` ([n, vocab] fp32), for
-        evaluation and parity checks. Runs alone: call it only while no request is in flight."""
+        """Logits at every position of `token_ids` under `adapter` ([n, vocab] fp32, on the
+        CPU), for evaluation and parity checks. Runs alone: call it only while no request is in
+        flight."""
         if self.has_unfinished():
             raise RuntimeError("score() needs an idle engine")
         if len(token_ids) > self.config.max_num_batched_tokens:
@@ -350,7 +351,7 @@ class Engine:
                 raise InvalidRequest(batch.failed[0].error or "the adapter failed to load")
             with torch.inference_mode():
                 h = self.runner.hidden_states(batch, self.runner.adapter_hook(batch))
-                return self.model.logits(h)
+                return self.model.logits(h).cpu()
         finally:
             self.abort(rid)
 

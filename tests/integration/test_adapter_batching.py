@@ -16,6 +16,7 @@ from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
 from tests import adapters as A
+from tests.device import DEVICE
 
 PROMPTS = [
     "the quick brown fox",
@@ -52,7 +53,9 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory):
 
 def engine_with(model_dir, dirs, **kw) -> Engine:
     kw = {"num_kv_blocks": 256, "block_size": 4, "max_loras": 8, **kw}
-    engine = Engine.from_config(EngineConfig(model=str(model_dir), dtype="float32", **kw))
+    engine = Engine.from_config(
+        EngineConfig(model=str(model_dir), dtype="float32", device=DEVICE, **kw)
+    )
     for name, path in dirs.items():
         engine.register_adapter(name, path)
     return engine
@@ -217,8 +220,9 @@ def test_adapter_whose_files_vanish_fails_only_its_own_request(
     assert engine.block_manager.num_used == 0
 
 
-def test_loads_run_off_the_engine_thread_with_one_torch_thread(tiny_llama_dir, adapter_dirs,
-                                                               monkeypatch):
+def test_loads_run_off_the_engine_thread_with_one_torch_thread(
+    tiny_llama_dir, adapter_dirs, monkeypatch
+):
     """A loader thread whose torch ops go parallel gets an OpenMP team of its own, competing
     with the engine thread's for the cores: loads run with one torch thread, and leave the
     engine thread's count alone."""

@@ -11,6 +11,7 @@ from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 from tests import adapters as A
+from tests.device import DEVICE
 
 PROMPTS = ["the quick brown fox", "hello world, how are you today?", "low rank"]
 NEW = 12
@@ -18,7 +19,9 @@ NEW = 12
 
 def engine_for(model_dir, **kw) -> Engine:
     kw = {"num_kv_blocks": 256, "block_size": 4, "max_lora_rank": 64, **kw}
-    return Engine.from_config(EngineConfig(model=str(model_dir), dtype="float32", **kw))
+    return Engine.from_config(
+        EngineConfig(model=str(model_dir), dtype="float32", device=DEVICE, **kw)
+    )
 
 
 def oracle_greedy(model, ids: list[int], n: int, virtual: int = 0) -> list[int]:

@@ -12,6 +12,7 @@ from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
+from tests.device import DEVICE
 from tests.tiny import CORPUS
 
 WORDS = " ".join(CORPUS[:5]).split()
@@ -29,7 +30,9 @@ def make_requests(n: int, seed: int = 0) -> list[Request]:
 
 def engine(path, **kw) -> Engine:
     kw.setdefault("num_kv_blocks", 256)
-    return Engine.from_config(EngineConfig(model=str(path), dtype="float32", block_size=4, **kw))
+    return Engine.from_config(
+        EngineConfig(model=str(path), dtype="float32", device=DEVICE, block_size=4, **kw)
+    )
 
 
 def tokens(results) -> dict[str, list[int]]:

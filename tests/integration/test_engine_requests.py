@@ -16,6 +16,7 @@ from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
 from peftserve.errors import InvalidRequest, Overloaded
+from tests.device import DEVICE
 
 
 @pytest.fixture()
@@ -24,6 +25,7 @@ def engine(tiny_llama_dir) -> Engine:
         EngineConfig(
             model=str(tiny_llama_dir),
             dtype="float32",
+            device=DEVICE,
             num_kv_blocks=64,
             block_size=4,
             max_model_len=64,
@@ -189,7 +191,9 @@ def test_async_engine_builds_the_engine_on_its_own_thread(tiny_llama_dir):
     def build() -> Engine:
         built_on.append(threading.current_thread().name)
         return Engine.from_config(
-            EngineConfig(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=16)
+            EngineConfig(
+                model=str(tiny_llama_dir), dtype="float32", device=DEVICE, num_kv_blocks=16
+            )
         )
 
     aeng = AsyncEngine()

@@ -10,6 +10,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
+from tests.device import DEVICE
 from tests.tiny import make_model_dir
 
 PROMPTS = ["the quick brown fox", "hello world, how are you today?", "low rank", "0 1 2 3 4 +"]
@@ -17,7 +18,9 @@ PROMPTS = ["the quick brown fox", "hello world, how are you today?", "low rank",
 
 def engine_for(path, **kw) -> Engine:
     return Engine.from_config(
-        EngineConfig(model=str(path), dtype="float32", num_kv_blocks=128, block_size=4, **kw)
+        EngineConfig(
+            model=str(path), dtype="float32", device=DEVICE, num_kv_blocks=128, block_size=4, **kw
+        )
     )
 
 

@@ -15,7 +15,7 @@ HAS_CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 # The one allowed skip: GPU tests (also marked `gpu`) where there is no CUDA device.
 requires_cuda = pytest.mark.skipif(
-    not HAS_CUDA, reason="needs a CUDA device (run bench/gpu_kernels.sh on a GPU machine)"
+    not HAS_CUDA, reason="needs a CUDA device (run bench/gpu.sh on a GPU machine)"
 )
 
 # (dtype, atol, rtol) against the float64 reference, outputs of order 1.

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one run from the repo root:
+#
+#     OUT=/some/dir MODEL_DIR=/dir/with/smollm2/config+tokenizer bash bench/gpu.sh
+#
+# 1. the kernel tests with the Triton kernels compiled for the GPU (TRITON_INTERPRET unset), the
+#    GPU-marked ones included: the dispatcher in fp32 (TF32 off and on), fp16 and bf16 against the
+#    plain-torch reference;
+# 2. the engine's oracle tests on the GPU (PEFTSERVE_TEST_DEVICE=cuda): logits vs transformers and
+#    PEFT, bottlenecks vs the injected reference, every kind in one batch vs alone, preemption;
+#    LoRA and bottleneck deltas go through the Triton kernels;
+# 3. bench/gpu_engine.py: the engine vs transformers / PEFT at SmolLM2's shape (MODEL_DIR; random
+#    weights are written there when it has none);
+# 4. bench/kernels.py on CUDA.
+# Writes logs and JSON under $OUT (default bench/results). Each step has a time limit
+# and runs regardless of the others; the exit status is non-zero when any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results}"
+PY="${PYTHON:-python3}"
+JOBS="${JOBS:-8}"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+
+# peftserve may not be installed on that machine: lay out the package as pyproject maps it.
+if ! "$PY" -c "import peftserve.kernels" 2>/dev/null; then
+  shim="$(mktemp -d)"
+  mkdir "$shim/peftserve"
+  for entry in server/*; do ln -s "$PWD/$entry" "$shim/peftserve/"; done
+  ln -sfn "$PWD/kernels" "$shim/peftserve/kernels"
+  ln -sfn "$PWD/clients" "$shim/peftserve/client"
+  export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+"$PY" - <<'PY' 2>&1 | tee "$OUT/gpu_env.log" || exit 1
+import importlib.metadata as md
+import torch
+assert torch.cuda.is_available(), "no CUDA device"
+print(torch.cuda.get_device_name(), {p: md.version(p) for p in
+      ("torch", "triton", "transformers", "peft", "safetensors", "pytest", "pytest-xdist")})
+PY
+
+status=0
+step() {  # step NAME SECONDS COMMAND...
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.log"
+  [ "$rc" -eq 0 ] || status=1
+}
+pytest_args=(-q -rfEs -p no:cacheprovider -n "$JOBS" --timeout 240)
+step kernel_tests "${T_KERNEL_TESTS:-150}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
+step engine_cuda_tests "${T_ENGINE_TESTS:-150}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
+  tests/integration/test_parity.py tests/integration/test_adapter_parity.py \
+  tests/integration/test_adapter_batching.py tests/integration/test_batching.py \
+  tests/integration/test_engine_requests.py "${pytest_args[@]}"
+if [ -n "${MODEL_DIR:-}" ]; then
+  step engine_bench "${T_ENGINE_BENCH:-150}" "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" \
+    --out "$OUT/gpu_engine.json"
+fi
+step kernels_bench "${T_KERNEL_BENCH:-90}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
+cat "$OUT/steps.log"
+exit "$status"

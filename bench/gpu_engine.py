@@ -1,0 +1,264 @@
+"""The engine on a CUDA GPU at SmolLM2-135M's shape, against transformers and PEFT in the same run.
+
+    python -m bench.gpu_engine --model-dir DIR [--out PATH]
+
+DIR holds SmolLM2-135M-Instruct's config and tokenizer. When it has no weights, random ones are
+written there (seeded): the real weights (a 98 MB GGUF) cannot travel to the GPU machine, and
+with EOS ignored every configuration produces exactly the planned tokens, so throughput does not
+depend on the weights' values. Everything bf16 on one GPU, greedy, TF32 irrelevant (bf16).
+
+Sections, each on the same 32 requests as bench.engine_throughput / bench.multi_adapter
+(bench.common.workload(): chat prompts, outputs 16..128 tokens, seed 0):
+  throughput   ours vs transformers `generate` (one left-padded batch of 32; batches of 8)
+  decode step  ours at batch 1/8/32 vs one plain matmul pass over the same weights (the floor)
+  adapters     base; 32 distinct LoRAs on q,v (ranks 8/16); 32 distinct all-linear LoRAs (ranks
+               8/16/32/64), through the Triton kernels; PEFT generate(adapter_names=...) with
+               the q,v adapters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from bench.common import environment, workload
+from bench.multi_adapter import ALL, QV, chat_ids, make_requests, write_lora
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request
+from peftserve.engine.sampling_params import SamplingParams
+
+DEV = "cuda"  # --device cpu runs the same code on a CPU (a dry run of the script)
+
+
+def sync() -> None:
+    if DEV.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def ensure_weights(model_dir: Path) -> str:
+    if any(model_dir.glob("*.safetensors")):
+        return "from the directory"
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return "random (seed 0): real weights cannot travel to this machine"
+
+
+def cuda_time(fn: Callable[[], object], repeat: int = 1) -> float:
+    """Best wall time of `repeat` runs, the GPU drained before and after each."""
+    best = float("inf")
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def cuda_median(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def run_engine(engine: Engine, reqs: list[Request], tokens: int) -> None:
+    results = engine.generate(reqs)
+    got = sum(outs[-1].completion_tokens for outs in results.values())
+    assert got == tokens, (got, tokens)
+
+
+def hf_generate(model, pad: int, prompts, lengths, batch: int, **kw) -> None:
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=DEV)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=DEV)
+        n = max(lengths[i : i + batch])
+        names = kw.get("adapter_names")
+        extra = {"adapter_names": names[i : i + batch]} if names else {}
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=pad,
+                **extra,
+            )
+
+
+def matmul_pass(engine: Engine, batch: int) -> float:
+    m = engine.model
+    x = torch.randn(batch, m.shape.hidden, dtype=m.dtype, device=DEV)
+    xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype, device=DEV)
+
+    def once() -> None:
+        for layer in m.layers:
+            F.linear(x, layer.qkv.weight)
+            F.linear(x, layer.o.weight)
+            F.linear(x, layer.gate_up.weight)
+            F.linear(xi, layer.down.weight)
+        F.linear(x, m.lm_head)
+
+    once()
+    return cuda_median(once, 21)
+
+
+def decode_step(engine: Engine, reqs: list[Request], batch: int) -> float:
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    for i in range(batch):
+        r = reqs[i % len(reqs)]
+        engine.add_request(replace(r, request_id=f"d{batch}-{i}", params=params))
+    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    t = cuda_median(engine.step, 21)
+    while engine.has_unfinished():
+        engine.step()
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default="bench/results/gpu_engine.json")
+    args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    model_dir = Path(args.model_dir)
+    weights = ensure_weights(model_dir)
+    dtype = getattr(torch, args.dtype)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    work = workload()
+    prompts = [chat_ids(tok, m) for m, _ in work]
+    lengths = [n for _, n in work]
+    tokens = sum(lengths)
+    gpu = torch.cuda.get_device_name() if DEV.startswith("cuda") else None
+    out: dict = {
+        "environment": {**environment(), "gpu": gpu},
+        "weights": weights,
+        "dtype": args.dtype,
+        "requests": len(work),
+        "output_tokens": tokens,
+    }
+
+    def save() -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+    engine = Engine.from_config(
+        EngineConfig(
+            model=str(model_dir),
+            dtype=args.dtype,
+            device=DEV,
+            max_num_seqs=64,
+            max_loras=64,
+            max_lora_rank=64,
+            kv_cache_bytes=4 << 30,
+        )
+    )
+    base = make_requests(work, prompts, lengths, [None] * len(work))
+
+    # --- throughput vs transformers ------------------------------------------------------------
+    run_engine(engine, base[:4], sum(lengths[:4]))  # warm-up
+    t_ours = cuda_time(lambda: run_engine(engine, base, tokens), repeat=3)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEV).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    hf_generate(hf, pad, prompts[:4], [4] * 4, 4)  # warm-up
+    t_hf32 = cuda_time(lambda: hf_generate(hf, pad, prompts, lengths, 32), repeat=2)
+    t_hf8 = cuda_time(lambda: hf_generate(hf, pad, prompts, lengths, 8), repeat=1)
+    out["throughput"] = {
+        "engine_tok_s": tokens / t_ours,
+        "hf_generate_batch32_tok_s": tokens / t_hf32,
+        "hf_generate_batch8_tok_s": tokens / t_hf8,
+        "speedup_vs_hf_batch32": t_hf32 / t_ours,
+        "speedup_vs_hf_batch8": t_hf8 / t_ours,
+    }
+    print(json.dumps(out["throughput"], indent=1), flush=True)
+    save()
+
+    # --- decode step vs the matmul floor -------------------------------------------------------
+    floor = {}
+    for b in (1, 8, 32):
+        step, mm = decode_step(engine, base, b), matmul_pass(engine, b)
+        floor[str(b)] = {
+            "decode_step_ms": step * 1e3,
+            "matmul_pass_ms": mm * 1e3,
+            "step_over_floor": step / mm,
+        }
+    out["decode_floor"] = floor
+    print(json.dumps(floor, indent=1), flush=True)
+    save()
+
+    # --- many adapters in one batch ------------------------------------------------------------
+    shape = engine.model.shape
+    configs: dict[str, list[str | None]] = {"base": [None] * len(work)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        qv, heavy = [], []
+        for i in range(len(work)):
+            qv.append(write_lora(root / f"qv{i}", shape, (8, 16)[i % 2], QV, seed=i))
+            heavy.append(
+                write_lora(root / f"all{i}", shape, (8, 16, 32, 64)[i % 4], ALL, seed=100 + i)
+            )
+            engine.register_adapter(f"qv{i}", qv[-1])
+            engine.register_adapter(f"all{i}", heavy[-1])
+        configs["lora-qv"] = [f"qv{i}" for i in range(len(work))]
+        configs["lora-heavy"] = [f"all{i}" for i in range(len(work))]
+        adapters = {}
+        for name, names in configs.items():
+            reqs = make_requests(work, prompts, lengths, names)
+            run_engine(engine, reqs[:4], sum(lengths[:4]))  # warm-up: loads, kernel compiles
+            t = cuda_time(lambda reqs=reqs: run_engine(engine, reqs, tokens), repeat=3)
+            adapters[name] = {
+                "tok_s": tokens / t,
+                "decode_step_ms": decode_step(engine, reqs, 32) * 1e3,
+            }
+        for name in adapters:
+            adapters[name]["vs_base"] = adapters[name]["tok_s"] / adapters["base"]["tok_s"]
+        out["adapters"] = adapters
+        print(json.dumps(adapters, indent=1), flush=True)
+        save()
+
+        peft = PeftModel.from_pretrained(hf, str(qv[0]), adapter_name="qv0")
+        for i in range(1, len(work)):
+            peft.load_adapter(str(qv[i]), adapter_name=f"qv{i}")
+        peft = peft.to(DEV).eval()
+        names = configs["lora-qv"]
+        hf_generate(peft, pad, prompts[:4], [4] * 4, 4, adapter_names=names[:4])
+        t_peft = cuda_time(
+            lambda: hf_generate(peft, pad, prompts, lengths, 32, adapter_names=names), repeat=1
+        )
+        out["peft_mixed_tok_s"] = tokens / t_peft
+        out["lora_qv_vs_peft_mixed"] = adapters["lora-qv"]["tok_s"] / (tokens / t_peft)
+        print("peft mixed", out["peft_mixed_tok_s"], "ours/peft", out["lora_qv_vs_peft_mixed"])
+    save()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
 PY="${PYTHON:-python3}"
-JOBS="${JOBS:-8}"
+JOBS="${JOBS:-14}"
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
@@ -50,7 +50,8 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.log"
   [ "$rc" -eq 0 ] || status=1
 }
-pytest_args=(-q -rfEs -p no:cacheprovider -n "$JOBS" --timeout 240)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one per xdist worker: no oversubscription
+pytest_args=(-q -rfEs -p no:cacheprovider -p no:benchmark -n "$JOBS" --timeout 240 --durations=10)
 step kernel_tests "${T_KERNEL_TESTS:-150}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
 step engine_cuda_tests "${T_ENGINE_TESTS:-150}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
   tests/integration/test_parity.py tests/integration/test_adapter_parity.py \

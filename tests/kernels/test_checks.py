@@ -17,20 +17,28 @@ from peftserve.kernels import (
 )
 from peftserve.kernels.triton_expand import expand_triton
 from peftserve.kernels.triton_shrink import shrink_triton
-from tests.kernels.lowrank_cases import LowRankCase, make_case
+from tests.kernels.lowrank_cases import KERNEL_DEVICE, LowRankCase, make_case
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+# On the device the Triton launchers run on (the GPU, or the CPU under the interpreter), so the
+# unmutated arguments are accepted by every op.
 def _meta(token_slot: list[int]) -> SegmentMeta:
-    return build_segment_meta(torch.tensor(token_slot))
+    return build_segment_meta(torch.tensor(token_slot, device=KERNEL_DEVICE))
 
 
-def _case() -> LowRankCase:
+def _zeros(*shape: int) -> torch.Tensor:
+    return torch.zeros(*shape, device=KERNEL_DEVICE)
+
+
+def _case(device: str = KERNEL_DEVICE) -> LowRankCase:
     # 2 slices (24, 8), 4 slots, R_max 9, in 33, 10 tokens
-    return make_case(n_tokens=10, d_in=33, slice_sizes=(24, 8), n_slots=4, max_rank=4)
+    return make_case(
+        n_tokens=10, d_in=33, slice_sizes=(24, 8), n_slots=4, max_rank=4, device=device
+    )
 
 
 SHRINK_ERRORS: list[tuple[str, Callable[[dict], None], str]] = [
@@ -46,8 +54,8 @@ SHRINK_ERRORS: list[tuple[str, Callable[[dict], None], str]] = [
     ("meta tokens", lambda a: a.update(meta=_meta([0] * 9)), "built for 9 tokens"),
     ("meta slot", lambda a: a.update(meta=_meta([4] * 10)), "only 4 slots"),
     ("meta type", lambda a: a.update(meta=[0] * 10), "meta must be a SegmentMeta"),
-    ("b_down shape", lambda a: a.update(b_down=torch.zeros(4, 8)), r"b_down must be \[S, R_max\]"),
-    ("b_down dtype", lambda a: a.update(b_down=torch.zeros(4, 9).double()), "b_down must have"),
+    ("b_down shape", lambda a: a.update(b_down=_zeros(4, 8)), r"b_down must be \[S, R_max\]"),
+    ("b_down dtype", lambda a: a.update(b_down=_zeros(4, 9).double()), "b_down must have"),
     ("act", lambda a: a.update(act="tanh"), "unknown activation 'tanh'"),
 ]  # fmt: skip
 
@@ -61,7 +69,7 @@ EXPAND_ERRORS: list[tuple[str, Callable[[dict], None], str]] = [
     ("slices count", lambda a: a.update(slice_sizes=(32,)), "1 entries but there are 2 slices"),
     ("slices list", lambda a: a.update(slice_sizes=[24, 8]), "tuple of positive ints"),
     ("scale dtype", lambda a: a.update(scale=a["scale"].half()), "scale must be torch.float32"),
-    ("b_up shape", lambda a: a.update(b_up=torch.zeros(4, 31)), r"b_up must be \[S, out_total\]"),
+    ("b_up shape", lambda a: a.update(b_up=_zeros(4, 31)), r"b_up must be \[S, out_total\]"),
 ]  # fmt: skip
 
 
@@ -71,7 +79,7 @@ def _shrink_args(case: LowRankCase) -> dict:
 
 
 def _expand_args(case: LowRankCase) -> dict:
-    v = torch.zeros(2, 10, 9)
+    v = _zeros(2, 10, 9)
     return {"y": case.y, "v": v, "B": case.B, "rank": case.rank, "scale": case.scale,
             "meta": case.meta, "slice_sizes": case.slice_sizes, "b_up": None}  # fmt: skip
 
@@ -113,7 +121,7 @@ def test_expand_rejects(fn, name, mutate, message):
     [
         (lambda a: a.update(y=a["y"][:9]), "y has 9 rows but x has 10"),
         (lambda a: a.update(B=a["B"][:3]), "S and R_max must agree"),
-        (lambda a: a.update(b_up=torch.zeros(4, 32, dtype=torch.float16)), "b_up must have"),
+        (lambda a: a.update(b_up=_zeros(4, 32).half()), "b_up must have"),
         (lambda a: a.update(act="swish"), "unknown activation"),
     ],
 )
@@ -129,7 +137,7 @@ def test_add_lowrank_delta_rejects(mutate, message):
 
 @pytest.mark.parametrize("bad_rank", [-1, 10])
 def test_cpu_path_rejects_rank_outside_storage(bad_rank):
-    case = _case()
+    case = _case("cpu")
     rank = case.rank.clone()
     rank[0, 0] = bad_rank  # R_max is 9
     with pytest.raises(ValueError, match="outside 0..R_max=9"):
@@ -137,6 +145,6 @@ def test_cpu_path_rejects_rank_outside_storage(bad_rank):
 
 
 def test_rejects_tensors_on_other_devices():
-    case = _case()
+    case = _case("cpu")
     with pytest.raises(ValueError, match="rank is on meta"):
         lora_shrink(case.x, case.A, case.rank.to("meta"), case.meta)

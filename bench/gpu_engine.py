@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--sections", default="throughput,floor,adapters,peft")
+    ap.add_argument("--configs", default="base,lora-qv,lora-heavy", help="adapters section")
     ap.add_argument("--out", default="bench/results/gpu_engine.json")
     args = ap.parse_args()
     global DEV
@@ -182,12 +184,35 @@ def main() -> None:
         )
     )
     base = make_requests(work, prompts, lengths, [None] * len(work))
-
-    # --- throughput vs transformers ------------------------------------------------------------
-    run_engine(engine, base[:4], sum(lengths[:4]))  # warm-up
-    t_ours = cuda_time(lambda: run_engine(engine, base, tokens), repeat=3)
+    sections = set(args.sections.split(","))
+    out["sections"] = sorted(sections)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEV).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    run_engine(engine, base[:4], sum(lengths[:4]))  # warm-up
+
+    # --- throughput vs transformers ------------------------------------------------------------
+    if "throughput" in sections:
+        throughput(engine, hf, pad, base, prompts, lengths, out)
+        save()
+
+    # --- decode step vs the matmul floor -------------------------------------------------------
+    if "floor" in sections:
+        out["decode_floor"] = decode_floor(engine, base)
+        save()
+
+    # --- many adapters in one batch ------------------------------------------------------------
+    if "adapters" in sections or "peft" in sections:
+        configs = ["base", *[c for c in args.configs.split(",") if c != "base"]]
+        if "peft" in sections and "lora-qv" not in configs:
+            configs.append("lora-qv")
+        many_adapters(engine, hf, pad, work, prompts, lengths, configs, "peft" in sections, out)
+    save()
+    print(f"wrote {args.out}")
+
+
+def throughput(engine, hf, pad, base, prompts, lengths, out) -> None:
+    tokens = sum(lengths)
+    t_ours = cuda_time(lambda: run_engine(engine, base, tokens), repeat=3)
     hf_generate(hf, pad, prompts[:4], [4] * 4, 4)  # warm-up
     t_hf32 = cuda_time(lambda: hf_generate(hf, pad, prompts, lengths, 32), repeat=2)
     t_hf8 = cuda_time(lambda: hf_generate(hf, pad, prompts, lengths, 8), repeat=1)
@@ -199,9 +224,9 @@ def main() -> None:
         "speedup_vs_hf_batch8": t_hf8 / t_ours,
     }
     print(json.dumps(out["throughput"], indent=1), flush=True)
-    save()
 
-    # --- decode step vs the matmul floor -------------------------------------------------------
+
+def decode_floor(engine, base) -> dict:
     floor = {}
     for b in (1, 8, 32):
         step, mm = decode_step(engine, base, b), matmul_pass(engine, b)
@@ -210,27 +235,29 @@ def main() -> None:
             "matmul_pass_ms": mm * 1e3,
             "step_over_floor": step / mm,
         }
-    out["decode_floor"] = floor
     print(json.dumps(floor, indent=1), flush=True)
-    save()
+    return floor
 
-    # --- many adapters in one batch ------------------------------------------------------------
+
+def many_adapters(engine, hf, pad, work, prompts, lengths, wanted, with_peft, out) -> None:
+    tokens = sum(lengths)
     shape = engine.model.shape
     configs: dict[str, list[str | None]] = {"base": [None] * len(work)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        qv, heavy = [], []
+        qv = []
         for i in range(len(work)):
             qv.append(write_lora(root / f"qv{i}", shape, (8, 16)[i % 2], QV, seed=i))
-            heavy.append(
-                write_lora(root / f"all{i}", shape, (8, 16, 32, 64)[i % 4], ALL, seed=100 + i)
-            )
             engine.register_adapter(f"qv{i}", qv[-1])
-            engine.register_adapter(f"all{i}", heavy[-1])
+            if "lora-heavy" in wanted:
+                rank = (8, 16, 32, 64)[i % 4]
+                path = write_lora(root / f"all{i}", shape, rank, ALL, seed=100 + i)
+                engine.register_adapter(f"all{i}", path)
         configs["lora-qv"] = [f"qv{i}" for i in range(len(work))]
         configs["lora-heavy"] = [f"all{i}" for i in range(len(work))]
         adapters = {}
-        for name, names in configs.items():
+        for name in wanted:
+            names = configs[name]
             reqs = make_requests(work, prompts, lengths, names)
             run_engine(engine, reqs[:4], sum(lengths[:4]))  # warm-up: loads, kernel compiles
             t = cuda_time(lambda reqs=reqs: run_engine(engine, reqs, tokens), repeat=3)
@@ -242,13 +269,15 @@ def main() -> None:
             adapters[name]["vs_base"] = adapters[name]["tok_s"] / adapters["base"]["tok_s"]
         out["adapters"] = adapters
         print(json.dumps(adapters, indent=1), flush=True)
-        save()
-
+        if not with_peft:
+            return
+        t0 = time.perf_counter()
         peft = PeftModel.from_pretrained(hf, str(qv[0]), adapter_name="qv0")
         for i in range(1, len(work)):
             peft.load_adapter(str(qv[i]), adapter_name=f"qv{i}")
         peft = peft.to(DEV).eval()
         names = configs["lora-qv"]
+        print(f"PEFT: 32 adapters loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         hf_generate(peft, pad, prompts[:4], [4] * 4, 4, adapter_names=names[:4])
         t_peft = cuda_time(
             lambda: hf_generate(peft, pad, prompts, lengths, 32, adapter_names=names), repeat=1
@@ -256,8 +285,6 @@ def main() -> None:
         out["peft_mixed_tok_s"] = tokens / t_peft
         out["lora_qv_vs_peft_mixed"] = adapters["lora-qv"]["tok_s"] / (tokens / t_peft)
         print("peft mixed", out["peft_mixed_tok_s"], "ours/peft", out["lora_qv_vs_peft_mixed"])
-    save()
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

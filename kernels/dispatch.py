@@ -13,7 +13,9 @@ import torch
 from .checks import check_expand_args, check_lowrank_args, check_shrink_args
 from .cpu_lowrank import (
     PackedLora,
+    PackedSlots,
     expand_cpu,
+    lora_delta_fused_cpu,
     lora_delta_packed_cpu,
     lowrank_delta_cpu,
     shrink_cpu,
@@ -90,23 +92,22 @@ def add_lowrank_delta(
 
     `packed` (cpu_lowrank.pack_lora of each slot, kept in step with A/B/rank/scale by the
     caller) lets the CPU by-segment layout run two matmuls per segment instead of two per
-    (segment, slice) in half precision; fp32 (the parity dtype) and the batched decode layout
-    read the stacked buffers.
+    (segment, slice) in half precision; as a cpu_lowrank.PackedSlots it also allows the fused
+    form (every active slot in two matmuls) where that is cheaper. fp32 (the parity dtype) and
+    the batched decode layout read the stacked buffers.
     """
     if meta.is_empty:
         return y
-    if (
-        packed is not None
-        and not x.is_cuda
-        and x.dtype != torch.float32
-        and not use_padded_layout(meta)
-    ):
+    if packed is not None and not x.is_cuda and x.dtype != torch.float32:
         if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.dtype != y.dtype:
             raise ValueError(
                 f"x [T, in] and y [T, out] of one dtype, got {x.shape} {x.dtype}, "
                 f"{y.shape} {y.dtype}"
             )
-        return lora_delta_packed_cpu(y, x, packed, meta)
+        if isinstance(packed, PackedSlots) and lora_delta_fused_cpu(y, x, packed, meta):
+            return y
+        if not use_padded_layout(meta):
+            return lora_delta_packed_cpu(y, x, packed, meta)
     check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
     if _on_cuda(x):
         from .triton_expand import launch_expand

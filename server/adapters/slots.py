@@ -14,7 +14,7 @@ import torch
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta, add_lowrank_delta
-from peftserve.kernels.cpu_lowrank import PackedLora, pack_lora
+from peftserve.kernels.cpu_lowrank import PackedSlots, pack_lora
 from peftserve.models.llama import ModelShape
 
 # Fused base projections and the LoRA slices inside each, in output order.
@@ -64,7 +64,7 @@ class DeviceSlots:
         self.lora: dict[tuple[int, str], StackedModule] = {}
         # CPU only: each slot's LoRA packed per module (cpu_lowrank.PackedLora), rebuilt from the
         # stacked buffers whenever a slot is written or cleared.
-        self.packed: dict[tuple[int, str], list[PackedLora | None]] | None = (
+        self.packed: dict[tuple[int, str], PackedSlots] | None = (
             {} if device.type == "cpu" else None
         )
         # Bottlenecks are keyed by activation too: one kernel call applies one activation.
@@ -111,7 +111,9 @@ class DeviceSlots:
         if self.packed is not None:
             for layer, group in {(layer, GROUP_OF[proj][0]) for layer, proj in weights.modules}:
                 buf = self.lora[(layer, group)]
-                per_slot = self.packed.setdefault((layer, group), [None] * self.num_slots)
+                per_slot = self.packed.get((layer, group))
+                if per_slot is None:
+                    per_slot = self.packed[(layer, group)] = PackedSlots(self.num_slots)
                 per_slot[slot] = pack_lora(buf.A, buf.B, buf.rank, buf.scale, slot, buf.slice_sizes)
 
     def write_bottleneck(self, slot: int, weights: BottleneckWeights) -> None:

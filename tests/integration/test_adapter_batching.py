@@ -238,3 +238,51 @@ def test_loads_run_off_the_engine_thread_with_one_torch_thread(
     engine.registry.submit_load(adapter_dirs["lora-r2"]).result()
     assert seen and seen[0][0].startswith("adapter-load") and seen[0][1] == 1
     assert torch.get_num_threads() == before
+
+
+def test_fused_lora_form_in_bf16_follows_slot_turnover(tiny_llama_dir, adapter_dirs, monkeypatch):
+    """In half precision on the CPU, decode steps of several LoRAs take the fused form
+    (kernels/cpu_lowrank.py): the active slots' weights concatenated once and cached across
+    steps. With 2 slots and 5 adapters the slots are rewritten mid-run: each request's tokens
+    must be those of the same run with the fused weights rebuilt at every call, never reused.
+    (Against the unfused forms they may differ in the last bf16 bit: the fused form adds its
+    delta to y inside the matmul, one rounding instead of two.)"""
+    import peftserve.kernels.cpu_lowrank as cpu_lowrank
+    import peftserve.kernels.dispatch as dispatch
+
+    names = ["lora-r2", "lora-r8", "lora-r32", "houlsby", "pfeiffer"]
+    dirs = {n: adapter_dirs[n] for n in names}
+    fused_calls = []
+
+    def counting(*args):
+        used = cpu_lowrank.lora_delta_fused_cpu(*args)
+        fused_calls.append(used)
+        return used
+
+    def run() -> dict[str, list[int]]:
+        engine = Engine.from_config(
+            EngineConfig(model=str(tiny_llama_dir), dtype="bfloat16", device=DEVICE,
+                         num_kv_blocks=256, block_size=4, max_loras=2)
+        )  # fmt: skip
+        for name, path in dirs.items():
+            engine.register_adapter(name, path)
+        reqs = requests(names * 3, seed=2)
+        for r in reqs:
+            engine.add_request(r)
+        results: dict[str, list] = {r.request_id: [] for r in reqs}
+        while engine.has_unfinished():
+            for o in engine.step():
+                results[o.request_id].append(o)
+        assert engine.adapters.evictions > 0
+        return tokens(results)
+
+    monkeypatch.setattr(dispatch, "lora_delta_fused_cpu", counting)
+    cached = run()
+    if DEVICE == "cpu":
+        assert sum(fused_calls) > 10  # the fused form ran, on several steps
+    monkeypatch.setattr(
+        cpu_lowrank.PackedSlots,
+        "fused",
+        lambda self, slots: cpu_lowrank._fuse(slots, [self[s] for s in slots]),
+    )
+    assert run() == cached

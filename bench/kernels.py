@@ -7,8 +7,10 @@ prefill: 512 tokens, 8 sequences of 64 with 8 different slots. Every adapted mod
 q/k/v in one launch (576 -> 576+192+192), o (576 -> 576), gate/up (576 -> 1536+1536),
 down (1536 -> 576). Methods are timed round-robin in the same run and reported as ratios.
 
-CPU: ours (dispatcher, layout by shape), each CPU layout forced, per-adapter torch matmuls
-(PEFT's mixed-batch approach: one sub-batch per adapter), and the naive reference loop.
+CPU: ours (dispatcher, layout by shape), ours_packed (the dispatcher as the engine calls it,
+with the packed slots: the fused form where cheap, half precision only), each CPU layout
+forced, per-adapter torch matmuls (PEFT's mixed-batch approach: one sub-batch per adapter), and
+the naive reference loop.
 CUDA: ours (Triton), a padded-to-max-rank bmm over slots, per-adapter torch matmuls; achieved
 GB/s (exact-rank weights + activations moved) against the device's measured copy bandwidth.
 Writes bench/results/kernels_cpu.json or kernels_cuda.json.
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from peftserve.kernels import SegmentMeta, add_lowrank_delta, build_segment_meta
-from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
+from peftserve.kernels.cpu_lowrank import PackedSlots, lowrank_delta_cpu, pack_lora
 from peftserve.kernels.reference import lowrank_delta_reference
 
 N_SLOTS, R_MAX, RANKS = 32, 64, (8, 16, 32, 64)
@@ -40,24 +42,31 @@ MODULES = {  # name: (in, slice widths)
     "gate_up": (576, (1536, 1536)),
     "down": (1536, (576,)),
 }
-PHASES = {"decode": 32, "prefill": 512}
+PHASES = {"decode": 32, "prefill": 512, "decode_qv": 32}
+# decode_qv (qkv only): 32 tokens in 32 slots of LoRAs on q and v (k rank 0), ranks 8/16,
+# the seed's default adapter shape, where the CPU's fused form applies.
 
 
 def make_problem(module: str, phase: str, dtype: torch.dtype, device: str) -> dict:
     d_in, slices = MODULES[module]
     g = torch.Generator().manual_seed(0)
     n_tokens = PHASES[phase]
-    if phase == "decode":
+    if phase in ("decode", "decode_qv"):
         token_slot = torch.randperm(N_SLOTS, generator=g)
     else:
         token_slot = torch.randperm(N_SLOTS, generator=g)[:8].repeat_interleave(64)
-    rank = torch.tensor([RANKS[s % 4] for s in range(N_SLOTS)], dtype=torch.int32)
+    ranks = (8, 16) if phase == "decode_qv" else RANKS
+    rank = torch.tensor([ranks[s % len(ranks)] for s in range(N_SLOTS)], dtype=torch.int32)
     rank = rank.repeat(len(slices), 1).contiguous()
     A = torch.zeros(len(slices), N_SLOTS, R_MAX, d_in)
     B = torch.zeros(N_SLOTS, sum(slices), R_MAX)
     for s in range(N_SLOTS):  # storage past each rank stays zero, as the engine leaves it
         A[:, s, : rank[0, s]] = torch.randn(len(slices), int(rank[0, s]), d_in, generator=g) * 0.05
         B[s, :, : rank[0, s]] = torch.randn(sum(slices), int(rank[0, s]), generator=g) * 0.05
+    if phase == "decode_qv":  # no update on k
+        rank[1] = 0
+        A[1] = 0
+        B[:, slices[0] : slices[0] + slices[1]] = 0
     return {
         "x": torch.randn(n_tokens, d_in, generator=g).to(device, dtype),
         "y": torch.randn(n_tokens, sum(slices), generator=g).to(device, dtype),
@@ -88,6 +97,17 @@ def moved_bytes(p: dict) -> int:
 def ours(p: dict) -> Callable[[], object]:
     args = (p["x"], p["A"], p["B"], p["rank"], p["scale"], p["meta"], p["slice_sizes"])
     return lambda: add_lowrank_delta(p["y"], *args)
+
+
+def ours_packed(p: dict) -> Callable[[], object]:
+    """The dispatcher as the engine calls it on the CPU: with every slot's packed LoRA
+    (cpu_lowrank.PackedSlots), which in half precision allows the packed by-segment and the
+    fused forms; fp32 ignores them."""
+    packed = PackedSlots(p["A"].shape[1])
+    for s in range(len(packed)):
+        packed[s] = pack_lora(p["A"], p["B"], p["rank"], p["scale"], s, p["slice_sizes"])
+    args = (p["x"], p["A"], p["B"], p["rank"], p["scale"], p["meta"], p["slice_sizes"])
+    return lambda: add_lowrank_delta(p["y"], *args, packed=packed)
 
 
 def cpu_layout(padded: bool) -> Callable[[dict], Callable[[], object]]:
@@ -245,7 +265,7 @@ def main() -> None:
         methods = {"ours": ours, "padded_bmm": padded_bmm, "per_adapter": per_adapter}
         dtypes = (torch.float16, torch.bfloat16, torch.float32)
     else:
-        methods = {"ours": ours, "cpu_by_segment": cpu_layout(False),
+        methods = {"ours": ours, "ours_packed": ours_packed, "cpu_by_segment": cpu_layout(False),
                    "cpu_padded": cpu_layout(True), "per_adapter": per_adapter,
                    "reference": reference}  # fmt: skip
         dtypes = (torch.float32, torch.bfloat16)
@@ -256,6 +276,8 @@ def main() -> None:
     for dtype in dtypes:
         for phase in PHASES:
             for module in MODULES:
+                if phase == "decode_qv" and module != "qkv":
+                    continue
                 rows.append(measure(module, phase, dtype, device, methods, reps, sync, peak_gbs))
                 print(json.dumps(rows[-1]), flush=True)
     empty = make_problem("qkv", "decode", torch.float32, device)

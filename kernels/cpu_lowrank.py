@@ -154,6 +154,8 @@ class PackedLora:
 
     A: torch.Tensor  # [sum of the slices' ranks, in]
     B: torch.Tensor  # [out_total, sum of the slices' ranks]
+    ranks: tuple[int, ...] = ()  # per slice, in A's row order (0 = no update on the slice)
+    offsets: tuple[int, ...] = ()  # per slice's output columns, plus out_total at the end
 
 
 def pack_lora(
@@ -177,20 +179,28 @@ def pack_lora(
             packed_b[rows, col : col + r] = B[slot, rows, :r].float() * float(scale[i, slot])
             col += r
     packed_a = torch.cat([A[i, slot, :r] for i, r in enumerate(ranks) if r])
-    return PackedLora(packed_a.contiguous(), packed_b)
+    return PackedLora(packed_a.contiguous(), packed_b, tuple(ranks), tuple(offsets))
+
+
+@dataclass(frozen=True)
+class FusedSlice:
+    cols: tuple[int, int]  # the slice's columns of v (FusedLora.A's rows)
+    out: tuple[int, int]  # the slice's output columns of y
+    B_t: torch.Tensor  # [cols, out width], scales folded in
 
 
 @dataclass(frozen=True)
 class FusedLora:
-    """The packed LoRAs of a set of slots on one fused projection, concatenated along the rank:
-    every token of a step multiplies against all of them in two matmuls, and a [T, R_tot] mask
-    keeps each token's own slot's columns."""
+    """The packed LoRAs of a set of slots on one fused projection, concatenated along the rank,
+    slice by slice: every token of a step multiplies against all of them (one matmul for the
+    shrink, one per slice for the expand, so B's zero off-diagonal blocks are never read) and
+    a [T, R_tot] mask keeps each token's own slot's columns."""
 
     slots: tuple[int, ...]  # ascending
-    A: torch.Tensor  # [R_tot, in]
-    B_t: torch.Tensor  # [R_tot, out_total], scales folded in
-    col_slot: torch.Tensor  # [R_tot] int32, the slot of each column
-    layout: tuple[tuple[int, int], ...]  # (slot, columns) in column order: the masks' cache key
+    A: torch.Tensor  # [R_tot, in], rows grouped by slice, then by slot
+    col_slot: torch.Tensor  # [R_tot] int32, the slot of each column of v
+    slices: tuple[FusedSlice, ...]
+    layout: tuple[tuple[int, int, int], ...]  # (slice, slot, columns): the masks' cache key
 
 
 class PackedSlots(Sequence):
@@ -222,23 +232,40 @@ class PackedSlots(Sequence):
 
 def _fuse(slots: tuple[int, ...], packed: list[PackedLora | None]) -> FusedLora:
     parts = [(s, p) for s, p in zip(slots, packed, strict=True) if p is not None]
+    offsets = parts[0][1].offsets
+    a_rows, col_slot, layout, fused_slices = [], [], [], []
+    col = 0
+    for i in range(len(offsets) - 1):
+        out = (offsets[i], offsets[i + 1])
+        b_rows, start = [], col
+        for s, p in parts:
+            r = p.ranks[i]
+            if not r:
+                continue
+            c = sum(p.ranks[:i])  # the slice's rows in the slot's packed A
+            a_rows.append(p.A[c : c + r])
+            b_rows.append(p.B[out[0] : out[1], c : c + r].t())
+            col_slot.append(torch.full((r,), s, dtype=torch.int32))
+            layout.append((i, s, r))
+            col += r
+        if b_rows:
+            fused_slices.append(FusedSlice((start, col), out, torch.cat(b_rows).contiguous()))
     return FusedLora(
         slots=slots,
-        A=torch.cat([p.A for _, p in parts]),
-        B_t=torch.cat([p.B.t() for _, p in parts]).contiguous(),
-        col_slot=torch.cat(
-            [torch.full((p.A.shape[0],), s, dtype=torch.int32) for s, p in parts]
-        ),
-        layout=tuple((s, p.A.shape[0]) for s, p in parts),
+        A=torch.cat(a_rows),
+        col_slot=torch.cat(col_slot),
+        slices=tuple(fused_slices),
+        layout=tuple(layout),
     )
 
 
-# The fused form multiplies every token against every active slot's columns: T * R_tot *
-# (in + out) multiply-adds, ~60 G/s in bf16 on one core here, plus ~40 us of fixed cost, against
-# the padded or by-segment layouts' per-slice and per-segment calls. Measured on SmolLM2 module
-# sizes (one thread, bf16): it wins up to this much work (32 decode tokens of 32 q,v adapters of
-# ranks 8/16 on q,k,v: 38 M, 2.6x; 4-8 adapters on any module: 1.9-7x) and loses beyond ~60 M
-# (32 all-linear adapters of ranks 8-64 on q,k,v: 142 M, 0.92x; prefill: 0.25-0.9x).
+# The fused form multiplies every token against every active slot's columns: T * (R_tot * in +
+# sum over slices of R_i * out_i) multiply-adds, ~60 G/s in bf16 on one core here, plus ~40 us
+# of fixed cost, against the padded or by-segment layouts' per-slice and per-segment calls.
+# Below this much work it wins: 32 decode tokens of 32 q,v LoRAs of ranks 8/16 on q,k,v (23 M)
+# take 0.46 ms against 1.39 ms padded (bench/kernels.py, decode_qv, one thread); 4-8 adapters
+# on any module won 2-7x in a sweep. Beyond ~60 M it lost (32 all-linear adapters of ranks 8-64
+# on q,k,v: 83 M; prefill), and the other forms are kept.
 _FUSED_MAX_WORK = 40_000_000
 
 
@@ -254,19 +281,27 @@ def lora_delta_fused_cpu(
     slots = tuple(s for s in meta.seg_slots_list if packed[s] is not None)
     if len(slots) < 2:
         return False
-    r_tot = sum(packed[s].A.shape[0] for s in slots)
-    if meta.num_active_tokens * r_tot * (x.shape[1] + y.shape[1]) > _FUSED_MAX_WORK:
+    d_in = x.shape[1]
+    work = 0
+    for s in slots:
+        p = packed[s]
+        work += sum(r * (d_in + p.offsets[i + 1] - p.offsets[i]) for i, r in enumerate(p.ranks))
+    if meta.num_active_tokens * work > _FUSED_MAX_WORK:
         return False
     f = packed.fused(slots)
     mask = meta.column_mask(f.layout, f.col_slot, x.dtype)
     if meta.all_tokens_active:
         v = F.linear(x, f.A)  # [T, R_tot]
         v.mul_(mask)
-        y.addmm_(v, f.B_t)
+        for sl in f.slices:
+            y[:, sl.out[0] : sl.out[1]].addmm_(v[:, sl.cols[0] : sl.cols[1]], sl.B_t)
     else:
         v = F.linear(x.index_select(0, meta.sorted_tokens), f.A)  # [T_active, R_tot]
         v.mul_(mask)
-        y.index_add_(0, meta.sorted_tokens, v @ f.B_t)
+        d = torch.zeros(v.shape[0], y.shape[1], dtype=y.dtype)
+        for sl in f.slices:
+            d[:, sl.out[0] : sl.out[1]].addmm_(v[:, sl.cols[0] : sl.cols[1]], sl.B_t)
+        y.index_add_(0, meta.sorted_tokens, d)
     return True
 
 

@@ -256,7 +256,7 @@ def test_cpu_fused_lora_declines_prefill_sized_work():
     """Prefill (few slots, many rows each) stays on the by-segment form: the fused form would
     multiply every row against every slot's columns."""
     case = make_case(
-        n_tokens=512, d_in=576, slice_sizes=SMOLLM2_QKV, n_slots=8, max_rank=16,
+        n_tokens=512, d_in=576, slice_sizes=SMOLLM2_QKV, n_slots=8, max_rank=64,
         dtype=torch.bfloat16, layout="prefill", seg_len=64,
     )  # fmt: skip
     packed = _packed_slots(case)

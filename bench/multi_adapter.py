@@ -13,11 +13,12 @@ Workload: bench.common.workload() — 32 chat requests given at once, outputs 16
   peft-mixed      PEFT generate(adapter_names=...) with the lora-qv adapters, all 32 at once
   peft-swap       PEFT set_adapter per request (batch 1), the lora-qv adapters
 
-Each peftserve configuration also reports its decode step against its own floor: one pass of
-plain matmuls over the base weights plus the weights of the distinct adapters active in the step,
-timed in the same run. Cold start: register a rank-16 all-linear adapter from disk, then time to
-its first token, split into the registration and the first request, next to the base model's
-first token on the same prompt (the prefill alone).
+Each peftserve configuration is timed in --rounds interleaved rounds (median reported, and
+vs_base as the median of the per-round ratios); it also reports its decode step against its
+own floor: one pass of plain matmuls over the base weights plus the weights of the distinct
+adapters active in the step, timed in the same run. Cold start: register a rank-16
+all-linear adapter from disk, then time to its first token, split into the registration and
+the first request, next to the base model's first token on the same prompt (the prefill alone).
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-peft-swap", action="store_true", help="the slowest baseline")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs of each configuration")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -306,13 +308,28 @@ def main() -> None:
         "output_tokens": tokens,
         "configs": {},
     }
+    rounds: dict[str, list[float]] = {}
     for name, adapters in configs.items():
         r = run_ours(engine, make_requests(work, prompts, lengths, adapters), tokens)
         results["configs"][name] = r
+        rounds[name] = [r["tok_s"]]
         print(name, json.dumps(r))
-    base_tok_s = results["configs"]["base"]["tok_s"]
-    for r in results["configs"].values():
-        r["vs_base"] = r["tok_s"] / base_tok_s
+    # More rounds of the timed run, the configurations interleaved, so that drift of this shared
+    # machine hits them alike; tok_s is the median of the rounds, vs_base the median of each
+    # round's ratio to that round's base run.
+    for _ in range(args.rounds - 1):
+        for name, adapters in configs.items():
+            reqs = make_requests(work, prompts, lengths, adapters)
+            t0 = time.perf_counter()
+            engine.generate(reqs)
+            rounds[name].append(tokens / (time.perf_counter() - t0))
+        print("round", {k: round(v[-1], 1) for k, v in rounds.items()}, flush=True)
+    for name, r in results["configs"].items():
+        r["rounds_tok_s"] = rounds[name]
+        r["tok_s"] = statistics.median(rounds[name])
+        r["vs_base"] = statistics.median(
+            t / b for t, b in zip(rounds[name], rounds["base"], strict=True)
+        )
     results["cold_register_to_first_token_ms"] = cold_start(engine, root, prompts[0])
     print("cold", results["cold_register_to_first_token_ms"])
     del engine

@@ -154,8 +154,9 @@ class PackedLora:
 
     A: torch.Tensor  # [sum of the slices' ranks, in]
     B: torch.Tensor  # [out_total, sum of the slices' ranks]
-    ranks: tuple[int, ...] = ()  # per slice, in A's row order (0 = no update on the slice)
-    offsets: tuple[int, ...] = ()  # per slice's output columns, plus out_total at the end
+    ranks: tuple[int, ...]  # per slice, in A's row order (0 = no update on the slice)
+    offsets: tuple[int, ...]  # per slice's output columns, plus out_total at the end
+    macs: int  # multiply-adds per token of the fused form: sum of rank * (in + out) per slice
 
 
 def pack_lora(
@@ -179,7 +180,8 @@ def pack_lora(
             packed_b[rows, col : col + r] = B[slot, rows, :r].float() * float(scale[i, slot])
             col += r
     packed_a = torch.cat([A[i, slot, :r] for i, r in enumerate(ranks) if r])
-    return PackedLora(packed_a.contiguous(), packed_b, tuple(ranks), tuple(offsets))
+    macs = sum(r * (A.shape[3] + offsets[i + 1] - offsets[i]) for i, r in enumerate(ranks))
+    return PackedLora(packed_a.contiguous(), packed_b, tuple(ranks), tuple(offsets), macs)
 
 
 @dataclass(frozen=True)
@@ -281,12 +283,7 @@ def lora_delta_fused_cpu(
     slots = tuple(s for s in meta.seg_slots_list if packed[s] is not None)
     if len(slots) < 2:
         return False
-    d_in = x.shape[1]
-    work = 0
-    for s in slots:
-        p = packed[s]
-        work += sum(r * (d_in + p.offsets[i + 1] - p.offsets[i]) for i, r in enumerate(p.ranks))
-    if meta.num_active_tokens * work > _FUSED_MAX_WORK:
+    if meta.num_active_tokens * sum(packed[s].macs for s in slots) > _FUSED_MAX_WORK:
         return False
     f = packed.fused(slots)
     mask = meta.column_mask(f.layout, f.col_slot, x.dtype)

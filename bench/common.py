@@ -45,21 +45,34 @@ def workload(n: int = 32, lo: int = 16, hi: int = 128, seed: int = 0) -> list[tu
     return [(rng.choice(TASKS).format(rng.choice(TOPICS)), rng.randint(lo, hi)) for _ in range(n)]
 
 
-def timed(fn: Callable[[], object], repeat: int = 1) -> float:
-    """Best wall time of `repeat` runs, in seconds."""
+def _nothing() -> None:
+    pass
+
+
+def timed(
+    fn: Callable[[], object], repeat: int = 1, sync: Callable[[], None] = _nothing
+) -> float:
+    """Best wall time of `repeat` runs, in seconds; `sync` (e.g. torch.cuda.synchronize) runs
+    before and after each, inside nothing timed but the run."""
     best = float("inf")
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def median_time(fn: Callable[[], object], repeat: int) -> float:
+def median_time(
+    fn: Callable[[], object], repeat: int, sync: Callable[[], None] = _nothing
+) -> float:
     times = []
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

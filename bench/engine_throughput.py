@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,11 +74,12 @@ def run_hf(model, tokenizer, prompts: list[list[int]], lengths: list[int], batch
             )
 
 
-def matmul_pass(engine: Engine, batch: int) -> float:
-    """One plain matmul pass over the model's weights (all layers + LM head) at `batch` rows."""
+def matmul_pass(engine: Engine, batch: int, sync: Callable[[], None] = lambda: None) -> float:
+    """One plain matmul pass over the model's weights (all layers + LM head) at `batch` rows,
+    on the model's device; median of 9 (21 on a GPU, whose passes are short)."""
     m = engine.model
-    x = torch.randn(batch, m.shape.hidden, dtype=m.dtype)
-    xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype)
+    x = torch.randn(batch, m.shape.hidden, dtype=m.dtype, device=m.device)
+    xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype, device=m.device)
 
     def once() -> None:
         for layer in m.layers:
@@ -88,7 +90,7 @@ def matmul_pass(engine: Engine, batch: int) -> float:
         F.linear(x, m.lm_head)
 
     once()
-    return median_time(once, 9)
+    return median_time(once, 21 if m.device.type == "cuda" else 9, sync)
 
 
 def decode_step(engine: Engine, batch: int, prompt: list[int]) -> float:

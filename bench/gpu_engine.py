@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import environment, workload
+from bench.common import environment, median_time, timed, workload
+from bench.engine_throughput import matmul_pass
 from bench.multi_adapter import ALL, QV, chat_ids, make_requests, write_lora
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
@@ -57,26 +57,11 @@ def ensure_weights(model_dir: Path) -> str:
 
 
 def cuda_time(fn: Callable[[], object], repeat: int = 1) -> float:
-    """Best wall time of `repeat` runs, the GPU drained before and after each."""
-    best = float("inf")
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return timed(fn, repeat, sync)
 
 
 def cuda_median(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return median_time(fn, repeat, sync)
 
 
 def run_engine(engine: Engine, reqs: list[Request], tokens: int) -> None:
@@ -105,23 +90,6 @@ def hf_generate(model, pad: int, prompts, lengths, batch: int, **kw) -> None:
                 pad_token_id=pad,
                 **extra,
             )
-
-
-def matmul_pass(engine: Engine, batch: int) -> float:
-    m = engine.model
-    x = torch.randn(batch, m.shape.hidden, dtype=m.dtype, device=DEV)
-    xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype, device=DEV)
-
-    def once() -> None:
-        for layer in m.layers:
-            F.linear(x, layer.qkv.weight)
-            F.linear(x, layer.o.weight)
-            F.linear(x, layer.gate_up.weight)
-            F.linear(xi, layer.down.weight)
-        F.linear(x, m.lm_head)
-
-    once()
-    return cuda_median(once, 21)
 
 
 def decode_step(engine: Engine, reqs: list[Request], batch: int) -> float:
@@ -229,7 +197,7 @@ def throughput(engine, hf, pad, base, prompts, lengths, out) -> None:
 def decode_floor(engine, base) -> dict:
     floor = {}
     for b in (1, 8, 32):
-        step, mm = decode_step(engine, base, b), matmul_pass(engine, b)
+        step, mm = decode_step(engine, base, b), matmul_pass(engine, b, sync)
         floor[str(b)] = {
             "decode_step_ms": step * 1e3,
             "matmul_pass_ms": mm * 1e3,

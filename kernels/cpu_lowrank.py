@@ -42,13 +42,18 @@ _PAD_ROW_RATIO = 2
 _MIN_SEGMENTS_FOR_PADDED = 3
 
 
-def use_padded_layout(meta: SegmentMeta) -> bool:
+def use_padded_layout(meta: SegmentMeta, live_segments: int | None = None) -> bool:
+    """`live_segments`: how many of the step's segments have weights on this module (the step's
+    meta spans every adapter of the batch; a module that only some of them adapt loops over
+    just those in the by-segment layout). None: all of them."""
     lo, hi = meta.slot_span
     rows = (hi - lo) * meta.max_seg_len
-    return (
-        meta.num_segments >= _MIN_SEGMENTS_FOR_PADDED
-        and rows <= _PAD_ROW_RATIO * meta.num_active_tokens
-    )
+    live = meta.num_segments if live_segments is None else live_segments
+    return live >= _MIN_SEGMENTS_FOR_PADDED and rows <= _PAD_ROW_RATIO * meta.num_active_tokens
+
+
+def _live_segments(ranks: list[list[int]], meta: SegmentMeta) -> int:
+    return sum(1 for s in meta.seg_slots_list if any(row[s] for row in ranks))
 
 
 def shrink_cpu(
@@ -125,7 +130,7 @@ def lowrank_delta_cpu(
         return y
     ranks = _active_ranks(rank, meta, A.shape[2])
     xs = x.index_select(0, meta.sorted_tokens)  # [T_active, in]
-    if use_padded_layout(meta) if padded is None else padded:
+    if use_padded_layout(meta, _live_segments(ranks, meta)) if padded is None else padded:
         r_hi = _max_rank(ranks, meta)
         if r_hi == 0:
             return y

@@ -106,7 +106,8 @@ def add_lowrank_delta(
             )
         if isinstance(packed, PackedSlots) and lora_delta_fused_cpu(y, x, packed, meta):
             return y
-        if not use_padded_layout(meta):
+        live = sum(1 for s in meta.seg_slots_list if packed[s] is not None)
+        if not use_padded_layout(meta, live):
             return lora_delta_packed_cpu(y, x, packed, meta)
     check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
     if _on_cuda(x):

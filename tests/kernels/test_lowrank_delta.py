@@ -266,3 +266,30 @@ def test_cpu_fused_lora_declines_prefill_sized_work():
     add_lowrank_delta(y, case.x, case.A, case.B, case.rank, case.scale, case.meta,
                       case.slice_sizes, packed=packed)
     assert_close(y, reference_y(case), *BF16_TOL[1:])
+
+
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), [FP32_TOL, BF16_TOL])
+def test_cpu_layout_counts_only_segments_with_weights_on_the_module(dtype, atol, rtol, monkeypatch):
+    """The step's meta spans every adapter in the batch; a module that only one of them adapts
+    (a LoRA on q,v next to bottleneck adapters, say) runs by segment over that one instead of
+    padded over all of them (which cost a mixed-kinds step ~34 ms of padded expands)."""
+    import peftserve.kernels.cpu_lowrank as cpu_lowrank
+
+    case = make_case(n_tokens=12, d_in=64, slice_sizes=(32, 16, 16), n_slots=16, max_rank=8,
+                     dtype=dtype, layout="decode", garbage=1e4)  # fmt: skip
+    assert case.meta.num_segments >= 3 and cpu_lowrank.use_padded_layout(case.meta)
+    case.rank[:, 1:] = 0  # only slot 0 has weights on this module
+    expected = reference_y(case)
+
+    def no_padding(*args, **kwargs):
+        raise AssertionError("padded layout taken for a module with one live segment")
+
+    monkeypatch.setattr(cpu_lowrank, "_shrink_padded", no_padding)
+    packed = [pack_lora(case.A, case.B, case.rank, case.scale, s, case.slice_sizes)
+              for s in range(case.A.shape[1])]  # fmt: skip
+    for kw in ({}, {"packed": packed}):
+        y = case.y.clone()
+        add_lowrank_delta(y, case.x, case.A, case.B, case.rank, case.scale, case.meta,
+                          case.slice_sizes, **kw)  # fmt: skip
+        assert_close(y, expected, atol, rtol)
+        assert_untouched_rows(y, case.y, case.token_slot)

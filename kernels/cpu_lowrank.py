@@ -129,11 +129,12 @@ def lowrank_delta_cpu(
     if meta.is_empty:
         return y
     ranks = _active_ranks(rank, meta, A.shape[2])
+    live = _live_segments(ranks, meta)
+    if not live:  # no adapter of this step has weights on this module
+        return y
     xs = x.index_select(0, meta.sorted_tokens)  # [T_active, in]
-    if use_padded_layout(meta, _live_segments(ranks, meta)) if padded is None else padded:
+    if use_padded_layout(meta, live) if padded is None else padded:
         r_hi = _max_rank(ranks, meta)
-        if r_hi == 0:
-            return y
         h = _shrink_padded(xs, A, rank, meta, r_hi, b_down, act)
         _expand_padded(y, h, B, rank, scale, meta, slice_sizes, b_up)
         return y

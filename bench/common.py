@@ -45,16 +45,13 @@ def workload(n: int = 32, lo: int = 16, hi: int = 128, seed: int = 0) -> list[tu
     return [(rng.choice(TASKS).format(rng.choice(TOPICS)), rng.randint(lo, hi)) for _ in range(n)]
 
 
-def _nothing() -> None:
-    pass
-
-
 def timed(
-    fn: Callable[[], object], repeat: int = 1, sync: Callable[[], None] = _nothing
+    fn: Callable[[], object], repeat: int = 1, sync: Callable[[], None] | None = None
 ) -> float:
     """Best wall time of `repeat` runs, in seconds; `sync` (e.g. torch.cuda.synchronize) runs
     before and after each, inside nothing timed but the run."""
     best = float("inf")
+    sync = sync or _no_sync
     for _ in range(repeat):
         sync()
         t0 = time.perf_counter()
@@ -65,9 +62,10 @@ def timed(
 
 
 def median_time(
-    fn: Callable[[], object], repeat: int, sync: Callable[[], None] = _nothing
+    fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None
 ) -> float:
     times = []
+    sync = sync or _no_sync
     for _ in range(repeat):
         sync()
         t0 = time.perf_counter()
@@ -75,6 +73,27 @@ def median_time(
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _no_sync() -> None:
+    return None
+
+
+def decode_step_time(
+    engine, requests: list, repeat: int, sync: Callable[[], None] | None = None
+) -> float:
+    """Median time of `engine.step()` once every request in `requests` (added here) has
+    finished its prefill and decodes one token per step; the requests are drained afterwards.
+    Their max_new_tokens must leave room for the measured steps."""
+    for r in requests:
+        engine.add_request(r)
+    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    t = median_time(engine.step, repeat, sync)
+    while engine.has_unfinished():
+        engine.step()
+    return t
 
 
 def environment() -> dict[str, object]:

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
-from bench.common import environment, median_time, timed, workload
+from bench.common import decode_step_time, environment, median_time, timed, workload
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
@@ -94,23 +94,10 @@ def matmul_pass(engine: Engine, batch: int, sync: Callable[[], None] = lambda: N
 
 
 def decode_step(engine: Engine, batch: int, prompt: list[int]) -> float:
-    for i in range(batch):
-        engine.add_request(
-            Request(
-                f"d{batch}-{i}",
-                prompt_token_ids=tuple(prompt),
-                params=SamplingParams(max_new_tokens=40, ignore_eos=True),
-            )
-        )
-    while len(engine.scheduler.running) < batch or any(
-        s.num_uncomputed > 1 for s in engine.scheduler.running
-    ):
-        engine.step()
-    engine.step()
-    t = median_time(engine.step, 9)
-    while engine.has_unfinished():
-        engine.step()
-    return t
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    reqs = [Request(f"d{batch}-{i}", prompt_token_ids=tuple(prompt), params=params)
+            for i in range(batch)]  # fmt: skip
+    return decode_step_time(engine, reqs, 9)
 
 
 def bench_dtype(name: str, model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> dict:

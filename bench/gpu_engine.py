@@ -30,7 +30,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import environment, median_time, timed, workload
+from bench.common import decode_step_time, environment, timed, workload
 from bench.engine_throughput import matmul_pass
 from bench.multi_adapter import ALL, QV, chat_ids, make_requests, write_lora
 from peftserve.config import EngineConfig
@@ -58,10 +58,6 @@ def ensure_weights(model_dir: Path) -> str:
 
 def cuda_time(fn: Callable[[], object], repeat: int = 1) -> float:
     return timed(fn, repeat, sync)
-
-
-def cuda_median(fn: Callable[[], object], repeat: int) -> float:
-    return median_time(fn, repeat, sync)
 
 
 def run_engine(engine: Engine, reqs: list[Request], tokens: int) -> None:
@@ -94,16 +90,11 @@ def hf_generate(model, pad: int, prompts, lengths, batch: int, **kw) -> None:
 
 def decode_step(engine: Engine, reqs: list[Request], batch: int) -> float:
     params = SamplingParams(max_new_tokens=60, ignore_eos=True)
-    for i in range(batch):
-        r = reqs[i % len(reqs)]
-        engine.add_request(replace(r, request_id=f"d{batch}-{i}", params=params))
-    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    engine.step()
-    t = cuda_median(engine.step, 21)
-    while engine.has_unfinished():
-        engine.step()
-    return t
+    probe = [
+        replace(reqs[i % len(reqs)], request_id=f"d{batch}-{i}", params=params)
+        for i in range(batch)
+    ]
+    return decode_step_time(engine, probe, 21, sync)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import environment, median_time, workload
+from bench.common import decode_step_time, environment, median_time, workload
 from peftserve.adapters.lora import module_dims, module_name
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
@@ -140,15 +140,7 @@ def decode_step(engine: Engine, reqs: list[Request]) -> float:
     """Median step time once all 32 requests are decoding."""
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     probe = [replace(r, request_id=f"p-{r.request_id}", params=params) for r in reqs]
-    for r in probe:
-        engine.add_request(r)
-    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    engine.step()
-    t = median_time(engine.step, 7)
-    while engine.has_unfinished():
-        engine.step()
-    return t
+    return decode_step_time(engine, probe, 7)
 
 
 def warm(engine: Engine, reqs: list[Request]) -> None:

@@ -52,10 +52,8 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory):
 
 
 def engine_with(model_dir, dirs, **kw) -> Engine:
-    kw = {"num_kv_blocks": 256, "block_size": 4, "max_loras": 8, **kw}
-    engine = Engine.from_config(
-        EngineConfig(model=str(model_dir), dtype="float32", device=DEVICE, **kw)
-    )
+    kw = {"dtype": "float32", "num_kv_blocks": 256, "block_size": 4, "max_loras": 8, **kw}
+    engine = Engine.from_config(EngineConfig(model=str(model_dir), device=DEVICE, **kw))
     for name, path in dirs.items():
         engine.register_adapter(name, path)
     return engine
@@ -260,21 +258,10 @@ def test_fused_lora_form_in_bf16_follows_slot_turnover(tiny_llama_dir, adapter_d
         return used
 
     def run() -> dict[str, list[int]]:
-        engine = Engine.from_config(
-            EngineConfig(model=str(tiny_llama_dir), dtype="bfloat16", device=DEVICE,
-                         num_kv_blocks=256, block_size=4, max_loras=2)
-        )  # fmt: skip
-        for name, path in dirs.items():
-            engine.register_adapter(name, path)
-        reqs = requests(names * 3, seed=2)
-        for r in reqs:
-            engine.add_request(r)
-        results: dict[str, list] = {r.request_id: [] for r in reqs}
-        while engine.has_unfinished():
-            for o in engine.step():
-                results[o.request_id].append(o)
+        engine = engine_with(tiny_llama_dir, dirs, dtype="bfloat16", max_loras=2)
+        out = tokens(engine.generate(requests(names * 3, seed=2)))
         assert engine.adapters.evictions > 0
-        return tokens(results)
+        return out
 
     monkeypatch.setattr(dispatch, "lora_delta_fused_cpu", counting)
     cached = run()

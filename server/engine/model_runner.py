@@ -6,7 +6,7 @@ import torch
 
 from peftserve.adapters.slots import AdapterHook, DeviceSlots
 from peftserve.engine.scheduler import ScheduledBatch, ScheduledSeq
-from peftserve.kernels import build_segment_meta
+from peftserve.kernels import build_segment_meta, cpu_ext
 from peftserve.layers.attention import AttentionMetadata, PrefillChunk
 from peftserve.layers.linear import DeltaHook
 from peftserve.models.llama import LlamaModel, StepContext
@@ -21,6 +21,8 @@ class ModelRunner:
         self.block_size = block_size
         s = model.shape
         self.device = model.device
+        if self.device.type == "cpu":
+            cpu_ext.load()  # the C++ decode attention: built here once per machine, not mid-step
         # [layers, K/V, kv_heads, slots, head_dim]; slot = block * block_size + offset. Head-major:
         # decode attention gathers whole blocks and reads them in place (layers/attention.py).
         self.kv_cache = torch.zeros(
@@ -46,9 +48,11 @@ class ModelRunner:
         first = (start // bs) * bs
         return slots[start - first : end - first]
 
-    def _decode_metadata(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> block tables [nd, max_blocks] (padded with block 0) and the mask of real context
-        positions [nd, 1, 1, 1, max_blocks * block_size]."""
+    def _decode_metadata(
+        self, decodes: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> block tables [nd, max_blocks] (padded with block 0), the mask of real context
+        positions [nd, 1, 1, 1, max_blocks * block_size] and the context lengths [nd]."""
         bs = self.block_size
         ctx_lens = [d.seq.num_computed_tokens + 1 for d in decodes]
         max_blocks = -(-max(ctx_lens) // bs)
@@ -57,8 +61,9 @@ class ModelRunner:
             + [0] * (max_blocks - len(d.seq.block_table[:max_blocks]))
             for d in decodes
         ]
-        mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(ctx_lens)[:, None]
-        return torch.tensor(table, dtype=torch.long), mask[:, None, None, None, :]
+        lens = torch.tensor(ctx_lens, dtype=torch.long)
+        mask = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
+        return torch.tensor(table, dtype=torch.long), mask[:, None, None, None, :], lens
 
     def prepare(
         self, batch: ScheduledBatch
@@ -99,16 +104,18 @@ class ModelRunner:
             chunks.append(PrefillChunk(row, row + n, ctx_slots, mask))
             row += n
         dev = self.device
-        decode_blocks = decode_mask = None
+        decode_blocks = decode_mask = decode_lens = None
         if batch.decodes:
-            decode_blocks, decode_mask = self._decode_metadata(batch.decodes)
+            decode_blocks, decode_mask, decode_lens = self._decode_metadata(batch.decodes)
             decode_blocks, decode_mask = decode_blocks.to(dev), decode_mask.to(dev)
+            decode_lens = decode_lens.to(dev)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts).to(dev),
             num_decodes=len(batch.decodes),
             block_size=self.block_size,
             decode_blocks=decode_blocks,
             decode_mask=decode_mask,
+            decode_lens=decode_lens,
             prefills=tuple(chunks),
         )
         return (
@@ -189,6 +196,7 @@ class ModelRunner:
             block_size=self.block_size,
             decode_blocks=None,
             decode_mask=None,
+            decode_lens=None,
             prefills=(PrefillChunk(0, n, None, None),),
         )
         cos, sin = self.model.rotary.cos_sin(positions, self.model.dtype)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from peftserve.kernels import cpu_ext
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
@@ -30,6 +32,7 @@ class AttentionMetadata:
     block_size: int
     decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] block tables (padded with 0)
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, 1, max_blocks * block_size] bool
+    decode_lens: torch.Tensor | None  # [num_decodes] int64 context length (this token included)
     prefills: tuple[PrefillChunk, ...]
 
 
@@ -101,7 +104,12 @@ def paged_attention(
     Returns [T, heads, head_dim]."""
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
+    if nd and not q.is_cuda and meta.decode_lens is not None and cpu_ext.load():
+        # C++ kernel: reads each sequence's blocks in place (kernels/csrc/paged_attention_cpu.cpp)
+        torch.ops.peftserve_cpu.paged_decode_attention(
+            out[:nd], q[:nd], cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale
+        )
+    elif nd:
         assert meta.decode_blocks is not None and meta.decode_mask is not None
         # Gather whole blocks (one index per block, not per token): [2, kv_heads, nd, ctx, dim]
         blocks = cache.unflatten(2, (-1, meta.block_size))[:, :, meta.decode_blocks].flatten(3, 4)

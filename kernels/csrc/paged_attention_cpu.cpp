@@ -1,0 +1,242 @@
+// Decode attention over the paged KV cache, reading K/V blocks where they lie.
+//
+// One query token per sequence. The torch path (layers/attention.py) first gathers each
+// sequence's blocks into a padded [kv_heads, B, max_blocks * block_size, head_dim] copy, then
+// runs two batched matmuls and a masked softmax: on a CPU decode step that gather moves every
+// context byte twice more than attention needs. Here each (sequence, kv head) pair walks its
+// block table once for the scores and once for the values, with fp32 accumulation; the query
+// heads of a GQA group share each K/V row they read. Positions at or past a sequence's context
+// length are never read.
+//
+// Layouts (as the engine keeps them):
+//   out, q        [B, heads, head_dim]                  the cache's dtype; out contiguous, q
+//                                                       contiguous in head_dim
+//   cache         [2, kv_heads, num_slots, head_dim]    one layer, K then V; slot = block * bs + i
+//   block_tables  [B, max_blocks] int64                 entries past a sequence's blocks unused
+//   context_lens  [B] int64                             >= 1, <= max_blocks * block_size
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp for x <= 0 (softmax after subtracting the max), Cephes' expf polynomial: within 2 ulp of
+// std::exp on [-87, 0], and written so `omp simd` loops vectorize it (glibc's expf does not).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename scalar_t>
+inline void prefetch(const scalar_t* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
+    __builtin_prefetch(c + off);
+  }
+}
+
+// K/V rows to fp32. bf16 by its bits (a shift), so the loop vectorizes.
+template <typename scalar_t>
+inline void to_float(float* dst, const scalar_t* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+template <>
+inline void to_float<c10::BFloat16>(float* dst, const c10::BFloat16* src, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    d[i] = static_cast<uint32_t>(s[i]) << 16;
+  }
+}
+
+template <typename scalar_t>
+void decode_attention_kernel(
+    scalar_t* out,
+    const scalar_t* q,
+    int64_t q_stride_b,
+    int64_t q_stride_h,
+    const scalar_t* cache,
+    const int64_t* tables,
+    const int64_t* lens,
+    int64_t batch,
+    int64_t heads,
+    int64_t kv_heads,
+    int64_t head_dim,
+    int64_t num_slots,
+    int64_t max_blocks,
+    int64_t block_size,
+    float scale) {
+  const int64_t group = heads / kv_heads;
+  const int64_t D = head_dim;
+  const scalar_t* k_cache = cache;
+  const scalar_t* v_cache = cache + kv_heads * num_slots * D;
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), acc(group * D), row(D), inv_sum(group), scores;
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t b = work / kv_heads;
+      const int64_t kh = work % kv_heads;
+      const int64_t len = lens[b];
+      const int64_t* table = tables + b * max_blocks;
+      for (int64_t g = 0; g < group; ++g) {
+        const scalar_t* qh = q + b * q_stride_b + (kh * group + g) * q_stride_h;
+        for (int64_t d = 0; d < D; ++d) {
+          qf[g * D + d] = static_cast<float>(qh[d]) * scale;
+        }
+      }
+      scores.resize(group * len);
+      const scalar_t* kh_base = k_cache + kh * num_slots * D;
+      const scalar_t* vh_base = v_cache + kh * num_slots * D;
+      // scores[g, l] = q_g . k_l (scaled)
+      const int64_t block_elems = block_size * D;
+      const int64_t num_ctx_blocks = (len + block_size - 1) / block_size;
+      prefetch(kh_base + table[0] * block_elems, block_elems);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = std::min(block_size, len - start);
+        const int64_t j = start / block_size;
+        const scalar_t* kb = kh_base + table[j] * block_elems;
+        // The blocks lie anywhere in the cache: ask for the next K block and this V block
+        // (read by the second pass) while this one is computed.
+        if (j + 1 < num_ctx_blocks) {
+          prefetch(kh_base + table[j + 1] * block_elems, block_elems);
+        }
+        prefetch(vh_base + table[j] * block_elems, n * D);
+        for (int64_t i = 0; i < n; ++i) {
+          to_float(row.data(), kb + i * D, D);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qf.data() + g * D;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; ++d) {
+              s += qg[d] * row[d];
+            }
+            scores[g * len + start + i] = s;
+          }
+        }
+      }
+      // softmax over each query head's row, in place; 1 / sum kept for the output
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t l = 0; l < len; ++l) {
+          m = std::max(m, sg[l]);
+        }
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t l = 0; l < len; ++l) {
+          sg[l] = exp_nonpositive(sg[l] - m);
+          sum += sg[l];
+        }
+        inv_sum[g] = 1.f / sum;
+      }
+      // out[g] = sum_l p[g, l] v_l
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = std::min(block_size, len - start);
+        const scalar_t* vb = vh_base + table[start / block_size] * block_elems;
+        for (int64_t i = 0; i < n; ++i) {
+          to_float(row.data(), vb + i * D, D);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * len + start + i];
+            float* ag = acc.data() + g * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) {
+              ag[d] += p * row[d];
+            }
+          }
+        }
+      }
+      scalar_t* ob = out + (b * heads + kh * group) * D;
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t d = 0; d < D; ++d) {
+          ob[g * D + d] = static_cast<scalar_t>(acc[g * D + d] * inv_sum[g]);
+        }
+      }
+    }
+  });
+}
+
+void paged_decode_attention(
+    const at::Tensor& out,
+    const at::Tensor& q,
+    const at::Tensor& cache,
+    const at::Tensor& block_tables,
+    const at::Tensor& context_lens,
+    int64_t block_size,
+    double scale) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [B, heads, head_dim]");
+  TORCH_CHECK(cache.dim() == 4 && cache.size(0) == 2, "cache must be [2, kv_heads, slots, dim]");
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t kv_heads = cache.size(1), num_slots = cache.size(2);
+  TORCH_CHECK(cache.size(3) == head_dim, "cache head_dim ", cache.size(3), " != q's ", head_dim);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "q, out and cache must share one dtype");
+  TORCH_CHECK(q.stride(2) == 1 && out.is_contiguous() && cache.is_contiguous(),
+              "out and cache must be contiguous, q contiguous in head_dim");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 &&
+                  block_tables.size(0) == batch && block_tables.is_contiguous(),
+              "block_tables must be a contiguous int64 [B, max_blocks]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.dim() == 1 &&
+                  context_lens.size(0) == batch && context_lens.is_contiguous(),
+              "context_lens must be a contiguous int64 [B]");
+  TORCH_CHECK(block_size > 0 && num_slots % block_size == 0, "bad block_size");
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t num_blocks = num_slots / block_size;
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * block_size,
+                "context length ", lens[b], " of sequence ", b, " does not fit its block table");
+    for (int64_t j = 0; j < (lens[b] + block_size - 1) / block_size; ++j) {
+      const int64_t blk = tables[b * max_blocks + j];
+      TORCH_CHECK(blk >= 0 && blk < num_blocks, "block ", blk, " outside the cache");
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+        decode_attention_kernel<scalar_t>(
+            out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
+            cache.data_ptr<scalar_t>(), tables,
+            lens, batch, heads, kv_heads, head_dim, num_slots, max_blocks, block_size,
+            static_cast<float>(scale));
+      });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(peftserve_cpu, m) {
+  m.def(
+      "paged_decode_attention(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_tables, "
+      "Tensor context_lens, int block_size, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

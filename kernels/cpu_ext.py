@@ -23,8 +23,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp",)
-CFLAGS = ("-O3", "-march=native", "-fopenmp")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "paged_attention_cpu.cpp", CSRC / "fused_cpu.cpp")
+HEADERS = (CSRC / "vec_math.h",)
+# No -ffast-math: results stay IEEE; these two only let loops with exp/sqrt/selects vectorize.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 ENV_SWITCH = "PEFTSERVE_CPU_KERNELS"
 
 _lock = threading.Lock()
@@ -42,7 +45,7 @@ def _cpu_signature() -> str:
 
 def build_dir() -> Path:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(CFLAGS).encode())
     h.update(torch.__version__.encode())

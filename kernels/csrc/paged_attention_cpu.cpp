@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,26 +30,6 @@
 
 namespace {
 
-// exp for x <= 0 (softmax after subtracting the max), Cephes' expf polynomial: within 2 ulp of
-// std::exp on [-87, 0], and written so `omp simd` loops vectorize it (glibc's expf does not).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 template <typename scalar_t>
 inline void prefetch(const scalar_t* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
@@ -56,22 +38,12 @@ inline void prefetch(const scalar_t* p, int64_t n) {
   }
 }
 
-// K/V rows to fp32. bf16 by its bits (a shift), so the loop vectorizes.
+// K/V rows to fp32 (bf16 by its bits, so the loop vectorizes).
 template <typename scalar_t>
 inline void to_float(float* dst, const scalar_t* src, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-template <>
-inline void to_float<c10::BFloat16>(float* dst, const c10::BFloat16* src, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    d[i] = static_cast<uint32_t>(s[i]) << 16;
+    dst[i] = peftserve_cpu::Fp32<scalar_t>::load(src, i);
   }
 }
 
@@ -150,7 +122,7 @@ void decode_attention_kernel(
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t l = 0; l < len; ++l) {
-          sg[l] = exp_nonpositive(sg[l] - m);
+          sg[l] = peftserve_cpu::exp_nonpositive(sg[l] - m);
           sum += sg[l];
         }
         inv_sum[g] = 1.f / sum;
@@ -175,7 +147,7 @@ void decode_attention_kernel(
       scalar_t* ob = out + (b * heads + kh * group) * D;
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t d = 0; d < D; ++d) {
-          ob[g * D + d] = static_cast<scalar_t>(acc[g * D + d] * inv_sum[g]);
+          peftserve_cpu::Fp32<scalar_t>::store(ob, g * D + d, acc[g * D + d] * inv_sum[g]);
         }
       }
     }

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from transformers import PretrainedConfig
 
 from peftserve.errors import UnsupportedModel
+from peftserve.kernels import cpu_ext
 from peftserve.layers.attention import AttentionMetadata, paged_attention, write_kv
 from peftserve.layers.linear import AdaptableLinear, DeltaHook
 from peftserve.layers.norm import RMSNorm
@@ -95,20 +96,33 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # h: [T, hidden]; cache: [2, kv_heads, slots, head_dim] for this layer
-        T = h.shape[0]
+        T, D = h.shape[0], self.head_dim
         qkv = self.qkv(self.input_norm(h), ctx.hook)
-        # q and k heads side by side: one rotary application for both.
-        qk = apply_rotary(
-            qkv[:, : self.q_out + self.kv_out].view(T, -1, self.head_dim), ctx.cos, ctx.sin
-        )
-        q, k = qk.split((self.heads, self.kv_heads), dim=1)
-        v = qkv[:, self.q_out + self.kv_out :].view(T, self.kv_heads, self.head_dim)
-        write_kv(cache, ctx.attn.slot_mapping, k, v)
+        fused = not qkv.is_cuda and cpu_ext.load()
+        if fused:  # one C++ pass: rotary on q and k in place, k and v into their cache slots
+            torch.ops.peftserve_cpu.rotary_and_cache(
+                qkv, ctx.cos[:, 0], ctx.sin[:, 0], cache, ctx.attn.slot_mapping,
+                self.heads, self.kv_heads,
+            )  # fmt: skip
+            q = qkv[:, : self.q_out].view(T, self.heads, D)
+            k = qkv[:, self.q_out : self.q_out + self.kv_out].view(T, self.kv_heads, D)
+        else:
+            # q and k heads side by side: one rotary application for both.
+            qk = apply_rotary(qkv[:, : self.q_out + self.kv_out].view(T, -1, D), ctx.cos, ctx.sin)
+            q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        v = qkv[:, self.q_out + self.kv_out :].view(T, self.kv_heads, D)
+        if not fused:
+            write_kv(cache, ctx.attn.slot_mapping, k, v)
         a = paged_attention(q, k, v, cache, ctx.attn, self.scale)
         h = h + self.o(a.reshape(T, self.q_out), ctx.hook)
         gu = self.gate_up(self.post_attn_norm(h), ctx.hook)
-        gate, up = gu.chunk(2, dim=-1)
-        return h + self.down(F.silu(gate) * up, ctx.hook)
+        if fused:
+            act = gu.new_empty(T, gu.shape[1] // 2)
+            torch.ops.peftserve_cpu.silu_and_mul(act, gu)
+        else:
+            gate, up = gu.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return h + self.down(act, ctx.hook)
 
 
 class LlamaModel(nn.Module):

@@ -14,6 +14,7 @@
 # 4. bench/kernels.py on CUDA.
 # Writes logs and JSON under $OUT (default bench/results). Each step has a time limit
 # and runs regardless of the others; the exit status is non-zero when any failed.
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all four).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -44,6 +45,7 @@ PY
 status=0
 step() {  # step NAME SECONDS COMMAND...
   local name="$1" limit="$2"; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}

@@ -1,0 +1,111 @@
+"""The C++ CPU ops for a layer's small work (kernels/csrc/fused_cpu.cpp) against the torch
+spelling they replace: bit-equal in bf16 where both round the same way, close in fp32/fp16; and
+the model layer takes them on the CPU.
+
+CI machines have a C++ compiler, so the kernels must build there: a failed build fails these
+tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from peftserve.kernels import cpu_ext
+from peftserve.layers.norm import RMSNorm
+from peftserve.layers.rotary import apply_rotary
+
+# bf16: equal up to 1e-30 (an exp clamped at -87 leaves silu(-100) at -1e-36 where torch has a
+# denormal); any difference at a normal magnitude fails.
+DTYPES = [(torch.bfloat16, 1e-30), (torch.float16, 1e-3), (torch.float32, 1e-5)]
+
+
+def rtol(dtype: torch.dtype, atol: float) -> float:
+    return 0.0 if dtype == torch.bfloat16 else atol
+
+
+@pytest.fixture(scope="module")
+def ops():
+    assert cpu_ext.load(), "the C++ CPU kernels did not build (see the warning logged above)"
+    return torch.ops.peftserve_cpu
+
+
+@pytest.mark.parametrize("dtype, atol", DTYPES)
+def test_rms_norm_matches_the_torch_spelling(ops, dtype, atol):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 96, generator=g) * 3).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
+    ref = w * F.rms_norm(x.float(), (96,), eps=1e-5).to(dtype)  # layers/norm.py's torch path
+    out = torch.empty_like(x)
+    ops.rms_norm(out, x, w, 1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol(dtype, atol))
+
+
+@pytest.mark.parametrize("dtype, atol", DTYPES)
+def test_silu_and_mul_matches_the_torch_spelling(ops, dtype, atol):
+    g = torch.Generator().manual_seed(1)
+    gu = (torch.randn(29, 2 * 80, generator=g) * 4).to(dtype)
+    gu[0, :6] = torch.tensor([0.0, -0.0, 30.0, -30.0, 100.0, -100.0])  # saturated sigmoid
+    gate, up = gu.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    out = torch.empty(29, 80, dtype=dtype)
+    ops.silu_and_mul(out, gu)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol(dtype, atol))
+
+
+@pytest.mark.parametrize("dtype, atol", DTYPES)
+def test_rotary_and_cache_rotates_q_and_k_and_writes_k_and_v_to_their_slots(ops, dtype, atol):
+    g = torch.Generator().manual_seed(2)
+    T, heads, kvh, D, slots = 11, 6, 2, 16, 40
+    qkv = torch.randn(T, (heads + 2 * kvh) * D, generator=g).to(dtype)
+    pos = torch.randint(0, 500, (T,), generator=g).float()
+    freqs = pos[:, None] / 10000 ** (torch.arange(0, D, 2) / D)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    slot_mapping = torch.randperm(slots, generator=g)[:T]
+    cache = torch.full((2, kvh, slots, D), 7.0, dtype=dtype)
+
+    qk = apply_rotary(qkv[:, : (heads + kvh) * D].view(T, -1, D), cos[:, None], sin[:, None])
+    v = qkv[:, (heads + kvh) * D :].view(T, kvh, D)
+    ours = qkv.clone()
+    ops.rotary_and_cache(ours, cos, sin, cache, slot_mapping, heads, kvh)
+
+    ours3 = ours.view(T, heads + 2 * kvh, D)
+    torch.testing.assert_close(
+        ours3[:, : heads + kvh].float(), qk.float(), atol=atol, rtol=rtol(dtype, atol)
+    )
+    assert torch.equal(ours3[:, heads + kvh :], v)  # v untouched
+    assert torch.equal(cache[0][:, slot_mapping], ours3[:, heads : heads + kvh].transpose(0, 1))
+    assert torch.equal(cache[1][:, slot_mapping], v.transpose(0, 1))
+    others = torch.ones(slots, dtype=torch.bool)
+    others[slot_mapping] = False
+    assert (cache[:, :, others] == 7.0).all()  # no other slot written
+
+
+def test_bad_arguments_raise_a_clear_error(ops):
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.rms_norm(torch.empty_like(x), x, torch.ones(9), 1e-5)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.rms_norm(torch.empty_like(x), x, torch.ones(8, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.silu_and_mul(torch.empty(4, 3), x)
+    qkv, cache = torch.randn(2, (2 + 2) * 4), torch.zeros(2, 1, 8, 4)
+    cs = torch.ones(2, 4)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.rotary_and_cache(qkv, cs, cs, cache, torch.tensor([0, 8]), 2, 1)
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        ops.rotary_and_cache(torch.randn(2, 20), cs, cs, cache, torch.tensor([0, 1]), 2, 1)
+
+
+def test_rms_norm_module_takes_the_op_on_the_cpu(ops, monkeypatch):
+    norm = RMSNorm(32, 1e-6)
+    norm.weight.data = torch.randn(32).bfloat16()
+    x = torch.randn(5, 32).bfloat16()
+    calls, real = [], ops.rms_norm
+    monkeypatch.setattr(ops, "rms_norm", lambda *a: calls.append(1) or real(*a), raising=False)
+    fused = norm(x)
+    assert calls == [1]
+    monkeypatch.setattr(cpu_ext, "_state", False)  # as without a compiler: the torch path
+    assert torch.equal(norm(x), fused) and calls == [1]

@@ -1,5 +1,6 @@
-"""RMSNorm, computed in fp32 as transformers' Llama does (on the CPU by one C++ op when the
-kernels are built: kernels/csrc/fused_cpu.cpp, same rounding)."""
+"""RMSNorm, computed in fp32 as transformers' Llama does. In half precision on the CPU one C++
+op does it (kernels/csrc/fused_cpu.cpp, the same roundings: bf16 results are bit-equal); fp32,
+the parity dtype, keeps transformers' own op sequence."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]
-        if not x.is_cuda and x.is_contiguous() and cpu_ext.load():
+        if x.dtype != torch.float32 and not x.is_cuda and x.is_contiguous() and cpu_ext.load():
             out = torch.empty_like(x)
             torch.ops.peftserve_cpu.rms_norm(out, x, self.weight, self.eps)
             return out

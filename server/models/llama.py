@@ -98,8 +98,11 @@ class DecoderLayer(nn.Module):
         # h: [T, hidden]; cache: [2, kv_heads, slots, head_dim] for this layer
         T, D = h.shape[0], self.head_dim
         qkv = self.qkv(self.input_norm(h), ctx.hook)
-        fused = not qkv.is_cuda and cpu_ext.load()
-        if fused:  # one C++ pass: rotary on q and k in place, k and v into their cache slots
+        # Half precision on the CPU: C++ ops (kernels/csrc/fused_cpu.cpp) for the rotary + cache
+        # write and SwiGLU. fp32, the parity dtype, keeps transformers' op sequence: summed in
+        # another order, 30 layers drift ~1e-4 from it in the logits.
+        fused = qkv.dtype != torch.float32 and not qkv.is_cuda and cpu_ext.load()
+        if fused:  # one pass: rotary on q and k in place, k and v into their cache slots
             torch.ops.peftserve_cpu.rotary_and_cache(
                 qkv, ctx.cos[:, 0], ctx.sin[:, 0], cache, ctx.attn.slot_mapping,
                 self.heads, self.kv_heads,

@@ -24,8 +24,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_attention_cpu.cpp", CSRC / "fused_cpu.cpp")
-HEADERS = (CSRC / "vec_math.h",)
+SOURCES = (CSRC / "paged_attention_cpu.cpp", CSRC / "fused_cpu.cpp", CSRC / "decode_forward_cpu.cpp")
+HEADERS = (CSRC / "ops.h", CSRC / "vec_math.h")
 # No -ffast-math: results stay IEEE; these two only let loops with exp/sqrt/selects vectorize.
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 ENV_SWITCH = "PEFTSERVE_CPU_KERNELS"

@@ -11,14 +11,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "vec_math.h"
 
 #include <cmath>
 #include <cstdint>
 
-namespace {
+namespace peftserve_cpu {
 
-using peftserve_cpu::Fp32;
 
 // out = weight * dtype(x * rsqrt(mean(x^2) + eps)), the normalization in fp32 (transformers'
 // LlamaRMSNorm). x, out: [T, H] contiguous; weight: [H].
@@ -171,7 +171,7 @@ void silu_and_mul(const at::Tensor& out, const at::Tensor& gate_up) {
       });
 }
 
-}  // namespace
+}  // namespace peftserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
@@ -182,7 +182,7 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rotary_and_cache", &rotary_and_cache);
-  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rms_norm", &peftserve_cpu::rms_norm);
+  m.impl("rotary_and_cache", &peftserve_cpu::rotary_and_cache);
+  m.impl("silu_and_mul", &peftserve_cpu::silu_and_mul);
 }

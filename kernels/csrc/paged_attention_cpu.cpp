@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -28,7 +29,7 @@
 #include <limits>
 #include <vector>
 
-namespace {
+namespace peftserve_cpu {
 
 template <typename scalar_t>
 inline void prefetch(const scalar_t* p, int64_t n) {
@@ -201,7 +202,7 @@ void paged_decode_attention(
       });
 }
 
-}  // namespace
+}  // namespace peftserve_cpu
 
 TORCH_LIBRARY(peftserve_cpu, m) {
   m.def(
@@ -210,5 +211,5 @@ TORCH_LIBRARY(peftserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
-  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention", &peftserve_cpu::paged_decode_attention);
 }

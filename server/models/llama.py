@@ -159,14 +159,55 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config, self.shape.head_dim, device)
         self.dtype = dtype
         self.device = device
+        self._decode_weights: tuple | None = None
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, hidden]
         return F.embedding(input_ids, self.embed)
 
+    def _cpp_decode_weights(self) -> tuple:
+        """The weights decode_forward takes, as lists in layer order (built once: the base
+        weights never change after loading)."""
+        if self._decode_weights is None:
+            L = self.layers
+            self._decode_weights = (
+                [x.input_norm.weight for x in L],
+                [x.qkv.weight for x in L],
+                [x.qkv.bias for x in L] if L[0].qkv.bias is not None else [],
+                [x.o.weight for x in L],
+                [x.o.bias for x in L] if L[0].o.bias is not None else [],
+                [x.post_attn_norm.weight for x in L],
+                [x.gate_up.weight for x in L],
+                [x.down.weight for x in L],
+                self.norm.weight,
+            )
+        return self._decode_weights
+
+    def _use_cpp_decode(self, h: torch.Tensor, ctx: StepContext) -> bool:
+        """A decode-only step without adapter deltas, in half precision on the CPU: the whole
+        stack runs in one C++ call (kernels/csrc/decode_forward_cpu.cpp), the same ops as the
+        layers below in the same order."""
+        a = ctx.attn
+        return (
+            ctx.hook is None
+            and not a.prefills
+            and a.num_decodes == h.shape[0]
+            and a.decode_lens is not None
+            and self.dtype != torch.float32
+            and self.device.type == "cpu"
+            and cpu_ext.load()
+        )
+
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # h: [T, hidden] input embeddings; kv_cache: [layers, 2, kv_heads, slots, head_dim]
+        if self._use_cpp_decode(h, ctx):
+            a, layer0 = ctx.attn, self.layers[0]
+            return torch.ops.peftserve_cpu.decode_forward(
+                h, *self._cpp_decode_weights(), kv_cache, ctx.cos[:, 0], ctx.sin[:, 0],
+                a.slot_mapping, a.decode_blocks, a.decode_lens, a.block_size,
+                layer0.heads, layer0.kv_heads, layer0.scale, self.norm.eps,
+            )  # fmt: skip
         for i, layer in enumerate(self.layers):
             h = layer(h, kv_cache[i], ctx)
         return self.norm(h)

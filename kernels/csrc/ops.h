@@ -1,0 +1,17 @@
+// The CPU ops of this library, callable from each other's C++ (decode_forward_cpu.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace peftserve_cpu {
+
+void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens,
+                            int64_t block_size, double scale);
+void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void rotary_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& cache, const at::Tensor& slot_mapping, int64_t heads,
+                      int64_t kv_heads);
+void silu_and_mul(const at::Tensor& out, const at::Tensor& gate_up);
+
+}  // namespace peftserve_cpu

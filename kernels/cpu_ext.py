@@ -1,15 +1,20 @@
 """peftserve's C++ CPU kernels (csrc/), built once per machine on first use.
 
-    if cpu_ext.load():                     # builds on the first call (~30 s), then loads
+    if cpu_ext.load():                     # builds on the first call (~20 s), then loads
         torch.ops.peftserve_cpu.paged_decode_attention(out, q, cache, tables, lens, bs, scale)
+
+Ops (torch.ops.peftserve_cpu.*): paged_decode_attention (decode attention reading KV blocks in
+place; every dtype), rms_norm, rotary_and_cache, silu_and_mul (the small per-layer work, half
+precision: fp32 keeps transformers' op sequence for parity) and decode_forward (a decode-only,
+adapter-free half-precision step's whole decoder stack in one call).
 
 The build uses torch's extension builder (a C++ compiler and ninja) with -O3 -march=native into
 ~/.cache/peftserve/kernels/<key>, where the key covers the sources, torch's version, the flags
 and this CPU's model and flags: a later start (or another process) only loads the library. When
 no compiler is there, or `PEFTSERVE_CPU_KERNELS=0`, `load()` returns False once with a warning
-and the callers keep their plain-torch path, which computes the same thing.
+and the callers keep their plain-torch paths (the same computation; bf16 decode attention then
+rounds its scores and probabilities to bf16 as the torch matmuls do).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +29,9 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_attention_cpu.cpp", CSRC / "fused_cpu.cpp", CSRC / "decode_forward_cpu.cpp")
+SOURCES = tuple(
+    CSRC / f for f in ("paged_attention_cpu.cpp", "fused_cpu.cpp", "decode_forward_cpu.cpp")
+)
 HEADERS = (CSRC / "ops.h", CSRC / "vec_math.h")
 # No -ffast-math: results stay IEEE; these two only let loops with exp/sqrt/selects vectorize.
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")

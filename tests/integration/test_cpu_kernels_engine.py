@@ -41,9 +41,12 @@ def test_one_call_decode_stack_gives_the_python_layers_tokens(model, request, mo
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
     used = []
     real = LlamaModel._use_cpp_decode
-    monkeypatch.setattr(
-        LlamaModel, "_use_cpp_decode", lambda self, h, ctx: used.append(real(self, h, ctx)) or used[-1]
-    )
+
+    def spy(self, h, ctx):
+        used.append(real(self, h, ctx))
+        return used[-1]
+
+    monkeypatch.setattr(LlamaModel, "_use_cpp_decode", spy)
     one_call = run(path, "bfloat16")
     assert any(used) and not all(used)  # decode-only steps took it, prefill steps did not
     monkeypatch.setattr(LlamaModel, "_use_cpp_decode", lambda self, h, ctx: False)

@@ -277,6 +277,17 @@ def _fuse(slots: tuple[int, ...], packed: list[PackedLora | None]) -> FusedLora:
 _FUSED_MAX_WORK = 40_000_000
 
 
+def fused_form(packed: PackedSlots, meta: SegmentMeta) -> FusedLora | None:
+    """The step's FusedLora on this projection when the fused form is the cheaper one: two or
+    more of the step's slots have weights here and their work stays under _FUSED_MAX_WORK."""
+    slots = tuple(s for s in meta.seg_slots_list if packed[s] is not None)
+    if len(slots) < 2:
+        return None
+    if meta.num_active_tokens * sum(packed[s].macs for s in slots) > _FUSED_MAX_WORK:
+        return None
+    return packed.fused(slots)
+
+
 def lora_delta_fused_cpu(
     y: torch.Tensor,  # [T, out_total], updated in place
     x: torch.Tensor,  # [T, in]
@@ -286,12 +297,9 @@ def lora_delta_fused_cpu(
     """y[t] += B_s @ (A_s @ x[t]) for each token's slot s through the step's FusedLora, when
     that is the cheaper form (see _FUSED_MAX_WORK); False, with y untouched, when it is not.
     Rows of tokens without a slot are never read."""
-    slots = tuple(s for s in meta.seg_slots_list if packed[s] is not None)
-    if len(slots) < 2:
+    f = fused_form(packed, meta)
+    if f is None:
         return False
-    if meta.num_active_tokens * sum(packed[s].macs for s in slots) > _FUSED_MAX_WORK:
-        return False
-    f = packed.fused(slots)
     mask = meta.column_mask(f.layout, f.col_slot, x.dtype)
     if meta.all_tokens_active:
         v = F.linear(x, f.A)  # [T, R_tot]

@@ -14,7 +14,7 @@ import torch
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta, add_lowrank_delta
-from peftserve.kernels.cpu_lowrank import PackedSlots, pack_lora
+from peftserve.kernels.cpu_lowrank import PackedSlots, fused_form, pack_lora
 from peftserve.models.llama import ModelShape
 
 # Fused base projections and the LoRA slices inside each, in output order.
@@ -140,11 +140,54 @@ class DeviceSlots:
         self.slot_activation[slot] = act
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """A step's LoRA deltas in the fused form, as the one-call decode stack takes them
+    (kernels/csrc/decode_forward_cpu.cpp): one entry per (layer, projection) in GROUPS order."""
+
+    A: list[torch.Tensor | None]  # FusedLora.A [R_tot, in]; None: no delta on that projection
+    masks: list[torch.Tensor | None]  # [rows, R_tot] each row's own slot's columns
+    B: list[torch.Tensor]  # every slice's B_t [cols, out], in order
+    spec: list[int]  # per projection: n_slices, then (out0, out1, col0, col1) per slice
+    tokens: torch.Tensor | None  # the rows with a slot (sorted_tokens); None when all have one
+
+
 class AdapterHook:
     """The DeltaHook of one step: per-token LoRA deltas and bottleneck updates."""
 
     def __init__(self, slots: DeviceSlots, meta: SegmentMeta, activations: tuple[str, ...]) -> None:
         self.slots, self.meta, self.activations = slots, meta, activations
+
+    def decode_plan(self, layers: int, dtype: torch.dtype) -> DecodePlan | None:
+        """The step's deltas as a DecodePlan when every projection that has one takes the fused
+        LoRA form here (apply() would run lora_delta_fused_cpu on each); None when any would not
+        (a bottleneck, a projection with one live slot, too much work for the fused form)."""
+        if self.activations or self.slots.packed is None:
+            return None
+        seg_slots = self.meta.seg_slots_list
+        A: list[torch.Tensor | None] = []
+        masks: list[torch.Tensor | None] = []
+        B: list[torch.Tensor] = []
+        spec: list[int] = []
+        for layer in range(layers):
+            for group in GROUPS:
+                packed = self.slots.packed.get((layer, group))
+                f = None if packed is None else fused_form(packed, self.meta)
+                if f is None:
+                    if packed is not None and any(packed[s] is not None for s in seg_slots):
+                        return None
+                    A.append(None)
+                    masks.append(None)
+                    spec.append(0)
+                    continue
+                A.append(f.A)
+                masks.append(self.meta.column_mask(f.layout, f.col_slot, dtype))
+                spec.append(len(f.slices))
+                for sl in f.slices:
+                    spec.extend((sl.out[0], sl.out[1], sl.cols[0], sl.cols[1]))
+                    B.append(sl.B_t)
+        tokens = None if self.meta.all_tokens_active else self.meta.sorted_tokens
+        return DecodePlan(A, masks, B, spec, tokens)
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (updated in place)

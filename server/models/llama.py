@@ -183,30 +183,39 @@ class LlamaModel(nn.Module):
             )
         return self._decode_weights
 
-    def _use_cpp_decode(self, h: torch.Tensor, ctx: StepContext) -> bool:
-        """A decode-only step without adapter deltas, in half precision on the CPU: the whole
-        stack runs in one C++ call (kernels/csrc/decode_forward_cpu.cpp), the same ops as the
-        layers below in the same order."""
+    def _cpp_decode_plan(self, h: torch.Tensor, ctx: StepContext) -> tuple | None:
+        """For a decode-only step in half precision on the CPU whose adapter deltas (if any) all
+        take the fused LoRA form, the LoRA arguments of the one-call decode stack
+        (kernels/csrc/decode_forward_cpu.cpp: the same ops as the layers below, in the same
+        order); None when the step runs layer by layer here."""
         a = ctx.attn
-        return (
-            ctx.hook is None
-            and not a.prefills
+        if not (
+            not a.prefills
             and a.num_decodes == h.shape[0]
             and a.decode_lens is not None
             and self.dtype != torch.float32
             and self.device.type == "cpu"
             and cpu_ext.load()
-        )
+        ):
+            return None
+        if ctx.hook is None:
+            return [], [], [], [], None
+        decode_plan = getattr(ctx.hook, "decode_plan", None)
+        plan = None if decode_plan is None else decode_plan(self.shape.layers, self.dtype)
+        if plan is None:
+            return None
+        return plan.A, plan.masks, plan.B, plan.spec, plan.tokens
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # h: [T, hidden] input embeddings; kv_cache: [layers, 2, kv_heads, slots, head_dim]
-        if self._use_cpp_decode(h, ctx):
+        lora = self._cpp_decode_plan(h, ctx)
+        if lora is not None:
             a, layer0 = ctx.attn, self.layers[0]
             return torch.ops.peftserve_cpu.decode_forward(
                 h, *self._cpp_decode_weights(), kv_cache, ctx.cos[:, 0], ctx.sin[:, 0],
                 a.slot_mapping, a.decode_blocks, a.decode_lens, a.block_size,
-                layer0.heads, layer0.kv_heads, layer0.scale, self.norm.eps,
+                layer0.heads, layer0.kv_heads, layer0.scale, self.norm.eps, *lora,
             )  # fmt: skip
         for i, layer in enumerate(self.layers):
             h = layer(h, kv_cache[i], ctx)

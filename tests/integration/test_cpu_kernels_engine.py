@@ -40,14 +40,61 @@ def test_one_call_decode_stack_gives_the_python_layers_tokens(model, request, mo
     path = request.getfixturevalue(model)
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
     used = []
-    real = LlamaModel._use_cpp_decode
+    real = LlamaModel._cpp_decode_plan
 
     def spy(self, h, ctx):
-        used.append(real(self, h, ctx))
-        return used[-1]
+        plan = real(self, h, ctx)
+        used.append(plan is not None)
+        return plan
 
-    monkeypatch.setattr(LlamaModel, "_use_cpp_decode", spy)
+    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", spy)
     one_call = run(path, "bfloat16")
     assert any(used) and not all(used)  # decode-only steps took it, prefill steps did not
-    monkeypatch.setattr(LlamaModel, "_use_cpp_decode", lambda self, h, ctx: False)
+    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
     assert run(path, "bfloat16") == one_call
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(tiny_llama_dir, tmp_path_factory):
+    from tests import adapters as A
+
+    root = tmp_path_factory.mktemp("cpp-decode-adapters")
+    return {
+        "qv-r4": A.make_lora(tiny_llama_dir, root / "qv-r4", r=4, seed=11),
+        "qv-r8": A.make_lora(tiny_llama_dir, root / "qv-r8", r=8, seed=12),
+        "all-r2": A.make_lora(tiny_llama_dir, root / "all-r2", r=2, seed=13, targets=A.ALL_LINEAR),
+        "all-r6": A.make_lora(tiny_llama_dir, root / "all-r6", r=6, seed=15, targets=A.ALL_LINEAR),
+        "houlsby": A.make_bottleneck(tiny_llama_dir, root / "houlsby", "houlsby", seed=14),
+    }
+
+
+@pytest.mark.parametrize(
+    "names, fused_steps",
+    [
+        (["qv-r4", "qv-r8", "all-r2", "all-r6", "qv-r8"], True),  # every row has a slot
+        ([None, "all-r6", None, "qv-r8", "all-r2", "qv-r4"], True),  # base rows among them
+        (["qv-r4", "houlsby", "qv-r8"], False),  # a bottleneck: layer by layer
+        (["qv-r4", "qv-r8", "all-r2"], False),  # o/gate/up/down with one live slot: by segment
+    ],
+)
+def test_one_call_decode_stack_with_lora_deltas_gives_the_python_layers_tokens(
+    tiny_llama_dir, lora_dirs, names, fused_steps, monkeypatch
+):
+    from tests.integration.test_adapter_batching import engine_with, requests
+    from tests.integration.test_adapter_batching import tokens as adapter_tokens
+
+    assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16")
+    used = []
+    real = LlamaModel._cpp_decode_plan
+
+    def spy(self, h, ctx):
+        plan = real(self, h, ctx)
+        used.append(plan is not None and ctx.hook is not None)
+        return plan
+
+    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", spy)
+    one_call = adapter_tokens(engine.generate(requests(names, seed=3)))
+    assert any(used) == fused_steps
+    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
+    assert adapter_tokens(engine.generate(requests(names, seed=3))) == one_call

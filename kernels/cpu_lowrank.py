@@ -342,6 +342,65 @@ def lora_delta_packed_cpu(
     return y
 
 
+@dataclass(frozen=True)
+class PackedBottleneck:
+    """One slot's bottleneck adapter at one placement, at its exact rank, for the by-segment
+    CPU path in half precision: y += scale * (B act(A y + b_down) + b_up)."""
+
+    A: torch.Tensor  # [r, hidden]
+    b_down: torch.Tensor  # [r]
+    B: torch.Tensor  # [hidden, r]
+    b_up: torch.Tensor  # [hidden]
+    scale: float
+    act: str
+
+
+def pack_bottleneck(
+    A: torch.Tensor,  # [1, S, R_max, hidden]
+    b_down: torch.Tensor,  # [S, R_max]
+    B: torch.Tensor,  # [S, hidden, R_max]
+    b_up: torch.Tensor,  # [S, hidden]
+    scale: float,
+    slot: int,
+    rank: int,
+    act: str,
+) -> PackedBottleneck:
+    """The slot's rows of the stacked bottleneck buffers at its exact rank, contiguous."""
+    return PackedBottleneck(
+        A=A[0, slot, :rank].contiguous(),
+        b_down=b_down[slot, :rank].contiguous(),
+        B=B[slot, :, :rank].contiguous(),
+        b_up=b_up[slot].contiguous(),
+        scale=float(scale),
+        act=act,
+    )
+
+
+def bottleneck_delta_packed_cpu(
+    y: torch.Tensor,  # [T, hidden], the sub-layer output, updated in place
+    packed: Sequence[PackedBottleneck | None],  # by slot; None = no adapter at this placement
+    meta: SegmentMeta,
+) -> torch.Tensor:
+    """y[t] += scale_s * (B_s act(A_s y[t] + b_down_s) + b_up_s) for each token's slot s, one
+    segment at a time; every segment reads y as it was before any update."""
+    if meta.is_empty:
+        return y
+    starts = meta.seg_starts_list
+    xs = y.clone() if meta.in_order else y.index_select(0, meta.sorted_tokens)
+    for j, s in enumerate(meta.seg_slots_list):
+        p = packed[s]
+        if p is None:
+            continue
+        a, b = starts[j], starts[j + 1]
+        h = activation_fn(p.act)(F.linear(xs[a:b], p.A, p.b_down))
+        d = F.linear(h, p.B, p.b_up).mul_(p.scale)
+        if meta.in_order:
+            y[a:b].add_(d)
+        else:
+            y.index_add_(0, meta.sorted_tokens[a:b], d)
+    return y
+
+
 def _shrink_segment(
     xs: torch.Tensor,  # [rows, in]
     A_slot: torch.Tensor,  # [r, in]

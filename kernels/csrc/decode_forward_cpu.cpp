@@ -4,11 +4,11 @@
 // forty torch calls per layer, module calls, views) another ~8 ms at any batch size. This op
 // runs the same sequence the Python layer runs (models/llama.py, DecoderLayer.forward with the
 // C++ ops of fused_cpu.cpp and paged_attention_cpu.cpp), op for op, with ATen's own linear for
-// the matmuls: its results are the Python path's, bit for bit. LoRA deltas come in the fused
-// form (kernels/cpu_lowrank.py, lora_delta_fused_cpu: one shrink matmul over every active
-// slot's columns, a mask keeping each row's own slot, one addmm per output slice), planned in
-// Python once per step (adapters/slots.py, AdapterHook.decode_plan). Steps with prefill chunks,
-// bottleneck adapters or a LoRA the fused form does not pay on stay in Python.
+// the matmuls: its results are the Python path's, bit for bit. Adapter deltas come as a plan
+// built in Python once per step (adapters/slots.py, AdapterHook.decode_plan) in the forms the
+// hook runs in half precision on the CPU (kernels/cpu_lowrank.py: the fused LoRA form, LoRA and
+// bottleneck adapters one segment at a time). Steps with prefill chunks, or a projection on
+// which the hook would take the padded layout, stay in Python.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -19,48 +19,121 @@ namespace peftserve_cpu {
 
 namespace {
 
-// y += the fused LoRA delta of projection `j` (its entry in the plan), reading its slices from
-// `spec` and `lora_B` at the cursors, which it advances.
-struct LoraPlan {
-  const c10::List<std::optional<at::Tensor>>& A;
-  const c10::List<std::optional<at::Tensor>>& masks;
-  at::TensorList B;
-  at::IntArrayRef spec;
-  const std::optional<at::Tensor>& tokens;
-  size_t spec_at = 0;
-  size_t b_at = 0;
+// The adapter deltas of a step, as adapters/slots.py (AdapterHook.decode_plan) lays them out:
+// for each projection, a count of items, each a code and its numbers in `spec`, its tensors in
+// `tensors` and its scales in `scales`, consumed in order. Each item runs the ops of its Python
+// form (kernels/cpu_lowrank.py) in their order.
+constexpr int64_t kFusedLora = 1, kSegmentLora = 2, kSegmentBottleneck = 3;
 
-  void add(const at::Tensor& y, const at::Tensor& x, int64_t j) {
-    const int64_t n = next();
-    if (A.empty()) {
+struct DeltaProgram {
+  at::TensorList tensors;
+  at::IntArrayRef spec;
+  at::ArrayRef<double> scales;
+  const std::optional<at::Tensor>& sorted_tokens;  // rows with a slot, grouped by slot
+  bool all_active;  // every row has a slot
+  bool in_order;    // ... and sorted_tokens is 0..T-1
+  size_t spec_at = 0, tensor_at = 0, scale_at = 0;
+
+  int64_t next() {
+    TORCH_CHECK(spec_at < spec.size(), "decode_forward: the delta spec ends early");
+    return spec[spec_at++];
+  }
+  const at::Tensor& tensor() {
+    TORCH_CHECK(tensor_at < tensors.size(), "decode_forward: fewer delta tensors than named");
+    return tensors[tensor_at++];
+  }
+  double scale() {
+    TORCH_CHECK(scale_at < scales.size(), "decode_forward: fewer delta scales than named");
+    return scales[scale_at++];
+  }
+
+  // Adds a projection's deltas: x is its input (LoRA), y its output, updated in place (a
+  // bottleneck reads y as it was before its own update).
+  void apply(const at::Tensor& y, const at::Tensor& x) {
+    if (spec.empty()) {
       return;
     }
-    const std::optional<at::Tensor> a = A.get(j);
-    if (!a.has_value()) {
-      TORCH_CHECK(n == 0, "decode_forward: slices given for a projection without A");
-      return;
-    }
-    const std::optional<at::Tensor> mask = masks.get(j);
-    TORCH_CHECK(mask.has_value(), "decode_forward: projection ", j, " has A but no mask");
-    at::Tensor v = at::linear(tokens.has_value() ? x.index_select(0, *tokens) : x, *a);
-    v.mul_(*mask);
-    const at::Tensor d = tokens.has_value() ? at::zeros({v.size(0), y.size(1)}, y.options()) : y;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t o0 = next(), o1 = next(), c0 = next(), c1 = next();
-      TORCH_CHECK(b_at < B.size(), "decode_forward: fewer B slices than the spec names");
-      d.narrow(1, o0, o1 - o0).addmm_(v.narrow(1, c0, c1 - c0), B[b_at++]);
-    }
-    if (tokens.has_value()) {
-      y.index_add_(0, *tokens, d);
+    const int64_t items = next();
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t code = next();
+      if (code == kFusedLora) {
+        fused_lora(y, x);
+      } else if (code == kSegmentLora) {
+        segment_lora(y, x);
+      } else if (code == kSegmentBottleneck) {
+        segment_bottleneck(y);
+      } else {
+        TORCH_CHECK(false, "decode_forward: unknown delta item ", code);
+      }
     }
   }
 
-  int64_t next() {
-    if (A.empty()) {
-      return 0;
+  // cpu_lowrank.lora_delta_fused_cpu
+  void fused_lora(const at::Tensor& y, const at::Tensor& x) {
+    const int64_t n = next();
+    const at::Tensor& A = tensor();
+    const at::Tensor& mask = tensor();
+    at::Tensor v = at::linear(all_active ? x : x.index_select(0, *sorted_tokens), A);
+    v.mul_(mask);
+    const at::Tensor d = all_active ? y : at::zeros({v.size(0), y.size(1)}, y.options());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t o0 = next(), o1 = next(), c0 = next(), c1 = next();
+      d.narrow(1, o0, o1 - o0).addmm_(v.narrow(1, c0, c1 - c0), tensor());
     }
-    TORCH_CHECK(spec_at < spec.size(), "decode_forward: the LoRA spec ends early");
-    return spec[spec_at++];
+    if (!all_active) {
+      y.index_add_(0, *sorted_tokens, d);
+    }
+  }
+
+  void add_rows(const at::Tensor& y, int64_t r0, int64_t r1, const at::Tensor& d) {
+    if (in_order) {
+      y.narrow(0, r0, r1 - r0).add_(d);
+    } else {
+      y.index_add_(0, sorted_tokens->narrow(0, r0, r1 - r0), d);
+    }
+  }
+
+  // cpu_lowrank.lora_delta_packed_cpu
+  void segment_lora(const at::Tensor& y, const at::Tensor& x) {
+    const int64_t n = next();
+    const at::Tensor xs = in_order ? x : x.index_select(0, *sorted_tokens);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r0 = next(), r1 = next();
+      const at::Tensor& A = tensor();
+      const at::Tensor& B = tensor();
+      add_rows(y, r0, r1, at::linear(at::linear(xs.narrow(0, r0, r1 - r0), A), B));
+    }
+  }
+
+  // cpu_lowrank.bottleneck_delta_packed_cpu
+  void segment_bottleneck(const at::Tensor& y) {
+    const int64_t n = next();
+    const int64_t act = next();
+    const at::Tensor xs = in_order ? y.clone() : y.index_select(0, *sorted_tokens);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r0 = next(), r1 = next();
+      const at::Tensor& A = tensor();
+      const at::Tensor& b_down = tensor();
+      const at::Tensor& B = tensor();
+      const at::Tensor& b_up = tensor();
+      at::Tensor h = at::linear(xs.narrow(0, r0, r1 - r0), A, b_down);
+      if (act == 1) {
+        h = at::relu(h);
+      } else if (act == 2) {
+        h = at::silu(h);
+      } else if (act == 3) {
+        h = at::gelu(h);
+      } else {
+        TORCH_CHECK(false, "decode_forward: unknown activation code ", act);
+      }
+      add_rows(y, r0, r1, at::linear(h, B, b_up).mul_(scale()));
+    }
+  }
+
+  void check_used() const {
+    TORCH_CHECK(spec_at == spec.size() && tensor_at == tensors.size() &&
+                    scale_at == scales.size(),
+                "decode_forward: the delta plan was not all used");
   }
 };
 
@@ -74,10 +147,10 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
                           const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                           const at::Tensor& context_lens, int64_t block_size, int64_t heads,
                           int64_t kv_heads, double scale, double eps,
-                          const c10::List<std::optional<at::Tensor>>& lora_A,
-                          const c10::List<std::optional<at::Tensor>>& lora_mask,
-                          at::TensorList lora_B, at::IntArrayRef lora_spec,
-                          const std::optional<at::Tensor>& lora_tokens) {
+                          at::TensorList delta_tensors, at::IntArrayRef delta_spec,
+                          at::ArrayRef<double> delta_scales,
+                          const std::optional<at::Tensor>& sorted_tokens, bool all_active,
+                          bool in_order) {
   const int64_t layers = static_cast<int64_t>(input_norm.size());
   TORCH_CHECK(h_in.dim() == 2 && h_in.is_contiguous(), "decode_forward: h must be [T, hidden]");
   TORCH_CHECK(qkv_w.size() == layers && o_w.size() == layers && post_norm.size() == layers &&
@@ -89,12 +162,12 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
               "decode_forward: o_b must be empty or one per layer");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == layers && kv_cache.is_contiguous(),
               "decode_forward: kv_cache must be a contiguous [layers, 2, kv_heads, slots, dim]");
-  TORCH_CHECK(lora_A.empty() || (static_cast<int64_t>(lora_A.size()) == 4 * layers &&
-                                   lora_mask.size() == lora_A.size()),
-              "decode_forward: lora_A and lora_mask must be empty or 4 per layer");
+  TORCH_CHECK(delta_spec.empty() || sorted_tokens.has_value(),
+              "decode_forward: a delta plan needs sorted_tokens");
   const int64_t T = h_in.size(0);
   const int64_t D = kv_cache.size(4);
-  LoraPlan lora{lora_A, lora_mask, lora_B, lora_spec, lora_tokens};
+  DeltaProgram deltas{delta_tensors, delta_spec, delta_scales, sorted_tokens, all_active,
+                      in_order};
   at::Tensor h = h_in;
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor cache = kv_cache.select(0, l);
@@ -102,27 +175,26 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     rms_norm(x, h, input_norm[l], eps);
     const at::Tensor qkv =
         qkv_b.empty() ? at::linear(x, qkv_w[l]) : at::linear(x, qkv_w[l], qkv_b[l]);
-    lora.add(qkv, x, 4 * l);
+    deltas.apply(qkv, x);
     rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads);
     const at::Tensor q = qkv.view({T, heads + 2 * kv_heads, D}).narrow(1, 0, heads);
     at::Tensor attn = at::empty({T, heads, D}, h.options());
     paged_decode_attention(attn, q, cache, block_tables, context_lens, block_size, scale);
     const at::Tensor a = attn.view({T, heads * D});
     const at::Tensor o = o_b.empty() ? at::linear(a, o_w[l]) : at::linear(a, o_w[l], o_b[l]);
-    lora.add(o, a, 4 * l + 1);
+    deltas.apply(o, a);
     h = at::add(h, o);
     x = at::empty_like(h);
     rms_norm(x, h, post_norm[l], eps);
     const at::Tensor gu = at::linear(x, gate_up_w[l]);
-    lora.add(gu, x, 4 * l + 2);
+    deltas.apply(gu, x);
     at::Tensor act = at::empty({T, gu.size(1) / 2}, gu.options());
     silu_and_mul(act, gu);
     const at::Tensor down = at::linear(act, down_w[l]);
-    lora.add(down, act, 4 * l + 3);
+    deltas.apply(down, act);
     h = at::add(h, down);
   }
-  TORCH_CHECK(lora.spec_at == lora_spec.size() && lora.b_at == lora_B.size(),
-              "decode_forward: the LoRA spec and B slices were not all used");
+  deltas.check_used();
   at::Tensor out = at::empty_like(h);
   rms_norm(out, h, final_norm, eps);
   return out;
@@ -136,8 +208,8 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
       "Tensor[] o_w, Tensor[] o_b, Tensor[] post_norm, Tensor[] gate_up_w, Tensor[] down_w, "
       "Tensor final_norm, Tensor(a!) kv_cache, Tensor cos, Tensor sin, Tensor slot_mapping, "
       "Tensor block_tables, Tensor context_lens, int block_size, int heads, int kv_heads, "
-      "float scale, float eps, Tensor?[] lora_A, Tensor?[] lora_mask, Tensor[] lora_B, "
-      "int[] lora_spec, Tensor? lora_tokens) -> Tensor");
+      "float scale, float eps, Tensor[] delta_tensors, int[] delta_spec, float[] delta_scales, "
+      "Tensor? sorted_tokens, bool all_active, bool in_order) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {

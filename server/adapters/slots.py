@@ -7,14 +7,22 @@ costs nothing on o/gate/up/down. Buffers are allocated on first use of a module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta, add_lowrank_delta
-from peftserve.kernels.cpu_lowrank import PackedSlots, fused_form, pack_lora
+from peftserve.kernels.cpu_lowrank import (
+    PackedBottleneck,
+    PackedSlots,
+    bottleneck_delta_packed_cpu,
+    fused_form,
+    pack_bottleneck,
+    pack_lora,
+    use_padded_layout,
+)
 from peftserve.models.llama import ModelShape
 
 # Fused base projections and the LoRA slices inside each, in output order.
@@ -69,6 +77,10 @@ class DeviceSlots:
         )
         # Bottlenecks are keyed by activation too: one kernel call applies one activation.
         self.bottleneck: dict[tuple[int, str, str], StackedModule] = {}
+        # CPU only: each slot's bottleneck packed per placement (cpu_lowrank.PackedBottleneck).
+        self.packed_bottleneck: dict[tuple[int, str, str], list[PackedBottleneck | None]] | None = (
+            {} if device.type == "cpu" else None
+        )
         self.slot_activation: dict[int, str] = {}
 
     def _new(self, d_in: int, sizes: tuple[int, ...], bias: bool) -> StackedModule:
@@ -90,6 +102,9 @@ class DeviceSlots:
         if self.packed is not None:
             for per_slot in self.packed.values():
                 per_slot[slot] = None
+        if self.packed_bottleneck is not None:
+            for per_slot_b in self.packed_bottleneck.values():
+                per_slot_b[slot] = None
         self.slot_activation.pop(slot, None)
 
     def write_lora(self, slot: int, weights: LoraWeights) -> None:
@@ -137,19 +152,37 @@ class DeviceSlots:
             buf.b_up[slot] = bu.to(self.dtype)
             buf.rank[0, slot] = r
             buf.scale[0, slot] = weights.scaling
+            if self.packed_bottleneck is not None:
+                per_slot = self.packed_bottleneck.setdefault(
+                    (layer, group, act), [None] * self.num_slots
+                )
+                per_slot[slot] = pack_bottleneck(
+                    buf.A, buf.b_down, buf.B, buf.b_up, weights.scaling, slot, r, act
+                )
         self.slot_activation[slot] = act
 
 
-@dataclass(frozen=True)
-class DecodePlan:
-    """A step's LoRA deltas in the fused form, as the one-call decode stack takes them
-    (kernels/csrc/decode_forward_cpu.cpp): one entry per (layer, projection) in GROUPS order."""
+# Item codes of a DecodePlan (kernels/csrc/decode_forward_cpu.cpp reads the same numbers).
+FUSED_LORA, SEGMENT_LORA, SEGMENT_BOTTLENECK = 1, 2, 3
+ACT_CODES = {"relu": 1, "silu": 2, "gelu": 3}
 
-    A: list[torch.Tensor | None]  # FusedLora.A [R_tot, in]; None: no delta on that projection
-    masks: list[torch.Tensor | None]  # [rows, R_tot] each row's own slot's columns
-    B: list[torch.Tensor]  # every slice's B_t [cols, out], in order
-    spec: list[int]  # per projection: n_slices, then (out0, out1, col0, col1) per slice
-    tokens: torch.Tensor | None  # the rows with a slot (sorted_tokens); None when all have one
+
+@dataclass
+class DecodePlan:
+    """A step's adapter deltas as the one-call decode stack takes them
+    (kernels/csrc/decode_forward_cpu.cpp), in the forms apply() runs in half precision on the
+    CPU and in the same order. For each (layer, projection) in GROUPS order, `spec` holds the
+    number of items, then per item its code and:
+      FUSED_LORA          n_slices, then (out0, out1, col0, col1) per slice;
+                          tensors: A, mask, then each slice's B_t
+      SEGMENT_LORA        n_segments, then (row0, row1) per segment; tensors: A, B per segment
+      SEGMENT_BOTTLENECK  n_segments, act code, then (row0, row1) per segment;
+                          tensors: A, b_down, B, b_up per segment; scales: one per segment
+    Rows are positions in `sorted_tokens` order."""
+
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    spec: list[int] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
 
 
 class AdapterHook:
@@ -158,36 +191,59 @@ class AdapterHook:
     def __init__(self, slots: DeviceSlots, meta: SegmentMeta, activations: tuple[str, ...]) -> None:
         self.slots, self.meta, self.activations = slots, meta, activations
 
-    def decode_plan(self, layers: int, dtype: torch.dtype) -> DecodePlan | None:
-        """The step's deltas as a DecodePlan when every projection that has one takes the fused
-        LoRA form here (apply() would run lora_delta_fused_cpu on each); None when any would not
-        (a bottleneck, a projection with one live slot, too much work for the fused form)."""
-        if self.activations or self.slots.packed is None:
+    def decode_plan(self, layers: int) -> DecodePlan | None:
+        """The step's deltas as a DecodePlan (what apply() runs in half precision on the CPU);
+        None when some projection would take the padded layout, which the plan does not
+        express."""
+        if self.slots.packed is None or self.slots.packed_bottleneck is None:
             return None
-        seg_slots = self.meta.seg_slots_list
-        A: list[torch.Tensor | None] = []
-        masks: list[torch.Tensor | None] = []
-        B: list[torch.Tensor] = []
-        spec: list[int] = []
+        meta = self.meta
+        starts, seg_slots = meta.seg_starts_list, meta.seg_slots_list
+        plan = DecodePlan()
+        t, spec = plan.tensors, plan.spec
         for layer in range(layers):
             for group in GROUPS:
-                packed = self.slots.packed.get((layer, group))
-                f = None if packed is None else fused_form(packed, self.meta)
-                if f is None:
-                    if packed is not None and any(packed[s] is not None for s in seg_slots):
+                items: list[int] = []
+                n_items = 0
+                packed = self.slots.packed.get((layer, group)) if self.slots.packed else None
+                if packed is not None and self.slots.lora.get((layer, group)) is not None:
+                    f = fused_form(packed, meta)
+                    live = [j for j, s in enumerate(seg_slots) if packed[s] is not None]
+                    if f is not None:
+                        n_items += 1
+                        items += [FUSED_LORA, len(f.slices)]
+                        t += [f.A, meta.column_mask(f.layout, f.col_slot, f.A.dtype)]
+                        for sl in f.slices:
+                            items += [sl.out[0], sl.out[1], sl.cols[0], sl.cols[1]]
+                            t.append(sl.B_t)
+                    elif use_padded_layout(meta, len(live)):
                         return None
-                    A.append(None)
-                    masks.append(None)
-                    spec.append(0)
-                    continue
-                A.append(f.A)
-                masks.append(self.meta.column_mask(f.layout, f.col_slot, dtype))
-                spec.append(len(f.slices))
-                for sl in f.slices:
-                    spec.extend((sl.out[0], sl.out[1], sl.cols[0], sl.cols[1]))
-                    B.append(sl.B_t)
-        tokens = None if self.meta.all_tokens_active else self.meta.sorted_tokens
-        return DecodePlan(A, masks, B, spec, tokens)
+                    elif live:
+                        n_items += 1
+                        items += [SEGMENT_LORA, len(live)]
+                        for j in live:
+                            p = packed[seg_slots[j]]
+                            items += [starts[j], starts[j + 1]]
+                            t += [p.A, p.B]
+                for act in self.activations:
+                    pb = self.slots.packed_bottleneck.get((layer, group, act))
+                    if pb is None:
+                        if self.slots.bottleneck.get((layer, group, act)) is not None:
+                            return None  # only stacked buffers: apply() runs lowrank_delta
+                        continue
+                    live = [j for j, s in enumerate(seg_slots) if pb[s] is not None]
+                    if not live:
+                        continue
+                    n_items += 1
+                    items += [SEGMENT_BOTTLENECK, len(live), ACT_CODES[act]]
+                    for j in live:
+                        b = pb[seg_slots[j]]
+                        items += [starts[j], starts[j + 1]]
+                        t += [b.A, b.b_down, b.B, b.b_up]
+                        plan.scales.append(b.scale)
+                spec.append(n_items)
+                spec += items
+        return plan
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (updated in place)
@@ -205,7 +261,14 @@ class AdapterHook:
                 lora.slice_sizes,
                 packed=packed,
             )
+        half_cpu = not y.is_cuda and y.dtype != torch.float32
         for act in self.activations:
+            pb = None
+            if half_cpu and self.slots.packed_bottleneck is not None:
+                pb = self.slots.packed_bottleneck.get((layer, module, act))
+            if pb is not None:  # half precision on the CPU: one segment at a time, exact ranks
+                bottleneck_delta_packed_cpu(y, pb, self.meta)
+                continue
             bn = self.slots.bottleneck.get((layer, module, act))
             if bn is not None:
                 # The bottleneck reads the sub-layer output it updates: give it a copy.

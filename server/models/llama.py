@@ -184,10 +184,10 @@ class LlamaModel(nn.Module):
         return self._decode_weights
 
     def _cpp_decode_plan(self, h: torch.Tensor, ctx: StepContext) -> tuple | None:
-        """For a decode-only step in half precision on the CPU whose adapter deltas (if any) all
-        take the fused LoRA form, the LoRA arguments of the one-call decode stack
-        (kernels/csrc/decode_forward_cpu.cpp: the same ops as the layers below, in the same
-        order); None when the step runs layer by layer here."""
+        """For a decode-only step in half precision on the CPU whose adapter deltas (if any) a
+        DecodePlan expresses (adapters/slots.py), the delta arguments of the one-call decode
+        stack (kernels/csrc/decode_forward_cpu.cpp: the same ops as the layers below and the
+        hook's apply(), in the same order); None when the step runs layer by layer here."""
         a = ctx.attn
         if not (
             not a.prefills
@@ -199,23 +199,27 @@ class LlamaModel(nn.Module):
         ):
             return None
         if ctx.hook is None:
-            return [], [], [], [], None
+            return [], [], [], None, True, True
         decode_plan = getattr(ctx.hook, "decode_plan", None)
-        plan = None if decode_plan is None else decode_plan(self.shape.layers, self.dtype)
+        plan = None if decode_plan is None else decode_plan(self.shape.layers)
         if plan is None:
             return None
-        return plan.A, plan.masks, plan.B, plan.spec, plan.tokens
+        meta = ctx.hook.meta  # type: ignore[attr-defined]
+        return (
+            plan.tensors, plan.spec, plan.scales, meta.sorted_tokens,
+            meta.all_tokens_active, meta.in_order,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # h: [T, hidden] input embeddings; kv_cache: [layers, 2, kv_heads, slots, head_dim]
-        lora = self._cpp_decode_plan(h, ctx)
-        if lora is not None:
+        deltas = self._cpp_decode_plan(h, ctx)
+        if deltas is not None:
             a, layer0 = ctx.attn, self.layers[0]
             return torch.ops.peftserve_cpu.decode_forward(
                 h, *self._cpp_decode_weights(), kv_cache, ctx.cos[:, 0], ctx.sin[:, 0],
                 a.slot_mapping, a.decode_blocks, a.decode_lens, a.block_size,
-                layer0.heads, layer0.kv_heads, layer0.scale, self.norm.eps, *lora,
+                layer0.heads, layer0.kv_heads, layer0.scale, self.norm.eps, *deltas,
             )  # fmt: skip
         for i, layer in enumerate(self.layers):
             h = layer(h, kv_cache[i], ctx)

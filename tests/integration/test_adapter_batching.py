@@ -246,16 +246,15 @@ def test_fused_lora_form_in_bf16_follows_slot_turnover(tiny_llama_dir, adapter_d
     (Against the unfused forms they may differ in the last bf16 bit: the fused form adds its
     delta to y inside the matmul, one rounding instead of two.)"""
     import peftserve.kernels.cpu_lowrank as cpu_lowrank
-    import peftserve.kernels.dispatch as dispatch
 
     names = ["lora-r2", "lora-r8", "lora-r32", "houlsby", "pfeiffer"]
     dirs = {n: adapter_dirs[n] for n in names}
     fused_calls = []
+    cached_fused = cpu_lowrank.PackedSlots.fused
 
-    def counting(*args):
-        used = cpu_lowrank.lora_delta_fused_cpu(*args)
-        fused_calls.append(used)
-        return used
+    def counting(self, slots):  # the Python hook and the one-call decode stack's plan both
+        fused_calls.append(True)  # take the fused weights from here
+        return cached_fused(self, slots)
 
     def run() -> dict[str, list[int]]:
         engine = engine_with(tiny_llama_dir, dirs, dtype="bfloat16", max_loras=2)
@@ -263,7 +262,7 @@ def test_fused_lora_form_in_bf16_follows_slot_turnover(tiny_llama_dir, adapter_d
         assert engine.adapters.evictions > 0
         return out
 
-    monkeypatch.setattr(dispatch, "lora_delta_fused_cpu", counting)
+    monkeypatch.setattr(cpu_lowrank.PackedSlots, "fused", counting)
     cached = run()
     if DEVICE == "cpu":
         assert sum(fused_calls) > 10  # the fused form ran, on several steps

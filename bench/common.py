@@ -96,6 +96,40 @@ def decode_step_time(
     return t
 
 
+def decode_step_vs_floor(
+    engine,
+    requests: list,
+    repeat: int,
+    floor_once: Callable[[], object],
+    sync: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """A decode step (as decode_step_time) and one pass of `floor_once`, timed alternately
+    `repeat` times, so that drift of a shared machine hits both alike. Returns the median
+    step and floor times (s) and the median of the paired step / floor ratios."""
+    sync = sync or _no_sync
+    for r in requests:
+        engine.add_request(r)
+    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    floor_once()
+    steps, floors = [], []
+    for _ in range(repeat):
+        for fn, out in ((engine.step, steps), (floor_once, floors)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
+    while engine.has_unfinished():
+        engine.step()
+    return {
+        "step": statistics.median(steps),
+        "floor": statistics.median(floors),
+        "ratio": statistics.median(s / f for s, f in zip(steps, floors, strict=True)),
+    }
+
+
 def environment() -> dict[str, object]:
     try:
         commit = subprocess.run(

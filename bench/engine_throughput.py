@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
-from bench.common import decode_step_time, environment, median_time, timed, workload
+from bench.common import decode_step_vs_floor, environment, median_time, timed, workload
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
@@ -74,9 +74,9 @@ def run_hf(model, tokenizer, prompts: list[list[int]], lengths: list[int], batch
             )
 
 
-def matmul_pass(engine: Engine, batch: int, sync: Callable[[], None] = lambda: None) -> float:
+def matmul_pass_fn(engine: Engine, batch: int) -> Callable[[], None]:
     """One plain matmul pass over the model's weights (all layers + LM head) at `batch` rows,
-    on the model's device; median of 9 (21 on a GPU, whose passes are short)."""
+    on the model's device: the decode step's floor."""
     m = engine.model
     x = torch.randn(batch, m.shape.hidden, dtype=m.dtype, device=m.device)
     xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype, device=m.device)
@@ -89,15 +89,22 @@ def matmul_pass(engine: Engine, batch: int, sync: Callable[[], None] = lambda: N
             F.linear(xi, layer.down.weight)
         F.linear(x, m.lm_head)
 
+    return once
+
+
+def matmul_pass(engine: Engine, batch: int, sync: Callable[[], None] = lambda: None) -> float:
+    """matmul_pass_fn's pass: median of 9 (21 on a GPU, whose passes are short)."""
+    once = matmul_pass_fn(engine, batch)
     once()
-    return median_time(once, 21 if m.device.type == "cuda" else 9, sync)
+    return median_time(once, 21 if engine.model.device.type == "cuda" else 9, sync)
 
 
-def decode_step(engine: Engine, batch: int, prompt: list[int]) -> float:
+def decode_vs_floor(engine: Engine, batch: int, prompt: list[int]) -> dict[str, float]:
+    """A decode step at `batch` and the matmul pass at `batch`, timed alternately 15 times."""
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     reqs = [Request(f"d{batch}-{i}", prompt_token_ids=tuple(prompt), params=params)
             for i in range(batch)]  # fmt: skip
-    return decode_step_time(engine, reqs, 9)
+    return decode_step_vs_floor(engine, reqs, 15, matmul_pass_fn(engine, batch))
 
 
 def bench_dtype(name: str, model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> dict:
@@ -112,11 +119,11 @@ def bench_dtype(name: str, model_dir: Path, prompts: list[list[int]], lengths: l
     t_hf8 = timed(lambda: run_hf(hf, tok, prompts, lengths, 8))
     floor = {}
     for b in (1, 8, 32):
-        step, mm = decode_step(engine, b, prompts[0]), matmul_pass(engine, b)
+        r = decode_vs_floor(engine, b, prompts[0])
         floor[str(b)] = {
-            "decode_step_ms": step * 1e3,
-            "matmul_pass_ms": mm * 1e3,
-            "step_over_floor": step / mm,
+            "decode_step_ms": r["step"] * 1e3,
+            "matmul_pass_ms": r["floor"] * 1e3,
+            "step_over_floor": r["ratio"],  # median of the 15 paired ratios
         }
     return {
         "dtype": name,

@@ -1,4 +1,4 @@
-// The whole decoder stack of a decode-only, adapter-free step in one call (half precision).
+// The whole decoder stack of a decode-only step in one call.
 //
 // On a small model a CPU decode step's matmuls take ~30 ms and the Python around them (about
 // forty torch calls per layer, module calls, views) another ~8 ms at any batch size. This op
@@ -168,36 +168,65 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
   const int64_t D = kv_cache.size(4);
   DeltaProgram deltas{delta_tensors, delta_spec, delta_scales, sorted_tokens, all_active,
                       in_order};
+  // fp32, the parity dtype, keeps the Python layers' torch spelling of the norm, rotary and
+  // SwiGLU (transformers' op sequence); half precision takes the fused C++ ops, as they do.
+  const bool fp32 = h_in.scalar_type() == at::kFloat;
+  const auto norm = [&](const at::Tensor& x, const at::Tensor& w) {
+    if (fp32) {
+      return at::mul(w, at::rms_norm(x, {x.size(1)}, std::nullopt, eps));
+    }
+    at::Tensor out = at::empty_like(x);
+    rms_norm(out, x, w, eps);
+    return out;
+  };
+  const at::Tensor cos3 = cos.unsqueeze(1), sin3 = sin.unsqueeze(1);
   at::Tensor h = h_in;
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor cache = kv_cache.select(0, l);
-    at::Tensor x = at::empty_like(h);
-    rms_norm(x, h, input_norm[l], eps);
+    at::Tensor x = norm(h, input_norm[l]);
     const at::Tensor qkv =
         qkv_b.empty() ? at::linear(x, qkv_w[l]) : at::linear(x, qkv_w[l], qkv_b[l]);
     deltas.apply(qkv, x);
-    rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads);
-    const at::Tensor q = qkv.view({T, heads + 2 * kv_heads, D}).narrow(1, 0, heads);
+    at::Tensor q;
+    if (fp32) {  // layers/rotary.py apply_rotary, then layers/attention.py write_kv
+      const at::Tensor qk = qkv.narrow(1, 0, (heads + kv_heads) * D).view({T, heads + kv_heads, D});
+      const int64_t half = D / 2;
+      const at::Tensor rotated =
+          at::cat({at::neg(qk.narrow(-1, half, half)), qk.narrow(-1, 0, half)}, -1);
+      const at::Tensor roped = at::add(at::mul(qk, cos3), at::mul(rotated, sin3));
+      q = roped.narrow(1, 0, heads);
+      const at::Tensor k = roped.narrow(1, heads, kv_heads);
+      const at::Tensor v =
+          qkv.narrow(1, (heads + kv_heads) * D, kv_heads * D).view({T, kv_heads, D});
+      cache.select(0, 0).index_copy_(1, slot_mapping, k.transpose(0, 1));
+      cache.select(0, 1).index_copy_(1, slot_mapping, v.transpose(0, 1));
+    } else {
+      rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads);
+      q = qkv.view({T, heads + 2 * kv_heads, D}).narrow(1, 0, heads);
+    }
     at::Tensor attn = at::empty({T, heads, D}, h.options());
     paged_decode_attention(attn, q, cache, block_tables, context_lens, block_size, scale);
     const at::Tensor a = attn.view({T, heads * D});
     const at::Tensor o = o_b.empty() ? at::linear(a, o_w[l]) : at::linear(a, o_w[l], o_b[l]);
     deltas.apply(o, a);
     h = at::add(h, o);
-    x = at::empty_like(h);
-    rms_norm(x, h, post_norm[l], eps);
+    x = norm(h, post_norm[l]);
     const at::Tensor gu = at::linear(x, gate_up_w[l]);
     deltas.apply(gu, x);
-    at::Tensor act = at::empty({T, gu.size(1) / 2}, gu.options());
-    silu_and_mul(act, gu);
+    at::Tensor act;
+    if (fp32) {
+      const int64_t inter = gu.size(1) / 2;
+      act = at::mul(at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
+    } else {
+      act = at::empty({T, gu.size(1) / 2}, gu.options());
+      silu_and_mul(act, gu);
+    }
     const at::Tensor down = at::linear(act, down_w[l]);
     deltas.apply(down, act);
     h = at::add(h, down);
   }
   deltas.check_used();
-  at::Tensor out = at::empty_like(h);
-  rms_norm(out, h, final_norm, eps);
-  return out;
+  return norm(h, final_norm);
 }
 
 }  // namespace peftserve_cpu

@@ -184,8 +184,8 @@ class LlamaModel(nn.Module):
         return self._decode_weights
 
     def _cpp_decode_plan(self, h: torch.Tensor, ctx: StepContext) -> tuple | None:
-        """For a decode-only step in half precision on the CPU whose adapter deltas (if any) a
-        DecodePlan expresses (adapters/slots.py), the delta arguments of the one-call decode
+        """For a decode-only step on the CPU without adapter deltas, or in half precision with
+        deltas a DecodePlan expresses (adapters/slots.py), the delta arguments of the one-call decode
         stack (kernels/csrc/decode_forward_cpu.cpp: the same ops as the layers below and the
         hook's apply(), in the same order); None when the step runs layer by layer here."""
         a = ctx.attn
@@ -193,13 +193,14 @@ class LlamaModel(nn.Module):
             not a.prefills
             and a.num_decodes == h.shape[0]
             and a.decode_lens is not None
-            and self.dtype != torch.float32
             and self.device.type == "cpu"
             and cpu_ext.load()
         ):
             return None
-        if ctx.hook is None:
+        if ctx.hook is None:  # fp32 too: the C++ keeps the Python layers' fp32 op sequence
             return [], [], [], None, True, True
+        if self.dtype == torch.float32:  # the plan's forms are the hook's half-precision ones
+            return None
         decode_plan = getattr(ctx.hook, "decode_plan", None)
         plan = None if decode_plan is None else decode_plan(self.shape.layers)
         if plan is None:

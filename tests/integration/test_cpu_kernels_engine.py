@@ -1,7 +1,7 @@
 """The engine on the CPU with and without its C++ kernels (as on a machine with no compiler),
 over decode steps with mixed context lengths and prefills joining them: the same greedy tokens
-in fp32; and in bf16 the one-call decode stack (decode_forward) gives the Python layers' tokens
-exactly, Qwen2's q/k/v biases included."""
+in fp32; and the one-call decode stack (decode_forward) gives the Python layers' tokens exactly,
+in bf16 and fp32, Qwen2's q/k/v biases and every adapter form of the hook included."""
 
 from __future__ import annotations
 
@@ -35,8 +35,11 @@ def test_same_tokens_with_and_without_the_cpp_kernels(tiny_llama_dir, monkeypatc
     assert with_kernels == without
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
-def test_one_call_decode_stack_gives_the_python_layers_tokens(model, request, monkeypatch):
+def test_one_call_decode_stack_gives_the_python_layers_tokens(
+    model, dtype, request, monkeypatch
+):
     path = request.getfixturevalue(model)
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
     used = []
@@ -48,10 +51,10 @@ def test_one_call_decode_stack_gives_the_python_layers_tokens(model, request, mo
         return plan
 
     monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", spy)
-    one_call = run(path, "bfloat16")
+    one_call = run(path, dtype)
     assert any(used) and not all(used)  # decode-only steps took it, prefill steps did not
     monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
-    assert run(path, "bfloat16") == one_call
+    assert run(path, dtype) == one_call
 
 
 @pytest.fixture(scope="module")

@@ -185,9 +185,9 @@ class LlamaModel(nn.Module):
 
     def _cpp_decode_plan(self, h: torch.Tensor, ctx: StepContext) -> tuple | None:
         """For a decode-only step on the CPU without adapter deltas, or in half precision with
-        deltas a DecodePlan expresses (adapters/slots.py), the delta arguments of the one-call decode
-        stack (kernels/csrc/decode_forward_cpu.cpp: the same ops as the layers below and the
-        hook's apply(), in the same order); None when the step runs layer by layer here."""
+        deltas a DecodePlan expresses (adapters/slots.py), the delta arguments of the one-call
+        decode stack (kernels/csrc/decode_forward_cpu.cpp: the same ops as the layers below and
+        the hook's apply(), in the same order); None when the step runs layer by layer here."""
         a = ctx.attn
         if not (
             not a.prefills

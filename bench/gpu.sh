@@ -60,8 +60,9 @@ step engine_cuda_tests "${T_ENGINE_TESTS:-150}" env PEFTSERVE_TEST_DEVICE=cuda "
   tests/integration/test_adapter_batching.py tests/integration/test_batching.py \
   tests/integration/test_engine_requests.py "${pytest_args[@]}"
 if [ -n "${MODEL_DIR:-}" ]; then
+  # ENGINE_BENCH_ARGS, e.g. "--sections cold": other sections of gpu_engine.py
   step engine_bench "${T_ENGINE_BENCH:-150}" "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" \
-    --out "$OUT/gpu_engine.json"
+    --out "$OUT/gpu_engine.json" ${ENGINE_BENCH_ARGS:-}
 fi
 step kernels_bench "${T_KERNEL_BENCH:-90}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
 cat "$OUT/steps.log"

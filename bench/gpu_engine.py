@@ -14,6 +14,8 @@ Sections, each on the same 32 requests as bench.engine_throughput / bench.multi_
   adapters     base; 32 distinct LoRAs on q,v (ranks 8/16); 32 distinct all-linear LoRAs (ranks
                8/16/32/64), through the Triton kernels; PEFT generate(adapter_names=...) with
                the q,v adapters
+  cold         (only when named) register a rank-16 all-linear adapter from disk -> its first
+               token, next to the base model's first token (bench.multi_adapter.cold_start)
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import decode_step_time, environment, timed, workload
 from bench.engine_throughput import matmul_pass
-from bench.multi_adapter import ALL, QV, chat_ids, make_requests, write_lora
+from bench.multi_adapter import (
+    ALL,
+    QV,
+    chat_ids,
+    cold_start,
+    first_token,
+    make_requests,
+    write_lora,
+)
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
@@ -104,7 +114,9 @@ def main() -> None:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--sections", default="throughput,floor,adapters,peft")
+    ap.add_argument(
+        "--sections", default="throughput,floor,adapters,peft", help="and/or cold (start)"
+    )
     ap.add_argument("--configs", default="base,lora-qv,lora-heavy", help="adapters section")
     ap.add_argument("--out", default="bench/results/gpu_engine.json")
     args = ap.parse_args()
@@ -165,6 +177,12 @@ def main() -> None:
         if "peft" in sections and "lora-qv" not in configs:
             configs.append("lora-qv")
         many_adapters(engine, hf, pad, work, prompts, lengths, configs, "peft" in sections, out)
+    # --- cold register -> first token ----------------------------------------------------------
+    if "cold" in sections:
+        with tempfile.TemporaryDirectory() as root:
+            first_token(engine, prompts[0], None, "cold-warm-up")
+            out["cold_register_to_first_token_ms"] = cold_start(engine, Path(root), prompts[0])
+        print("cold", json.dumps(out["cold_register_to_first_token_ms"]))
     save()
     print(f"wrote {args.out}")
 

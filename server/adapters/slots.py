@@ -7,8 +7,10 @@ costs nothing on o/gate/up/down. Buffers are allocated on first use of a module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from peftserve.adapters.bottleneck import BottleneckWeights
@@ -48,6 +50,8 @@ class StackedModule:
     slice_sizes: tuple[int, ...]
     b_down: torch.Tensor | None = None  # [S, R_max] (bottleneck)
     b_up: torch.Tensor | None = None  # [S, out_total] (bottleneck)
+    # [n_slices][S]: rows of A (columns of B) past which a slot's storage is still all zero
+    written: list[list[int]] = field(default_factory=list)
 
     def clear(self, slot: int) -> None:
         self.rank[:, slot] = 0
@@ -83,17 +87,28 @@ class DeviceSlots:
         )
         self.slot_activation: dict[int, str] = {}
 
+    def _zeros(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        """Zero-filled storage. On the CPU it comes from calloc (numpy's zeros) as untouched
+        zero pages: a module's buffers for 64 slots of rank 64 are ~1.8 GB on a 135M model,
+        and `torch.zeros` wrote every byte of them (6.8 s) inside the step that first used
+        the module; here pages are only mapped when a slot's rows are written."""
+        if self.device.type != "cpu":
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+        raw = torch.from_numpy(np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8))
+        return raw.view(dtype).view(*shape)
+
     def _new(self, d_in: int, sizes: tuple[int, ...], bias: bool) -> StackedModule:
-        S, R, n, kw = self.num_slots, self.max_rank, len(sizes), dict(device=self.device)
+        S, R, n, z = self.num_slots, self.max_rank, len(sizes), self._zeros
         # Zero-filled: the CPU path multiplies storage past a slot's rank by exact zeros.
         return StackedModule(
-            A=torch.zeros(n, S, R, d_in, dtype=self.dtype, **kw),
-            B=torch.zeros(S, sum(sizes), R, dtype=self.dtype, **kw),
-            rank=torch.zeros(n, S, dtype=torch.int32, **kw),
-            scale=torch.zeros(n, S, dtype=torch.float32, **kw),
+            A=z(n, S, R, d_in, dtype=self.dtype),
+            B=z(S, sum(sizes), R, dtype=self.dtype),
+            rank=z(n, S, dtype=torch.int32),
+            scale=z(n, S, dtype=torch.float32),
             slice_sizes=sizes,
-            b_down=torch.zeros(S, R, dtype=self.dtype, **kw) if bias else None,
-            b_up=torch.zeros(S, sum(sizes), dtype=self.dtype, **kw) if bias else None,
+            b_down=z(S, R, dtype=self.dtype) if bias else None,
+            b_up=z(S, sum(sizes), dtype=self.dtype) if bias else None,
+            written=[[0] * S for _ in sizes],
         )
 
     def clear(self, slot: int) -> None:
@@ -117,10 +132,16 @@ class DeviceSlots:
                 buf = self.lora[(layer, group)] = self._new(d_in, sizes, bias=False)
             r = mod.A.shape[0]
             off = sum(buf.slice_sizes[:i])
-            buf.A[i, slot].zero_()
+            rows = buf.B[slot, off : off + buf.slice_sizes[i]]
+            # Rows past r must be zero: only those an earlier adapter wrote need zeroing (the
+            # rest never left the zero pages, and writing zeros would fault them all in).
+            hw = buf.written[i][slot]
+            if hw > r:
+                buf.A[i, slot, r:hw].zero_()
+                rows[:, r:hw].zero_()
             buf.A[i, slot, :r] = mod.A.to(self.dtype)
-            buf.B[slot, off : off + buf.slice_sizes[i]].zero_()
-            buf.B[slot, off : off + buf.slice_sizes[i], :r] = mod.B.to(self.dtype)
+            rows[:, :r] = mod.B.to(self.dtype)
+            buf.written[i][slot] = r
             buf.rank[i, slot] = r
             buf.scale[i, slot] = mod.scale
         if self.packed is not None:

@@ -1,0 +1,44 @@
+"""DeviceSlots' stacked buffers on the CPU: zero storage that is never written to in full, and a
+slot rewritten with a smaller rank keeps nothing of the earlier adapter past that rank."""
+
+from __future__ import annotations
+
+import torch
+
+from peftserve.adapters.lora import LoraModule, LoraWeights
+from peftserve.adapters.slots import DeviceSlots
+from peftserve.models.llama import ModelShape
+
+SHAPE = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16,
+                   vocab=100, max_positions=128)  # fmt: skip
+
+
+def lora(r: int, seed: int) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+
+    def mod(d_in: int, d_out: int, scale: float) -> LoraModule:
+        return LoraModule(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), scale)
+
+    return LoraWeights({(1, "v"): mod(64, 32, 2.0), (1, "down"): mod(128, 64, 0.5)})
+
+
+def test_new_buffers_are_zero_and_a_smaller_rank_leaves_zeros_past_it():
+    slots = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16,
+                        device=torch.device("cpu"))  # fmt: skip
+    slots.write_lora(2, lora(12, seed=0))
+    qkv, down = slots.lora[(1, "qkv")], slots.lora[(1, "down")]
+    for buf in (qkv, down):  # fresh storage: only slot 2's written rows are non-zero
+        others = [s for s in range(4) if s != 2]
+        assert not buf.A[:, others].any() and not buf.B[others].any()
+        assert not buf.A[:, 2, :, :].float().isnan().any()
+    assert not qkv.A[0, 2].any() and not qkv.A[1, 2].any()  # q, k: not in the adapter
+    assert qkv.A[2, 2, :12].any() and not qkv.A[2, 2, 12:].any()
+
+    slots.write_lora(2, lora(5, seed=1))  # the same slot, a smaller rank
+    new = lora(5, seed=1).modules
+    assert torch.equal(qkv.A[2, 2, :5], new[(1, "v")].A.bfloat16())
+    assert not qkv.A[2, 2, 5:].any()
+    assert not qkv.B[2, 96:128, 5:].any()  # v's output rows, past rank 5
+    assert torch.equal(qkv.B[2, 96:128, :5], new[(1, "v")].B.bfloat16())
+    assert not down.A[0, 2, 5:].any() and not down.B[2, :, 5:].any()
+    assert int(qkv.rank[2, 2]) == 5 and int(down.rank[0, 2]) == 5

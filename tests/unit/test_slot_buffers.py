@@ -17,7 +17,8 @@ def lora(r: int, seed: int) -> LoraWeights:
     g = torch.Generator().manual_seed(seed)
 
     def mod(d_in: int, d_out: int, scale: float) -> LoraModule:
-        return LoraModule(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), scale)
+        a, b = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+        return LoraModule(a, b, scale)
 
     return LoraWeights({(1, "v"): mod(64, 32, 2.0), (1, "down"): mod(128, 64, 0.5)})
 

@@ -229,7 +229,9 @@ class AdapterHook:
                 packed = self.slots.packed.get((layer, group)) if self.slots.packed else None
                 if packed is not None and self.slots.lora.get((layer, group)) is not None:
                     f = fused_form(packed, meta)
-                    live = [j for j, s in enumerate(seg_slots) if packed[s] is not None]
+                    live = []
+                    if f is None:
+                        live = [j for j, s in enumerate(seg_slots) if packed[s] is not None]
                     if f is not None:
                         n_items += 1
                         items += [FUSED_LORA, len(f.slices)]

@@ -108,7 +108,8 @@ class ModelRunner:
         if batch.decodes:
             decode_blocks, decode_mask, decode_lens = self._decode_metadata(batch.decodes)
             decode_blocks, decode_mask = decode_blocks.to(dev), decode_mask.to(dev)
-            decode_lens = decode_lens.to(dev)
+            if dev.type != "cpu":  # only the C++ CPU kernels read the lengths
+                decode_lens = None
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts).to(dev),
             num_decodes=len(batch.decodes),

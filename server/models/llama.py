@@ -102,6 +102,7 @@ class DecoderLayer(nn.Module):
         # write and SwiGLU. fp32, the parity dtype, keeps transformers' op sequence: summed in
         # another order, 30 layers drift ~1e-4 from it in the logits.
         fused = qkv.dtype != torch.float32 and not qkv.is_cuda and cpu_ext.load()
+        v = qkv[:, self.q_out + self.kv_out :].view(T, self.kv_heads, D)
         if fused:  # one pass: rotary on q and k in place, k and v into their cache slots
             torch.ops.peftserve_cpu.rotary_and_cache(
                 qkv, ctx.cos[:, 0], ctx.sin[:, 0], cache, ctx.attn.slot_mapping,
@@ -113,8 +114,6 @@ class DecoderLayer(nn.Module):
             # q and k heads side by side: one rotary application for both.
             qk = apply_rotary(qkv[:, : self.q_out + self.kv_out].view(T, -1, D), ctx.cos, ctx.sin)
             q, k = qk.split((self.heads, self.kv_heads), dim=1)
-        v = qkv[:, self.q_out + self.kv_out :].view(T, self.kv_heads, D)
-        if not fused:
             write_kv(cache, ctx.attn.slot_mapping, k, v)
         a = paged_attention(q, k, v, cache, ctx.attn, self.scale)
         h = h + self.o(a.reshape(T, self.q_out), ctx.hook)

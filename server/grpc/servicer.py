@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
 from peftserve import __version__
 from peftserve.engine.async_engine import AsyncEngine
@@ -22,6 +23,7 @@ from peftserve.grpc import convert
 from peftserve.grpc.adapter_files import AdapterFiles, discard
 from peftserve.grpc.errors import RequestFailed, code_of, outcome
 from peftserve.grpc.interceptors import current_request_id
+from peftserve.kernels import cpu_ext
 from peftserve.metrics import Metrics
 from peftserve.serve_config import ServeConfig
 from peftserve.v1 import adapters_pb2, generate_pb2, server_info_pb2, service_pb2_grpc
@@ -178,7 +180,7 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
         return server_info_pb2.ServerInfoResponse(
             version=__version__, model=cfg.model, dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
-            kernel_backend="triton" if model.device.type == "cuda" else "torch",
+            kernel_backend=kernel_backend(model.device),
             limits=server_info_pb2.Limits(
                 max_prompt_tokens=max_prompt, max_new_tokens=cfg.max_new_tokens_limit,
                 max_model_len=context_len,
@@ -192,3 +194,11 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
                 active_streams=self.active_streams),
             admin_token_required=self.config.admin_token is not None,
             adapter_root_configured=self.config.adapter_root is not None)
+
+
+def kernel_backend(device: torch.device) -> str:
+    """What computes the hot path: the Triton kernels on CUDA; on the CPU the C++ kernels
+    (kernels/csrc) when they built, else plain torch."""
+    if device.type == "cuda":
+        return "triton"
+    return "cpp" if cpu_ext.load() else "torch"

@@ -108,7 +108,7 @@ def test_server_info_reports_limits_and_load(client):
     assert info.limits.max_model_len == 512
     assert info.limits.max_new_tokens >= 1
     assert info.load.kv_blocks_total == 256
-    assert (info.device, info.dtype, info.kernel_backend) == ("cpu", "float32", "torch")
+    assert (info.device, info.dtype, info.kernel_backend) == ("cpu", "float32", "cpp")
 
 
 def test_async_client_streams_concurrently(server):

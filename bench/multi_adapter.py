@@ -28,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import decode_step_time, environment, median_time, workload
+from bench.common import decode_step_vs_floor, environment, workload
 from peftserve.adapters.lora import module_dims, module_name
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
@@ -101,7 +102,7 @@ def make_requests(work, prompts, lengths, adapters) -> list[Request]:
     return reqs
 
 
-def floor_pass(engine: Engine, adapters: list[str | None], batch: int) -> float:
+def floor_pass(engine: Engine, adapters: list[str | None], batch: int) -> Callable[[], None]:
     """Plain matmuls over the base weights and every distinct active adapter's weights."""
     m = engine.model
     x = torch.randn(batch, m.shape.hidden, dtype=m.dtype)
@@ -132,15 +133,16 @@ def floor_pass(engine: Engine, adapters: list[str | None], batch: int) -> float:
         for a, b, p in mats:  # one token per adapter reads each adapter's weights once
             F.linear(F.linear(xi1 if p == "down" else x1, a), b)
 
-    once()
-    return median_time(once, 5)
+    return once
 
 
-def decode_step(engine: Engine, reqs: list[Request]) -> float:
-    """Median step time once all 32 requests are decoding."""
+def decode_vs_floor(engine: Engine, reqs: list[Request]) -> dict[str, float]:
+    """A step once all 32 requests are decoding and the configuration's floor pass, timed
+    alternately 9 times (median times, median of the paired ratios)."""
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     probe = [replace(r, request_id=f"p-{r.request_id}", params=params) for r in reqs]
-    return decode_step_time(engine, probe, 7)
+    floor = floor_pass(engine, [r.adapter for r in reqs], len(reqs))
+    return decode_step_vs_floor(engine, probe, 9, floor)
 
 
 def warm(engine: Engine, reqs: list[Request]) -> None:
@@ -158,14 +160,13 @@ def run_ours(engine: Engine, reqs: list[Request], tokens: int) -> dict:
     results = engine.generate(reqs)
     elapsed = time.perf_counter() - t0
     assert sum(o[-1].completion_tokens for o in results.values()) == tokens
-    step = decode_step(engine, reqs)
-    floor = floor_pass(engine, [r.adapter for r in reqs], len(reqs))
+    r = decode_vs_floor(engine, reqs)
     return {
         "seconds": elapsed,
         "tok_s": tokens / elapsed,
-        "decode_step_ms": step * 1e3,
-        "floor_ms": floor * 1e3,
-        "step_over_floor": step / floor,
+        "decode_step_ms": r["step"] * 1e3,
+        "floor_ms": r["floor"] * 1e3,
+        "step_over_floor": r["ratio"],  # median of the paired ratios
     }
 
 

@@ -9,8 +9,9 @@ precision: fp32 keeps transformers' op sequence for parity) and decode_forward (
 adapter-free half-precision step's whole decoder stack in one call).
 
 The build uses torch's extension builder (a C++ compiler and ninja) with -O3 -march=native into
-~/.cache/peftserve/kernels/<key>, where the key covers the sources, torch's version, the flags
-and this CPU's model and flags: a later start (or another process) only loads the library. When
+~/.cache/peftserve/kernels/<key> (`PEFTSERVE_KERNEL_CACHE` replaces ~/.cache/peftserve), where
+the key covers the sources, torch's version, the flags and this CPU's model and flags: a later
+start (or another process) only loads the library. When
 no compiler is there, or `PEFTSERVE_CPU_KERNELS=0`, `load()` returns False once with a warning
 and the callers keep their plain-torch paths (the same computation; bf16 decode attention then
 rounds its scores and probabilities to bf16 as the torch matmuls do).

@@ -79,17 +79,23 @@ def _no_sync() -> None:
     return None
 
 
+def _start_decoding(engine, requests: list) -> None:
+    """Adds `requests` and steps until every one has finished its prefill and decodes one
+    token per step."""
+    for r in requests:
+        engine.add_request(r)
+    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+
+
 def decode_step_time(
     engine, requests: list, repeat: int, sync: Callable[[], None] | None = None
 ) -> float:
     """Median time of `engine.step()` once every request in `requests` (added here) has
     finished its prefill and decodes one token per step; the requests are drained afterwards.
     Their max_new_tokens must leave room for the measured steps."""
-    for r in requests:
-        engine.add_request(r)
-    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    engine.step()
+    _start_decoding(engine, requests)
     t = median_time(engine.step, repeat, sync)
     while engine.has_unfinished():
         engine.step()
@@ -107,11 +113,7 @@ def decode_step_vs_floor(
     `repeat` times, so that drift of a shared machine hits both alike. Returns the median
     step and floor times (s) and the median of the paired step / floor ratios."""
     sync = sync or _no_sync
-    for r in requests:
-        engine.add_request(r)
-    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    engine.step()
+    _start_decoding(engine, requests)
     floor_once()
     steps, floors = [], []
     for _ in range(repeat):

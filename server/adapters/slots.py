@@ -16,6 +16,7 @@ import torch
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta, add_lowrank_delta
+from peftserve.kernels.activation import activation_code
 from peftserve.kernels.cpu_lowrank import (
     PackedBottleneck,
     PackedSlots,
@@ -183,9 +184,9 @@ class DeviceSlots:
         self.slot_activation[slot] = act
 
 
-# Item codes of a DecodePlan (kernels/csrc/decode_forward_cpu.cpp reads the same numbers).
+# Item codes of a DecodePlan (kernels/csrc/decode_forward_cpu.cpp reads the same numbers; it
+# reads activations by kernels.activation.activation_code, as the Triton kernels do).
 FUSED_LORA, SEGMENT_LORA, SEGMENT_BOTTLENECK = 1, 2, 3
-ACT_CODES = {"relu": 1, "silu": 2, "gelu": 3}
 
 
 @dataclass
@@ -226,22 +227,20 @@ class AdapterHook:
             for group in GROUPS:
                 items: list[int] = []
                 n_items = 0
-                packed = self.slots.packed.get((layer, group)) if self.slots.packed else None
-                if packed is not None and self.slots.lora.get((layer, group)) is not None:
-                    f = fused_form(packed, meta)
-                    live = []
-                    if f is None:
-                        live = [j for j, s in enumerate(seg_slots) if packed[s] is not None]
-                    if f is not None:
-                        n_items += 1
-                        items += [FUSED_LORA, len(f.slices)]
-                        t += [f.A, meta.column_mask(f.layout, f.col_slot, f.A.dtype)]
-                        for sl in f.slices:
-                            items += [sl.out[0], sl.out[1], sl.cols[0], sl.cols[1]]
-                            t.append(sl.B_t)
-                    elif use_padded_layout(meta, len(live)):
+                packed = self.slots.packed.get((layer, group))
+                f = None if packed is None else fused_form(packed, meta)
+                if f is not None:
+                    n_items += 1
+                    items += [FUSED_LORA, len(f.slices)]
+                    t += [f.A, meta.column_mask(f.layout, f.col_slot, f.A.dtype)]
+                    for sl in f.slices:
+                        items += [sl.out[0], sl.out[1], sl.cols[0], sl.cols[1]]
+                        t.append(sl.B_t)
+                elif packed is not None:
+                    live = [j for j, s in enumerate(seg_slots) if packed[s] is not None]
+                    if use_padded_layout(meta, len(live)):
                         return None
-                    elif live:
+                    if live:
                         n_items += 1
                         items += [SEGMENT_LORA, len(live)]
                         for j in live:
@@ -258,7 +257,7 @@ class AdapterHook:
                     if not live:
                         continue
                     n_items += 1
-                    items += [SEGMENT_BOTTLENECK, len(live), ACT_CODES[act]]
+                    items += [SEGMENT_BOTTLENECK, len(live), activation_code(act)]
                     for j in live:
                         b = pb[seg_slots[j]]
                         items += [starts[j], starts[j + 1]]

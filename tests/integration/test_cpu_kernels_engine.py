@@ -22,6 +22,21 @@ def run(path, dtype: str) -> dict[str, list[int]]:
     return tokens(eng.generate(make_requests(12, seed=4)))
 
 
+def spy_on_cpp_decode(monkeypatch, with_adapters: bool = False) -> list[bool]:
+    """Records, per forward, whether the one-call decode stack ran it (and, with
+    `with_adapters`, with adapter deltas)."""
+    used: list[bool] = []
+    real = LlamaModel._cpp_decode_plan
+
+    def spy(self, h, ctx):
+        plan = real(self, h, ctx)
+        used.append(plan is not None and (ctx.hook is not None or not with_adapters))
+        return plan
+
+    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", spy)
+    return used
+
+
 def test_same_tokens_with_and_without_the_cpp_kernels(tiny_llama_dir, monkeypatch):
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
     calls = []
@@ -42,15 +57,7 @@ def test_one_call_decode_stack_gives_the_python_layers_tokens(
 ):
     path = request.getfixturevalue(model)
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
-    used = []
-    real = LlamaModel._cpp_decode_plan
-
-    def spy(self, h, ctx):
-        plan = real(self, h, ctx)
-        used.append(plan is not None)
-        return plan
-
-    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", spy)
+    used = spy_on_cpp_decode(monkeypatch)
     one_call = run(path, dtype)
     assert any(used) and not all(used)  # decode-only steps took it, prefill steps did not
     monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
@@ -94,15 +101,7 @@ def test_one_call_decode_stack_with_adapter_deltas_gives_the_python_layers_token
 
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
     engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16")
-    used = []
-    real = LlamaModel._cpp_decode_plan
-
-    def spy(self, h, ctx):
-        plan = real(self, h, ctx)
-        used.append(plan is not None and ctx.hook is not None)
-        return plan
-
-    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", spy)
+    used = spy_on_cpp_decode(monkeypatch, with_adapters=True)
     one_call = adapter_tokens(engine.generate(requests(names, seed=3)))
     assert any(used)  # decode steps with adapters took the one-call stack
     monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)

@@ -106,18 +106,21 @@ def decode_step_vs_floor(
     engine,
     requests: list,
     repeat: int,
-    floor_once: Callable[[], object],
+    floors: dict[str, Callable[[], object]],
     sync: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """A decode step (as decode_step_time) and one pass of `floor_once`, timed alternately
-    `repeat` times, so that drift of a shared machine hits both alike. Returns the median
-    step and floor times (s) and the median of the paired step / floor ratios."""
+) -> dict[str, object]:
+    """A decode step (as decode_step_time) and one pass of each floor, timed in turn `repeat`
+    times, so that drift of a shared machine hits them alike. Returns the median step time
+    (s) and, per floor name, its median time and the median of the paired step / floor
+    ratios."""
     sync = sync or _no_sync
     _start_decoding(engine, requests)
-    floor_once()
-    steps, floors = [], []
+    for once in floors.values():
+        once()
+    steps: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in floors}
     for _ in range(repeat):
-        for fn, out in ((engine.step, steps), (floor_once, floors)):
+        for fn, out in ((engine.step, steps), *((f, times[n]) for n, f in floors.items())):
             sync()
             t0 = time.perf_counter()
             fn()
@@ -127,9 +130,52 @@ def decode_step_vs_floor(
         engine.step()
     return {
         "step": statistics.median(steps),
-        "floor": statistics.median(floors),
-        "ratio": statistics.median(s / f for s, f in zip(steps, floors, strict=True)),
+        "floor": {n: statistics.median(t) for n, t in times.items()},
+        "ratio": {
+            n: statistics.median(s / f for s, f in zip(steps, t, strict=True))
+            for n, t in times.items()
+        },
     }
+
+
+def matmul_floors(
+    model, batch: int, extra: Callable[[], None] | None = None
+) -> dict[str, Callable[[], None]]:
+    """One matmul pass over the base weights (every layer's projections and the LM head) at
+    `batch` rows, then `extra` (e.g. the active adapters' matmuls), as floors for
+    decode_step_vs_floor. "plain": F.linear on dense weights. "packed", where the model holds
+    its weights packed for oneDNN (CPU half precision, kernels/packed_linear.py): the same pass
+    on those, the faster kernel the engine itself runs, so the stricter floor."""
+    from torch.nn import functional as F
+
+    from peftserve.kernels import packed_linear
+
+    x = torch.randn(batch, model.shape.hidden, dtype=model.dtype, device=model.device)
+    xi = torch.randn(batch, model.shape.intermediate, dtype=model.dtype, device=model.device)
+    lins = [(lin, xi if lin.name == "down" else x)
+            for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]  # fmt: skip
+    dense = [(lin.dense_weight(), xin) for lin, xin in lins]
+    dense.append((model.lm_head_dense(), x))
+
+    def plain() -> None:
+        for w, xin in dense:
+            F.linear(xin, w)
+        if extra is not None:
+            extra()
+
+    floors = {"plain": plain}
+    if model.lm_head_packed is not None:
+        packed = [(lin.packed, xin) for lin, xin in lins]
+        packed.append((model.lm_head_packed, x))
+
+        def packed_pass() -> None:
+            for w, xin in packed:
+                packed_linear.linear(xin, w, None)
+            if extra is not None:
+                extra()
+
+        floors["packed"] = packed_pass
+    return floors
 
 
 def environment() -> dict[str, object]:

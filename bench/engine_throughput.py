@@ -7,8 +7,9 @@ Workload: 32 chat requests given at once, output lengths uniform in 16..128 (see
 EOS ignored so every configuration produces exactly the same useful tokens. Compared with
 transformers `generate` on the same weights and dtype: all 32 in one left-padded batch (its
 strongest setting here; it runs until the longest request is done) and in batches of 8.
-The floor: one plain matmul pass over the same weight tensors at batch 1/8/32, timed in the same
-run, against our decode step at the same batch size.
+The floor: one plain matmul pass (F.linear) over the same weight tensors at batch 1/8/32, timed
+in the same run, against our decode step at the same batch size; in CPU half precision also the
+same pass on the oneDNN-packed weights the engine runs (the stricter floor).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
-from bench.common import decode_step_vs_floor, environment, median_time, timed, workload
+from bench.common import (
+    decode_step_vs_floor,
+    environment,
+    matmul_floors,
+    median_time,
+    timed,
+    workload,
+)
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
@@ -74,37 +81,20 @@ def run_hf(model, tokenizer, prompts: list[list[int]], lengths: list[int], batch
             )
 
 
-def matmul_pass_fn(engine: Engine, batch: int) -> Callable[[], None]:
-    """One plain matmul pass over the model's weights (all layers + LM head) at `batch` rows,
-    on the model's device: the decode step's floor."""
-    m = engine.model
-    x = torch.randn(batch, m.shape.hidden, dtype=m.dtype, device=m.device)
-    xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype, device=m.device)
-
-    def once() -> None:
-        for layer in m.layers:
-            F.linear(x, layer.qkv.weight)
-            F.linear(x, layer.o.weight)
-            F.linear(x, layer.gate_up.weight)
-            F.linear(xi, layer.down.weight)
-        F.linear(x, m.lm_head)
-
-    return once
-
-
 def matmul_pass(engine: Engine, batch: int, sync: Callable[[], None] = lambda: None) -> float:
-    """matmul_pass_fn's pass: median of 9 (21 on a GPU, whose passes are short)."""
-    once = matmul_pass_fn(engine, batch)
+    """The plain matmul floor's pass (bench.common.matmul_floors): median of 9 (21 on a GPU,
+    whose passes are short)."""
+    once = matmul_floors(engine.model, batch)["plain"]
     once()
     return median_time(once, 21 if engine.model.device.type == "cuda" else 9, sync)
 
 
-def decode_vs_floor(engine: Engine, batch: int, prompt: list[int]) -> dict[str, float]:
-    """A decode step at `batch` and the matmul pass at `batch`, timed alternately 15 times."""
+def decode_vs_floor(engine: Engine, batch: int, prompt: list[int]) -> dict:
+    """A decode step at `batch` and the matmul passes at `batch`, timed in turn 15 times."""
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     reqs = [Request(f"d{batch}-{i}", prompt_token_ids=tuple(prompt), params=params)
             for i in range(batch)]  # fmt: skip
-    return decode_step_vs_floor(engine, reqs, 15, matmul_pass_fn(engine, batch))
+    return decode_step_vs_floor(engine, reqs, 15, matmul_floors(engine.model, batch))
 
 
 def bench_dtype(name: str, model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> dict:
@@ -122,9 +112,12 @@ def bench_dtype(name: str, model_dir: Path, prompts: list[list[int]], lengths: l
         r = decode_vs_floor(engine, b, prompts[0])
         floor[str(b)] = {
             "decode_step_ms": r["step"] * 1e3,
-            "matmul_pass_ms": r["floor"] * 1e3,
-            "step_over_floor": r["ratio"],  # median of the 15 paired ratios
+            "matmul_pass_ms": r["floor"]["plain"] * 1e3,
+            "step_over_floor": r["ratio"]["plain"],  # median of the 15 paired ratios
         }
+        if "packed" in r["floor"]:  # the same pass on the packed weights the engine runs
+            floor[str(b)]["packed_matmul_pass_ms"] = r["floor"]["packed"] * 1e3
+            floor[str(b)]["step_over_packed_floor"] = r["ratio"]["packed"]
     return {
         "dtype": name,
         "useful_tokens": tokens,

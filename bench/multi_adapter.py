@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import decode_step_vs_floor, environment, workload
+from bench.common import decode_step_vs_floor, environment, matmul_floors, workload
 from peftserve.adapters.lora import module_dims, module_name
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
@@ -102,8 +102,11 @@ def make_requests(work, prompts, lengths, adapters) -> list[Request]:
     return reqs
 
 
-def floor_pass(engine: Engine, adapters: list[str | None], batch: int) -> Callable[[], None]:
-    """Plain matmuls over the base weights and every distinct active adapter's weights."""
+def floor_pass(
+    engine: Engine, adapters: list[str | None], batch: int
+) -> dict[str, Callable[[], None]]:
+    """Matmuls over the base weights and every distinct active adapter's weights
+    (bench.common.matmul_floors: "plain", and "packed" where the base weights are packed)."""
     m = engine.model
     x = torch.randn(batch, m.shape.hidden, dtype=m.dtype)
     xi = torch.randn(batch, m.shape.intermediate, dtype=m.dtype)
@@ -123,26 +126,20 @@ def floor_pass(engine: Engine, adapters: list[str | None], batch: int) -> Callab
     x1 = x[:1]
     xi1 = xi[:1]
 
-    def once() -> None:
-        for layer in m.layers:
-            F.linear(x, layer.qkv.weight)
-            F.linear(x, layer.o.weight)
-            F.linear(x, layer.gate_up.weight)
-            F.linear(xi, layer.down.weight)
-        F.linear(x, m.lm_head)
+    def adapters_once() -> None:
         for a, b, p in mats:  # one token per adapter reads each adapter's weights once
             F.linear(F.linear(xi1 if p == "down" else x1, a), b)
 
-    return once
+    return matmul_floors(m, batch, adapters_once)
 
 
-def decode_vs_floor(engine: Engine, reqs: list[Request]) -> dict[str, float]:
-    """A step once all 32 requests are decoding and the configuration's floor pass, timed
-    alternately 9 times (median times, median of the paired ratios)."""
+def decode_vs_floor(engine: Engine, reqs: list[Request]) -> dict:
+    """A step once all 32 requests are decoding and the configuration's floor passes, timed
+    in turn 9 times (median times, median of the paired ratios)."""
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     probe = [replace(r, request_id=f"p-{r.request_id}", params=params) for r in reqs]
-    floor = floor_pass(engine, [r.adapter for r in reqs], len(reqs))
-    return decode_step_vs_floor(engine, probe, 9, floor)
+    floors = floor_pass(engine, [r.adapter for r in reqs], len(reqs))
+    return decode_step_vs_floor(engine, probe, 9, floors)
 
 
 def warm(engine: Engine, reqs: list[Request]) -> None:
@@ -165,8 +162,16 @@ def run_ours(engine: Engine, reqs: list[Request], tokens: int) -> dict:
         "seconds": elapsed,
         "tok_s": tokens / elapsed,
         "decode_step_ms": r["step"] * 1e3,
-        "floor_ms": r["floor"] * 1e3,
-        "step_over_floor": r["ratio"],  # median of the paired ratios
+        "floor_ms": r["floor"]["plain"] * 1e3,
+        "step_over_floor": r["ratio"]["plain"],  # median of the paired ratios
+        **(
+            {
+                "packed_floor_ms": r["floor"]["packed"] * 1e3,
+                "step_over_packed_floor": r["ratio"]["packed"],
+            }
+            if "packed" in r["floor"]
+            else {}
+        ),
     }
 
 

@@ -72,11 +72,14 @@ def make_model_dir(path: Path, model_type: str = "llama", seed: int = 0, **overr
         model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    # Random init is small; scale weights up a little so logits are not nearly flat.
+    # Random init is small; scale weights up a little so logits are not nearly flat. Biases
+    # (Qwen2's q/k/v) start at zero: make them random so that tests see them.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(2.0)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

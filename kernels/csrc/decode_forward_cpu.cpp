@@ -11,6 +11,7 @@
 // which the hook would take the padded layout, stay in Python.
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -18,6 +19,22 @@
 namespace peftserve_cpu {
 
 namespace {
+
+// A base projection: weights packed for oneDNN at load (kernels/packed_linear.py, CPU half
+// precision) go through the op the Python layer calls for them; dense ones through at::linear.
+at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w,
+                       const std::optional<at::Tensor>& b = std::nullopt) {
+  if (!w.is_mkldnn()) {
+    return at::linear(x, w, b);
+  }
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<at::Scalar>>,
+                            std::optional<c10::string_view>)>();
+  return op.call(x, w, b, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
 
 // The adapter deltas of a step, as adapters/slots.py (AdapterHook.decode_plan) lays them out:
 // for each projection, a count of items, each a code and its numbers in `spec`, its tensors in
@@ -185,7 +202,7 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     const at::Tensor cache = kv_cache.select(0, l);
     at::Tensor x = norm(h, input_norm[l]);
     const at::Tensor qkv =
-        qkv_b.empty() ? at::linear(x, qkv_w[l]) : at::linear(x, qkv_w[l], qkv_b[l]);
+        qkv_b.empty() ? base_linear(x, qkv_w[l]) : base_linear(x, qkv_w[l], qkv_b[l]);
     deltas.apply(qkv, x);
     at::Tensor q;
     if (fp32) {  // layers/rotary.py apply_rotary, then layers/attention.py write_kv
@@ -207,11 +224,11 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     at::Tensor attn = at::empty({T, heads, D}, h.options());
     paged_decode_attention(attn, q, cache, block_tables, context_lens, block_size, scale);
     const at::Tensor a = attn.view({T, heads * D});
-    const at::Tensor o = o_b.empty() ? at::linear(a, o_w[l]) : at::linear(a, o_w[l], o_b[l]);
+    const at::Tensor o = o_b.empty() ? base_linear(a, o_w[l]) : base_linear(a, o_w[l], o_b[l]);
     deltas.apply(o, a);
     h = at::add(h, o);
     x = norm(h, post_norm[l]);
-    const at::Tensor gu = at::linear(x, gate_up_w[l]);
+    const at::Tensor gu = base_linear(x, gate_up_w[l]);
     deltas.apply(gu, x);
     at::Tensor act;
     if (fp32) {
@@ -221,7 +238,7 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
       act = at::empty({T, gu.size(1) / 2}, gu.options());
       silu_and_mul(act, gu);
     }
-    const at::Tensor down = at::linear(act, down_w[l]);
+    const at::Tensor down = base_linear(act, down_w[l]);
     deltas.apply(down, act);
     h = at::add(h, down);
   }
@@ -242,5 +259,10 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
+  m.impl("decode_forward", &peftserve_cpu::decode_forward);
+}
+
+// Packed weights (oneDNN tensors) among the arguments make the dispatcher look here.
+TORCH_LIBRARY_IMPL(peftserve_cpu, MkldnnCPU, m) {
   m.impl("decode_forward", &peftserve_cpu::decode_forward);
 }

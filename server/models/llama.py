@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from transformers import PretrainedConfig
 
 from peftserve.errors import UnsupportedModel
-from peftserve.kernels import cpu_ext
+from peftserve.kernels import cpu_ext, packed_linear
 from peftserve.layers.attention import AttentionMetadata, paged_attention, write_kv
 from peftserve.layers.linear import AdaptableLinear, DeltaHook
 from peftserve.layers.norm import RMSNorm
@@ -155,6 +155,16 @@ class LlamaModel(nn.Module):
         if lm_head is None or getattr(config, "tie_word_embeddings", False):
             lm_head = self.embed
         self.lm_head = lm_head  # [V, hidden]
+        # CPU half precision: every matmul weight packed for oneDNN (kernels/packed_linear.py;
+        # the dense layer weights are dropped, the embedding table stays for the lookups).
+        self.lm_head_packed: torch.Tensor | None = None
+        if packed_linear.enabled(dtype, device):
+            for layer in self.layers:
+                for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                    lin.pack()
+            self.lm_head_packed = packed_linear.pack(self.lm_head)
+            if self.lm_head is not self.embed:
+                self.lm_head = None  # type: ignore[assignment]
         self.rotary = RotaryEmbedding(config, self.shape.head_dim, device)
         self.dtype = dtype
         self.device = device
@@ -171,13 +181,13 @@ class LlamaModel(nn.Module):
             L = self.layers
             self._decode_weights = (
                 [x.input_norm.weight for x in L],
-                [x.qkv.weight for x in L],
+                [x.qkv.matmul_weight() for x in L],
                 [x.qkv.bias for x in L] if L[0].qkv.bias is not None else [],
-                [x.o.weight for x in L],
+                [x.o.matmul_weight() for x in L],
                 [x.o.bias for x in L] if L[0].o.bias is not None else [],
                 [x.post_attn_norm.weight for x in L],
-                [x.gate_up.weight for x in L],
-                [x.down.weight for x in L],
+                [x.gate_up.matmul_weight() for x in L],
+                [x.down.matmul_weight() for x in L],
                 self.norm.weight,
             )
         return self._decode_weights
@@ -228,4 +238,12 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         # h: [B, hidden] (only the rows that sample) -> [B, vocab] fp32
+        if self.lm_head_packed is not None:
+            return packed_linear.linear(h, self.lm_head_packed, None).float()
         return F.linear(h, self.lm_head).float()
+
+    def lm_head_dense(self) -> torch.Tensor:
+        # [V, hidden]
+        if self.lm_head is None:
+            return self.lm_head_packed.to_dense()  # type: ignore[union-attr]
+        return self.lm_head

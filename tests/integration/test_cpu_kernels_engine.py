@@ -6,10 +6,11 @@ in bf16 and fp32, Qwen2's q/k/v biases and every adapter form of the hook includ
 from __future__ import annotations
 
 import pytest
+import torch
 
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
-from peftserve.kernels import cpu_ext
+from peftserve.kernels import cpu_ext, packed_linear
 from peftserve.models.llama import LlamaModel
 from tests.integration.test_batching import make_requests, tokens
 
@@ -37,6 +38,32 @@ def spy_on_cpp_decode(monkeypatch, with_adapters: bool = False) -> list[bool]:
     return used
 
 
+def require_packing() -> None:
+    if not packed_linear.enabled(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this CPU's oneDNN has no bf16 matmul to pack for")
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_packed_weights_give_the_dense_weights_tokens(model, request, monkeypatch):
+    """bf16 on the CPU serves from oneDNN-packed weights; the tokens are those of the dense
+    weights, prefill and decode, with and without the one-call stack."""
+    require_packing()
+    path = request.getfixturevalue(model)
+    calls = []
+    real = packed_linear.linear
+    monkeypatch.setattr(packed_linear, "linear", lambda *a: calls.append(1) or real(*a))
+    packed = run(path, "bfloat16")
+    assert calls, "no matmul ran on packed weights"
+    monkeypatch.setenv(packed_linear.ENV_SWITCH, "0")
+    calls.clear()
+    dense = run(path, "bfloat16")
+    assert not calls
+    assert sum(len(t) for t in dense.values()) > 100
+    assert packed == dense
+    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
+    assert run(path, "bfloat16") == dense
+
+
 def test_same_tokens_with_and_without_the_cpp_kernels(tiny_llama_dir, monkeypatch):
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
     calls = []
@@ -50,13 +77,19 @@ def test_same_tokens_with_and_without_the_cpp_kernels(tiny_llama_dir, monkeypatc
     assert with_kernels == without
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(
+    "dtype,packed", [("bfloat16", True), ("bfloat16", False), ("float32", False)]
+)
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_one_call_decode_stack_gives_the_python_layers_tokens(
-    model, dtype, request, monkeypatch
+    model, dtype, packed, request, monkeypatch
 ):
     path = request.getfixturevalue(model)
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    if packed:  # weights packed for oneDNN (kernels/packed_linear.py), as bf16 serves here
+        require_packing()
+    else:
+        monkeypatch.setenv(packed_linear.ENV_SWITCH, "0")
     used = spy_on_cpp_decode(monkeypatch)
     one_call = run(path, dtype)
     assert any(used) and not all(used)  # decode-only steps took it, prefill steps did not

@@ -152,8 +152,11 @@ def matmul_floors(
 
     x = torch.randn(batch, model.shape.hidden, dtype=model.dtype, device=model.device)
     xi = torch.randn(batch, model.shape.intermediate, dtype=model.dtype, device=model.device)
-    lins = [(lin, xi if lin.name == "down" else x)
-            for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]  # fmt: skip
+    lins = [
+        (lin, xi if lin.name == "down" else x)
+        for layer in model.layers
+        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+    ]
     dense = [(lin.dense_weight(), xin) for lin, xin in lins]
     dense.append((model.lm_head_dense(), x))
 

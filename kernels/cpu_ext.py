@@ -5,8 +5,9 @@
 
 Ops (torch.ops.peftserve_cpu.*): paged_decode_attention (decode attention reading KV blocks in
 place; every dtype), rms_norm, rotary_and_cache, silu_and_mul (the small per-layer work, half
-precision: fp32 keeps transformers' op sequence for parity) and decode_forward (a decode-only,
-adapter-free half-precision step's whole decoder stack in one call).
+precision: fp32 keeps transformers' op sequence for parity), lora_rows and bottleneck_rows (a
+step's adapter deltas in half precision, token by token at each slot's exact rank) and
+decode_forward (a decode-only step's whole decoder stack in one call).
 
 The build uses torch's extension builder (a C++ compiler and ninja) with -O3 -march=native into
 ~/.cache/peftserve/kernels/<key> (`PEFTSERVE_KERNEL_CACHE` replaces ~/.cache/peftserve), where
@@ -31,7 +32,13 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
-    CSRC / f for f in ("paged_attention_cpu.cpp", "fused_cpu.cpp", "decode_forward_cpu.cpp")
+    CSRC / f
+    for f in (
+        "paged_attention_cpu.cpp",
+        "fused_cpu.cpp",
+        "lowrank_rows_cpu.cpp",
+        "decode_forward_cpu.cpp",
+    )
 )
 HEADERS = (CSRC / "ops.h", CSRC / "vec_math.h")
 # No -ffast-math: results stay IEEE; these two only let loops with exp/sqrt/selects vectorize.

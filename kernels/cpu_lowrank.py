@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .activation import activation_fn
+from .activation import activation_code, activation_fn
 from .segment_meta import SegmentMeta
 
 # Padded layout when its rows (span * max_seg_len) are at most this many times the real rows
@@ -160,6 +160,7 @@ class PackedLora:
 
     A: torch.Tensor  # [sum of the slices' ranks, in]
     B: torch.Tensor  # [out_total, sum of the slices' ranks]
+    B_t: torch.Tensor  # B transposed, contiguous: [sum of the ranks, out_total] (lora_rows)
     ranks: tuple[int, ...]  # per slice, in A's row order (0 = no update on the slice)
     offsets: tuple[int, ...]  # per slice's output columns, plus out_total at the end
     macs: int  # multiply-adds per token of the fused form: sum of rank * (in + out) per slice
@@ -187,7 +188,14 @@ def pack_lora(
             col += r
     packed_a = torch.cat([A[i, slot, :r] for i, r in enumerate(ranks) if r])
     macs = sum(r * (A.shape[3] + offsets[i + 1] - offsets[i]) for i, r in enumerate(ranks))
-    return PackedLora(packed_a.contiguous(), packed_b, tuple(ranks), tuple(offsets), macs)
+    return PackedLora(
+        packed_a.contiguous(),
+        packed_b,
+        packed_b.t().contiguous(),
+        tuple(ranks),
+        tuple(offsets),
+        macs,
+    )
 
 
 @dataclass(frozen=True)
@@ -350,6 +358,7 @@ class PackedBottleneck:
     A: torch.Tensor  # [r, hidden]
     b_down: torch.Tensor  # [r]
     B: torch.Tensor  # [hidden, r]
+    B_t: torch.Tensor  # [r, hidden] (bottleneck_rows)
     b_up: torch.Tensor  # [hidden]
     scale: float
     act: str
@@ -370,6 +379,7 @@ def pack_bottleneck(
         A=A[0, slot, :rank].contiguous(),
         b_down=b_down[slot, :rank].contiguous(),
         B=B[slot, :, :rank].contiguous(),
+        B_t=B[slot, :, :rank].t().contiguous(),
         b_up=b_up[slot].contiguous(),
         scale=float(scale),
         act=act,
@@ -399,6 +409,86 @@ def bottleneck_delta_packed_cpu(
         else:
             y.index_add_(0, meta.sorted_tokens[a:b], d)
     return y
+
+
+def lora_delta_rows_cpu(
+    y: torch.Tensor,  # [T, out_total], updated in place
+    x: torch.Tensor,  # [T, in]
+    packed: Sequence[PackedLora | None],  # by slot; None = the slot has no update here
+    meta: SegmentMeta,
+) -> torch.Tensor:
+    """y[t] += B_s @ (A_s @ x[t]) for each token's slot s, token by token in the C++ op
+    (csrc/lowrank_rows_cpu.cpp; half precision, cpu_ext loaded): each token reads its own slot's
+    weights at their exact rank, sums in fp32, and y is rounded once."""
+    if meta.is_empty:
+        return y
+    bounds, A, B_t, ranks = lora_rows_args(packed, meta)
+    if A:
+        offsets = next(p for p in packed if p is not None).offsets
+        rows = None if meta.in_order else meta.sorted_tokens
+        torch.ops.peftserve_cpu.lora_rows(y, x, rows, bounds, A, B_t, ranks, list(offsets))
+    return y
+
+
+def lora_rows_args(
+    packed: Sequence[PackedLora | None], meta: SegmentMeta
+) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """lora_rows' per-segment arguments for the step's segments with weights here: (row0, row1)
+    pairs in sorted order, A and B_t, and the ranks per slice."""
+    starts = meta.seg_starts_list
+    bounds: list[int] = []
+    A: list[torch.Tensor] = []
+    B_t: list[torch.Tensor] = []
+    ranks: list[int] = []
+    for j, s in enumerate(meta.seg_slots_list):
+        p = packed[s]
+        if p is not None:
+            bounds += [starts[j], starts[j + 1]]
+            A.append(p.A)
+            B_t.append(p.B_t)
+            ranks += p.ranks
+    return bounds, A, B_t, ranks
+
+
+def bottleneck_delta_rows_cpu(
+    y: torch.Tensor,  # [T, hidden], the sub-layer output, updated in place
+    packed: Sequence[PackedBottleneck | None],  # by slot; None = no adapter at this placement
+    meta: SegmentMeta,
+) -> torch.Tensor:
+    """y[t] += scale_s * (B_s act(A_s y[t] + b_down_s) + b_up_s) for each token's slot s, token
+    by token in the C++ op (csrc/lowrank_rows_cpu.cpp; half precision, cpu_ext loaded), each
+    token reading its own row of y before its update."""
+    if meta.is_empty:
+        return y
+    bounds, tensors, scales = bottleneck_rows_args(packed, meta)
+    if scales:
+        act = next(p for p in packed if p is not None).act
+        rows = None if meta.in_order else meta.sorted_tokens
+        torch.ops.peftserve_cpu.bottleneck_rows(
+            y, rows, bounds, *tensors, scales, activation_code(act)
+        )
+    return y
+
+
+def bottleneck_rows_args(
+    packed: Sequence[PackedBottleneck | None], meta: SegmentMeta
+) -> tuple[list[int], tuple[list[torch.Tensor], ...], list[float]]:
+    """bottleneck_rows' per-segment arguments: (row0, row1) pairs, (A, b_down, B_t, b_up) lists
+    and the scales, for the step's segments with an adapter here."""
+    starts = meta.seg_starts_list
+    bounds: list[int] = []
+    A, b_down, B_t, b_up = [], [], [], []
+    scales: list[float] = []
+    for j, s in enumerate(meta.seg_slots_list):
+        p = packed[s]
+        if p is not None:
+            bounds += [starts[j], starts[j + 1]]
+            A.append(p.A)
+            b_down.append(p.b_down)
+            B_t.append(p.B_t)
+            b_up.append(p.b_up)
+            scales.append(p.scale)
+    return bounds, (A, b_down, B_t, b_up), scales
 
 
 def _shrink_segment(

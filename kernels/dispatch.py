@@ -1,7 +1,8 @@
 """Public ops: check the arguments once, then run on the tensors' device.
 
 CUDA tensors go to the Triton kernels, imported on first use (see triton_shrink.py); CPU tensors
-go to the grouped-matmul torch path (cpu_lowrank.py).
+go to the grouped-matmul torch path (cpu_lowrank.py), and LoRA in half precision with packed
+slot weights to the token-by-token C++ op where the C++ CPU kernels are built (cpu_ext.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import cpu_ext
 from .checks import check_expand_args, check_lowrank_args, check_shrink_args
 from .cpu_lowrank import (
     PackedLora,
@@ -17,6 +19,7 @@ from .cpu_lowrank import (
     expand_cpu,
     lora_delta_fused_cpu,
     lora_delta_packed_cpu,
+    lora_delta_rows_cpu,
     lowrank_delta_cpu,
     shrink_cpu,
     use_padded_layout,
@@ -91,10 +94,11 @@ def add_lowrank_delta(
     reference.lowrank_delta_reference.
 
     `packed` (cpu_lowrank.pack_lora of each slot, kept in step with A/B/rank/scale by the
-    caller) lets the CPU by-segment layout run two matmuls per segment instead of two per
-    (segment, slice) in half precision; as a cpu_lowrank.PackedSlots it also allows the fused
-    form (every active slot in two matmuls) where that is cheaper. fp32 (the parity dtype) and
-    the batched decode layout read the stacked buffers.
+    caller), in half precision: with the C++ CPU kernels, one call of lora_rows (every token
+    against its slot's packed weights); without them, the by-segment layout runs two matmuls
+    per segment instead of two per (segment, slice), and as a cpu_lowrank.PackedSlots it also
+    allows the fused form (every active slot in two matmuls) where that is cheaper. fp32 (the
+    parity dtype) and the batched decode layout read the stacked buffers.
     """
     if meta.is_empty:
         return y
@@ -104,6 +108,8 @@ def add_lowrank_delta(
                 f"x [T, in] and y [T, out] of one dtype, got {x.shape} {x.dtype}, "
                 f"{y.shape} {y.dtype}"
             )
+        if cpu_ext.load():  # each token at its slot's exact rank, one C++ call
+            return lora_delta_rows_cpu(y, x, packed, meta)
         if isinstance(packed, PackedSlots) and lora_delta_fused_cpu(y, x, packed, meta):
             return y
         live = sum(1 for s in meta.seg_slots_list if packed[s] is not None)

@@ -5,16 +5,17 @@
 // runs the same sequence the Python layer runs (models/llama.py, DecoderLayer.forward with the
 // C++ ops of fused_cpu.cpp and paged_attention_cpu.cpp), op for op, with ATen's own linear for
 // the matmuls: its results are the Python path's, bit for bit. Adapter deltas come as a plan
-// built in Python once per step (adapters/slots.py, AdapterHook.decode_plan) in the forms the
-// hook runs in half precision on the CPU (kernels/cpu_lowrank.py: the fused LoRA form, LoRA and
-// bottleneck adapters one segment at a time). Steps with prefill chunks, or a projection on
-// which the hook would take the padded layout, stay in Python.
+// built in Python once per step (adapters/slots.py, AdapterHook.decode_plan): the calls of the
+// token-by-token ops (lowrank_rows_cpu.cpp) the hook makes in half precision on the CPU. Steps
+// with prefill chunks stay in Python.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "ops.h"
+
+#include <vector>
 
 namespace peftserve_cpu {
 
@@ -38,30 +39,30 @@ at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w,
 
 // The adapter deltas of a step, as adapters/slots.py (AdapterHook.decode_plan) lays them out:
 // for each projection, a count of items, each a code and its numbers in `spec`, its tensors in
-// `tensors` and its scales in `scales`, consumed in order. Each item runs the ops of its Python
-// form (kernels/cpu_lowrank.py) in their order.
-constexpr int64_t kFusedLora = 1, kSegmentLora = 2, kSegmentBottleneck = 3;
+// `tensors` and its scales in `scales`, consumed in order. Each item is one call of the op its
+// Python form calls (lowrank_rows_cpu.cpp, as kernels/cpu_lowrank.py calls it).
+constexpr int64_t kLoraRows = 2, kBottleneckRows = 3;
 
 struct DeltaProgram {
   at::TensorList tensors;
   at::IntArrayRef spec;
   at::ArrayRef<double> scales;
-  const std::optional<at::Tensor>& sorted_tokens;  // rows with a slot, grouped by slot
-  bool all_active;  // every row has a slot
-  bool in_order;    // ... and sorted_tokens is 0..T-1
+  std::optional<at::Tensor> rows;  // sorted_tokens, or none when they are 0..T-1
   size_t spec_at = 0, tensor_at = 0, scale_at = 0;
 
   int64_t next() {
     TORCH_CHECK(spec_at < spec.size(), "decode_forward: the delta spec ends early");
     return spec[spec_at++];
   }
+  at::IntArrayRef take(int64_t n) {
+    TORCH_CHECK(n >= 0 && spec_at + n <= spec.size(), "decode_forward: the delta spec ends early");
+    const at::IntArrayRef out = spec.slice(spec_at, n);
+    spec_at += n;
+    return out;
+  }
   const at::Tensor& tensor() {
     TORCH_CHECK(tensor_at < tensors.size(), "decode_forward: fewer delta tensors than named");
     return tensors[tensor_at++];
-  }
-  double scale() {
-    TORCH_CHECK(scale_at < scales.size(), "decode_forward: fewer delta scales than named");
-    return scales[scale_at++];
   }
 
   // Adds a projection's deltas: x is its input (LoRA), y its output, updated in place (a
@@ -73,78 +74,47 @@ struct DeltaProgram {
     const int64_t items = next();
     for (int64_t item = 0; item < items; ++item) {
       const int64_t code = next();
-      if (code == kFusedLora) {
-        fused_lora(y, x);
-      } else if (code == kSegmentLora) {
-        segment_lora(y, x);
-      } else if (code == kSegmentBottleneck) {
-        segment_bottleneck(y);
+      if (code == kLoraRows) {
+        lora(y, x);
+      } else if (code == kBottleneckRows) {
+        bottleneck(y);
       } else {
         TORCH_CHECK(false, "decode_forward: unknown delta item ", code);
       }
     }
   }
 
-  // cpu_lowrank.lora_delta_fused_cpu
-  void fused_lora(const at::Tensor& y, const at::Tensor& x) {
-    const int64_t n = next();
-    const at::Tensor& A = tensor();
-    const at::Tensor& mask = tensor();
-    at::Tensor v = at::linear(all_active ? x : x.index_select(0, *sorted_tokens), A);
-    v.mul_(mask);
-    const at::Tensor d = all_active ? y : at::zeros({v.size(0), y.size(1)}, y.options());
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t o0 = next(), o1 = next(), c0 = next(), c1 = next();
-      d.narrow(1, o0, o1 - o0).addmm_(v.narrow(1, c0, c1 - c0), tensor());
+  // cpu_lowrank.lora_delta_rows_cpu
+  void lora(const at::Tensor& y, const at::Tensor& x) {
+    const int64_t n = next(), n_slices = next();
+    const at::IntArrayRef offsets = take(n_slices + 1);
+    std::vector<int64_t> bounds, ranks;
+    std::vector<at::Tensor> A, B_t;
+    for (int64_t j = 0; j < n; ++j) {
+      const at::IntArrayRef b = take(2), r = take(n_slices);
+      bounds.insert(bounds.end(), b.begin(), b.end());
+      ranks.insert(ranks.end(), r.begin(), r.end());
+      A.push_back(tensor());
+      B_t.push_back(tensor());
     }
-    if (!all_active) {
-      y.index_add_(0, *sorted_tokens, d);
-    }
+    lora_rows(y, x, rows, bounds, A, B_t, ranks, offsets);
   }
 
-  void add_rows(const at::Tensor& y, int64_t r0, int64_t r1, const at::Tensor& d) {
-    if (in_order) {
-      y.narrow(0, r0, r1 - r0).add_(d);
-    } else {
-      y.index_add_(0, sorted_tokens->narrow(0, r0, r1 - r0), d);
+  // cpu_lowrank.bottleneck_delta_rows_cpu
+  void bottleneck(const at::Tensor& y) {
+    const int64_t n = next(), act = next();
+    const at::IntArrayRef bounds = take(2 * n);
+    std::vector<at::Tensor> A, b_down, B_t, b_up;
+    for (int64_t j = 0; j < n; ++j) {
+      A.push_back(tensor());
+      b_down.push_back(tensor());
+      B_t.push_back(tensor());
+      b_up.push_back(tensor());
     }
-  }
-
-  // cpu_lowrank.lora_delta_packed_cpu
-  void segment_lora(const at::Tensor& y, const at::Tensor& x) {
-    const int64_t n = next();
-    const at::Tensor xs = in_order ? x : x.index_select(0, *sorted_tokens);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t r0 = next(), r1 = next();
-      const at::Tensor& A = tensor();
-      const at::Tensor& B = tensor();
-      add_rows(y, r0, r1, at::linear(at::linear(xs.narrow(0, r0, r1 - r0), A), B));
-    }
-  }
-
-  // cpu_lowrank.bottleneck_delta_packed_cpu
-  void segment_bottleneck(const at::Tensor& y) {
-    const int64_t n = next();
-    const int64_t act = next();
-    const at::Tensor xs = in_order ? y.clone() : y.index_select(0, *sorted_tokens);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t r0 = next(), r1 = next();
-      const at::Tensor& A = tensor();
-      const at::Tensor& b_down = tensor();
-      const at::Tensor& B = tensor();
-      const at::Tensor& b_up = tensor();
-      at::Tensor h = at::linear(xs.narrow(0, r0, r1 - r0), A, b_down);
-      if (act == 1) {
-        h = at::relu(h);
-      } else if (act == 2) {
-        h = at::silu(h);
-      } else if (act == 3) {
-        h = at::gelu(h);
-      } else {
-        TORCH_CHECK(false, "decode_forward: unknown activation code ", act);
-      }
-      add_rows(y, r0, r1, at::linear(h, B, b_up).mul_(scale()));
-    }
+    TORCH_CHECK(scale_at + n <= scales.size(), "decode_forward: fewer delta scales than named");
+    const at::ArrayRef<double> s = scales.slice(scale_at, n);
+    scale_at += n;
+    bottleneck_rows(y, rows, bounds, A, b_down, B_t, b_up, s, act);
   }
 
   void check_used() const {
@@ -166,8 +136,7 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
                           int64_t kv_heads, double scale, double eps,
                           at::TensorList delta_tensors, at::IntArrayRef delta_spec,
                           at::ArrayRef<double> delta_scales,
-                          const std::optional<at::Tensor>& sorted_tokens, bool all_active,
-                          bool in_order) {
+                          const std::optional<at::Tensor>& sorted_tokens, bool in_order) {
   const int64_t layers = static_cast<int64_t>(input_norm.size());
   TORCH_CHECK(h_in.dim() == 2 && h_in.is_contiguous(), "decode_forward: h must be [T, hidden]");
   TORCH_CHECK(qkv_w.size() == layers && o_w.size() == layers && post_norm.size() == layers &&
@@ -183,8 +152,8 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
               "decode_forward: a delta plan needs sorted_tokens");
   const int64_t T = h_in.size(0);
   const int64_t D = kv_cache.size(4);
-  DeltaProgram deltas{delta_tensors, delta_spec, delta_scales, sorted_tokens, all_active,
-                      in_order};
+  DeltaProgram deltas{delta_tensors, delta_spec, delta_scales,
+                      in_order ? std::nullopt : sorted_tokens};
   // fp32, the parity dtype, keeps the Python layers' torch spelling of the norm, rotary and
   // SwiGLU (transformers' op sequence); half precision takes the fused C++ ops, as they do.
   const bool fp32 = h_in.scalar_type() == at::kFloat;
@@ -255,7 +224,7 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
       "Tensor final_norm, Tensor(a!) kv_cache, Tensor cos, Tensor sin, Tensor slot_mapping, "
       "Tensor block_tables, Tensor context_lens, int block_size, int heads, int kv_heads, "
       "float scale, float eps, Tensor[] delta_tensors, int[] delta_spec, float[] delta_scales, "
-      "Tensor? sorted_tokens, bool all_active, bool in_order) -> Tensor");
+      "Tensor? sorted_tokens, bool in_order) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {

@@ -13,5 +13,12 @@ void rotary_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
                       const at::Tensor& cache, const at::Tensor& slot_mapping, int64_t heads,
                       int64_t kv_heads);
 void silu_and_mul(const at::Tensor& out, const at::Tensor& gate_up);
+void lora_rows(const at::Tensor& y, const at::Tensor& x, const std::optional<at::Tensor>& rows,
+               at::IntArrayRef bounds, at::TensorList A, at::TensorList B_t,
+               at::IntArrayRef ranks, at::IntArrayRef offsets);
+void bottleneck_rows(const at::Tensor& y, const std::optional<at::Tensor>& rows,
+                     at::IntArrayRef bounds, at::TensorList A, at::TensorList b_down,
+                     at::TensorList B_t, at::TensorList b_up, at::ArrayRef<double> scales,
+                     int64_t act);
 
 }  // namespace peftserve_cpu

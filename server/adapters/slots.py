@@ -15,16 +15,17 @@ import torch
 
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
-from peftserve.kernels import SegmentMeta, add_lowrank_delta
+from peftserve.kernels import SegmentMeta, add_lowrank_delta, cpu_ext
 from peftserve.kernels.activation import activation_code
 from peftserve.kernels.cpu_lowrank import (
     PackedBottleneck,
     PackedSlots,
     bottleneck_delta_packed_cpu,
-    fused_form,
+    bottleneck_delta_rows_cpu,
+    bottleneck_rows_args,
+    lora_rows_args,
     pack_bottleneck,
     pack_lora,
-    use_padded_layout,
 )
 from peftserve.models.llama import ModelShape
 
@@ -186,20 +187,20 @@ class DeviceSlots:
 
 # Item codes of a DecodePlan (kernels/csrc/decode_forward_cpu.cpp reads the same numbers; it
 # reads activations by kernels.activation.activation_code, as the Triton kernels do).
-FUSED_LORA, SEGMENT_LORA, SEGMENT_BOTTLENECK = 1, 2, 3
+LORA_ROWS, BOTTLENECK_ROWS = 2, 3
 
 
 @dataclass
 class DecodePlan:
     """A step's adapter deltas as the one-call decode stack takes them
-    (kernels/csrc/decode_forward_cpu.cpp), in the forms apply() runs in half precision on the
-    CPU and in the same order. For each (layer, projection) in GROUPS order, `spec` holds the
-    number of items, then per item its code and:
-      FUSED_LORA          n_slices, then (out0, out1, col0, col1) per slice;
-                          tensors: A, mask, then each slice's B_t
-      SEGMENT_LORA        n_segments, then (row0, row1) per segment; tensors: A, B per segment
-      SEGMENT_BOTTLENECK  n_segments, act code, then (row0, row1) per segment;
-                          tensors: A, b_down, B, b_up per segment; scales: one per segment
+    (kernels/csrc/decode_forward_cpu.cpp): the calls of the token-by-token C++ ops
+    (lowrank_rows_cpu.cpp) that apply() makes in half precision on the CPU, in the same order.
+    For each (layer, projection) in GROUPS order, `spec` holds the number of items, then per
+    item its code and:
+      LORA_ROWS        n_segments, n_slices, the n_slices + 1 slice offsets, then per segment
+                       (row0, row1) and its n_slices ranks; tensors: A, B_t per segment
+      BOTTLENECK_ROWS  n_segments, act code, then (row0, row1) per segment;
+                       tensors: A, b_down, B_t, b_up per segment; scales: one per segment
     Rows are positions in `sorted_tokens` order."""
 
     tensors: list[torch.Tensor] = field(default_factory=list)
@@ -214,55 +215,43 @@ class AdapterHook:
         self.slots, self.meta, self.activations = slots, meta, activations
 
     def decode_plan(self, layers: int) -> DecodePlan | None:
-        """The step's deltas as a DecodePlan (what apply() runs in half precision on the CPU);
-        None when some projection would take the padded layout, which the plan does not
-        express."""
-        if self.slots.packed is None or self.slots.packed_bottleneck is None:
+        """The step's deltas as a DecodePlan (what apply() runs in half precision on the CPU
+        with the C++ kernels); None without packed slot weights (fp32, CUDA) or the kernels."""
+        slots = self.slots
+        if slots.packed is None or slots.packed_bottleneck is None or not cpu_ext.load():
             return None
         meta = self.meta
-        starts, seg_slots = meta.seg_starts_list, meta.seg_slots_list
         plan = DecodePlan()
         t, spec = plan.tensors, plan.spec
         for layer in range(layers):
             for group in GROUPS:
                 items: list[int] = []
                 n_items = 0
-                packed = self.slots.packed.get((layer, group))
-                f = None if packed is None else fused_form(packed, meta)
-                if f is not None:
-                    n_items += 1
-                    items += [FUSED_LORA, len(f.slices)]
-                    t += [f.A, meta.column_mask(f.layout, f.col_slot, f.A.dtype)]
-                    for sl in f.slices:
-                        items += [sl.out[0], sl.out[1], sl.cols[0], sl.cols[1]]
-                        t.append(sl.B_t)
-                elif packed is not None:
-                    live = [j for j, s in enumerate(seg_slots) if packed[s] is not None]
-                    if use_padded_layout(meta, len(live)):
-                        return None
-                    if live:
+                packed = slots.packed.get((layer, group))
+                if packed is not None:
+                    bounds, A, B_t, ranks = lora_rows_args(packed, meta)
+                    if A:
+                        offsets = next(p for p in packed if p is not None).offsets
                         n_items += 1
-                        items += [SEGMENT_LORA, len(live)]
-                        for j in live:
-                            p = packed[seg_slots[j]]
-                            items += [starts[j], starts[j + 1]]
-                            t += [p.A, p.B]
+                        items += [LORA_ROWS, len(A), len(offsets) - 1, *offsets]
+                        for j in range(len(A)):
+                            items += bounds[2 * j : 2 * j + 2]
+                            items += ranks[j * (len(offsets) - 1) : (j + 1) * (len(offsets) - 1)]
+                            t += [A[j], B_t[j]]
                 for act in self.activations:
-                    pb = self.slots.packed_bottleneck.get((layer, group, act))
+                    pb = slots.packed_bottleneck.get((layer, group, act))
                     if pb is None:
-                        if self.slots.bottleneck.get((layer, group, act)) is not None:
+                        if slots.bottleneck.get((layer, group, act)) is not None:
                             return None  # only stacked buffers: apply() runs lowrank_delta
                         continue
-                    live = [j for j, s in enumerate(seg_slots) if pb[s] is not None]
-                    if not live:
+                    bounds, (A, b_down, B_t, b_up), scales = bottleneck_rows_args(pb, meta)
+                    if not scales:
                         continue
                     n_items += 1
-                    items += [SEGMENT_BOTTLENECK, len(live), activation_code(act)]
-                    for j in live:
-                        b = pb[seg_slots[j]]
-                        items += [starts[j], starts[j + 1]]
-                        t += [b.A, b.b_down, b.B, b.b_up]
-                        plan.scales.append(b.scale)
+                    items += [BOTTLENECK_ROWS, len(scales), activation_code(act), *bounds]
+                    for j in range(len(scales)):
+                        t += [A[j], b_down[j], B_t[j], b_up[j]]
+                    plan.scales += scales
                 spec.append(n_items)
                 spec += items
         return plan
@@ -288,8 +277,11 @@ class AdapterHook:
             pb = None
             if half_cpu and self.slots.packed_bottleneck is not None:
                 pb = self.slots.packed_bottleneck.get((layer, module, act))
-            if pb is not None:  # half precision on the CPU: one segment at a time, exact ranks
-                bottleneck_delta_packed_cpu(y, pb, self.meta)
+            if pb is not None:  # half precision on the CPU: exact ranks, token by token in C++
+                if cpu_ext.load():
+                    bottleneck_delta_rows_cpu(y, pb, self.meta)
+                else:  # no compiler: one segment at a time in torch
+                    bottleneck_delta_packed_cpu(y, pb, self.meta)
                 continue
             bn = self.slots.bottleneck.get((layer, module, act))
             if bn is not None:

@@ -207,7 +207,7 @@ class LlamaModel(nn.Module):
         ):
             return None
         if ctx.hook is None:  # fp32 too: the C++ keeps the Python layers' fp32 op sequence
-            return [], [], [], None, True, True
+            return [], [], [], None, True
         if self.dtype == torch.float32:  # the plan's forms are the hook's half-precision ones
             return None
         decode_plan = getattr(ctx.hook, "decode_plan", None)
@@ -215,10 +215,7 @@ class LlamaModel(nn.Module):
         if plan is None:
             return None
         meta = ctx.hook.meta  # type: ignore[attr-defined]
-        return (
-            plan.tensors, plan.spec, plan.scales, meta.sorted_tokens,
-            meta.all_tokens_active, meta.in_order,
-        )  # fmt: skip
+        return plan.tensors, plan.spec, plan.scales, meta.sorted_tokens, meta.in_order
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:

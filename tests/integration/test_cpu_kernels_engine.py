@@ -119,8 +119,8 @@ def lora_dirs(tiny_llama_dir, tmp_path_factory):
 @pytest.mark.parametrize(
     "names",
     [
-        ["qv-r4", "qv-r8", "all-r2", "all-r6", "qv-r8"],  # fused LoRA form, every row a slot
-        [None, "all-r6", None, "qv-r8", "all-r2", "qv-r4"],  # fused, base rows among them
+        ["qv-r4", "qv-r8", "all-r2", "all-r6", "qv-r8"],  # LoRAs, every row a slot
+        [None, "all-r6", None, "qv-r8", "all-r2", "qv-r4"],  # base rows among them
         ["qv-r4", "qv-r8", "all-r2"],  # o/gate/up/down with one live slot: one segment
         ["qv-r4", "houlsby", "qv-r8", "pfeiffer", "houlsby"],  # bottlenecks, rows in order
         [None, "houlsby", "qv-r4", None, "pfeiffer-gelu", "all-r2"],  # ... rows gathered

@@ -1,0 +1,292 @@
+// The adapter deltas of a step in half precision on the CPU, token by token: each token
+// against its own slot's packed weights at their exact rank (kernels/cpu_lowrank.py PackedLora,
+// PackedBottleneck).
+//
+// A decode step with one token per adapter is the case torch's matmuls serve worst: a LoRA
+// segment costs two calls of ~10-25 us whatever their size, so 32 adapters on all projections
+// cost ~250 calls a layer, and the batched forms (padded, fused) multiply every token against
+// weights it does not use. Here a token reads its slot's A (rank x in) and the blocks of B its
+// slices own, once, and the step reads each active adapter's weights about once: the bytes
+// bound that bench/multi_adapter.py's floor counts.
+//
+// Sums in fp32, one rounding when the delta is added to y (the torch forms round the rank-r
+// intermediate and the delta each to the dtype: these results are closer to the float64
+// reference). A token's result does not depend on the other tokens of the step or of its
+// segment: the loops per token are the same whatever the batch.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "ops.h"
+#include "vec_math.h"
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace peftserve_cpu {
+
+namespace {
+
+template <typename scalar_t>
+inline float dot(const scalar_t* a, const float* x, int64_t n) {
+  using F = Fp32<scalar_t>;
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) {
+    acc += F::load(a, k) * x[k];
+  }
+  return acc;
+}
+
+// acc[0:n] += v * b[0:n]
+template <typename scalar_t>
+inline void axpy(float* acc, float v, const scalar_t* b, int64_t n) {
+  using F = Fp32<scalar_t>;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    acc[k] += v * F::load(b, k);
+  }
+}
+
+// kernels/activation.py's codes: 0 none, 1 relu, 2 silu, 3 gelu (exact, erf).
+inline float activate(float h, int64_t act) {
+  switch (act) {
+    case 1:
+      return h > 0.f ? h : 0.f;
+    case 2:
+      return h * sigmoid(h);
+    case 3:
+      return 0.5f * h * (1.f + std::erf(h * 0.70710678118654752f));
+    default:
+      return h;
+  }
+}
+
+// (segment, position in sorted order) of every token the call updates.
+std::vector<std::pair<int64_t, int64_t>> work_items(at::IntArrayRef bounds, int64_t positions,
+                                                    const char* op) {
+  TORCH_CHECK(bounds.size() % 2 == 0, op, ": bounds must hold (row0, row1) per segment");
+  std::vector<std::pair<int64_t, int64_t>> work;
+  for (size_t j = 0; j < bounds.size() / 2; ++j) {
+    const int64_t a = bounds[2 * j], b = bounds[2 * j + 1];
+    TORCH_CHECK(0 <= a && a <= b && b <= positions, op, ": segment ", j, " rows ", a, "..", b,
+                " outside 0..", positions);
+    for (int64_t p = a; p < b; ++p) {
+      work.emplace_back(static_cast<int64_t>(j), p);
+    }
+  }
+  return work;
+}
+
+// The token row of sorted position p: rows[p], or p itself when rows is absent.
+const int64_t* checked_rows(const std::optional<at::Tensor>& rows, int64_t T, const char* op) {
+  if (!rows.has_value()) {
+    return nullptr;
+  }
+  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->is_contiguous(), op,
+              ": rows must be a contiguous int64 vector");
+  const int64_t* r = rows->data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows->numel(); ++i) {
+    TORCH_CHECK(0 <= r[i] && r[i] < T, op, ": row ", r[i], " outside 0..", T);
+  }
+  return r;
+}
+
+int64_t positions_of(const std::optional<at::Tensor>& rows, int64_t T) {
+  return rows.has_value() ? rows->numel() : T;
+}
+
+void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, at::ScalarType dtype,
+                  const char* op, const char* name) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous() &&
+                  w.scalar_type() == dtype,
+              op, ": ", name, " must be a contiguous [", rows, ", ", cols, "] of y's dtype, got ",
+              w.sizes(), " ", w.scalar_type());
+}
+
+template <typename scalar_t>
+void lora_rows_kernel(const at::Tensor& y, const at::Tensor& x, const int64_t* rows,
+                      const std::vector<std::pair<int64_t, int64_t>>& work, at::TensorList A,
+                      at::TensorList B_t, at::IntArrayRef ranks, at::IntArrayRef offsets) {
+  using F = Fp32<scalar_t>;
+  const int64_t d_in = x.size(1), out_total = y.size(1);
+  const int64_t n_slices = static_cast<int64_t>(offsets.size()) - 1;
+  int64_t max_rank = 0, max_width = 0;
+  for (const at::Tensor& a : A) {
+    max_rank = std::max(max_rank, a.size(0));
+  }
+  for (int64_t i = 0; i < n_slices; ++i) {
+    max_width = std::max(max_width, offsets[i + 1] - offsets[i]);
+  }
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t y_stride = y.stride(0), x_stride = x.stride(0);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(d_in), v(max_rank), acc(max_width);
+    for (int64_t w = begin; w < end; ++w) {
+      const auto [j, p] = work[w];
+      const int64_t row = rows ? rows[p] : p;
+      const scalar_t* xr = xp + row * x_stride;
+#pragma omp simd
+      for (int64_t k = 0; k < d_in; ++k) {
+        xf[k] = F::load(xr, k);
+      }
+      const scalar_t* a = A[j].data_ptr<scalar_t>();
+      const int64_t R = A[j].size(0);
+      for (int64_t r = 0; r < R; ++r) {
+        v[r] = dot(a + r * d_in, xf.data(), d_in);
+      }
+      const scalar_t* bt = B_t[j].data_ptr<scalar_t>();
+      scalar_t* yr = yp + row * y_stride;
+      int64_t c = 0;
+      for (int64_t i = 0; i < n_slices; ++i) {
+        const int64_t ri = ranks[j * n_slices + i];
+        if (ri == 0) {
+          continue;
+        }
+        const int64_t o0 = offsets[i], width = offsets[i + 1] - o0;
+        std::fill(acc.begin(), acc.begin() + width, 0.f);
+        for (int64_t r = c; r < c + ri; ++r) {
+          axpy(acc.data(), v[r], bt + r * out_total + o0, width);
+        }
+#pragma omp simd
+        for (int64_t o = 0; o < width; ++o) {
+          F::store(yr, o0 + o, F::load(yr, o0 + o) + acc[o]);
+        }
+        c += ri;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void bottleneck_rows_kernel(const at::Tensor& y, const int64_t* rows,
+                            const std::vector<std::pair<int64_t, int64_t>>& work,
+                            at::TensorList A, at::TensorList b_down, at::TensorList B_t,
+                            at::TensorList b_up, at::ArrayRef<double> scales, int64_t act) {
+  using F = Fp32<scalar_t>;
+  const int64_t H = y.size(1);
+  int64_t max_rank = 0;
+  for (const at::Tensor& a : A) {
+    max_rank = std::max(max_rank, a.size(0));
+  }
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t y_stride = y.stride(0);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> yf(H), h(max_rank), acc(H);
+    for (int64_t w = begin; w < end; ++w) {
+      const auto [j, p] = work[w];
+      const int64_t row = rows ? rows[p] : p;
+      scalar_t* yr = yp + row * y_stride;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        yf[k] = F::load(yr, k);  // the sub-layer output, read before this token's update
+      }
+      const scalar_t* a = A[j].data_ptr<scalar_t>();
+      const scalar_t* bd = b_down[j].data_ptr<scalar_t>();
+      const int64_t R = A[j].size(0);
+      for (int64_t r = 0; r < R; ++r) {
+        h[r] = activate(dot(a + r * H, yf.data(), H) + F::load(bd, r), act);
+      }
+      const scalar_t* bu = b_up[j].data_ptr<scalar_t>();
+      for (int64_t k = 0; k < H; ++k) {
+        acc[k] = F::load(bu, k);
+      }
+      const scalar_t* bt = B_t[j].data_ptr<scalar_t>();
+      for (int64_t r = 0; r < R; ++r) {
+        axpy(acc.data(), h[r], bt + r * H, H);
+      }
+      const float s = static_cast<float>(scales[j]);
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) {
+        F::store(yr, k, yf[k] + s * acc[k]);
+      }
+    }
+  });
+}
+
+void check_y(const at::Tensor& y, const char* op) {
+  TORCH_CHECK(y.dim() == 2 && y.stride(1) == 1, op, ": y must be [T, out] with unit column stride");
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf, op,
+              ": half precision only (fp32 keeps the torch forms), got ", y.scalar_type());
+}
+
+}  // namespace
+
+void lora_rows(const at::Tensor& y, const at::Tensor& x, const std::optional<at::Tensor>& rows,
+               at::IntArrayRef bounds, at::TensorList A, at::TensorList B_t,
+               at::IntArrayRef ranks, at::IntArrayRef offsets) {
+  const char* op = "lora_rows";
+  check_y(y, op);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == y.size(0) && x.stride(1) == 1 &&
+                  x.scalar_type() == y.scalar_type(),
+              op, ": x must be [T, in] of y's dtype with unit column stride");
+  TORCH_CHECK(offsets.size() >= 2 && offsets.front() == 0 && offsets.back() == y.size(1), op,
+              ": offsets must run from 0 to y's width");
+  const int64_t n_segments = static_cast<int64_t>(bounds.size()) / 2;
+  const int64_t n_slices = static_cast<int64_t>(offsets.size()) - 1;
+  TORCH_CHECK(static_cast<int64_t>(A.size()) == n_segments &&
+                  static_cast<int64_t>(B_t.size()) == n_segments &&
+                  static_cast<int64_t>(ranks.size()) == n_segments * n_slices,
+              op, ": one A, one B_t and n_slices ranks per segment");
+  for (int64_t j = 0; j < n_segments; ++j) {
+    int64_t R = 0;
+    for (int64_t i = 0; i < n_slices; ++i) {
+      TORCH_CHECK(ranks[j * n_slices + i] >= 0, op, ": negative rank");
+      R += ranks[j * n_slices + i];
+    }
+    check_weight(A[j], R, x.size(1), y.scalar_type(), op, "A");
+    check_weight(B_t[j], R, y.size(1), y.scalar_type(), op, "B_t");
+  }
+  const int64_t* r = checked_rows(rows, y.size(0), op);
+  const auto work = work_items(bounds, positions_of(rows, y.size(0)), op);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "lowrank_rows", [&] {
+    lora_rows_kernel<scalar_t>(y, x, r, work, A, B_t, ranks, offsets);
+  });
+}
+
+void bottleneck_rows(const at::Tensor& y, const std::optional<at::Tensor>& rows,
+                     at::IntArrayRef bounds, at::TensorList A, at::TensorList b_down,
+                     at::TensorList B_t, at::TensorList b_up, at::ArrayRef<double> scales,
+                     int64_t act) {
+  const char* op = "bottleneck_rows";
+  check_y(y, op);
+  TORCH_CHECK(0 <= act && act <= 3, op, ": unknown activation code ", act);
+  const int64_t n_segments = static_cast<int64_t>(bounds.size()) / 2, H = y.size(1);
+  TORCH_CHECK(static_cast<int64_t>(A.size()) == n_segments &&
+                  static_cast<int64_t>(b_down.size()) == n_segments &&
+                  static_cast<int64_t>(B_t.size()) == n_segments &&
+                  static_cast<int64_t>(b_up.size()) == n_segments &&
+                  static_cast<int64_t>(scales.size()) == n_segments,
+              op, ": one A, b_down, B_t, b_up and scale per segment");
+  for (int64_t j = 0; j < n_segments; ++j) {
+    const int64_t R = A[j].size(0);
+    check_weight(A[j], R, H, y.scalar_type(), op, "A");
+    check_weight(B_t[j], R, H, y.scalar_type(), op, "B_t");
+    check_weight(b_down[j].view({1, -1}), 1, R, y.scalar_type(), op, "b_down");
+    check_weight(b_up[j].view({1, -1}), 1, H, y.scalar_type(), op, "b_up");
+  }
+  const int64_t* r = checked_rows(rows, y.size(0), op);
+  const auto work = work_items(bounds, positions_of(rows, y.size(0)), op);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "lowrank_rows", [&] {
+    bottleneck_rows_kernel<scalar_t>(y, r, work, A, b_down, B_t, b_up, scales, act);
+  });
+}
+
+}  // namespace peftserve_cpu
+
+TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
+  m.def(
+      "lora_rows(Tensor(a!) y, Tensor x, Tensor? rows, int[] bounds, Tensor[] A, Tensor[] B_t, "
+      "int[] ranks, int[] offsets) -> ()");
+  m.def(
+      "bottleneck_rows(Tensor(a!) y, Tensor? rows, int[] bounds, Tensor[] A, Tensor[] b_down, "
+      "Tensor[] B_t, Tensor[] b_up, float[] scales, int act) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
+  m.impl("lora_rows", &peftserve_cpu::lora_rows);
+  m.impl("bottleneck_rows", &peftserve_cpu::bottleneck_rows);
+}

@@ -27,6 +27,7 @@ checking would need a device sync).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -160,7 +161,8 @@ class PackedLora:
 
     A: torch.Tensor  # [sum of the slices' ranks, in]
     B: torch.Tensor  # [out_total, sum of the slices' ranks]
-    B_t: torch.Tensor  # B transposed, contiguous: [sum of the ranks, out_total] (lora_rows)
+    B_blocks: torch.Tensor  # [sum of r_i * out_i]: slice i's B^T block [r_i, out_i], in order
+    #                         (lora_rows; no zeros off the blocks)
     ranks: tuple[int, ...]  # per slice, in A's row order (0 = no update on the slice)
     offsets: tuple[int, ...]  # per slice's output columns, plus out_total at the end
     macs: int  # multiply-adds per token of the fused form: sum of rank * (in + out) per slice
@@ -188,10 +190,15 @@ def pack_lora(
             col += r
     packed_a = torch.cat([A[i, slot, :r] for i, r in enumerate(ranks) if r])
     macs = sum(r * (A.shape[3] + offsets[i + 1] - offsets[i]) for i, r in enumerate(ranks))
+    blocks = [
+        packed_b[offsets[i] : offsets[i + 1], col : col + r].t().reshape(-1)
+        for i, (r, col) in enumerate(zip(ranks, itertools.accumulate([0, *ranks]), strict=False))
+        if r
+    ]
     return PackedLora(
         packed_a.contiguous(),
         packed_b,
-        packed_b.t().contiguous(),
+        torch.cat(blocks).contiguous(),
         tuple(ranks),
         tuple(offsets),
         macs,
@@ -422,11 +429,11 @@ def lora_delta_rows_cpu(
     weights at their exact rank, sums in fp32, and y is rounded once."""
     if meta.is_empty:
         return y
-    bounds, A, B_t, ranks = lora_rows_args(packed, meta)
+    bounds, A, B_blocks, ranks = lora_rows_args(packed, meta)
     if A:
         offsets = next(p for p in packed if p is not None).offsets
         rows = None if meta.in_order else meta.sorted_tokens
-        torch.ops.peftserve_cpu.lora_rows(y, x, rows, bounds, A, B_t, ranks, list(offsets))
+        torch.ops.peftserve_cpu.lora_rows(y, x, rows, bounds, A, B_blocks, ranks, list(offsets))
     return y
 
 
@@ -434,20 +441,20 @@ def lora_rows_args(
     packed: Sequence[PackedLora | None], meta: SegmentMeta
 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor], list[int]]:
     """lora_rows' per-segment arguments for the step's segments with weights here: (row0, row1)
-    pairs in sorted order, A and B_t, and the ranks per slice."""
+    pairs in sorted order, A and B_blocks, and the ranks per slice."""
     starts = meta.seg_starts_list
     bounds: list[int] = []
     A: list[torch.Tensor] = []
-    B_t: list[torch.Tensor] = []
+    B_blocks: list[torch.Tensor] = []
     ranks: list[int] = []
     for j, s in enumerate(meta.seg_slots_list):
         p = packed[s]
         if p is not None:
             bounds += [starts[j], starts[j + 1]]
             A.append(p.A)
-            B_t.append(p.B_t)
+            B_blocks.append(p.B_blocks)
             ranks += p.ranks
-    return bounds, A, B_t, ranks
+    return bounds, A, B_blocks, ranks
 
 
 def bottleneck_delta_rows_cpu(

@@ -89,15 +89,15 @@ struct DeltaProgram {
     const int64_t n = next(), n_slices = next();
     const at::IntArrayRef offsets = take(n_slices + 1);
     std::vector<int64_t> bounds, ranks;
-    std::vector<at::Tensor> A, B_t;
+    std::vector<at::Tensor> A, B_blocks;
     for (int64_t j = 0; j < n; ++j) {
       const at::IntArrayRef b = take(2), r = take(n_slices);
       bounds.insert(bounds.end(), b.begin(), b.end());
       ranks.insert(ranks.end(), r.begin(), r.end());
       A.push_back(tensor());
-      B_t.push_back(tensor());
+      B_blocks.push_back(tensor());
     }
-    lora_rows(y, x, rows, bounds, A, B_t, ranks, offsets);
+    lora_rows(y, x, rows, bounds, A, B_blocks, ranks, offsets);
   }
 
   // cpu_lowrank.bottleneck_delta_rows_cpu

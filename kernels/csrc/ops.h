@@ -14,7 +14,7 @@ void rotary_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
                       int64_t kv_heads);
 void silu_and_mul(const at::Tensor& out, const at::Tensor& gate_up);
 void lora_rows(const at::Tensor& y, const at::Tensor& x, const std::optional<at::Tensor>& rows,
-               at::IntArrayRef bounds, at::TensorList A, at::TensorList B_t,
+               at::IntArrayRef bounds, at::TensorList A, at::TensorList B_blocks,
                at::IntArrayRef ranks, at::IntArrayRef offsets);
 void bottleneck_rows(const at::Tensor& y, const std::optional<at::Tensor>& rows,
                      at::IntArrayRef bounds, at::TensorList A, at::TensorList b_down,

@@ -241,10 +241,11 @@ def test_loads_run_off_the_engine_thread_with_one_torch_thread(
 def test_fused_lora_form_in_bf16_follows_slot_turnover(tiny_llama_dir, adapter_dirs, monkeypatch):
     """In half precision on the CPU without the C++ kernels (no compiler), decode steps of
     several LoRAs take the fused form (kernels/cpu_lowrank.py): the active slots' weights
-    concatenated once and cached across steps. With 2 slots and 5 adapters the slots are rewritten mid-run: each request's tokens
-    must be those of the same run with the fused weights rebuilt at every call, never reused.
-    (Against the unfused forms they may differ in the last bf16 bit: the fused form adds its
-    delta to y inside the matmul, one rounding instead of two.)"""
+    concatenated once and cached across steps. With 2 slots and 5 adapters the slots are
+    rewritten mid-run: each request's tokens must be those of the same run with the fused
+    weights rebuilt at every call, never reused. (Against the unfused forms they may differ in
+    the last bf16 bit: the fused form adds its delta to y inside the matmul, one rounding
+    instead of two.)"""
     import peftserve.kernels.cpu_lowrank as cpu_lowrank
     from peftserve.kernels import cpu_ext
 

@@ -139,3 +139,28 @@ def test_one_call_decode_stack_with_adapter_deltas_gives_the_python_layers_token
     assert any(used)  # decode steps with adapters took the one-call stack
     monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
     assert adapter_tokens(engine.generate(requests(names, seed=3))) == one_call
+
+
+def test_one_call_decode_stack_reuses_its_plan_only_while_the_slots_hold_the_same_adapters(
+    tiny_llama_dir, lora_dirs, monkeypatch
+):
+    """Consecutive decode steps of one batch reuse the step's DecodePlan; with 2 slots for 7
+    adapters, slots are rewritten mid-run (the same slot indices, other weights) and every
+    request's tokens stay those of the Python layers, which read the slots directly."""
+    from peftserve.adapters.slots import AdapterHook
+    from tests.integration.test_adapter_batching import engine_with, requests
+    from tests.integration.test_adapter_batching import tokens as adapter_tokens
+
+    builds, calls = [], []
+    real_build, real_plan = AdapterHook._build_plan, AdapterHook.decode_plan
+    monkeypatch.setattr(AdapterHook, "_build_plan",
+                        lambda self, n: builds.append(1) or real_build(self, n))  # fmt: skip
+    monkeypatch.setattr(AdapterHook, "decode_plan",
+                        lambda self, n: calls.append(1) or real_plan(self, n))  # fmt: skip
+    engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16", max_loras=2)
+    names = list(lora_dirs) * 2
+    one_call = adapter_tokens(engine.generate(requests(names, seed=5)))
+    assert engine.adapters.evictions > 0
+    assert 0 < len(builds) < len(calls)  # some steps reused the plan, and not all
+    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
+    assert adapter_tokens(engine.generate(requests(names, seed=5))) == one_call

@@ -85,7 +85,8 @@ def test_lora_rows_of_a_token_do_not_depend_on_its_batch():
     assert len(active) > 30
     for t in active:
         one = case.y[t : t + 1].clone()
-        lora_delta_rows_cpu(one, case.x[t : t + 1], packed, build_segment_meta(case.token_slot[t : t + 1]))
+        meta = build_segment_meta(case.token_slot[t : t + 1])
+        lora_delta_rows_cpu(one, case.x[t : t + 1], packed, meta)
         assert torch.equal(one[0], full[t]), t
     order = torch.argsort(case.token_slot, stable=True)  # the same tokens grouped by slot
     grouped = case.y[order].clone()
@@ -160,7 +161,7 @@ def _small_args():
     [
         (lambda a: {**a, "y": a["y"].float(), "x": a["x"].float()}, "half precision only"),
         (lambda a: {**a, "A": [a["A"][0][:4]]}, "A must be"),
-        (lambda a: {**a, "B_t": [a["B_t"][0][:, :20]]}, "B_t must be"),
+        (lambda a: {**a, "B_blocks": [a["B_blocks"][0][:50]]}, "B_blocks must be"),
         (lambda a: {**a, "ranks": [3, 3]}, "A must be"),
         (lambda a: {**a, "bounds": [0, 9]}, "outside"),
         (lambda a: {**a, "rows": torch.tensor([0, 1, 7, 2])}, "outside"),
@@ -170,7 +171,8 @@ def _small_args():
 )
 def test_lora_rows_refuse_bad_arguments(change, message):
     y, x, A, B_t = _small_args()
-    args = {"y": y, "x": x, "rows": None, "bounds": [0, 4], "A": [A], "B_t": [B_t],
+    blocks = torch.cat([B_t[:3, :12].reshape(-1), B_t[3:, 12:].reshape(-1)])  # [3, 12], [2, 12]
+    args = {"y": y, "x": x, "rows": None, "bounds": [0, 4], "A": [A], "B_blocks": [blocks],
             "ranks": [3, 2], "offsets": [0, 12, 24]}  # fmt: skip
     torch.ops.peftserve_cpu.lora_rows(**args)  # the unchanged arguments are fine
     with pytest.raises(RuntimeError, match=message):
@@ -181,8 +183,9 @@ def test_bottleneck_rows_refuse_bad_arguments():
     y, _, A, B_t = _small_args()
     y = y[:, :16].contiguous()
     B_t = B_t[:, :16].contiguous()
-    args = {"y": y, "rows": None, "bounds": [0, 4], "A": [A], "b_down": [torch.zeros(5).bfloat16()],
-            "B_t": [B_t], "b_up": [torch.zeros(16).bfloat16()], "scales": [1.0], "act": 2}  # fmt: skip
+    zeros = torch.zeros(16).bfloat16()
+    args = {"y": y, "rows": None, "bounds": [0, 4], "A": [A], "b_down": [zeros[:5]],
+            "B_t": [B_t], "b_up": [zeros], "scales": [1.0], "act": 2}  # fmt: skip
     torch.ops.peftserve_cpu.bottleneck_rows(**args)
     with pytest.raises(RuntimeError, match="activation code"):
         torch.ops.peftserve_cpu.bottleneck_rows(**{**args, "act": 7})

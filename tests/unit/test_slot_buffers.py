@@ -43,3 +43,29 @@ def test_new_buffers_are_zero_and_a_smaller_rank_leaves_zeros_past_it():
     assert torch.equal(qkv.B[2, 96:128, :5], new[(1, "v")].B.bfloat16())
     assert not down.A[0, 2, 5:].any() and not down.B[2, :, 5:].any()
     assert int(qkv.rank[2, 2]) == 5 and int(down.rank[0, 2]) == 5
+
+
+def test_decode_plan_is_reused_only_until_a_slot_is_written():
+    """The hook's DecodePlan (the one-call decode stack's adapter arguments) is cached across
+    steps with the same segments; rewriting a slot the step uses, with the same segments,
+    must give a plan of the new weights."""
+    from peftserve.adapters.slots import AdapterHook
+    from peftserve.kernels import build_segment_meta, cpu_ext
+
+    assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    slots = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16,
+                        device=torch.device("cpu"))  # fmt: skip
+    slots.write_lora(1, lora(8, seed=0))
+    meta = build_segment_meta(torch.tensor([1, -1, 1]))
+    plan = AdapterHook(slots, meta, ()).decode_plan(SHAPE.layers)
+    assert AdapterHook(slots, meta, ()).decode_plan(SHAPE.layers) is plan  # the next step
+    assert any(t is slots.packed[(1, "qkv")][1].A for t in plan.tensors)
+    slots.write_lora(1, lora(8, seed=1))  # same slot, same rank, other weights
+    new = AdapterHook(slots, meta, ()).decode_plan(SHAPE.layers)
+    assert new is not plan
+    assert any(t is slots.packed[(1, "qkv")][1].A for t in new.tensors)
+    assert not any(t is slots.packed[(1, "qkv")][1].A for t in plan.tensors)
+    same_segments = AdapterHook(slots, build_segment_meta(torch.tensor([1, 1, -1])), ())
+    assert same_segments.decode_plan(SHAPE.layers) is new  # rows come apart from the plan
+    other = AdapterHook(slots, build_segment_meta(torch.tensor([1, 1, 1])), ())
+    assert other.decode_plan(SHAPE.layers) is not new  # other segments: another plan

@@ -25,8 +25,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace peftserve_cpu {
@@ -155,6 +157,170 @@ void decode_attention_kernel(
   });
 }
 
+// PEFTSERVE_CPU_ATTENTION=generic: the plain loops on any CPU (the tests run both paths).
+[[maybe_unused]] inline bool generic_attention() {
+  const char* v = std::getenv("PEFTSERVE_CPU_ATTENTION");
+  return v != nullptr && std::strcmp(v, "generic") == 0;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// The same attention with AVX-512 for head_dim = 16 * C and G query heads per KV head (the
+// common shapes: C = 4 or 8, G <= 8): q, the output accumulators and a K/V row stay in
+// registers (bf16 b32 decode on SmolLM2: 3.2 ms a step from cache against 8.3 for the plain
+// loops). No software prefetch: asking for the next pair's rows made it slower here. The plain
+// loops above keep the rest (and machines without AVX-512).
+template <typename scalar_t>
+inline __m512 load16(const scalar_t* p);
+
+template <>
+inline __m512 load16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename scalar_t, int C, int G>
+void decode_attention_avx512(scalar_t* out, const scalar_t* q, int64_t q_stride_b,
+                             int64_t q_stride_h, const scalar_t* cache, const int64_t* tables,
+                             const int64_t* lens, int64_t batch, int64_t kv_heads,
+                             int64_t num_slots, int64_t max_blocks, int64_t block_size,
+                             float scale) {
+  constexpr int64_t D = 16 * C;
+  const scalar_t* k_cache = cache;
+  const scalar_t* v_cache = cache + kv_heads * num_slots * D;
+  const auto rows_of = [&](int64_t work, int64_t start) {  // the pair's K/V offset at start
+    const int64_t b = work / kv_heads, kh = work % kv_heads;
+    return (kh * num_slots + tables[b * max_blocks + start / block_size] * block_size +
+            start % block_size) * D;
+  };
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t b = work / kv_heads, kh = work % kv_heads, len = lens[b];
+      __m512 qv[G][C];
+      for (int g = 0; g < G; ++g) {
+        const scalar_t* qh = q + b * q_stride_b + (kh * G + g) * q_stride_h;
+        for (int c = 0; c < C; ++c) {
+          qv[g][c] = _mm512_mul_ps(load16(qh + 16 * c), _mm512_set1_ps(scale));
+        }
+      }
+      scores.resize(G * len);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const scalar_t* kb = k_cache + rows_of(work, start);
+        const int64_t n = std::min(block_size, len - start);
+        for (int64_t i = 0; i < n; ++i) {
+          __m512 k[C];
+          for (int c = 0; c < C; ++c) {
+            k[c] = load16(kb + i * D + 16 * c);
+          }
+          for (int g = 0; g < G; ++g) {
+            __m512 s = _mm512_mul_ps(qv[g][0], k[0]);
+            for (int c = 1; c < C; ++c) {
+              s = _mm512_fmadd_ps(qv[g][c], k[c], s);
+            }
+            scores[g * len + start + i] = _mm512_reduce_add_ps(s);
+          }
+        }
+      }
+      float inv_sum[G];
+      for (int g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t l = 0; l < len; ++l) {
+          m = std::max(m, sg[l]);
+        }
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t l = 0; l < len; ++l) {
+          sg[l] = peftserve_cpu::exp_nonpositive(sg[l] - m);
+          sum += sg[l];
+        }
+        inv_sum[g] = 1.f / sum;
+      }
+      __m512 acc[G][C];
+      for (int g = 0; g < G; ++g) {
+        for (int c = 0; c < C; ++c) {
+          acc[g][c] = _mm512_setzero_ps();
+        }
+      }
+      for (int64_t start = 0; start < len; start += block_size) {
+        const scalar_t* vb = v_cache + rows_of(work, start);
+        const int64_t n = std::min(block_size, len - start);
+        for (int64_t i = 0; i < n; ++i) {
+          __m512 v[C];
+          for (int c = 0; c < C; ++c) {
+            v[c] = load16(vb + i * D + 16 * c);
+          }
+          for (int g = 0; g < G; ++g) {
+            const __m512 p = _mm512_set1_ps(scores[g * len + start + i]);
+            for (int c = 0; c < C; ++c) {
+              acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+            }
+          }
+        }
+      }
+      scalar_t* ob = out + (b * kv_heads + kh) * G * D;
+      for (int g = 0; g < G; ++g) {
+        alignas(64) float row[D];
+        for (int c = 0; c < C; ++c) {
+          _mm512_store_ps(row + 16 * c, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv_sum[g])));
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          peftserve_cpu::Fp32<scalar_t>::store(ob, g * D + d, row[d]);
+        }
+      }
+    }
+  });
+}
+
+// The AVX-512 kernel for this shape, or nullptr.
+template <typename scalar_t>
+using AttentionKernel = void (*)(scalar_t*, const scalar_t*, int64_t, int64_t, const scalar_t*,
+                                 const int64_t*, const int64_t*, int64_t, int64_t, int64_t,
+                                 int64_t, int64_t, float);
+
+template <typename scalar_t, int C>
+AttentionKernel<scalar_t> avx512_kernel_for_group(int64_t group) {
+  switch (group) {
+    case 1: return decode_attention_avx512<scalar_t, C, 1>;
+    case 2: return decode_attention_avx512<scalar_t, C, 2>;
+    case 3: return decode_attention_avx512<scalar_t, C, 3>;
+    case 4: return decode_attention_avx512<scalar_t, C, 4>;
+    case 5: return decode_attention_avx512<scalar_t, C, 5>;
+    case 6: return decode_attention_avx512<scalar_t, C, 6>;
+    case 7: return decode_attention_avx512<scalar_t, C, 7>;
+    case 8: return decode_attention_avx512<scalar_t, C, 8>;
+    default: return nullptr;
+  }
+}
+
+template <typename scalar_t>
+AttentionKernel<scalar_t> avx512_kernel(int64_t head_dim, int64_t group) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return nullptr;
+  }
+  if (head_dim == 64) {
+    return avx512_kernel_for_group<scalar_t, 4>(group);
+  }
+  if (head_dim == 128) {
+    return avx512_kernel_for_group<scalar_t, 8>(group);
+  }
+  return nullptr;
+}
+#endif  // __AVX512F__
+
 void paged_decode_attention(
     const at::Tensor& out,
     const at::Tensor& q,
@@ -194,6 +360,15 @@ void paged_decode_attention(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+#if defined(__AVX512F__)
+        if (const auto fast = avx512_kernel<scalar_t>(head_dim, heads / kv_heads);
+            fast != nullptr && !generic_attention()) {
+          fast(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
+               cache.data_ptr<scalar_t>(), tables, lens, batch, kv_heads, num_slots, max_blocks,
+               block_size, static_cast<float>(scale));
+          return;
+        }
+#endif
         decode_attention_kernel<scalar_t>(
             out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
             cache.data_ptr<scalar_t>(), tables,

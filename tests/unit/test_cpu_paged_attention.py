@@ -17,9 +17,13 @@ from peftserve.layers import attention
 from peftserve.layers.attention import AttentionMetadata, paged_attention
 
 
-@pytest.fixture(scope="module")
-def op():
+@pytest.fixture(params=["default", "generic"])
+def op(request, monkeypatch):
+    """The op as built here (AVX-512 code for head_dim 64/128 where the CPU has it) and its
+    plain loops (what CPUs without AVX-512 and other shapes run)."""
     assert cpu_ext.load(), "the C++ CPU kernels did not build (see the warning logged above)"
+    if request.param == "generic":
+        monkeypatch.setenv("PEFTSERVE_CPU_ATTENTION", "generic")
     return torch.ops.peftserve_cpu.paged_decode_attention
 
 
@@ -65,7 +69,15 @@ def reference(q, cache, tables, lens, bs, scale):
 )
 @pytest.mark.parametrize(
     "B, heads, kv_heads, D, bs, max_len",
-    [(5, 6, 2, 16, 4, 37), (3, 9, 3, 64, 16, 70), (4, 4, 4, 32, 8, 8), (1, 8, 1, 64, 16, 1)],
+    [
+        (5, 6, 2, 16, 4, 37),
+        (3, 9, 3, 64, 16, 70),  # SmolLM2's heads
+        (4, 4, 4, 32, 8, 8),
+        (1, 8, 1, 64, 16, 1),
+        (3, 14, 2, 64, 16, 45),  # 7 query heads per KV head
+        (2, 8, 2, 128, 16, 33),  # head_dim 128
+        (2, 18, 2, 64, 16, 20),  # 9 per KV head: beyond the AVX-512 code's 8, plain loops
+    ],
 )
 def test_matches_float64_reference_and_never_reads_past_a_context(
     op, dtype, atol, B, heads, kv_heads, D, bs, max_len
@@ -81,25 +93,27 @@ def test_matches_float64_reference_and_never_reads_past_a_context(
 
 def test_each_sequence_gets_what_it_gets_alone(op):
     # Batch invariance at the kernel: a sequence's output bits do not depend on its neighbours.
-    q, cache, tables, lens = make_case(7, 6, 2, 16, 4, 29, torch.bfloat16, seed=3)
-    out = torch.empty_like(q)
-    op(out, q, cache, tables, lens, 4, 0.25)
-    for b in range(7):
-        alone = torch.empty_like(q[b : b + 1])
-        op(alone, q[b : b + 1], cache, tables[b : b + 1], lens[b : b + 1], 4, 0.25)
-        assert torch.equal(alone[0], out[b])
+    for D, bs in ((16, 4), (64, 16)):
+        q, cache, tables, lens = make_case(7, 6, 2, D, bs, 29, torch.bfloat16, seed=3)
+        out = torch.empty_like(q)
+        op(out, q, cache, tables, lens, bs, 0.25)
+        for b in range(7):
+            alone = torch.empty_like(q[b : b + 1])
+            op(alone, q[b : b + 1], cache, tables[b : b + 1], lens[b : b + 1], bs, 0.25)
+            assert torch.equal(alone[0], out[b])
 
 
 def test_reads_q_through_its_strides(op):
     # The engine hands q as a view of the fused q/k rows: [T, heads + kv_heads, D][:, :heads].
-    q, cache, tables, lens = make_case(4, 6, 2, 16, 4, 19, torch.float32, seed=5)
-    qk = torch.cat([q, torch.full((4, 2, 16), float("nan"))], dim=1)
-    view = qk[:, :6]
-    assert not view.is_contiguous()
-    a, b = torch.empty_like(q), torch.empty_like(q)
-    op(a, view, cache, tables, lens, 4, 0.25)
-    op(b, q, cache, tables, lens, 4, 0.25)
-    assert torch.equal(a, b)
+    for D in (16, 64):
+        q, cache, tables, lens = make_case(4, 6, 2, D, 4, 19, torch.float32, seed=5)
+        qk = torch.cat([q, torch.full((4, 2, D), float("nan"))], dim=1)
+        view = qk[:, :6]
+        assert not view.is_contiguous()
+        a, b = torch.empty_like(q), torch.empty_like(q)
+        op(a, view, cache, tables, lens, 4, 0.25)
+        op(b, q, cache, tables, lens, 4, 0.25)
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,7 +6,8 @@
 Workload: 32 chat requests given at once, output lengths uniform in 16..128 (seed 0), greedy,
 EOS ignored so every configuration produces exactly the same useful tokens. Compared with
 transformers `generate` on the same weights and dtype: all 32 in one left-padded batch (its
-strongest setting here; it runs until the longest request is done) and in batches of 8.
+strongest setting here; it runs until the longest request is done) and in batches of 8, in
+--rounds interleaved rounds (median times; speedups are medians of the per-round ratios).
 The floor: one plain matmul pass (F.linear) over the same weight tensors at batch 1/8/32, timed
 in the same run, against our decode step at the same batch size; in CPU half precision also the
 same pass on the oneDNN-packed weights the engine runs (the stricter floor).
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,16 +100,21 @@ def decode_vs_floor(engine: Engine, batch: int, prompt: list[int]) -> dict:
     return decode_step_vs_floor(engine, reqs, 15, matmul_floors(engine.model, batch))
 
 
-def bench_dtype(name: str, model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> dict:
+def bench_dtype(
+    name: str, model_dir: Path, prompts: list[list[int]], lengths: list[int], rounds: int
+) -> dict:
     dtype = DTYPES[name]
     engine = Engine.from_config(EngineConfig(model="default", dtype=name, max_num_seqs=64))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     tok = engine.tokenizer
     tokens = sum(lengths)
     run_engine(engine, prompts[:4], [8] * 4)  # warm-up
-    t_ours = timed(lambda: run_engine(engine, prompts, lengths))
-    t_hf32 = timed(lambda: run_hf(hf, tok, prompts, lengths, 32))
-    t_hf8 = timed(lambda: run_hf(hf, tok, prompts, lengths, 8))
+    ours, hf32, hf8 = [], [], []
+    for _ in range(rounds):  # interleaved: a slow spell of a shared machine hits all three
+        ours.append(timed(lambda: run_engine(engine, prompts, lengths)))
+        hf32.append(timed(lambda: run_hf(hf, tok, prompts, lengths, 32)))
+        hf8.append(timed(lambda: run_hf(hf, tok, prompts, lengths, 8)))
+    t_ours, t_hf32, t_hf8 = map(statistics.median, (ours, hf32, hf8))
     floor = {}
     for b in (1, 8, 32):
         r = decode_vs_floor(engine, b, prompts[0])
@@ -127,8 +135,10 @@ def bench_dtype(name: str, model_dir: Path, prompts: list[list[int]], lengths: l
         "hf_generate_batch32_tok_s": tokens / t_hf32,
         "hf_generate_batch8_s": t_hf8,
         "hf_generate_batch8_tok_s": tokens / t_hf8,
-        "speedup_vs_hf_batch32": t_hf32 / t_ours,
-        "speedup_vs_hf_batch8": t_hf8 / t_ours,
+        # medians of the per-round ratios
+        "speedup_vs_hf_batch32": statistics.median(map(operator.truediv, hf32, ours)),
+        "speedup_vs_hf_batch8": statistics.median(map(operator.truediv, hf8, ours)),
+        "rounds_s": {"engine": ours, "hf_generate_batch32": hf32, "hf_generate_batch8": hf8},
         "decode_floor": floor,
     }
 
@@ -139,6 +149,7 @@ def main() -> None:
     )
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     ap.add_argument("--out", default="bench/results/engine_throughput.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,7 +168,7 @@ def main() -> None:
         "runs": [],
     }
     for name in args.dtypes.split(","):
-        r = bench_dtype(name, model_dir, prompts, lengths)
+        r = bench_dtype(name, model_dir, prompts, lengths, args.rounds)
         results["runs"].append(r)
         print(json.dumps(r, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

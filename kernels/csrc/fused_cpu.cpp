@@ -15,6 +15,7 @@
 #include "vec_math.h"
 
 #include <cmath>
+#include <limits>
 #include <cstdint>
 
 namespace peftserve_cpu {
@@ -171,6 +172,48 @@ void silu_and_mul(const at::Tensor& out, const at::Tensor& gate_up) {
       });
 }
 
+// Each row's index of its largest value, as torch.argmax(dim=-1): the first one on ties, the
+// first NaN where a row has any. Greedy sampling's whole cost beside the LM head: torch's own
+// reduction reads a [32, 49152] fp32 block at ~5 GB/s on one core here; two vectorized passes
+// over each row (the second from cache) run at several times that.
+template <typename scalar_t>
+void argmax_rows_kernel(int64_t* out, const scalar_t* x, int64_t rows, int64_t n) {
+  using F = Fp32<scalar_t>;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x + r * n;
+      float m = -std::numeric_limits<float>::infinity();
+      int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = F::load(row, i);
+        nan |= static_cast<int>(v != v);
+        m = v > m ? v : m;
+      }
+      int64_t at = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = F::load(row, i);
+        if (nan ? v != v : v == m) {
+          at = i;
+          break;
+        }
+      }
+      out[r] = at;
+    }
+  });
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0,
+              "argmax_rows: x must be a contiguous non-empty [rows, n]");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "argmax_rows", [&] {
+    argmax_rows_kernel<scalar_t>(out.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), x.size(0),
+                                 x.size(1));
+  });
+  return out;
+}
+
 }  // namespace peftserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
@@ -179,10 +222,12 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
       "rotary_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) cache, "
       "Tensor slot_mapping, int heads, int kv_heads) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor gate_up) -> ()");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
   m.impl("rms_norm", &peftserve_cpu::rms_norm);
   m.impl("rotary_and_cache", &peftserve_cpu::rotary_and_cache);
   m.impl("silu_and_mul", &peftserve_cpu::silu_and_mul);
+  m.impl("argmax_rows", &peftserve_cpu::argmax_rows);
 }

@@ -6,6 +6,15 @@ from __future__ import annotations
 import torch
 
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.kernels import cpu_ext
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax, as logits.argmax(-1) (first index on ties, NaN first): on the CPU
+    through the C++ op (kernels/csrc/fused_cpu.cpp), several times faster than torch's."""
+    if logits.device.type == "cpu" and logits.numel() and cpu_ext.load():
+        return torch.ops.peftserve_cpu.argmax_rows(logits.contiguous()).tolist()
+    return logits.argmax(dim=-1).tolist()
 
 
 def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:
@@ -43,7 +52,7 @@ def sample(
         for i, p in enumerate(params):
             if p.repetition_penalty != 1.0:
                 apply_repetition_penalty(logits[i], histories[i], p.repetition_penalty)
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = argmax_rows(logits)
     for i, p in enumerate(params):
         if p.greedy:
             continue

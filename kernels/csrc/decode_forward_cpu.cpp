@@ -154,8 +154,9 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
   const int64_t D = kv_cache.size(4);
   DeltaProgram deltas{delta_tensors, delta_spec, delta_scales,
                       in_order ? std::nullopt : sorted_tokens};
-  // fp32, the parity dtype, keeps the Python layers' torch spelling of the norm, rotary and
-  // SwiGLU (transformers' op sequence); half precision takes the fused C++ ops, as they do.
+  // fp32, the parity dtype, keeps the Python layers' torch spelling of the norm and SwiGLU
+  // (transformers' op sequence); half precision takes the fused C++ ops, as they do. The
+  // rotary + cache write is the C++ op in every dtype (fp32: bit-equal to the torch spelling).
   const bool fp32 = h_in.scalar_type() == at::kFloat;
   const auto norm = [&](const at::Tensor& x, const at::Tensor& w) {
     if (fp32) {
@@ -165,7 +166,6 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     rms_norm(out, x, w, eps);
     return out;
   };
-  const at::Tensor cos3 = cos.unsqueeze(1), sin3 = sin.unsqueeze(1);
   at::Tensor h = h_in;
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor cache = kv_cache.select(0, l);
@@ -173,23 +173,8 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     const at::Tensor qkv =
         qkv_b.empty() ? base_linear(x, qkv_w[l]) : base_linear(x, qkv_w[l], qkv_b[l]);
     deltas.apply(qkv, x);
-    at::Tensor q;
-    if (fp32) {  // layers/rotary.py apply_rotary, then layers/attention.py write_kv
-      const at::Tensor qk = qkv.narrow(1, 0, (heads + kv_heads) * D).view({T, heads + kv_heads, D});
-      const int64_t half = D / 2;
-      const at::Tensor rotated =
-          at::cat({at::neg(qk.narrow(-1, half, half)), qk.narrow(-1, 0, half)}, -1);
-      const at::Tensor roped = at::add(at::mul(qk, cos3), at::mul(rotated, sin3));
-      q = roped.narrow(1, 0, heads);
-      const at::Tensor k = roped.narrow(1, heads, kv_heads);
-      const at::Tensor v =
-          qkv.narrow(1, (heads + kv_heads) * D, kv_heads * D).view({T, kv_heads, D});
-      cache.select(0, 0).index_copy_(1, slot_mapping, k.transpose(0, 1));
-      cache.select(0, 1).index_copy_(1, slot_mapping, v.transpose(0, 1));
-    } else {
-      rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads);
-      q = qkv.view({T, heads + 2 * kv_heads, D}).narrow(1, 0, heads);
-    }
+    rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads);
+    const at::Tensor q = qkv.view({T, heads + 2 * kv_heads, D}).narrow(1, 0, heads);
     at::Tensor attn = at::empty({T, heads, D}, h.options());
     paged_decode_attention(attn, q, cache, block_tables, context_lens, block_size, scale);
     const at::Tensor a = attn.view({T, heads * D});

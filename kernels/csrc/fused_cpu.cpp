@@ -66,10 +66,13 @@ void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weig
 // and k heads (x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]), then writes each
 // token's k and v heads to its cache slot. cache: [2, kv_heads, slots, D] (one layer);
 // cos, sin: [T, D]; slot_mapping: [T] int64.
+// No fused multiply-add here: torch computes x * cos and rotate_half(x) * sin as two rounded
+// products, then their sum, and so must this for fp32 results equal to the torch path's.
 template <typename scalar_t>
-void rotary_kernel(scalar_t* qkv, const scalar_t* cos, const scalar_t* sin, scalar_t* cache,
-                   const int64_t* slots, int64_t T, int64_t heads, int64_t kv_heads, int64_t D,
-                   int64_t num_slots) {
+__attribute__((optimize("fp-contract=off"))) void rotary_kernel(
+    scalar_t* qkv, const scalar_t* cos, const scalar_t* sin, scalar_t* cache,
+    const int64_t* slots, int64_t T, int64_t heads, int64_t kv_heads, int64_t D,
+    int64_t num_slots) {
   const int64_t half = D / 2;
   const int64_t row = (heads + 2 * kv_heads) * D;
   at::parallel_for(0, T, 4, [&](int64_t begin, int64_t end) {

@@ -98,12 +98,14 @@ class DecoderLayer(nn.Module):
         # h: [T, hidden]; cache: [2, kv_heads, slots, head_dim] for this layer
         T, D = h.shape[0], self.head_dim
         qkv = self.qkv(self.input_norm(h), ctx.hook)
-        # Half precision on the CPU: C++ ops (kernels/csrc/fused_cpu.cpp) for the rotary + cache
-        # write and SwiGLU. fp32, the parity dtype, keeps transformers' op sequence: summed in
-        # another order, 30 layers drift ~1e-4 from it in the logits.
-        fused = qkv.dtype != torch.float32 and not qkv.is_cuda and cpu_ext.load()
+        # On the CPU: C++ ops (kernels/csrc/fused_cpu.cpp) for the rotary + cache write (every
+        # dtype: the same roundings as transformers' spelling, fp32 results bit-equal) and, in
+        # half precision, SwiGLU. fp32, the parity dtype, keeps transformers' SwiGLU: another
+        # exp, and 30 layers drift ~1e-4 from it in the logits.
+        cpp = not qkv.is_cuda and cpu_ext.load()
+        fused = cpp and qkv.dtype != torch.float32
         v = qkv[:, self.q_out + self.kv_out :].view(T, self.kv_heads, D)
-        if fused:  # one pass: rotary on q and k in place, k and v into their cache slots
+        if cpp:  # one pass: rotary on q and k in place, k and v into their cache slots
             torch.ops.peftserve_cpu.rotary_and_cache(
                 qkv, ctx.cos[:, 0], ctx.sin[:, 0], cache, ctx.attn.slot_mapping,
                 self.heads, self.kv_heads,

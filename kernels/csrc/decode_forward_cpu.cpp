@@ -166,10 +166,21 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     rms_norm(out, x, w, eps);
     return out;
   };
-  at::Tensor h = h_in;
+  // Half precision: each residual add and the norm after it in one pass (add_rms_norm), h
+  // updated in place in a copy of the input; fp32: h = h + y, then the norm, as torch spells it.
+  at::Tensor h = fp32 ? h_in : h_in.clone();
+  at::Tensor x = norm(h, input_norm[0]);
+  const auto add_then_norm = [&](const at::Tensor& y, const at::Tensor& w) {
+    if (fp32) {
+      h = at::add(h, y);
+      x = norm(h, w);
+    } else {
+      x = at::empty_like(h);
+      add_rms_norm(x, h, y, w, eps);
+    }
+  };
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor cache = kv_cache.select(0, l);
-    at::Tensor x = norm(h, input_norm[l]);
     const at::Tensor qkv =
         qkv_b.empty() ? base_linear(x, qkv_w[l]) : base_linear(x, qkv_w[l], qkv_b[l]);
     deltas.apply(qkv, x);
@@ -180,8 +191,7 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     const at::Tensor a = attn.view({T, heads * D});
     const at::Tensor o = o_b.empty() ? base_linear(a, o_w[l]) : base_linear(a, o_w[l], o_b[l]);
     deltas.apply(o, a);
-    h = at::add(h, o);
-    x = norm(h, post_norm[l]);
+    add_then_norm(o, post_norm[l]);
     const at::Tensor gu = base_linear(x, gate_up_w[l]);
     deltas.apply(gu, x);
     at::Tensor act;
@@ -194,10 +204,10 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     }
     const at::Tensor down = base_linear(act, down_w[l]);
     deltas.apply(down, act);
-    h = at::add(h, down);
+    add_then_norm(down, l + 1 < layers ? input_norm[l + 1] : final_norm);
   }
   deltas.check_used();
-  return norm(h, final_norm);
+  return x;
 }
 
 }  // namespace peftserve_cpu

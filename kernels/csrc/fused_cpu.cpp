@@ -46,6 +46,42 @@ void rms_norm_kernel(scalar_t* out, const scalar_t* x, const scalar_t* w, int64_
   });
 }
 
+// residual = dtype(residual + x) in place, then out = rms_norm(residual): a decoder layer's
+// residual add and the next norm in one pass, with the roundings of `h = h + x; norm(h)`.
+template <typename scalar_t>
+void add_rms_norm_kernel(scalar_t* out, scalar_t* residual, const scalar_t* x, const scalar_t* w,
+                         int64_t T, int64_t H, float eps) {
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      using F = Fp32<scalar_t>;
+      scalar_t* rr = residual + t * H;
+      const scalar_t* xr = x + t * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) {
+        F::store(rr, i, F::load(rr, i) + F::load(xr, i));
+      }
+    }
+  });
+  rms_norm_kernel<scalar_t>(out, residual, w, T, H, eps);
+}
+
+void add_rms_norm(const at::Tensor& out, const at::Tensor& residual, const at::Tensor& x,
+                  const at::Tensor& weight, double eps) {
+  TORCH_CHECK(residual.dim() == 2 && residual.is_contiguous() && x.sizes() == residual.sizes() &&
+                  x.is_contiguous() && out.sizes() == residual.sizes() && out.is_contiguous(),
+              "add_rms_norm: out, residual and x must be contiguous [T, hidden]");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(),
+              "add_rms_norm: weight must be [hidden]");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type() && x.scalar_type() == weight.scalar_type() &&
+                  x.scalar_type() == residual.scalar_type(),
+              "add_rms_norm: out, residual, x and weight must share one dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    add_rms_norm_kernel<scalar_t>(out.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
+                                  x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), x.size(0),
+                                  x.size(1), static_cast<float>(eps));
+  });
+}
+
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
               double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() &&
@@ -222,6 +258,9 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def(
+      "add_rms_norm(Tensor(a!) out, Tensor(b!) residual, Tensor x, Tensor weight, float eps) "
+      "-> ()");
+  m.def(
       "rotary_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) cache, "
       "Tensor slot_mapping, int heads, int kv_heads) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor gate_up) -> ()");
@@ -230,6 +269,7 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
   m.impl("rms_norm", &peftserve_cpu::rms_norm);
+  m.impl("add_rms_norm", &peftserve_cpu::add_rms_norm);
   m.impl("rotary_and_cache", &peftserve_cpu::rotary_and_cache);
   m.impl("silu_and_mul", &peftserve_cpu::silu_and_mul);
   m.impl("argmax_rows", &peftserve_cpu::argmax_rows);

@@ -9,6 +9,8 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
                             int64_t block_size, double scale);
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void add_rms_norm(const at::Tensor& out, const at::Tensor& residual, const at::Tensor& x,
+                  const at::Tensor& weight, double eps);
 void rotary_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                       const at::Tensor& cache, const at::Tensor& slot_mapping, int64_t heads,
                       int64_t kv_heads);

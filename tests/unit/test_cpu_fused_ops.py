@@ -43,6 +43,23 @@ def test_rms_norm_matches_the_torch_spelling(ops, dtype, atol):
 
 
 @pytest.mark.parametrize("dtype, atol", DTYPES)
+def test_add_rms_norm_adds_the_residual_in_place_then_normalizes(ops, dtype, atol):
+    g = torch.Generator().manual_seed(4)
+    h = (torch.randn(33, 96, generator=g) * 3).to(dtype)
+    y = (torch.randn(33, 96, generator=g) * 3).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
+    ref_h = h + y  # the decoder layer's residual add, then its norm (layers/norm.py)
+    ref = w * F.rms_norm(ref_h.float(), (96,), eps=1e-5).to(dtype)
+    out, residual = torch.empty_like(h), h.clone()
+    ops.add_rms_norm(out, residual, y, w, 1e-5)
+    assert torch.equal(residual, ref_h)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol(dtype, atol))
+    alone = torch.empty_like(h)
+    ops.rms_norm(alone, ref_h, w, 1e-5)
+    assert torch.equal(out, alone)  # the same norm as the op the Python layers call
+
+
+@pytest.mark.parametrize("dtype, atol", DTYPES)
 def test_silu_and_mul_matches_the_torch_spelling(ops, dtype, atol):
     g = torch.Generator().manual_seed(1)
     gu = (torch.randn(29, 2 * 80, generator=g) * 4).to(dtype)

@@ -437,24 +437,29 @@ def lora_delta_rows_cpu(
     return y
 
 
+def _segments_with_weights(
+    packed: Sequence[PackedLora | PackedBottleneck | None], meta: SegmentMeta
+) -> tuple[list[int], list]:
+    """The step's segments with weights here: their (row0, row1) pairs in sorted order, flat,
+    and their slots' packed weights."""
+    starts = meta.seg_starts_list
+    bounds: list[int] = []
+    live: list = []
+    for j, s in enumerate(meta.seg_slots_list):
+        if packed[s] is not None:
+            bounds += [starts[j], starts[j + 1]]
+            live.append(packed[s])
+    return bounds, live
+
+
 def lora_rows_args(
     packed: Sequence[PackedLora | None], meta: SegmentMeta
 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor], list[int]]:
     """lora_rows' per-segment arguments for the step's segments with weights here: (row0, row1)
     pairs in sorted order, A and B_blocks, and the ranks per slice."""
-    starts = meta.seg_starts_list
-    bounds: list[int] = []
-    A: list[torch.Tensor] = []
-    B_blocks: list[torch.Tensor] = []
-    ranks: list[int] = []
-    for j, s in enumerate(meta.seg_slots_list):
-        p = packed[s]
-        if p is not None:
-            bounds += [starts[j], starts[j + 1]]
-            A.append(p.A)
-            B_blocks.append(p.B_blocks)
-            ranks += p.ranks
-    return bounds, A, B_blocks, ranks
+    bounds, live = _segments_with_weights(packed, meta)
+    ranks = [r for p in live for r in p.ranks]
+    return bounds, [p.A for p in live], [p.B_blocks for p in live], ranks
 
 
 def bottleneck_delta_rows_cpu(
@@ -482,20 +487,9 @@ def bottleneck_rows_args(
 ) -> tuple[list[int], tuple[list[torch.Tensor], ...], list[float]]:
     """bottleneck_rows' per-segment arguments: (row0, row1) pairs, (A, b_down, B_t, b_up) lists
     and the scales, for the step's segments with an adapter here."""
-    starts = meta.seg_starts_list
-    bounds: list[int] = []
-    A, b_down, B_t, b_up = [], [], [], []
-    scales: list[float] = []
-    for j, s in enumerate(meta.seg_slots_list):
-        p = packed[s]
-        if p is not None:
-            bounds += [starts[j], starts[j + 1]]
-            A.append(p.A)
-            b_down.append(p.b_down)
-            B_t.append(p.B_t)
-            b_up.append(p.b_up)
-            scales.append(p.scale)
-    return bounds, (A, b_down, B_t, b_up), scales
+    bounds, live = _segments_with_weights(packed, meta)
+    tensors = tuple([getattr(p, f) for p in live] for f in ("A", "b_down", "B_t", "b_up"))
+    return bounds, tensors, [p.scale for p in live]
 
 
 def _shrink_segment(

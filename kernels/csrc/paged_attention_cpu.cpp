@@ -41,6 +41,26 @@ inline void prefetch(const scalar_t* p, int64_t n) {
   }
 }
 
+// Softmax over each of `rows` rows of `len` scores, in place, unnormalized: exp(s - max);
+// 1 / sum of each row goes to inv_sum (applied to the output instead).
+inline void softmax_rows(float* scores, int64_t rows, int64_t len, float* inv_sum) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* sg = scores + g * len;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t l = 0; l < len; ++l) {
+      m = std::max(m, sg[l]);
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t l = 0; l < len; ++l) {
+      sg[l] = peftserve_cpu::exp_nonpositive(sg[l] - m);
+      sum += sg[l];
+    }
+    inv_sum[g] = 1.f / sum;
+  }
+}
+
 // K/V rows to fp32 (bf16 by its bits, so the loop vectorizes).
 template <typename scalar_t>
 inline void to_float(float* dst, const scalar_t* src, int64_t n) {
@@ -114,22 +134,7 @@ void decode_attention_kernel(
           }
         }
       }
-      // softmax over each query head's row, in place; 1 / sum kept for the output
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t l = 0; l < len; ++l) {
-          m = std::max(m, sg[l]);
-        }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t l = 0; l < len; ++l) {
-          sg[l] = peftserve_cpu::exp_nonpositive(sg[l] - m);
-          sum += sg[l];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
+      softmax_rows(scores.data(), group, len, inv_sum.data());
       // out[g] = sum_l p[g, l] v_l
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t start = 0; start < len; start += block_size) {
@@ -234,21 +239,7 @@ void decode_attention_avx512(scalar_t* out, const scalar_t* q, int64_t q_stride_
         }
       }
       float inv_sum[G];
-      for (int g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * len;
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t l = 0; l < len; ++l) {
-          m = std::max(m, sg[l]);
-        }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t l = 0; l < len; ++l) {
-          sg[l] = peftserve_cpu::exp_nonpositive(sg[l] - m);
-          sum += sg[l];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
+      softmax_rows(scores.data(), G, len, inv_sum);
       __m512 acc[G][C];
       for (int g = 0; g < G; ++g) {
         for (int c = 0; c < C; ++c) {

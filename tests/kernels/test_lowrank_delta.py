@@ -15,7 +15,6 @@ from peftserve.kernels.cpu_lowrank import (
     lora_delta_fused_cpu,
     lora_delta_packed_cpu,
     lowrank_delta_cpu,
-    pack_bottleneck,
     pack_lora,
 )
 from peftserve.kernels.triton_expand import expand_triton
@@ -29,6 +28,7 @@ from tests.kernels.lowrank_cases import (
     assert_close,
     assert_untouched_rows,
     make_case,
+    packed_bottlenecks,
     reference_y,
     requires_cuda,
 )
@@ -299,16 +299,6 @@ def test_cpu_layout_counts_only_segments_with_weights_on_the_module(dtype, atol,
         assert_untouched_rows(y, case.y, case.token_slot)
 
 
-def _packed_bottlenecks(case) -> list:
-    return [
-        None if int(case.rank[0, s]) == 0 else pack_bottleneck(
-            case.A, case.b_down, case.B, case.b_up, float(case.scale[0, s]), s,
-            int(case.rank[0, s]), case.act,
-        )
-        for s in range(case.A.shape[1])
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
 @pytest.mark.parametrize(("layout", "seg_len"), [("random", 1), ("prefill", 40)])
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), [FP32_TOL, BF16_TOL])
@@ -322,7 +312,7 @@ def test_cpu_packed_bottleneck_matches_reference(act, layout, seg_len, dtype, at
     case = dataclasses.replace(case, x=case.y.clone())
     expected = reference_y(case)
     y = case.y.clone()
-    bottleneck_delta_packed_cpu(y, _packed_bottlenecks(case), case.meta)
+    bottleneck_delta_packed_cpu(y, packed_bottlenecks(case), case.meta)
     assert_close(y, expected, atol, rtol)
     assert_untouched_rows(y, case.y, case.token_slot)
 
@@ -332,7 +322,7 @@ def test_cpu_packed_bottleneck_rows_in_place_equal_gather_scatter_bitwise():
                      dtype=torch.bfloat16, bottleneck="silu")  # fmt: skip
     meta = build_segment_meta(torch.tensor([0] * 5 + [1] * 3 + [2] * 4))
     assert meta.in_order
-    packed = _packed_bottlenecks(case)
+    packed = packed_bottlenecks(case)
     y1, y2 = case.y.clone(), case.y.clone()
     bottleneck_delta_packed_cpu(y1, packed, meta)
     bottleneck_delta_packed_cpu(y2, packed, dataclasses.replace(meta, in_order=False))

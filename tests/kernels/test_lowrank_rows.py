@@ -11,16 +11,13 @@ import pytest
 import torch
 
 from peftserve.kernels import add_lowrank_delta, build_segment_meta, cpu_ext, dispatch
-from peftserve.kernels.cpu_lowrank import (
-    bottleneck_delta_rows_cpu,
-    lora_delta_rows_cpu,
-    pack_bottleneck,
-    pack_lora,
-)
+from peftserve.kernels.cpu_lowrank import bottleneck_delta_rows_cpu, lora_delta_rows_cpu
 from tests.kernels.lowrank_cases import (
     assert_close,
     assert_untouched_rows,
     make_case,
+    packed_bottlenecks,
+    packed_loras,
     reference_y,
 )
 
@@ -35,21 +32,6 @@ def _kernels():
     assert cpu_ext.load(), "the C++ CPU kernels did not build"
 
 
-def _packed_loras(case) -> list:
-    return [pack_lora(case.A, case.B, case.rank, case.scale, s, case.slice_sizes)
-            for s in range(case.A.shape[1])]  # fmt: skip
-
-
-def _packed_bottlenecks(case) -> list:
-    return [
-        None if int(case.rank[0, s]) == 0 else pack_bottleneck(
-            case.A, case.b_down, case.B, case.b_up, float(case.scale[0, s]), s,
-            int(case.rank[0, s]), case.act,
-        )
-        for s in range(case.A.shape[1])
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize(("layout", "seg_len"), [("decode", 1), ("random", 1), ("prefill", 40)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lora_rows_match_reference(layout, seg_len, dtype):
@@ -62,7 +44,7 @@ def test_lora_rows_match_reference(layout, seg_len, dtype):
         dtype=dtype, layout=layout, seg_len=seg_len,
     )  # fmt: skip
     assert not case.meta.in_order
-    packed = _packed_loras(case)
+    packed = packed_loras(case)
     y = case.y.clone()
     lora_delta_rows_cpu(y, case.x, packed, case.meta)
     assert_close(y, reference_y(case), *ROWS_TOL[dtype])
@@ -78,7 +60,7 @@ def test_lora_rows_of_a_token_do_not_depend_on_its_batch():
     many slots, several of them sharing its slot, in or out of slot order."""
     case = make_case(n_tokens=60, d_in=64, slice_sizes=(32, 16, 16), n_slots=6, max_rank=8,
                      dtype=torch.bfloat16)  # fmt: skip
-    packed = _packed_loras(case)
+    packed = packed_loras(case)
     full = case.y.clone()
     lora_delta_rows_cpu(full, case.x, packed, case.meta)
     active = (case.token_slot >= 0).nonzero().flatten().tolist()
@@ -101,7 +83,7 @@ def test_lora_rows_in_place_equal_gather_scatter_bitwise():
     meta = build_segment_meta(torch.tensor([0] * 5 + [1] * 3 + [2] * 4))
     assert meta.in_order
     x = torch.randn(12, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
-    packed = _packed_loras(case)
+    packed = packed_loras(case)
     y1, y2 = case.y.clone(), case.y.clone()
     lora_delta_rows_cpu(y1, x, packed, meta)
     lora_delta_rows_cpu(y2, x, packed, dataclasses.replace(meta, in_order=False))
@@ -119,7 +101,7 @@ def test_bottleneck_rows_match_reference(act, layout, seg_len):
     )  # fmt: skip
     case = dataclasses.replace(case, x=case.y.clone())
     y = case.y.clone()
-    bottleneck_delta_rows_cpu(y, _packed_bottlenecks(case), case.meta)
+    bottleneck_delta_rows_cpu(y, packed_bottlenecks(case), case.meta)
     assert_close(y, reference_y(case), *ROWS_TOL[torch.bfloat16])
     assert_untouched_rows(y, case.y, case.token_slot)
 
@@ -128,7 +110,7 @@ def test_bottleneck_rows_in_place_equal_gather_scatter_bitwise():
     case = make_case(n_tokens=12, d_in=64, slice_sizes=(64,), n_slots=4, max_rank=8,
                      dtype=torch.bfloat16, bottleneck="silu")  # fmt: skip
     meta = build_segment_meta(torch.tensor([0] * 5 + [1] * 3 + [2] * 4))
-    packed = _packed_bottlenecks(case)
+    packed = packed_bottlenecks(case)
     y1, y2 = case.y.clone(), case.y.clone()
     bottleneck_delta_rows_cpu(y1, packed, meta)
     bottleneck_delta_rows_cpu(y2, packed, dataclasses.replace(meta, in_order=False))
@@ -143,7 +125,7 @@ def test_without_the_kernels_the_dispatcher_keeps_the_torch_forms(monkeypatch):
     monkeypatch.setattr(dispatch, "lora_delta_rows_cpu", None)  # must not be reached
     y = case.y.clone()
     add_lowrank_delta(y, case.x, case.A, case.B, case.rank, case.scale, case.meta,
-                      case.slice_sizes, packed=_packed_loras(case))  # fmt: skip
+                      case.slice_sizes, packed=packed_loras(case))  # fmt: skip
     assert_close(y, reference_y(case), 6e-2, 3e-2)
 
 

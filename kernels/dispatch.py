@@ -19,11 +19,11 @@ from .cpu_lowrank import (
     expand_cpu,
     lora_delta_fused_cpu,
     lora_delta_packed_cpu,
-    lora_delta_rows_cpu,
     lowrank_delta_cpu,
     shrink_cpu,
     use_padded_layout,
 )
+from .cpu_rows import lora_delta_rows_cpu
 from .segment_meta import SegmentMeta
 
 

@@ -21,11 +21,13 @@ from peftserve.kernels.cpu_lowrank import (
     PackedBottleneck,
     PackedSlots,
     bottleneck_delta_packed_cpu,
+    pack_bottleneck,
+    pack_lora,
+)
+from peftserve.kernels.cpu_rows import (
     bottleneck_delta_rows_cpu,
     bottleneck_rows_args,
     lora_rows_args,
-    pack_bottleneck,
-    pack_lora,
 )
 from peftserve.models.llama import ModelShape
 

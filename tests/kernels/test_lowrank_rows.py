@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from peftserve.kernels import add_lowrank_delta, build_segment_meta, cpu_ext, dispatch
-from peftserve.kernels.cpu_lowrank import bottleneck_delta_rows_cpu, lora_delta_rows_cpu
+from peftserve.kernels.cpu_rows import bottleneck_delta_rows_cpu, lora_delta_rows_cpu
 from tests.kernels.lowrank_cases import (
     assert_close,
     assert_untouched_rows,

@@ -12,6 +12,7 @@ import grpc
 
 from peftserve.adapters.errors import AdapterExists, AdapterInUse, AdapterNotFound
 from peftserve.errors import EngineStopped, InvalidRequest, Overloaded, PeftServeError
+from peftserve.gateway import RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,6 @@ class PermissionDenied(PeftServeError):
 
 class RegistrationDisabled(PeftServeError):
     """RegisterAdapter by path on a server started without an adapter root."""
-
-
-class RequestFailed(PeftServeError):
-    """The engine ended the request because of a server-side state it could name, such as an
-    adapter whose files changed on disk since registration: retrying will not help until an
-    operator fixes it (FAILED_PRECONDITION)."""
 
 
 # Most specific first: InvalidAdapter is an InvalidRequest.

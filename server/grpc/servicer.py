@@ -10,18 +10,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
 
 from peftserve import __version__
 from peftserve.engine.async_engine import AsyncEngine
-from peftserve.engine.request import Request, RequestOutput
-from peftserve.errors import InvalidRequest, Overloaded
+from peftserve.engine.request import RequestOutput
+from peftserve.errors import InvalidRequest
+from peftserve.gateway import Gateway
 from peftserve.grpc import convert
 from peftserve.grpc.adapter_files import AdapterFiles, discard
-from peftserve.grpc.errors import RequestFailed, code_of, outcome
+from peftserve.grpc.errors import code_of, outcome
 from peftserve.grpc.interceptors import current_request_id
 from peftserve.kernels import cpu_ext
 from peftserve.metrics import Metrics
@@ -33,18 +33,20 @@ log = logging.getLogger(__name__)
 
 class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
     def __init__(self, engine: AsyncEngine, config: ServeConfig, metrics: Metrics,
-                 files: AdapterFiles) -> None:
+                 files: AdapterFiles, gateway: Gateway | None = None) -> None:
         self.engine = engine
         self.config = config
         self.metrics = metrics
         self.files = files
-        self.active_streams = 0
+        self.gateway = gateway or Gateway(engine, config, metrics)
         self._admin_lock = asyncio.Lock()  # one registration change at a time
-        # Counting prompt tokens for max_prompt_tokens: off the event loop and the engine thread.
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="peftserve-tokenize")
+
+    @property
+    def active_streams(self) -> int:
+        return self.gateway.active_streams
 
     def close(self) -> None:
-        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self.gateway.close()
 
     # --- generation -------------------------------------------------------------------------
 
@@ -62,60 +64,19 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
     async def _generate(self, pb: generate_pb2.GenerateRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[RequestOutput]:
         arrived = time.monotonic()  # queue time and TTFT count from here
-        tracker = self.metrics.track(pb.adapter or None)
-        result = "cancelled"  # unless it finishes or fails below
-        self.active_streams += 1
-        self.metrics.active_streams.inc()
+
+        def cancelled() -> str:
+            remaining = context.time_remaining()
+            return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+
         try:
-            if self.active_streams > self.config.max_concurrent_streams:
-                raise Overloaded(f"too many requests in flight "
-                                 f"({self.config.max_concurrent_streams})")
             req = convert.request_from_pb(pb, pb.request_id or current_request_id(),
                                           self.config.default_max_new_tokens, arrived)
-            await self._check_prompt_length(req)
-            async for out in self.engine.generate(req):
-                tracker.on_output(out)
-                if out.error is not None:
-                    raise RequestFailed(f"the request failed: {out.error}")
-                yield out
-                if out.finished:
-                    result = out.finish_reason.value if out.finish_reason else "stop"
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            result = "deadline_exceeded" if expired else "cancelled"
+        except InvalidRequest as e:
+            self.gateway.count_refused(pb.adapter or None, outcome(code_of(e)))
             raise
-        except Exception as e:
-            result = outcome(code_of(e))
-            raise
-        finally:
-            self.active_streams -= 1
-            self.metrics.active_streams.dec()
-            tracker.finish(result)
-
-    async def _check_prompt_length(self, req: Request) -> None:
-        limit = self.config.max_prompt_tokens
-        if limit is None:
-            return  # the engine refuses prompts that leave no room in the context
-        if req.prompt_token_ids is not None:
-            n = len(req.prompt_token_ids)
-        else:
-            loop = asyncio.get_running_loop()
-            n = await loop.run_in_executor(self._tokenize_pool, self._count_tokens, req)
-        if n > limit:
-            raise InvalidRequest(f"the prompt has {n} tokens; this server takes at most {limit}")
-
-    def _count_tokens(self, req: Request) -> int:
-        tok = self.engine.engine.tokenizer
-        try:
-            if req.prompt is not None:
-                return len(tok(req.prompt)["input_ids"])
-            if req.messages:
-                return len(tok.apply_chat_template(list(req.messages), add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"])
-        except Exception:  # a bad template or message: the engine says what is wrong
-            return 0
-        return 0
+        async for out in self.gateway.generate(req, cancelled, lambda e: outcome(code_of(e))):
+            yield out
 
     # --- adapters ---------------------------------------------------------------------------
 
@@ -178,7 +139,8 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
             max_prompt = min(max_prompt, self.config.max_prompt_tokens)
         cfg = engine.config
         return server_info_pb2.ServerInfoResponse(
-            version=__version__, model=cfg.model, dtype=str(model.dtype).removeprefix("torch."),
+            version=__version__, model=self.gateway.model_name,
+            dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
             kernel_backend=kernel_backend(model.device),
             limits=server_info_pb2.Limits(

@@ -19,3 +19,14 @@ class Overloaded(PeftServeError):
 
 class EngineStopped(PeftServeError):
     """The engine is shutting down and admits no new requests."""
+
+
+def shorten(value: object, limit: int = 64) -> str:
+    """`repr(value)` cut to about `limit` characters, for echoing client-supplied values in
+    messages: a 20,000-character name must not come back whole (status messages travel in
+    metadata, whose size clients bound)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[:limit]}...{size}"

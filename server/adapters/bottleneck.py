@@ -22,8 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from peftserve.adapters import config_values as cv
 from peftserve.adapters.errors import InvalidAdapter
 from peftserve.adapters.files import read_safetensors
+from peftserve.errors import shorten
 from peftserve.models.llama import ModelShape
 
 PLACEMENTS = ("mh_adapter", "output_adapter")
@@ -40,6 +42,8 @@ _KEY = re.compile(r"^layers\.(\d+)\.(mh_adapter|output_adapter)\.(down|up)\.(wei
 
 
 def canonical_activation(name: str) -> str:
+    if not isinstance(name, str):
+        raise InvalidAdapter("non_linearity must be a string")
     name = name.lower()
     if name not in ACTIVATIONS:
         raise InvalidAdapter(f"non_linearity {name!r} is not supported ({', '.join(ACTIVATIONS)})")
@@ -80,9 +84,9 @@ class BottleneckWeights:
 
 def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     preset = config.get("architecture")
-    merged: dict[str, Any] = dict(PRESETS[preset]) if preset in PRESETS else {}
-    if preset is not None and preset not in PRESETS:
-        raise InvalidAdapter(f"architecture {preset!r} is not one of {', '.join(PRESETS)}")
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise InvalidAdapter(f"architecture {shorten(preset)} is not one of {', '.join(PRESETS)}")
+    merged: dict[str, Any] = dict(PRESETS[preset]) if preset is not None else {}
     merged.update(
         {
             k: v
@@ -93,8 +97,11 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     merged.setdefault("scaling", 1.0)
     # original_ln_*/residual_before_ln describe post-norm (BERT) models; Llama is pre-norm and the
     # adapter sits on the sub-layer output before the residual add, so they have no meaning here.
+    for key in ("mh_adapter", "output_adapter"):
+        merged[key] = cv.flag(merged.get(key), key)
+    merged["scaling"] = cv.number(merged["scaling"], "scaling", -cv.MAX_SCALE, cv.MAX_SCALE)
     for key in ("ln_before", "ln_after"):
-        if config.get(key):
+        if cv.flag(config.get(key), key):
             raise InvalidAdapter(f"{key}=true (extra layer norms) is not supported")
     if not (merged.get("mh_adapter") or merged.get("output_adapter")):
         raise InvalidAdapter("a bottleneck adapter needs mh_adapter and/or output_adapter")
@@ -107,8 +114,8 @@ def load_bottleneck(
     directory: Path, config: dict[str, Any], shape: ModelShape, max_rank: int
 ) -> BottleneckWeights:
     cfg = resolve_config(config)
-    activation = canonical_activation(str(cfg["non_linearity"]))
-    rf = float(cfg["reduction_factor"])
+    activation = canonical_activation(cfg["non_linearity"])
+    rf = cv.number(cfg["reduction_factor"], "reduction_factor", 0, 1e9)
     if rf <= 0:
         raise InvalidAdapter(f"reduction_factor must be > 0, got {rf}")
     r = int(shape.hidden // rf)

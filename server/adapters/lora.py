@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from peft.utils.other import get_pattern_key
 
+from peftserve.adapters import config_values as cv
 from peftserve.adapters.errors import InvalidAdapter
 from peftserve.adapters.files import read_safetensors
 from peftserve.models.llama import ModelShape
@@ -74,12 +75,35 @@ class LoraWeights:
         return out
 
 
-def _pattern_value(pattern: dict[str, Any], name: str, default: float) -> float:
+def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
     """PEFT's rank_pattern/alpha_pattern lookup, by PEFT's own matching rule."""
     return pattern.get(get_pattern_key(list(pattern), name), default)
 
 
+# lora_alpha bounds: PEFT puts none, but a scale beyond cv.MAX_SCALE is refused anyway.
+MAX_ALPHA = 1e6
+
+
+def _rank(value: Any, field: str) -> int:
+    return cv.integer(value, field, 1, 1 << 20)
+
+
+def _alpha(value: Any, field: str) -> float:
+    return cv.number(value, field, -MAX_ALPHA, MAX_ALPHA)
+
+
 def _check_config(config: dict[str, Any]) -> None:
+    for key in ("use_dora", "fan_in_fan_out", "lora_bias", "use_rslora"):
+        cv.flag(config.get(key), key)
+    _rank(config.get("r", 8), "r")
+    _alpha(config.get("lora_alpha", 8), "lora_alpha")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in cv.mapping(config.get(key), key).items():
+            field = f"{key}[{pattern[:64]!r}]"
+            if key == "rank_pattern":
+                _rank(value, field)
+            else:
+                _alpha(value, field)
     if config.get("use_dora"):
         raise InvalidAdapter("DoRA adapters (use_dora=true) are not supported")
     if config.get("modules_to_save"):
@@ -95,6 +119,8 @@ def _check_config(config: dict[str, Any]) -> None:
         raise InvalidAdapter("lora_bias=true is not supported")
     targets = config.get("target_modules")
     if isinstance(targets, list):
+        if not all(isinstance(t, str) for t in targets):
+            raise InvalidAdapter("target_modules must be a list of module names")
         wanted = {t.split(".")[-1] for t in targets}
         missing = sorted(wanted - ALL_LINEAR)
         if missing:
@@ -125,9 +151,9 @@ def load_lora(
         pairs.setdefault((layer, proj), {})[ab] = t
     if not pairs:
         raise InvalidAdapter("adapter_model.safetensors holds no LoRA tensors")
-    r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern = cv.mapping(config.get("rank_pattern"), "rank_pattern")
+    alpha_pattern = cv.mapping(config.get("alpha_pattern"), "alpha_pattern")
     modules = {}
     for (layer, proj), ab in sorted(pairs.items()):
         name = module_name(layer, proj)
@@ -143,10 +169,11 @@ def load_lora(
             )
         if rank > max_rank:
             raise InvalidAdapter(f"{name} has rank {rank}, above this server's max rank {max_rank}")
-        r = int(_pattern_value(rank_pattern, name, r_default))
-        alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
+        r = _rank(_pattern_value(rank_pattern, name, r_default), f"{name}'s r")
+        alpha = _alpha(_pattern_value(alpha_pattern, name, alpha_default), f"{name}'s alpha")
         if r != rank:
             raise InvalidAdapter(f"{name}: tensors have rank {rank} but the config says r={r}")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        scale = cv.scale(scale, f"{name}'s scale (lora_alpha / r)")
         modules[(layer, proj)] = LoraModule(A.float().contiguous(), B.float().contiguous(), scale)
     return LoraWeights(modules)

@@ -80,6 +80,9 @@ class AdapterManager:
     # --- the scheduler's questions ----------------------------------------------------------
 
     def admit(self, seq: Sequence) -> Admission:
+        """READY, WAIT, or FAILED with `seq.error` set. Whatever goes wrong while preparing this
+        sequence's adapter (loading, writing its slot or prefix) fails this sequence alone: the
+        scheduler goes on admitting the others."""
         entry = seq.adapter
         if entry is None:
             return Admission.READY
@@ -90,6 +93,15 @@ class AdapterManager:
             log.warning("adapter %s failed to load: %s", entry.name, e)
             seq.error = f"adapter {entry.name!r} failed to load: {e}"
             return Admission.FAILED
+        try:
+            return self._place(seq, entry)
+        except Exception as e:  # a bug or a bad value: this request fails, the batch goes on
+            log.warning("adapter %s could not be placed on the device: %s: %s", entry.name,
+                        type(e).__name__, e)
+            seq.error = f"adapter {entry.name!r} could not be prepared: {e}"
+            return Admission.FAILED
+
+    def _place(self, seq: Sequence, entry: AdapterEntry) -> Admission:
         if entry.kind in SLOT_KINDS:
             slot = self._slot_for(entry)
             if slot is None:
@@ -137,12 +149,18 @@ class AdapterManager:
             victim.slot = None
             self.evictions += 1
         self.misses += 1
+        self.slot_owner[slot] = None
+        self._slot_lru.pop(slot, None)
         loaded = entry.loaded
         assert loaded is not None
-        if loaded.lora is not None:
-            self.slots.write_lora(slot, loaded.lora)
-        elif loaded.bottleneck is not None:
-            self.slots.write_bottleneck(slot, loaded.bottleneck)
+        try:
+            if loaded.lora is not None:
+                self.slots.write_lora(slot, loaded.lora)
+            elif loaded.bottleneck is not None:
+                self.slots.write_bottleneck(slot, loaded.bottleneck)
+        except BaseException:
+            self.slots.clear(slot)  # a half-written slot serves nobody
+            raise
         self.slot_owner[slot] = entry
         entry.slot = slot
         self._slot_lru[slot] = None
@@ -168,12 +186,16 @@ class AdapterManager:
             return None
         blocks = self.blocks.take(need)
         ids = seq.token_ids[:n]
-        if loaded.prefix_kv is not None:
-            self.writer.write_prefix(blocks, kv=loaded.prefix_kv)
-        elif loaded.prompt_embeds is not None:
-            self.writer.write_prefix(blocks, embeds=loaded.prompt_embeds)
-        else:
-            self.writer.write_prefix(blocks, token_ids=ids)
+        try:
+            if loaded.prefix_kv is not None:
+                self.writer.write_prefix(blocks, kv=loaded.prefix_kv)
+            elif loaded.prompt_embeds is not None:
+                self.writer.write_prefix(blocks, embeds=loaded.prompt_embeds)
+            else:
+                self.writer.write_prefix(blocks, token_ids=ids)
+        except BaseException:
+            self.blocks.release(blocks)
+            raise
         self.misses += 1
         return SharedPrefix(
             n, list(ids), blocks, virtual=entry.kind is not AdapterKind.PROMPT_TEMPLATE

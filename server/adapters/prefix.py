@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from peftserve.adapters import config_values as cv
 from peftserve.adapters.errors import InvalidAdapter
 from peftserve.adapters.files import read_safetensors
 from peftserve.models.llama import ModelShape
@@ -24,7 +25,12 @@ def _embeddings(directory: Path, config: dict[str, Any], max_virtual_tokens: int
     if set(tensors) != {"prompt_embeddings"}:
         raise InvalidAdapter(f"expected one tensor 'prompt_embeddings', found {sorted(tensors)}")
     emb = tensors["prompt_embeddings"]
-    v = int(config.get("num_virtual_tokens", -1))
+    if "num_virtual_tokens" not in config:
+        raise InvalidAdapter("num_virtual_tokens is missing")
+    v = cv.integer(config["num_virtual_tokens"], "num_virtual_tokens", 1, 1 << 20)
+    for key in ("num_layers", "token_dim"):
+        if config.get(key) is not None:
+            cv.integer(config[key], key, 1, 1 << 20)
     if emb.dim() != 2 or emb.shape[0] != v:
         raise InvalidAdapter(
             f"prompt_embeddings has shape {tuple(emb.shape)}; num_virtual_tokens is {v}"

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
+from peftserve.adapters import config_values
 from peftserve.adapters.errors import InvalidAdapter
 from peftserve.adapters.loader import AdapterLimits, load_adapter
 from peftserve.adapters.registry import validate_name
@@ -170,3 +171,67 @@ def test_failed_registration_leaves_nothing_behind(tiny_llama_dir, lora_dir, tmp
         engine.register_adapter("../evil", lora_dir)
     assert engine.list_adapters() == []
     assert engine.registry.loads == 0
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"lora_alpha": 1e308}, "lora_alpha must be in"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be finite"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be finite"),
+        ({"lora_alpha": "16"}, "lora_alpha must be a number, got str"),
+        ({"lora_alpha": True}, "lora_alpha must be a number, got bool"),
+        ({"r": "4"}, "r must be a number, got str"),
+        ({"r": 4.5}, "r must be a whole number"),
+        ({"r": 0}, "r must be in"),
+        ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern.*finite"),
+        ({"rank_pattern": {"q_proj": "4"}}, "rank_pattern.*number"),
+        ({"rank_pattern": [4]}, "rank_pattern must be an object"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+        ({"target_modules": [["q_proj"]]}, "target_modules must be a list of module names"),
+    ],
+)
+def test_lora_config_numbers_are_checked_at_registration(lora_dir, shape, tmp_path, config,
+                                                          match):
+    refused(edited(lora_dir, tmp_path, config=config), shape, match)
+
+
+def test_alpha_at_its_bound_loads_and_derived_scales_are_bounded(lora_dir, shape, tmp_path):
+    loaded = load_adapter(edited(lora_dir, tmp_path, config={"lora_alpha": 1e6}), shape,
+                          AdapterLimits())
+    assert {m.scale for m in loaded.lora.modules.values()} == {1e6 / 4}
+    for bad in (float("inf"), -1e7, float("nan")):
+        with pytest.raises(InvalidAdapter, match="must be finite and at most"):
+            config_values.scale(bad, "scale")
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"scaling": float("nan")}, "scaling must be finite"),
+        ({"scaling": 1e300}, "scaling must be in"),
+        ({"scaling": "1.0"}, "scaling must be a number"),
+        ({"reduction_factor": float("inf")}, "reduction_factor must be finite"),
+        ({"reduction_factor": "16"}, "reduction_factor must be a number"),
+        ({"mh_adapter": "true"}, "mh_adapter must be true or false"),
+        ({"non_linearity": 3}, "non_linearity must be a string"),
+        ({"architecture": ["houlsby"]}, "architecture \\['houlsby'\\] is not one of"),
+    ],
+)
+def test_bottleneck_config_numbers_are_checked(tiny_llama_dir, shape, tmp_path, config, match):
+    path = A.make_bottleneck(tiny_llama_dir, tmp_path / "bn", "houlsby")
+    refused(edited(path, tmp_path, config=config), shape, match)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"num_virtual_tokens": "5"}, "num_virtual_tokens must be a number"),
+        ({"num_virtual_tokens": float("nan")}, "num_virtual_tokens must be finite"),
+        ({"num_layers": 1e308}, "num_layers must be in"),
+        ({"token_dim": "64"}, "token_dim must be a number"),
+    ],
+)
+def test_prefix_config_numbers_are_checked(tiny_llama_dir, shape, tmp_path, config, match):
+    path = A.make_prefix_tuning(tiny_llama_dir, tmp_path / "prefix", virtual=5)
+    refused(edited(path, tmp_path, config=config), shape, match)

@@ -1,0 +1,54 @@
+"""One request's adapter never fails another request: a failure while preparing an adapter
+(its slot write) ends that adapter's requests alone, and the batch around them goes on."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from peftserve.adapters.lora import LoraModule, LoraWeights
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request
+from peftserve.engine.sampling_params import SamplingParams
+from peftserve.engine.sequence import FinishReason
+from tests import adapters as A
+from tests.device import DEVICE
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir, tmp_path_factory) -> Engine:
+    engine = Engine.from_config(EngineConfig(model=str(tiny_llama_dir), device=DEVICE,
+                                             dtype="float32", num_kv_blocks=128, max_loras=4))
+    path = A.make_lora(tiny_llama_dir, tmp_path_factory.mktemp("lora") / "good", r=4)
+    engine.register_adapter("good", path)
+    # What a config of lora_alpha 1e308 used to become: registration now refuses such files, so
+    # the weights are built here and handed over as already read.
+    loaded = engine.registry.load_from_disk(path)
+    bad = LoraWeights({k: LoraModule(m.A, m.B, 1e308) for k, m in loaded.lora.modules.items()})
+    engine.add_adapter("overflow", replace(loaded, lora=bad), path)
+    return engine
+
+
+def test_a_bad_adapter_fails_its_requests_alone(engine):
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    names = [None] * 12 + ["overflow", "good", "overflow"]
+    reqs = [Request(f"r{i}", prompt="the quick brown fox", adapter=n, params=params)
+            for i, n in enumerate(names)]
+    outs = engine.generate(reqs)
+    for req in reqs:
+        last = outs[req.request_id][-1]
+        if req.adapter == "overflow":
+            assert last.finish_reason is FinishReason.ABORT
+            assert "could not be prepared" in last.error and "overflow" in last.error
+        else:
+            assert last.error is None, last.error
+            assert last.finish_reason is FinishReason.LENGTH
+            assert sum(len(o.token_ids) for o in outs[req.request_id]) == 5
+    # Nothing stays held: no slot owned by the bad adapter, no KV block in use.
+    assert engine.get_adapter("overflow").residency != "device"
+    assert engine.block_manager.num_used == 0
+    # The good adapter still serves, and so does the base model.
+    again = engine.generate([Request("after", prompt="hi", adapter="good", params=params)])
+    assert again["after"][-1].finish_reason is FinishReason.LENGTH

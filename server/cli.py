@@ -49,6 +49,8 @@ _SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--device", str, "auto | cpu | cuda[:N]"),
     ("--host", str, "gRPC bind address"),
     ("--port", int, "gRPC port (0: any free port; the bound one is printed)"),
+    ("--http-port", int, "OpenAI-compatible HTTP API port on --host (unset: off; 0: any free "
+                         "port)"),
     ("--metrics-host", str, "Prometheus /metrics bind address"),
     ("--metrics-port", int, "Prometheus /metrics port (0: any free port, -1: no endpoint)"),
     ("--adapter-root", str, "RegisterAdapter by path reads only below this directory "

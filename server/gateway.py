@@ -41,6 +41,7 @@ class Gateway:
         self.metrics = metrics
         self.model_name = served_model_name(config.engine.model)
         self.active_streams = 0
+        self.admin_lock = asyncio.Lock()  # one registration change at a time, whatever the front
         # Counting prompt tokens for max_prompt_tokens: off the event loop and the engine thread.
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="peftserve-tokenize")
 

@@ -26,6 +26,7 @@ class ServeConfig:
     port: int = 50051  # 0 = any free port (the bound port is logged)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9464  # Prometheus /metrics; None = no metrics endpoint
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on `host`; None = off
     adapter_root: Path | None = None  # RegisterAdapter by path only below this; None = refused
     staging_dir: Path | None = None  # inline adapter uploads; None = a private temp dir
     max_inline_adapter_bytes: int = 64 << 20  # total size of one inline upload
@@ -39,7 +40,7 @@ class ServeConfig:
     grace_period_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {value}")

@@ -21,10 +21,13 @@ from prometheus_client import start_http_server
 from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.engine import Engine
 from peftserve.engine.stats import EngineStats
+from peftserve.gateway import Gateway
 from peftserve.grpc.adapter_files import AdapterFiles
 from peftserve.grpc.interceptors import ApiInterceptor
 from peftserve.grpc.servicer import PeftServeServicer
 from peftserve.metrics import Metrics
+from peftserve.openai_http.app import build_app
+from peftserve.openai_http.server import HttpServer
 from peftserve.serve_config import ServeConfig
 from peftserve.v1 import service_pb2, service_pb2_grpc
 
@@ -47,7 +50,8 @@ async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:
     metrics = Metrics(config.metrics_max_adapter_labels)
     metrics.engine.refresh = lambda: _snapshot_from(loop, async_engine)
     files = AdapterFiles(config.adapter_root, config.staging_dir, config.max_inline_adapter_bytes)
-    servicer = PeftServeServicer(async_engine, config, metrics, files)
+    gateway = Gateway(async_engine, config, metrics)
+    servicer = PeftServeServicer(async_engine, config, metrics, files, gateway)
     health = HealthServicer()
     server = build_server(config, servicer, health)
     address = f"{config.host}:{config.port}"
@@ -64,9 +68,12 @@ async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:
     if config.metrics_port is not None:
         http, _ = start_http_server(config.metrics_port, config.metrics_host, metrics.registry)
         metrics_address = f"{config.metrics_host}:{http.server_port}"
+    http_server = await _start_http(config, gateway, files)
+    http_address = "" if http_server is None else f" http {config.host}:{http_server.port}"
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    print(f"peftserve listening on {config.host}:{port} metrics {metrics_address}", flush=True)
+    print(f"peftserve listening on {config.host}:{port} metrics {metrics_address}{http_address}",
+          flush=True)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,7 +84,10 @@ async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:
     print(f"peftserve draining ({servicer.active_streams} requests in flight)", flush=True)
     await health.enter_graceful_shutdown()
     async_engine.stop_admitting()
-    await server.stop(config.grace_period_s)  # refuses new calls, waits for in-flight ones
+    stopping = [server.stop(config.grace_period_s)]  # refuses new calls, waits for in-flight
+    if http_server is not None:
+        stopping.append(http_server.stop())
+    await asyncio.gather(*stopping)
     async_engine.shutdown()
     servicer.close()
     files.close()
@@ -100,6 +110,16 @@ def build_server(config: ServeConfig, servicer: PeftServeServicer,
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     return server
+
+
+async def _start_http(config: ServeConfig, gateway: Gateway,
+                      files: AdapterFiles) -> HttpServer | None:
+    if config.http_port is None:
+        return None
+    http = HttpServer(build_app(gateway, files, config.admin_token), config.host,
+                      config.http_port, config.grace_period_s)
+    await http.start()
+    return http
 
 
 def _snapshot_from(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> EngineStats | None:

@@ -39,7 +39,7 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
         self.metrics = metrics
         self.files = files
         self.gateway = gateway or Gateway(engine, config, metrics)
-        self._admin_lock = asyncio.Lock()  # one registration change at a time
+        self._admin_lock = self.gateway.admin_lock
 
     @property
     def active_streams(self) -> int:

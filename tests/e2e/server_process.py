@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-READY_RE = re.compile(r"peftserve listening on (\S+):(\d+) metrics (\S+)")
+READY_RE = re.compile(r"peftserve listening on (\S+):(\d+) metrics (\S+)(?: http (\S+))?")
 START_TIMEOUT_S = 120.0
 
 
@@ -28,6 +28,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self.target = ""
         self.metrics_url = ""
+        self.http_url = ""  # with --http-port: the OpenAI-compatible API's base URL
         self.proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
 
@@ -53,6 +54,8 @@ class ServerProcess:
             if m:
                 self.target = f"{m.group(1)}:{m.group(2)}"
                 self.metrics_url = f"http://{m.group(3)}/metrics"
+                if m.group(4):
+                    self.http_url = f"http://{m.group(4)}"
                 self._ready.set()
         self._ready.set()  # exited before it was ready
 

@@ -12,10 +12,23 @@ decode_forward (a decode-only step's whole decoder stack in one call).
 The build uses torch's extension builder (a C++ compiler and ninja) with -O3 -march=native into
 ~/.cache/peftserve/kernels/<key> (`PEFTSERVE_KERNEL_CACHE` replaces ~/.cache/peftserve), where
 the key covers the sources, torch's version, the flags and this CPU's model and flags: a later
-start (or another process) only loads the library. When
-no compiler is there, or `PEFTSERVE_CPU_KERNELS=0`, `load()` returns False once with a warning
-and the callers keep their plain-torch paths (the same computation; bf16 decode attention then
-rounds its scores and probabilities to bf16 as the torch matmuls do).
+start (or another process) only loads the library.
+
+A library this process has not seen pass is never loaded into it first: the first load() on a
+machine builds it and runs every op once in a child process (cpu_selftest.py, against plain
+torch), and loads it only when that child passed (a marker in the build directory records it).
+An op that crashes on this CPU, hangs or computes wrong numbers costs the child; load() then
+returns False with a warning naming the op. So does a missing compiler or
+`PEFTSERVE_CPU_KERNELS=0`; the callers keep their plain-torch paths (the same computation;
+bf16 decode attention then rounds its scores and probabilities to bf16 as torch's matmuls do).
+
+Two switches change the build, for testing (read by `build_flags()`):
+`PEFTSERVE_KERNEL_MARCH` replaces `native` (e.g. `x86-64-v3`: the AVX2 code paths a CPU without
+AVX-512 runs), and `PEFTSERVE_KERNEL_SANITIZE=1` builds with AddressSanitizer and
+UndefinedBehaviorSanitizer (`make test-sanitize`; Python must run with libasan preloaded).
+
+The oldest torch the ops are built and tested against is 2.11 (the CUDA image's): the sources use
+only ATen's stable tensor API and TORCH_LIBRARY registration.
 """
 from __future__ import annotations
 
@@ -23,7 +36,11 @@ import hashlib
 import logging
 import os
 import platform
+import signal
+import subprocess
+import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,10 +57,29 @@ SOURCES = tuple(
         "decode_forward_cpu.cpp",
     )
 )
-HEADERS = (CSRC / "ops.h", CSRC / "vec_math.h")
-# No -ffast-math: results stay IEEE; these two only let loops with exp/sqrt/selects vectorize.
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
+HEADERS = (CSRC / "checks.h", CSRC / "ops.h", CSRC / "vec_math.h")
 ENV_SWITCH = "PEFTSERVE_CPU_KERNELS"
+ENV_MARCH = "PEFTSERVE_KERNEL_MARCH"
+ENV_SANITIZE = "PEFTSERVE_KERNEL_SANITIZE"
+SANITIZERS = "-fsanitize=address,undefined"
+# The child that builds the library and runs every op once before this process loads it.
+SELF_TEST_COMMAND = (sys.executable, "-m", "peftserve.kernels.cpu_selftest")
+SELF_TEST_TIMEOUT_S = 900.0  # the build (~1-2 min on 2 cores; more under the sanitizers) + ops
+SELF_TEST_PASSED = "selftest-passed"
+
+
+def build_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compiler flags, linker flags) of this process's build of the kernels."""
+    march = os.environ.get(ENV_MARCH, "native")
+    # No -ffast-math: results stay IEEE; these two only let loops with exp/sqrt/selects vectorize.
+    cflags: tuple[str, ...] = (
+        f"-march={march}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+    )  # fmt: skip
+    if os.environ.get(ENV_SANITIZE, "0") == "1":
+        # Any report aborts the process: a test run under it fails instead of printing on.
+        sanitize = (SANITIZERS, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
+        return ("-O1", *cflags, *sanitize), (SANITIZERS,)
+    return ("-O3", *cflags), ()
 
 _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet
@@ -62,7 +98,8 @@ def build_dir() -> Path:
     h = hashlib.sha256()
     for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
-    h.update(" ".join(CFLAGS).encode())
+    cflags, ldflags = build_flags()
+    h.update(" ".join(cflags + ldflags).encode())
     h.update(torch.__version__.encode())
     h.update(_cpu_signature().encode())
     base = Path(os.environ.get("PEFTSERVE_KERNEL_CACHE", Path.home() / ".cache" / "peftserve"))
@@ -85,20 +122,64 @@ def _build_and_load() -> bool:
         log.info("C++ CPU kernels disabled (%s=0): plain torch paths", ENV_SWITCH)
         return False
     try:
-        from torch.utils import cpp_extension
-
         out = build_dir()
         out.mkdir(parents=True, exist_ok=True)
-        log.info("loading the C++ CPU kernels from %s (built on first use)", out)
-        cpp_extension.load(
-            name="peftserve_cpu",
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=list(CFLAGS),
-            build_directory=str(out),
-            is_python_module=False,
-            verbose=False,
-        )
+        marker = out / SELF_TEST_PASSED
+        if not marker.exists():
+            log.info("building and testing the C++ CPU kernels in %s (once per machine)", out)
+            fault = self_test_fault(SELF_TEST_COMMAND)
+            if fault is not None:
+                log.warning("C++ CPU kernels not used, the plain torch paths serve: %s", fault)
+                return False
+            marker.write_text("ok\n")
+        compile_and_register(out)
     except Exception as e:  # no compiler, no ninja, a failed build: the torch paths remain
         log.warning("C++ CPU kernels unavailable, using the plain torch paths: %s", e)
         return False
     return True
+
+
+def compile_and_register(out: Path) -> None:
+    """Builds the library into `out` (a no-op when it is up to date) and registers its ops in
+    this process. load() calls it only after the self-test passed in a child process."""
+    from torch.utils import cpp_extension
+
+    cflags, ldflags = build_flags()
+    cpp_extension.load(
+        name="peftserve_cpu",
+        sources=[str(s) for s in SOURCES],
+        extra_cflags=list(cflags),
+        extra_ldflags=list(ldflags),
+        build_directory=str(out),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def self_test_fault(command: Sequence[str], timeout_s: float = SELF_TEST_TIMEOUT_S) -> str | None:
+    """Runs the self-test `command` (cpu_selftest's protocol: `start <op>` / `ok <op>` /
+    `wrong <op>: ...` / `build failed: ...` lines) in a child process; None when it passed,
+    else what went wrong, naming the op that crashed, hung or computed wrong numbers."""
+    try:
+        done = subprocess.run(
+            list(command), capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return f"the self-test did not finish in {timeout_s:.0f} s{_in_op(out)}"
+    if done.returncode == 0:
+        return None
+    lines = done.stdout.splitlines()
+    for line in reversed(lines):
+        if line.startswith(("wrong ", "build failed: ")):
+            return line
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        return f"the self-test died of {name}{_in_op(done.stdout)}"
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"the self-test exited with status {done.returncode}{_in_op(done.stdout)}: {tail}"
+
+
+def _in_op(stdout: str) -> str:
+    started = [ln[len("start ") :] for ln in stdout.splitlines() if ln.startswith("start ")]
+    return f" in op {started[-1]}" if started else ""

@@ -13,6 +13,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
 
 #include <vector>
@@ -138,7 +139,11 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
                           at::ArrayRef<double> delta_scales,
                           const std::optional<at::Tensor>& sorted_tokens, bool in_order) {
   const int64_t layers = static_cast<int64_t>(input_norm.size());
+  TORCH_CHECK(layers >= 1, "decode_forward: no layers");
+  check_dense_cpu(h_in, "decode_forward", "h");
   TORCH_CHECK(h_in.dim() == 2 && h_in.is_contiguous(), "decode_forward: h must be [T, hidden]");
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && block_size > 0,
+              "decode_forward: heads, kv_heads and block_size must be positive");
   TORCH_CHECK(qkv_w.size() == layers && o_w.size() == layers && post_norm.size() == layers &&
                   gate_up_w.size() == layers && down_w.size() == layers,
               "decode_forward: one weight per layer in every list");
@@ -146,6 +151,7 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
               "decode_forward: qkv_b must be empty or one per layer");
   TORCH_CHECK(o_b.empty() || static_cast<int64_t>(o_b.size()) == layers,
               "decode_forward: o_b must be empty or one per layer");
+  check_dense_cpu(kv_cache, "decode_forward", "kv_cache");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == layers && kv_cache.is_contiguous(),
               "decode_forward: kv_cache must be a contiguous [layers, 2, kv_heads, slots, dim]");
   TORCH_CHECK(delta_spec.empty() || sorted_tokens.has_value(),

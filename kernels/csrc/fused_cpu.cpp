@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -67,6 +68,10 @@ void add_rms_norm_kernel(scalar_t* out, scalar_t* residual, const scalar_t* x, c
 
 void add_rms_norm(const at::Tensor& out, const at::Tensor& residual, const at::Tensor& x,
                   const at::Tensor& weight, double eps) {
+  check_dense_cpu(out, "add_rms_norm", "out");
+  check_dense_cpu(residual, "add_rms_norm", "residual");
+  check_dense_cpu(x, "add_rms_norm", "x");
+  check_dense_cpu(weight, "add_rms_norm", "weight");
   TORCH_CHECK(residual.dim() == 2 && residual.is_contiguous() && x.sizes() == residual.sizes() &&
                   x.is_contiguous() && out.sizes() == residual.sizes() && out.is_contiguous(),
               "add_rms_norm: out, residual and x must be contiguous [T, hidden]");
@@ -84,6 +89,9 @@ void add_rms_norm(const at::Tensor& out, const at::Tensor& residual, const at::T
 
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
               double eps) {
+  check_dense_cpu(out, "rms_norm", "out");
+  check_dense_cpu(x, "rms_norm", "x");
+  check_dense_cpu(weight, "rms_norm", "weight");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() &&
                   out.sizes() == x.sizes(),
               "rms_norm: x and out must be contiguous [T, hidden]");
@@ -149,6 +157,12 @@ __attribute__((optimize("fp-contract=off"))) void rotary_kernel(
 void rotary_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                       const at::Tensor& cache, const at::Tensor& slot_mapping, int64_t heads,
                       int64_t kv_heads) {
+  check_dense_cpu(qkv, "rotary_and_cache", "qkv");
+  check_dense_cpu(cos, "rotary_and_cache", "cos");
+  check_dense_cpu(sin, "rotary_and_cache", "sin");
+  check_dense_cpu(cache, "rotary_and_cache", "cache");
+  check_dense_cpu(slot_mapping, "rotary_and_cache", "slot_mapping");
+  TORCH_CHECK(heads > 0 && kv_heads > 0, "rotary_and_cache: heads and kv_heads must be positive, got ", heads, " and ", kv_heads);
   TORCH_CHECK(cache.dim() == 4 && cache.size(0) == 2 && cache.size(1) == kv_heads &&
                   cache.is_contiguous(),
               "rotary_and_cache: cache must be a contiguous [2, kv_heads, slots, head_dim]");
@@ -198,6 +212,8 @@ void silu_and_mul_kernel(scalar_t* out, const scalar_t* gu, int64_t T, int64_t I
 }
 
 void silu_and_mul(const at::Tensor& out, const at::Tensor& gate_up) {
+  check_dense_cpu(out, "silu_and_mul", "out");
+  check_dense_cpu(gate_up, "silu_and_mul", "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
               "silu_and_mul: gate_up must be a contiguous [T, 2 * intermediate]");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == gate_up.size(0) &&
@@ -243,6 +259,7 @@ void argmax_rows_kernel(int64_t* out, const scalar_t* x, int64_t rows, int64_t n
 }
 
 at::Tensor argmax_rows(const at::Tensor& x) {
+  check_dense_cpu(x, "argmax_rows", "x");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0,
               "argmax_rows: x must be a contiguous non-empty [rows, n]");
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));

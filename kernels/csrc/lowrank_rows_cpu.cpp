@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -157,6 +158,7 @@ const int64_t* checked_rows(const std::optional<at::Tensor>& rows, int64_t T, co
   if (!rows.has_value()) {
     return nullptr;
   }
+  check_dense_cpu(*rows, op, "rows");
   TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->is_contiguous(), op,
               ": rows must be a contiguous int64 vector");
   const int64_t* r = rows->data_ptr<int64_t>();
@@ -172,6 +174,7 @@ int64_t positions_of(const std::optional<at::Tensor>& rows, int64_t T) {
 
 void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, at::ScalarType dtype,
                   const char* op, const char* name) {
+  check_dense_cpu(w, op, name);
   TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous() &&
                   w.scalar_type() == dtype,
               op, ": ", name, " must be a contiguous [", rows, ", ", cols, "] of y's dtype, got ",
@@ -289,7 +292,9 @@ void bottleneck_rows_kernel(const at::Tensor& y, const int64_t* rows,
 }
 
 void check_y(const at::Tensor& y, const char* op) {
+  check_dense_cpu(y, op, "y");
   TORCH_CHECK(y.dim() == 2 && y.stride(1) == 1, op, ": y must be [T, out] with unit column stride");
+  check_rows_apart(y, op, "y");
   TORCH_CHECK(y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf, op,
               ": half precision only (fp32 keeps the torch forms), got ", y.scalar_type());
 }
@@ -301,11 +306,15 @@ void lora_rows(const at::Tensor& y, const at::Tensor& x, const std::optional<at:
                at::IntArrayRef ranks, at::IntArrayRef offsets) {
   const char* op = "lora_rows";
   check_y(y, op);
+  check_dense_cpu(x, op, "x");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == y.size(0) && x.stride(1) == 1 &&
                   x.scalar_type() == y.scalar_type(),
               op, ": x must be [T, in] of y's dtype with unit column stride");
   TORCH_CHECK(offsets.size() >= 2 && offsets.front() == 0 && offsets.back() == y.size(1), op,
               ": offsets must run from 0 to y's width");
+  for (size_t i = 0; i + 1 < offsets.size(); ++i) {
+    TORCH_CHECK(offsets[i] <= offsets[i + 1], op, ": offsets must not decrease, got ", offsets);
+  }
   const int64_t n_segments = static_cast<int64_t>(bounds.size()) / 2;
   const int64_t n_slices = static_cast<int64_t>(offsets.size()) - 1;
   TORCH_CHECK(static_cast<int64_t>(A.size()) == n_segments &&
@@ -321,6 +330,7 @@ void lora_rows(const at::Tensor& y, const at::Tensor& x, const std::optional<at:
       block_elems += ri * (offsets[i + 1] - offsets[i]);
     }
     check_weight(A[j], R, x.size(1), y.scalar_type(), op, "A");
+    TORCH_CHECK(B_blocks[j].dim() == 1, op, ": B_blocks must be flat, got ", B_blocks[j].sizes());
     check_weight(B_blocks[j].view({1, -1}), 1, block_elems, y.scalar_type(), op, "B_blocks");
   }
   const int64_t* r = checked_rows(rows, y.size(0), op);
@@ -345,6 +355,9 @@ void bottleneck_rows(const at::Tensor& y, const std::optional<at::Tensor>& rows,
                   static_cast<int64_t>(scales.size()) == n_segments,
               op, ": one A, b_down, B_t, b_up and scale per segment");
   for (int64_t j = 0; j < n_segments; ++j) {
+    check_dense_cpu(A[j], op, "A");
+    TORCH_CHECK(A[j].dim() == 2, op, ": A must be [rank, hidden], got ", A[j].sizes());
+    TORCH_CHECK(b_down[j].dim() == 1 && b_up[j].dim() == 1, op, ": b_down and b_up must be flat");
     const int64_t R = A[j].size(0);
     check_weight(A[j], R, H, y.scalar_type(), op, "A");
     check_weight(B_t[j], R, H, y.scalar_type(), op, "B_t");

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -320,6 +321,12 @@ void paged_decode_attention(
     const at::Tensor& context_lens,
     int64_t block_size,
     double scale) {
+  const char* op = "paged_decode_attention";
+  check_dense_cpu(out, op, "out");
+  check_dense_cpu(q, op, "q");
+  check_dense_cpu(cache, op, "cache");
+  check_dense_cpu(block_tables, op, "block_tables");
+  check_dense_cpu(context_lens, op, "context_lens");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [B, heads, head_dim]");
   TORCH_CHECK(cache.dim() == 4 && cache.size(0) == 2, "cache must be [2, kv_heads, slots, dim]");
   const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);

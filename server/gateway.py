@@ -109,6 +109,7 @@ class Gateway:
         if req.prompt_token_ids is not None:
             n = len(req.prompt_token_ids)
         else:
+            self.engine.engine.check_chars(req, limit)  # before tokenizing megabytes
             loop = asyncio.get_running_loop()
             n = await loop.run_in_executor(self._tokenize_pool, self._count_tokens, req)
         if n > limit:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from torch.nn import functional as F
 
 from peftserve.adapters import config_values as cv
 from peftserve.adapters.errors import InvalidAdapter
-from peftserve.adapters.files import read_safetensors
+from peftserve.adapters.files import SourceDir
 from peftserve.errors import shorten
 from peftserve.models.llama import ModelShape
 
@@ -46,7 +45,9 @@ def canonical_activation(name: str) -> str:
         raise InvalidAdapter("non_linearity must be a string")
     name = name.lower()
     if name not in ACTIVATIONS:
-        raise InvalidAdapter(f"non_linearity {name!r} is not supported ({', '.join(ACTIVATIONS)})")
+        raise InvalidAdapter(
+            f"non_linearity {shorten(name)} is not supported ({', '.join(ACTIVATIONS)})"
+        )
     return "silu" if name == "swish" else name
 
 
@@ -111,7 +112,7 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_bottleneck(
-    directory: Path, config: dict[str, Any], shape: ModelShape, max_rank: int
+    source: SourceDir, config: dict[str, Any], shape: ModelShape, max_rank: int
 ) -> BottleneckWeights:
     cfg = resolve_config(config)
     activation = canonical_activation(cfg["non_linearity"])
@@ -124,13 +125,13 @@ def load_bottleneck(
             f"bottleneck size {r} (hidden {shape.hidden} / reduction_factor {rf}) "
             f"must be in 1..{max_rank}, this server's max rank"
         )
-    tensors = read_safetensors(directory, "adapter_model.safetensors")
+    tensors = source.safetensors("adapter_model.safetensors")
     placements = [p for p in PLACEMENTS if cfg.get(p)]
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None or m.group(2) not in placements:
-            raise InvalidAdapter(f"unexpected tensor {key!r} for placements {placements}")
+            raise InvalidAdapter(f"unexpected tensor {shorten(key)} for placements {placements}")
         layer = int(m.group(1))
         if layer >= shape.layers:
             raise InvalidAdapter(

@@ -20,3 +20,8 @@ class InvalidAdapter(InvalidRequest):
 
 class AdapterInUse(PeftServeError):
     """The adapter cannot be changed now because requests are using it (FAILED_PRECONDITION)."""
+
+
+class AdapterChanged(PeftServeError):
+    """A reload found the adapter's files changed (or leading elsewhere) since registration: its
+    requests fail until it is registered again (FAILED_PRECONDITION)."""

@@ -1,53 +1,103 @@
-"""Reading an adapter directory safely: JSON config, safetensors only, finite tensors."""
+"""Reading an adapter directory safely: JSON config, safetensors only, finite tensors, and the
+same files on every reload as at registration."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
-from peftserve.adapters.errors import InvalidAdapter
+from peftserve.adapters.errors import AdapterChanged, InvalidAdapter
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidAdapter(f"{path.name} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidAdapter(f"{path.name} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidAdapter(f"{path.name} must hold a JSON object")
-    return data
+@dataclass(frozen=True)
+class FileDigest:
+    """What registration saw of one file: where it led (symlinks followed) and its bytes' hash."""
+
+    resolved: str
+    sha256: str
 
 
-def read_safetensors(directory: Path, filename: str) -> dict[str, torch.Tensor]:
-    """Loads `filename`; refuses pickle checkpoints (they can run code when loaded)."""
-    path = directory / filename
-    if not path.is_file():
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise InvalidAdapter(
-                f"found pickle weights ({', '.join(pickles)}); peftserve loads safetensors only "
-                f"— re-save with safe_serialization=True"
-            )
-        raise InvalidAdapter(f"{filename} is missing")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InvalidAdapter(f"{filename} is not a readable safetensors file: {e}") from None
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise InvalidAdapter(f"tensor {name} has dtype {t.dtype}; expected floating point")
-        if not torch.isfinite(t).all():
-            raise InvalidAdapter(f"tensor {name} contains NaN or Inf")
-    return tensors
+class SourceDir:
+    """An adapter directory whose files are each read once, as bytes: they are hashed as they
+    are read, and parsed from those same bytes. `read` holds the digests, which registration
+    keeps. Given them back (`expected`), a reload refuses a file that now leads elsewhere (a
+    symlink swapped in, maybe out of the adapter root) before reading it, and a file whose
+    bytes changed, with AdapterChanged."""
+
+    def __init__(self, path: Path, expected: Mapping[str, FileDigest] | None = None) -> None:
+        self.path = path
+        self.expected = expected
+        self.read: dict[str, FileDigest] = {}
+
+    def file_bytes(self, name: str) -> bytes:
+        path = self.path / name
+        if not path.is_file():
+            raise FileNotFoundError(name)
+        resolved = str(path.resolve(strict=True))
+        want = self.expected.get(name) if self.expected is not None else None
+        if self.expected is not None and (want is None or want.resolved != resolved):
+            raise AdapterChanged(f"{name} now leads to another file than at registration "
+                                 "(a link changed); re-register the adapter")
+        with open(resolved, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InvalidAdapter(f"{name} is not a regular file")
+            data = f.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if want is not None and want.sha256 != digest:
+            raise AdapterChanged(f"{name} changed on disk since the adapter was registered; "
+                                 "re-register it to serve the new weights")
+        self.read[name] = FileDigest(resolved, digest)
+        return data
+
+    def json(self, name: str) -> dict[str, Any]:
+        try:
+            data = json.loads(self.file_bytes(name))
+        except FileNotFoundError:
+            raise InvalidAdapter(f"{name} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidAdapter(f"{name} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidAdapter(f"{name} is nested too deeply to be an adapter config") from None
+        if not isinstance(data, dict):
+            raise InvalidAdapter(f"{name} must hold a JSON object")
+        return data
+
+    def safetensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Loads `name`; refuses pickle checkpoints (they can run code when loaded) and
+        tensors that are not floating point or not finite."""
+        try:
+            data = self.file_bytes(name)
+        except FileNotFoundError:
+            pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise InvalidAdapter(
+                    f"found pickle weights ({', '.join(pickles)[:200]}); peftserve loads "
+                    f"safetensors only — re-save with safe_serialization=True"
+                ) from None
+            raise InvalidAdapter(f"{name} is missing") from None
+        try:
+            tensors = load(data)
+        except (SafetensorError, ValueError) as e:
+            raise InvalidAdapter(f"{name} is not a readable safetensors file: {e}") from None
+        for key, t in tensors.items():
+            if not t.is_floating_point():
+                raise InvalidAdapter(f"tensor {key[:128]} has dtype {t.dtype}; expected floating "
+                                     "point")
+            if not torch.isfinite(t).all():
+                raise InvalidAdapter(f"tensor {key[:128]} contains NaN or Inf")
+        return tensors
 
 
 def expect_keys(config: dict[str, Any], allowed: set[str], what: str) -> None:

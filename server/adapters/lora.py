@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +12,8 @@ from peft.utils.other import get_pattern_key
 
 from peftserve.adapters import config_values as cv
 from peftserve.adapters.errors import InvalidAdapter
-from peftserve.adapters.files import read_safetensors
+from peftserve.adapters.files import SourceDir
+from peftserve.errors import shorten
 from peftserve.models.llama import ModelShape
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -112,7 +112,7 @@ def _check_config(config: dict[str, Any]) -> None:
             "peftserve keeps every base weight frozen and shared"
         )
     if config.get("bias", "none") != "none":
-        raise InvalidAdapter(f"bias={config['bias']!r} is not supported (only 'none')")
+        raise InvalidAdapter(f"bias={shorten(config['bias'])} is not supported (only 'none')")
     if config.get("fan_in_fan_out"):
         raise InvalidAdapter("fan_in_fan_out=true is not supported for Llama-family models")
     if config.get("lora_bias"):
@@ -131,16 +131,16 @@ def _check_config(config: dict[str, Any]) -> None:
 
 
 def load_lora(
-    directory: Path, config: dict[str, Any], shape: ModelShape, max_rank: int
+    source: SourceDir, config: dict[str, Any], shape: ModelShape, max_rank: int
 ) -> LoraWeights:
     _check_config(config)
-    tensors = read_safetensors(directory, "adapter_model.safetensors")
+    tensors = source.safetensors("adapter_model.safetensors")
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise InvalidAdapter(
-                f"unexpected tensor {key!r}: peftserve adapts only the "
+                f"unexpected tensor {shorten(key)}: peftserve adapts only the "
                 f"q/k/v/o/gate/up/down projections of decoder layers"
             )
         layer, proj, ab = int(m.group(1)), m.group(3), m.group(4)

@@ -9,19 +9,18 @@ computes them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftserve.adapters import config_values as cv
 from peftserve.adapters.errors import InvalidAdapter
-from peftserve.adapters.files import read_safetensors
+from peftserve.adapters.files import SourceDir
 from peftserve.models.llama import ModelShape
 
 
-def _embeddings(directory: Path, config: dict[str, Any], max_virtual_tokens: int) -> torch.Tensor:
-    tensors = read_safetensors(directory, "adapter_model.safetensors")
+def _embeddings(source: SourceDir, config: dict[str, Any], max_virtual_tokens: int) -> torch.Tensor:
+    tensors = source.safetensors("adapter_model.safetensors")
     if set(tensors) != {"prompt_embeddings"}:
         raise InvalidAdapter(f"expected one tensor 'prompt_embeddings', found {sorted(tensors)}")
     emb = tensors["prompt_embeddings"]
@@ -41,10 +40,10 @@ def _embeddings(directory: Path, config: dict[str, Any], max_virtual_tokens: int
 
 
 def load_prefix_tuning(
-    directory: Path, config: dict[str, Any], shape: ModelShape, max_virtual_tokens: int
+    source: SourceDir, config: dict[str, Any], shape: ModelShape, max_virtual_tokens: int
 ) -> torch.Tensor:
     """-> K/V of the virtual tokens, [layers, 2, V, kv_heads, head_dim] fp32."""
-    emb = _embeddings(directory, config, max_virtual_tokens)
+    emb = _embeddings(source, config, max_virtual_tokens)
     kv_dim = shape.kv_heads * shape.head_dim
     if config.get("num_layers", shape.layers) != shape.layers:
         raise InvalidAdapter(
@@ -62,10 +61,10 @@ def load_prefix_tuning(
 
 
 def load_prompt_tuning(
-    directory: Path, config: dict[str, Any], shape: ModelShape, max_virtual_tokens: int
+    source: SourceDir, config: dict[str, Any], shape: ModelShape, max_virtual_tokens: int
 ) -> torch.Tensor:
     """-> virtual-token input embeddings [V, hidden] fp32."""
-    emb = _embeddings(directory, config, max_virtual_tokens)
+    emb = _embeddings(source, config, max_virtual_tokens)
     if emb.shape[1] != shape.hidden or config.get("token_dim", shape.hidden) != shape.hidden:
         raise InvalidAdapter(
             f"prompt_embeddings has width {emb.shape[1]}; the base model's hidden "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +17,28 @@ from pathlib import Path
 import torch
 
 from peftserve.adapters.errors import AdapterExists, AdapterNotFound, InvalidAdapter
+from peftserve.adapters.files import FileDigest
 from peftserve.adapters.handle import AdapterInfo, AdapterKind
 from peftserve.adapters.loader import AdapterLimits, LoadedAdapter, load_adapter
 from peftserve.adapters.template import PromptTemplate
+from peftserve.errors import shorten
 from peftserve.models.llama import ModelShape
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+# `other` is the metrics' `adapter` label of every adapter past the label limit: an adapter of
+# that name would share its series with them.
+RESERVED_NAMES = frozenset({"other"})
+
+
 def validate_name(name: str) -> str:
+    if name in RESERVED_NAMES:
+        raise InvalidAdapter(f"adapter name {name!r} is reserved (it is the metrics' label of "
+                             "adapters past --metrics-max-adapter-labels)")
     if not NAME_RE.match(name or ""):
         raise InvalidAdapter(
-            f"adapter name {name!r} must be 1-128 characters of letters, digits, "
+            f"adapter name {shorten(name)} must be 1-128 characters of letters, digits, "
             "'.', '_' or '-', starting with a letter or digit"
         )
     return name
@@ -52,6 +63,7 @@ class AdapterEntry:
     removed: bool = False  # unregistered or replaced while requests still hold it
     loading: Future | None = None
     template: PromptTemplate | None = None  # kept even when the weights leave host memory
+    files: dict[str, FileDigest] = field(default_factory=dict)  # as registered: reloads match
 
     def residency(self) -> str:
         if self.slot is not None or self.prefix is not None:
@@ -92,13 +104,17 @@ class AdapterRegistry:
         self.load_seconds = 0.0
         self.host_evictions = 0
 
-    def submit_load(self, directory: Path) -> Future:
+    def submit_load(self, directory: Path, expected: Mapping[str, FileDigest] | None = None
+                    ) -> Future:
         """load_from_disk on a loader thread; the future's result is the LoadedAdapter."""
-        return self._pool.submit(self.load_from_disk, directory)
+        if expected is None:
+            return self._pool.submit(self.load_from_disk, directory)
+        return self._pool.submit(self.load_from_disk, directory, expected)
 
-    def load_from_disk(self, directory: Path) -> LoadedAdapter:
-        """Thread-safe: reads and validates files only."""
-        return load_adapter(directory, self.shape, self.limits)
+    def load_from_disk(self, directory: Path, expected: Mapping[str, FileDigest] | None = None
+                       ) -> LoadedAdapter:
+        """Thread-safe: reads and validates files only. `expected`: see loader.load_adapter."""
+        return load_adapter(directory, self.shape, self.limits, expected)
 
     def add(
         self,
@@ -111,7 +127,7 @@ class AdapterRegistry:
         validate_name(name)
         old = self._entries.get(name)
         if old is not None and not replace:
-            raise AdapterExists(f"adapter {name!r} is already registered (use replace)")
+            raise AdapterExists(f"adapter {shorten(name)} is already registered (use replace)")
         entry = AdapterEntry(
             name,
             loaded.kind,
@@ -122,6 +138,7 @@ class AdapterRegistry:
             loaded,
             loaded.load_time_s,
             template=loaded.template,
+            files=dict(loaded.files),
         )
         self._entries[name] = entry
         self._touch_host(entry)
@@ -141,7 +158,7 @@ class AdapterRegistry:
     def get(self, name: str) -> AdapterEntry:
         entry = self._entries.get(name)
         if entry is None:
-            raise AdapterNotFound(f"adapter {name!r} is not registered")
+            raise AdapterNotFound(f"adapter {shorten(name)} is not registered")
         return entry
 
     def entries(self) -> list[AdapterEntry]:
@@ -156,12 +173,12 @@ class AdapterRegistry:
             self._touch_host(entry)
             return True
         if entry.loading is None:
-            entry.loading = self.submit_load(entry.source)
+            entry.loading = self.submit_load(entry.source, entry.files)
             return False
         if not entry.loading.done():
             return False
         future, entry.loading = entry.loading, None
-        loaded = future.result()  # files changed since registration -> InvalidAdapter
+        loaded = future.result()  # files gone -> InvalidAdapter, changed -> AdapterChanged
         entry.loaded, entry.load_time_s = loaded, loaded.load_time_s
         self.loads += 1
         self.load_seconds += loaded.load_time_s

@@ -25,7 +25,7 @@ from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.scheduler import ScheduledBatch, Scheduler
 from peftserve.engine.sequence import FinishReason, Sequence
 from peftserve.engine.stats import EngineStats
-from peftserve.errors import InvalidRequest, Overloaded
+from peftserve.errors import InvalidRequest, Overloaded, shorten
 from peftserve.models.llama import LlamaModel
 from peftserve.models.loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir
 from peftserve.platform import resolve_device, resolve_dtype
@@ -47,6 +47,11 @@ class Engine:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
+        # No token is longer than the vocabulary's longest entry (byte-level and SentencePiece
+        # entries are spelled with at least one character per character of text), so a text
+        # longer than `n * max_token_chars` surely has more than n tokens: checked before
+        # tokenizing, it keeps a multi-megabyte prompt off this thread.
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
         self.eos_token_ids = frozenset(eos_token_ids)
         per_block = ModelRunner.cache_bytes_per_block(model, config.block_size)
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // per_block)
@@ -115,6 +120,7 @@ class Engine:
         given = [x is not None for x in (req.prompt, req.messages, req.prompt_token_ids)]
         if sum(given) != 1:
             raise InvalidRequest("give exactly one of prompt, messages, prompt_token_ids")
+        self.check_chars(req, self.max_model_len)
         if entry is not None and entry.template is not None:
             return self._template_ids(req, entry)
         if req.prompt is not None:
@@ -131,6 +137,15 @@ class Engine:
         if not ids:
             raise InvalidRequest("the prompt is empty")
         return list(ids), 0
+
+    def check_chars(self, req: Request, max_tokens: int) -> None:
+        """Refuses, without tokenizing, a prompt too long to have at most `max_tokens` tokens."""
+        limit = max_tokens * self.max_token_chars
+        if req.num_chars > limit:
+            raise InvalidRequest(
+                f"the prompt has {req.num_chars} characters: more than the {max_tokens} tokens "
+                f"this server takes (at most {limit} characters)"
+            )
 
     def _template_ids(self, req: Request, entry: AdapterEntry) -> tuple[list[int], int]:
         """The template's turns, then the request's turn(s). The template part is tokenized on
@@ -161,7 +176,7 @@ class Engine:
 
     def validate(self, prompt_len: int, req: Request) -> None:
         if req.request_id in self._tracked:
-            raise InvalidRequest(f"request id {req.request_id!r} is already in use")
+            raise InvalidRequest(f"request id {shorten(req.request_id)} is already in use")
         if prompt_len >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt has {prompt_len} tokens; this server's context is "

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
+from peftserve.errors import InvalidRequest, shorten
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,22 @@ class Request:
     # queue time and TTFT count the wait before the engine thread takes the request; None: when
     # the engine takes it.
     arrival_time: float | None = None
+
+    def __post_init__(self) -> None:
+        for i, m in enumerate(self.messages or ()):
+            role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}].role is {shorten(role)}; it must be one of "
+                                     f"{', '.join(CHAT_ROLES)}")
+            if not isinstance(content, str) or not content:
+                raise InvalidRequest(f"messages[{i}].content is empty")
+
+    @property
+    def num_chars(self) -> int:
+        """Characters of prompt text (0 for token ids): bounds its tokens before tokenizing."""
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(m.get("content") or "") for m in self.messages or ())
 
 
 @dataclass(frozen=True)

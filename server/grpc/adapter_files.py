@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from peftserve.adapters.errors import InvalidAdapter
+from peftserve.errors import shorten
 from peftserve.grpc.errors import RegistrationDisabled
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -46,14 +47,23 @@ class AdapterFiles:
             raise InvalidAdapter("path is empty")
         if "\x00" in path:
             raise InvalidAdapter("path contains a NUL byte")
+        try:
+            return self._resolve(path)
+        except (OSError, RuntimeError) as e:  # ENAMETOOLONG, ELOOP ("Symlink loop"), EACCES
+            reason = getattr(e, "strerror", None) or str(e)
+            raise InvalidAdapter(f"path {shorten(path)} cannot be read: {reason}") from None
+
+    def _resolve(self, path: str) -> Path:
+        assert self.root is not None
         target = (self.root / path).resolve()
         if not target.is_relative_to(self.root) or target == self.root:
-            raise InvalidAdapter(f"path {path!r} is outside the adapter root")
+            raise InvalidAdapter(f"path {shorten(path)} is outside the adapter root")
         if not target.is_dir():
-            raise InvalidAdapter(f"path {path!r} is not a directory under the adapter root")
+            raise InvalidAdapter(f"path {shorten(path)} is not a directory under the adapter root")
         for entry in target.iterdir():
             if not entry.resolve().is_relative_to(self.root):
-                raise InvalidAdapter(f"{entry.name} in {path!r} links outside the adapter root")
+                raise InvalidAdapter(f"{shorten(entry.name)} in {shorten(path)} links outside the "
+                                     "adapter root")
         return target
 
     # --- inline -----------------------------------------------------------------------------
@@ -101,13 +111,13 @@ def discard(directory: Path) -> None:
 
 def _check_file(name: str, data: bytes) -> None:
     if not _FILE_NAME_RE.match(name) or ".." in name:
-        raise InvalidAdapter(f"inline file name {name!r} must be a plain file name")
+        raise InvalidAdapter(f"inline file name {shorten(name)} must be a plain file name")
     lower = name.lower()
     if lower.endswith(PICKLE_SUFFIXES) or _looks_like_pickle(data):
         raise InvalidAdapter(f"{name} is a pickle checkpoint; peftserve loads safetensors only "
                              "(pickles can run code when loaded)")
     if not lower.endswith(ALLOWED_SUFFIXES):
-        raise InvalidAdapter(f"inline file {name!r}: only .json and .safetensors files are "
+        raise InvalidAdapter(f"inline file {shorten(name)}: only .json and .safetensors files are "
                              "accepted")
     if lower.endswith(".safetensors") and not _looks_like_safetensors(data):
         raise InvalidAdapter(f"{name} is not a safetensors file")

@@ -10,7 +10,12 @@ import logging
 
 import grpc
 
-from peftserve.adapters.errors import AdapterExists, AdapterInUse, AdapterNotFound
+from peftserve.adapters.errors import (
+    AdapterChanged,
+    AdapterExists,
+    AdapterInUse,
+    AdapterNotFound,
+)
 from peftserve.errors import EngineStopped, InvalidRequest, Overloaded, PeftServeError
 from peftserve.gateway import RequestFailed
 
@@ -34,6 +39,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
     (AdapterInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterChanged, grpc.StatusCode.FAILED_PRECONDITION),
     (RegistrationDisabled, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -53,10 +59,18 @@ def code_of(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Status messages travel in trailing metadata, which clients bound (8-16 KB): a message that
+# echoes a long client value is cut here, whatever raised it.
+MAX_MESSAGE_CHARS = 1024
+
+
 def to_status(error: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     for kind, code in _CODES:
         if isinstance(error, kind):
-            return code, str(error)
+            message = str(error)
+            if len(message) > MAX_MESSAGE_CHARS:
+                message = message[:MAX_MESSAGE_CHARS] + "... (cut short)"
+            return code, message
     log.error("request %s failed unexpectedly", request_id, exc_info=error)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(rid=request_id)
 

@@ -8,7 +8,9 @@ metadata, also on errors, so a client can quote it. Admin RPCs need `authorizati
 from __future__ import annotations
 
 import hmac
+import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -16,7 +18,10 @@ from typing import Any
 
 import grpc
 
+from peftserve.errors import InvalidRequest
 from peftserve.grpc.errors import PermissionDenied, Unauthenticated, to_status
+
+log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/peftserve.v1.PeftServe/"
 ADMIN_METHODS = frozenset({SERVICE_PREFIX + "RegisterAdapter",
@@ -47,7 +52,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         if not _REQUEST_ID_RE.match(rid):
             rid = uuid.uuid4().hex
         denied = self._check_admin(metadata) if details.method in ADMIN_METHODS else None
-        return _wrap(handler, rid, denied)
+        return _wrap(handler, rid, denied, details.method)
 
     def _check_admin(self, metadata: dict[str, str]) -> Exception | None:
         if self._token is None:
@@ -61,7 +66,58 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
-def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None
+class _Malformed:
+    """Stands in for a request message that did not parse (random bytes, truncated, a string
+    field that is not UTF-8): the handler answers INVALID_ARGUMENT, after the token check."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _RateLimitedLog:
+    """One WARNING line per `every_s` seconds, however many malformed messages arrive: an
+    unauthenticated client must not be able to flood the log."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def __call__(self, method: str, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._suppressed += 1
+            return
+        log.warning("malformed %s request (%s: %s); %d more since the last such line",
+                    method.rsplit("/", 1)[-1], type(error).__name__, str(error)[:200],
+                    self._suppressed)
+        self._last, self._suppressed = now, 0
+
+
+_log_malformed = _RateLimitedLog()
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, and whatever a truncated message raises
+            return _Malformed(e)
+
+    return parse
+
+
+def _check_parsed(request: Any, method: str) -> None:
+    if isinstance(request, _Malformed):
+        _log_malformed(method, request.error)
+        raise InvalidRequest(f"the request is not a valid {method.rsplit('/', 1)[-1]} message: "
+                             f"{str(request.error)[:200]}")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None, method: str
           ) -> grpc.RpcMethodHandler:
     trailer = ((REQUEST_ID_KEY, rid),)
 
@@ -78,6 +134,7 @@ def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None
             try:
                 if denied is not None:
                     raise denied
+                _check_parsed(request, method)
                 return await inner_unary(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -85,7 +142,7 @@ def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None
                 await fail(context, e)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer)
+            unary, _safe(handler.request_deserializer), handler.response_serializer)
 
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
@@ -96,6 +153,7 @@ def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None
             try:
                 if denied is not None:
                     raise denied
+                _check_parsed(request, method)
                 async for response in inner_stream(request, context):
                     yield response
             except grpc.aio.AbortError:
@@ -104,6 +162,6 @@ def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None
                 await fail(context, e)
 
         return grpc.unary_stream_rpc_method_handler(
-            stream, handler.request_deserializer, handler.response_serializer)
+            stream, _safe(handler.request_deserializer), handler.response_serializer)
 
     raise TypeError(f"peftserve has no client-streaming RPCs, got a handler for {handler}")

@@ -208,7 +208,7 @@ def test_adapter_whose_files_vanish_fails_only_its_own_request(
 ):
     path = shutil.copytree(adapter_dirs["lora-r2"], tmp_path / "gone")
     engine = engine_with(tiny_llama_dir, {"gone": path}, max_cpu_adapters=1)
-    engine.register_adapter("other", adapter_dirs["lora-r8"])  # evicts "gone" from host memory
+    engine.register_adapter("another", adapter_dirs["lora-r8"])  # evicts "gone" from host memory
     shutil.rmtree(path)
     reqs = requests(["gone", None])
     results = engine.generate(reqs)

@@ -52,3 +52,55 @@ def test_a_bad_adapter_fails_its_requests_alone(engine):
     # The good adapter still serves, and so does the base model.
     again = engine.generate([Request("after", prompt="hi", adapter="good", params=params)])
     assert again["after"][-1].finish_reason is FinishReason.LENGTH
+
+
+@pytest.fixture()
+def evicted(tiny_llama_dir, tmp_path):
+    """An engine holding one adapter in host memory: registering `b` evicts `a` to disk, so
+    the next request for `a` reloads its files."""
+    root = tmp_path / "root"
+    engine = Engine.from_config(EngineConfig(model=str(tiny_llama_dir), device=DEVICE,
+                                             dtype="float32", num_kv_blocks=64,
+                                             max_cpu_adapters=1))
+    a = A.make_lora(tiny_llama_dir, root / "a", r=4, seed=1)
+    engine.register_adapter("a", a)
+    engine.register_adapter("b", A.make_lora(tiny_llama_dir, root / "b", r=4, seed=2))
+    assert engine.get_adapter("a").residency == "disk"
+    return engine, a, tmp_path
+
+
+def outcome(engine: Engine, adapter: str) -> tuple[str | None, str | None]:
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    outs = engine.generate([Request("x", prompt="hello", adapter=adapter, params=params),
+                            Request("base", prompt="hello", params=params)])
+    assert outs["base"][-1].finish_reason is FinishReason.LENGTH  # never caught up in it
+    return outs["x"][-1].error, outs["x"][-1].finish_reason
+
+
+def test_a_reload_with_changed_weights_fails_that_adapters_requests(evicted, tiny_llama_dir):
+    engine, a, tmp_path = evicted
+    other = A.make_lora(tiny_llama_dir, tmp_path / "same-shapes", r=4, seed=3)
+    (a / "adapter_model.safetensors").write_bytes(
+        (other / "adapter_model.safetensors").read_bytes())
+    error, reason = outcome(engine, "a")
+    assert reason is FinishReason.ABORT and "changed on disk since" in error
+    assert engine.get_adapter("a").residency == "disk"  # the new weights were never served
+    error, reason = outcome(engine, "b")
+    assert error is None and reason is FinishReason.LENGTH
+
+
+def test_a_reload_through_a_link_out_of_the_root_is_refused(evicted):
+    engine, a, tmp_path = evicted
+    weights = a / "adapter_model.safetensors"
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(weights.read_bytes())  # the same bytes: the link alone is refused
+    weights.unlink()
+    weights.symlink_to(outside)
+    error, reason = outcome(engine, "a")
+    assert reason is FinishReason.ABORT and "leads to another file" in error
+
+
+def test_an_unchanged_adapter_reloads_and_serves(evicted):
+    engine, _, _ = evicted
+    error, reason = outcome(engine, "a")
+    assert error is None and reason is FinishReason.LENGTH

@@ -26,7 +26,7 @@ serve: install
 # peftserve.v1.*, which pyproject maps to server/api/peftserve/v1.
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=server/api --pyi_out=server/api \
-		--grpc_python_out=server/api proto/peftserve/v1/*.proto
+		--grpc_python_out=server/api proto/peftserve/v1/*.proto proto/peftserve/kserve_v2/*.proto
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -24,6 +24,7 @@ from peftserve.grpc.errors import PermissionDenied, Unauthenticated, to_status
 log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/peftserve.v1.PeftServe/"
+KSERVE_PREFIX = "/inference.GRPCInferenceService/"  # KServe v2, on the same port
 ADMIN_METHODS = frozenset({SERVICE_PREFIX + "RegisterAdapter",
                            SERVICE_PREFIX + "UnregisterAdapter"})
 REQUEST_ID_KEY = "x-request-id"
@@ -45,7 +46,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+        if handler is None or not details.method.startswith((SERVICE_PREFIX, KSERVE_PREFIX)):
             return handler  # health, reflection, unknown methods: grpc's own handling
         metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
         rid = metadata.get(REQUEST_ID_KEY, "")

@@ -24,7 +24,10 @@ from peftserve.engine.stats import EngineStats
 from peftserve.gateway import Gateway
 from peftserve.grpc.adapter_files import AdapterFiles
 from peftserve.grpc.interceptors import ApiInterceptor
+from peftserve.grpc.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from peftserve.grpc.kserve import KServeServicer
 from peftserve.grpc.servicer import PeftServeServicer
+from peftserve.kserve_v2 import grpc_predict_v2_pb2_grpc
 from peftserve.metrics import Metrics
 from peftserve.openai_http.app import build_app
 from peftserve.openai_http.server import HttpServer
@@ -53,7 +56,7 @@ async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:
     gateway = Gateway(async_engine, config, metrics)
     servicer = PeftServeServicer(async_engine, config, metrics, files, gateway)
     health = HealthServicer()
-    server = build_server(config, servicer, health)
+    server = build_server(config, servicer, health, KServeServicer(gateway))
     address = f"{config.host}:{config.port}"
     if config.tls:
         assert config.tls_cert is not None and config.tls_key is not None
@@ -97,8 +100,8 @@ async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:
     return 0
 
 
-def build_server(config: ServeConfig, servicer: PeftServeServicer,
-                 health: HealthServicer) -> grpc.aio.Server:
+def build_server(config: ServeConfig, servicer: PeftServeServicer, health: HealthServicer,
+                 kserve: KServeServicer | None = None) -> grpc.aio.Server:
     server = grpc.aio.server(
         interceptors=[ApiInterceptor(config.admin_token)],
         options=[("grpc.max_receive_message_length",
@@ -106,9 +109,12 @@ def build_server(config: ServeConfig, servicer: PeftServeServicer,
                  ("grpc.so_reuseport", 0)])
     service_pb2_grpc.add_PeftServeServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+    names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME]
+    if kserve is not None:
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
+        names.append(KSERVE_SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
     return server
 
 

@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED = ROOT / "server" / "api" / "peftserve" / "v1"
+API = ROOT / "server" / "api"
+PACKAGES = ("peftserve/v1", "peftserve/kserve_v2")  # each proto folder's generated package
 HAND_WRITTEN = {"__init__.py"}
 
 
@@ -19,11 +22,18 @@ def protoc(out: Path) -> None:
                    cwd=ROOT, check=True, capture_output=True, text=True)
 
 
-def test_generated_code_is_fresh(tmp_path):
+def test_every_proto_folder_is_generated():
+    folders = {str(p.parent.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto")}
+    assert folders == set(PACKAGES)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_generated_code_is_fresh(tmp_path, package):
     protoc(tmp_path)
-    fresh = {p.name: p.read_text() for p in (tmp_path / "peftserve" / "v1").iterdir()}
-    committed = {p.name: p.read_text() for p in GENERATED.iterdir()
+    fresh = {p.name: p.read_text() for p in (tmp_path / package).iterdir()}
+    committed = {p.name: p.read_text() for p in (API / package).iterdir()
                  if p.is_file() and p.name not in HAND_WRITTEN}
+    assert fresh, f"protoc wrote nothing for {package}"
     assert sorted(committed) == sorted(fresh), "run `make proto` and commit server/api"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale generated code: {stale}; run `make proto` and commit server/api"

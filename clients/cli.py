@@ -131,11 +131,21 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs a client subcommand; an API error prints one line and exits 1."""
+    """Runs a client subcommand. An API error or a bad local input (a missing directory or
+    token file, an adapter directory the server would refuse) prints one line and exits 1."""
     try:
         return int(args.func(args))
     except ApiError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `peftserve adapters list | head`: the reader left
+        # Python flushes stdout again at exit: point it at /dev/null so that it stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        print(f"error: {reason}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

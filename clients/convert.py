@@ -35,6 +35,7 @@ _RESIDENCY = {
     adapters_pb2.RESIDENCY_DISK: "disk",
 }
 ADAPTER_SUFFIXES = (".json", ".safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def generate_request(prompt: str | None, messages: Sequence[Mapping[str, str]] | None,
@@ -107,13 +108,36 @@ def register_request(name: str, path: str | None, directory: str | Path | None,
         pb.path = path
         return pb
     if directory is not None:
-        local = Path(directory)
-        if not local.is_dir():
-            raise ValueError(f"{local} is not a directory")
-        files = {p.name: p.read_bytes() for p in sorted(local.iterdir())
-                 if p.is_file() and p.suffix in ADAPTER_SUFFIXES}
+        files = upload_files(Path(directory))
     pb.inline.files.update(files or {})
     return pb
+
+
+def upload_files(local: Path) -> dict[str, bytes]:
+    """The .json / .safetensors files of a local adapter directory, name -> bytes. Raises
+    ValueError for what the server would refuse anyway, and for a link that leads out of the
+    directory: an upload never sends a file from elsewhere."""
+    if not local.is_dir():
+        raise ValueError(f"{local} is not a directory")
+    inside = local.resolve()
+    files: dict[str, bytes] = {}
+    pickles = []
+    for p in sorted(local.iterdir()):
+        if p.suffix in PICKLE_SUFFIXES:
+            pickles.append(p.name)
+        if p.suffix not in ADAPTER_SUFFIXES:
+            continue
+        if not p.resolve().is_relative_to(inside):
+            raise ValueError(f"{p.name} in {local} is a link to a file outside the directory; "
+                             "it is not uploaded (copy the file in instead)")
+        if p.is_file():
+            files[p.name] = p.read_bytes()
+    if "adapter_config.json" not in files:
+        raise ValueError(f"{local} holds no adapter_config.json: not an adapter directory")
+    if pickles and not any(name.endswith(".safetensors") for name in files):
+        raise ValueError(f"{local} holds pickle weights ({', '.join(pickles)}), which peftserve "
+                         "never loads: re-save with safe_serialization=True")
+    return files
 
 
 def adapter(pb: adapters_pb2.Adapter) -> AdapterInfo:

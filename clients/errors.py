@@ -20,7 +20,8 @@ class ApiError(Exception):
             self.code = code
 
     def __str__(self) -> str:
-        rid = f" (request id {self.request_id})" if self.request_id else ""
+        quoted = self.request_id and self.request_id in self.details  # INTERNAL quotes it
+        rid = f" (request id {self.request_id})" if self.request_id and not quoted else ""
         return f"{self.code.name}: {self.details}{rid}"
 
 

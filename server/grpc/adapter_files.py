@@ -30,11 +30,16 @@ class AdapterFiles:
     def __init__(self, root: Path | None, staging_dir: Path | None, max_inline_bytes: int) -> None:
         self.root = root.resolve() if root is not None else None
         self._own_staging = staging_dir is None
-        self.staging = Path(tempfile.mkdtemp(prefix="peftserve-staging-")) if staging_dir is None \
-            else staging_dir
-        self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._staging = staging_dir  # a private temp dir is made on the first upload
         self.max_inline_bytes = max_inline_bytes
         self._staged: dict[str, Path] = {}  # adapter name -> its staged directory
+
+    @property
+    def staging(self) -> Path:
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="peftserve-staging-"))
+        self._staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self._staging
 
     # --- by path ----------------------------------------------------------------------------
 
@@ -101,8 +106,8 @@ class AdapterFiles:
         for directory in self._staged.values():
             discard(directory)
         self._staged.clear()
-        if self._own_staging:
-            shutil.rmtree(self.staging, ignore_errors=True)
+        if self._own_staging and self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def discard(directory: Path) -> None:

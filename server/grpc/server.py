@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
@@ -26,6 +27,7 @@ from peftserve.grpc.adapter_files import AdapterFiles
 from peftserve.grpc.interceptors import ApiInterceptor
 from peftserve.grpc.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from peftserve.grpc.kserve import KServeServicer
+from peftserve.grpc.ports import PortInUse, check_free
 from peftserve.grpc.servicer import PeftServeServicer
 from peftserve.kserve_v2 import grpc_predict_v2_pb2_grpc
 from peftserve.metrics import Metrics
@@ -42,10 +44,21 @@ MESSAGE_OVERHEAD = 1 << 20  # room for the non-file fields of an inline registra
 
 
 def serve(config: ServeConfig) -> int:
-    """Loads the model, serves until SIGTERM/SIGINT, drains, returns the exit status."""
+    """Loads the model, serves until SIGTERM/SIGINT, drains, returns the exit status: 1, with
+    one line on stderr, when it cannot start (a port in use)."""
+    try:
+        check_free(config)  # before the model loads and anything is created
+    except PortInUse as e:
+        print(f"peftserve serve: {e}", file=sys.stderr)
+        return 1
     async_engine = AsyncEngine()
     async_engine.start(lambda: Engine.from_config(config.engine))
-    return asyncio.run(_serve(config, async_engine))
+    try:
+        return asyncio.run(_serve(config, async_engine))
+    except (OSError, RuntimeError) as e:  # a port taken since the check, an unreadable TLS file
+        async_engine.shutdown()
+        print(f"peftserve serve: cannot start: {e}", file=sys.stderr)
+        return 1
 
 
 async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:

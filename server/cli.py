@@ -7,6 +7,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from peftserve.serve_config import ServeConfig
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -96,7 +100,25 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"peftserve serve: {e}", file=sys.stderr)
         return 2
+    if args.ray:
+        return _serve_ray(config, args.config)
     return serve(config)
+
+
+def _serve_ray(config: ServeConfig, toml_path: Path | None) -> int:
+    from peftserve.ray import config as ray_config
+
+    try:
+        settings = ray_config.read(toml_path)
+        from peftserve.ray.app import serve_ray
+    except ModuleNotFoundError as e:
+        print(f"peftserve serve --ray needs Ray Serve ({e}): pip install 'peftserve[ray]'",
+              file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"peftserve serve: {e}", file=sys.stderr)
+        return 2
+    return serve_ray(config, settings)
 
 
 def _serve_defaults() -> dict[str, object]:
@@ -128,6 +150,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--admin-token-file", type=Path, default=None,
                        help="file holding the bearer token admin RPCs need (else "
                             "$PEFTSERVE_ADMIN_TOKEN; neither: admin RPCs are open)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve on Ray Serve: replicas per the [ray] table of --config "
+                            "(needs pip install 'peftserve[ray]')")
     serve.set_defaults(func=_serve)
 
 

@@ -112,6 +112,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
     with path.open("rb") as f:
         data = tomllib.load(f)
+    data.pop("ray", None)  # `peftserve serve --ray` reads it (peftserve.ray.config)
     engine = data.pop("engine", {})
     if not isinstance(engine, dict):
         raise ValueError("[engine] in the config file must be a table")

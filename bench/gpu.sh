@@ -3,6 +3,9 @@
 #
 #     OUT=/some/dir MODEL_DIR=/dir/with/smollm2/config+tokenizer bash bench/gpu.sh
 #
+# 0. the C++ CPU kernels on the host CPU (native_kernels): the build and its self-test in a child
+#    process (the last "start <op>" line names an op that crashed), then the C++ ops' tests
+#    without xdist, each with a time limit (the host's compiler, torch and CPU are not ours);
 # 1. the kernel tests with the Triton kernels compiled for the GPU (TRITON_INTERPRET unset), the
 #    GPU-marked ones included: the dispatcher in fp32 (TF32 off and on), fp16 and bf16 against the
 #    plain-torch reference;
@@ -14,7 +17,7 @@
 # 4. bench/kernels.py on CUDA.
 # Writes logs and JSON under $OUT (default bench/results). Each step has a time limit
 # and runs regardless of the others; the exit status is non-zero when any failed.
-# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all four).
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all five).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -53,7 +56,19 @@ step() {  # step NAME SECONDS COMMAND...
   [ "$rc" -eq 0 ] || status=1
 }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one per xdist worker: no oversubscription
-pytest_args=(-q -rfEs -p no:cacheprovider -p no:benchmark -n "$JOBS" --timeout 240 --durations=10)
+# A crashed xdist worker fails its test; past two crashes the step stops instead of hanging.
+pytest_args=(-q -rfEs -p no:cacheprovider -p no:benchmark -n "$JOBS" --max-worker-restart 2
+  --timeout 240 --durations=10)
+native() {
+  uname -m; grep -m1 "model name" /proc/cpuinfo; ${CXX:-c++} --version | head -1
+  env OMP_NUM_THREADS=8 "$PY" -X faulthandler -m peftserve.kernels.cpu_selftest || return 1
+  env OMP_NUM_THREADS=8 "$PY" -X faulthandler -m pytest -q -rfEs -p no:cacheprovider \
+    -p no:benchmark --timeout 120 tests/kernels/test_lowrank_rows.py \
+    tests/kernels/test_native_arguments.py tests/kernels/test_cpu_selftest.py \
+    tests/unit/test_cpu_fused_ops.py tests/unit/test_cpu_paged_attention.py \
+    tests/unit/test_argmax_rows.py
+}
+step native_kernels "${T_NATIVE:-240}" env PY="$PY" bash -c "$(declare -f native); native"
 step kernel_tests "${T_KERNEL_TESTS:-150}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
 step engine_cuda_tests "${T_ENGINE_TESTS:-150}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
   tests/integration/test_parity.py tests/integration/test_adapter_parity.py \

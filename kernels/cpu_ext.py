@@ -83,6 +83,7 @@ def build_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet
+_reason = "not loaded yet"  # why _state is False
 
 
 def _cpu_signature() -> str:
@@ -117,8 +118,22 @@ def load() -> bool:
     return _state
 
 
+def unavailable_reason() -> str:
+    """Why load() returned False (its warning's text); "" once the ops are loaded."""
+    return "" if _state else _reason
+
+
+def _unavailable(reason: str) -> bool:
+    global _reason
+    _reason = reason
+    log.warning("C++ CPU kernels not used, the plain torch paths serve: %s", reason)
+    return False
+
+
 def _build_and_load() -> bool:
     if os.environ.get(ENV_SWITCH, "1") == "0":
+        global _reason
+        _reason = f"disabled ({ENV_SWITCH}=0)"
         log.info("C++ CPU kernels disabled (%s=0): plain torch paths", ENV_SWITCH)
         return False
     try:
@@ -129,13 +144,11 @@ def _build_and_load() -> bool:
             log.info("building and testing the C++ CPU kernels in %s (once per machine)", out)
             fault = self_test_fault(SELF_TEST_COMMAND)
             if fault is not None:
-                log.warning("C++ CPU kernels not used, the plain torch paths serve: %s", fault)
-                return False
+                return _unavailable(fault)
             marker.write_text("ok\n")
         compile_and_register(out)
     except Exception as e:  # no compiler, no ninja, a failed build: the torch paths remain
-        log.warning("C++ CPU kernels unavailable, using the plain torch paths: %s", e)
-        return False
+        return _unavailable(f"{type(e).__name__}: {e}")
     return True
 
 

@@ -65,7 +65,7 @@ def test_packed_weights_give_the_dense_weights_tokens(model, request, monkeypatc
 
 
 def test_same_tokens_with_and_without_the_cpp_kernels(tiny_llama_dir, monkeypatch):
-    assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     calls = []
     real = cpu_ext.load
     monkeypatch.setattr(cpu_ext, "load", lambda: calls.append(1) or real())
@@ -85,7 +85,7 @@ def test_one_call_decode_stack_gives_the_python_layers_tokens(
     model, dtype, packed, request, monkeypatch
 ):
     path = request.getfixturevalue(model)
-    assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     if packed:  # weights packed for oneDNN (kernels/packed_linear.py), as bf16 serves here
         require_packing()
     else:
@@ -132,7 +132,7 @@ def test_one_call_decode_stack_with_adapter_deltas_gives_the_python_layers_token
     from tests.integration.test_adapter_batching import engine_with, requests
     from tests.integration.test_adapter_batching import tokens as adapter_tokens
 
-    assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16")
     used = spy_on_cpp_decode(monkeypatch, with_adapters=True)
     one_call = adapter_tokens(engine.generate(requests(names, seed=3)))

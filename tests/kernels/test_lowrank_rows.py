@@ -29,7 +29,7 @@ ROWS_TOL = {torch.bfloat16: (1.6e-2, 8e-3), torch.float16: (2e-3, 2e-3)}
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels():
-    assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
 
 
 @pytest.mark.parametrize(("layout", "seg_len"), [("decode", 1), ("random", 1), ("prefill", 40)])

@@ -13,7 +13,7 @@ from peftserve.kernels import cpu_ext
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernels():
-    assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -27,7 +27,7 @@ def rtol(dtype: torch.dtype, atol: float) -> float:
 
 @pytest.fixture(scope="module")
 def ops():
-    assert cpu_ext.load(), "the C++ CPU kernels did not build (see the warning logged above)"
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     return torch.ops.peftserve_cpu
 
 

@@ -21,7 +21,7 @@ from peftserve.layers.attention import AttentionMetadata, paged_attention
 def op(request, monkeypatch):
     """The op as built here (AVX-512 code for head_dim 64/128 where the CPU has it) and its
     plain loops (what CPUs without AVX-512 and other shapes run)."""
-    assert cpu_ext.load(), "the C++ CPU kernels did not build (see the warning logged above)"
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     if request.param == "generic":
         monkeypatch.setenv("PEFTSERVE_CPU_ATTENTION", "generic")
     return torch.ops.peftserve_cpu.paged_decode_attention

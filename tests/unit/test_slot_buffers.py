@@ -52,7 +52,7 @@ def test_decode_plan_is_reused_only_until_a_slot_is_written():
     from peftserve.adapters.slots import AdapterHook
     from peftserve.kernels import build_segment_meta, cpu_ext
 
-    assert cpu_ext.load(), "the C++ CPU kernels did not build"
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     slots = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16,
                         device=torch.device("cpu"))  # fmt: skip
     slots.write_lora(1, lora(8, seed=0))

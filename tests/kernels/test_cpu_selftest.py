@@ -1,0 +1,50 @@
+"""The C++ CPU kernels' self-test (kernels/cpu_selftest.py), which cpu_ext.load() runs in a
+child process before it loads a new build: the real one passes here, and a child that crashes,
+hangs, computes wrong numbers or cannot build is reported with the op's name, never taking the
+caller down."""
+
+from __future__ import annotations
+
+import sys
+
+from peftserve.kernels import cpu_ext
+
+
+def _child(body: str) -> list[str]:
+    return [sys.executable, "-c", "import os, signal, sys, time\n" + body]
+
+
+def test_the_real_self_test_passes_on_this_machine():
+    assert cpu_ext.self_test_fault(cpu_ext.SELF_TEST_COMMAND) is None
+    assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    assert cpu_ext.unavailable_reason() == ""
+    assert (cpu_ext.build_dir() / cpu_ext.SELF_TEST_PASSED).exists()
+
+
+def test_a_crash_names_the_signal_and_the_op_it_died_in():
+    fault = cpu_ext.self_test_fault(_child(
+        "print('start rms_norm', flush=True); print('ok rms_norm', flush=True)\n"
+        "print('start lora_rows', flush=True); os.kill(os.getpid(), signal.SIGILL)"
+    ))  # fmt: skip
+    assert fault == "the self-test died of SIGILL in op lora_rows"
+
+
+def test_wrong_numbers_are_reported_as_the_child_said():
+    fault = cpu_ext.self_test_fault(_child(
+        "print('start bottleneck_rows'); print('wrong bottleneck_rows: max error 3.1'); sys.exit(1)"
+    ))  # fmt: skip
+    assert fault == "wrong bottleneck_rows: max error 3.1"
+
+
+def test_a_hang_is_cut_off_and_names_the_op():
+    fault = cpu_ext.self_test_fault(
+        _child("print('start decode_forward', flush=True); time.sleep(60)"), timeout_s=3
+    )
+    assert fault == "the self-test did not finish in 3 s in op decode_forward"
+
+
+def test_a_failed_build_and_an_unexplained_exit_are_reported():
+    fault = cpu_ext.self_test_fault(_child("print('build failed: no compiler'); sys.exit(2)"))
+    assert fault == "build failed: no compiler"
+    fault = cpu_ext.self_test_fault(_child("sys.stderr.write('ImportError: x\\n'); sys.exit(3)"))
+    assert fault == "the self-test exited with status 3: ImportError: x"

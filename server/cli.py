@@ -110,6 +110,9 @@ def _serve_ray(config: ServeConfig, toml_path: Path | None) -> int:
 
     try:
         settings = ray_config.read(toml_path)
+        problem = ray_config.unsupported(config)
+        if problem is not None:
+            raise ValueError(problem)
         from peftserve.ray.app import serve_ray
     except ModuleNotFoundError as e:
         print(f"peftserve serve --ray needs Ray Serve ({e}): pip install 'peftserve[ray]'",

@@ -64,7 +64,10 @@ def build(config: ServeConfig, ray_config: RayConfig, directory: object) -> serv
         max_ongoing_requests=ray_config.max_ongoing_requests, **scaling,
     ).bind(config, ray_config, directory)
     ingress = serve.deployment(
-        Ingress, name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
+        Ingress, name=INGRESS_DEPLOYMENT,
+        # The ingress routes to the engines: its handle's router reads this when it starts.
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
+            "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": str(ray_config.affinity_wait_s)}}},
         max_ongoing_requests=config.max_concurrent_streams + 1,
     )
     return ingress.bind(config, ray_config, engines, directory)
@@ -72,15 +75,13 @@ def build(config: ServeConfig, ray_config: RayConfig, directory: object) -> serv
 
 def serve_ray(config: ServeConfig, ray_config: RayConfig) -> int:
     """Starts (or joins) Ray, runs the application until SIGTERM/SIGINT, returns 0."""
-    if config.tls:
-        raise ValueError("TLS is not supported with --ray: Ray Serve's gRPC proxy is "
-                         "plaintext (terminate TLS in front of it)")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     local = ray_config.address is None
-    ray.init(address=ray_config.address, namespace="peftserve", include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    # "local": a fresh Ray instance of our own, never one `ray start` left on this machine.
+    ray.init(address="local" if local else ray_config.address, namespace="peftserve",
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     http = None
     try:
         serve.start(

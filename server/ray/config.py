@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftserve.serve_config import ServeConfig
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -23,6 +25,10 @@ class RayConfig:
     max_ongoing_requests: int = 64  # per replica; the engine batches what it is given
     grpc_port: int = 9000  # Ray Serve's gRPC proxy listens on all interfaces
     http_port: int = 8000  # Ray Serve's HTTP proxy (unused by peftserve; bound to the host)
+    # How long a request waits for a replica that holds its adapter (busy ones included) before
+    # Ray Serve tries the replica with the fewest adapters (its multiplexed matching timeout;
+    # Ray Serve draws it between this and twice this).
+    affinity_wait_s: float = 0.5
     sync_interval_s: float = 0.5  # replica <-> shared registry: adapter versions and metrics
     registry_wait_s: float = 10.0  # an unregister waits this long for every replica to drop it
 
@@ -42,7 +48,8 @@ class RayConfig:
         for name in ("cpus_per_replica", "gpus_per_replica"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ray.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("target_ongoing_requests", "sync_interval_s", "registry_wait_s"):
+        for name in ("target_ongoing_requests", "sync_interval_s", "registry_wait_s",
+                     "affinity_wait_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ray.{name} must be > 0, got {getattr(self, name)}")
 
@@ -72,3 +79,11 @@ def read(toml_path: Path | None, overrides: dict[str, Any] | None = None) -> Ray
         values.update(table)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_mapping(values)
+
+
+def unsupported(config: ServeConfig) -> str | None:
+    """Why `config` cannot be served on Ray Serve, or None."""
+    if config.tls:
+        return ("TLS is not supported with --ray: Ray Serve's gRPC proxy is plaintext "
+                "(terminate TLS in front of it)")
+    return None

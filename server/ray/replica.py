@@ -14,13 +14,15 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from ray import serve
 
 from peftserve.adapters.handle import AdapterInfo
@@ -28,7 +30,7 @@ from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request, RequestOutput
 from peftserve.engine.stats import EngineStats
-from peftserve.errors import InvalidRequest, Overloaded
+from peftserve.errors import InvalidRequest
 from peftserve.grpc.errors import RequestFailed, code_of, outcome
 from peftserve.grpc.servicer import kernel_backend
 from peftserve.metrics import Metrics
@@ -69,6 +71,22 @@ class ResidentAdapter:
             self.replica.on_evicted(self.name)
 
 
+class _AdaptersHere(Collector):
+    """`peftserve_adapter_on_replica{adapter}`: the adapters this replica's engine has
+    registered now (at most its multiplexed LRU size, so the label stays bounded)."""
+
+    def __init__(self, versions: dict[str, int]) -> None:
+        self.versions = versions
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("peftserve_adapter_on_replica",
+                                   "Adapters registered on this replica's engine (1 each).",
+                                   labels=("adapter",))
+        for name in sorted(self.versions):
+            family.add_metric([name], 1)
+        yield family
+
+
 class EngineReplica:
     """A plain class: `app.build` makes it a deployment with the configured resources."""
 
@@ -78,15 +96,16 @@ class EngineReplica:
         self._loop = asyncio.get_running_loop()
         self.engine = AsyncEngine()
         await asyncio.to_thread(self.engine.start, lambda: Engine.from_config(config.engine))
+        self._versions: dict[str, int] = {}  # adapter -> version registered on this engine
         self.metrics = Metrics(config.metrics_max_adapter_labels)
         self.routed = Counter(
             "peftserve_routed_requests",
             "Requests this replica served, by whether it already held their adapter when they "
             "arrived (true/false; base: no adapter). Affinity = true / (true + false).",
             ("adapter_resident",), registry=self.metrics.registry)
+        self.metrics.registry.register(_AdaptersHere(self._versions))
         self._stats: EngineStats | None = None
         self.metrics.engine.refresh = lambda: self._stats  # refreshed by the sync loop
-        self._versions: dict[str, int] = {}  # adapter -> version registered on this engine
         self._held: set[str] = set()  # adapters in Ray Serve's multiplexed LRU here
         self._users: dict[str, int] = {}  # adapter -> requests between lookup and finish
         self._evict_when_idle: set[str] = set()
@@ -167,8 +186,6 @@ class EngineReplica:
         result = "cancelled"  # unless it finishes or fails below
         self.metrics.active_streams.inc()
         try:
-            if self.engine.num_streams >= self.ray_config.max_ongoing_requests:
-                raise Overloaded("this replica has too many requests in flight")
             await self._check_prompt_length(req)
             if name is not None:
                 assert version is not None, "the ingress looks the version up"

@@ -1,0 +1,236 @@
+"""`peftserve serve --ray` on a local Ray cluster: 2 engine replicas of the tiny model behind
+Ray Serve's gRPC proxy, 8 adapters of two kinds, driven with the project's own client.
+
+Zipf traffic gets the single server's greedy tokens (fp32) and, after warm-up, lands on replicas
+that already hold its adapter; an unregister reaches both replicas while a running stream
+finishes; cancel and deadline free the replica's KV blocks; SIGTERM leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from peftserve.client import Client, DeadlineExceededError, NotFoundError, Sampling
+from peftserve.client import loadgen as L
+from tests import adapters as A
+from tests.e2e.conftest import TINY_SERVER_ARGS
+from tests.e2e.server_process import ServerProcess, metric, scrape, wait_for
+
+LORAS = [f"lora{i}" for i in range(4)]
+BOTTLENECKS = [f"houlsby{i}" for i in range(4)]
+ADAPTERS = [a for pair in zip(LORAS, BOTTLENECKS, strict=True) for a in pair]  # Zipf rank order
+ADAPTERS_PER_REPLICA = 4
+WARMUP, MEASURED = 40, 80
+GREEDY = Sampling(max_new_tokens=8, ignore_eos=True)
+LONG = Sampling(max_new_tokens=400, ignore_eos=True)  # > 1 s on the tiny model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_llama_dir) -> Path:
+    root = tmp_path_factory.mktemp("ray-adapters")
+    for i, name in enumerate(LORAS):
+        A.make_lora(tiny_llama_dir, root / name, r=4 + 4 * (i % 2), seed=i,
+                    targets=A.ALL_LINEAR if i % 2 else None)
+    for i, name in enumerate(BOTTLENECKS):
+        A.make_bottleneck(tiny_llama_dir, root / name, "houlsby" if i % 2 else "pfeiffer",
+                          seed=10 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory, tiny_llama_dir, root):
+    work = tmp_path_factory.mktemp("ray-server")
+    toml = work / "serve.toml"
+    toml.write_text(
+        f'adapter_root = "{root}"\n\n[ray]\nreplicas = 2\ncpus_per_replica = 1\n'
+        f"adapters_per_replica = {ADAPTERS_PER_REPLICA}\nmax_ongoing_requests = 4\n"
+        f"grpc_port = {_free_port()}\nhttp_port = {_free_port()}\nsync_interval_s = 0.2\n")
+    os.environ.pop("RAY_ADDRESS", None)
+    server = ServerProcess(["--model", str(tiny_llama_dir), *TINY_SERVER_ARGS, "--ray",
+                            "--config", str(toml)], work / "server.log")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_client(ray_server):
+    with Client(ray_server.target, timeout=120) as c:
+        for name in ADAPTERS:
+            c.register_adapter(name, name)
+        yield c
+
+
+def _requests(n: int, seed: int) -> list[L.Planned]:
+    spec = L.LoadSpec(adapters=tuple(ADAPTERS), concurrency=4, max_requests=n, seed=seed,
+                      popularity="zipf", prompt_len=L.Lengths.parse("4-12"))
+    return list(L.plan(spec))
+
+
+def _send(client: Client, reqs: list[L.Planned]) -> list[list[int]]:
+    def one(p: L.Planned) -> list[int]:
+        return client.generate(p.prompt, adapter=p.adapter, sampling=GREEDY).token_ids
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, reqs))
+
+
+def _routed(url: str) -> dict[str, float]:
+    samples = scrape(url)
+    return {k: metric(samples, "peftserve_routed_requests_total", adapter_resident=k)
+            for k in ("true", "false", "base")}
+
+
+def _replicas_holding(url: str, adapter: str) -> set[str]:
+    return {dict(labels)["replica"] for (name, labels), v in scrape(url).items()
+            if name == "peftserve_adapter_on_replica" and dict(labels)["adapter"] == adapter
+            and v == 1}
+
+
+def test_zipf_traffic_matches_one_server_and_lands_on_warm_replicas(
+        ray_server, ray_client, start_server, root):
+    warmup, measured = _requests(WARMUP, seed=1), _requests(MEASURED, seed=2)
+    _send(ray_client, warmup)
+    time.sleep(0.5)  # the replicas' counters reach the registry every 0.2 s
+    before = _routed(ray_server.metrics_url)
+    served = _send(ray_client, measured)
+    wait_for(lambda: sum(_routed(ray_server.metrics_url).values())
+             >= sum(before.values()) + MEASURED, timeout=10, what="the replicas' reports")
+    after = _routed(ray_server.metrics_url)
+    hits, misses = after["true"] - before["true"], after["false"] - before["false"]
+    assert hits + misses == MEASURED
+    assert hits / MEASURED >= 0.8, f"affinity {hits}/{MEASURED} after warm-up"
+
+    samples = scrape(ray_server.metrics_url)
+    replicas = {dict(ls)["replica"] for (n, ls) in samples
+                if n == "peftserve_routed_requests_total"}
+    assert len(replicas) == 2, "both replicas served requests"
+    for replica in replicas:
+        held = metric(samples, "peftserve_adapter_on_replica", replica=replica)
+        assert 1 <= held <= ADAPTERS_PER_REPLICA
+    assert metric(samples, "peftserve_routing_affinity_ratio") > 0
+    assert metric(samples, "peftserve_replicas") == 2
+
+    single = start_server("--adapter-root", str(root))
+    with Client(single.target, timeout=120) as c:
+        for name in ADAPTERS:
+            c.register_adapter(name, name)
+        expected = _send(c, measured)
+    mismatched = [(p.adapter, p.prompt) for p, got, want in zip(measured, served, expected,
+                                                                strict=True) if got != want]
+    assert not mismatched, f"{len(mismatched)} answers differ from one server's: {mismatched[:3]}"
+    kinds = {a.kind for a in ray_client.list_adapters()}
+    assert kinds == {"lora", "bottleneck"}
+
+
+def test_unregister_reaches_both_replicas_and_running_streams_finish(ray_server, ray_client):
+    url, name = ray_server.metrics_url, "lora2"
+    # More long streams than one replica takes (max_ongoing_requests = 4): Ray Serve sends the
+    # rest to the other replica, which loads the adapter too.
+    streams = [ray_client.generate_stream("hello world", adapter=name, sampling=LONG)
+               for _ in range(8)]
+    firsts = [next(iter(s)) for s in streams]
+    assert all(f.token_ids for f in firsts)
+    wait_for(lambda: len(_replicas_holding(url, name)) == 2, timeout=20,
+             what="both replicas to hold the adapter")
+    ray_client.unregister_adapter(name)
+    # Dropped before the call returned; the reports that show it come every 0.2 s.
+    wait_for(lambda: not _replicas_holding(url, name), timeout=2, what="the replicas' reports")
+    with pytest.raises(NotFoundError):
+        ray_client.generate("hello", adapter=name, sampling=GREEDY)
+    for s, first in zip(streams, firsts, strict=True):  # in flight: they finish on the weights
+        chunks = [first, *s]
+        assert sum(len(c.token_ids) for c in chunks) == LONG.max_new_tokens
+        assert chunks[-1].finish_reason == "length"
+    assert name not in {a.name for a in ray_client.list_adapters()}
+    ray_client.register_adapter(name, name)  # the name can come back
+    assert ray_client.generate("hello", adapter=name, sampling=GREEDY).token_ids
+
+
+def _warm(client: Client, url: str, adapter: str) -> None:
+    """Sends requests for `adapter` until one lands on a replica that already holds it: from
+    then on Ray Serve's router knows where the adapter is."""
+    for _ in range(20):
+        hits = _routed(url)["true"]
+        client.generate("hello", adapter=adapter, sampling=GREEDY)
+        try:
+            wait_for(lambda h=hits: _routed(url)["true"] > h, timeout=1, what="a warm request")
+            return
+        except AssertionError:
+            continue
+    raise AssertionError(f"no request for {adapter} reached a replica holding it")
+
+
+def test_cancel_and_deadline_free_the_replicas_kv_blocks(ray_server, ray_client):
+    url = ray_server.metrics_url
+    # Warm first: a request whose adapter the router does not yet know a holder of may wait in
+    # Ray Serve's router (affinity_wait_s) past a short deadline, and never reach an engine.
+    _warm(ray_client, url, "houlsby0")
+    cancelled = metric(scrape(url), "peftserve_requests_total", outcome="cancelled")
+    stream = ray_client.generate_stream("hello world", adapter="lora0", sampling=LONG)
+    it = iter(stream)
+    next(it), next(it)
+    stream.cancel()
+    with pytest.raises(DeadlineExceededError):
+        ray_client.generate("hello world", adapter="houlsby0", sampling=LONG, timeout=0.5)
+    # Both reached the engine before their 400 tokens: aborted there, blocks freed.
+    wait_for(lambda: metric(scrape(url), "peftserve_requests_total", outcome="cancelled")
+             == cancelled + 2, timeout=10, what="two cancelled requests")
+    wait_for(lambda: metric(scrape(url), "peftserve_kv_blocks_used") == 0, timeout=10,
+             what="the KV blocks to be free")
+    assert ray_client.health() == "SERVING"
+
+
+def test_sigterm_stops_the_cluster_with_no_stray_processes(ray_server, ray_client):
+    assert ray_server.proc is not None
+    family = _descendants(ray_server.proc.pid)
+    assert len(family) >= 4, "Ray's processes are the server's descendants"
+    assert ray_server.terminate(timeout=90) == 0
+    assert "peftserve stopped" in ray_server.lines
+    wait_for(lambda: not [p for p in family if _alive(p)], timeout=30,
+             what=f"Ray's processes to exit: {[p for p in family if _alive(p)]}")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    if state == "Z":  # exited, not yet reaped by its parent
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+

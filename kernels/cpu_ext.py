@@ -158,15 +158,22 @@ def compile_and_register(out: Path) -> None:
     from torch.utils import cpp_extension
 
     cflags, ldflags = build_flags()
-    cpp_extension.load(
-        name="peftserve_cpu",
-        sources=[str(s) for s in SOURCES],
-        extra_cflags=list(cflags),
-        extra_ldflags=list(ldflags),
-        build_directory=str(out),
-        is_python_module=False,
-        verbose=False,
-    )
+    # Under the sanitizers Python runs with their runtime preloaded; the compiler need not (it
+    # runs several times slower so), and the library links the runtime itself.
+    preload = os.environ.pop("LD_PRELOAD", None) if SANITIZERS in cflags else None
+    try:
+        cpp_extension.load(
+            name="peftserve_cpu",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=list(cflags),
+            extra_ldflags=list(ldflags),
+            build_directory=str(out),
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
 
 
 def self_test_fault(command: Sequence[str], timeout_s: float = SELF_TEST_TIMEOUT_S) -> str | None:

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.scale                       # 1000 adapters, 128 slots, 90 s each
     .venv/bin/python -m bench.scale --adapters 200 --duration 30
+    .venv/bin/python -m bench.scale --ray --replicas 2    # on Ray Serve (bench/scale_ray.py)
 
 Every adapter is a rank-8 LoRA on q,v of SmolLM2 (random weights, 1.8 MB of fp32 safetensors),
 registered by path over gRPC. The server holds `--slots` device slots and an LRU host tier of
@@ -28,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import scale_ray
 from bench.common import environment
 from bench.latency_by_kind import warm
 from bench.multi_adapter import QV, write_lora
@@ -59,15 +61,25 @@ def run(server: ServerProcess, spec: L.LoadSpec) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", type=int, default=1000)
+    ap.add_argument("--adapters", type=int, default=None, help="1000 (--ray: 16)")
     ap.add_argument("--slots", type=int, default=128)
     ap.add_argument("--host", type=int, default=256, help="host-tier LRU size")
     ap.add_argument("--rate", type=float, default=1.5, help="requests/s")
     ap.add_argument("--duration", type=float, default=90.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="2 (--ray: 1 per replica)")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results/scale.json (--ray: results/scale_ray.json)")
+    scale_ray.add_arguments(ap)
     args = ap.parse_args()
+    if args.ray:
+        args.adapters = args.adapters or 16
+        args.threads = args.threads or 1
+        args.out = args.out or RESULTS / "scale_ray.json"
+        return scale_ray.main(args)
+    args.adapters = args.adapters or 1000
+    args.threads = args.threads or 2
+    args.out = args.out or RESULTS / "scale.json"
     from transformers import AutoConfig
 
     model_dir = resolve_model_dir("default")

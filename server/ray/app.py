@@ -61,7 +61,8 @@ def build(config: ServeConfig, ray_config: RayConfig, directory: object) -> serv
         replica_cls, name=ENGINE_DEPLOYMENT,
         ray_actor_options={"num_cpus": ray_config.cpus_per_replica,
                            "num_gpus": ray_config.gpus_per_replica},
-        max_ongoing_requests=ray_config.max_ongoing_requests, **scaling,
+        max_ongoing_requests=ray_config.max_ongoing_requests,
+        graceful_shutdown_timeout_s=config.grace_period_s, **scaling,
     ).bind(config, ray_config, directory)
     ingress = serve.deployment(
         Ingress, name=INGRESS_DEPLOYMENT,
@@ -69,6 +70,7 @@ def build(config: ServeConfig, ray_config: RayConfig, directory: object) -> serv
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
             "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": str(ray_config.affinity_wait_s)}}},
         max_ongoing_requests=config.max_concurrent_streams + 1,
+        graceful_shutdown_timeout_s=config.grace_period_s,
     )
     return ingress.bind(config, ray_config, engines, directory)
 

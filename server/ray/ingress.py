@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
-from ray.exceptions import RayTaskError
 from ray.serve.grpc_util import RayServegRPCContext
 
 from peftserve import __version__
@@ -34,7 +33,7 @@ from peftserve.grpc.errors import PermissionDenied, Unauthenticated, to_status
 from peftserve.grpc.interceptors import REQUEST_ID_KEY
 from peftserve.ray.config import RayConfig
 from peftserve.ray.directory import AdapterRecord
-from peftserve.ray.remote import call, cause
+from peftserve.ray.remote import RAY_ERRORS, call, cause
 from peftserve.ray.replica import ReplicaInfo
 from peftserve.serve_config import ServeConfig
 from peftserve.v1 import adapters_pb2, generate_pb2, server_info_pb2, service_pb2
@@ -102,7 +101,7 @@ class Ingress:
                 async for out in stream:
                     finished = out.finished
                     yield out
-            except RayTaskError as e:
+            except RAY_ERRORS as e:
                 finished = True
                 raise cause(e) from None
             finally:

@@ -111,3 +111,18 @@ def test_the_single_process_server_does_not_import_ray() -> None:
     code = ("import sys, peftserve.cli, peftserve.grpc.server, peftserve.ray.config; "
             "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_remote_errors_come_back_as_the_typed_error_raised() -> None:
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from peftserve.errors import EngineStopped, Overloaded
+    from peftserve.ray.remote import cause
+
+    raised = AdapterNotFound("adapter 'x' is not registered")
+    error = cause(RayTaskError("get", "Traceback ...", raised))
+    assert error is raised and "Traceback" not in str(error)
+    assert isinstance(cause(BackPressureError(num_queued_requests=9, max_queued_requests=8)),
+                      Overloaded)
+    assert isinstance(cause(DeploymentUnavailableError("PeftServeEngine")), EngineStopped)

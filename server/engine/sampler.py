@@ -56,8 +56,15 @@ def sample(
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        # Shifted so that the largest logit is 0 before dividing: a tiny temperature sends the
+        # others to -inf (the greedy limit) rather than the largest to +inf (NaN after softmax).
+        row = logits[i] - logits[i].max()
+        row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
         probs = row.softmax(-1)
+        if not torch.isfinite(probs).all():
+            # Only logits already non-finite get here (a repetition penalty near 0 overflows
+            # them): the distribution's limit is its argmax, and no other request is disturbed.
+            continue
         # Sampled on the CPU so a request seed gives the same tokens on every device.
         tokens[i] = int(torch.multinomial(probs.cpu(), 1, generator=generators[i]).item())
     logprobs = None

@@ -23,6 +23,7 @@ from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.engine import Engine
 from peftserve.engine.stats import EngineStats
 from peftserve.gateway import Gateway
+from peftserve.grpc import log_filters
 from peftserve.grpc.adapter_files import AdapterFiles
 from peftserve.grpc.interceptors import ApiInterceptor
 from peftserve.grpc.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
@@ -115,6 +116,7 @@ async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:
 
 def build_server(config: ServeConfig, servicer: PeftServeServicer, health: HealthServicer,
                  kserve: KServeServicer | None = None) -> grpc.aio.Server:
+    log_filters.install()
     server = grpc.aio.server(
         interceptors=[ApiInterceptor(config.admin_token)],
         options=[("grpc.max_receive_message_length",

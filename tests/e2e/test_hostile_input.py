@@ -5,6 +5,7 @@ Never INTERNAL, never a traceback, and the server goes on serving."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -190,3 +191,23 @@ def test_still_serving_after_all_that(client, server):
     assert out.completion_tokens == 2
     log = server.log_path.read_text()
     assert "Traceback" not in log and " ERROR " not in log
+
+
+def test_a_response_the_client_left_before_is_one_warning_line(caplog):
+    """grpc's own ERROR + traceback when it cannot send to a client that is gone (the soak's
+    short deadlines provoke it) becomes one WARNING line."""
+    from peftserve.grpc import log_filters
+
+    log_filters.install()
+    logger = logging.getLogger(log_filters.GRPC_CORE_LOGGER)
+    try:
+        raise RuntimeError("Failed execute_batch")
+    except RuntimeError:
+        with caplog.at_level(logging.INFO, logger=log_filters.GRPC_CORE_LOGGER):
+            logger.exception("ExecuteBatchError raised in core by servicer method [%s]",
+                             "/peftserve.v1.PeftServe/GetAdapter")
+            logger.error("Unexpected [Oops] raised by servicer method [/x]")
+    gone, other = caplog.records
+    assert gone.levelname == "WARNING" and gone.exc_info is None
+    assert "GetAdapter" in gone.getMessage() and "client gone" in gone.getMessage()
+    assert other.levelname == "ERROR"  # anything else stays an error

@@ -81,9 +81,29 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=1e38), "temperature"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(repetition_penalty=1e30), "repetition_penalty"),
+        (dict(top_p=float("nan")), "top_p"),
         (dict(stop=("",)), "stop"),
     ],
 )
 def test_bad_sampling_parameters_are_refused(kwargs, message):
     with pytest.raises(InvalidRequest, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-45), dict(temperature=1e-30, top_p=0.5),
+                                    dict(temperature=1.0, repetition_penalty=1e-45)])
+def test_extreme_but_valid_values_sample_the_greedy_limit_without_failing(kwargs):
+    logits = torch.randn(3, 50)
+    logits[1, 7] = 9.0
+    params = [SamplingParams(), SamplingParams(**kwargs), SamplingParams(temperature=0.7)]
+    gens = [None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    history = [[], [7] if "repetition_penalty" not in kwargs else [1, 2], []]
+    tokens, _ = sample(logits, params, history, gens)
+    assert tokens[0] == int(logits[0].argmax())
+    if "repetition_penalty" not in kwargs:
+        assert tokens[1] == 7
+    assert 0 <= tokens[2] < 50

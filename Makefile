@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve demo test test-fast test-sanitize test-avx2 bench lint proto clean
+.PHONY: install serve demo test test-fast test-sanitize test-avx2 soak bench lint proto clean
 
 install: $(STAMP)
 
@@ -55,6 +55,12 @@ test-avx2: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Fuzz and soak a real server on the tiny test model: 10,000 malformed or random requests and
+# 256 streams with random cancels and deadlines, then the end-state checks (tests/e2e/soak.py;
+# the short run is part of `make test`). SOAK_ARGS="--seed 3 --requests 50000" to vary it.
+soak: install
+	$(BIN)/python -m tests.e2e.soak --requests 10000 --streams 256 $(SOAK_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.engine_throughput

@@ -62,6 +62,7 @@ class Report:
             by_code[key.split(":")[1]] += n
         return {"requests": self.requests, "streams": self.streams,
                 "seconds": round(self.seconds, 1), "codes": dict(sorted(by_code.items())),
+                "by_kind": dict(sorted(self.codes.items())),
                 "rss_start_mib": round(self.rss_start_mib), "rss_end_mib": round(self.rss_end_mib),
                 "kv_blocks_used": self.kv_blocks_used,
                 "kv_blocks_prefixes": self.kv_blocks_prefixes, "failures": self.failures[:20]}

@@ -32,6 +32,7 @@ from peftserve.engine.request import Request, RequestOutput
 from peftserve.engine.stats import EngineStats
 from peftserve.errors import InvalidRequest
 from peftserve.grpc.errors import RequestFailed, code_of, outcome
+from peftserve.grpc.servicer import kernel_backend
 from peftserve.metrics import Metrics
 from peftserve.ray.config import RayConfig
 from peftserve.ray.directory import AdapterRecord, ReplicaReport
@@ -108,6 +109,7 @@ class EngineReplica:
         self._held: set[str] = set()  # adapters in Ray Serve's multiplexed LRU here
         self._users: dict[str, int] = {}  # adapter -> requests between lookup and finish
         self._evict_when_idle: set[str] = set()
+        self._tasks: set[asyncio.Future] = set()
         self._pending: dict[str, AdapterRecord] = {}  # being registered through this replica
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="peftserve-tokenize")
         self._sync_task = asyncio.create_task(self._sync_loop())
@@ -152,7 +154,9 @@ class EngineReplica:
 
     def _drop_soon(self, name: str) -> None:
         if self._versions.pop(name, None) is not None:
-            asyncio.ensure_future(self._unregister(name))
+            task = asyncio.ensure_future(self._unregister(name))
+            self._tasks.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self._tasks.discard)
 
     async def _unregister(self, name: str) -> None:
         try:
@@ -249,7 +253,7 @@ class EngineReplica:
         model = engine.model
         return ReplicaInfo(
             model=engine.config.model, dtype=str(model.dtype).removeprefix("torch."),
-            device=str(model.device), kernel_backend=model.backend.name,
+            device=str(model.device), kernel_backend=kernel_backend(model.device),
             max_model_len=engine.max_model_len, max_new_tokens=engine.config.max_new_tokens_limit,
             max_waiting=engine.config.max_waiting, max_num_seqs=engine.config.max_num_seqs,
             stats=await self.engine.stats())

@@ -37,6 +37,8 @@ WORKDIR /home/peftserve
 # Dequantize the default model's GGUF once, at build time, into ~/.cache/peftserve (~0.5 GB):
 # containers then start in about a second.
 RUN python3 -c "from peftserve.models.loader import resolve_model_dir; resolve_model_dir('default')"
-EXPOSE 50051 9464
+# gRPC (peftserve.v1 and KServe v2), Prometheus metrics, the OpenAI-compatible HTTP API
+EXPOSE 50051 9464 8000
 ENTRYPOINT ["peftserve"]
-CMD ["serve", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0", "--adapter-root", "/adapters"]
+CMD ["serve", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0", "--http-port", "8000", \
+     "--adapter-root", "/adapters"]

@@ -26,6 +26,7 @@ from peftserve.grpc.errors import PermissionDenied, Unauthenticated, code_of, ou
 from peftserve.openai_http import convert
 from peftserve.openai_http.errors import error_body, error_response, status_of
 from peftserve.openai_http.schemas import (
+    COMPLETION_MAX_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
     LoadAdapterRequest,
@@ -78,12 +79,13 @@ def build_app(gateway: Gateway, files: AdapterFiles, admin_token: str | None) ->
         parent = None if kind == "base" else gateway.model_name
         return JSONResponse(_card(model, kind, parent, started))
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):  # noqa: ANN201
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest,
+                          request: Request) -> JSONResponse | StreamingResponse:
         rid = _request_id(request)
         try:
-            req = convert.completion_request(body, rid, gateway.adapter_of(body.model), 16,
-                                             time.monotonic())
+            req = convert.completion_request(body, rid, gateway.adapter_of(body.model),
+                                             COMPLETION_MAX_TOKENS, time.monotonic())
         except Exception as e:
             gateway.count_refused(gateway.adapter_of(body.model), outcome(code_of(e)))
             return error_response(e, rid)
@@ -96,8 +98,9 @@ def build_app(gateway: Gateway, files: AdapterFiles, admin_token: str | None) ->
             chunks=lambda out, first: [convert.completion_chunk(r, out, logprobs, tt)],
             usage=lambda last: convert.usage_chunk(r, "text_completion", last))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):  # noqa: ANN201
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest,
+                               request: Request) -> JSONResponse | StreamingResponse:
         rid = _request_id(request)
         try:
             req = convert.chat_request(body, rid, gateway.adapter_of(body.model),

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -55,7 +57,7 @@ class SamplingFields(_Body):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(default=COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = None

@@ -135,7 +135,7 @@ def test_zipf_traffic_matches_one_server_and_lands_on_warm_replicas(
     assert kinds == {"lora", "bottleneck"}
 
 
-def test_unregister_reaches_both_replicas_and_running_streams_finish(ray_server, ray_client):
+def test_unregister_and_replace_reach_both_replicas_streams_finish(ray_server, ray_client):
     url, name = ray_server.metrics_url, "lora2"
     # More long streams than one replica takes (max_ongoing_requests = 4): Ray Serve sends the
     # rest to the other replica, which loads the adapter too.
@@ -157,6 +157,13 @@ def test_unregister_reaches_both_replicas_and_running_streams_finish(ray_server,
     assert name not in {a.name for a in ray_client.list_adapters()}
     ray_client.register_adapter(name, name)  # the name can come back
     assert ray_client.generate("hello", adapter=name, sampling=GREEDY).token_ids
+    # Replaced: every replica serves the new weights from then on.
+    ray_client.register_adapter(name, "lora3", replace=True)
+    want = ray_client.generate("hello", adapter="lora3", sampling=GREEDY).token_ids
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: ray_client.generate(
+            "hello", adapter=name, sampling=GREEDY).token_ids, range(8)))
+    assert got == [want] * 8
 
 
 def _warm(client: Client, url: str, adapter: str) -> None:

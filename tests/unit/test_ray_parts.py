@@ -109,6 +109,7 @@ def test_metrics_carry_a_replica_label_and_the_affinity() -> None:
 
 def test_the_single_process_server_does_not_import_ray() -> None:
     code = ("import sys, peftserve.cli, peftserve.grpc.server, peftserve.ray.config; "
+            "peftserve.cli.build_parser(); "
             "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

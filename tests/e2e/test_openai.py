@@ -15,7 +15,7 @@ import pytest
 from peftserve.client import Client, Sampling
 from tests import adapters as A
 from tests.e2e.conftest import ADMIN_TOKEN
-from tests.e2e.server_process import metric, scrape
+from tests.e2e.server_process import metric, scrape, wait_for
 
 MESSAGES = [{"role": "user", "content": "hello world, how are you today?"}]
 PROMPT = "the quick brown fox"
@@ -190,6 +190,26 @@ def test_http_requests_reach_the_metrics(oai, server):
     oai.completions.create(model="lora", prompt=PROMPT, max_tokens=3, extra_body=NO_EOS)
     after = metric(scrape(server.metrics_url), "peftserve_requests_total", adapter="lora",
                    outcome="length")
+    assert after == before + 1
+
+
+def test_closing_a_stream_aborts_its_request(oai, v1, server, base):
+    """The client hangs up mid-stream: the request stops and its KV blocks are freed at once."""
+    before = metric(scrape(server.metrics_url), "peftserve_requests_total", outcome="cancelled")
+    stream = oai.completions.create(model=base, prompt="cancel me", max_tokens=480, stream=True,
+                                    extra_body=NO_EOS)  # seconds of work on the tiny model
+    for i, _ in enumerate(stream):
+        if i == 20:
+            break
+    assert v1.server_info().load.num_running == 1
+    stream.close()
+
+    def idle() -> bool:
+        load = v1.server_info().load
+        return (load.num_running, load.kv_blocks_used, load.active_streams) == (0, 0, 0)
+
+    wait_for(idle, what="the closed stream's request aborted")
+    after = metric(scrape(server.metrics_url), "peftserve_requests_total", outcome="cancelled")
     assert after == before + 1
 
 

@@ -2,7 +2,8 @@
 
 CUDA tensors go to the Triton kernels, imported on first use (see triton_shrink.py); CPU tensors
 go to the grouped-matmul torch path (cpu_lowrank.py), and LoRA in half precision with packed
-slot weights to the token-by-token C++ op where the C++ CPU kernels are built (cpu_ext.py).
+slot weights to the token-by-token C++ op when the caller says it is loaded (`native`; the CPU
+backend, server/layers/backend.py, knows).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cpu_ext
 from .checks import check_expand_args, check_lowrank_args, check_shrink_args
 from .cpu_lowrank import (
     PackedLora,
@@ -86,6 +86,7 @@ def add_lowrank_delta(
     b_up: torch.Tensor | None = None,  # [S, out_total]
     act: str | None = None,  # "relu" | "silu" | "gelu" | None
     packed: Sequence[PackedLora | None] | None = None,  # CPU, LoRA: the slots' packed weights
+    native: bool = False,  # with `packed`: the C++ CPU op (cpu_ext loaded) instead of torch's
 ) -> torch.Tensor:  # y
     """Shrink then expand: LoRA (no biases, no act) or a bottleneck adapter; y updated in place.
 
@@ -94,11 +95,12 @@ def add_lowrank_delta(
     reference.lowrank_delta_reference.
 
     `packed` (cpu_lowrank.pack_lora of each slot, kept in step with A/B/rank/scale by the
-    caller), in half precision: with the C++ CPU kernels, one call of lora_rows (every token
-    against its slot's packed weights); without them, the by-segment layout runs two matmuls
-    per segment instead of two per (segment, slice), and as a cpu_lowrank.PackedSlots it also
-    allows the fused form (every active slot in two matmuls) where that is cheaper. fp32 (the
-    parity dtype) and the batched decode layout read the stacked buffers.
+    caller), in half precision: with `native` (the C++ CPU kernels loaded), one call of
+    lora_rows (every token against its slot's packed weights); without them, the by-segment
+    layout runs two matmuls per segment instead of two per (segment, slice), and as a
+    cpu_lowrank.PackedSlots it also allows the fused form (every active slot in two matmuls)
+    where that is cheaper. fp32 (the parity dtype) and the batched decode layout read the
+    stacked buffers.
     """
     if meta.is_empty:
         return y
@@ -108,7 +110,7 @@ def add_lowrank_delta(
                 f"x [T, in] and y [T, out] of one dtype, got {x.shape} {x.dtype}, "
                 f"{y.shape} {y.dtype}"
             )
-        if cpu_ext.load():  # each token at its slot's exact rank, one C++ call
+        if native:  # each token at its slot's exact rank, one C++ call
             return lora_delta_rows_cpu(y, x, packed, meta)
         if isinstance(packed, PackedSlots) and lora_delta_fused_cpu(y, x, packed, meta):
             return y

@@ -1,6 +1,6 @@
 """Base weights packed once in oneDNN's blocked layout, for half-precision matmuls on the CPU.
 
-    if packed_linear.enabled(torch.bfloat16, torch.device("cpu")):
+    if packed_linear.supported(torch.bfloat16):
         wp = packed_linear.pack(w)             # [out, in] -> opaque oneDNN tensor, same values
         y = packed_linear.linear(x, wp, bias)  # == F.linear(x, w, bias), bit for bit
 
@@ -14,12 +14,11 @@ _linear_pointwise).
 
 Half precision only: fp32 goes to MKL, whose packed form (torch.ops.mkl._mkl_linear) was not
 faster here and is not bit-equal to F.linear, which the fp32 parity tests rest on. fp16 needs a
-CPU with AVX512-FP16 or AVX-NE-CONVERT. `PEFTSERVE_PACKED_WEIGHTS=0` turns packing off.
+CPU with AVX512-FP16 or AVX-NE-CONVERT. The CPU backend packs unless `PEFTSERVE_PACKED_WEIGHTS=0`
+(layers/backend.py reads it).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -27,10 +26,8 @@ ENV_SWITCH = "PEFTSERVE_PACKED_WEIGHTS"
 _BATCH_HINT = 32  # oneDNN's layout choice; measured the same for hints 1, 32 and 512
 
 
-def enabled(dtype: torch.dtype, device: torch.device) -> bool:
-    """True when weights of `dtype` on `device` are packed (CPU, bf16/fp16 with oneDNN support)."""
-    if device.type != "cpu" or os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
+def supported(dtype: torch.dtype) -> bool:
+    """True when this CPU's oneDNN multiplies `dtype` from packed weights (bf16/fp16)."""
     if not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.bfloat16:

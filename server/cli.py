@@ -51,6 +51,8 @@ _SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--model", str, "'default' (SmolLM2-135M-Instruct) or a local Hugging Face model directory"),
     ("--dtype", str, "auto | float32 | bfloat16 | float16 (auto: bf16 where native)"),
     ("--device", str, "auto | cpu | cuda[:N]"),
+    ("--backend", str, "auto | cpp | torch | triton | reference: who computes the step (auto: "
+                       "triton on CUDA, the C++ kernels on a CPU with a compiler, else torch)"),
     ("--host", str, "gRPC bind address"),
     ("--port", int, "gRPC port (0: any free port; the bound one is printed)"),
     ("--http-port", int, "OpenAI-compatible HTTP API port on --host (unset: off; 0: any free "

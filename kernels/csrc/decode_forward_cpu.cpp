@@ -137,7 +137,8 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
                           int64_t kv_heads, double scale, double eps,
                           at::TensorList delta_tensors, at::IntArrayRef delta_spec,
                           at::ArrayRef<double> delta_scales,
-                          const std::optional<at::Tensor>& sorted_tokens, bool in_order) {
+                          const std::optional<at::Tensor>& sorted_tokens, bool in_order,
+                          bool generic_attention) {
   const int64_t layers = static_cast<int64_t>(input_norm.size());
   TORCH_CHECK(layers >= 1, "decode_forward: no layers");
   check_dense_cpu(h_in, "decode_forward", "h");
@@ -193,7 +194,8 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads);
     const at::Tensor q = qkv.view({T, heads + 2 * kv_heads, D}).narrow(1, 0, heads);
     at::Tensor attn = at::empty({T, heads, D}, h.options());
-    paged_decode_attention(attn, q, cache, block_tables, context_lens, block_size, scale);
+    paged_decode_attention(attn, q, cache, block_tables, context_lens, block_size, scale,
+                           generic_attention);
     const at::Tensor a = attn.view({T, heads * D});
     const at::Tensor o = o_b.empty() ? base_linear(a, o_w[l]) : base_linear(a, o_w[l], o_b[l]);
     deltas.apply(o, a);
@@ -225,7 +227,7 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
       "Tensor final_norm, Tensor(a!) kv_cache, Tensor cos, Tensor sin, Tensor slot_mapping, "
       "Tensor block_tables, Tensor context_lens, int block_size, int heads, int kv_heads, "
       "float scale, float eps, Tensor[] delta_tensors, int[] delta_spec, float[] delta_scales, "
-      "Tensor? sorted_tokens, bool in_order) -> Tensor");
+      "Tensor? sorted_tokens, bool in_order, bool generic_attention=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {

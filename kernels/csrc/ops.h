@@ -7,7 +7,7 @@ namespace peftserve_cpu {
 
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
-                            int64_t block_size, double scale);
+                            int64_t block_size, double scale, bool generic);
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps);
 void add_rms_norm(const at::Tensor& out, const at::Tensor& residual, const at::Tensor& x,
                   const at::Tensor& weight, double eps);

@@ -163,11 +163,7 @@ void decode_attention_kernel(
   });
 }
 
-// PEFTSERVE_CPU_ATTENTION=generic: the plain loops on any CPU (the tests run both paths).
-[[maybe_unused]] inline bool generic_attention() {
-  const char* v = std::getenv("PEFTSERVE_CPU_ATTENTION");
-  return v != nullptr && std::strcmp(v, "generic") == 0;
-}
+// `generic`: the plain loops on any CPU (PEFTSERVE_CPU_ATTENTION=generic; the tests run both).
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -320,7 +316,8 @@ void paged_decode_attention(
     const at::Tensor& block_tables,
     const at::Tensor& context_lens,
     int64_t block_size,
-    double scale) {
+    double scale,
+    bool generic) {
   const char* op = "paged_decode_attention";
   check_dense_cpu(out, op, "out");
   check_dense_cpu(q, op, "q");
@@ -360,7 +357,7 @@ void paged_decode_attention(
       at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
 #if defined(__AVX512F__)
         if (const auto fast = avx512_kernel<scalar_t>(head_dim, heads / kv_heads);
-            fast != nullptr && !generic_attention()) {
+            fast != nullptr && !generic) {
           fast(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
                cache.data_ptr<scalar_t>(), tables, lens, batch, kv_heads, num_slots, max_blocks,
                block_size, static_cast<float>(scale));
@@ -380,7 +377,7 @@ void paged_decode_attention(
 TORCH_LIBRARY(peftserve_cpu, m) {
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_tables, "
-      "Tensor context_lens, int block_size, float scale) -> ()");
+      "Tensor context_lens, int block_size, float scale, bool generic=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {

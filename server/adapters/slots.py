@@ -7,28 +7,23 @@ costs nothing on o/gate/up/down. Buffers are allocated on first use of a module.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
-from peftserve.kernels import SegmentMeta, add_lowrank_delta, cpu_ext
+from peftserve.kernels import SegmentMeta
 from peftserve.kernels.activation import activation_code
 from peftserve.kernels.cpu_lowrank import (
     PackedBottleneck,
     PackedSlots,
-    bottleneck_delta_packed_cpu,
     pack_bottleneck,
     pack_lora,
 )
-from peftserve.kernels.cpu_rows import (
-    bottleneck_delta_rows_cpu,
-    bottleneck_rows_args,
-    lora_rows_args,
-)
+from peftserve.kernels.cpu_rows import bottleneck_rows_args, lora_rows_args
+from peftserve.layers.backend import Backend
+from peftserve.layers.linear import BOTTLENECK_ROWS, LORA_ROWS, DecodePlan
 from peftserve.models.llama import ModelShape
 
 # Fused base projections and the LoRA slices inside each, in output order.
@@ -69,41 +64,36 @@ class DeviceSlots:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
-    ) -> None:
+        backend: Backend,
+    ) -> None:  # fmt: skip
         self.shape, self.num_slots, self.max_rank = shape, num_slots, max_rank
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.backend = dtype, device, backend
         # group -> (in_features, output slice sizes), from the table the LoRA loader checks against
         self._dims = {
             group: (module_dims(shape, projs[0])[0], tuple(module_dims(shape, p)[1] for p in projs))
             for group, projs in GROUPS.items()
         }
         self.lora: dict[tuple[int, str], StackedModule] = {}
-        # CPU only: each slot's LoRA packed per module (cpu_lowrank.PackedLora), rebuilt from the
-        # stacked buffers whenever a slot is written or cleared.
+        # CPU backend only: each slot's LoRA packed per module (cpu_lowrank.PackedLora), rebuilt
+        # from the stacked buffers whenever a slot is written or cleared.
         self.packed: dict[tuple[int, str], PackedSlots] | None = (
-            {} if device.type == "cpu" else None
+            {} if backend.packs_adapters else None
         )
         # Bottlenecks are keyed by activation too: one kernel call applies one activation.
         self.bottleneck: dict[tuple[int, str, str], StackedModule] = {}
-        # CPU only: each slot's bottleneck packed per placement (cpu_lowrank.PackedBottleneck).
+        # CPU backend only: each slot's bottleneck packed per placement (PackedBottleneck).
         self.packed_bottleneck: dict[tuple[int, str, str], list[PackedBottleneck | None]] | None = (
-            {} if device.type == "cpu" else None
+            {} if backend.packs_adapters else None
         )
         self.slot_activation: dict[int, str] = {}
         # Bumped by every write or clear: the last DecodePlan is reused while the step's
         # segments and this stay the same (consecutive decode steps of one batch).
         self.version = 0
         self._plan: tuple[tuple, DecodePlan] | None = None
+        self.plans_built = 0  # DecodePlans built (the rest of the decode_plan() calls reused one)
 
     def _zeros(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-        """Zero-filled storage. On the CPU it comes from calloc (numpy's zeros) as untouched
-        zero pages: a module's buffers for 64 slots of rank 64 are ~1.8 GB on a 135M model,
-        and `torch.zeros` wrote every byte of them (6.8 s) inside the step that first used
-        the module; here pages are only mapped when a slot's rows are written."""
-        if self.device.type != "cpu":
-            return torch.zeros(*shape, dtype=dtype, device=self.device)
-        raw = torch.from_numpy(np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8))
-        return raw.view(dtype).view(*shape)
+        return self.backend.zeros(shape, dtype, self.device)
 
     def _new(self, d_in: int, sizes: tuple[int, ...], bias: bool) -> StackedModule:
         S, R, n, z = self.num_slots, self.max_rank, len(sizes), self._zeros
@@ -194,29 +184,6 @@ class DeviceSlots:
         self.version += 1
 
 
-# Item codes of a DecodePlan (kernels/csrc/decode_forward_cpu.cpp reads the same numbers; it
-# reads activations by kernels.activation.activation_code, as the Triton kernels do).
-LORA_ROWS, BOTTLENECK_ROWS = 2, 3
-
-
-@dataclass
-class DecodePlan:
-    """A step's adapter deltas as the one-call decode stack takes them
-    (kernels/csrc/decode_forward_cpu.cpp): the calls of the token-by-token C++ ops
-    (lowrank_rows_cpu.cpp) that apply() makes in half precision on the CPU, in the same order.
-    For each (layer, projection) in GROUPS order, `spec` holds the number of items, then per
-    item its code and:
-      LORA_ROWS        n_segments, n_slices, the n_slices + 1 slice offsets, then per segment
-                       (row0, row1) and its n_slices ranks; tensors: A, B_blocks per segment
-      BOTTLENECK_ROWS  n_segments, act code, then (row0, row1) per segment;
-                       tensors: A, b_down, B_t, b_up per segment; scales: one per segment
-    Rows are positions in `sorted_tokens` order."""
-
-    tensors: list[torch.Tensor] = field(default_factory=list)
-    spec: list[int] = field(default_factory=list)
-    scales: list[float] = field(default_factory=list)
-
-
 class AdapterHook:
     """The DeltaHook of one step: per-token LoRA deltas and bottleneck updates."""
 
@@ -225,26 +192,29 @@ class AdapterHook:
 
     def decode_plan(self, layers: int) -> DecodePlan | None:
         """The step's deltas as a DecodePlan (what apply() runs in half precision on the CPU
-        with the C++ kernels); None without packed slot weights (fp32, CUDA) or the kernels.
+        with the C++ kernels); None without the backend's one-call decode stack.
         The last plan is reused while the step's segments and the slots' contents are those
         it was built for (building one costs ~1-4 ms on a 30-layer model with 32 adapters)."""
         slots = self.slots
-        if slots.packed is None or slots.packed_bottleneck is None or not cpu_ext.load():
+        if not slots.backend.decode_stack or slots.packed is None:
             return None
+        assert slots.packed_bottleneck is not None  # packed with the LoRAs
         meta = self.meta
         key = (
             slots.version, layers, self.activations, meta.in_order,
             tuple(meta.seg_starts_list), tuple(meta.seg_slots_list),
         )  # fmt: skip
         if slots._plan is not None and slots._plan[0] == key:
-            return slots._plan[1]
+            # Rows are positions in this step's sorted order: the same segments, other tokens.
+            return replace(slots._plan[1], sorted_tokens=meta.sorted_tokens)
         plan = self._build_plan(layers)
+        slots.plans_built += 1
         slots._plan = None if plan is None else (key, plan)
         return plan
 
     def _build_plan(self, layers: int) -> DecodePlan | None:
         slots, meta = self.slots, self.meta
-        plan = DecodePlan()
+        plan = DecodePlan(meta.sorted_tokens, meta.in_order)
         t, spec = plan.tensors, plan.spec
         for layer in range(layers):
             for group in GROUPS:
@@ -281,44 +251,24 @@ class AdapterHook:
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (updated in place)
-        lora = self.slots.lora.get((layer, module))
+        slots, backend = self.slots, self.slots.backend
+        lora = slots.lora.get((layer, module))
         if lora is not None:
-            packed = None if self.slots.packed is None else self.slots.packed[(layer, module)]
-            add_lowrank_delta(
-                y,
-                x,
-                lora.A,
-                lora.B,
-                lora.rank,
-                lora.scale,
-                self.meta,
-                lora.slice_sizes,
-                packed=packed,
-            )
-        half_cpu = not y.is_cuda and y.dtype != torch.float32
+            packed = None if slots.packed is None else slots.packed[(layer, module)]
+            backend.lowrank_delta(y, x, lora.A, lora.B, lora.rank, lora.scale, self.meta,
+                                  lora.slice_sizes, packed)  # fmt: skip
+        # Half precision with packed weights (the CPU backend): exact ranks, token by token;
+        # fp32, the parity dtype, and the other backends read the stacked buffers.
+        packed_bn = slots.packed_bottleneck if y.dtype != torch.float32 else None
         for act in self.activations:
-            pb = None
-            if half_cpu and self.slots.packed_bottleneck is not None:
-                pb = self.slots.packed_bottleneck.get((layer, module, act))
-            if pb is not None:  # half precision on the CPU: exact ranks, token by token in C++
-                if cpu_ext.load():
-                    bottleneck_delta_rows_cpu(y, pb, self.meta)
-                else:  # no compiler: one segment at a time in torch
-                    bottleneck_delta_packed_cpu(y, pb, self.meta)
+            pb = None if packed_bn is None else packed_bn.get((layer, module, act))
+            if pb is not None:
+                backend.bottleneck_rows(y, pb, self.meta)
                 continue
-            bn = self.slots.bottleneck.get((layer, module, act))
+            bn = slots.bottleneck.get((layer, module, act))
             if bn is not None:
                 # The bottleneck reads the sub-layer output it updates: give it a copy.
-                add_lowrank_delta(
-                    y,
-                    y.clone(),
-                    bn.A,
-                    bn.B,
-                    bn.rank,
-                    bn.scale,
-                    self.meta,
-                    bn.slice_sizes,
-                    b_down=bn.b_down,
-                    b_up=bn.b_up,
-                    act=act,
-                )
+                backend.lowrank_delta(
+                    y, y.clone(), bn.A, bn.B, bn.rank, bn.scale, self.meta, bn.slice_sizes,
+                    b_down=bn.b_down, b_up=bn.b_up, act=act,
+                )  # fmt: skip

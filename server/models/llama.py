@@ -14,11 +14,12 @@ from torch.nn import functional as F
 from transformers import PretrainedConfig
 
 from peftserve.errors import UnsupportedModel
-from peftserve.kernels import cpu_ext, packed_linear
-from peftserve.layers.attention import AttentionMetadata, paged_attention, write_kv
+from peftserve.kernels import packed_linear
+from peftserve.layers.attention import AttentionMetadata, paged_attention
+from peftserve.layers.backend import Backend
 from peftserve.layers.linear import AdaptableLinear, DeltaHook
 from peftserve.layers.norm import RMSNorm
-from peftserve.layers.rotary import RotaryEmbedding, apply_rotary
+from peftserve.layers.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,16 @@ class StepContext:
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, layer: int, shape: ModelShape, eps: float, w: dict[str, torch.Tensor]
-    ) -> None:
+        self, layer: int, shape: ModelShape, eps: float, w: dict[str, torch.Tensor],
+        backend: Backend,
+    ) -> None:  # fmt: skip
         super().__init__()
+        self.backend = backend
         q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
         self.scale = shape.head_dim**-0.5
-        self.input_norm = RMSNorm(shape.hidden, eps)
-        self.post_attn_norm = RMSNorm(shape.hidden, eps)
+        self.input_norm = RMSNorm(shape.hidden, eps, backend)
+        self.post_attn_norm = RMSNorm(shape.hidden, eps, backend)
         self.input_norm.weight.data = w["input_layernorm.weight"]
         self.post_attn_norm.weight.data = w["post_attention_layernorm.weight"]
         qkv_bias = None
@@ -96,36 +99,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # h: [T, hidden]; cache: [2, kv_heads, slots, head_dim] for this layer
-        T, D = h.shape[0], self.head_dim
+        T = h.shape[0]
         qkv = self.qkv(self.input_norm(h), ctx.hook)
-        # On the CPU: C++ ops (kernels/csrc/fused_cpu.cpp) for the rotary + cache write (every
-        # dtype: the same roundings as transformers' spelling, fp32 results bit-equal) and, in
-        # half precision, SwiGLU. fp32, the parity dtype, keeps transformers' SwiGLU: another
-        # exp, and 30 layers drift ~1e-4 from it in the logits.
-        cpp = not qkv.is_cuda and cpu_ext.load()
-        fused = cpp and qkv.dtype != torch.float32
-        v = qkv[:, self.q_out + self.kv_out :].view(T, self.kv_heads, D)
-        if cpp:  # one pass: rotary on q and k in place, k and v into their cache slots
-            torch.ops.peftserve_cpu.rotary_and_cache(
-                qkv, ctx.cos[:, 0], ctx.sin[:, 0], cache, ctx.attn.slot_mapping,
-                self.heads, self.kv_heads,
-            )  # fmt: skip
-            q = qkv[:, : self.q_out].view(T, self.heads, D)
-            k = qkv[:, self.q_out : self.q_out + self.kv_out].view(T, self.kv_heads, D)
-        else:
-            # q and k heads side by side: one rotary application for both.
-            qk = apply_rotary(qkv[:, : self.q_out + self.kv_out].view(T, -1, D), ctx.cos, ctx.sin)
-            q, k = qk.split((self.heads, self.kv_heads), dim=1)
-            write_kv(cache, ctx.attn.slot_mapping, k, v)
-        a = paged_attention(q, k, v, cache, ctx.attn, self.scale)
+        q, k, v = self.backend.rotary_and_cache(
+            qkv, ctx.cos, ctx.sin, cache, ctx.attn.slot_mapping, self.heads, self.kv_heads
+        )
+        a = paged_attention(q, k, v, cache, ctx.attn, self.scale, self.backend)
         h = h + self.o(a.reshape(T, self.q_out), ctx.hook)
-        gu = self.gate_up(self.post_attn_norm(h), ctx.hook)
-        if fused:
-            act = gu.new_empty(T, gu.shape[1] // 2)
-            torch.ops.peftserve_cpu.silu_and_mul(act, gu)
-        else:
-            gate, up = gu.chunk(2, dim=-1)
-            act = F.silu(gate) * up
+        act = self.backend.silu_and_mul(self.gate_up(self.post_attn_norm(h), ctx.hook))
         return h + self.down(act, ctx.hook)
 
 
@@ -136,6 +117,7 @@ class LlamaModel(nn.Module):
         state: dict[str, torch.Tensor],
         dtype: torch.dtype,
         device: torch.device,
+        backend: Backend,
     ) -> None:
         super().__init__()
         self.shape = ModelShape.from_config(config)
@@ -150,8 +132,8 @@ class LlamaModel(nn.Module):
         for i in range(self.shape.layers):
             prefix = f"layers.{i}."
             w = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            self.layers.append(DecoderLayer(i, self.shape, eps, w))
-        self.norm = RMSNorm(self.shape.hidden, eps)
+            self.layers.append(DecoderLayer(i, self.shape, eps, w, backend))
+        self.norm = RMSNorm(self.shape.hidden, eps, backend)
         self.norm.weight.data = state["norm.weight"]
         lm_head = state.get("lm_head.weight")
         if lm_head is None or getattr(config, "tie_word_embeddings", False):
@@ -160,7 +142,7 @@ class LlamaModel(nn.Module):
         # CPU half precision: every matmul weight packed for oneDNN (kernels/packed_linear.py;
         # the dense layer weights are dropped, the embedding table stays for the lookups).
         self.lm_head_packed: torch.Tensor | None = None
-        if packed_linear.enabled(dtype, device):
+        if backend.packs_weights(dtype):
             for layer in self.layers:
                 for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
                     lin.pack()
@@ -170,6 +152,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config, self.shape.head_dim, device)
         self.dtype = dtype
         self.device = device
+        self.backend = backend
         self._decode_weights: tuple | None = None
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -204,20 +187,17 @@ class LlamaModel(nn.Module):
             not a.prefills
             and a.num_decodes == h.shape[0]
             and a.decode_lens is not None
-            and self.device.type == "cpu"
-            and cpu_ext.load()
+            and self.backend.decode_stack
         ):
             return None
         if ctx.hook is None:  # fp32 too: the C++ keeps the Python layers' fp32 op sequence
             return [], [], [], None, True
         if self.dtype == torch.float32:  # the plan's forms are the hook's half-precision ones
             return None
-        decode_plan = getattr(ctx.hook, "decode_plan", None)
-        plan = None if decode_plan is None else decode_plan(self.shape.layers)
+        plan = ctx.hook.decode_plan(self.shape.layers)
         if plan is None:
             return None
-        meta = ctx.hook.meta  # type: ignore[attr-defined]
-        return plan.tensors, plan.spec, plan.scales, meta.sorted_tokens, meta.in_order
+        return plan.tensors, plan.spec, plan.scales, plan.sorted_tokens, plan.in_order
 
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -225,7 +205,7 @@ class LlamaModel(nn.Module):
         deltas = self._cpp_decode_plan(h, ctx)
         if deltas is not None:
             a, layer0 = ctx.attn, self.layers[0]
-            return torch.ops.peftserve_cpu.decode_forward(
+            return self.backend.decode_forward(
                 h, *self._cpp_decode_weights(), kv_cache, ctx.cos[:, 0], ctx.sin[:, 0],
                 a.slot_mapping, a.decode_blocks, a.decode_lens, a.block_size,
                 layer0.heads, layer0.kv_heads, layer0.scale, self.norm.eps, *deltas,

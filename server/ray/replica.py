@@ -32,7 +32,6 @@ from peftserve.engine.request import Request, RequestOutput
 from peftserve.engine.stats import EngineStats
 from peftserve.errors import InvalidRequest
 from peftserve.grpc.errors import RequestFailed, code_of, outcome
-from peftserve.grpc.servicer import kernel_backend
 from peftserve.metrics import Metrics
 from peftserve.ray.config import RayConfig
 from peftserve.ray.directory import AdapterRecord, ReplicaReport
@@ -253,7 +252,7 @@ class EngineReplica:
         model = engine.model
         return ReplicaInfo(
             model=engine.config.model, dtype=str(model.dtype).removeprefix("torch."),
-            device=str(model.device), kernel_backend=kernel_backend(model.device),
+            device=str(model.device), kernel_backend=model.backend.name,
             max_model_len=engine.max_model_len, max_new_tokens=engine.config.max_new_tokens_limit,
             max_waiting=engine.config.max_waiting, max_num_seqs=engine.config.max_num_seqs,
             stats=await self.engine.stats())

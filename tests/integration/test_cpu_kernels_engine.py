@@ -11,90 +11,77 @@ import torch
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.kernels import cpu_ext, packed_linear
+from peftserve.layers.backend import Backend, CpuBackend
 from peftserve.models.llama import LlamaModel
+from peftserve.models.loader import load_config, load_state_dict
+from tests.backends import counted_cpu_backend
 from tests.integration.test_batching import make_requests, tokens
 
+CPU = torch.device("cpu")
 
-def run(path, dtype: str) -> dict[str, list[int]]:
+
+def run(path, dtype: str, backend: Backend | None = None) -> dict[str, list[int]]:
     eng = Engine.from_config(
         EngineConfig(model=str(path), dtype=dtype, device="cpu", block_size=4,
-                     num_kv_blocks=256, max_num_batched_tokens=64)
+                     num_kv_blocks=256, max_num_batched_tokens=64),
+        backend,
     )  # fmt: skip
     return tokens(eng.generate(make_requests(12, seed=4)))
 
 
-def spy_on_cpp_decode(monkeypatch, with_adapters: bool = False) -> list[bool]:
-    """Records, per forward, whether the one-call decode stack ran it (and, with
-    `with_adapters`, with adapter deltas)."""
-    used: list[bool] = []
-    real = LlamaModel._cpp_decode_plan
-
-    def spy(self, h, ctx):
-        plan = real(self, h, ctx)
-        used.append(plan is not None and (ctx.hook is not None or not with_adapters))
-        return plan
-
-    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", spy)
-    return used
-
-
 def require_packing() -> None:
-    if not packed_linear.enabled(torch.bfloat16, torch.device("cpu")):
+    if not packed_linear.supported(torch.bfloat16):
         pytest.skip("this CPU's oneDNN has no bf16 matmul to pack for")
 
 
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
-def test_packed_weights_give_the_dense_weights_tokens(model, request, monkeypatch):
+def test_packed_weights_give_the_dense_weights_tokens(model, request):
     """bf16 on the CPU serves from oneDNN-packed weights; the tokens are those of the dense
     weights, prefill and decode, with and without the one-call stack."""
     require_packing()
     path = request.getfixturevalue(model)
-    calls = []
-    real = packed_linear.linear
-    monkeypatch.setattr(packed_linear, "linear", lambda *a: calls.append(1) or real(*a))
-    packed = run(path, "bfloat16")
-    assert calls, "no matmul ran on packed weights"
-    monkeypatch.setenv(packed_linear.ENV_SWITCH, "0")
-    calls.clear()
-    dense = run(path, "bfloat16")
-    assert not calls
+    packed = run(path, "bfloat16", CpuBackend(native=cpu_ext.load()))
+    dense = run(path, "bfloat16", CpuBackend(native=cpu_ext.load(), packed_weights=False))
     assert sum(len(t) for t in dense.values()) > 100
     assert packed == dense
-    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
-    assert run(path, "bfloat16") == dense
+    layers = CpuBackend(native=cpu_ext.load(), decode_stack=False)
+    assert run(path, "bfloat16", layers) == dense
 
 
-def test_same_tokens_with_and_without_the_cpp_kernels(tiny_llama_dir, monkeypatch):
-    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
-    calls = []
-    real = cpu_ext.load
-    monkeypatch.setattr(cpu_ext, "load", lambda: calls.append(1) or real())
-    with_kernels = run(tiny_llama_dir, "float32")
-    assert calls, "the engine never asked for the C++ kernels"
-    monkeypatch.setattr(cpu_ext, "_state", False)
-    without = run(tiny_llama_dir, "float32")
+def test_the_backends_pack_the_weights_they_say(tiny_llama_dir):
+    require_packing()
+    config, state = load_config(tiny_llama_dir), load_state_dict(tiny_llama_dir)
+    model = LlamaModel(config, state, torch.bfloat16, CPU, CpuBackend(native=False))
+    assert model.lm_head_packed is not None
+    assert all(layer.qkv.packed is not None and layer.qkv.weight is None for layer in model.layers)
+    model = LlamaModel(config, state, torch.bfloat16, CPU, Backend())
+    assert model.lm_head_packed is None and all(x.qkv.packed is None for x in model.layers)
+
+
+def test_same_tokens_with_and_without_the_cpp_kernels(tiny_llama_dir):
+    backend, calls = counted_cpu_backend()
+    with_kernels = run(tiny_llama_dir, "float32", backend)
+    assert calls["paged_decode_attention"] and calls["decode_forward"]
+    without = run(tiny_llama_dir, "float32", CpuBackend(native=False))
+    reference = run(tiny_llama_dir, "float32", Backend())
     assert sum(len(t) for t in without.values()) > 100
-    assert with_kernels == without
+    assert with_kernels == without == reference
 
 
 @pytest.mark.parametrize(
     "dtype,packed", [("bfloat16", True), ("bfloat16", False), ("float32", False)]
 )
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
-def test_one_call_decode_stack_gives_the_python_layers_tokens(
-    model, dtype, packed, request, monkeypatch
-):
+def test_one_call_decode_stack_gives_the_python_layers_tokens(model, dtype, packed, request):
     path = request.getfixturevalue(model)
-    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     if packed:  # weights packed for oneDNN (kernels/packed_linear.py), as bf16 serves here
         require_packing()
-    else:
-        monkeypatch.setenv(packed_linear.ENV_SWITCH, "0")
-    used = spy_on_cpp_decode(monkeypatch)
-    one_call = run(path, dtype)
-    assert any(used) and not all(used)  # decode-only steps took it, prefill steps did not
-    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
-    assert run(path, dtype) == one_call
+    backend, calls = counted_cpu_backend(packed_weights=packed)
+    one_call = run(path, dtype, backend)
+    # decode-only steps took it, prefill steps did not (they ran the layers' ops)
+    assert calls["decode_forward"] and calls["rotary_and_cache"]
+    layers = CpuBackend(native=True, packed_weights=packed, decode_stack=False)
+    assert run(path, dtype, layers) == one_call
 
 
 @pytest.fixture(scope="module")
@@ -127,40 +114,38 @@ def lora_dirs(tiny_llama_dir, tmp_path_factory):
     ],
 )
 def test_one_call_decode_stack_with_adapter_deltas_gives_the_python_layers_tokens(
-    tiny_llama_dir, lora_dirs, names, monkeypatch
+    tiny_llama_dir, lora_dirs, names
 ):
     from tests.integration.test_adapter_batching import engine_with, requests
     from tests.integration.test_adapter_batching import tokens as adapter_tokens
 
-    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
-    engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16")
-    used = spy_on_cpp_decode(monkeypatch, with_adapters=True)
+    backend, calls = counted_cpu_backend()
+    engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16", backend=backend)
     one_call = adapter_tokens(engine.generate(requests(names, seed=3)))
-    assert any(used)  # decode steps with adapters took the one-call stack
-    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
+    assert engine.slots.plans_built  # decode steps with adapters took the one-call stack
+    assert calls["decode_forward"]
+    layers = CpuBackend(native=True, decode_stack=False)
+    engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16", backend=layers)
     assert adapter_tokens(engine.generate(requests(names, seed=3))) == one_call
 
 
 def test_one_call_decode_stack_reuses_its_plan_only_while_the_slots_hold_the_same_adapters(
-    tiny_llama_dir, lora_dirs, monkeypatch
+    tiny_llama_dir, lora_dirs
 ):
     """Consecutive decode steps of one batch reuse the step's DecodePlan; with 2 slots for 7
     adapters, slots are rewritten mid-run (the same slot indices, other weights) and every
     request's tokens stay those of the Python layers, which read the slots directly."""
-    from peftserve.adapters.slots import AdapterHook
     from tests.integration.test_adapter_batching import engine_with, requests
     from tests.integration.test_adapter_batching import tokens as adapter_tokens
 
-    builds, calls = [], []
-    real_build, real_plan = AdapterHook._build_plan, AdapterHook.decode_plan
-    monkeypatch.setattr(AdapterHook, "_build_plan",
-                        lambda self, n: builds.append(1) or real_build(self, n))  # fmt: skip
-    monkeypatch.setattr(AdapterHook, "decode_plan",
-                        lambda self, n: calls.append(1) or real_plan(self, n))  # fmt: skip
-    engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16", max_loras=2)
+    backend, calls = counted_cpu_backend()
+    engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16", max_loras=2,
+                         backend=backend)  # fmt: skip
     names = list(lora_dirs) * 2
     one_call = adapter_tokens(engine.generate(requests(names, seed=5)))
     assert engine.adapters.evictions > 0
-    assert 0 < len(builds) < len(calls)  # some steps reused the plan, and not all
-    monkeypatch.setattr(LlamaModel, "_cpp_decode_plan", lambda self, h, ctx: None)
+    # some decode steps with adapters reused the plan, and not all
+    assert 0 < engine.slots.plans_built < calls["decode_forward"]
+    layers = CpuBackend(native=True, decode_stack=False)
+    engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16", max_loras=2, backend=layers)
     assert adapter_tokens(engine.generate(requests(names, seed=5))) == one_call

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from peftserve.kernels import add_lowrank_delta, build_segment_meta, cpu_ext
+from peftserve.kernels import add_lowrank_delta, build_segment_meta
 from peftserve.kernels.cpu_lowrank import (
     PackedSlots,
     bottleneck_delta_packed_cpu,
@@ -207,11 +207,10 @@ def _packed_slots(case) -> PackedSlots:
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), [BF16_TOL, FP16_TOL])
-def test_cpu_fused_lora_matches_reference_on_decode(dtype, atol, rtol, monkeypatch):
+def test_cpu_fused_lora_matches_reference_on_decode(dtype, atol, rtol):
     """A decode step (one token per slot, shuffled, some idle tokens) through the fused form:
     every active slot's packed columns in two matmuls, a mask keeping each token's own. The
-    dispatcher takes it where the C++ kernels are not built (else lora_rows)."""
-    monkeypatch.setattr(cpu_ext, "_state", False)
+    dispatcher takes it without the C++ kernels (`native`, else lora_rows)."""
     case = make_case(
         n_tokens=24, d_in=576, slice_sizes=SMOLLM2_QKV, n_slots=32, max_rank=16, dtype=dtype,
         layout="decode", garbage=1e4,

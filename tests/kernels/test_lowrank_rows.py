@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from peftserve.kernels import add_lowrank_delta, build_segment_meta, cpu_ext, dispatch
+from peftserve.kernels import add_lowrank_delta, build_segment_meta, cpu_ext
 from peftserve.kernels.cpu_rows import bottleneck_delta_rows_cpu, lora_delta_rows_cpu
 from tests.kernels.lowrank_cases import (
     assert_close,
@@ -51,7 +51,7 @@ def test_lora_rows_match_reference(layout, seg_len, dtype):
     assert_untouched_rows(y, case.y, case.token_slot)
     y2 = case.y.clone()
     add_lowrank_delta(y2, case.x, case.A, case.B, case.rank, case.scale, case.meta,
-                      case.slice_sizes, packed=packed)  # fmt: skip
+                      case.slice_sizes, packed=packed, native=True)  # fmt: skip
     assert torch.equal(y2, y)
 
 
@@ -118,15 +118,17 @@ def test_bottleneck_rows_in_place_equal_gather_scatter_bitwise():
     assert not torch.equal(y1, case.y)
 
 
-def test_without_the_kernels_the_dispatcher_keeps_the_torch_forms(monkeypatch):
+def test_without_the_kernels_the_dispatcher_keeps_the_torch_forms():
     case = make_case(n_tokens=24, d_in=576, slice_sizes=SMOLLM2_QKV, n_slots=32, max_rank=16,
                      dtype=torch.bfloat16, layout="decode", garbage=1e4)  # fmt: skip
-    monkeypatch.setattr(cpu_ext, "_state", False)
-    monkeypatch.setattr(dispatch, "lora_delta_rows_cpu", None)  # must not be reached
-    y = case.y.clone()
+    packed = packed_loras(case)
+    y, rows = case.y.clone(), case.y.clone()
     add_lowrank_delta(y, case.x, case.A, case.B, case.rank, case.scale, case.meta,
-                      case.slice_sizes, packed=packed_loras(case))  # fmt: skip
+                      case.slice_sizes, packed=packed)  # fmt: skip
     assert_close(y, reference_y(case), 6e-2, 3e-2)
+    add_lowrank_delta(rows, case.x, case.A, case.B, case.rank, case.scale, case.meta,
+                      case.slice_sizes, packed=packed, native=True)  # fmt: skip
+    assert not torch.equal(y, rows)  # the torch forms round twice: not the C++ op's numbers
 
 
 def _small_args():

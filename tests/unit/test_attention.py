@@ -9,9 +9,10 @@ from torch.nn import functional as F
 from peftserve.layers.attention import decode_attention, masked_gqa_attention
 
 
+@pytest.mark.parametrize("matmuls", [False, True])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("B, Q, L", [(5, 1, 37), (1, 9, 23)])
-def test_masked_gqa_attention_matches_sdpa(dtype, atol, B, Q, L):
+def test_masked_gqa_attention_matches_sdpa(dtype, atol, B, Q, L, matmuls):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, 6, Q, 16, generator=g)
     k, v = torch.randn(B, 2, L, 16, generator=g), torch.randn(B, 2, L, 16, generator=g)
@@ -22,13 +23,15 @@ def test_masked_gqa_attention_matches_sdpa(dtype, atol, B, Q, L):
     ref = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask[:, None], enable_gqa=True, scale=0.25
     )
-    out = masked_gqa_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask[:, None, None], 0.25)
+    out = masked_gqa_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask[:, None, None], 0.25,
+                               matmuls)  # fmt: skip
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("matmuls", [False, True])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_decode_attention_over_head_major_blocks_matches_sdpa(dtype, atol):
+def test_decode_attention_over_head_major_blocks_matches_sdpa(dtype, atol, matmuls):
     # 5 sequences, one query each, 6 query heads sharing 2 KV heads, contexts of up to 37
     # tokens; K/V laid out [kv_heads, B, L, head_dim] as the head-major cache gathers them.
     g = torch.Generator().manual_seed(1)
@@ -42,7 +45,7 @@ def test_decode_attention_over_head_major_blocks_matches_sdpa(dtype, atol):
         enable_gqa=True, scale=0.25,
     )[:, :, 0]
     out = decode_attention(q.to(dtype), k.to(dtype), v.to(dtype),
-                           mask[:, None, None, None], 0.25)
+                           mask[:, None, None, None], 0.25, matmuls)
     assert out.shape == (B, 6, 16) and out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
     # What the cache holds past a sequence's length (zeros or an earlier sequence's finite K/V)
@@ -52,5 +55,5 @@ def test_decode_attention_over_head_major_blocks_matches_sdpa(dtype, atol):
         k2[:, b, lens[b]:] = 1e4
         v2[:, b, lens[b]:] = -3e3
     out2 = decode_attention(q.to(dtype), k2.to(dtype), v2.to(dtype),
-                            mask[:, None, None, None], 0.25)
+                            mask[:, None, None, None], 0.25, matmuls)
     torch.testing.assert_close(out2, out, atol=0, rtol=0)

@@ -13,8 +13,10 @@ import torch
 from torch.nn import functional as F
 
 from peftserve.kernels import cpu_ext
+from peftserve.layers.backend import CpuBackend
 from peftserve.layers.norm import RMSNorm
 from peftserve.layers.rotary import apply_rotary
+from tests.backends import counted_cpu_backend
 
 # bf16: equal up to 1e-30 (an exp clamped at -87 leaves silu(-100) at -1e-36 where torch has a
 # denormal); any difference at a normal magnitude fails.
@@ -118,13 +120,14 @@ def test_bad_arguments_raise_a_clear_error(ops):
         ops.rotary_and_cache(torch.randn(2, 20), cs, cs, cache, torch.tensor([0, 1]), 2, 1)
 
 
-def test_rms_norm_module_takes_the_op_on_the_cpu(ops, monkeypatch):
-    norm = RMSNorm(32, 1e-6)
-    norm.weight.data = torch.randn(32).bfloat16()
+def test_rms_norm_module_takes_the_op_on_the_cpu(ops):
+    backend, calls = counted_cpu_backend()
+    weight = torch.randn(32).bfloat16()
     x = torch.randn(5, 32).bfloat16()
-    calls, real = [], ops.rms_norm
-    monkeypatch.setattr(ops, "rms_norm", lambda *a: calls.append(1) or real(*a), raising=False)
+    norm = RMSNorm(32, 1e-6, backend)
+    norm.weight.data = weight
     fused = norm(x)
-    assert calls == [1]
-    monkeypatch.setattr(cpu_ext, "_state", False)  # as without a compiler: the torch path
-    assert torch.equal(norm(x), fused) and calls == [1]
+    assert calls["rms_norm"] == 1
+    plain = RMSNorm(32, 1e-6, CpuBackend(native=False))  # as without a compiler: torch's
+    plain.weight.data = weight
+    assert torch.equal(plain(x), fused) and calls["rms_norm"] == 1

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from peftserve.kernels import cpu_ext
-from peftserve.layers import attention
 from peftserve.layers.attention import AttentionMetadata, paged_attention
+from peftserve.layers.backend import CpuBackend
+from tests.backends import counted_cpu_backend
 
 
 @pytest.fixture(params=["default", "generic"])
@@ -22,9 +23,8 @@ def op(request, monkeypatch):
     """The op as built here (AVX-512 code for head_dim 64/128 where the CPU has it) and its
     plain loops (what CPUs without AVX-512 and other shapes run)."""
     assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
-    if request.param == "generic":
-        monkeypatch.setenv("PEFTSERVE_CPU_ATTENTION", "generic")
-    return torch.ops.peftserve_cpu.paged_decode_attention
+    generic = request.param == "generic"
+    return lambda *args: torch.ops.peftserve_cpu.paged_decode_attention(*args, generic)
 
 
 def make_case(B, heads, kv_heads, D, bs, max_len, dtype, seed=0):
@@ -117,7 +117,7 @@ def test_reads_q_through_its_strides(op):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_takes_the_kernel_and_agrees_with_the_torch_path(dtype, monkeypatch):
+def test_paged_attention_takes_the_kernel_and_agrees_with_the_torch_path(dtype):
     # A decode step of 4 sequences as the model runner describes it (block tables, mask, lens).
     B, bs, L = 4, 4, 21
     q, cache, tables, lens = make_case(B, 6, 2, 16, bs, L, dtype, seed=7)
@@ -134,21 +134,12 @@ def test_paged_attention_takes_the_kernel_and_agrees_with_the_torch_path(dtype, 
         prefills=(),
     )
     k = v = torch.empty(B, 2, 16, dtype=dtype)  # already in the cache; unused by decodes
-    calls = []
-    real = torch.ops.peftserve_cpu.paged_decode_attention
-
-    class Spy:
-        @staticmethod
-        def paged_decode_attention(*args):
-            calls.append(1)
-            return real(*args)
-
-    monkeypatch.setattr(attention.torch.ops, "peftserve_cpu", Spy, raising=False)
-    ours = paged_attention(q, k, v, cache, meta, 0.25)
-    assert calls, "a CPU decode step did not use the C++ kernel"
-    monkeypatch.setattr(cpu_ext, "_state", False)  # as without a compiler
-    torch_path = paged_attention(q, k, v, cache, meta, 0.25)
-    assert len(calls) == 1
+    backend, calls = counted_cpu_backend()
+    ours = paged_attention(q, k, v, cache, meta, 0.25, backend)
+    assert calls["paged_decode_attention"] == 1, "a CPU decode step did not use the C++ kernel"
+    # as without a compiler: the torch path
+    torch_path = paged_attention(q, k, v, cache, meta, 0.25, CpuBackend(native=False))
+    assert calls["paged_decode_attention"] == 1
     atol = 1e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.float(), torch_path.float(), atol=atol, rtol=0)
 

@@ -11,12 +11,10 @@ from torch.nn import functional as F
 from peftserve.kernels import packed_linear
 from peftserve.layers.linear import AdaptableLinear
 
-CPU = torch.device("cpu")
-
 
 @pytest.fixture(autouse=True)
 def _needs_bf16_packing():
-    if not packed_linear.enabled(torch.bfloat16, CPU):
+    if not packed_linear.supported(torch.bfloat16):
         pytest.skip("this CPU's oneDNN has no bf16 matmul to pack for")
 
 
@@ -39,12 +37,15 @@ def test_packed_linear_equals_f_linear_bit_for_bit(out_f, in_f, bias):
     assert torch.equal(packed_linear.linear(strided, wp, b), F.linear(strided, w, b))
 
 
-def test_packing_is_for_cpu_half_precision_only(monkeypatch):
-    assert packed_linear.enabled(torch.bfloat16, CPU)
-    assert not packed_linear.enabled(torch.float32, CPU)  # fp32: MKL, kept as F.linear
-    assert not packed_linear.enabled(torch.bfloat16, torch.device("cuda"))
-    monkeypatch.setenv(packed_linear.ENV_SWITCH, "0")
-    assert not packed_linear.enabled(torch.bfloat16, CPU)
+def test_packing_is_for_cpu_half_precision_only():
+    from peftserve.layers.backend import Backend, CpuBackend
+
+    assert packed_linear.supported(torch.bfloat16)
+    assert not packed_linear.supported(torch.float32)  # fp32: MKL, kept as F.linear
+    assert CpuBackend(native=False).packs_weights(torch.bfloat16)
+    assert not CpuBackend(native=False).packs_weights(torch.float32)
+    assert not CpuBackend(native=False, packed_weights=False).packs_weights(torch.bfloat16)
+    assert not Backend().packs_weights(torch.bfloat16)  # the reference: dense weights
 
 
 def test_adaptable_linear_holds_the_packed_weight_and_applies_its_hook():

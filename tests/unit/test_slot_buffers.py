@@ -7,7 +7,11 @@ import torch
 
 from peftserve.adapters.lora import LoraModule, LoraWeights
 from peftserve.adapters.slots import DeviceSlots
+from peftserve.kernels import cpu_ext
+from peftserve.layers.backend import CpuBackend
 from peftserve.models.llama import ModelShape
+
+CPU = torch.device("cpu")
 
 SHAPE = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16,
                    vocab=100, max_positions=128)  # fmt: skip
@@ -25,7 +29,7 @@ def lora(r: int, seed: int) -> LoraWeights:
 
 def test_new_buffers_are_zero_and_a_smaller_rank_leaves_zeros_past_it():
     slots = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16,
-                        device=torch.device("cpu"))  # fmt: skip
+                        device=CPU, backend=CpuBackend(native=cpu_ext.load()))  # fmt: skip
     slots.write_lora(2, lora(12, seed=0))
     qkv, down = slots.lora[(1, "qkv")], slots.lora[(1, "down")]
     for buf in (qkv, down):  # fresh storage: only slot 2's written rows are non-zero
@@ -50,22 +54,26 @@ def test_decode_plan_is_reused_only_until_a_slot_is_written():
     steps with the same segments; rewriting a slot the step uses, with the same segments,
     must give a plan of the new weights."""
     from peftserve.adapters.slots import AdapterHook
-    from peftserve.kernels import build_segment_meta, cpu_ext
+    from peftserve.kernels import build_segment_meta
 
     assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     slots = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16,
-                        device=torch.device("cpu"))  # fmt: skip
+                        device=CPU, backend=CpuBackend(native=cpu_ext.load()))  # fmt: skip
     slots.write_lora(1, lora(8, seed=0))
     meta = build_segment_meta(torch.tensor([1, -1, 1]))
     plan = AdapterHook(slots, meta, ()).decode_plan(SHAPE.layers)
-    assert AdapterHook(slots, meta, ()).decode_plan(SHAPE.layers) is plan  # the next step
+    again = AdapterHook(slots, meta, ()).decode_plan(SHAPE.layers)  # the next step: reused
+    assert again.tensors is plan.tensors and slots.plans_built == 1
     assert any(t is slots.packed[(1, "qkv")][1].A for t in plan.tensors)
     slots.write_lora(1, lora(8, seed=1))  # same slot, same rank, other weights
     new = AdapterHook(slots, meta, ()).decode_plan(SHAPE.layers)
-    assert new is not plan
+    assert new.tensors is not plan.tensors and slots.plans_built == 2
     assert any(t is slots.packed[(1, "qkv")][1].A for t in new.tensors)
     assert not any(t is slots.packed[(1, "qkv")][1].A for t in plan.tensors)
     same_segments = AdapterHook(slots, build_segment_meta(torch.tensor([1, 1, -1])), ())
-    assert same_segments.decode_plan(SHAPE.layers) is new  # rows come apart from the plan
+    reused = same_segments.decode_plan(SHAPE.layers)  # rows come apart from the plan
+    assert reused.tensors is new.tensors and slots.plans_built == 2
+    assert torch.equal(reused.sorted_tokens, torch.tensor([0, 1]))  # this step's rows
     other = AdapterHook(slots, build_segment_meta(torch.tensor([1, 1, 1])), ())
-    assert other.decode_plan(SHAPE.layers) is not new  # other segments: another plan
+    assert other.decode_plan(SHAPE.layers).tensors is not new.tensors  # other segments
+    assert slots.plans_built == 3

@@ -1,0 +1,273 @@
+"""The step's ops on one device, chosen once when the engine is built.
+
+    backend = select_backend("auto", device)   # CpuBackend | TritonBackend | Backend (reference)
+    h = backend.rms_norm(x, weight, eps)
+
+Layers, the model, the sampler and the adapter hook call their backend and never ask which
+device they are on. Three kinds, like vLLM's punica selector but an object passed down:
+
+- `Backend`, the reference: plain torch on any device, every dtype, dense weights, the adapters'
+  stacked buffers. The oracle, and what a test picks to compare the others with.
+- `CpuBackend`: the C++ ops of kernels/csrc (norms, rotary + KV write, SwiGLU, decode attention
+  reading KV blocks in place, argmax, token-by-token adapter deltas, the one-call decode stack),
+  bf16/fp16 base weights packed once for oneDNN, each adapter's weights packed per slot. Without
+  a compiler (`native=False`, named "torch") its ops are the reference's and the adapters take
+  the packed torch forms.
+- `TritonBackend`: the reference's torch ops with the Triton low-rank kernels for the adapters.
+
+The environment switches are read here, once, by `select_backend`: PEFTSERVE_CPU_KERNELS=0
+(no C++ ops), PEFTSERVE_PACKED_WEIGHTS=0 (dense weights), PEFTSERVE_CPU_ATTENTION=generic (the
+decode attention's plain loops instead of its AVX-512 code).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from peftserve.config import BACKENDS
+from peftserve.kernels import add_lowrank_delta, cpu_ext, packed_linear
+from peftserve.kernels.checks import check_lowrank_args
+from peftserve.kernels.cpu_lowrank import (
+    PackedBottleneck,
+    PackedLora,
+    bottleneck_delta_packed_cpu,
+    lowrank_delta_cpu,
+)
+from peftserve.kernels.cpu_rows import bottleneck_delta_rows_cpu
+from peftserve.kernels.segment_meta import SegmentMeta
+from peftserve.layers.attention import AttentionMetadata, decode_attention, write_kv
+from peftserve.layers.rotary import apply_rotary
+
+ENV_CPU_ATTENTION = "PEFTSERVE_CPU_ATTENTION"
+
+
+class Backend:
+    """The reference: plain torch on any device."""
+
+    name = "reference"
+    packs_adapters = False  # adapters' weights packed per slot beside the stacked buffers
+    decode_stack = False  # a decode-only step's whole stack in one call (decode_forward)
+
+    def packs_weights(self, dtype: torch.dtype) -> bool:
+        """True when base matmul weights of `dtype` are held packed (packed_linear)."""
+        return False
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Zero-filled storage for the adapters' slot buffers."""
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden], in fp32 as transformers' Llama computes it
+        return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+    def rotary_and_cache(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+        slot_mapping: torch.Tensor, heads: int, kv_heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """qkv: [T, (heads + 2 kv_heads) * D]; cos, sin: [T, 1, D]; cache: [2, kv_heads, slots,
+        D]. Rotates q and k, writes k and v to their cache slots; -> q [T, heads, D] and k, v
+        [T, kv_heads, D]."""
+        T, D = qkv.shape[0], cache.shape[-1]
+        q_out, kv_out = heads * D, kv_heads * D
+        v = qkv[:, q_out + kv_out :].view(T, kv_heads, D)
+        # q and k heads side by side: one rotary application for both.
+        qk = apply_rotary(qkv[:, : q_out + kv_out].view(T, -1, D), cos, sin)
+        q, k = qk.split((heads, kv_heads), dim=1)
+        write_kv(cache, slot_mapping, k, v)
+        return q, k, v
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # gate_up: [T, 2 * I] -> [T, I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def decode_attention(
+        self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """q: [nd, heads, D] (one token per decoding sequence, its K/V already in `cache`)
+        -> [nd, heads, D]."""
+        assert meta.decode_blocks is not None and meta.decode_mask is not None
+        # Gather whole blocks (one index per block, not per token): [2, kv_heads, nd, ctx, dim]
+        blocks = cache.unflatten(2, (-1, meta.block_size))[:, :, meta.decode_blocks].flatten(3, 4)
+        matmuls = self.matmul_attention(q.dtype)
+        return decode_attention(q, blocks[0], blocks[1], meta.decode_mask, scale, matmuls)
+
+    def matmul_attention(self, dtype: torch.dtype) -> bool:
+        """True where torch attention runs faster as two matmuls than as SDPA with a mask."""
+        return False
+
+    def argmax_rows(self, logits: torch.Tensor) -> list[int]:
+        """Each row's argmax, as logits.argmax(-1) (the first index on ties, NaN first)."""
+        return logits.argmax(dim=-1).tolist()
+
+    def lowrank_delta(
+        self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+        rank: torch.Tensor, scale: torch.Tensor, meta: SegmentMeta,
+        slice_sizes: tuple[int, ...], packed: Sequence[PackedLora | None] | None = None,
+        **bottleneck: Any,
+    ) -> None:  # fmt: skip
+        """y += each token's slot's delta, in place (kernels/dispatch.add_lowrank_delta's
+        arguments; `bottleneck`: b_down, b_up, act). `packed` is ignored here: the reference
+        reads the stacked buffers."""
+        if meta.is_empty:
+            return
+        b_down, b_up, act = (bottleneck.get(k) for k in ("b_down", "b_up", "act"))
+        check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
+        lowrank_delta_cpu(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
+
+    def bottleneck_rows(
+        self, y: torch.Tensor, packed: Sequence[PackedBottleneck | None], meta: SegmentMeta
+    ) -> None:
+        """A placement's bottleneck adapters from their packed weights (packs_adapters only)."""
+        raise NotImplementedError(f"the {self.name} backend keeps no packed adapter weights")
+
+    def decode_forward(self, *args: Any) -> torch.Tensor:
+        """kernels/csrc/decode_forward_cpu.cpp's op (decode_stack only)."""
+        raise NotImplementedError(f"the {self.name} backend has no one-call decode stack")
+
+
+REFERENCE = Backend()  # stateless: one serves every caller
+
+
+class TritonBackend(Backend):
+    """CUDA: the reference's torch ops; adapter deltas through the Triton kernels."""
+
+    name = "triton"
+
+    def lowrank_delta(
+        self, y: Tensor, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor,
+        meta: SegmentMeta, slice_sizes: tuple[int, ...],
+        packed: Sequence[PackedLora | None] | None = None, **bottleneck: Any,
+    ) -> None:  # fmt: skip
+        add_lowrank_delta(y, x, A, B, rank, scale, meta, slice_sizes, **bottleneck)
+
+
+class CpuBackend(Backend):
+    """The CPU: the C++ ops where they are built (`native`), packed weights."""
+
+    packs_adapters = True
+
+    def __init__(
+        self, *, native: bool, packed_weights: bool = True, generic_attention: bool = False,
+        decode_stack: bool = True,
+    ) -> None:  # fmt: skip
+        self.native = native
+        self.name = "cpp" if native else "torch"
+        self.packed_weights = packed_weights
+        self.generic_attention = generic_attention
+        self.decode_stack = native and decode_stack
+        self.ops = torch.ops.peftserve_cpu if native else None
+
+    def packs_weights(self, dtype: torch.dtype) -> bool:
+        return self.packed_weights and packed_linear.supported(dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """From calloc (numpy's zeros) as untouched zero pages: a module's slot buffers for 64
+        slots of rank 64 are ~1.8 GB on a 135M model, and `torch.zeros` wrote every byte of
+        them (6.8 s) inside the step that first used the module; here pages are only mapped
+        when a slot's rows are written."""
+        raw = torch.from_numpy(np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8))
+        return raw.view(dtype).view(*shape)
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        # Half precision: one C++ pass with the same roundings (bf16 bit-equal); fp32, the
+        # parity dtype, keeps transformers' op sequence.
+        if self.native and x.dtype != torch.float32 and x.is_contiguous():
+            out = torch.empty_like(x)
+            self.ops.rms_norm(out, x, weight, eps)
+            return out
+        return super().rms_norm(x, weight, eps)
+
+    def rotary_and_cache(
+        self, qkv: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, slot_mapping: Tensor,
+        heads: int, kv_heads: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        # One pass in every dtype (fp32 results bit-equal to the torch spelling): rotary on q
+        # and k in place, k and v into their cache slots.
+        if not self.native:
+            return super().rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads)
+        T, D = qkv.shape[0], cache.shape[-1]
+        self.ops.rotary_and_cache(qkv, cos[:, 0], sin[:, 0], cache, slot_mapping, heads, kv_heads)
+        q, k, v = qkv.view(T, heads + 2 * kv_heads, D).split((heads, kv_heads, kv_heads), dim=1)
+        return q, k, v
+
+    def silu_and_mul(self, gate_up: Tensor) -> Tensor:
+        # fp32 keeps transformers' SwiGLU: another exp, and 30 layers drift ~1e-4 from it.
+        if not self.native or gate_up.dtype == torch.float32:
+            return super().silu_and_mul(gate_up)
+        act = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        self.ops.silu_and_mul(act, gate_up)
+        return act
+
+    def decode_attention(
+        self, q: Tensor, cache: Tensor, meta: AttentionMetadata, scale: float
+    ) -> Tensor:
+        if not self.native or meta.decode_lens is None:
+            return super().decode_attention(q, cache, meta, scale)
+        # Reads each sequence's blocks in place (kernels/csrc/paged_attention_cpu.cpp).
+        out = torch.empty_like(q)
+        self.ops.paged_decode_attention(
+            out, q, cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale,
+            self.generic_attention,
+        )  # fmt: skip
+        return out
+
+    def matmul_attention(self, dtype: torch.dtype) -> bool:
+        # With a mask, the CPU's SDPA kernels are up to 10x slower in bf16/fp16 at decode
+        # shapes than two matmuls; in fp32 SDPA is 1.3x faster than them.
+        return dtype != torch.float32
+
+    def argmax_rows(self, logits: Tensor) -> list[int]:
+        if not self.native or not logits.numel():
+            return super().argmax_rows(logits)
+        return self.ops.argmax_rows(logits.contiguous()).tolist()
+
+    def lowrank_delta(
+        self, y: Tensor, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor,
+        meta: SegmentMeta, slice_sizes: tuple[int, ...],
+        packed: Sequence[PackedLora | None] | None = None, **bottleneck: Any,
+    ) -> None:  # fmt: skip
+        add_lowrank_delta(y, x, A, B, rank, scale, meta, slice_sizes, packed=packed,
+                          native=self.native, **bottleneck)  # fmt: skip
+
+    def bottleneck_rows(
+        self, y: Tensor, packed: Sequence[PackedBottleneck | None], meta: SegmentMeta
+    ) -> None:
+        if self.native:  # exact ranks, token by token in C++
+            bottleneck_delta_rows_cpu(y, packed, meta)
+        else:  # one segment at a time in torch
+            bottleneck_delta_packed_cpu(y, packed, meta)
+
+    def decode_forward(self, *args: Any) -> Tensor:
+        return self.ops.decode_forward(*args, self.generic_attention)
+
+
+def select_backend(name: str, device: torch.device) -> Backend:
+    """The backend `name` (one of BACKENDS) for `device`; "auto": triton on CUDA, on the CPU
+    cpp where the C++ kernels build and pass their self-test, else torch."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "reference":
+        return Backend()
+    if device.type == "cuda":
+        if name not in ("auto", "triton"):
+            raise ValueError(f"the {name} backend runs on the CPU, not on {device}")
+        return TritonBackend()
+    if name == "triton":
+        raise ValueError(f"the triton backend needs a CUDA device, not {device}")
+    native = name != "torch" and cpu_ext.load()
+    if name == "cpp" and not native:
+        raise ValueError(f"the C++ CPU kernels are not available: {cpu_ext.unavailable_reason()}")
+    return CpuBackend(
+        native=native,
+        packed_weights=os.environ.get(packed_linear.ENV_SWITCH, "1") != "0",
+        generic_attention=os.environ.get(ENV_CPU_ATTENTION, "") == "generic",
+    )

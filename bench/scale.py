@@ -61,7 +61,7 @@ def run(server: ServerProcess, spec: L.LoadSpec) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", type=int, default=None, help="1000 (--ray: 16)")
+    ap.add_argument("--adapters", type=int, default=None, help="1000 (--ray: 32)")
     ap.add_argument("--slots", type=int, default=128)
     ap.add_argument("--host", type=int, default=256, help="host-tier LRU size")
     ap.add_argument("--rate", type=float, default=1.5, help="requests/s")
@@ -73,7 +73,7 @@ def main() -> None:
     scale_ray.add_arguments(ap)
     args = ap.parse_args()
     if args.ray:
-        args.adapters = args.adapters or 16
+        args.adapters = args.adapters or 32
         args.threads = args.threads or 1
         args.out = args.out or RESULTS / "scale_ray.json"
         return scale_ray.main(args)

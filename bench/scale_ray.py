@@ -1,6 +1,6 @@
 """Scale run on Ray Serve: `python -m bench.scale --ray --replicas 2`.
 
-    .venv/bin/python -m bench.scale --ray --replicas 2 --adapters 16 --duration 60
+    .venv/bin/python -m bench.scale --ray --replicas 2 --rate 1 --duration 60
 
 LoRA r8 on q,v of SmolLM2 (random weights), registered by path. The same Zipf request stream
 (alpha 1 over `--adapters`, Poisson `--rate`, prompts 16..64 words, 16..64 output tokens) goes

@@ -19,16 +19,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from peftserve.adapters import config_values as cv
 from peftserve.adapters.errors import InvalidAdapter
 from peftserve.adapters.files import SourceDir
 from peftserve.errors import shorten
+from peftserve.kernels.activation import ACTIVATION_NAMES, activation_fn
 from peftserve.models.llama import ModelShape
 
 PLACEMENTS = ("mh_adapter", "output_adapter")
-ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "gelu": F.gelu}
+# The kernels' activations (kernels/activation.py) and AdapterHub's other name for silu.
+_ALIASES = {"swish": "silu"}
+ACTIVATIONS: tuple[str, ...] = (*ACTIVATION_NAMES, *_ALIASES)
 PRESETS = {  # AdapterHub's defaults
     "houlsby": dict(
         mh_adapter=True, output_adapter=True, reduction_factor=16, non_linearity="swish"
@@ -48,7 +50,7 @@ def canonical_activation(name: str) -> str:
         raise InvalidAdapter(
             f"non_linearity {shorten(name)} is not supported ({', '.join(ACTIVATIONS)})"
         )
-    return "silu" if name == "swish" else name
+    return _ALIASES.get(name, name)
 
 
 class BottleneckModule(nn.Module):
@@ -58,7 +60,7 @@ class BottleneckModule(nn.Module):
         super().__init__()
         self.down = nn.Linear(hidden, bottleneck)
         self.up = nn.Linear(bottleneck, hidden)
-        self.act = ACTIVATIONS[canonical_activation(activation)]
+        self.act = activation_fn(canonical_activation(activation))
         self.scaling = scaling
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:

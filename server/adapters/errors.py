@@ -18,10 +18,6 @@ class InvalidAdapter(InvalidRequest):
     """The adapter's files are unusable: the message names the problem (INVALID_ARGUMENT)."""
 
 
-class AdapterInUse(PeftServeError):
-    """The adapter cannot be changed now because requests are using it (FAILED_PRECONDITION)."""
-
-
 class AdapterChanged(PeftServeError):
     """A reload found the adapter's files changed (or leading elsewhere) since registration: its
     requests fail until it is registered again (FAILED_PRECONDITION)."""

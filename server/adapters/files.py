@@ -18,7 +18,9 @@ from safetensors.torch import load
 
 from peftserve.adapters.errors import AdapterChanged, InvalidAdapter
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Pickled weights, refused by name (and uploads by their bytes, grpc/adapter_files.py): loading
+# one runs code. clients/convert.py keeps the same list (the client imports nothing of the server).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 @dataclass(frozen=True)

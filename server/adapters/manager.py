@@ -197,9 +197,7 @@ class AdapterManager:
             self.blocks.release(blocks)
             raise
         self.misses += 1
-        return SharedPrefix(
-            n, list(ids), blocks, virtual=entry.kind is not AdapterKind.PROMPT_TEMPLATE
-        )
+        return SharedPrefix(n, list(ids), blocks)
 
     def _attach_prefix(self, seq: Sequence, entry: AdapterEntry) -> bool:
         prefix = entry.prefix

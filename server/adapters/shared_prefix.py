@@ -10,4 +10,3 @@ class SharedPrefix:
     length: int  # tokens in the cache before the prompt (V, or the template's tokens)
     token_ids: list[int]  # what stands in token_ids for them (placeholders or template tokens)
     blocks: list[int]  # ceil(length / block_size) blocks; the prefix holds one reference
-    virtual: bool  # True: not real tokens (prefix / prompt tuning), not counted as prompt

@@ -82,10 +82,6 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join()
 
-    @property
-    def num_streams(self) -> int:
-        return len(self._streams)
-
     def call(self, fn: Callable[[], object]) -> asyncio.Future:
         """Runs `fn` on the engine thread between steps; awaitable from asyncio."""
         loop = asyncio.get_running_loop()

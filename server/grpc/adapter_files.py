@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from peftserve.adapters.errors import InvalidAdapter
+from peftserve.adapters.files import PICKLE_SUFFIXES
 from peftserve.errors import shorten
 from peftserve.grpc.errors import RegistrationDisabled
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOWED_SUFFIXES = (".json", ".safetensors")
 CONFIG_FILE = "adapter_config.json"
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

@@ -13,7 +13,6 @@ import grpc
 from peftserve.adapters.errors import (
     AdapterChanged,
     AdapterExists,
-    AdapterInUse,
     AdapterNotFound,
 )
 from peftserve.errors import EngineStopped, InvalidRequest, Overloaded, PeftServeError
@@ -38,7 +37,6 @@ class RegistrationDisabled(PeftServeError):
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
-    (AdapterInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterChanged, grpc.StatusCode.FAILED_PRECONDITION),
     (RegistrationDisabled, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),

@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from peftserve.serve_config import ADMIN_TOKEN_ENV
 from peftserve.train.config import (
     ALL_LINEAR,
     BOTTLENECK_ARCHITECTURES,
@@ -33,7 +34,6 @@ examples:
   accelerate launch --multi_gpu -m peftserve.train --method lora --data train.jsonl --out DIR
 """
 
-ADMIN_TOKEN_ENV = "PEFTSERVE_ADMIN_TOKEN"  # the same variable the client commands read
 
 # (flag, type, help); the help gets the TrainConfig default appended.
 _FLAGS: tuple[tuple[str, Any, str], ...] = (

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve demo test test-fast test-sanitize test-avx2 soak bench lint proto clean
+.PHONY: install serve demo test test-fast test-sanitize test-march soak bench lint proto clean
 
 install: $(STAMP)
 
@@ -36,9 +36,10 @@ test: install
 # The C++ CPU kernels' tests (kernels/csrc): every op against torch, its argument checks, the
 # engine through them. test-sanitize builds the kernels with AddressSanitizer + UndefinedBehavior-
 # Sanitizer (any report aborts the run; libstdc++ is preloaded beside libasan so that C++
-# exceptions pass through its interceptor); test-avx2 builds them for x86-64-v3, the code an
-# AVX2 CPU without AVX-512 runs. Each build lives in its own cache directory (the flags are in
-# its key). CI runs both after `make test`.
+# exceptions pass through its interceptor); test-march builds them for other CPUs that can run
+# here: x86-64-v3 (AVX2, no AVX-512: the plain loops) and skylake-avx512 (AVX-512 without its
+# BF16 instructions). Each build lives in its own cache directory (the flags are in its key).
+# CI runs both targets after `make test`.
 NATIVE_TESTS := tests/kernels/test_lowrank_rows.py tests/kernels/test_native_arguments.py \
 	tests/kernels/test_cpu_selftest.py tests/unit/test_cpu_fused_ops.py \
 	tests/unit/test_cpu_paged_attention.py tests/unit/test_argmax_rows.py \
@@ -50,8 +51,10 @@ test-sanitize: install
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(NATIVE_TESTS)
 
-test-avx2: install
-	PEFTSERVE_KERNEL_MARCH=x86-64-v3 $(BIN)/python -m pytest -q -p no:cacheprovider $(NATIVE_TESTS)
+MARCHES ?= x86-64-v3 skylake-avx512
+test-march: install
+	set -e; for m in $(MARCHES); do echo "== -march=$$m"; \
+		PEFTSERVE_KERNEL_MARCH=$$m $(BIN)/python -m pytest -q -p no:cacheprovider $(NATIVE_TESTS); done
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

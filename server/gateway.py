@@ -75,6 +75,7 @@ class Gateway:
         arrived = req.arrival_time if req.arrival_time is not None else time.monotonic()
         tracker = self.metrics.track(req.adapter)
         result = "cancelled"
+        finished = False
         self.active_streams += 1
         self.metrics.active_streams.inc()
         try:
@@ -88,11 +89,13 @@ class Gateway:
                 tracker.on_output(out)
                 if out.error is not None:
                     raise RequestFailed(f"the request failed: {out.error}")
-                yield out
-                if out.finished:
+                if out.finished:  # before the yield: the caller may close us at it
+                    finished = True
                     result = out.finish_reason.value if out.finish_reason else "stop"
+                yield out
         except (asyncio.CancelledError, GeneratorExit):
-            result = outcome_if_cancelled() if outcome_if_cancelled else "cancelled"
+            if not finished:
+                result = outcome_if_cancelled() if outcome_if_cancelled else "cancelled"
             raise
         except Exception as e:
             result = outcome_of(e) if outcome_of else type(e).__name__.lower()

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from peftserve import __version__
 from peftserve.engine.request import Request as EngineRequest
@@ -154,6 +155,20 @@ def build_app(gateway: Gateway, files: AdapterFiles, admin_token: str | None) ->
     return app
 
 
+class EventStream(StreamingResponse):
+    """A StreamingResponse that closes its event generator however the response ends. When the
+    client hangs up, Starlette stops iterating and leaves the generator to be finalized whenever
+    the garbage collector gets to it; closing it here aborts the engine request at once."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+
 def _card(name: str, kind: str, parent: str | None, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "peftserve",
             "root": name if parent is None else parent, "parent": parent, "kind": kind}
@@ -195,4 +210,4 @@ async def _respond(gateway: Gateway, req: EngineRequest, stream: bool,
             await outs.aclose()
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return EventStream(events(), media_type="text/event-stream", headers=headers)

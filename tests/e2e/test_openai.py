@@ -185,17 +185,22 @@ def test_bad_requests_are_400(server, base, extra):
 
 
 def test_http_requests_reach_the_metrics(oai, server):
-    before = metric(scrape(server.metrics_url), "peftserve_requests_total", adapter="lora",
-                    outcome="length")
+    def finished() -> dict[str, float]:
+        samples = scrape(server.metrics_url)
+        return {o: metric(samples, "peftserve_requests_total", adapter="lora", outcome=o)
+                for o in ("length", "cancelled")}
+
+    before = finished()
     oai.completions.create(model="lora", prompt=PROMPT, max_tokens=3, extra_body=NO_EOS)
-    after = metric(scrape(server.metrics_url), "peftserve_requests_total", adapter="lora",
-                   outcome="length")
-    assert after == before + 1
+    list(oai.chat.completions.create(model="lora", messages=MESSAGES, max_tokens=3, stream=True,
+                                     extra_body=NO_EOS))
+    assert finished() == {"length": before["length"] + 2, "cancelled": before["cancelled"]}
 
 
 def test_closing_a_stream_aborts_its_request(oai, v1, server, base):
     """The client hangs up mid-stream: the request stops and its KV blocks are freed at once."""
     before = metric(scrape(server.metrics_url), "peftserve_requests_total", outcome="cancelled")
+    blocks = v1.server_info().load.kv_blocks_used  # a prefix adapter's shared blocks stay
     stream = oai.completions.create(model=base, prompt="cancel me", max_tokens=480, stream=True,
                                     extra_body=NO_EOS)  # seconds of work on the tiny model
     for i, _ in enumerate(stream):
@@ -206,7 +211,7 @@ def test_closing_a_stream_aborts_its_request(oai, v1, server, base):
 
     def idle() -> bool:
         load = v1.server_info().load
-        return (load.num_running, load.kv_blocks_used, load.active_streams) == (0, 0, 0)
+        return (load.num_running, load.kv_blocks_used, load.active_streams) == (0, blocks, 0)
 
     wait_for(idle, what="the closed stream's request aborted")
     after = metric(scrape(server.metrics_url), "peftserve_requests_total", outcome="cancelled")

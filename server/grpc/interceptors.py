@@ -40,6 +40,7 @@ def current_request_id() -> str:
 class ApiInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, admin_token: str | None) -> None:
         self._token = admin_token.encode() if admin_token else None
+        self._log_malformed = _RateLimitedLog()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -53,7 +54,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         if not _REQUEST_ID_RE.match(rid):
             rid = uuid.uuid4().hex
         denied = self._check_admin(metadata) if details.method in ADMIN_METHODS else None
-        return _wrap(handler, rid, denied, details.method)
+        return _wrap(handler, rid, denied, details.method, self._log_malformed)
 
     def _check_admin(self, metadata: dict[str, str]) -> Exception | None:
         if self._token is None:
@@ -95,9 +96,6 @@ class _RateLimitedLog:
         self._last, self._suppressed = now, 0
 
 
-_log_malformed = _RateLimitedLog()
-
-
 def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
@@ -111,15 +109,15 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return parse
 
 
-def _check_parsed(request: Any, method: str) -> None:
+def _check_parsed(request: Any, method: str, log_malformed: _RateLimitedLog) -> None:
     if isinstance(request, _Malformed):
-        _log_malformed(method, request.error)
+        log_malformed(method, request.error)
         raise InvalidRequest(f"the request is not a valid {method.rsplit('/', 1)[-1]} message: "
                              f"{str(request.error)[:200]}")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None, method: str
-          ) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None, method: str,
+          log_malformed: _RateLimitedLog) -> grpc.RpcMethodHandler:
     trailer = ((REQUEST_ID_KEY, rid),)
 
     async def fail(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -135,7 +133,7 @@ def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None, me
             try:
                 if denied is not None:
                     raise denied
-                _check_parsed(request, method)
+                _check_parsed(request, method, log_malformed)
                 return await inner_unary(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -154,7 +152,7 @@ def _wrap(handler: grpc.RpcMethodHandler, rid: str, denied: Exception | None, me
             try:
                 if denied is not None:
                     raise denied
-                _check_parsed(request, method)
+                _check_parsed(request, method, log_malformed)
                 async for response in inner_stream(request, context):
                     yield response
             except grpc.aio.AbortError:

@@ -31,6 +31,7 @@ from peftserve.openai_http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadAdapterRequest,
+    StreamOptions,
     UnloadAdapterRequest,
 )
 
@@ -96,7 +97,7 @@ def build_app(gateway: Gateway, files: AdapterFiles, admin_token: str | None) ->
         return await _respond(
             gateway, req, body.stream, body.stream_options,
             whole=lambda outs: convert.completion(r, outs, logprobs, tt),
-            chunks=lambda out, first: [convert.completion_chunk(r, out, logprobs, tt)],
+            chunk=lambda out, first: convert.completion_chunk(r, out, logprobs, tt),
             usage=lambda last: convert.usage_chunk(r, "text_completion", last))
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -114,7 +115,7 @@ def build_app(gateway: Gateway, files: AdapterFiles, admin_token: str | None) ->
         return await _respond(
             gateway, req, body.stream, body.stream_options,
             whole=lambda outs: convert.chat_completion(r, outs, body.logprobs, tt),
-            chunks=lambda out, first: [convert.chat_chunk(r, out, first, body.logprobs, tt)],
+            chunk=lambda out, first: convert.chat_chunk(r, out, first, body.logprobs, tt),
             usage=lambda last: convert.usage_chunk(r, "chat.completion.chunk", last))
 
     def check_admin(request: Request) -> None:
@@ -175,8 +176,9 @@ def _card(name: str, kind: str, parent: str | None, created: int) -> dict:
 
 
 async def _respond(gateway: Gateway, req: EngineRequest, stream: bool,
-                   stream_options: object, whole: Callable[[list[RequestOutput]], dict],
-                   chunks: Callable[[RequestOutput, bool], list[dict]],
+                   stream_options: StreamOptions | None,
+                   whole: Callable[[list[RequestOutput]], dict],
+                   chunk: Callable[[RequestOutput, bool], dict],
                    usage: Callable[[RequestOutput], dict]) -> JSONResponse | StreamingResponse:
     """Runs the request; errors before its first output get their HTTP status, later ones
     (streaming) an error event before the stream ends."""
@@ -191,14 +193,13 @@ async def _respond(gateway: Gateway, req: EngineRequest, stream: bool,
     except Exception as e:
         await outs.aclose()
         return error_response(e, rid)
-    include_usage = bool(getattr(stream_options, "include_usage", False))
+    include_usage = stream_options is not None and stream_options.include_usage
 
     async def events() -> AsyncIterator[str]:
         out, is_first = first, True
         try:
             while True:
-                for chunk in chunks(out, is_first):
-                    yield _sse(chunk)
+                yield _sse(chunk(out, is_first))
                 if out.finished:
                     break
                 out, is_first = await anext(outs), False

@@ -62,7 +62,7 @@ def ray_server(tmp_path_factory, tiny_llama_dir, root):
                             "--config", str(toml)], work / "server.log")
     server.start()
     yield server
-    server.kill()
+    server.terminate(timeout=90)  # a no-op once the SIGTERM test has stopped it
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,8 @@ def test_unregister_and_replace_reach_both_replicas_streams_finish(ray_server, r
     wait_for(lambda: not _replicas_holding(url, name), timeout=2, what="the replicas' reports")
     with pytest.raises(NotFoundError):
         ray_client.generate("hello", adapter=name, sampling=GREEDY)
+    with pytest.raises(NotFoundError):
+        list(ray_client.generate_stream("hello", adapter=name, sampling=GREEDY))
     for s, first in zip(streams, firsts, strict=True):  # in flight: they finish on the weights
         chunks = [first, *s]
         assert sum(len(c.token_ids) for c in chunks) == LONG.max_new_tokens
@@ -182,22 +184,65 @@ def _warm(client: Client, url: str, adapter: str) -> None:
 
 def test_cancel_and_deadline_free_the_replicas_kv_blocks(ray_server, ray_client):
     url = ray_server.metrics_url
-    # Warm first: a request whose adapter the router does not yet know a holder of may wait in
-    # Ray Serve's router (affinity_wait_s) past a short deadline, and never reach an engine.
-    _warm(ray_client, url, "houlsby0")
-    cancelled = metric(scrape(url), "peftserve_requests_total", outcome="cancelled")
+
+    def outcomes(kind: str) -> float:
+        return metric(scrape(url), "peftserve_requests_total", outcome=kind)
+
+    cancelled = outcomes("cancelled")
     stream = ray_client.generate_stream("hello world", adapter="lora0", sampling=LONG)
     it = iter(stream)
-    next(it), next(it)
+    next(it), next(it)  # running on a replica
     stream.cancel()
-    with pytest.raises(DeadlineExceededError):
-        ray_client.generate("hello world", adapter="houlsby0", sampling=LONG, timeout=0.5)
-    # Both reached the engine before their 400 tokens: aborted there, blocks freed.
-    wait_for(lambda: metric(scrape(url), "peftserve_requests_total", outcome="cancelled")
-             == cancelled + 2, timeout=10, what="two cancelled requests")
+    wait_for(lambda: outcomes("cancelled") == cancelled + 1, timeout=10,
+             what="the cancelled request aborted on its replica")
     wait_for(lambda: metric(scrape(url), "peftserve_kv_blocks_used") == 0, timeout=10,
              what="the KV blocks to be free")
+
+    # A deadline that passes early in the stream: the time an eighth of the answer takes here.
+    _warm(ray_client, url, "houlsby0")
+    longest = Sampling(max_new_tokens=480, ignore_eos=True)
+    finished = outcomes("length") + 1
+    t0 = time.monotonic()
+    ray_client.generate("hello world", adapter="houlsby0",
+                        sampling=Sampling(max_new_tokens=60, ignore_eos=True))
+    deadline = time.monotonic() - t0
+    wait_for(lambda: outcomes("length") == finished, timeout=10, what="the replicas' reports")
+    for attempt in range(3):
+        stream = ray_client.generate_stream("hello world", adapter="houlsby0", sampling=longest,
+                                            timeout=deadline * 2**attempt)
+        it = iter(stream)
+        try:
+            next(it)  # running on a replica
+        except DeadlineExceededError:
+            continue  # a loaded machine: the deadline passed before the first token
+        with pytest.raises(DeadlineExceededError):
+            for _ in it:
+                pass
+        break
+    else:
+        raise AssertionError("no attempt got a first token before its deadline")
+    wait_for(lambda: metric(scrape(url), "peftserve_kv_blocks_used") == 0, timeout=10,
+             what="the KV blocks to be free")
+    assert outcomes("cancelled") >= cancelled + 2
+    assert outcomes("length") == finished, "the request ran to its end on the replica"
     assert ray_client.health() == "SERVING"
+
+
+def test_health_reflection_and_server_info(ray_server, ray_client):
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    assert ray_client.health() == "SERVING"
+    assert ray_client.health("peftserve.v1.PeftServe") == "SERVING"
+    with grpc.insecure_channel(ray_server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (answer,) = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+    services = {s.name for s in answer.list_services_response.service}
+    assert {"peftserve.v1.PeftServe", "grpc.health.v1.Health"} <= services
+    info = ray_client.server_info()
+    assert (info.dtype, info.device, info.limits.max_loras) == ("float32", "cpu", 8)
+    assert info.load.kv_blocks_total == 256
 
 
 def test_sigterm_stops_the_cluster_with_no_stray_processes(ray_server, ray_client):

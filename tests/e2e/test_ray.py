@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +29,7 @@ ADAPTERS = [a for pair in zip(LORAS, BOTTLENECKS, strict=True) for a in pair]  #
 ADAPTERS_PER_REPLICA = 4
 WARMUP, MEASURED = 40, 80
 GREEDY = Sampling(max_new_tokens=8, ignore_eos=True)
+TAG_ENV = "PEFTSERVE_TEST_RAY_TAG"
 LONG = Sampling(max_new_tokens=400, ignore_eos=True)  # > 1 s on the tiny model
 
 
@@ -60,7 +62,12 @@ def ray_server(tmp_path_factory, tiny_llama_dir, root):
     os.environ.pop("RAY_ADDRESS", None)
     server = ServerProcess(["--model", str(tiny_llama_dir), *TINY_SERVER_ARGS, "--ray",
                             "--config", str(toml)], work / "server.log")
-    server.start()
+    # Every process of this Ray instance inherits the tag, even those that leave the tree.
+    os.environ[TAG_ENV] = server.tag = uuid.uuid4().hex
+    try:
+        server.start()
+    finally:
+        del os.environ[TAG_ENV]
     yield server
     server.terminate(timeout=90)  # a no-op once the SIGTERM test has stopped it
 
@@ -247,29 +254,25 @@ def test_health_reflection_and_server_info(ray_server, ray_client):
 
 def test_sigterm_stops_the_cluster_with_no_stray_processes(ray_server, ray_client):
     assert ray_server.proc is not None
-    family = _descendants(ray_server.proc.pid)
-    assert len(family) >= 4, "Ray's processes are the server's descendants"
+    family = _tagged(ray_server.tag)
+    assert len(family) >= 4, "the server, Ray's GCS, raylet and workers carry the tag"
     assert ray_server.terminate(timeout=90) == 0
     assert "peftserve stopped" in ray_server.lines
-    wait_for(lambda: not [p for p in family if _alive(p)], timeout=30,
+    wait_for(lambda: not [p for p in _tagged(ray_server.tag) if _alive(p)], timeout=30,
              what=f"Ray's processes to exit: {[p for p in family if _alive(p)]}")
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
+def _tagged(tag: str) -> list[int]:
+    """The processes whose environment carries `tag`."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    out.append(int(entry.name))
             except OSError:
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
     return out
 
 

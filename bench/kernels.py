@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from peftserve.kernels import SegmentMeta, add_lowrank_delta, build_segment_meta
-from peftserve.kernels.cpu_lowrank import PackedSlots, lowrank_delta_cpu, pack_lora
+from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
+from peftserve.kernels.cpu_packed import PackedSlots, pack_lora
 from peftserve.kernels.reference import lowrank_delta_reference
 
 N_SLOTS, R_MAX, RANKS = 32, 64, (8, 16, 32, 64)
@@ -101,7 +102,7 @@ def ours(p: dict) -> Callable[[], object]:
 
 def ours_packed(p: dict) -> Callable[[], object]:
     """The dispatcher as the engine calls it on the CPU: with every slot's packed LoRA
-    (cpu_lowrank.PackedSlots), which in half precision allows the packed by-segment and the
+    (cpu_packed.PackedSlots), which in half precision allows the packed by-segment and the
     fused forms; fp32 ignores them."""
     packed = PackedSlots(p["A"].shape[1])
     for s in range(len(packed)):

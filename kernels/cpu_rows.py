@@ -1,6 +1,6 @@
 """A step's adapter deltas on the CPU in half precision, token by token in C++
 (csrc/lowrank_rows_cpu.cpp, built by cpu_ext): each token multiplies against its own slot's
-packed weights at their exact rank (cpu_lowrank.PackedLora, PackedBottleneck), sums in fp32 and
+packed weights at their exact rank (cpu_packed.PackedLora, PackedBottleneck), sums in fp32 and
 rounds once into y. The dispatcher and the adapter hook take these where the C++ kernels are
 built; cpu_lowrank's torch forms serve without them. Arguments are checked by the C++ op.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .activation import activation_code
-from .cpu_lowrank import PackedBottleneck, PackedLora
+from .cpu_packed import PackedBottleneck, PackedLora
 from .segment_meta import SegmentMeta
 
 

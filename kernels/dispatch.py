@@ -13,16 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from .checks import check_expand_args, check_lowrank_args, check_shrink_args
-from .cpu_lowrank import (
-    PackedLora,
-    PackedSlots,
-    expand_cpu,
-    lora_delta_fused_cpu,
-    lora_delta_packed_cpu,
-    lowrank_delta_cpu,
-    shrink_cpu,
-    use_padded_layout,
-)
+from .cpu_lowrank import expand_cpu, lowrank_delta_cpu, shrink_cpu, use_padded_layout
+from .cpu_packed import PackedLora, PackedSlots, lora_delta_fused_cpu, lora_delta_packed_cpu
 from .cpu_rows import lora_delta_rows_cpu
 from .segment_meta import SegmentMeta
 
@@ -94,11 +86,11 @@ def add_lowrank_delta(
     intermediate is never materialised as [n_slices, T, R_max]. See
     reference.lowrank_delta_reference.
 
-    `packed` (cpu_lowrank.pack_lora of each slot, kept in step with A/B/rank/scale by the
+    `packed` (cpu_packed.pack_lora of each slot, kept in step with A/B/rank/scale by the
     caller), in half precision: with `native` (the C++ CPU kernels loaded), one call of
     lora_rows (every token against its slot's packed weights); without them, the by-segment
     layout runs two matmuls per segment instead of two per (segment, slice), and as a
-    cpu_lowrank.PackedSlots it also allows the fused form (every active slot in two matmuls)
+    cpu_packed.PackedSlots it also allows the fused form (every active slot in two matmuls)
     where that is cheaper. fp32 (the parity dtype) and the batched decode layout read the
     stacked buffers.
     """

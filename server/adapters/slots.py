@@ -15,7 +15,7 @@ from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta
 from peftserve.kernels.activation import activation_code
-from peftserve.kernels.cpu_lowrank import (
+from peftserve.kernels.cpu_packed import (
     PackedBottleneck,
     PackedSlots,
     pack_bottleneck,
@@ -74,7 +74,7 @@ class DeviceSlots:
             for group, projs in GROUPS.items()
         }
         self.lora: dict[tuple[int, str], StackedModule] = {}
-        # CPU backend only: each slot's LoRA packed per module (cpu_lowrank.PackedLora), rebuilt
+        # CPU backend only: each slot's LoRA packed per module (cpu_packed.PackedLora), rebuilt
         # from the stacked buffers whenever a slot is written or cleared.
         self.packed: dict[tuple[int, str], PackedSlots] | None = (
             {} if backend.packs_adapters else None

@@ -35,12 +35,8 @@ from torch.nn import functional as F
 from peftserve.config import BACKENDS
 from peftserve.kernels import add_lowrank_delta, cpu_ext, packed_linear
 from peftserve.kernels.checks import check_lowrank_args
-from peftserve.kernels.cpu_lowrank import (
-    PackedBottleneck,
-    PackedLora,
-    bottleneck_delta_packed_cpu,
-    lowrank_delta_cpu,
-)
+from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
+from peftserve.kernels.cpu_packed import PackedBottleneck, PackedLora, bottleneck_delta_packed_cpu
 from peftserve.kernels.cpu_rows import bottleneck_delta_rows_cpu
 from peftserve.kernels.segment_meta import SegmentMeta
 from peftserve.layers.attention import AttentionMetadata, decode_attention, write_kv

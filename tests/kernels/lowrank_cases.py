@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftserve.kernels import SegmentMeta, build_segment_meta
-from peftserve.kernels.cpu_lowrank import pack_bottleneck, pack_lora
+from peftserve.kernels.cpu_packed import pack_bottleneck, pack_lora
 from peftserve.kernels.reference import lowrank_delta_reference, shrink_reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -172,13 +172,13 @@ def _cpu(b_down: torch.Tensor | None, act: str | None) -> dict:
 
 
 def packed_loras(case: LowRankCase) -> list:
-    """Each slot's LoRA packed for the CPU paths (cpu_lowrank.pack_lora), None where empty."""
+    """Each slot's LoRA packed for the CPU paths (cpu_packed.pack_lora), None where empty."""
     return [pack_lora(case.A, case.B, case.rank, case.scale, s, case.slice_sizes)
             for s in range(case.A.shape[1])]  # fmt: skip
 
 
 def packed_bottlenecks(case: LowRankCase) -> list:
-    """Each slot's bottleneck packed for the CPU paths (cpu_lowrank.pack_bottleneck)."""
+    """Each slot's bottleneck packed for the CPU paths (cpu_packed.pack_bottleneck)."""
     return [
         None if int(case.rank[0, s]) == 0 else pack_bottleneck(
             case.A, case.b_down, case.B, case.b_up, float(case.scale[0, s]), s,

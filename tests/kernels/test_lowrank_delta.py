@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from peftserve.kernels import add_lowrank_delta, build_segment_meta
-from peftserve.kernels.cpu_lowrank import (
+from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
+from peftserve.kernels.cpu_packed import (
     PackedSlots,
     bottleneck_delta_packed_cpu,
     lora_delta_fused_cpu,
     lora_delta_packed_cpu,
-    lowrank_delta_cpu,
     pack_lora,
 )
 from peftserve.kernels.triton_expand import expand_triton

@@ -55,6 +55,19 @@ def _live_segments(ranks: list[list[int]], meta: SegmentMeta) -> int:
     return sum(1 for s in meta.seg_slots_list if any(row[s] for row in ranks))
 
 
+def lowrank_layout(rank: torch.Tensor, meta: SegmentMeta) -> str:
+    """The layout lowrank_delta_cpu takes for a module whose slots have ranks `rank`
+    [n_slices, S]: "padded", "segments", or "none" when no segment has weights here."""
+    return _layout(_active_ranks(rank, meta, int(rank.max())), meta)
+
+
+def _layout(ranks: list[list[int]], meta: SegmentMeta) -> str:
+    live = _live_segments(ranks, meta)
+    if not live:
+        return "none"
+    return "padded" if use_padded_layout(meta, live) else "segments"
+
+
 def shrink_cpu(
     x: torch.Tensor,  # [T, in]
     A: torch.Tensor,  # [n_slices, S, R_max, in]
@@ -128,11 +141,11 @@ def lowrank_delta_cpu(
     if meta.is_empty:
         return y
     ranks = _active_ranks(rank, meta, A.shape[2])
-    live = _live_segments(ranks, meta)
-    if not live:  # no adapter of this step has weights on this module
+    layout = _layout(ranks, meta)
+    if layout == "none":  # no adapter of this step has weights on this module
         return y
     xs = x.index_select(0, meta.sorted_tokens)  # [T_active, in]
-    if use_padded_layout(meta, live) if padded is None else padded:
+    if layout == "padded" if padded is None else padded:
         r_hi = _max_rank(ranks, meta)
         h = _shrink_padded(xs, A, rank, meta, r_hi, b_down, act)
         _expand_padded(y, h, B, rank, scale, meta, slice_sizes, b_up)

@@ -15,6 +15,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -65,7 +66,8 @@ class Ingress:
                        grpc_context: RayServegRPCContext) -> generate_pb2.GenerateResponse:
         rid = _request_id(grpc_context)
         try:
-            outs = [out async for out in self._generate(request, rid)]
+            async with aclosing(self._generate(request, rid)) as stream:
+                outs = [out async for out in stream]
             return convert.generate_response(outs)
         except Exception as e:
             _fail(grpc_context, e, rid)
@@ -76,8 +78,11 @@ class Ingress:
                              ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         rid = _request_id(grpc_context)
         try:
-            async for out in self._generate(request, rid):
-                yield convert.stream_chunk(out)
+            # Closed at once when the call is cancelled, so that the replica hears of it now,
+            # not when the garbage collector finds the generator.
+            async with aclosing(self._generate(request, rid)) as stream:
+                async for out in stream:
+                    yield convert.stream_chunk(out)
         except Exception as e:
             _fail(grpc_context, e, rid)
             raise CallFailed(grpc_context.details()) from None

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request, RequestOutput
 from peftserve.engine.stats import EngineStats
 from peftserve.errors import InvalidRequest
-from peftserve.grpc.errors import RequestFailed, code_of, outcome
+from peftserve.gateway import Gateway
+from peftserve.grpc.errors import code_of, outcome
 from peftserve.metrics import Metrics
 from peftserve.ray.config import RayConfig
 from peftserve.ray.directory import AdapterRecord, ReplicaReport
@@ -109,8 +110,11 @@ class EngineReplica:
         self._users: dict[str, int] = {}  # adapter -> requests between lookup and finish
         self._evict_when_idle: set[str] = set()
         self._tasks: set[asyncio.Future] = set()
+        self._locks: dict[str, asyncio.Lock] = {}  # one registration change per adapter
         self._pending: dict[str, AdapterRecord] = {}  # being registered through this replica
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="peftserve-tokenize")
+        # The cap on streams, the prompt-length limit and the per-request metrics, as on one
+        # server.
+        self.gateway = Gateway(self.engine, config, self.metrics)
         self._sync_task = asyncio.create_task(self._sync_loop())
 
     # --- adapters ---------------------------------------------------------------------------
@@ -130,10 +134,26 @@ class EngineReplica:
 
     async def _ensure(self, record: AdapterRecord) -> None:
         """Registers `record` on this engine unless that version already is."""
-        if self._versions.get(record.name) == record.version:
-            return
-        await self.engine.register_adapter(record.name, Path(record.source), replace=True)
-        self._versions[record.name] = record.version
+        async with self._lock(record.name):
+            if self._versions.get(record.name) == record.version:
+                return
+            await self.engine.register_adapter(record.name, Path(record.source), replace=True)
+            self._versions[record.name] = record.version
+
+    async def _drop(self, name: str, version: int) -> None:
+        """Unregisters `name` here if `version` is still the one registered (a register or a
+        drop of the same name waits for this one: they are never interleaved)."""
+        async with self._lock(name):
+            if self._versions.get(name) != version:
+                return
+            del self._versions[name]
+            try:
+                await self.engine.unregister_adapter(name)
+            except Exception as e:  # already gone: nothing to free
+                log.debug("replica %s: unregister %s: %r", self.replica_id, name, e)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
 
     async def _current(self, name: str, version: int) -> None:
         """Serve.multiplexed's cached adapter, at the version the ingress looked up."""
@@ -152,16 +172,11 @@ class EngineReplica:
             self._drop_soon(name)
 
     def _drop_soon(self, name: str) -> None:
-        if self._versions.pop(name, None) is not None:
-            task = asyncio.ensure_future(self._unregister(name))
+        version = self._versions.get(name)
+        if version is not None:
+            task = asyncio.ensure_future(self._drop(name, version))
             self._tasks.add(task)  # held until done: the loop keeps only a weak reference
             task.add_done_callback(self._tasks.discard)
-
-    async def _unregister(self, name: str) -> None:
-        try:
-            await self.engine.unregister_adapter(name)
-        except Exception as e:  # already gone: nothing to free
-            log.debug("replica %s: unregister %s: %r", self.replica_id, name, e)
 
     async def register(self, record: AdapterRecord) -> AdapterInfo:
         """Checks and registers an adapter on this replica for the ingress, which stores the
@@ -184,37 +199,23 @@ class EngineReplica:
             raise InvalidRequest(f"multiplexed model id {name!r} is not the request's adapter "
                                  f"{req.adapter!r}")
         req = dataclasses.replace(req, arrival_time=time.monotonic())
-        tracker = self.metrics.track(name)
-        result = "cancelled"  # unless it finishes or fails below
-        self.metrics.active_streams.inc()
+        if name is None:
+            self.routed.labels("base").inc()
+        else:
+            assert version is not None, "the ingress looks the version up"
+            self.routed.labels(str(name in self._held).lower()).inc()
+            await self._current(name, version)
+            self._users[name] = self._users.get(name, 0) + 1  # until it finishes here
         try:
-            await self._check_prompt_length(req)
-            if name is not None:
-                assert version is not None, "the ingress looks the version up"
-                self.routed.labels(str(name in self._held).lower()).inc()
-                await self._current(name, version)
-                self._users[name] = self._users.get(name, 0) + 1
-            else:
-                self.routed.labels("base").inc()
-            try:
-                async for out in self.engine.generate(req):
-                    tracker.on_output(out)
-                    if out.error is not None:
-                        raise RequestFailed(f"the request failed: {out.error}")
+            # Closed at once when the call is cancelled: the engine aborts the request now, not
+            # when the garbage collector finds the generator.
+            outs = self.gateway.generate(req, outcome_of=lambda e: outcome(code_of(e)))
+            async with aclosing(outs):
+                async for out in outs:
                     yield out
-                    if out.finished:
-                        result = out.finish_reason.value if out.finish_reason else "stop"
-            finally:
-                if name is not None:
-                    self._release(name)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            result = outcome(code_of(e))
-            raise
         finally:
-            self.metrics.active_streams.dec()
-            tracker.finish(result)
+            if name is not None:
+                self._release(name)
 
     def _release(self, name: str) -> None:
         self._users[name] -= 1
@@ -223,29 +224,6 @@ class EngineReplica:
             if name in self._evict_when_idle:
                 self._evict_when_idle.discard(name)
                 self._drop_soon(name)
-
-    async def _check_prompt_length(self, req: Request) -> None:
-        limit = self.config.max_prompt_tokens
-        if limit is None:
-            return  # the engine refuses prompts that leave no room in the context
-        if req.prompt_token_ids is not None:
-            n = len(req.prompt_token_ids)
-        else:
-            n = await self._loop.run_in_executor(self._tokenize_pool, self._count_tokens, req)
-        if n > limit:
-            raise InvalidRequest(f"the prompt has {n} tokens; this server takes at most {limit}")
-
-    def _count_tokens(self, req: Request) -> int:
-        tok = self.engine.engine.tokenizer
-        try:
-            if req.prompt is not None:
-                return len(tok(req.prompt)["input_ids"])
-            if req.messages:
-                return len(tok.apply_chat_template(list(req.messages), add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"])
-        except Exception:  # a bad template or message: the engine says what is wrong
-            return 0
-        return 0
 
     async def info(self) -> ReplicaInfo:
         engine = self.engine.engine
@@ -275,11 +253,13 @@ class EngineReplica:
         generation, versions = await self.directory.sync.remote(report)
         for name, version in list(self._versions.items()):
             if versions.get(name) != version:  # unregistered, or replaced elsewhere
-                self._versions.pop(name)
-                await self._unregister(name)
+                await self._drop(name, version)
         await self.directory.ack.remote(self.replica_id, generation)
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)  # None: __init__ failed before it existed
+        gateway = getattr(self, "gateway", None)  # None: __init__ failed before it existed
+        if gateway is not None:
+            gateway.close()
+        engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -195,6 +195,12 @@ def test_cancel_and_deadline_free_the_replicas_kv_blocks(ray_server, ray_client)
     def outcomes(kind: str) -> float:
         return metric(scrape(url), "peftserve_requests_total", outcome=kind)
 
+    def settled() -> None:
+        """Until the replicas' reports count every request that has ended."""
+        wait_for(lambda: metric(scrape(url), "peftserve_active_streams") == 0, timeout=10,
+                 what="no request in flight in the replicas' reports")
+
+    settled()
     cancelled = outcomes("cancelled")
     stream = ray_client.generate_stream("hello world", adapter="lora0", sampling=LONG)
     it = iter(stream)
@@ -208,12 +214,12 @@ def test_cancel_and_deadline_free_the_replicas_kv_blocks(ray_server, ray_client)
     # A deadline that passes early in the stream: the time an eighth of the answer takes here.
     _warm(ray_client, url, "houlsby0")
     longest = Sampling(max_new_tokens=480, ignore_eos=True)
-    finished = outcomes("length") + 1
     t0 = time.monotonic()
     ray_client.generate("hello world", adapter="houlsby0",
                         sampling=Sampling(max_new_tokens=60, ignore_eos=True))
     deadline = time.monotonic() - t0
-    wait_for(lambda: outcomes("length") == finished, timeout=10, what="the replicas' reports")
+    settled()
+    finished = outcomes("length")
     for attempt in range(3):
         stream = ray_client.generate_stream("hello world", adapter="houlsby0", sampling=longest,
                                             timeout=deadline * 2**attempt)

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +32,7 @@ WARMUP, MEASURED = 40, 80
 GREEDY = Sampling(max_new_tokens=8, ignore_eos=True)
 TAG_ENV = "PEFTSERVE_TEST_RAY_TAG"
 LONG = Sampling(max_new_tokens=400, ignore_eos=True)  # > 1 s on the tiny model
+LONGEST = Sampling(max_new_tokens=480, ignore_eos=True)  # the tiny model's context is 512
 
 
 def _free_port() -> int:
@@ -189,7 +191,7 @@ def _warm(client: Client, url: str, adapter: str) -> None:
     raise AssertionError(f"no request for {adapter} reached a replica holding it")
 
 
-def test_cancel_and_deadline_free_the_replicas_kv_blocks(ray_server, ray_client):
+def test_cancel_and_deadline_abort_on_the_replica_and_free_kv(ray_server, ray_client):
     url = ray_server.metrics_url
 
     def outcomes(kind: str) -> float:
@@ -197,47 +199,52 @@ def test_cancel_and_deadline_free_the_replicas_kv_blocks(ray_server, ray_client)
 
     def settled() -> None:
         """Until the replicas' reports count every request that has ended."""
-        wait_for(lambda: metric(scrape(url), "peftserve_active_streams") == 0, timeout=10,
+        wait_for(lambda: metric(scrape(url), "peftserve_active_streams") == 0, timeout=20,
                  what="no request in flight in the replicas' reports")
 
-    settled()
-    cancelled = outcomes("cancelled")
-    stream = ray_client.generate_stream("hello world", adapter="lora0", sampling=LONG)
-    it = iter(stream)
-    next(it), next(it)  # running on a replica
-    stream.cancel()
-    wait_for(lambda: outcomes("cancelled") == cancelled + 1, timeout=10,
-             what="the cancelled request aborted on its replica")
-    wait_for(lambda: metric(scrape(url), "peftserve_kv_blocks_used") == 0, timeout=10,
-             what="the KV blocks to be free")
+    def aborted(abandon: Callable[[], None]) -> bool:
+        """Runs a request the client abandons; True when its replica aborted it. The engine
+        does not wait for a slow reader: on a loaded machine the answer may be complete before
+        the client gives up, and that try tells nothing."""
+        settled()
+        before = (outcomes("cancelled"), outcomes("length"))
+        abandon()
 
-    # A deadline that passes early in the stream: the time an eighth of the answer takes here.
+        def ended() -> tuple[float, float]:
+            return outcomes("cancelled") - before[0], outcomes("length") - before[1]
+
+        try:  # the replicas report every 0.2 s
+            wait_for(lambda: sum(ended()) > 0, timeout=10, what="the request's outcome")
+        except AssertionError:
+            return False  # it never reached a replica: a deadline that passed in routing
+        wait_for(lambda: metric(scrape(url), "peftserve_kv_blocks_used") == 0, timeout=10,
+                 what="the KV blocks to be free")
+        assert sum(ended()) == 1, f"one request, one outcome: {ended()}"
+        return ended()[0] == 1
+
+    def cancel() -> None:
+        stream = ray_client.generate_stream("hello world", adapter="lora0", sampling=LONGEST)
+        it = iter(stream)
+        next(it), next(it)  # running on a replica
+        stream.cancel()
+
+    assert any(aborted(cancel) for _ in range(3)), "a cancelled stream ran to its end 3 times"
+
+    # A deadline that passes mid-stream: the time an eighth of the answer takes here.
     _warm(ray_client, url, "houlsby0")
-    longest = Sampling(max_new_tokens=480, ignore_eos=True)
     t0 = time.monotonic()
     ray_client.generate("hello world", adapter="houlsby0",
-                        sampling=Sampling(max_new_tokens=60, ignore_eos=True))
+                        sampling=Sampling(max_new_tokens=LONGEST.max_new_tokens // 8,
+                                          ignore_eos=True))
     deadline = time.monotonic() - t0
-    settled()
-    finished = outcomes("length")
-    for attempt in range(3):
-        stream = ray_client.generate_stream("hello world", adapter="houlsby0", sampling=longest,
-                                            timeout=deadline * 2**attempt)
-        it = iter(stream)
-        try:
-            next(it)  # running on a replica
-        except DeadlineExceededError:
-            continue  # a loaded machine: the deadline passed before the first token
+
+    def miss_deadline() -> None:
         with pytest.raises(DeadlineExceededError):
-            for _ in it:
+            for _ in ray_client.generate_stream("hello world", adapter="houlsby0",
+                                                sampling=LONGEST, timeout=deadline):
                 pass
-        break
-    else:
-        raise AssertionError("no attempt got a first token before its deadline")
-    wait_for(lambda: metric(scrape(url), "peftserve_kv_blocks_used") == 0, timeout=10,
-             what="the KV blocks to be free")
-    assert outcomes("cancelled") >= cancelled + 2
-    assert outcomes("length") == finished, "the request ran to its end on the replica"
+
+    assert any(aborted(miss_deadline) for _ in range(3)), "no missed deadline aborted"
     assert ray_client.health() == "SERVING"
 
 

@@ -1,11 +1,11 @@
 """One engine per Ray Serve replica.
 
-The adapter a request names is its multiplexed model id. `adapter()` is wrapped in
-`serve.multiplexed` by `app.build` (with the configured LRU size): a cold adapter is registered
-on this replica's engine from the shared registry's record, and Ray Serve's LRU eviction
-unregisters it again (requests already using it finish first). Every `sync_interval_s` the
-replica reports its adapters and metrics to the shared registry and drops adapters that were
-unregistered or replaced there.
+The adapter a request names is its multiplexed model id. `get_adapter()` is `load_adapter()`
+wrapped in `serve.multiplexed` by `app.build` (with the configured LRU size): a cold adapter
+is registered on this replica's engine from the shared registry's record, and Ray Serve's LRU
+eviction unregisters it again (requests already using it finish first). Every
+`sync_interval_s` the replica reports its adapters and metrics to the shared registry and drops
+adapters that were unregistered or replaced there.
 """
 
 from __future__ import annotations

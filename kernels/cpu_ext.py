@@ -32,6 +32,8 @@ only ATen's stable tensor API and TORCH_LIBRARY registration.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -40,7 +42,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -66,6 +68,7 @@ SANITIZERS = "-fsanitize=address,undefined"
 SELF_TEST_COMMAND = (sys.executable, "-m", "peftserve.kernels.cpu_selftest")
 SELF_TEST_TIMEOUT_S = 900.0  # the build (~1-2 min on 2 cores; more under the sanitizers) + ops
 SELF_TEST_PASSED = "selftest-passed"
+TORCH_BUILD_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory
 
 
 def build_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -155,9 +158,29 @@ def _build_and_load() -> bool:
 def compile_and_register(out: Path) -> None:
     """Builds the library into `out` (a no-op when it is up to date) and registers its ops in
     this process. load() calls it only after the self-test passed in a child process."""
+    cflags, ldflags = build_flags()
+    with _build_lock(out):
+        # torch's builder waits, forever, for a lock file a killed build left behind; holding
+        # ours, no other process is building here, so such a file is stale.
+        (out / TORCH_BUILD_LOCK).unlink(missing_ok=True)
+        _build(out, cflags, ldflags)
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """One build at a time per directory, across processes; the kernel releases it when its
+    holder dies, however it dies."""
+    with open(out / "build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(out: Path, cflags: tuple[str, ...], ldflags: tuple[str, ...]) -> None:
     from torch.utils import cpp_extension
 
-    cflags, ldflags = build_flags()
     # Under the sanitizers Python runs with their runtime preloaded; the compiler need not (it
     # runs several times slower so), and the library links the runtime itself.
     preload = os.environ.pop("LD_PRELOAD", None) if SANITIZERS in cflags else None

@@ -5,6 +5,7 @@ caller down."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 from peftserve.kernels import cpu_ext
@@ -48,3 +49,18 @@ def test_a_failed_build_and_an_unexplained_exit_are_reported():
     assert fault == "build failed: no compiler"
     fault = cpu_ext.self_test_fault(_child("sys.stderr.write('ImportError: x\\n'); sys.exit(3)"))
     assert fault == "the self-test exited with status 3: ImportError: x"
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one():
+    """torch's builder waits forever for its lock file; a build killed mid-way (a self-test
+    child past its time limit, a killed test run) leaves one behind."""
+    out = cpu_ext.build_dir()
+    assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    (out / cpu_ext.TORCH_BUILD_LOCK).write_text("")
+    done = subprocess.run(
+        [sys.executable, "-c", "from peftserve.kernels import cpu_ext\n"
+         "cpu_ext.compile_and_register(cpu_ext.build_dir()); print('loaded')"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr[-2000:]
+    assert not (out / cpu_ext.TORCH_BUILD_LOCK).exists()

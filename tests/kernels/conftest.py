@@ -16,6 +16,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("peftserve.kernels.triton_shrink", "peftserve.kernels.triton_expand"):
+    for _name in (
+        "peftserve.kernels.triton_combine",  # first: the kernels below import its functions
+        "peftserve.kernels.triton_shrink",
+        "peftserve.kernels.triton_expand",
+        "peftserve.kernels.triton_lowrank_rows",
+        "peftserve.kernels.triton_paged_attention",
+        "peftserve.kernels.triton_fused",
+    ):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])

@@ -1,0 +1,284 @@
+"""Low-rank deltas token by token in Triton (BGMV, as punica / vLLM / SGLang do at decode).
+
+    v = shrink_rows_triton(x, A, rank, token_slot)               # one launch, all slices
+    expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes)   # one launch, all slices
+
+Each program reads its token's slot from `token_slot` on the device and that slot's exact rank
+per slice from `rank`: no host-side grouping (kernels/segment_meta.py) and no device->host
+read, so a decode step that calls these can be captured in a CUDA graph and replayed for any
+mix of adapters. One launch covers every slice of a fused projection (q/k/v, gate/up) and every
+adapter of the step. The semantics are reference.lowrank_delta_reference's loop.
+
+The shrink may split the input dimension over several programs (`n_splits`, for the few-token
+steps where one program per (token, slice) leaves the GPU idle); its output holds one partial
+sum per split, which the expand adds up, deterministically. The bottleneck's `b_down` and
+activation therefore act in the expand, on the summed shrink.
+
+Imported lazily, like triton_shrink.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import activation_code
+from .triton_combine import add as _add
+from .triton_expand import _slice_offsets
+
+SHRINK_BLOCK_K = 128  # input columns per step of the shrink's loop
+EXPAND_BLOCK_N = 64  # output columns per expand program
+
+
+@triton.jit
+def _shrink_rows_kernel(
+    x_ptr,  # [T, in]
+    a_ptr,  # [n_slices, S, R_max, in]
+    v_ptr,  # [n_splits, n_slices, T, R_max] float32, every entry written
+    token_slot_ptr,  # [T] int, -1 = no adapter
+    rank_ptr,  # [n_slices, S] int32
+    K,  # in
+    k_per_split,  # input columns per split, a multiple of BLOCK_K
+    R_MAX_STORE,  # R_max: ranks are clamped to it so a bad rank cannot read out of bounds
+    stride_xt,
+    stride_xk,
+    stride_ai,
+    stride_as,
+    stride_ar,
+    stride_ak,
+    stride_vp,
+    stride_vi,
+    stride_vt,
+    stride_ranki,
+    BLOCK_R: tl.constexpr,  # R_max padded to a power of two
+    BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1).to(tl.int64)  # slice
+    split = tl.program_id(2)
+    slot = tl.load(token_slot_ptr + t).to(tl.int64)
+    live = slot >= 0
+    slot = tl.maximum(slot, 0)  # a token without an adapter reads slot 0's rank, then ignores it
+    rank = tl.load(rank_ptr + i * stride_ranki + slot)
+    rank = tl.where(live, tl.minimum(rank, R_MAX_STORE), 0)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    k_start = split * k_per_split
+    k_end = tl.where(rank > 0, tl.minimum(k_start + k_per_split, K), k_start)  # rank 0: no loop
+    a_row = a_ptr + i * stride_ai + slot * stride_as + offs_r[:, None] * stride_ar  # [R, 1]
+    acc = tl.full((BLOCK_R,), 0.0, dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0)
+        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=mask_r[:, None] & mask_k[None, :],
+                    other=0.0)  # fmt: skip
+        acc += tl.reduce(a.to(tl.float32) * x.to(tl.float32)[None, :], 1, _add)
+    # Zeros past the rank and for idle tokens too: the buffer needs no memset launch.
+    v_ptrs = v_ptr + split * stride_vp + i * stride_vi + t * stride_vt + offs_r
+    tl.store(v_ptrs, acc, mask=offs_r < R_MAX_STORE)
+
+
+@triton.jit
+def _expand_rows_kernel(
+    y_ptr,  # [T, out_total], read and written
+    v_ptr,  # [n_splits, n_slices, T, R_max] float32
+    b_ptr,  # [S, out_total, R_max]
+    token_slot_ptr,  # [T] int, -1 = no adapter
+    rank_ptr,  # [n_slices, S] int32
+    scale_ptr,  # [n_slices, S] float32, laid out like rank
+    b_down_ptr,  # [S, R_max], read only when HAS_BIAS
+    b_up_ptr,  # [S, out_total], read only when HAS_BIAS
+    slice_offsets_ptr,  # [n_slices + 1] int32, column where each slice starts
+    R_MAX_STORE,
+    stride_yt,
+    stride_yo,
+    stride_vp,
+    stride_vi,
+    stride_vt,
+    stride_bs,
+    stride_bo,
+    stride_br,
+    stride_ranki,
+    stride_bds,
+    stride_bus,
+    N_SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,  # 0 none, 1 relu, 2 silu, 3 gelu (activation.py)
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1).to(tl.int64)  # slice
+    pid_n = tl.program_id(2)  # column tile within the slice
+    slot = tl.load(token_slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    rank = tl.minimum(tl.load(rank_ptr + i * stride_ranki + slot), R_MAX_STORE)
+    col_start = tl.load(slice_offsets_ptr + i)
+    width = tl.load(slice_offsets_ptr + i + 1) - col_start
+    if (rank <= 0) | (pid_n * BLOCK_N >= width):  # no update here, or past a narrower slice
+        return
+
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    h = tl.full((BLOCK_R,), 0.0, dtype=tl.float32)
+    for p in tl.static_range(N_SPLITS):
+        h += tl.load(v_ptr + p * stride_vp + i * stride_vi + t * stride_vt + offs_r,
+                     mask=mask_r, other=0.0)  # fmt: skip
+    if HAS_BIAS:
+        h += tl.load(b_down_ptr + slot * stride_bds + offs_r, mask=mask_r, other=0.0).to(
+            tl.float32
+        )
+    if ACT == 1:
+        h = tl.maximum(h, 0.0)
+    elif ACT == 2:
+        h = h / (1.0 + tl.exp(-h))
+    elif ACT == 3:
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    h = tl.where(mask_r, h, 0.0)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < width
+    cols = (col_start + offs_n).to(tl.int64)
+    b = tl.load(  # [N, R]
+        b_ptr + slot * stride_bs + cols[:, None] * stride_bo + offs_r[None, :] * stride_br,
+        mask=mask_n[:, None] & mask_r[None, :],
+        other=0.0,
+    )
+    d = tl.reduce(b.to(tl.float32) * h[None, :], 1, _add)  # [N]
+    if HAS_BIAS:
+        d += tl.load(b_up_ptr + slot * stride_bus + cols, mask=mask_n, other=0.0).to(tl.float32)
+    d *= tl.load(scale_ptr + i * stride_ranki + slot)
+    y_ptrs = y_ptr + t * stride_yt + cols * stride_yo
+    y = tl.load(y_ptrs, mask=mask_n, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + d).to(y.dtype), mask=mask_n)
+
+
+def shrink_splits(n_tokens: int, n_slices: int, d_in: int) -> int:
+    """Splits of the input dimension: enough programs to spread a few tokens' weight reads
+    over the GPU (~256 programs), at least two BLOCK_Ks of columns each."""
+    most = max(1, d_in // (2 * SHRINK_BLOCK_K))
+    return max(1, min(most, 256 // max(1, n_tokens * n_slices)))
+
+
+def shrink_rows_triton(
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [n_slices, S, R_max, in]
+    rank: torch.Tensor,  # [n_slices, S] int32, 0 = no update
+    token_slot: torch.Tensor,  # [T] int, -1 = no adapter
+    n_splits: int = 1,
+) -> torch.Tensor:  # [n_splits, n_slices, T, R_max] float32, summing to shrink_reference's v
+    """One launch for every (token, slice, split): the partial sums of A[i, s, :r] @ x[t]."""
+    T, d_in = x.shape
+    n_slices, _, r_max, _ = A.shape
+    v = torch.empty(n_splits, n_slices, T, r_max, dtype=torch.float32, device=x.device)
+    if T == 0:
+        return v
+    k_per_split = triton.cdiv(triton.cdiv(d_in, n_splits), SHRINK_BLOCK_K) * SHRINK_BLOCK_K
+    _shrink_rows_kernel[(T, n_slices, n_splits)](
+        x, A, v, token_slot, rank,
+        d_in, k_per_split, r_max,
+        x.stride(0), x.stride(1),
+        A.stride(0), A.stride(1), A.stride(2), A.stride(3),
+        v.stride(0), v.stride(1), v.stride(2),
+        rank.stride(0),
+        BLOCK_R=triton.next_power_of_2(r_max),
+        BLOCK_K=SHRINK_BLOCK_K,
+        num_warps=4,
+    )  # fmt: skip
+    return v
+
+
+def expand_rows_triton(
+    y: torch.Tensor,  # [T, out_total], updated in place
+    v: torch.Tensor,  # [n_splits, n_slices, T, R_max] float32 (shrink_rows_triton's output)
+    B: torch.Tensor,  # [S, out_total, R_max]
+    rank: torch.Tensor,  # [n_slices, S] int32
+    scale: torch.Tensor,  # [n_slices, S] float32
+    token_slot: torch.Tensor,  # [T] int, -1 = no adapter
+    slice_sizes: tuple[int, ...],  # out_i per slice, summing to out_total
+    *,
+    b_down: torch.Tensor | None = None,  # [S, R_max], with b_up and act: a bottleneck
+    b_up: torch.Tensor | None = None,  # [S, out_total]
+    act: str | None = None,
+) -> torch.Tensor:  # y
+    """One launch for every (token, slice, column tile):
+    y[t, off_i:off_i+out_i] += scale[i, s] * (B[s, off_i:off_i+out_i, :r] @ act(sum_p v[p, i, t, :r]
+    + b_down[s, :r]) + b_up[s, off_i:off_i+out_i])."""
+    T = y.shape[0]
+    if T == 0:
+        return y
+    n_splits, n_slices, _, r_max = v.shape
+    has_bias = b_down is not None
+    bias_down = b_down if b_down is not None else v
+    bias_up = b_up if b_up is not None else y
+    grid = (T, n_slices, triton.cdiv(max(slice_sizes), EXPAND_BLOCK_N))
+    _expand_rows_kernel[grid](
+        y, v, B, token_slot, rank, scale, bias_down, bias_up,
+        _slice_offsets(slice_sizes, y.device),
+        r_max,
+        y.stride(0), y.stride(1),
+        v.stride(0), v.stride(1), v.stride(2),
+        B.stride(0), B.stride(1), B.stride(2),
+        rank.stride(0),
+        bias_down.stride(0), bias_up.stride(0),
+        N_SPLITS=n_splits,
+        HAS_BIAS=has_bias,
+        ACT=activation_code(act),
+        BLOCK_R=triton.next_power_of_2(r_max),
+        BLOCK_N=EXPAND_BLOCK_N,
+        num_warps=4,
+    )  # fmt: skip
+    return y
+
+
+def lowrank_delta_rows_triton(
+    y: torch.Tensor,  # [T, out_total], updated in place
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [n_slices, S, R_max, in]
+    B: torch.Tensor,  # [S, out_total, R_max]
+    rank: torch.Tensor,  # [n_slices, S] int32
+    scale: torch.Tensor,  # [n_slices, S] float32
+    token_slot: torch.Tensor,  # [T] int on the device, -1 = no adapter
+    slice_sizes: tuple[int, ...],
+    *,
+    b_down: torch.Tensor | None = None,  # [S, R_max]
+    b_up: torch.Tensor | None = None,  # [S, out_total]
+    act: str | None = None,
+) -> torch.Tensor:  # y
+    """Shrink then expand, two launches whatever the adapters (reference.lowrank_delta_reference).
+    Arguments are not checked here (checks.check_lowrank_args, which reads no device data)."""
+    n_splits = shrink_splits(x.shape[0], A.shape[0], x.shape[1])
+    v = shrink_rows_triton(x, A, rank, token_slot, n_splits)
+    return expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes,
+                              b_down=b_down, b_up=b_up, act=act)  # fmt: skip
+
+
+
+def check_rows_args(
+    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: torch.Tensor,
+    scale: torch.Tensor, token_slot: torch.Tensor, slice_sizes: tuple[int, ...],
+) -> None:  # fmt: skip
+    """The layouts lowrank_delta_rows_triton reads, from shapes alone (no device->host copy:
+    the slots' values are never looked at here)."""
+    T, d_in = x.shape
+    n_slices, n_slots, r_max, a_in = A.shape
+    expected = {
+        "y": (y.shape[0], B.shape[1]), "A": (n_slices, n_slots, r_max, d_in),
+        "B": (n_slots, sum(slice_sizes), r_max), "rank": (n_slices, n_slots),
+        "scale": (n_slices, n_slots), "token_slot": (T,),
+    }  # fmt: skip
+    given = {"y": y.shape, "A": A.shape, "B": B.shape, "rank": rank.shape,
+             "scale": scale.shape, "token_slot": token_slot.shape}  # fmt: skip
+    for name, shape in expected.items():
+        if tuple(given[name]) != shape:
+            raise ValueError(f"{name} must be {list(shape)}, got {list(given[name])}")
+    if len(slice_sizes) != n_slices or y.shape[0] != T:
+        raise ValueError(f"{n_slices} slices and {T} rows, got {slice_sizes} and {y.shape[0]}")
+    if rank.dtype != torch.int32 or scale.dtype != torch.float32 or token_slot.is_floating_point():
+        raise ValueError("rank int32, scale float32 and an integer token_slot")
+    if not (rank.is_contiguous() and scale.is_contiguous()) or A.stride(3) != 1 or B.stride(2) != 1:
+        raise ValueError("rank and scale contiguous; A and B contiguous in their last dim")

@@ -1,0 +1,99 @@
+"""The Triton paged decode attention (interpreted when there is no GPU) against the gather +
+SDPA path it replaces (the reference backend's decode_attention): head dims 64 and 128, GQA
+ratios 1/3/4/8, block sizes, ragged contexts from 1 position to several splits, three dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftserve.kernels.triton_paged_attention import paged_decode_attention
+from peftserve.layers.attention import AttentionMetadata
+from peftserve.layers.backend import Backend
+from tests.kernels.lowrank_cases import KERNEL_DEVICE, assert_close
+
+# (dtype, atol, rtol) against SDPA in the same dtype
+TOLERANCES = [(torch.float32, 2e-5, 1e-4), (torch.bfloat16, 3e-2, 3e-2),
+              (torch.float16, 4e-3, 4e-3)]  # fmt: skip
+
+
+def make_case(B, heads, kv_heads, D, bs, lens, dtype, seed=0):
+    """Block tables drawn from a shuffled pool (padding entries point at a real block of
+    another sequence), every other slot of the cache random too."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens)
+    max_blocks = -(-int(lens.max()) // bs)
+    num_blocks = B * max_blocks + 3
+    cache = torch.randn(2, kv_heads, num_blocks * bs, D, generator=g)
+    pool = torch.randperm(num_blocks, generator=g)
+    tables = pool[: B * max_blocks].view(B, max_blocks).clone()
+    q = torch.randn(B, heads, D, generator=g)
+    dev = KERNEL_DEVICE
+    return q.to(dev, dtype), cache.to(dev, dtype), tables.to(dev), lens.to(dev)
+
+
+def gather_sdpa(q, cache, tables, lens, bs, scale):
+    mask = torch.arange(tables.shape[1] * bs, device=q.device)[None, :] < lens[:, None]
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(q.shape[0], dtype=torch.long, device=q.device),
+        num_decodes=q.shape[0], block_size=bs, decode_blocks=tables,
+        decode_mask=mask[:, None, None, None, :], decode_lens=lens, prefills=(),
+    )  # fmt: skip
+    return Backend().decode_attention(q, cache, meta, scale)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize(
+    "heads, kv_heads, D",
+    [(4, 4, 64), (9, 3, 64), (8, 2, 128), (16, 2, 64)],  # GQA 1, 3 (SmolLM2), 4, 8 (Llama 3)
+)
+@pytest.mark.parametrize(
+    "bs, lens, partition",
+    [
+        (16, [1, 37, 70], 512),  # one pass; a context of one position
+        (8, [100, 1, 33], 32),  # split over 4 programs; sequences that stop in split 0
+        (16, [16, 80], 16),  # a whole block, and a split per block
+    ],
+)
+def test_matches_gather_sdpa(dtype, atol, rtol, heads, kv_heads, D, bs, lens, partition):
+    q, cache, tables, ctx = make_case(len(lens), heads, kv_heads, D, bs, lens, dtype)
+    scale = D**-0.5
+    out = paged_decode_attention(q, cache, tables, ctx, bs, scale, partition=partition)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, gather_sdpa(q, cache, tables, ctx, bs, scale), atol, rtol)
+
+
+def test_reads_only_the_context():
+    """NaN in every cache slot past each context and in the padding blocks: none is read."""
+    bs, lens = 8, [3, 20, 41]
+    q, cache, tables, ctx = make_case(3, 8, 2, 64, bs, lens, torch.float32, seed=1)
+    expected = gather_sdpa(q, cache, tables, ctx, bs, 0.125)
+    poisoned = torch.full_like(cache, float("nan"))
+    for b, n in enumerate(lens):
+        slots = (tables[b, :, None] * bs + torch.arange(bs, device=cache.device)).flatten()[:n]
+        poisoned[:, :, slots] = cache[:, :, slots]
+    for partition in (512, 16):
+        out = paged_decode_attention(q, poisoned, tables, ctx, bs, 0.125, partition=partition)
+        assert_close(out, expected, 2e-5, 1e-4)
+
+
+def test_strided_query_and_odd_head_dim():
+    """q as the rotary leaves it (a view into the fused qkv rows), head_dim 80."""
+    bs, lens, heads, kv_heads, D = 4, [5, 13], 6, 2, 80
+    q, cache, tables, ctx = make_case(2, heads, kv_heads, D, bs, lens, torch.float32, seed=2)
+    qkv = torch.randn(2, heads + 2 * kv_heads, D, device=q.device)
+    qkv[:, :heads] = q
+    view = qkv[:, :heads]
+    assert not view.is_contiguous()
+    out = paged_decode_attention(view, cache, tables, ctx, bs, D**-0.5, partition=16)
+    assert_close(out, gather_sdpa(q, cache, tables, ctx, bs, D**-0.5), 2e-5, 1e-4)
+
+
+def test_refuses_mismatched_layouts():
+    q, cache, tables, ctx = make_case(2, 4, 2, 16, 4, [3, 5], torch.float32)
+    with pytest.raises(ValueError, match="group"):
+        paged_decode_attention(q[:, :3], cache, tables, ctx, 4, 0.25)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_decode_attention(q.half(), cache, tables, ctx, 4, 0.25)
+    with pytest.raises(ValueError, match="ctx_lens"):
+        paged_decode_attention(q, cache, tables, ctx[:1], 4, 0.25)

@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import torch
@@ -131,11 +131,13 @@ async def run_clients(target: str, work: list[tuple[str, int]]) -> dict:
         return await _run_streams([one(m, n) for m, n in work], sum(n for _, n in work))
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
+def start_server(args: argparse.Namespace,
+                 extra: Sequence[str] = ()) -> tuple[subprocess.Popen[str], str]:
+    """`peftserve serve` with args.model, args.dtype and args.threads, then `extra` flags."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "peftserve.cli", "serve", "--model", args.model, "--dtype",
          args.dtype, "--num-threads", str(args.threads), "--max-num-seqs", "64", "--port", "0",
-         "--metrics-port", "-1"], stdout=subprocess.PIPE, text=True)
+         "--metrics-port", "-1", *extra], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         m = READY.search(line)

@@ -225,11 +225,11 @@ def many_adapters(engine, hf, pad, work, prompts, lengths, wanted, with_peft, ou
         qv = []
         for i in range(len(work)):
             qv.append(write_lora(root / f"qv{i}", shape, (8, 16)[i % 2], QV, seed=i))
-            engine.register_adapter(f"qv{i}", qv[-1])
+            engine.adapters.register(f"qv{i}", qv[-1])
             if "lora-heavy" in wanted:
                 rank = (8, 16, 32, 64)[i % 4]
                 path = write_lora(root / f"all{i}", shape, rank, ALL, seed=100 + i)
-                engine.register_adapter(f"all{i}", path)
+                engine.adapters.register(f"all{i}", path)
         configs["lora-qv"] = [f"qv{i}" for i in range(len(work))]
         configs["lora-heavy"] = [f"all{i}" for i in range(len(work))]
         adapters = {}

@@ -89,7 +89,7 @@ def accuracy(model_dir: Path, adapters: dict[str, Path]) -> dict[str, float]:
     _, held_out = task.split(200, 60)
     engine = scoring.make_engine(model_dir)
     for name, path in adapters.items():
-        engine.register_adapter(name, path)
+        engine.adapters.register(name, path)
     return {name: scoring.exact_match(engine, task, held_out, adapter=name).accuracy
             for name in [None, *adapters]}
 

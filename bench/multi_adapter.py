@@ -242,10 +242,10 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
         path = write_lora(root / f"cold{i}", engine.model.shape, 16, ALL, seed=1000 + i)
         base.append(first_token(engine, prompt, None, f"b{i}"))
         t0 = time.perf_counter()
-        engine.register_adapter(f"cold{i}", path)
+        engine.adapters.register(f"cold{i}", path)
         register.append(time.perf_counter() - t0)
         total.append(register[-1] + first_token(engine, prompt, f"cold{i}", f"c{i}"))
-        engine.unregister_adapter(f"cold{i}")
+        engine.adapters.unregister(f"cold{i}")
     return {
         "p50": statistics.median(total) * 1e3,
         "max": max(total) * 1e3,
@@ -304,11 +304,11 @@ def main() -> None:
         ),
     }
     for i, p in enumerate(qv):
-        engine.register_adapter(f"qv{i}", p)
+        engine.adapters.register(f"qv{i}", p)
     for i, p in enumerate(heavy):
-        engine.register_adapter(f"heavy{i}", p)
+        engine.adapters.register(f"heavy{i}", p)
     for name, p in kinds.items():
-        engine.register_adapter(name, p)
+        engine.adapters.register(name, p)
     configs = {
         "base": [None] * n,
         "lora-qv": [f"qv{i}" for i in range(n)],

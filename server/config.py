@@ -24,6 +24,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 2048  # tokens in one forward pass (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's context length
+    max_prompt_tokens: int | None = None  # None: the context length minus one
     max_new_tokens_limit: int = 4096  # the most a request may ask for
     max_waiting: int = 1024  # bounded waiting queue; beyond it add_request raises Overloaded
     num_threads: int | None = None  # torch intra-op threads; None: leave torch's default
@@ -57,6 +58,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:

@@ -1,7 +1,7 @@
 """What every protocol front shares: peftserve.v1 and KServe v2 over gRPC, the OpenAI-compatible
 HTTP API. Each front converts its own request type to an `engine.Request` and hands it here; the
-cap on requests in flight, the prompt-length limit and the per-request metrics are the same
-whichever protocol a request came by.
+cap on requests in flight and the per-request metrics are the same whichever protocol a request
+came by (the engine's input processing checks the prompt's length, once, as it tokenizes).
 """
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from peftserve.adapters.handle import BASE_KIND, AdapterInfo
 from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.request import Request, RequestOutput
-from peftserve.errors import InvalidRequest, Overloaded, PeftServeError
+from peftserve.errors import Overloaded, PeftServeError
 from peftserve.metrics import Metrics
 from peftserve.models.loader import DEFAULT_MODEL_NAME
 from peftserve.serve_config import ServeConfig
@@ -42,11 +41,6 @@ class Gateway:
         self.model_name = served_model_name(config.engine.model)
         self.active_streams = 0
         self.admin_lock = asyncio.Lock()  # one registration change at a time, whatever the front
-        # Counting prompt tokens for max_prompt_tokens: off the event loop and the engine thread.
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="peftserve-tokenize")
-
-    def close(self) -> None:
-        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def count_refused(self, adapter: str | None, outcome: str) -> None:
         """A request refused before it became an engine request (a front's own validation)."""
@@ -84,7 +78,6 @@ class Gateway:
                                  f"({self.config.max_concurrent_streams})")
             if req.arrival_time is None:
                 req = _with_arrival(req, arrived)
-            await self._check_prompt_length(req)
             async for out in self.engine.generate(req):
                 tracker.on_output(out)
                 if out.error is not None:
@@ -104,31 +97,6 @@ class Gateway:
             self.active_streams -= 1
             self.metrics.active_streams.dec()
             tracker.finish(result)
-
-    async def _check_prompt_length(self, req: Request) -> None:
-        limit = self.config.max_prompt_tokens
-        if limit is None:
-            return  # the engine refuses prompts that leave no room in the context
-        if req.prompt_token_ids is not None:
-            n = len(req.prompt_token_ids)
-        else:
-            self.engine.engine.check_chars(req, limit)  # before tokenizing megabytes
-            loop = asyncio.get_running_loop()
-            n = await loop.run_in_executor(self._tokenize_pool, self._count_tokens, req)
-        if n > limit:
-            raise InvalidRequest(f"the prompt has {n} tokens; this server takes at most {limit}")
-
-    def _count_tokens(self, req: Request) -> int:
-        tok = self.engine.engine.tokenizer
-        try:
-            if req.prompt is not None:
-                return len(tok(req.prompt)["input_ids"])
-            if req.messages:
-                return len(tok.apply_chat_template(list(req.messages), add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"])
-        except Exception:  # a bad template or message: the engine says what is wrong
-            return 0
-        return 0
 
     def token_text(self, token_id: int) -> str:
         """One token's text, as the OpenAI API reports it beside its log-probability."""

@@ -30,7 +30,6 @@ class ServeConfig:
     adapter_root: Path | None = None  # RegisterAdapter by path only below this; None = refused
     staging_dir: Path | None = None  # inline adapter uploads; None = a private temp dir
     max_inline_adapter_bytes: int = 64 << 20  # total size of one inline upload
-    max_prompt_tokens: int | None = None  # None = the context length minus one
     max_concurrent_streams: int = 256  # Generate + GenerateStream calls in flight
     default_max_new_tokens: int = 128  # when a request does not say
     metrics_max_adapter_labels: int = 32  # adapters beyond this share the label "other"
@@ -50,8 +49,6 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.metrics_max_adapter_labels < 0:
             raise ValueError("metrics_max_adapter_labels must be >= 0")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.default_max_new_tokens > self.engine.max_new_tokens_limit:
             raise ValueError(f"default_max_new_tokens {self.default_max_new_tokens} exceeds "
                              f"max_new_tokens {self.engine.max_new_tokens_limit}")

@@ -20,6 +20,7 @@ from peftserve.adapters.errors import AdapterExists, AdapterNotFound, InvalidAda
 from peftserve.adapters.files import FileDigest
 from peftserve.adapters.handle import AdapterInfo, AdapterKind
 from peftserve.adapters.loader import AdapterLimits, LoadedAdapter, load_adapter
+from peftserve.adapters.shared_prefix import SharedPrefix
 from peftserve.adapters.template import PromptTemplate
 from peftserve.errors import shorten
 from peftserve.models.llama import ModelShape
@@ -56,7 +57,7 @@ class AdapterEntry:
     load_time_s: float | None
     registered_at: float = field(default_factory=time.time)
     slot: int | None = None  # device slot (LoRA / bottleneck)
-    prefix: object | None = None  # SharedPrefix on device (prefix / prompt tuning, templates)
+    prefix: SharedPrefix | None = None  # on device (prefix / prompt tuning, templates)
     active: int = 0  # requests holding this entry (waiting or running)
     running: int = 0  # running sequences using its slot or prefix (pins it on device)
     requests_served: int = 0

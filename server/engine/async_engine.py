@@ -17,7 +17,7 @@ from peftserve.adapters.handle import AdapterInfo
 from peftserve.adapters.registry import validate_name
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request, RequestOutput
-from peftserve.engine.stats import EngineStats
+from peftserve.engine.stats import EngineInfo, EngineStats
 from peftserve.errors import EngineStopped
 
 log = logging.getLogger(__name__)
@@ -104,20 +104,24 @@ class AsyncEngine:
         """Reads and checks the files on a loader thread (the step loop keeps running), then
         registers on the engine thread between two steps."""
         validate_name(name)
+        adapters = self.engine.adapters
         loaded = await asyncio.wrap_future(self.engine.registry.submit_load(Path(path)))
-        return await self.call(lambda: self.engine.add_adapter(name, loaded, Path(path), replace))
+        return await self.call(lambda: adapters.add_loaded(name, loaded, Path(path), replace))
 
     async def unregister_adapter(self, name: str) -> None:
-        await self.call(lambda: self.engine.unregister_adapter(name))
+        await self.call(lambda: self.engine.adapters.unregister(name))
 
     async def list_adapters(self) -> list[AdapterInfo]:
-        return await self.call(self.engine.list_adapters)
+        return await self.call(self.engine.adapters.infos)
 
     async def get_adapter(self, name: str) -> AdapterInfo:
-        return await self.call(lambda: self.engine.get_adapter(name))
+        return await self.call(lambda: self.engine.adapters.info(name))
 
     async def stats(self) -> EngineStats:
         return await self.call(self.engine.stats)
+
+    async def info(self) -> EngineInfo:
+        return await self.call(self.engine.info)
 
     # --- requests ---------------------------------------------------------------------------
 

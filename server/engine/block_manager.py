@@ -7,10 +7,6 @@ from collections import deque
 from peftserve.engine.sequence import Sequence
 
 
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
 class BlockManager:
     """Hands out KV blocks. A block is free when its refcount is 0; shared blocks (a prefix
     written once and read by many sequences) carry one reference per holder."""
@@ -29,9 +25,12 @@ class BlockManager:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Extra blocks `seq` needs so that its first `num_tokens` tokens have a place."""
-        return max(0, blocks_for(num_tokens, self.block_size) - len(seq.block_table))
+        return max(0, self.blocks_for(num_tokens) - len(seq.block_table))
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)

@@ -1,5 +1,6 @@
 """Decides who runs each step: admission within a token budget and free KV blocks, chunked
-prefill joining running decodes (continuous batching), preemption by recompute. No tensors."""
+prefill joining running decodes (continuous batching), preemption by recompute. No tensors: what
+a decision needs on the device (an adapter's slot, a prefix's KV) is done by the engine step."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from peftserve.engine.admission import Admission, AdmissionPolicy, BaseOnly
+from peftserve.adapters.admission import Admission, AdmissionPolicy, BaseOnly
 from peftserve.engine.block_manager import BlockManager
 from peftserve.engine.sequence import FinishReason, SeqStatus, Sequence
 
@@ -40,6 +41,14 @@ class ScheduledBatch:
 
     def __len__(self) -> int:
         return len(self.decodes) + len(self.prefills)
+
+    def without(self, seqs: list[Sequence]) -> ScheduledBatch:
+        """This batch less `seqs` (failed after scheduling), which join `failed`."""
+        gone = {id(s) for s in seqs}
+        keep = lambda items: [i for i in items if id(i.seq) not in gone]  # noqa: E731
+        return ScheduledBatch(
+            keep(self.decodes), keep(self.prefills), self.preempted, self.failed + list(seqs)
+        )
 
 
 class Scheduler:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from peftserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from peftserve.adapters.registry import AdapterEntry
 
 
 class SeqStatus(enum.Enum):
@@ -42,7 +45,7 @@ class Sequence:
     first_token_time: float | None = None
     generator: torch.Generator | None = None
     output_logprobs: list[float] = field(default_factory=list)
-    adapter: Any = None  # AdapterEntry, or None for the base model
+    adapter: AdapterEntry | None = None  # None for the base model
     prefix_len: int = 0  # leading tokens served from the adapter's shared KV blocks
     num_virtual: int = 0  # leading placeholder tokens that are not real (prefix/prompt tuning)
     slot: int = -1  # device slot of a LoRA / bottleneck adapter while running

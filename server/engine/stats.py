@@ -22,3 +22,19 @@ class EngineStats:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_evictions: int = 0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What ServerInfo reports of an engine: its model, backend and limits, and its load."""
+
+    model: str  # EngineConfig.model as given ("default", or a directory)
+    dtype: str
+    device: str
+    kernel_backend: str
+    max_model_len: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_waiting: int
+    max_num_seqs: int
+    stats: EngineStats

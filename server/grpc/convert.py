@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from peftserve import __version__
 from peftserve.adapters.handle import AdapterInfo, AdapterKind
 from peftserve.engine.request import Request, RequestOutput, Timings
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
+from peftserve.engine.stats import EngineInfo
 from peftserve.errors import InvalidRequest
-from peftserve.v1 import adapters_pb2, generate_pb2
+from peftserve.serve_config import ServeConfig
+from peftserve.v1 import adapters_pb2, generate_pb2, server_info_pb2
 
 _FINISH = {
     None: generate_pb2.FINISH_REASON_UNSPECIFIED,
@@ -122,3 +125,25 @@ def adapter_to_pb(info: AdapterInfo) -> adapters_pb2.Adapter:
     if info.load_time_s is not None:
         pb.load_seconds = info.load_time_s
     return pb
+
+
+def server_info_to_pb(info: EngineInfo, model_name: str, config: ServeConfig,
+                      active_streams: int) -> server_info_pb2.ServerInfoResponse:
+    """ServerInfo of one engine (one server, or one Ray Serve replica) under `config`."""
+    s = info.stats
+    return server_info_pb2.ServerInfoResponse(
+        version=__version__, model=model_name, dtype=info.dtype, device=info.device,
+        kernel_backend=info.kernel_backend,
+        limits=server_info_pb2.Limits(
+            max_prompt_tokens=info.max_prompt_tokens, max_new_tokens=info.max_new_tokens,
+            max_model_len=info.max_model_len,
+            max_concurrent_streams=config.max_concurrent_streams,
+            max_waiting_requests=info.max_waiting,
+            max_inline_adapter_bytes=config.max_inline_adapter_bytes,
+            max_num_seqs=info.max_num_seqs, max_loras=s.max_loras),
+        load=server_info_pb2.Load(
+            num_running=s.num_running, num_waiting=s.num_waiting,
+            kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
+            active_streams=active_streams),
+        admin_token_required=config.admin_token is not None,
+        adapter_root_configured=config.adapter_root is not None)

@@ -106,7 +106,6 @@ async def _serve(config: ServeConfig, async_engine: AsyncEngine) -> int:
         stopping.append(http_server.stop())
     await asyncio.gather(*stopping)
     async_engine.shutdown()
-    servicer.close()
     files.close()
     if http is not None:
         http.shutdown()

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from peftserve import __version__
 from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.request import RequestOutput
 from peftserve.errors import InvalidRequest
@@ -42,9 +41,6 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
     @property
     def active_streams(self) -> int:
         return self.gateway.active_streams
-
-    def close(self) -> None:
-        self.gateway.close()
 
     # --- generation -------------------------------------------------------------------------
 
@@ -128,29 +124,5 @@ class PeftServeServicer(service_pb2_grpc.PeftServeServicer):
 
     async def ServerInfo(self, request: server_info_pb2.ServerInfoRequest,
                          context: grpc.aio.ServicerContext) -> server_info_pb2.ServerInfoResponse:
-        engine = self.engine.engine
-        stats = await self.engine.stats()
-        model = engine.model
-        context_len = engine.max_model_len
-        max_prompt = context_len - 1
-        if self.config.max_prompt_tokens is not None:
-            max_prompt = min(max_prompt, self.config.max_prompt_tokens)
-        cfg = engine.config
-        return server_info_pb2.ServerInfoResponse(
-            version=__version__, model=self.gateway.model_name,
-            dtype=str(model.dtype).removeprefix("torch."),
-            device=str(model.device),
-            kernel_backend=model.backend.name,
-            limits=server_info_pb2.Limits(
-                max_prompt_tokens=max_prompt, max_new_tokens=cfg.max_new_tokens_limit,
-                max_model_len=context_len,
-                max_concurrent_streams=self.config.max_concurrent_streams,
-                max_waiting_requests=cfg.max_waiting,
-                max_inline_adapter_bytes=self.config.max_inline_adapter_bytes,
-                max_num_seqs=cfg.max_num_seqs, max_loras=stats.max_loras),
-            load=server_info_pb2.Load(
-                num_running=stats.num_running, num_waiting=stats.num_waiting,
-                kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
-                active_streams=self.active_streams),
-            admin_token_required=self.config.admin_token is not None,
-            adapter_root_configured=self.config.adapter_root is not None)
+        return convert.server_info_to_pb(await self.engine.info(), self.gateway.model_name,
+                                         self.config, self.active_streams)

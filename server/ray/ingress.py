@@ -23,11 +23,12 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray.serve.grpc_util import RayServegRPCContext
 
-from peftserve import __version__
 from peftserve.adapters.errors import AdapterExists
 from peftserve.adapters.registry import validate_name
 from peftserve.engine.request import RequestOutput
+from peftserve.engine.stats import EngineInfo
 from peftserve.errors import InvalidRequest, Overloaded
+from peftserve.gateway import served_model_name
 from peftserve.grpc import convert
 from peftserve.grpc.adapter_files import AdapterFiles, discard
 from peftserve.grpc.errors import PermissionDenied, Unauthenticated, to_status
@@ -35,7 +36,6 @@ from peftserve.grpc.interceptors import REQUEST_ID_KEY
 from peftserve.ray.config import RayConfig
 from peftserve.ray.directory import AdapterRecord
 from peftserve.ray.remote import RAY_ERRORS, call, cause
-from peftserve.ray.replica import ReplicaInfo
 from peftserve.serve_config import ServeConfig
 from peftserve.v1 import adapters_pb2, generate_pb2, server_info_pb2, service_pb2
 
@@ -211,30 +211,12 @@ class Ingress:
         """The engine's limits from one replica; the load is that replica's."""
         rid = _request_id(grpc_context)
         try:
-            info: ReplicaInfo = await call(self.engines.info.remote())
+            info: EngineInfo = await call(self.engines.info.remote())
         except Exception as e:
             _fail(grpc_context, e, rid)
             return server_info_pb2.ServerInfoResponse()
-        s = info.stats
-        max_prompt = info.max_model_len - 1
-        if self.config.max_prompt_tokens is not None:
-            max_prompt = min(max_prompt, self.config.max_prompt_tokens)
-        return server_info_pb2.ServerInfoResponse(
-            version=__version__, model=info.model, dtype=info.dtype, device=info.device,
-            kernel_backend=info.kernel_backend,
-            limits=server_info_pb2.Limits(
-                max_prompt_tokens=max_prompt, max_new_tokens=info.max_new_tokens,
-                max_model_len=info.max_model_len,
-                max_concurrent_streams=self.config.max_concurrent_streams,
-                max_waiting_requests=info.max_waiting,
-                max_inline_adapter_bytes=self.config.max_inline_adapter_bytes,
-                max_num_seqs=info.max_num_seqs, max_loras=s.max_loras),
-            load=server_info_pb2.Load(
-                num_running=s.num_running, num_waiting=s.num_waiting,
-                kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
-                active_streams=self.active_streams),
-            admin_token_required=self.config.admin_token is not None,
-            adapter_root_configured=self.config.adapter_root is not None)
+        return convert.server_info_to_pb(info, served_model_name(info.model), self.config,
+                                         self.active_streams)
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from peftserve.adapters.handle import AdapterInfo
 from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request, RequestOutput
-from peftserve.engine.stats import EngineStats
+from peftserve.engine.stats import EngineInfo, EngineStats
 from peftserve.errors import InvalidRequest
 from peftserve.gateway import Gateway
 from peftserve.grpc.errors import code_of, outcome
@@ -40,21 +39,6 @@ from peftserve.ray.remote import call
 from peftserve.serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    """What ServerInfo reports of the engine: the same on every replica, bar the load."""
-
-    model: str
-    dtype: str
-    device: str
-    kernel_backend: str
-    max_model_len: int
-    max_new_tokens: int
-    max_waiting: int
-    max_num_seqs: int
-    stats: EngineStats
 
 
 class ResidentAdapter:
@@ -225,15 +209,8 @@ class EngineReplica:
                 self._evict_when_idle.discard(name)
                 self._drop_soon(name)
 
-    async def info(self) -> ReplicaInfo:
-        engine = self.engine.engine
-        model = engine.model
-        return ReplicaInfo(
-            model=engine.config.model, dtype=str(model.dtype).removeprefix("torch."),
-            device=str(model.device), kernel_backend=model.backend.name,
-            max_model_len=engine.max_model_len, max_new_tokens=engine.config.max_new_tokens_limit,
-            max_waiting=engine.config.max_waiting, max_num_seqs=engine.config.max_num_seqs,
-            stats=await self.engine.stats())
+    async def info(self) -> EngineInfo:
+        return await self.engine.info()
 
     # --- the shared registry ----------------------------------------------------------------
 
@@ -257,9 +234,6 @@ class EngineReplica:
         await self.directory.ack.remote(self.replica_id, generation)
 
     def __del__(self) -> None:
-        gateway = getattr(self, "gateway", None)  # None: __init__ failed before it existed
-        if gateway is not None:
-            gateway.close()
-        engine = getattr(self, "engine", None)
+        engine = getattr(self, "engine", None)  # None: __init__ failed before it existed
         if engine is not None:
             engine.shutdown()

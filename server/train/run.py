@@ -111,7 +111,7 @@ def _score_demo(config: TrainConfig, model_dir: Path, out: Path, held_out: list[
     task = get_task(config.demo)
     engine = scoring.make_engine(model_dir, max_rank=_max_rank(config, hidden),
                                  max_virtual_tokens=config.num_virtual_tokens)
-    engine.register_adapter("trained", out)
+    engine.adapters.register("trained", out)
     before = scoring.exact_match(engine, task, held_out)
     after = scoring.exact_match(engine, task, held_out, adapter="trained")
     print(f"{task.name} held-out exact match: base {before.accuracy:.1%} -> "

@@ -67,7 +67,7 @@ def expected(tiny_llama_dir, adapter_dirs):
     out: dict[str | None, list[int]] = {}
     for name in [None, *adapter_dirs]:
         if name is not None:
-            engine.register_adapter(name, adapter_dirs[name])
+            engine.adapters.register(name, adapter_dirs[name])
         req = Request(f"oracle-{name}", messages=tuple(MESSAGES), adapter=name,
                       params=SamplingParams(max_new_tokens=10, ignore_eos=True))
         out[name] = [t for o in engine.generate([req])[req.request_id] for t in o.token_ids]

@@ -56,7 +56,7 @@ def engine_with(model_dir, dirs, backend: Backend | None = None, **kw) -> Engine
     kw = {"dtype": "float32", "num_kv_blocks": 256, "block_size": 4, "max_loras": 8, **kw}
     engine = Engine.from_config(EngineConfig(model=str(model_dir), device=DEVICE, **kw), backend)
     for name, path in dirs.items():
-        engine.register_adapter(name, path)
+        engine.adapters.register(name, path)
     return engine
 
 
@@ -167,8 +167,8 @@ def test_unregister_in_use_lets_running_requests_finish(tiny_llama_dir, adapter_
     results: dict[str, list] = {r.request_id: [] for r in reqs}
     for o in engine.step():
         results[o.request_id].append(o)
-    engine.unregister_adapter("lora-r8")
-    engine.unregister_adapter("prefix")
+    engine.adapters.unregister("lora-r8")
+    engine.adapters.unregister("prefix")
     with pytest.raises(AdapterNotFound):
         engine.add_request(Request("late", prompt="hi", adapter="lora-r8"))
     while engine.has_unfinished():
@@ -178,7 +178,7 @@ def test_unregister_in_use_lets_running_requests_finish(tiny_llama_dir, adapter_
     assert all(o[-1].finish_reason is FinishReason.LENGTH for o in results.values())
     assert engine.block_manager.num_used == 0
     assert engine.adapters.slot_owner == [None] * engine.config.max_loras
-    assert engine.list_adapters() == []
+    assert engine.adapters.infos() == []
 
 
 def test_replace_swaps_for_new_requests_without_breaking_running_ones(tiny_llama_dir, adapter_dirs):
@@ -186,12 +186,12 @@ def test_replace_swaps_for_new_requests_without_breaking_running_ones(tiny_llama
     old = requests(["a"])[0]
     expected_old = run_alone(engine, [old])
     with pytest.raises(AdapterExists):
-        engine.register_adapter("a", adapter_dirs["lora-r8"])
+        engine.adapters.register("a", adapter_dirs["lora-r8"])
     engine.add_request(old)
     results: dict[str, list] = {old.request_id: [], "new": []}
     for o in engine.step():
         results[o.request_id].append(o)
-    engine.register_adapter("a", adapter_dirs["lora-r8"], replace=True)
+    engine.adapters.register("a", adapter_dirs["lora-r8"], replace=True)
     new = Request("new", prompt=old.prompt, adapter="a", params=old.params)
     engine.add_request(new)
     while engine.has_unfinished():
@@ -201,7 +201,7 @@ def test_replace_swaps_for_new_requests_without_breaking_running_ones(tiny_llama
     assert got[old.request_id] == expected_old[old.request_id]
     reference = engine_with(tiny_llama_dir, {"a": adapter_dirs["lora-r8"]})
     assert got["new"] == run_alone(reference, [new])["new"]
-    assert engine.get_adapter("a").ranks["q"] == 8
+    assert engine.adapters.info("a").ranks["q"] == 8
 
 
 def test_adapter_whose_files_vanish_fails_only_its_own_request(
@@ -209,7 +209,7 @@ def test_adapter_whose_files_vanish_fails_only_its_own_request(
 ):
     path = shutil.copytree(adapter_dirs["lora-r2"], tmp_path / "gone")
     engine = engine_with(tiny_llama_dir, {"gone": path}, max_cpu_adapters=1)
-    engine.register_adapter("another", adapter_dirs["lora-r8"])  # evicts "gone" from host memory
+    engine.adapters.register("another", adapter_dirs["lora-r8"])  # evicts "gone" from host memory
     shutil.rmtree(path)
     reqs = requests(["gone", None])
     results = engine.generate(reqs)

@@ -22,12 +22,12 @@ def engine(tiny_llama_dir, tmp_path_factory) -> Engine:
     engine = Engine.from_config(EngineConfig(model=str(tiny_llama_dir), device=DEVICE,
                                              dtype="float32", num_kv_blocks=128, max_loras=4))
     path = A.make_lora(tiny_llama_dir, tmp_path_factory.mktemp("lora") / "good", r=4)
-    engine.register_adapter("good", path)
+    engine.adapters.register("good", path)
     # What a config of lora_alpha 1e308 used to become: registration now refuses such files, so
     # the weights are built here and handed over as already read.
     loaded = engine.registry.load_from_disk(path)
     bad = LoraWeights({k: LoraModule(m.A, m.B, 1e308) for k, m in loaded.lora.modules.items()})
-    engine.add_adapter("overflow", replace(loaded, lora=bad), path)
+    engine.adapters.add_loaded("overflow", replace(loaded, lora=bad), path)
     return engine
 
 
@@ -47,7 +47,7 @@ def test_a_bad_adapter_fails_its_requests_alone(engine):
             assert last.finish_reason is FinishReason.LENGTH
             assert sum(len(o.token_ids) for o in outs[req.request_id]) == 5
     # Nothing stays held: no slot owned by the bad adapter, no KV block in use.
-    assert engine.get_adapter("overflow").residency != "device"
+    assert engine.adapters.info("overflow").residency != "device"
     assert engine.block_manager.num_used == 0
     # The good adapter still serves, and so does the base model.
     again = engine.generate([Request("after", prompt="hi", adapter="good", params=params)])
@@ -63,9 +63,9 @@ def evicted(tiny_llama_dir, tmp_path):
                                              dtype="float32", num_kv_blocks=64,
                                              max_cpu_adapters=1))
     a = A.make_lora(tiny_llama_dir, root / "a", r=4, seed=1)
-    engine.register_adapter("a", a)
-    engine.register_adapter("b", A.make_lora(tiny_llama_dir, root / "b", r=4, seed=2))
-    assert engine.get_adapter("a").residency == "disk"
+    engine.adapters.register("a", a)
+    engine.adapters.register("b", A.make_lora(tiny_llama_dir, root / "b", r=4, seed=2))
+    assert engine.adapters.info("a").residency == "disk"
     return engine, a, tmp_path
 
 
@@ -84,7 +84,7 @@ def test_a_reload_with_changed_weights_fails_that_adapters_requests(evicted, tin
         (other / "adapter_model.safetensors").read_bytes())
     error, reason = outcome(engine, "a")
     assert reason is FinishReason.ABORT and "changed on disk since" in error
-    assert engine.get_adapter("a").residency == "disk"  # the new weights were never served
+    assert engine.adapters.info("a").residency == "disk"  # the new weights were never served
     error, reason = outcome(engine, "b")
     assert error is None and reason is FinishReason.LENGTH
 

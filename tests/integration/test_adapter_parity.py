@@ -85,14 +85,14 @@ def check(engine: Engine, oracle, name: str, virtual: int = 0) -> None:
 def test_lora_matches_peft(tiny_llama_dir, tmp_path, lora_kw):
     path = A.make_lora(tiny_llama_dir, tmp_path / "lora", **lora_kw)
     engine = engine_for(tiny_llama_dir)
-    engine.register_adapter("a", path)
+    engine.adapters.register("a", path)
     check(engine, A.peft_model(tiny_llama_dir, path), "a")
 
 
 def test_lora_on_qwen2_with_bias_matches_peft(tiny_qwen2_dir, tmp_path):
     path = A.make_lora(tiny_qwen2_dir, tmp_path / "lora", r=4, targets=A.ALL_LINEAR)
     engine = engine_for(tiny_qwen2_dir)
-    engine.register_adapter("a", path)
+    engine.adapters.register("a", path)
     check(engine, A.peft_model(tiny_qwen2_dir, path), "a")
 
 
@@ -100,7 +100,7 @@ def test_lora_on_qwen2_with_bias_matches_peft(tiny_qwen2_dir, tmp_path):
 def test_prefix_tuning_matches_peft_forward(tiny_llama_dir, tmp_path, virtual):
     path = A.make_prefix_tuning(tiny_llama_dir, tmp_path / "prefix", virtual=virtual)
     engine = engine_for(tiny_llama_dir)
-    engine.register_adapter("p", path)
+    engine.adapters.register("p", path)
     check(engine, A.peft_model(tiny_llama_dir, path), "p")
 
 
@@ -108,7 +108,7 @@ def test_prefix_tuning_matches_peft_forward(tiny_llama_dir, tmp_path, virtual):
 def test_prompt_tuning_matches_peft(tiny_llama_dir, tmp_path, virtual):
     path = A.make_prompt_tuning(tiny_llama_dir, tmp_path / "prompt", virtual=virtual)
     engine = engine_for(tiny_llama_dir)
-    engine.register_adapter("p", path)
+    engine.adapters.register("p", path)
     check(engine, A.peft_model(tiny_llama_dir, path), "p", virtual=virtual)
 
 
@@ -124,7 +124,7 @@ def test_prompt_tuning_matches_peft(tiny_llama_dir, tmp_path, virtual):
 def test_bottleneck_matches_injected_reference(tiny_llama_dir, tmp_path, arch, kw):
     path = A.make_bottleneck(tiny_llama_dir, tmp_path / "bn", architecture=arch, **kw)
     engine = engine_for(tiny_llama_dir)
-    engine.register_adapter("b", path)
+    engine.adapters.register("b", path)
     check(engine, A.bottleneck_reference(tiny_llama_dir, path), "b")
 
 
@@ -136,7 +136,7 @@ def test_template_equals_base_model_on_the_rendered_prompt(tiny_llama_dir, tmp_p
         chain_of_thought="think step by step",
     )
     engine = engine_for(tiny_llama_dir)
-    engine.register_adapter("t", path)
+    engine.adapters.register("t", path)
     msgs = [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "hello"},

@@ -42,7 +42,7 @@ def engine_for(model_dir, dirs, dtype: str) -> Engine:
         model=str(model_dir), device=DEVICE, dtype=dtype, num_kv_blocks=1024, block_size=4,
         max_loras=4, max_num_seqs=MAX_BATCH, max_num_batched_tokens=2048))
     for name, path in dirs.items():
-        engine.register_adapter(name, path)
+        engine.adapters.register(name, path)
     return engine
 
 

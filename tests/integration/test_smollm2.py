@@ -98,7 +98,7 @@ def test_adapters_match_peft_on_smollm2(smollm2, tmp_path, kind):
     else:
         path = A.make_prompt_tuning(model_dir, tmp_path / kind, virtual=6)
     virtual = 6 if kind == "prompt" else 0
-    engine.register_adapter(kind, path)
+    engine.adapters.register(kind, path)
     oracle = A.peft_model(model_dir, path)
     try:
         ids = chat_ids(engine, PROMPTS[0])
@@ -124,4 +124,4 @@ def test_adapters_match_peft_on_smollm2(smollm2, tmp_path, kind):
             seq.append(greedy[-1])
         assert [t for o in res["g"] for t in o.token_ids] == greedy
     finally:
-        engine.unregister_adapter(kind)
+        engine.adapters.unregister(kind)

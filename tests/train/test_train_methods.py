@@ -57,7 +57,7 @@ def test_registered_adapter_generates_like_the_oracle(trained, tiny_train_dir, m
     out = trained(method)
     engine = Engine.from_config(EngineConfig(model=str(tiny_train_dir), dtype="float32",
                                              num_kv_blocks=128, block_size=4))
-    engine.register_adapter("trained", out)
+    engine.adapters.register("trained", out)
     oracle = _oracle(method, tiny_train_dir, out)
     virtual = json.loads((out / "adapter_config.json").read_text()).get("num_virtual_tokens", 0)
     skip = virtual if method == "prompt" else 0  # PEFT returns logits for the virtual rows too

@@ -34,7 +34,7 @@ def server(tmp_path_factory, tiny_train_dir):
 def _local_greedy(model_dir, adapter_dir) -> list[int]:
     engine = Engine.from_config(EngineConfig(model=str(model_dir), dtype="float32",
                                              num_kv_blocks=64))
-    engine.register_adapter("a", adapter_dir)
+    engine.adapters.register("a", adapter_dir)
     res = engine.generate([Request("r", messages=tuple(PROMPT), adapter="a",
                                    params=SamplingParams(max_new_tokens=8, ignore_eos=True))])
     return [t for o in res["r"] for t in o.token_ids]

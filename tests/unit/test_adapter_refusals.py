@@ -166,10 +166,10 @@ def test_failed_registration_leaves_nothing_behind(tiny_llama_dir, lora_dir, tmp
         EngineConfig(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=32, max_lora_rank=2)
     )
     with pytest.raises(InvalidAdapter):
-        engine.register_adapter("big", lora_dir)
+        engine.adapters.register("big", lora_dir)
     with pytest.raises(InvalidAdapter):
-        engine.register_adapter("../evil", lora_dir)
-    assert engine.list_adapters() == []
+        engine.adapters.register("../evil", lora_dir)
+    assert engine.adapters.infos() == []
     assert engine.registry.loads == 0
 
 

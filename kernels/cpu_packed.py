@@ -1,7 +1,7 @@
-"""The adapters' weights packed per slot for the CPU in half precision, and the torch forms that
-read them where the C++ kernels are not built (the CPU backend without a compiler): by segment
-(two matmuls per segment, whatever the number of slices) and fused (every active slot's columns
-in two matmuls, where that is cheaper). The C++ op (cpu_rows.py) reads the same packed weights.
+"""The adapters' weights packed per slot for the CPU in half precision, and the torch form that
+reads them where the C++ kernels are not built (the CPU backend without a compiler): by segment,
+two matmuls per segment whatever the number of slices. The C++ op (cpu_rows.py) reads the same
+packed weights.
 """
 
 from __future__ import annotations
@@ -73,132 +73,6 @@ def pack_lora(
         tuple(offsets),
         macs,
     )
-
-
-@dataclass(frozen=True)
-class FusedSlice:
-    cols: tuple[int, int]  # the slice's columns of v (FusedLora.A's rows)
-    out: tuple[int, int]  # the slice's output columns of y
-    B_t: torch.Tensor  # [cols, out width], scales folded in
-
-
-@dataclass(frozen=True)
-class FusedLora:
-    """The packed LoRAs of a set of slots on one fused projection, concatenated along the rank,
-    slice by slice: every token of a step multiplies against all of them (one matmul for the
-    shrink, one per slice for the expand, so B's zero off-diagonal blocks are never read) and
-    a [T, R_tot] mask keeps each token's own slot's columns."""
-
-    slots: tuple[int, ...]  # ascending
-    A: torch.Tensor  # [R_tot, in], rows grouped by slice, then by slot
-    col_slot: torch.Tensor  # [R_tot] int32, the slot of each column of v
-    slices: tuple[FusedSlice, ...]
-    layout: tuple[tuple[int, int, int], ...]  # (slice, slot, columns): the masks' cache key
-
-
-class PackedSlots(Sequence):
-    """Every slot's PackedLora on one fused projection (None where the slot has no update
-    there), as the engine keeps them, and the FusedLora of the slots the last steps used:
-    rebuilt when that set changes or one of its slots is rewritten."""
-
-    def __init__(self, num_slots: int) -> None:
-        self._slots: list[PackedLora | None] = [None] * num_slots
-        self._fused: FusedLora | None = None
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def __getitem__(self, slot):  # type: ignore[override]
-        return self._slots[slot]
-
-    def __setitem__(self, slot: int, packed: PackedLora | None) -> None:
-        self._slots[slot] = packed
-        if self._fused is not None and slot in self._fused.slots:
-            self._fused = None
-
-    def fused(self, slots: tuple[int, ...]) -> FusedLora:
-        f = self._fused
-        if f is None or f.slots != slots:
-            f = self._fused = _fuse(slots, [self._slots[s] for s in slots])
-        return f
-
-
-def _fuse(slots: tuple[int, ...], packed: list[PackedLora | None]) -> FusedLora:
-    parts = [(s, p) for s, p in zip(slots, packed, strict=True) if p is not None]
-    offsets = parts[0][1].offsets
-    a_rows, col_slot, layout, fused_slices = [], [], [], []
-    col = 0
-    for i in range(len(offsets) - 1):
-        out = (offsets[i], offsets[i + 1])
-        b_rows, start = [], col
-        for s, p in parts:
-            r = p.ranks[i]
-            if not r:
-                continue
-            c = sum(p.ranks[:i])  # the slice's rows in the slot's packed A
-            a_rows.append(p.A[c : c + r])
-            b_rows.append(p.B[out[0] : out[1], c : c + r].t())
-            col_slot.append(torch.full((r,), s, dtype=torch.int32))
-            layout.append((i, s, r))
-            col += r
-        if b_rows:
-            fused_slices.append(FusedSlice((start, col), out, torch.cat(b_rows).contiguous()))
-    return FusedLora(
-        slots=slots,
-        A=torch.cat(a_rows),
-        col_slot=torch.cat(col_slot),
-        slices=tuple(fused_slices),
-        layout=tuple(layout),
-    )
-
-
-# The fused form multiplies every token against every active slot's columns: T * (R_tot * in +
-# sum over slices of R_i * out_i) multiply-adds, ~60 G/s in bf16 on one core here, plus ~40 us
-# of fixed cost, against the padded or by-segment layouts' per-slice and per-segment calls.
-# Below this much work it wins: 32 decode tokens of 32 q,v LoRAs of ranks 8/16 on q,k,v (23 M)
-# take 0.46 ms against 1.39 ms padded (bench/kernels.py, decode_qv, one thread); 4-8 adapters
-# on any module won 2-7x in a sweep. Beyond ~60 M it lost (32 all-linear adapters of ranks 8-64
-# on q,k,v: 83 M; prefill), and the other forms are kept.
-_FUSED_MAX_WORK = 40_000_000
-
-
-def fused_form(packed: PackedSlots, meta: SegmentMeta) -> FusedLora | None:
-    """The step's FusedLora on this projection when the fused form is the cheaper one: two or
-    more of the step's slots have weights here and their work stays under _FUSED_MAX_WORK."""
-    slots = tuple(s for s in meta.seg_slots_list if packed[s] is not None)
-    if len(slots) < 2:
-        return None
-    if meta.num_active_tokens * sum(packed[s].macs for s in slots) > _FUSED_MAX_WORK:
-        return None
-    return packed.fused(slots)
-
-
-def lora_delta_fused_cpu(
-    y: torch.Tensor,  # [T, out_total], updated in place
-    x: torch.Tensor,  # [T, in]
-    packed: PackedSlots,
-    meta: SegmentMeta,
-) -> bool:
-    """y[t] += B_s @ (A_s @ x[t]) for each token's slot s through the step's FusedLora, when
-    that is the cheaper form (see _FUSED_MAX_WORK); False, with y untouched, when it is not.
-    Rows of tokens without a slot are never read."""
-    f = fused_form(packed, meta)
-    if f is None:
-        return False
-    mask = meta.column_mask(f.layout, f.col_slot, x.dtype)
-    if meta.all_tokens_active:
-        v = F.linear(x, f.A)  # [T, R_tot]
-        v.mul_(mask)
-        for sl in f.slices:
-            y[:, sl.out[0] : sl.out[1]].addmm_(v[:, sl.cols[0] : sl.cols[1]], sl.B_t)
-    else:
-        v = F.linear(x.index_select(0, meta.sorted_tokens), f.A)  # [T_active, R_tot]
-        v.mul_(mask)
-        d = torch.zeros(v.shape[0], y.shape[1], dtype=y.dtype)
-        for sl in f.slices:
-            d[:, sl.out[0] : sl.out[1]].addmm_(v[:, sl.cols[0] : sl.cols[1]], sl.B_t)
-        y.index_add_(0, meta.sorted_tokens, d)
-    return True
 
 
 def lora_delta_packed_cpu(

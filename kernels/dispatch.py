@@ -1,9 +1,20 @@
 """Public ops: check the arguments once, then run on the tensors' device.
 
-CUDA tensors go to the Triton kernels, imported on first use (see triton_shrink.py); CPU tensors
-go to the grouped-matmul torch path (cpu_lowrank.py), and LoRA in half precision with packed
-slot weights to the token-by-token C++ op when the caller says it is loaded (`native`; the CPU
-backend, server/layers/backend.py, knows).
+CUDA tensors go to the Triton kernels, imported on first use (see triton_shrink.py). On the CPU a
+LoRA delta takes one of three forms, chosen here and nowhere else:
+
+1. Half precision, C++ kernels built (`native`; the CPU backend, server/layers/backend.py,
+   knows): `lora_rows` (cpu_rows.py), every token against its slot's packed weights at their
+   exact rank, summed in fp32, rounded once; a token's result does not depend on its batch.
+   The fastest form at every batch bench/multi_adapter.py runs (bench/README.md, multi-adapter).
+2. Half precision without a compiler: the same packed weights, two torch matmuls per segment of
+   tokens sharing a slot (cpu_packed.lora_delta_packed_cpu).
+3. fp32, the parity dtype, and backends that keep no packed weights: the stacked slot buffers
+   (cpu_lowrank.lowrank_delta_cpu), as a batched matmul over slots padded to the step's largest
+   rank, or segment by segment where padding would multiply the rows (a long prefill beside
+   short segments: `use_padded_layout`). 32 one-token segments of q,v LoRAs: padded ~4x faster
+   than segment by segment.
+Bottleneck adapters use forms 1 and 3 the same way (`bottleneck_rows` in half precision).
 """
 
 from __future__ import annotations
@@ -13,8 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from .checks import check_expand_args, check_lowrank_args, check_shrink_args
-from .cpu_lowrank import expand_cpu, lowrank_delta_cpu, shrink_cpu, use_padded_layout
-from .cpu_packed import PackedLora, PackedSlots, lora_delta_fused_cpu, lora_delta_packed_cpu
+from .cpu_lowrank import expand_cpu, lowrank_delta_cpu, shrink_cpu
+from .cpu_packed import PackedLora, lora_delta_packed_cpu
 from .cpu_rows import lora_delta_rows_cpu
 from .segment_meta import SegmentMeta
 
@@ -87,12 +98,8 @@ def add_lowrank_delta(
     reference.lowrank_delta_reference.
 
     `packed` (cpu_packed.pack_lora of each slot, kept in step with A/B/rank/scale by the
-    caller), in half precision: with `native` (the C++ CPU kernels loaded), one call of
-    lora_rows (every token against its slot's packed weights); without them, the by-segment
-    layout runs two matmuls per segment instead of two per (segment, slice), and as a
-    cpu_packed.PackedSlots it also allows the fused form (every active slot in two matmuls)
-    where that is cheaper. fp32 (the parity dtype) and the batched decode layout read the
-    stacked buffers.
+    caller) selects the CPU's half-precision forms (see the module's docstring): with `native`,
+    one call of lora_rows; without, two matmuls per segment. fp32 reads the stacked buffers.
     """
     if meta.is_empty:
         return y
@@ -104,11 +111,7 @@ def add_lowrank_delta(
             )
         if native:  # each token at its slot's exact rank, one C++ call
             return lora_delta_rows_cpu(y, x, packed, meta)
-        if isinstance(packed, PackedSlots) and lora_delta_fused_cpu(y, x, packed, meta):
-            return y
-        live = sum(1 for s in meta.seg_slots_list if packed[s] is not None)
-        if not use_padded_layout(meta, live):
-            return lora_delta_packed_cpu(y, x, packed, meta)
+        return lora_delta_packed_cpu(y, x, packed, meta)
     check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
     if _on_cuda(x):
         from .triton_expand import launch_expand

@@ -52,7 +52,6 @@ class SegmentMeta:
     # 0..T-1): the CPU path then reads and writes row ranges in place, without gather/scatter.
     in_order: bool = False
     _chunks: dict[int, SegmentChunks] = field(default_factory=dict, repr=False)
-    _masks: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_segments(self) -> int:
@@ -70,19 +69,6 @@ class SegmentMeta:
     @property
     def all_tokens_active(self) -> bool:
         return self.num_active_tokens == self.num_tokens
-
-    def column_mask(
-        self, key: object, col_slot: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:  # [T, C]
-        """1 where column c belongs to row t's slot, else 0; the rows are every token when all
-        have a slot, else the active tokens in `sorted_tokens` order. Built once per step for
-        each column layout (`key`) and dtype, and cached."""
-        cached = self._masks.get((key, dtype))
-        if cached is None:
-            rows = self.token_slot if self.all_tokens_active else self.sorted_slot
-            cached = (rows[:, None] == col_slot[None, :]).to(dtype)
-            self._masks[(key, dtype)] = cached
-        return cached
 
     def chunks(self, block_m: int) -> SegmentChunks:
         """Segments cut into chunks of <= `block_m` rows; built once per `block_m` and cached."""

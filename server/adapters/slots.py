@@ -15,12 +15,7 @@ from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta
 from peftserve.kernels.activation import activation_code
-from peftserve.kernels.cpu_packed import (
-    PackedBottleneck,
-    PackedSlots,
-    pack_bottleneck,
-    pack_lora,
-)
+from peftserve.kernels.cpu_packed import PackedBottleneck, PackedLora, pack_bottleneck, pack_lora
 from peftserve.kernels.cpu_rows import bottleneck_rows_args, lora_rows_args
 from peftserve.layers.backend import Backend
 from peftserve.layers.linear import BOTTLENECK_ROWS, LORA_ROWS, DecodePlan
@@ -76,7 +71,7 @@ class DeviceSlots:
         self.lora: dict[tuple[int, str], StackedModule] = {}
         # CPU backend only: each slot's LoRA packed per module (cpu_packed.PackedLora), rebuilt
         # from the stacked buffers whenever a slot is written or cleared.
-        self.packed: dict[tuple[int, str], PackedSlots] | None = (
+        self.packed: dict[tuple[int, str], list[PackedLora | None]] | None = (
             {} if backend.packs_adapters else None
         )
         # Bottlenecks are keyed by activation too: one kernel call applies one activation.
@@ -148,7 +143,7 @@ class DeviceSlots:
                 buf = self.lora[(layer, group)]
                 per_slot = self.packed.get((layer, group))
                 if per_slot is None:
-                    per_slot = self.packed[(layer, group)] = PackedSlots(self.num_slots)
+                    per_slot = self.packed[(layer, group)] = [None] * self.num_slots
                 per_slot[slot] = pack_lora(buf.A, buf.B, buf.rank, buf.scale, slot, buf.slice_sizes)
         self.version += 1
 

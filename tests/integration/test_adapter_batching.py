@@ -15,7 +15,7 @@ from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
-from peftserve.layers.backend import Backend, CpuBackend
+from peftserve.layers.backend import Backend
 from tests import adapters as A
 from tests.device import DEVICE
 
@@ -237,41 +237,3 @@ def test_loads_run_off_the_engine_thread_with_one_torch_thread(
     engine.registry.submit_load(adapter_dirs["lora-r2"]).result()
     assert seen and seen[0][0].startswith("adapter-load") and seen[0][1] == 1
     assert torch.get_num_threads() == before
-
-
-def test_fused_lora_form_in_bf16_follows_slot_turnover(tiny_llama_dir, adapter_dirs, monkeypatch):
-    """In half precision on the CPU without the C++ kernels (no compiler), decode steps of
-    several LoRAs take the fused form (kernels/cpu_packed.py): the active slots' weights
-    concatenated once and cached across steps. With 2 slots and 5 adapters the slots are
-    rewritten mid-run: each request's tokens must be those of the same run with the fused
-    weights rebuilt at every call, never reused. (Against the unfused forms they may differ in
-    the last bf16 bit: the fused form adds its delta to y inside the matmul, one rounding
-    instead of two.)"""
-    import peftserve.kernels.cpu_packed as cpu_packed
-
-    names = ["lora-r2", "lora-r8", "lora-r32", "houlsby", "pfeiffer"]
-    dirs = {n: adapter_dirs[n] for n in names}
-    fused_calls = []
-    cached_fused = cpu_packed.PackedSlots.fused
-
-    def counting(self, slots):  # the Python hook and the one-call decode stack's plan both
-        fused_calls.append(True)  # take the fused weights from here
-        return cached_fused(self, slots)
-
-    def run() -> dict[str, list[int]]:
-        no_compiler = CpuBackend(native=False) if DEVICE == "cpu" else None
-        engine = engine_with(tiny_llama_dir, dirs, no_compiler, dtype="bfloat16", max_loras=2)
-        out = tokens(engine.generate(requests(names * 3, seed=2)))
-        assert engine.adapters.evictions > 0
-        return out
-
-    monkeypatch.setattr(cpu_packed.PackedSlots, "fused", counting)
-    cached = run()
-    if DEVICE == "cpu":
-        assert sum(fused_calls) > 10  # the fused form ran, on several steps
-    monkeypatch.setattr(
-        cpu_packed.PackedSlots,
-        "fused",
-        lambda self, slots: cpu_packed._fuse(slots, [self[s] for s in slots]),
-    )
-    assert run() == cached

@@ -8,7 +8,7 @@ q/k/v in one launch (576 -> 576+192+192), o (576 -> 576), gate/up (576 -> 1536+1
 down (1536 -> 576). Methods are timed round-robin in the same run and reported as ratios.
 
 CPU: ours (dispatcher, layout by shape), ours_packed (the dispatcher as the engine calls it,
-with the packed slots: the fused form where cheap, half precision only), each CPU layout
+with the packed slots: in half precision the by-segment packed form), each CPU layout
 forced, per-adapter torch matmuls (PEFT's mixed-batch approach: one sub-batch per adapter), and
 the naive reference loop.
 CUDA: ours (Triton), a padded-to-max-rank bmm over slots, per-adapter torch matmuls; achieved
@@ -33,7 +33,7 @@ import torch
 
 from peftserve.kernels import SegmentMeta, add_lowrank_delta, build_segment_meta
 from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
-from peftserve.kernels.cpu_packed import PackedSlots, pack_lora
+from peftserve.kernels.cpu_packed import pack_lora
 from peftserve.kernels.reference import lowrank_delta_reference
 
 N_SLOTS, R_MAX, RANKS = 32, 64, (8, 16, 32, 64)
@@ -45,7 +45,7 @@ MODULES = {  # name: (in, slice widths)
 }
 PHASES = {"decode": 32, "prefill": 512, "decode_qv": 32}
 # decode_qv (qkv only): 32 tokens in 32 slots of LoRAs on q and v (k rank 0), ranks 8/16,
-# the seed's default adapter shape, where the CPU's fused form applies.
+# the seed's default adapter shape.
 
 
 def make_problem(module: str, phase: str, dtype: torch.dtype, device: str) -> dict:
@@ -102,11 +102,10 @@ def ours(p: dict) -> Callable[[], object]:
 
 def ours_packed(p: dict) -> Callable[[], object]:
     """The dispatcher as the engine calls it on the CPU: with every slot's packed LoRA
-    (cpu_packed.PackedSlots), which in half precision allows the packed by-segment and the
-    fused forms; fp32 ignores them."""
-    packed = PackedSlots(p["A"].shape[1])
-    for s in range(len(packed)):
-        packed[s] = pack_lora(p["A"], p["B"], p["rank"], p["scale"], s, p["slice_sizes"])
+    (cpu_packed.pack_lora), which half precision reads segment by segment without the C++
+    kernels; fp32 ignores them."""
+    packed = [pack_lora(p["A"], p["B"], p["rank"], p["scale"], s, p["slice_sizes"])
+              for s in range(p["A"].shape[1])]  # fmt: skip
     args = (p["x"], p["A"], p["B"], p["rank"], p["scale"], p["meta"], p["slice_sizes"])
     return lambda: add_lowrank_delta(p["y"], *args, packed=packed)
 

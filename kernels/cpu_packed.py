@@ -35,7 +35,6 @@ class PackedLora:
     #                         (lora_rows; no zeros off the blocks)
     ranks: tuple[int, ...]  # per slice, in A's row order (0 = no update on the slice)
     offsets: tuple[int, ...]  # per slice's output columns, plus out_total at the end
-    macs: int  # multiply-adds per token of the fused form: sum of rank * (in + out) per slice
 
 
 def pack_lora(
@@ -59,7 +58,6 @@ def pack_lora(
             packed_b[rows, col : col + r] = B[slot, rows, :r].float() * float(scale[i, slot])
             col += r
     packed_a = torch.cat([A[i, slot, :r] for i, r in enumerate(ranks) if r])
-    macs = sum(r * (A.shape[3] + offsets[i + 1] - offsets[i]) for i, r in enumerate(ranks))
     blocks = [
         packed_b[offsets[i] : offsets[i + 1], col : col + r].t().reshape(-1)
         for i, (r, col) in enumerate(zip(ranks, itertools.accumulate([0, *ranks]), strict=False))
@@ -71,7 +69,6 @@ def pack_lora(
         torch.cat(blocks).contiguous(),
         tuple(ranks),
         tuple(offsets),
-        macs,
     )
 
 

@@ -7,7 +7,7 @@ Reads top to bottom in `run.train`: config (`config.TrainConfig`) -> data (`data
 demo task from `tasks`) -> model (`methods`: LoRA / prefix / prompt tuning through PEFT, bottleneck
 adapters through `bottleneck`) -> loop (`loop`: AdamW, warmup then linear decay, gradient
 accumulation, early stopping on validation loss keeping the best weights) -> save (`report`). The
-output directory is what `RegisterAdapter` / `Engine.register_adapter` loads, plus
+output directory is what `RegisterAdapter` / `engine.adapters.register` loads, plus
 `training_config.json`, `metrics.json` (per epoch) and `loss_curve.png`.
 
 Multi-GPU: the loop runs under `accelerate.Accelerator`, so an existing launcher gives DDP with

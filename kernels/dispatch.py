@@ -125,6 +125,6 @@ def add_lowrank_delta(
 def _on_cuda(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"tensors must be on a CUDA device or the CPU, got {t.device}")
     return False

@@ -15,6 +15,7 @@ from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
 from tests import adapters as A
 from tests.device import DEVICE
+from tests.outcomes import assert_failed_alone
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +38,7 @@ def test_a_bad_adapter_fails_its_requests_alone(engine):
     reqs = [Request(f"r{i}", prompt="the quick brown fox", adapter=n, params=params)
             for i, n in enumerate(names)]
     outs = engine.generate(reqs)
-    for req in reqs:
-        last = outs[req.request_id][-1]
-        if req.adapter == "overflow":
-            assert last.finish_reason is FinishReason.ABORT
-            assert "could not be prepared" in last.error and "overflow" in last.error
-        else:
-            assert last.error is None, last.error
-            assert last.finish_reason is FinishReason.LENGTH
-            assert sum(len(o.token_ids) for o in outs[req.request_id]) == 5
+    assert_failed_alone(outs, reqs, "overflow", new_tokens=5)
     # Nothing stays held: no slot owned by the bad adapter, no KV block in use.
     assert engine.adapters.info("overflow").residency != "device"
     assert engine.block_manager.num_used == 0

@@ -12,8 +12,8 @@ from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.engine.sequence import FinishReason
 from tests import adapters as A
+from tests.outcomes import assert_failed_alone
 
 PARAMS = SamplingParams(max_new_tokens=4, ignore_eos=True)
 
@@ -71,14 +71,7 @@ def test_a_prefix_that_cannot_be_written_fails_its_requests_alone(tiny_llama_dir
     reqs = [Request(f"r{i}", prompt="the quick brown fox", adapter=n, params=PARAMS)
             for i, n in enumerate(names)]
     outs = engine.generate(reqs)
-    for req in reqs:
-        last = outs[req.request_id][-1]
-        if req.adapter == "broken":
-            assert last.finish_reason is FinishReason.ABORT
-            assert "could not be prepared" in last.error and "broken" in last.error
-        else:
-            assert last.error is None, last.error
-            assert last.finish_reason is FinishReason.LENGTH
+    assert_failed_alone(outs, reqs, "broken", new_tokens=PARAMS.max_new_tokens)
     # Nothing is held: the failed prefix's blocks came back, and the good prefixes are idle.
     assert engine.adapters.info("broken").residency != "device"
     idle_prefix_blocks = sum(

@@ -1,0 +1,120 @@
+"""Two commits' engines on the same workload, alternated in one run: is a change a regression?
+
+    .venv/bin/python -m bench.ab_commits BASE NEW [--rounds 4] [--dtype bfloat16] [--threads 2]
+
+Each commit is checked out into a git worktree under --work (kept, reused); each round runs one
+fresh process per commit, alternating, so a busy machine slows both alike. A process builds the
+offline engine on SmolLM2 (the default model), warms it on 4 requests, then times the 32-request
+workload given at once (bench.common.workload(): chat prompts, 16..128 new tokens, greedy, EOS
+ignored) and one request of 128 tokens alone. The venv's editable install is pointed at the
+worktree by a sitecustomize on PYTHONPATH (the C++ kernels build per source, so each tree gets
+its own). Reports medians per commit and NEW / BASE; writes --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from bench.common import environment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in the worktree's process: `python -c RUN dtype threads`.
+RUN = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from bench.common import workload
+    from peftserve.config import EngineConfig
+    from peftserve.engine.engine import Engine
+    from peftserve.engine.request import Request
+    from peftserve.engine.sampling_params import SamplingParams
+    dtype, threads = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(threads)
+    engine = Engine.from_config(EngineConfig(dtype=dtype, num_threads=threads))
+    work = workload()
+    def requests(tag, items):
+        return [Request(f"{tag}{i}", messages=({"role": "user", "content": p},),
+                        params=SamplingParams(max_new_tokens=n, ignore_eos=True))
+                for i, (p, n) in enumerate(items)]
+    engine.generate(requests("warm", work[:4]))
+    t = time.perf_counter()
+    res = engine.generate(requests("batch", work))
+    batch = sum(len(o.token_ids) for outs in res.values() for o in outs) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    engine.generate(requests("one", [(work[0][0], 128)]))
+    print(json.dumps({"batch32_tok_s": batch, "single_tok_s": 128 / (time.perf_counter() - t)}))
+""")
+
+# Imported by site before anything else: the editable install's paths moved to the worktree.
+SITECUSTOMIZE = textwrap.dedent(f"""
+    import os
+    _tree = os.environ["PEFTSERVE_TREE"]
+    import __editable___peftserve_0_1_0_finder as _finder
+    _finder.MAPPING.update({{k: v.replace({str(ROOT)!r}, _tree)
+                            for k, v in _finder.MAPPING.items()}})
+    for _k, _v in _finder.NAMESPACES.items():
+        _finder.NAMESPACES[_k] = [p.replace({str(ROOT)!r}, _tree) for p in _v]
+""")
+
+
+def worktree(work: Path, commit: str) -> Path:
+    sha = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", commit], text=True).strip()
+    tree = work / sha[:12]
+    if not tree.exists():
+        subprocess.check_call(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach",
+                               str(tree), sha])
+    return tree
+
+
+def run_once(tree: Path, site: Path, dtype: str, threads: int) -> dict[str, float]:
+    env = {**os.environ, "PEFTSERVE_TREE": str(tree), "PYTHONPATH": f"{site}{os.pathsep}{tree}"}
+    out = subprocess.run([sys.executable, "-c", RUN, dtype, str(threads)], cwd=tree, env=env,
+                         capture_output=True, text=True, timeout=900, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("base")
+    ap.add_argument("new")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/peftserve-ab", help="worktrees live here")
+    ap.add_argument("--out", default="bench/results/ab_commits.json")
+    args = ap.parse_args()
+    work = Path(args.work)
+    site = work / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    trees = {name: worktree(work, name) for name in (args.base, args.new)}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    for r in range(args.rounds):
+        for name, tree in trees.items():
+            runs[name].append(run_once(tree, site, args.dtype, args.threads))
+            print(f"round {r} {name}: {runs[name][-1]}", flush=True)
+    medians = {
+        name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()
+    }
+    ratios = {k: medians[args.new][k] / medians[args.base][k] for k in medians[args.new]}
+    result = {
+        "command": " ".join(["python -m bench.ab_commits", *sys.argv[1:]]),
+        "environment": environment(),
+        "load_average": os.getloadavg(),
+        "base": args.base, "new": args.new, "dtype": args.dtype, "threads": args.threads,
+        "runs": runs, "medians": medians, "new_over_base": ratios,
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"medians": medians, "new_over_base": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,10 +14,12 @@
 #    LoRA and bottleneck deltas go through the Triton kernels;
 # 3. bench/gpu_engine.py: the engine vs transformers / PEFT at SmolLM2's shape (MODEL_DIR; random
 #    weights are written there when it has none);
-# 4. bench/kernels.py on CUDA.
+# 4. bench/kernels.py on CUDA;
+# 5. bench/decode_kernels.py: the Triton paged decode attention vs gather + SDPA and the
+#    one-launch LoRA kernels vs the segment ones, SmolLM2 and Llama-3.1-8B shapes, batch 1-64.
 # Writes logs and JSON under $OUT (default bench/results). Each step has a time limit
 # and runs regardless of the others; the exit status is non-zero when any failed.
-# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all five).
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all six).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -80,5 +82,7 @@ if [ -n "${MODEL_DIR:-}" ]; then
     --out "$OUT/gpu_engine.json" ${ENGINE_BENCH_ARGS:-}
 fi
 step kernels_bench "${T_KERNEL_BENCH:-90}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
+step decode_kernels_bench "${T_DECODE_KERNELS:-100}" "$PY" bench/decode_kernels.py \
+  --out "$OUT/decode_kernels_cuda.json"
 cat "$OUT/steps.log"
 exit "$status"

@@ -13,7 +13,8 @@ device they are on. Three kinds, like vLLM's punica selector but an object passe
   bf16/fp16 base weights packed once for oneDNN, each adapter's weights packed per slot. Without
   a compiler (`native=False`, named "torch") its ops are the reference's and the adapters take
   the packed torch forms.
-- `TritonBackend`: the reference's torch ops with the Triton low-rank kernels for the adapters.
+- `TritonBackend`: Triton kernels for the adapters, decode attention over the paged cache and
+  the small fused ops (norms, rotary + KV write, SwiGLU); the reference's torch ops otherwise.
 
 The environment switches are read here, once, by `select_backend`: PEFTSERVE_CPU_KERNELS=0
 (no C++ ops), PEFTSERVE_PACKED_WEIGHTS=0 (dense weights), PEFTSERVE_CPU_ATTENTION=generic (the
@@ -63,6 +64,13 @@ class Backend:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden], in fp32 as transformers' Llama computes it
         return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + residual and its RMSNorm: -> (sum, normed), both [T, hidden]."""
+        h = x + residual
+        return h, self.rms_norm(h, weight, eps)
 
     def rotary_and_cache(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
@@ -134,16 +142,99 @@ REFERENCE = Backend()  # stateless: one serves every caller
 
 
 class TritonBackend(Backend):
-    """CUDA: the reference's torch ops; adapter deltas through the Triton kernels."""
+    """CUDA: Triton kernels for the step's ops; prefill attention and the matmuls stay torch's.
+
+    Decode attention reads the paged cache in place (kernels/triton_paged_attention.py);
+    RMSNorm (with the residual add), rotary + the K/V write and SwiGLU are one launch each
+    (kernels/triton_fused.py); adapter deltas of up to `rows_max_tokens` tokens (a decode
+    step) run token by token, one launch per stage for every slice and adapter, reading only
+    device tensors (kernels/triton_lowrank_rows.py), larger steps by segments (triton_shrink /
+    triton_expand). The Triton modules are imported on first use; on the CPU they run under
+    TRITON_INTERPRET (tests only).
+    """
 
     name = "triton"
+
+    def __init__(self, rows_max_tokens: int = 128) -> None:
+        self.rows_max_tokens = rows_max_tokens
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        if x.dim() != 2 or weight.dtype != x.dtype:
+            return super().rms_norm(x, weight, eps)
+        from peftserve.kernels.triton_fused import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)[1]
+
+    def add_rms_norm(
+        self, x: Tensor, residual: Tensor, weight: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        if x.dim() != 2 or weight.dtype != x.dtype or residual.dtype != x.dtype:
+            return super().add_rms_norm(x, residual, weight, eps)
+        from peftserve.kernels.triton_fused import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
+
+    def rotary_and_cache(
+        self, qkv: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, slot_mapping: Tensor,
+        heads: int, kv_heads: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        # In place, as the CPU backend's C++ op: q and k rotated inside qkv.
+        from peftserve.kernels.triton_fused import rotary_and_cache_triton
+
+        if qkv.stride(1) != 1:
+            qkv = qkv.contiguous()
+        rotary_and_cache_triton(qkv, cos, sin, cache, slot_mapping, heads, kv_heads)
+        T, D = qkv.shape[0], cache.shape[-1]
+        q, k, v = qkv.view(T, heads + 2 * kv_heads, D).split((heads, kv_heads, kv_heads), dim=1)
+        return q, k, v
+
+    def silu_and_mul(self, gate_up: Tensor) -> Tensor:
+        from peftserve.kernels.triton_fused import silu_and_mul_triton
+
+        return silu_and_mul_triton(gate_up)
+
+    def decode_attention(
+        self, q: Tensor, cache: Tensor, meta: AttentionMetadata, scale: float
+    ) -> Tensor:
+        from peftserve.kernels.triton_paged_attention import paged_decode_attention
+
+        assert meta.decode_blocks is not None
+        lens = meta.decode_lens
+        if lens is None:  # a runner that keeps only the mask: one reduction per layer
+            assert meta.decode_mask is not None
+            lens = meta.decode_mask.flatten(1).sum(1)
+        return paged_decode_attention(q, cache, meta.decode_blocks, lens, meta.block_size, scale)
 
     def lowrank_delta(
         self, y: Tensor, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor,
         meta: SegmentMeta, slice_sizes: tuple[int, ...],
         packed: Sequence[PackedLora | None] | None = None, **bottleneck: Any,
     ) -> None:  # fmt: skip
-        add_lowrank_delta(y, x, A, B, rank, scale, meta, slice_sizes, **bottleneck)
+        if meta.is_empty:
+            return
+        b_down, b_up, act = (bottleneck.get(k) for k in ("b_down", "b_up", "act"))
+        check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
+        if meta.num_tokens <= self.rows_max_tokens:
+            from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
+
+            lowrank_delta_rows_triton(y, x, A, B, rank, scale, meta.token_slot, slice_sizes,
+                                      b_down=b_down, b_up=b_up, act=act)  # fmt: skip
+            return
+        from peftserve.kernels.triton_expand import launch_expand
+        from peftserve.kernels.triton_shrink import launch_shrink
+
+        v = launch_shrink(x, A, rank, meta, b_down, act)
+        launch_expand(y, v, B, rank, scale, meta, slice_sizes, b_up)
+
+    def lowrank_delta_tokens(
+        self, y: Tensor, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor,
+        token_slot: Tensor, slice_sizes: tuple[int, ...], **bottleneck: Any,
+    ) -> None:  # fmt: skip
+        # Two launches whatever the adapters, no host metadata: graph-safe.
+        from peftserve.kernels.triton_lowrank_rows import check_rows_args, lowrank_delta_rows_triton
+
+        check_rows_args(y, x, A, B, rank, scale, token_slot, slice_sizes)
+        lowrank_delta_rows_triton(y, x, A, B, rank, scale, token_slot, slice_sizes, **bottleneck)
 
 
 class CpuBackend(Backend):

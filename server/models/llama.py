@@ -105,8 +105,10 @@ class DecoderLayer(nn.Module):
             qkv, ctx.cos, ctx.sin, cache, ctx.attn.slot_mapping, self.heads, self.kv_heads
         )
         a = paged_attention(q, k, v, cache, ctx.attn, self.scale, self.backend)
-        h = h + self.o(a.reshape(T, self.q_out), ctx.hook)
-        act = self.backend.silu_and_mul(self.gate_up(self.post_attn_norm(h), ctx.hook))
+        norm = self.post_attn_norm
+        h, x = self.backend.add_rms_norm(h, self.o(a.reshape(T, self.q_out), ctx.hook),
+                                         norm.weight, norm.eps)  # fmt: skip
+        act = self.backend.silu_and_mul(self.gate_up(x, ctx.hook))
         return h + self.down(act, ctx.hook)
 
 

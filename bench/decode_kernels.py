@@ -1,0 +1,210 @@
+"""Decode-step kernels on the GPU: the Triton paged attention against gather + SDPA, and the
+token-by-token LoRA kernels (one launch per stage for every slice and adapter) against the
+segment kernels the engine ran before, at SmolLM2-135M's and Llama-3.1-8B's shapes.
+
+    python bench/decode_kernels.py [--out PATH] [--reps N] [--batches 1 8 32 64]
+
+bf16. Attention: each sequence's context drawn from [max_ctx / 2, max_ctx] (ragged), blocks of
+16 scattered over the cache. LoRA: 32 slots of ranks 8/16/32/64 (R_max 64), each token in a
+random slot, every adapted projection of a layer (qkv and gate_up with their slices in one
+call). Each method is timed eagerly (launches included, ms per call) and replayed from a CUDA
+graph of 20 calls (the kernels alone); GB/s counts the bytes a call must read (KV of the
+contexts; exact-rank weights of the slots in use plus activations). Writes
+bench/results/decode_kernels_cuda.json. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from peftserve.kernels import build_segment_meta
+from peftserve.layers.attention import AttentionMetadata
+from peftserve.layers.backend import Backend
+
+SHAPES = {  # heads, kv_heads, head_dim, hidden, intermediate
+    "smollm2-135m": (9, 3, 64, 576, 1536),
+    "llama-3.1-8b": (32, 8, 128, 4096, 14336),
+}
+BLOCK_SIZE, MAX_CTX = 16, 1024
+N_SLOTS, R_MAX, RANKS = 32, 64, (8, 16, 32, 64)
+GRAPH_CALLS = 20
+
+
+def time_ms(fn: Callable[[], object], reps: int) -> tuple[float, float | None]:
+    """(eager ms per call, median of reps; ms per call replayed from a CUDA graph, or None
+    where the method cannot be captured)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    eager = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        eager.append((time.perf_counter() - start) / 5 * 1e3)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fn()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(GRAPH_CALLS):
+                    fn()
+        torch.cuda.synchronize()
+        replays = []
+        for _ in range(max(3, reps // 4)):
+            start = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            replays.append((time.perf_counter() - start) / GRAPH_CALLS * 1e3)
+        graphed: float | None = statistics.median(replays)
+    except RuntimeError as err:  # a method that syncs or allocates on the host
+        print(f"  not capturable: {err}", file=sys.stderr)
+        graphed = None
+    return statistics.median(eager), graphed
+
+
+def attention_row(shape: str, batch: int, reps: int) -> dict:
+    from peftserve.kernels.triton_paged_attention import paged_decode_attention
+
+    heads, kv_heads, D, _, _ = SHAPES[shape]
+    g = torch.Generator().manual_seed(batch)
+    lens = torch.randint(MAX_CTX // 2, MAX_CTX + 1, (batch,), generator=g)
+    max_blocks = MAX_CTX // BLOCK_SIZE
+    num_blocks = batch * max_blocks + 8
+    tables = torch.randperm(num_blocks, generator=g)[: batch * max_blocks].view(batch, max_blocks)
+    dev, dt = "cuda", torch.bfloat16
+    cache = torch.randn(2, kv_heads, num_blocks * BLOCK_SIZE, D, device=dev, dtype=dt)
+    q = torch.randn(batch, heads, D, device=dev, dtype=dt)
+    tables, lens = tables.to(dev), lens.to(dev)
+    mask = torch.arange(max_blocks * BLOCK_SIZE, device=dev)[None, :] < lens[:, None]
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(batch, dtype=torch.long, device=dev), num_decodes=batch,
+        block_size=BLOCK_SIZE, decode_blocks=tables, decode_mask=mask[:, None, None, None, :],
+        decode_lens=lens, prefills=(),
+    )  # fmt: skip
+    scale = D**-0.5
+    methods = {
+        "triton_paged": lambda: paged_decode_attention(q, cache, tables, lens, BLOCK_SIZE, scale),
+        "gather_sdpa": lambda: Backend().decode_attention(q, cache, meta, scale),
+    }
+    diff = (methods["triton_paged"]().float() - methods["gather_sdpa"]().float()).abs().max()
+    kv_bytes = int(lens.sum()) * kv_heads * D * 2 * cache.element_size()
+    return _row("attention", shape, batch, methods, reps, kv_bytes, float(diff),
+                {"ctx": [int(lens.min()), int(lens.max())]})  # fmt: skip
+
+
+def lora_rows(shape: str, batch: int, reps: int) -> list[dict]:
+    from peftserve.kernels.triton_expand import launch_expand
+    from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
+    from peftserve.kernels.triton_shrink import launch_shrink
+
+    heads, kv_heads, D, hidden, inter = SHAPES[shape]
+    modules = {
+        "qkv": (hidden, (heads * D, kv_heads * D, kv_heads * D)),
+        "o": (heads * D, (hidden,)),
+        "gate_up": (hidden, (inter, inter)),
+        "down": (inter, (hidden,)),
+    }
+    rows = []
+    g = torch.Generator().manual_seed(batch)
+    token_slot = torch.randint(0, N_SLOTS, (batch,), generator=g).cuda()
+    meta = build_segment_meta(token_slot)  # built once per step by the runner: not timed
+    rank_of = torch.tensor([RANKS[s % len(RANKS)] for s in range(N_SLOTS)], dtype=torch.int32)
+    for module, (d_in, slices) in modules.items():
+        dev, dt = "cuda", torch.bfloat16
+        n = len(slices)
+        rank = rank_of.repeat(n, 1).contiguous().to(dev)
+        A = torch.randn(n, N_SLOTS, R_MAX, d_in, device=dev, dtype=dt) * 0.02
+        B = torch.randn(N_SLOTS, sum(slices), R_MAX, device=dev, dtype=dt) * 0.02
+        scale = torch.full((n, N_SLOTS), 2.0, device=dev)
+        x = torch.randn(batch, d_in, device=dev, dtype=dt)
+        y = torch.zeros(batch, sum(slices), device=dev, dtype=dt)
+
+        def segments(y=y, x=x, A=A, B=B, rank=rank, scale=scale, slices=slices) -> None:
+            launch_expand(y, launch_shrink(x, A, rank, meta, None, None), B, rank, scale, meta,
+                          slices, None)  # fmt: skip
+
+        def per_token(y=y, x=x, A=A, B=B, rank=rank, scale=scale, slices=slices) -> None:
+            lowrank_delta_rows_triton(y, x, A, B, rank, scale, token_slot, slices)
+
+        methods = {"rows_one_launch": per_token, "segments": segments}
+        outs = []
+        for fn in methods.values():
+            y.zero_()
+            fn()
+            outs.append(y.float().clone())
+        used = sorted(set(token_slot.tolist()))
+        weights = sum(int(rank_of[s]) * (d_in + sum(slices)) for s in used)
+        moved = (weights + batch * (d_in + 2 * sum(slices))) * 2
+        diff = float((outs[0] - outs[1]).abs().max())
+        rows.append(_row("lora", shape, batch, methods, reps, moved, diff, {"module": module}))
+    return rows
+
+
+def _row(op: str, shape: str, batch: int, methods: dict, reps: int, moved: int, diff: float,
+         extra: dict) -> dict:  # fmt: skip
+    timed = {name: time_ms(fn, reps) for name, fn in methods.items()}
+    row = {
+        "op": op, "shape": shape, "batch": batch, **extra,
+        "ms": {name: t[0] for name, t in timed.items()},
+        "graph_ms": {name: t[1] for name, t in timed.items()},
+        "gbs_graph": {name: moved / t[1] / 1e6 if t[1] else None for name, t in timed.items()},
+        "bytes": moved,
+        "max_abs_diff": diff,
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("decode_kernels.py needs a CUDA device")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    copy_gbs = 2 * src.numel() * 10 / (time.perf_counter() - start) / 1e9
+    del src, dst
+    rows = []
+    for shape in SHAPES:
+        for batch in args.batches:
+            rows.append(attention_row(shape, batch, args.reps))
+            rows += lora_rows(shape, batch, args.reps)
+            torch.cuda.empty_cache()
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "device_copy_gbs": copy_gbs,
+        "setup": {"dtype": "bfloat16", "block_size": BLOCK_SIZE, "max_ctx": MAX_CTX,
+                  "slots": N_SLOTS, "r_max": R_MAX, "ranks": RANKS, "shapes": SHAPES,
+                  "graph_calls": GRAPH_CALLS},  # fmt: skip
+        "rows": rows,
+    }
+    out = args.out or Path(__file__).parent / "results" / "decode_kernels_cuda.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""TritonBackend (server/layers/backend.py) against the reference backend: each op it replaces on
+the shapes a decode step gives it, then the tiny engine's greedy tokens, base and adapters
+(LoRA on every projection, a bottleneck) in one batch, in fp32. On the CPU the kernels run
+under the interpreter (slow: the engine run is kept to a few short requests); on a GPU
+(bench/gpu.sh) compiled."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request
+from peftserve.engine.sampling_params import SamplingParams
+from peftserve.layers.attention import AttentionMetadata
+from peftserve.layers.backend import Backend, TritonBackend
+from tests import adapters as A
+from tests.kernels.lowrank_cases import KERNEL_DEVICE, assert_close
+
+DEV = torch.device(KERNEL_DEVICE)
+
+
+class CountedTritonBackend(TritonBackend):
+    """TritonBackend with its decode attention and adapter-delta calls counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def decode_attention(self, *args: Any) -> torch.Tensor:
+        self.calls["decode_attention"] += 1
+        return super().decode_attention(*args)
+
+    def lowrank_delta(self, *args: Any, **kwargs: Any) -> None:
+        self.calls["lowrank_delta"] += 1
+        super().lowrank_delta(*args, **kwargs)
+
+    def lowrank_delta_tokens(self, *args: Any, **kwargs: Any) -> None:
+        self.calls["lowrank_delta"] += 1
+        super().lowrank_delta_tokens(*args, **kwargs)
+
+
+def test_decode_ops_match_the_reference():
+    """One decode step's ops at SmolLM2's head layout (9 query heads on 3 KV heads)."""
+    g = torch.Generator().manual_seed(0)
+    ref, tri = Backend(), TritonBackend()
+    T, heads, kv_heads, D, bs = 3, 9, 3, 16, 4
+    h, r, w = (torch.randn(T, 40, generator=g).to(DEV) for _ in range(3))
+    assert_close(tri.rms_norm(h, w[0], 1e-5), ref.rms_norm(h, w[0], 1e-5), 1e-5, 1e-5)
+    for a, b in zip(tri.add_rms_norm(h, r, w[0], 1e-5), ref.add_rms_norm(h, r, w[0], 1e-5),
+                    strict=True):  # fmt: skip
+        assert_close(a, b, 1e-5, 1e-5)
+    gate_up = torch.randn(T, 2 * 24, generator=g).to(DEV)
+    assert_close(tri.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), 1e-6, 1e-6)
+
+    lens = torch.tensor([1, 6, 11])
+    tables = torch.tensor([[4, 0, 0], [2, 7, 0], [1, 3, 5]])
+    slot_mapping = torch.stack([tables[b, (n - 1) // bs] * bs + (n - 1) % bs
+                                for b, n in enumerate(lens.tolist())])  # fmt: skip
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=g).to(DEV)
+    angles = torch.randn(T, 1, D // 2, generator=g)
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(DEV) for f in (torch.cos, torch.sin))
+    caches = [torch.randn(2, kv_heads, 8 * bs, D, generator=g).to(DEV)]
+    caches.append(caches[0].clone())
+    mask = (torch.arange(3 * bs)[None, :] < lens[:, None])[:, None, None, None, :]
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping.to(DEV), num_decodes=T, block_size=bs,
+        decode_blocks=tables.to(DEV), decode_mask=mask.to(DEV), decode_lens=None, prefills=(),
+    )  # fmt: skip
+    outs = []
+    for backend, cache in zip((ref, tri), caches, strict=True):
+        q, _, _ = backend.rotary_and_cache(qkv.clone(), cos, sin, cache, meta.slot_mapping,
+                                           heads, kv_heads)  # fmt: skip
+        outs.append(backend.decode_attention(q, cache, meta, D**-0.5))
+    assert_close(caches[1], caches[0], 1e-6, 1e-6)
+    assert_close(outs[1], outs[0], 1e-5, 1e-5)
+
+
+def test_engine_greedy_tokens_match_the_reference(tiny_llama_dir, tmp_path):
+    lora = A.make_lora(tiny_llama_dir, tmp_path / "lora", r=8, seed=2, targets=A.ALL_LINEAR)
+    houlsby = A.make_bottleneck(tiny_llama_dir, tmp_path / "houlsby", "houlsby", seed=4)
+    prompts = [("the quick brown fox", None), ("hello world", "lora"),
+               ("low rank adaptation", "houlsby")]  # fmt: skip
+    results = []
+    triton_backend = CountedTritonBackend()
+    # Graphs (and the pinned buffers they copy from) need a GPU; under the interpreter the
+    # engine runs its steps eagerly.
+    triton_backend.captures_graphs = DEV.type == "cuda"
+    for backend in (Backend(), triton_backend):
+        config = EngineConfig(model=str(tiny_llama_dir), dtype="float32", device=KERNEL_DEVICE,
+                              block_size=4, num_kv_blocks=64, max_loras=4)  # fmt: skip
+        engine = Engine.from_config(config, backend)
+        engine.adapters.register("lora", lora)
+        engine.adapters.register("houlsby", houlsby)
+        reqs = [Request(f"r{i}", prompt=p, adapter=a,
+                        params=SamplingParams(max_new_tokens=5, ignore_eos=True))
+                for i, (p, a) in enumerate(prompts)]  # fmt: skip
+        out = engine.generate(reqs)
+        results.append({rid: [t for o in outs for t in o.token_ids] for rid, outs in out.items()})
+    assert all(len(t) == 5 for t in results[0].values())
+    assert results[1] == results[0]
+    assert triton_backend.calls["decode_attention"] and triton_backend.calls["lowrank_delta"]

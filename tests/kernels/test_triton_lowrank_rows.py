@@ -1,0 +1,127 @@
+"""The token-by-token Triton low-rank kernels (triton_lowrank_rows.py; interpreted when there is
+no GPU) against reference.py: mixed exact ranks, rank 0 on a slice, tokens without an adapter
+(slot -1, NaN inputs), fused projections' slices, split shrinks, bottleneck epilogues."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftserve.kernels.triton_lowrank_rows import (
+    check_rows_args,
+    lowrank_delta_rows_triton,
+    shrink_rows_triton,
+    shrink_splits,
+)
+from peftserve.layers.backend import TritonBackend
+from tests.kernels.lowrank_cases import (
+    BF16_TOL,
+    FP16_TOL,
+    FP32_TOL,
+    KERNEL_DEVICE,
+    assert_close,
+    assert_untouched_rows,
+    make_case,
+    reference_v,
+    reference_y,
+)
+
+QKV_GQA = (48, 16, 16)  # q, k, v widths under grouped-query attention
+GATE_UP = (70, 70)
+
+
+def case(**kwargs):
+    kwargs.setdefault("device", KERNEL_DEVICE)
+    return make_case(**kwargs)
+
+
+def run(c, **kwargs):
+    y = c.y.clone()
+    lowrank_delta_rows_triton(y, c.x, c.A, c.B, c.rank, c.scale, c.meta.token_slot,
+                              c.slice_sizes, **c.bias_kwargs, **kwargs)  # fmt: skip
+    return y
+
+
+@pytest.mark.parametrize(
+    "slice_sizes, max_rank, n_tokens, n_slots, layout",
+    [
+        (QKV_GQA, 16, 9, 12, "decode"),  # one token per slot, ranks 1..16
+        (GATE_UP, 64, 8, 5, "random"),  # several tokens per slot, unsorted
+        ((33,), 1, 5, 4, "random"),  # rank 1, one slice
+        ((24, 8, 8), 128, 4, 3, "random"),  # rank 128: BLOCK_R 256 over R_max 133
+    ],
+)
+def test_lora_matches_reference(slice_sizes, max_rank, n_tokens, n_slots, layout):
+    dtype, atol, rtol = FP32_TOL
+    c = case(n_tokens=n_tokens, d_in=73, slice_sizes=slice_sizes, n_slots=n_slots,
+             max_rank=max_rank, dtype=dtype, layout=layout)  # fmt: skip
+    y = run(c)
+    assert_close(y, reference_y(c), atol, rtol)
+    assert_untouched_rows(y, c.y, c.token_slot)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [FP16_TOL, BF16_TOL])
+def test_half_precision_matches_reference(dtype, atol, rtol):
+    c = case(n_tokens=7, d_in=73, slice_sizes=QKV_GQA, n_slots=6, max_rank=32, dtype=dtype)
+    y = run(c)
+    assert_close(y, reference_y(c), atol, rtol)
+    assert_untouched_rows(y, c.y, c.token_slot)
+
+
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_split_shrink_sums_to_reference(n_splits):
+    """Input columns split over programs (300 = 3 x 128 - 84: a ragged last split); each
+    entry written, zeros past each token's rank and for tokens without an adapter."""
+    c = case(n_tokens=6, d_in=300, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
+    v = shrink_rows_triton(c.x, c.A, c.rank, c.meta.token_slot, n_splits)
+    assert v.shape == (n_splits, 3, 6, 21)
+    assert not v.isnan().any()
+    assert_close(v.sum(0), reference_v(c), *FP32_TOL[1:])
+
+
+@pytest.mark.parametrize("act, d_in", [("relu", 64), ("silu", 700), ("gelu", 64)])  # 700: split
+def test_bottleneck_matches_reference(act, d_in):
+    c = case(n_tokens=6, d_in=d_in, slice_sizes=(d_in,), n_slots=4, max_rank=16,
+             bottleneck=act)  # fmt: skip
+    assert shrink_splits(6, 1, d_in) == (1 if d_in == 64 else 2)
+    y = run(c)
+    assert_close(y, reference_y(c), *FP32_TOL[1:])
+    assert_untouched_rows(y, c.y, c.token_slot)
+
+
+def test_no_adapter_anywhere_leaves_y_untouched():
+    c = case(n_tokens=5, d_in=40, slice_sizes=GATE_UP, n_slots=3, max_rank=8)
+    idle = torch.full_like(c.meta.token_slot, -1)
+    y = c.y.clone()
+    lowrank_delta_rows_triton(y, c.x, c.A, c.B, c.rank, c.scale, idle, c.slice_sizes)
+    assert torch.equal(y, c.y)
+
+
+def test_backend_takes_rows_at_decode_and_segments_beyond():
+    """TritonBackend.lowrank_delta: the token-by-token kernels up to rows_max_tokens, the
+    segment kernels past it, the same deltas; lowrank_delta_tokens reads only token_slot."""
+    c = case(n_tokens=8, d_in=73, slice_sizes=QKV_GQA, n_slots=6, max_rank=16)
+    expected = reference_y(c)
+    for rows_max in (8, 7):
+        y = c.y.clone()
+        TritonBackend(rows_max_tokens=rows_max).lowrank_delta(
+            y, c.x, c.A, c.B, c.rank, c.scale, c.meta, c.slice_sizes
+        )
+        assert_close(y, expected, *FP32_TOL[1:])
+    y = c.y.clone()
+    TritonBackend().lowrank_delta_tokens(y, c.x, c.A, c.B, c.rank, c.scale,
+                                         c.meta.token_slot.long(), c.slice_sizes)  # fmt: skip
+    assert_close(y, expected, *FP32_TOL[1:])
+
+
+def test_checks_name_the_wrong_layout():
+    c = case(n_tokens=4, d_in=16, slice_sizes=GATE_UP, n_slots=3, max_rank=4)
+    args = (c.y, c.x, c.A, c.B, c.rank, c.scale)
+    check_rows_args(*args, c.meta.token_slot, c.slice_sizes)
+    with pytest.raises(ValueError, match="token_slot"):
+        check_rows_args(*args, c.meta.token_slot[:3], c.slice_sizes)
+    with pytest.raises(ValueError, match="B must be"):
+        check_rows_args(*args, c.meta.token_slot, (70, 69))
+    with pytest.raises(ValueError, match="int32"):
+        check_rows_args(c.y, c.x, c.A, c.B, c.rank.long(), c.scale, c.meta.token_slot,
+                        c.slice_sizes)  # fmt: skip

@@ -40,7 +40,7 @@ test: install
 # here: x86-64-v3 (AVX2, no AVX-512: the plain loops) and skylake-avx512 (AVX-512 without its
 # BF16 instructions). Each build lives in its own cache directory (the flags are in its key).
 # CI runs both targets after `make test`.
-NATIVE_TESTS := tests/kernels/test_lowrank_rows.py tests/kernels/test_native_arguments.py \
+NATIVE_TESTS := tests/kernels/test_cpu_gemv.py tests/kernels/test_lowrank_rows.py tests/kernels/test_native_arguments.py \
 	tests/kernels/test_cpu_selftest.py tests/unit/test_cpu_fused_ops.py \
 	tests/unit/test_cpu_paged_attention.py tests/unit/test_argmax_rows.py \
 	tests/unit/test_slot_buffers.py tests/integration/test_cpu_kernels_engine.py

@@ -57,6 +57,7 @@ SOURCES = tuple(
         "fused_cpu.cpp",
         "lowrank_rows_cpu.cpp",
         "decode_forward_cpu.cpp",
+        "gemv_bf16_cpu.cpp",
     )
 )
 HEADERS = (CSRC / "checks.h", CSRC / "ops.h", CSRC / "vec_math.h")

@@ -157,6 +157,26 @@ def check_decode_forward(g: torch.Generator) -> None:
             raise AssertionError(f"decode_forward ({dtype}): shape {tuple(h.shape)} or not finite")
 
 
+def check_gemv_bf16(g: torch.Generator) -> None:
+    """Odd sizes (a narrow last tile, an odd K) and SmolLM2's, 1..9 rows: within bf16's rounding
+    of the float64 sum, the vector code equal to the plain loops bit for bit."""
+    from .gemv import linear_reference, pack
+
+    for N, K in [(77, 33), (960, 576), (40, 1)]:
+        w = _randn(g, N, K, dtype=torch.bfloat16, std=0.1)
+        b = _randn(g, N, dtype=torch.bfloat16)
+        wp = pack(w)
+        for M in (1, 3, 8, 9):
+            x = _randn(g, M, K, dtype=torch.bfloat16)
+            out = torch.empty(M, N, dtype=torch.bfloat16)
+            plain = torch.empty_like(out)
+            OPS.gemv_bf16(out, x, wp, b)
+            OPS.gemv_bf16(plain, x, wp, b, True)
+            _close("gemv_bf16", out, linear_reference(x, w, b), torch.bfloat16)
+            if not torch.equal(out, plain):
+                raise AssertionError("gemv_bf16: the vector code differs from the plain loops")
+
+
 CHECKS: dict[str, Callable[[torch.Generator], None]] = {
     "lora_rows": check_lora_rows,
     "bottleneck_rows": check_bottleneck_rows,
@@ -164,6 +184,7 @@ CHECKS: dict[str, Callable[[torch.Generator], None]] = {
     "rotary_and_cache": check_rotary_and_cache,
     "paged_decode_attention": check_paged_decode_attention,
     "decode_forward": check_decode_forward,
+    "gemv_bf16": check_gemv_bf16,
 }
 
 

@@ -22,10 +22,15 @@ namespace peftserve_cpu {
 
 namespace {
 
-// A base projection: weights packed for oneDNN at load (kernels/packed_linear.py, CPU half
-// precision) go through the op the Python layer calls for them; dense ones through at::linear.
+// A base projection: bf16 weights in the matrix-vector kernel's layout (kernels/gemv.py, a
+// 3-D [N, ceil(K/2), 2] tensor) go through that kernel (gemv_bf16_cpu.cpp), weights packed for
+// oneDNN at load (kernels/packed_linear.py, CPU half precision) through the op the Python layer
+// calls for them, dense ones through at::linear. The caller picks which form a step passes.
 at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w,
                        const std::optional<at::Tensor>& b = std::nullopt) {
+  if (!w.is_mkldnn() && w.dim() == 3) {
+    return gemv_bf16_out(x, w, b);
+  }
   if (!w.is_mkldnn()) {
     return at::linear(x, w, b);
   }

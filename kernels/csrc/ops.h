@@ -22,5 +22,9 @@ void bottleneck_rows(const at::Tensor& y, const std::optional<at::Tensor>& rows,
                      at::IntArrayRef bounds, at::TensorList A, at::TensorList b_down,
                      at::TensorList B_t, at::TensorList b_up, at::ArrayRef<double> scales,
                      int64_t act);
+void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+               const std::optional<at::Tensor>& bias, bool generic);
+at::Tensor gemv_bf16_out(const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& bias);
 
 }  // namespace peftserve_cpu

@@ -10,14 +10,16 @@ device they are on. Three kinds, like vLLM's punica selector but an object passe
   stacked buffers. The oracle, and what a test picks to compare the others with.
 - `CpuBackend`: the C++ ops of kernels/csrc (norms, rotary + KV write, SwiGLU, decode attention
   reading KV blocks in place, argmax, token-by-token adapter deltas, the one-call decode stack),
-  bf16/fp16 base weights packed once for oneDNN, each adapter's weights packed per slot. Without
-  a compiler (`native=False`, named "torch") its ops are the reference's and the adapters take
-  the packed torch forms.
+  bf16/fp16 base weights packed once for oneDNN, each adapter's weights packed per slot; bf16
+  base weights also in the streaming layout of the C++ matrix-vector kernel (kernels/gemv.py),
+  which serves steps of up to gemv.GEMV_MAX_ROWS rows. Without a compiler (`native=False`,
+  named "torch") its ops are the reference's and the adapters take the packed torch forms.
 - `TritonBackend`: Triton kernels for the adapters, decode attention over the paged cache and
   the small fused ops (norms, rotary + KV write, SwiGLU); the reference's torch ops otherwise.
 
 The environment switches are read here, once, by `select_backend`: PEFTSERVE_CPU_KERNELS=0
-(no C++ ops), PEFTSERVE_PACKED_WEIGHTS=0 (dense weights), PEFTSERVE_CPU_ATTENTION=generic (the
+(no C++ ops), PEFTSERVE_PACKED_WEIGHTS=0 (dense weights), PEFTSERVE_CPU_GEMV=0 (no
+matrix-vector kernel: oneDNN at every batch size), PEFTSERVE_CPU_ATTENTION=generic (the
 decode attention's plain loops instead of its AVX-512 code).
 """
 
@@ -34,7 +36,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from peftserve.config import BACKENDS
-from peftserve.kernels import add_lowrank_delta, cpu_ext, packed_linear
+from peftserve.kernels import add_lowrank_delta, cpu_ext, gemv, packed_linear
 from peftserve.kernels.checks import check_lowrank_args
 from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
 from peftserve.kernels.cpu_packed import PackedBottleneck, PackedLora, bottleneck_delta_packed_cpu
@@ -44,6 +46,7 @@ from peftserve.layers.attention import AttentionMetadata, decode_attention, writ
 from peftserve.layers.rotary import apply_rotary
 
 ENV_CPU_ATTENTION = "PEFTSERVE_CPU_ATTENTION"
+ENV_CPU_GEMV = "PEFTSERVE_CPU_GEMV"
 
 
 class Backend:
@@ -56,6 +59,11 @@ class Backend:
     def packs_weights(self, dtype: torch.dtype) -> bool:
         """True when base matmul weights of `dtype` are held packed (packed_linear)."""
         return False
+
+    def gemv_max_rows(self, dtype: torch.dtype) -> int:
+        """Steps of up to this many rows run base matmuls of `dtype` through the C++
+        matrix-vector kernel (kernels/gemv.py); 0: never."""
+        return 0
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """Zero-filled storage for the adapters' slot buffers."""
@@ -244,9 +252,10 @@ class CpuBackend(Backend):
 
     def __init__(
         self, *, native: bool, packed_weights: bool = True, generic_attention: bool = False,
-        decode_stack: bool = True,
+        decode_stack: bool = True, gemv_rows: int = gemv.GEMV_MAX_ROWS,
     ) -> None:  # fmt: skip
         self.native = native
+        self.gemv_rows = gemv_rows
         self.name = "cpp" if native else "torch"
         self.packed_weights = packed_weights
         self.generic_attention = generic_attention
@@ -255,6 +264,9 @@ class CpuBackend(Backend):
 
     def packs_weights(self, dtype: torch.dtype) -> bool:
         return self.packed_weights and packed_linear.supported(dtype)
+
+    def gemv_max_rows(self, dtype: torch.dtype) -> int:
+        return self.gemv_rows if self.native and dtype == torch.bfloat16 else 0
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """From calloc (numpy's zeros) as untouched zero pages: a module's slot buffers for 64
@@ -357,4 +369,5 @@ def select_backend(name: str, device: torch.device) -> Backend:
         native=native,
         packed_weights=os.environ.get(packed_linear.ENV_SWITCH, "1") != "0",
         generic_attention=os.environ.get(ENV_CPU_ATTENTION, "") == "generic",
+        gemv_rows=gemv.GEMV_MAX_ROWS if os.environ.get(ENV_CPU_GEMV, "1") != "0" else 0,
     )

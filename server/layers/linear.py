@@ -3,7 +3,9 @@
 A fused projection (q/k/v, or gate/up) is one matmul; its `slice_sizes` name the output slices
 so that an adapter hook can add a different low-rank update to each slice in one call.
 On the CPU in half precision the weight is held packed in oneDNN's layout
-(kernels/packed_linear.py: the same results as F.linear, without a reorder on every call).
+(kernels/packed_linear.py: the same results as F.linear, without a reorder on every call), and
+in bf16 with the C++ kernels also in the streaming layout of the matrix-vector kernel
+(kernels/gemv.py), which serves steps of up to the backend's `gemv_max_rows` rows.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftserve.kernels import packed_linear
+from peftserve.kernels import gemv, packed_linear
 
 # Item codes of a DecodePlan's spec (kernels/csrc/decode_forward_cpu.cpp reads the same
 # numbers; it reads activations by kernels.activation.activation_code, as the Triton kernels do).
@@ -71,26 +73,42 @@ class AdaptableLinear(nn.Module):
         self.weight: nn.Parameter | None = nn.Parameter(weight, requires_grad=False)  # [out, in]
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout, once pack()ed
+        self.gemv: torch.Tensor | None = None  # [out, ceil(in/2), 2] kernels/gemv.py's layout
+        self.gemv_max_rows = 0  # steps of up to this many rows read self.gemv
         self.slice_sizes = slice_sizes or (weight.shape[0],)
 
-    def pack(self) -> None:
-        """Holds the weight packed (kernels/packed_linear.py) instead of dense."""
-        assert self.weight is not None
-        self.packed = packed_linear.pack(self.weight.data)
+    def pack(self, onednn: bool = True, gemv_max_rows: int = 0) -> None:
+        """Holds the weight packed instead of dense: for oneDNN (kernels/packed_linear.py)
+        and/or, with `gemv_max_rows` > 0, for the matrix-vector kernel (kernels/gemv.py),
+        which then serves every step of up to that many rows (all of them without oneDNN)."""
+        assert self.weight is not None and (onednn or gemv_max_rows > 0)
+        if onednn:
+            self.packed = packed_linear.pack(self.weight.data)
+        if gemv_max_rows > 0:
+            self.gemv = gemv.pack(self.weight.data)
+            self.gemv_max_rows = gemv_max_rows
         self.weight = None
 
-    def matmul_weight(self) -> torch.Tensor:
-        """The tensor the matmul reads: the packed weight if packed, else the dense one."""
+    def matmul_weight(self, rows: int = 1) -> torch.Tensor:
+        """The tensor a matmul of `rows` rows reads: the matrix-vector kernel's weight, the
+        oneDNN-packed one or the dense one."""
+        if self.gemv is not None and (rows <= self.gemv_max_rows or self.packed is None):
+            return self.gemv
         return self.packed if self.packed is not None else self.weight  # type: ignore[return-value]
 
     def dense_weight(self) -> torch.Tensor:
         # [out, in]
+        if self.gemv is not None:
+            return gemv.unpack(self.gemv, self.in_features)
         return self.packed.to_dense() if self.packed is not None else self.weight  # type: ignore[union-attr,return-value]
 
     def forward(self, x: torch.Tensor, hook: DeltaHook | None = None) -> torch.Tensor:
         # x: [T, in] -> [T, out]
-        if self.packed is not None:
-            y = packed_linear.linear(x, self.packed, self.bias)
+        w = self.matmul_weight(x.shape[0])
+        if w is self.gemv:
+            y = gemv.linear(x, w, self.bias)
+        elif w is self.packed:
+            y = packed_linear.linear(x, w, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
         if hook is not None:

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from transformers import PretrainedConfig
 
 from peftserve.errors import UnsupportedModel
-from peftserve.kernels import packed_linear
+from peftserve.kernels import gemv, packed_linear
 from peftserve.layers.attention import AttentionMetadata, paged_attention
 from peftserve.layers.backend import Backend
 from peftserve.layers.linear import AdaptableLinear, DeltaHook
@@ -141,43 +141,52 @@ class LlamaModel(nn.Module):
         if lm_head is None or getattr(config, "tie_word_embeddings", False):
             lm_head = self.embed
         self.lm_head = lm_head  # [V, hidden]
-        # CPU half precision: every matmul weight packed for oneDNN (kernels/packed_linear.py;
-        # the dense layer weights are dropped, the embedding table stays for the lookups).
+        # CPU half precision: every matmul weight packed for oneDNN (kernels/packed_linear.py),
+        # and in bf16 with the C++ kernels also for the matrix-vector kernel (kernels/gemv.py,
+        # steps of up to gemv_rows rows); the dense layer weights are dropped, the embedding
+        # table stays for the lookups.
         self.lm_head_packed: torch.Tensor | None = None
-        if backend.packs_weights(dtype):
+        self.lm_head_gemv: torch.Tensor | None = None  # [V, ceil(hidden/2), 2]
+        onednn, self.gemv_rows = backend.packs_weights(dtype), backend.gemv_max_rows(dtype)
+        if onednn or self.gemv_rows:
             for layer in self.layers:
                 for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                    lin.pack()
-            self.lm_head_packed = packed_linear.pack(self.lm_head)
+                    lin.pack(onednn, self.gemv_rows)
+            if onednn:
+                self.lm_head_packed = packed_linear.pack(self.lm_head)
+            if self.gemv_rows:
+                self.lm_head_gemv = gemv.pack(self.lm_head)
             if self.lm_head is not self.embed:
                 self.lm_head = None  # type: ignore[assignment]
         self.rotary = RotaryEmbedding(config, self.shape.head_dim, device)
         self.dtype = dtype
         self.device = device
         self.backend = backend
-        self._decode_weights: tuple | None = None
+        self._decode_weights: dict[bool, tuple] = {}
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, hidden]
         return F.embedding(input_ids, self.embed)
 
-    def _cpp_decode_weights(self) -> tuple:
-        """The weights decode_forward takes, as lists in layer order (built once: the base
-        weights never change after loading)."""
-        if self._decode_weights is None:
+    def _cpp_decode_weights(self, rows: int) -> tuple:
+        """The weights decode_forward takes for a step of `rows` rows, as lists in layer order
+        (the matrix-vector kernel's or oneDNN's form; built once per form: the base weights
+        never change after loading)."""
+        small = rows <= self.gemv_rows
+        if small not in self._decode_weights:
             L = self.layers
-            self._decode_weights = (
+            self._decode_weights[small] = (
                 [x.input_norm.weight for x in L],
-                [x.qkv.matmul_weight() for x in L],
+                [x.qkv.matmul_weight(rows) for x in L],
                 [x.qkv.bias for x in L] if L[0].qkv.bias is not None else [],
-                [x.o.matmul_weight() for x in L],
+                [x.o.matmul_weight(rows) for x in L],
                 [x.o.bias for x in L] if L[0].o.bias is not None else [],
                 [x.post_attn_norm.weight for x in L],
-                [x.gate_up.matmul_weight() for x in L],
-                [x.down.matmul_weight() for x in L],
+                [x.gate_up.matmul_weight(rows) for x in L],
+                [x.down.matmul_weight(rows) for x in L],
                 self.norm.weight,
             )
-        return self._decode_weights
+        return self._decode_weights[small]
 
     def _cpp_decode_plan(self, h: torch.Tensor, ctx: StepContext) -> tuple | None:
         """For a decode-only step on the CPU without adapter deltas, or in half precision with
@@ -208,7 +217,7 @@ class LlamaModel(nn.Module):
         if deltas is not None:
             a, layer0 = ctx.attn, self.layers[0]
             return self.backend.decode_forward(
-                h, *self._cpp_decode_weights(), kv_cache, ctx.cos[:, 0], ctx.sin[:, 0],
+                h, *self._cpp_decode_weights(h.shape[0]), kv_cache, ctx.cos[:, 0], ctx.sin[:, 0],
                 a.slot_mapping, a.decode_blocks, a.decode_lens, a.block_size,
                 layer0.heads, layer0.kv_heads, layer0.scale, self.norm.eps, *deltas,
             )  # fmt: skip
@@ -219,12 +228,18 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         # h: [B, hidden] (only the rows that sample) -> [B, vocab] fp32
+        if self.lm_head_gemv is not None and (
+            h.shape[0] <= self.gemv_rows or self.lm_head_packed is None
+        ):
+            return gemv.linear(h, self.lm_head_gemv, None).float()
         if self.lm_head_packed is not None:
             return packed_linear.linear(h, self.lm_head_packed, None).float()
         return F.linear(h, self.lm_head).float()
 
     def lm_head_dense(self) -> torch.Tensor:
         # [V, hidden]
+        if self.lm_head is None and self.lm_head_gemv is not None:
+            return gemv.unpack(self.lm_head_gemv, self.shape.hidden)
         if self.lm_head is None:
             return self.lm_head_packed.to_dense()  # type: ignore[union-attr]
         return self.lm_head

@@ -149,3 +149,33 @@ def test_one_call_decode_stack_reuses_its_plan_only_while_the_slots_hold_the_sam
     layers = CpuBackend(native=True, decode_stack=False)
     engine = engine_with(tiny_llama_dir, lora_dirs, dtype="bfloat16", max_loras=2, backend=layers)
     assert adapter_tokens(engine.generate(requests(names, seed=5))) == one_call
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_matrix_vector_kernel_gives_onednns_tokens(model, request):
+    """bf16 steps of up to gemv.GEMV_MAX_ROWS rows read the matrix-vector kernel's layout
+    (kernels/gemv.py), through the one-call stack and the Python layers alike; the greedy
+    tokens are those of oneDNN at every batch size (gemv_rows=0)."""
+    require_packing()
+    assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    path = request.getfixturevalue(model)
+    onednn = run(path, "bfloat16", CpuBackend(native=True, gemv_rows=0))
+    assert sum(len(t) for t in onednn.values()) > 100
+    assert run(path, "bfloat16", CpuBackend(native=True)) == onednn
+    assert run(path, "bfloat16", CpuBackend(native=True, decode_stack=False)) == onednn
+    # every step on the kernel, prefill chunks of up to 64 rows included
+    assert run(path, "bfloat16", CpuBackend(native=True, gemv_rows=64)) == onednn
+
+
+def test_the_cpu_backend_holds_the_matrix_vector_layout_in_bf16_only(tiny_llama_dir):
+    assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    config, state = load_config(tiny_llama_dir), load_state_dict(tiny_llama_dir)
+    model = LlamaModel(config, state, torch.bfloat16, CPU, CpuBackend(native=True))
+    lin = model.layers[0].qkv
+    assert lin.gemv is not None and model.lm_head_gemv is not None and lin.weight is None
+    assert lin.matmul_weight(1) is lin.gemv
+    dense = LlamaModel(config, state, torch.bfloat16, CPU, Backend())
+    assert torch.equal(lin.dense_weight(), dense.layers[0].qkv.weight)
+    assert torch.equal(model.lm_head_dense(), dense.lm_head_dense())
+    fp32 = LlamaModel(config, state, torch.float32, CPU, CpuBackend(native=True))
+    assert fp32.layers[0].qkv.gemv is None and fp32.lm_head_gemv is None

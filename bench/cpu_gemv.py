@@ -1,0 +1,117 @@
+"""The bf16 matrix-vector kernel (kernels/gemv.py) against oneDNN's packed matmul
+(kernels/packed_linear.py) over a whole SmolLM2-135M pass: 30 layers' q/k/v, o, gate/up and
+down and the LM head, at M = 1..32 rows (and a few prefill sizes), 2 threads; with the read
+floor (torch.sum over a bf16 tensor of the same 270 MB) in the same rounds.
+
+    .venv/bin/python -m bench.cpu_gemv                       # -> bench/results/cpu_gemv.json
+    .venv/bin/python -m bench.cpu_gemv --rows 1 8 32 --rounds 5
+
+Random weights of SmolLM2's shapes, each layer its own tensors (so no pass finds them in a
+cache). The kinds run interleaved, one pass each in turn, `--rounds` times per row count:
+drift of a shared machine hits them alike. Reported: median ms per pass, GB/s of weights read,
+and the median of the per-round gemv / oneDNN ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.common import environment
+from peftserve.kernels import cpu_ext, gemv, packed_linear
+
+HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 30, 49152, 9, 3, 64
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128, 256)
+
+
+def shapes() -> list[tuple[int, int]]:
+    """(N, K) of every base matmul of one forward pass, in order."""
+    qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    layer = [(qkv, HIDDEN), (HIDDEN, HEADS * HEAD_DIM), (2 * INTER, HIDDEN), (HIDDEN, INTER)]
+    return layer * LAYERS + [(VOCAB, HIDDEN)]
+
+
+def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
+    dense = [(torch.randn(n, k, generator=g) * 0.05).bfloat16() for n, k in shapes()]
+    xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in (HIDDEN, INTER)}
+    onednn = [(packed_linear.pack(w), xs[w.shape[1]]) for w in dense]
+    mine = [(gemv.pack(w), xs[w.shape[1]]) for w in dense]
+    total = sum(w.numel() for w in dense)
+    del dense
+    flat = torch.randn(total, generator=g).bfloat16()
+
+    def run_onednn() -> None:
+        for w, x in onednn:
+            packed_linear.linear(x, w, None)
+
+    def run_gemv() -> None:
+        for w, x in mine:
+            gemv.linear(x, w, None)
+
+    return {"gemv": run_gemv, "onednn": run_onednn, "read_floor": lambda: flat.sum()}
+
+
+def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
+    fns = passes(rows, g)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    weight_bytes = 2 * sum(n * k for n, k in shapes())
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    pairs = zip(times["gemv"], times["onednn"], strict=True)
+    return {
+        "rows": rows,
+        "ms": ms,
+        "GB_per_s": {name: weight_bytes / (t * 1e6) for name, t in ms.items()},
+        "gemv_over_onednn": statistics.median(a / b for a, b in pairs),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/cpu_gemv.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not (cpu_ext.load() and packed_linear.supported(torch.bfloat16)):
+        raise SystemExit("needs the C++ CPU kernels and oneDNN bf16 matmuls")
+    g = torch.Generator().manual_seed(0)
+    uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
+    results = []
+    for rows in args.rows:
+        r = measure(rows, args.rounds, g)
+        ms = r["ms"]
+        print(f"M={rows:4d}  gemv {ms['gemv']:7.2f} ms  oneDNN {ms['onednn']:7.2f} ms  "
+              f"read floor {ms['read_floor']:6.2f} ms  gemv/oneDNN {r['gemv_over_onednn']:.3f}",
+              flush=True)  # fmt: skip
+        results.append(r)
+    uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    out = {
+        "environment": environment(),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "weight_MB": 2 * sum(n * k for n, k in shapes()) / 1e6,
+        "uptime_before_after": uptime,
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+// bf16 matrix-vector products for small batches: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), fp32
+// accumulation, from weights laid out once for streaming.
+//
+// At decode batch sizes a matmul is a read of the weights: SmolLM2-135M's 270 MB take ~9 ms to
+// read on this machine's 2 cores, while oneDNN's bf16 matmul at batch 1 took ~15 ms. This
+// kernel reads each weight once per call, in one contiguous stream per thread.
+//
+// Layout (kernels/gemv.py packs it): W's rows in tiles of TILE = 32 (the last tile narrower
+// when N % 32 != 0); within a tile, for each pair of columns kp = 0 .. ceil(K/2)-1, the tile's
+// rows' two bf16 values W[n, 2kp], W[n, 2kp+1] side by side (a zero pads an odd K). One k-pair
+// of a full tile is 128 bytes: two 512-bit loads, each the operand of one vdpbf16ps. The tensor
+// is [N, ceil(K/2), 2] bf16 but its storage is in that order, not W[n, kp, j]'s.
+//
+// Every output is the same sum in every path and at every batch size:
+//     acc = 0; for kp: acc += W[n,2kp+1] * x[2kp+1]; acc += W[n,2kp] * x[2kp]   (fp32)
+//     y = bf16(acc + bias[n])     (round to nearest even)
+// which is vdpbf16ps's order. Products of two bf16 values are exact in fp32, so an FMA, a
+// multiply then an add, and vdpbf16ps all round the same; only vdpbf16ps flushes denormal
+// inputs and outputs to zero. A row's result never depends on M or on the thread count (each
+// output is summed by one thread, over all of K, in this order): batch invariant bit for bit.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "ops.h"
+#include "vec_math.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512BF16__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace peftserve_cpu {
+
+namespace {
+
+constexpr int64_t TILE = 32;         // rows of W per tile
+constexpr int64_t MAX_GROUP = 8;     // rows of x summed together over one pass of a tile
+constexpr int64_t ROW_CHUNK = 64;    // rows of x per pass over the weights (larger M: x in L2)
+constexpr int64_t PREFETCH_B = 1024; // bytes ahead of the loads that the weight stream prefetches
+
+struct Problem {
+  const uint16_t* w;   // tiles
+  const float* xf;     // [M, Kp, 2] x as fp32, K padded with a zero
+  const uint32_t* xp;  // [M, Kp] x's bf16 pairs, K padded with a zero
+  const float* bias;   // [N] fp32 or null
+  uint16_t* y;         // [M, N] bf16, row stride ldy
+  int64_t M, N, Kp, ldy;
+};
+
+// The epilogue shared by every path: acc (+ bias), rounded to bf16.
+inline void store_row(const Problem& p, int64_t m, int64_t n0, int64_t width, const float* acc) {
+  uint16_t* out = p.y + m * p.ldy + n0;
+  if (p.bias != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      out[i] = bf16_bits(acc[i] + p.bias[n0 + i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      out[i] = bf16_bits(acc[i]);
+    }
+  }
+}
+
+// Plain loops: rows m0..m0+g of one tile (w: its first k-pair, width rows).
+void tile_generic(const Problem& p, const uint16_t* w, int64_t n0, int64_t width, int64_t m0,
+                  int64_t g) {
+  for (int64_t m = m0; m < m0 + g; ++m) {
+    float acc[TILE] = {};
+    const float* x = p.xf + m * p.Kp * 2;
+    for (int64_t kp = 0; kp < p.Kp; ++kp) {
+      const uint16_t* wk = w + kp * width * 2;
+      const float x_even = x[2 * kp], x_odd = x[2 * kp + 1];
+      for (int64_t i = 0; i < width; ++i) {
+        acc[i] += bf16_value(wk[2 * i + 1]) * x_odd;
+        acc[i] += bf16_value(wk[2 * i]) * x_even;
+      }
+    }
+    store_row(p, m, n0, width, acc);
+  }
+}
+
+// The row loops below are folds over std::index_sequence, every accumulator index a constant:
+// with loops over an array of vectors GCC 12 stores each accumulator to the stack on every
+// iteration.
+#if defined(__AVX512BF16__)
+// vdpbf16ps: each 32-bit lane of a weight load is one row's k-pair; x's pair is broadcast.
+template <size_t... g>
+void tile_bf16(std::index_sequence<g...>, const Problem& p, const uint16_t* w, int64_t n0,
+               int64_t width, int64_t m0) {
+  constexpr size_t G = sizeof...(g);
+  const __mmask32 mask0 = width >= 16 ? ~__mmask32(0) : __mmask32((1u << (2 * width)) - 1);
+  const __mmask32 mask1 =
+      width >= 32 ? ~__mmask32(0)
+                  : (width <= 16 ? __mmask32(0) : __mmask32((1u << (2 * (width - 16))) - 1));
+  __m512 acc0[G] = {(static_cast<void>(g), _mm512_setzero_ps())...};
+  __m512 acc1[G] = {(static_cast<void>(g), _mm512_setzero_ps())...};
+  const int64_t Kp = p.Kp, step = width * 2;
+  const int32_t* x = reinterpret_cast<const int32_t*>(p.xp + m0 * Kp);
+  const char* stream = reinterpret_cast<const char*>(w);
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    const uint16_t* wk = w + kp * step;
+    _mm_prefetch(stream + kp * step * 2 + PREFETCH_B, _MM_HINT_T0);
+    _mm_prefetch(stream + kp * step * 2 + PREFETCH_B + 64, _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(mask0, wk);
+    const __m512bh w1 = (__m512bh)_mm512_maskz_loadu_epi16(mask1, wk + 32);
+    ((acc0[g] = _mm512_dpbf16_ps(acc0[g], w0, (__m512bh)_mm512_set1_epi32(x[g * Kp + kp])),
+      acc1[g] = _mm512_dpbf16_ps(acc1[g], w1, (__m512bh)_mm512_set1_epi32(x[g * Kp + kp]))),
+     ...);
+  }
+  alignas(64) float out[G][TILE];
+  ((_mm512_store_ps(out[g], acc0[g]), _mm512_store_ps(out[g] + 16, acc1[g])), ...);
+  (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
+}
+#elif defined(__AVX2__)
+// bf16 -> fp32 by shifting: the low half of a 32-bit lane (even k) moves up 16 bits, the high
+// half (odd k) is masked; two FMAs in vdpbf16ps's order. Eight rows of a tile per pass, in
+// four passes over its 8-row slabs (16 ymm registers).
+template <size_t... g>
+void tile_avx2(std::index_sequence<g...>, const Problem& p, const uint16_t* w, int64_t n0,
+               int64_t width, int64_t m0) {
+  constexpr size_t G = sizeof...(g);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t Kp = p.Kp, step = width * 2;
+  const float* x = p.xf + m0 * Kp * 2;
+  alignas(32) float out[G][TILE];
+  for (int64_t j = 0; j * 8 < width; ++j) {
+    alignas(32) int32_t lanes[8];
+    for (int64_t i = 0; i < 8; ++i) {
+      lanes[i] = j * 8 + i < width ? -1 : 0;
+    }
+    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+    __m256 acc[G] = {(static_cast<void>(g), _mm256_setzero_ps())...};
+    for (int64_t kp = 0; kp < Kp; ++kp) {
+      const __m256i pair =
+          _mm256_maskload_epi32(reinterpret_cast<const int*>(w + kp * step) + j * 8, mask);
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+      ((acc[g] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(x + g * Kp * 2 + 2 * kp + 1), acc[g]),
+        acc[g] = _mm256_fmadd_ps(even, _mm256_broadcast_ss(x + g * Kp * 2 + 2 * kp), acc[g])),
+       ...);
+    }
+    (_mm256_store_ps(out[g] + 8 * j, acc[g]), ...);
+  }
+  (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
+}
+#endif
+
+// Rows m0..m0+g (g <= MAX_GROUP) of one tile, on the widest path this build has.
+void tile_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t width, int64_t m0,
+               int64_t g, bool generic) {
+  if (generic) {
+    tile_generic(p, w, n0, width, m0, g);
+    return;
+  }
+#if defined(__AVX512BF16__)
+#define PEFTSERVE_TILE(G) tile_bf16(std::make_index_sequence<G>(), p, w, n0, width, m0)
+#elif defined(__AVX2__)
+#define PEFTSERVE_TILE(G) tile_avx2(std::make_index_sequence<G>(), p, w, n0, width, m0)
+#endif
+#if defined(PEFTSERVE_TILE)
+  switch (g) {
+    case 1: return PEFTSERVE_TILE(1);
+    case 2: return PEFTSERVE_TILE(2);
+    case 3: return PEFTSERVE_TILE(3);
+    case 4: return PEFTSERVE_TILE(4);
+    case 5: return PEFTSERVE_TILE(5);
+    case 6: return PEFTSERVE_TILE(6);
+    case 7: return PEFTSERVE_TILE(7);
+    default: return PEFTSERVE_TILE(8);
+  }
+#undef PEFTSERVE_TILE
+#else
+  tile_generic(p, w, n0, width, m0, g);
+#endif
+}
+
+void gemv_run(const Problem& p, bool generic) {
+  const int64_t tiles = (p.N + TILE - 1) / TILE;
+  // Contiguous tile ranges per thread: each reads one stretch of the weights, start to end.
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
+      const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * TILE, width = std::min(TILE, p.N - n0);
+        const uint16_t* w = p.w + n0 * p.Kp * 2;  // every earlier tile is full
+        for (int64_t m = r0; m < r1; m += MAX_GROUP) {
+          tile_rows(p, w, n0, width, m, std::min(MAX_GROUP, r1 - m), generic);
+        }
+      }
+    }
+  });
+}
+
+void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                     const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "gemv_bf16";
+  check_dense_cpu(out, op, "out");
+  check_dense_cpu(x, op, "x");
+  check_dense_cpu(w, op, "w");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+                  out.scalar_type() == at::kBFloat16,
+              op, ": out, x and w must be bfloat16, got ", out.scalar_type(), ", ",
+              x.scalar_type(), ", ", w.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && (x.size(1) <= 1 || x.stride(1) == 1), op,
+              ": x must be [M, K] with contiguous rows, got sizes ", x.sizes(), " strides ",
+              x.strides());
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 2 && w.is_contiguous(), op,
+              ": w must be a contiguous [N, ceil(K/2), 2] tensor from kernels/gemv.py pack(), got ",
+              w.sizes());
+  TORCH_CHECK(w.size(1) == (x.size(1) + 1) / 2, op, ": w packs K = ", 2 * w.size(1) - 1, " or ",
+              2 * w.size(1), " columns, x has ", x.size(1));
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
+                  (out.size(1) <= 1 || out.stride(1) == 1),
+              op, ": out must be [M, N] = [", x.size(0), ", ", w.size(0),
+              "] with contiguous rows, got sizes ", out.sizes(), " strides ", out.strides());
+  check_rows_apart(out, op, "out");
+  if (bias.has_value()) {
+    check_dense_cpu(*bias, op, "bias");
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->dim() == 1 &&
+                    bias->size(0) == w.size(0) && bias->is_contiguous(),
+                op, ": bias must be a contiguous bfloat16 [N] = [", w.size(0), "], got ",
+                bias->scalar_type(), " ", bias->sizes());
+  }
+}
+
+}  // namespace
+
+void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+               const std::optional<at::Tensor>& bias, bool generic) {
+  check_gemv_args(out, x, w, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = w.size(1);
+  if (M == 0 || N == 0) {
+    return;
+  }
+  // x once as bf16 pairs and as fp32, K padded with a zero (an odd K's last pair): the
+  // kernels read whole pairs and never past a row. Copied before out is written, so out may
+  // alias x.
+  std::vector<uint32_t> xp(static_cast<size_t>(M * Kp));
+  std::vector<float> xf(static_cast<size_t>(M * Kp * 2));
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = xs + m * x.stride(0);
+    for (int64_t k = 0; k < 2 * Kp; ++k) {
+      const uint16_t v = k < K ? row[k] : 0;
+      xf[m * Kp * 2 + k] = bf16_value(v);
+      xp[m * Kp + k / 2] |= static_cast<uint32_t>(v) << (16 * (k % 2));
+    }
+  }
+  std::vector<float> bf;
+  if (bias.has_value()) {
+    const auto* b = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+    bf.resize(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) {
+      bf[n] = bf16_value(b[n]);
+    }
+  }
+  const Problem p{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+                  xf.data(),
+                  xp.data(),
+                  bias.has_value() ? bf.data() : nullptr,
+                  reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
+                  M,
+                  N,
+                  Kp,
+                  out.stride(0)};
+  gemv_run(p, generic);
+}
+
+at::Tensor gemv_bf16_out(const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3, "gemv_bf16: x must be [M, K] and w [N, Kp, 2]");
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  gemv_bf16(out, x, w, bias, false);
+  return out;
+}
+
+}  // namespace peftserve_cpu
+
+TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
+  m.def("gemv_bf16(Tensor(a!) out, Tensor x, Tensor w, Tensor? bias, bool generic=False) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
+  m.impl("gemv_bf16", &peftserve_cpu::gemv_bf16);
+}

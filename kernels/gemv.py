@@ -1,0 +1,78 @@
+"""bf16 base weights laid out once for the C++ matrix-vector kernel (csrc/gemv_bf16_cpu.cpp).
+
+    wp = gemv.pack(w)                      # [N, K] bf16 -> [N, ceil(K/2), 2], tile order
+    y = gemv.linear(x, wp, bias)           # x [M, K] -> [M, N] bf16, fp32 accumulation
+    w == gemv.unpack(wp, K)                # the dense weight back, bit for bit
+
+At decode batch sizes a CPU matmul is a read of the weights; this kernel streams each weight
+once per call, one contiguous stretch per thread, with AVX-512 BF16 dot products where the CPU
+has them (the shift-and-FMA AVX2 code or plain loops otherwise, with the same roundings). The
+sum behind every output is fixed (the C++ file's comment), so a row's result never depends on
+how many rows the call has: batch invariant, bit for bit.
+
+Layout: W's rows in tiles of TILE; within a tile, for each column pair kp, every row's
+(W[n, 2kp], W[n, 2kp+1]) side by side; an odd K gets a zero column. The tensor has W's
+element count (plus that column) as [N, ceil(K/2), 2] so its shape names N and K, but its
+storage is in tile order: only unpack() reads it as a matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE = 32  # rows per tile; csrc/gemv_bf16_cpu.cpp's TILE
+
+# Rows up to which a bf16 step's base matmuls take this kernel on the CPU backend; steps with
+# more rows take oneDNN's packed matmul (kernels/packed_linear.py). Measured by bench/cpu_gemv.py
+# (bench/results/cpu_gemv.json): a whole SmolLM2-135M pass on 2 threads is 0.6x oneDNN's time at
+# 1 row, about equal at 16, 1.05x at 32 and 1.3-1.45x at 64-128 (prefill chunks): oneDNN's
+# register blocking wins once the pass is compute-bound. Both layouts are held, so bf16 base
+# weights take twice their size in memory (SmolLM2: 2 x 270 MB).
+GEMV_MAX_ROWS = 16
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    # weight: [N, K] bf16 -> [N, ceil(K/2), 2] bf16 in tile order (a new tensor)
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        raise ValueError(f"gemv.pack takes a 2-D bfloat16 weight, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    N, K = weight.shape
+    if K % 2:
+        weight = torch.cat([weight, weight.new_zeros(N, 1)], dim=1)
+    Kp = weight.shape[1] // 2
+    full = N - N % TILE
+    pairs = weight.reshape(N, Kp, 2)
+    head = pairs[:full].reshape(full // TILE, TILE, Kp, 2).transpose(1, 2)
+    tail = pairs[full:].transpose(0, 1)  # [Kp, N % TILE, 2]
+    flat = torch.cat([head.reshape(-1), tail.reshape(-1)])
+    return flat.view(N, Kp, 2)
+
+
+def unpack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    # packed: [N, Kp, 2] from pack() -> [N, in_features] bf16, the weight pack() was given
+    N, Kp, _ = packed.shape
+    full = N - N % TILE
+    flat = packed.reshape(-1)
+    head = flat[: full * Kp * 2].view(full // TILE, Kp, TILE, 2).transpose(1, 2)
+    tail = flat[full * Kp * 2 :].view(Kp, N % TILE, 2).transpose(0, 1)
+    dense = torch.cat([head.reshape(full, 2 * Kp), tail.reshape(N - full, 2 * Kp)])
+    return dense[:, :in_features].contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # x: [..., K] bf16 -> [..., N] bf16 (the C++ op; cpu_ext.load() must have returned True)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = x2.new_empty(x2.shape[0], packed.shape[0])
+    torch.ops.peftserve_cpu.gemv_bf16(out, x2, packed, bias)
+    return out.view(*lead, packed.shape[0])
+
+
+def linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The op's specification in float64: y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]).
+    x: [M, K], weight: [N, K] (dense) -> [M, N] float64."""
+    y = x.double() @ weight.double().T
+    return y + bias.double() if bias is not None else y

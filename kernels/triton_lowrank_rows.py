@@ -27,7 +27,7 @@ from .activation import activation_code
 from .triton_combine import add as _add
 from .triton_expand import _slice_offsets
 
-SHRINK_BLOCK_K = 128  # input columns per step of the shrink's loop
+SHRINK_BLOCK_K = 128  # input columns per step of the shrink's loop, at most
 EXPAND_BLOCK_N = 64  # output columns per expand program
 
 
@@ -177,7 +177,9 @@ def shrink_rows_triton(
     v = torch.empty(n_splits, n_slices, T, r_max, dtype=torch.float32, device=x.device)
     if T == 0:
         return v
-    k_per_split = triton.cdiv(triton.cdiv(d_in, n_splits), SHRINK_BLOCK_K) * SHRINK_BLOCK_K
+    block_r = triton.next_power_of_2(r_max)
+    block_k = max(32, min(SHRINK_BLOCK_K, 8192 // block_r))  # an A tile of <= 8K elements
+    k_per_split = triton.cdiv(triton.cdiv(d_in, n_splits), block_k) * block_k
     _shrink_rows_kernel[(T, n_slices, n_splits)](
         x, A, v, token_slot, rank,
         d_in, k_per_split, r_max,
@@ -185,8 +187,8 @@ def shrink_rows_triton(
         A.stride(0), A.stride(1), A.stride(2), A.stride(3),
         v.stride(0), v.stride(1), v.stride(2),
         rank.stride(0),
-        BLOCK_R=triton.next_power_of_2(r_max),
-        BLOCK_K=SHRINK_BLOCK_K,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
         num_warps=4,
     )  # fmt: skip
     return v

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peftserve.kernels.triton_fused import rotary_and_cache_triton
 from peftserve.kernels.triton_paged_attention import paged_decode_attention
 from peftserve.layers.attention import AttentionMetadata
 from peftserve.layers.backend import Backend
-from tests.kernels.lowrank_cases import KERNEL_DEVICE, assert_close
+from tests.kernels.lowrank_cases import KERNEL_DEVICE, assert_close, requires_cuda
 
 # (dtype, atol, rtol) against SDPA in the same dtype
 TOLERANCES = [(torch.float32, 2e-5, 1e-4), (torch.bfloat16, 3e-2, 3e-2),
@@ -97,3 +98,31 @@ def test_refuses_mismatched_layouts():
         paged_decode_attention(q.half(), cache, tables, ctx, 4, 0.25)
     with pytest.raises(ValueError, match="ctx_lens"):
         paged_decode_attention(q, cache, tables, ctx[:1], 4, 0.25)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_offsets_past_two_to_the_31_elements():
+    """A cache of 2 x 8 x 2.2M slots x 128 (9 GB of bf16): the last KV head's blocks lie past
+    2^31 elements from the base, so 32-bit offsets would read the wrong rows. The rotary + KV
+    write lands its rows there too."""
+    kv_heads, D, bs, slots = 8, 128, 16, 2_200_000 // 16 * 16
+    cache = torch.zeros(2, kv_heads, slots, D, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    lens = torch.tensor([40, 17])
+    tables = torch.tensor([[slots // bs - 1, 5, slots // bs - 9], [slots // bs - 4, 0, 0]])
+    for b, n in enumerate(lens.tolist()):
+        pos = torch.arange(n)
+        flat = (tables[b, pos // bs] * bs + pos % bs).cuda()
+        cache[:, :, flat] = torch.randn(2, kv_heads, n, D, generator=g).cuda().bfloat16()
+    q = torch.randn(2, 32, D, generator=g).cuda().bfloat16()
+    tables, lens = tables.cuda(), lens.cuda()
+    out = paged_decode_attention(q, cache, tables, lens, bs, D**-0.5, partition=16)
+    assert_close(out, gather_sdpa(q, cache, tables, lens, bs, D**-0.5), 3e-2, 3e-2)
+
+    qkv = torch.randn(1, (32 + 2 * kv_heads) * D, generator=g).cuda().bfloat16()
+    ones, zeros = torch.ones(1, D, device="cuda"), torch.zeros(1, D, device="cuda")
+    slot = torch.tensor([slots - 1], device="cuda")
+    rotary_and_cache_triton(qkv, ones.bfloat16(), zeros.bfloat16(), cache, slot, 32, kv_heads)
+    k, v = qkv.view(32 + 2 * kv_heads, D)[32:].split(kv_heads)
+    assert torch.equal(cache[0, :, slots - 1], k) and torch.equal(cache[1, :, slots - 1], v)

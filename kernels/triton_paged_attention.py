@@ -14,6 +14,8 @@ Imported lazily, like triton_shrink.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,9 @@ from .triton_combine import add as _add
 from .triton_combine import maximum as _maximum
 from .triton_shrink import dot_precision
 
-PARTITION = 512  # context tokens per split: longer contexts are spread over several programs
+PARTITION = 512  # context positions per split off a GPU (the interpreter: fewest programs)
+MIN_PARTITION = 64  # the shortest split chosen on a GPU
+MAX_SPLITS = 64  # the most splits chosen (the merge holds them all in one tile)
 
 
 @triton.jit
@@ -162,7 +166,7 @@ def paged_decode_attention(
     block_size: int,
     scale: float,
     *,
-    partition: int = PARTITION,  # context positions per split
+    partition: int | None = None,  # context positions per split; None: choose_partition's
 ) -> torch.Tensor:  # [B, heads, D], q's dtype
     """Check the arguments, then launch `_paged_decode_kernel` (and the merge when split).
 
@@ -188,6 +192,8 @@ def paged_decode_attention(
         )
     if q.dtype != cache.dtype:
         raise ValueError(f"q and cache must share a dtype, got {q.dtype} and {cache.dtype}")
+    if partition is None:
+        partition = choose_partition(B, kv_heads, block_tables.shape[1] * block_size, q.device)
     if partition < 16:
         raise ValueError(f"partition must be >= 16 positions, got {partition}")
     out = torch.empty(B, heads, D, dtype=q.dtype, device=q.device)
@@ -230,3 +236,20 @@ def paged_decode_attention(
             BLOCK_S=triton.next_power_of_2(n_splits),
         )  # fmt: skip
     return out
+
+
+def choose_partition(batch: int, kv_heads: int, max_ctx: int, device: torch.device) -> int:
+    """Context positions per split: on a GPU, enough splits that batch * kv_heads * splits
+    programs fill every SM twice (one sequence of a long context otherwise runs on kv_heads
+    SMs), none shorter than MIN_PARTITION. Host shapes only, so a captured graph keeps it."""
+    if device.type != "cuda":
+        return PARTITION
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    splits = max(1, min(triton.cdiv(max_ctx, MIN_PARTITION), MAX_SPLITS,
+                        triton.cdiv(2 * sms, batch * kv_heads)))  # fmt: skip
+    return triton.cdiv(triton.cdiv(max_ctx, splits), MIN_PARTITION) * MIN_PARTITION
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

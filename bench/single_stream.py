@@ -10,6 +10,8 @@ the read floor (torch.sum over a bf16 tensor as large as all base matmul weights
 included), in turn, so drift of a shared machine hits them alike. Decode tok/s counts the
 tokens after the first over the time after the first step (the prefill). Then the decode step
 alone, against the read floor, paired 25 times (bench.common.decode_step_vs_floor).
+With --batch-rounds > 0 also the 32-request workload (bench.common.workload(), all at once)
+on both engines, interleaved: the kernel at 32-row decode steps and in the prefill chunks.
 `uptime` is recorded before and after.
 """
 
@@ -33,8 +35,8 @@ from peftserve.kernels import cpu_ext
 from peftserve.layers.backend import CpuBackend
 
 
-def chat_prompt(engine: Engine) -> tuple[int, ...]:
-    message = workload()[0][0]
+def chat_prompt(engine: Engine, message: str | None = None) -> tuple[int, ...]:
+    message = message or workload()[0][0]
     ids = engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True,
         return_dict=True,
@@ -57,6 +59,17 @@ def one_request(engine: Engine, prompt: tuple[int, ...], tokens: int, rid: str) 
     return {"total_s": t2 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps}
 
 
+def many_requests(engine: Engine, prompts: list[tuple[int, ...]], lengths: list[int]) -> float:
+    """The workload's requests all at once; seconds until every one has finished."""
+    t0 = time.perf_counter()
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        engine.add_request(Request(f"w{i}-{t0}", prompt_token_ids=p, params=params))
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - t0
+
+
 def weight_elements(engine: Engine) -> int:
     model = engine.model
     lins = [lin for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up,
@@ -75,6 +88,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/results/single_stream_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,6 +135,20 @@ def main() -> None:
             "step_over_read_floor": r["ratio"]["read"],
         }
     result["decode_step_vs_read_floor"] = steps
+    if args.batch_rounds:
+        work = workload()
+        prompts = [chat_prompt(engines["gemv"], m) for m, _ in work]
+        lengths = [n for _, n in work]
+        secs: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(args.batch_rounds):
+            for name, eng in engines.items():
+                secs[name].append(many_requests(eng, prompts, lengths))
+        result["requests_32"] = {
+            **{f"{n}_tok_s": sum(lengths) / statistics.median(t) for n, t in secs.items()},
+            "gemv_over_onednn": statistics.median(
+                b / a for a, b in zip(secs["gemv"], secs["onednn"], strict=True)
+            ),
+        }
     result["read_floor_ms_in_rounds"] = 1e3 * statistics.median(floor_s)
     out = {
         "environment": environment(),

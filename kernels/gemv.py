@@ -18,17 +18,24 @@ storage is in tile order: only unpack() reads it as a matrix.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 TILE = 32  # rows per tile; csrc/gemv_bf16_cpu.cpp's TILE
 
+EVERY_STEP = sys.maxsize  # a row limit no step reaches
+
 # Rows up to which a bf16 step's base matmuls take this kernel on the CPU backend; steps with
-# more rows take oneDNN's packed matmul (kernels/packed_linear.py). Measured by bench/cpu_gemv.py
-# (bench/results/cpu_gemv.json): a whole SmolLM2-135M pass on 2 threads is 0.6x oneDNN's time at
-# 1 row, about equal at 16, 1.05x at 32 and 1.3-1.45x at 64-128 (prefill chunks): oneDNN's
-# register blocking wins once the pass is compute-bound. Both layouts are held, so bf16 base
-# weights take twice their size in memory (SmolLM2: 2 x 270 MB).
-GEMV_MAX_ROWS = 16
+# more rows take oneDNN's packed matmul (kernels/packed_linear.py), which then holds a second
+# copy of the weights. Measured by bench/cpu_gemv.py (bench/results/cpu_gemv.json, a whole
+# SmolLM2-135M pass, 2 threads, medians of 7 interleaved rounds): this kernel's time over
+# oneDNN's is 0.67 at 1 row, 0.77 at 8, 0.88 at 16, 0.97 at 32, then 1.09 at 64 and 128 and
+# 1.16 at 256 rows (prefill chunks, where oneDNN's register blocking wins). Within a few % or
+# faster up to 32 rows, so no limit: the kernel serves every bf16 step, the weights are held
+# once (270 MB on SmolLM2, not 2 x 270), and prefill chunks of 64-256 rows pay 9-16%.
+GEMV_MAX_ROWS = EVERY_STEP
+
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     # weight: [N, K] bf16 -> [N, ceil(K/2), 2] bf16 in tile order (a new tensor)

@@ -11,9 +11,10 @@ device they are on. Three kinds, like vLLM's punica selector but an object passe
 - `CpuBackend`: the C++ ops of kernels/csrc (norms, rotary + KV write, SwiGLU, decode attention
   reading KV blocks in place, argmax, token-by-token adapter deltas, the one-call decode stack),
   bf16/fp16 base weights packed once for oneDNN, each adapter's weights packed per slot; bf16
-  base weights also in the streaming layout of the C++ matrix-vector kernel (kernels/gemv.py),
-  which serves steps of up to gemv.GEMV_MAX_ROWS rows. Without a compiler (`native=False`,
-  named "torch") its ops are the reference's and the adapters take the packed torch forms.
+  base weights in the streaming layout of the C++ matrix-vector kernel (kernels/gemv.py) for
+  steps of up to gemv.GEMV_MAX_ROWS rows (every step: then no oneDNN copy). Without a compiler
+  (`native=False`, named "torch") its ops are the reference's and the adapters take the packed
+  torch forms.
 - `TritonBackend`: Triton kernels for the adapters, decode attention over the paged cache and
   the small fused ops (norms, rotary + KV write, SwiGLU); the reference's torch ops otherwise.
 
@@ -263,7 +264,12 @@ class CpuBackend(Backend):
         self.ops = torch.ops.peftserve_cpu if native else None
 
     def packs_weights(self, dtype: torch.dtype) -> bool:
-        return self.packed_weights and packed_linear.supported(dtype)
+        # No oneDNN copy where the matrix-vector kernel serves every step (gemv.GEMV_MAX_ROWS).
+        return (
+            self.packed_weights
+            and packed_linear.supported(dtype)
+            and self.gemv_max_rows(dtype) < gemv.EVERY_STEP
+        )
 
     def gemv_max_rows(self, dtype: torch.dtype) -> int:
         return self.gemv_rows if self.native and dtype == torch.bfloat16 else 0

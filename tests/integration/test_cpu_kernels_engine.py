@@ -153,9 +153,9 @@ def test_one_call_decode_stack_reuses_its_plan_only_while_the_slots_hold_the_sam
 
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_matrix_vector_kernel_gives_onednns_tokens(model, request):
-    """bf16 steps of up to gemv.GEMV_MAX_ROWS rows read the matrix-vector kernel's layout
-    (kernels/gemv.py), through the one-call stack and the Python layers alike; the greedy
-    tokens are those of oneDNN at every batch size (gemv_rows=0)."""
+    """bf16 steps of up to gemv.GEMV_MAX_ROWS rows (every step) read the matrix-vector
+    kernel's layout (kernels/gemv.py), through the one-call stack and the Python layers alike;
+    the greedy tokens are those of oneDNN at every batch size (gemv_rows=0)."""
     require_packing()
     assert cpu_ext.load(), cpu_ext.unavailable_reason()
     path = request.getfixturevalue(model)
@@ -163,8 +163,8 @@ def test_matrix_vector_kernel_gives_onednns_tokens(model, request):
     assert sum(len(t) for t in onednn.values()) > 100
     assert run(path, "bfloat16", CpuBackend(native=True)) == onednn
     assert run(path, "bfloat16", CpuBackend(native=True, decode_stack=False)) == onednn
-    # every step on the kernel, prefill chunks of up to 64 rows included
-    assert run(path, "bfloat16", CpuBackend(native=True, gemv_rows=64)) == onednn
+    # steps of up to 4 rows on the kernel, larger ones on oneDNN (both layouts held)
+    assert run(path, "bfloat16", CpuBackend(native=True, gemv_rows=4)) == onednn
 
 
 def test_the_cpu_backend_holds_the_matrix_vector_layout_in_bf16_only(tiny_llama_dir):
@@ -172,8 +172,10 @@ def test_the_cpu_backend_holds_the_matrix_vector_layout_in_bf16_only(tiny_llama_
     config, state = load_config(tiny_llama_dir), load_state_dict(tiny_llama_dir)
     model = LlamaModel(config, state, torch.bfloat16, CPU, CpuBackend(native=True))
     lin = model.layers[0].qkv
+    # one copy of each weight: the kernel serves every step (gemv.GEMV_MAX_ROWS)
     assert lin.gemv is not None and model.lm_head_gemv is not None and lin.weight is None
-    assert lin.matmul_weight(1) is lin.gemv
+    assert lin.packed is None and model.lm_head_packed is None
+    assert lin.matmul_weight(1) is lin.gemv and lin.matmul_weight(512) is lin.gemv
     dense = LlamaModel(config, state, torch.bfloat16, CPU, Backend())
     assert torch.equal(lin.dense_weight(), dense.layers[0].qkv.weight)
     assert torch.equal(model.lm_head_dense(), dense.lm_head_dense())

@@ -6,8 +6,9 @@
 Ops (torch.ops.peftserve_cpu.*): paged_decode_attention (decode attention reading KV blocks in
 place; every dtype), rms_norm, rotary_and_cache, silu_and_mul (the small per-layer work, half
 precision: fp32 keeps transformers' op sequence for parity), lora_rows and bottleneck_rows (a
-step's adapter deltas in half precision, token by token at each slot's exact rank) and
-decode_forward (a decode-only step's whole decoder stack in one call).
+step's adapter deltas in half precision, token by token at each slot's exact rank),
+decode_forward (a decode-only step's whole decoder stack in one call) and gemv_bf16 (bf16
+matrix-vector products from weights laid out for streaming, kernels/gemv.py).
 
 The build uses torch's extension builder (a C++ compiler and ninja) with -O3 -march=native into
 ~/.cache/peftserve/kernels/<key> (`PEFTSERVE_KERNEL_CACHE` replaces ~/.cache/peftserve), where

@@ -145,7 +145,8 @@ def matmul_floors(
     `batch` rows, then `extra` (e.g. the active adapters' matmuls), as floors for
     decode_step_vs_floor. "plain": F.linear on dense weights. "packed", where the model holds
     its weights packed for oneDNN (CPU half precision, kernels/packed_linear.py): the same pass
-    on those, the faster kernel the engine itself runs, so the stricter floor."""
+    on those, the faster kernel the engine itself runs, so the stricter floor; "gemv" likewise
+    where it holds them for the matrix-vector kernel (CPU bf16, kernels/gemv.py)."""
     from torch.nn import functional as F
 
     from peftserve.kernels import packed_linear
@@ -167,6 +168,19 @@ def matmul_floors(
             extra()
 
     floors = {"plain": plain}
+    if model.lm_head_gemv is not None:  # CPU bf16: the matrix-vector kernel's layout
+        from peftserve.kernels import gemv
+
+        streamed = [(lin.gemv, xin) for lin, xin in lins]
+        streamed.append((model.lm_head_gemv, x))
+
+        def gemv_pass() -> None:
+            for w, xin in streamed:
+                gemv.linear(xin, w, None)
+            if extra is not None:
+                extra()
+
+        floors["gemv"] = gemv_pass
     if model.lm_head_packed is not None:
         packed = [(lin.packed, xin) for lin, xin in lins]
         packed.append((model.lm_head_packed, x))

@@ -126,6 +126,9 @@ def bench_dtype(
         if "packed" in r["floor"]:  # the same pass on the packed weights the engine runs
             floor[str(b)]["packed_matmul_pass_ms"] = r["floor"]["packed"] * 1e3
             floor[str(b)]["step_over_packed_floor"] = r["ratio"]["packed"]
+        if "gemv" in r["floor"]:  # the same pass through the matrix-vector kernel (CPU bf16)
+            floor[str(b)]["gemv_matmul_pass_ms"] = r["floor"]["gemv"] * 1e3
+            floor[str(b)]["step_over_gemv_floor"] = r["ratio"]["gemv"]
     return {
         "dtype": name,
         "useful_tokens": tokens,

@@ -53,6 +53,10 @@ _SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--device", str, "auto | cpu | cuda[:N]"),
     ("--backend", str, "auto | cpp | torch | triton | reference: who computes the step (auto: "
                        "triton on CUDA, the C++ kernels on a CPU with a compiler, else torch)"),
+    ("--decode-step", str, "auto | static | classic: decode from persistent buffers with "
+                           "sampling on the device (static), or build each step anew (auto: "
+                           "static where CUDA graphs are captured)"),
+    ("--max-cuda-graph-batch", int, "the largest decode batch captured as a CUDA graph"),
     ("--host", str, "gRPC bind address"),
     ("--port", int, "gRPC port (0: any free port; the bound one is printed)"),
     ("--http-port", int, "OpenAI-compatible HTTP API port on --host (unset: off; 0: any free "
@@ -97,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
     values = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
               for flag, _, _ in _SERVE_FLAGS}
     values["admin_token_file"] = args.admin_token_file
+    values["cuda_graphs"] = args.cuda_graphs
     try:
         config = serve_config.build(values, args.config)
     except (ValueError, OSError) as e:
@@ -155,6 +160,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--admin-token-file", type=Path, default=None,
                        help="file holding the bearer token admin RPCs need (else "
                             "$PEFTSERVE_ADMIN_TOKEN; neither: admin RPCs are open)")
+    serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const",
+                       const=False, default=None,
+                       help="run static decode steps eagerly (no CUDA graphs captured)")
     serve.add_argument("--ray", action="store_true",
                        help="serve on Ray Serve: replicas per the [ray] table of --config "
                             "(needs pip install 'peftserve[ray]')")

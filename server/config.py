@@ -8,6 +8,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # layers/backend.py: who computes the step (auto: triton on CUDA, cpp on a CPU with a compiler,
 # else torch; reference: plain torch everywhere, the oracle)
 BACKENDS = ("auto", "cpp", "torch", "triton", "reference")
+# engine/static_step.py: "static" runs decode steps from persistent buffers and samples on the
+# device (captured as CUDA graphs where the backend does); "classic" builds each step's inputs
+# anew and samples on the host; auto: static where the backend captures graphs (CUDA)
+DECODE_STEPS = ("auto", "static", "classic")
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 where the CPU has native bf16 matmuls (or on CUDA), else fp32
     device: str = "auto"  # auto: cuda when available, else cpu
     backend: str = "auto"  # one of BACKENDS
+    decode_step: str = "auto"  # one of DECODE_STEPS
+    cuda_graphs: bool = True  # static decode steps captured per batch-size bucket at start-up
+    max_cuda_graph_batch: int = 64  # the largest captured batch; larger decode steps run eagerly
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30  # KV memory budget used when num_kv_blocks is None
@@ -42,6 +49,10 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(
+                f"decode_step must be one of {DECODE_STEPS}, got {self.decode_step!r}"
+            )
         for name in (
             "block_size",
             "max_num_seqs",
@@ -53,6 +64,7 @@ class EngineConfig:
             "max_lora_rank",
             "max_cpu_adapters",
             "max_virtual_tokens",
+            "max_cuda_graph_batch",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -17,13 +17,13 @@ from peftserve.adapters.slots import DeviceSlots
 from peftserve.config import EngineConfig
 from peftserve.engine.block_manager import BlockManager
 from peftserve.engine.inputs import InputProcessor
-from peftserve.engine.model_runner import ModelRunner
+from peftserve.engine.model_runner import ModelRunner, static_options
 from peftserve.engine.outputs import OutputProcessor
 from peftserve.engine.request import Request, RequestOutput
-from peftserve.engine.sampler import sample
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.scheduler import ScheduledBatch, Scheduler
 from peftserve.engine.sequence import FinishReason, Sequence
+from peftserve.engine.static_step import SampledTokens
 from peftserve.engine.stats import EngineInfo, EngineStats
 from peftserve.errors import InvalidRequest, Overloaded, shorten
 from peftserve.layers.backend import Backend, select_backend
@@ -59,7 +59,8 @@ class Engine:
             model.shape, config.max_loras, config.max_lora_rank, model.dtype, model.device,
             model.backend,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.slots)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.slots,
+                                  static_options(config, model, self.max_model_len))  # fmt: skip
         self.registry = AdapterRegistry(
             model.shape,
             AdapterLimits(config.max_lora_rank, config.max_virtual_tokens),
@@ -148,10 +149,10 @@ class Engine:
         self._last_batch = (len(batch), batch.num_tokens)
         if not len(batch):
             return failed
-        logits = self.runner.run(batch)
+        sampled = self.runner.execute(batch)
         self.scheduler.postprocess(batch)
         self.steps += 1
-        return failed + self._process_samples(batch, logits)
+        return failed + self._process_samples(batch, sampled)
 
     def _schedule(self) -> ScheduledBatch:
         """The scheduler's decision, then the device work it needs (adapter slots, prefix KV);
@@ -170,17 +171,13 @@ class Engine:
         assert out is not None
         return out
 
-    def _process_samples(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
+    def _process_samples(
+        self, batch: ScheduledBatch, sampled: SampledTokens
+    ) -> list[RequestOutput]:
         sampling = [item.seq for item in batch.items if item.seq.num_uncomputed == 0]
         if not sampling:
             return []
-        tokens, logprobs = sample(
-            logits,
-            [s.params for s in sampling],
-            [s.token_ids[s.num_virtual :] for s in sampling],
-            [s.generator for s in sampling],
-            self.model.backend,
-        )
+        tokens, logprobs = sampled.tokens, sampled.logprobs
         now = time.monotonic()
         outputs = []
         for i, seq in enumerate(sampling):

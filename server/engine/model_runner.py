@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from peftserve.adapters.slots import AdapterHook, DeviceSlots
+from peftserve.config import EngineConfig
+from peftserve.engine.cuda_graphs import DecodeGraphs, default_sizes
+from peftserve.engine.sampler import sample
 from peftserve.engine.scheduler import ScheduledBatch, ScheduledSeq
+from peftserve.engine.static_step import SampledTokens, StaticDecodeStep, StaticStepOptions
 from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata, PrefillChunk
 from peftserve.layers.linear import DeltaHook
 from peftserve.models.llama import LlamaModel, StepContext
 
+log = logging.getLogger(__name__)
+
+
+def static_options(
+    config: EngineConfig, model: LlamaModel, max_model_len: int
+) -> StaticStepOptions | None:
+    """The static decode step `config` asks for on `model`'s backend; None: the classic step."""
+    captures = model.backend.captures_graphs
+    if config.decode_step == "classic" or (config.decode_step == "auto" and not captures):
+        return None
+    graph_batch = min(config.max_cuda_graph_batch, config.max_num_seqs)
+    return StaticStepOptions(
+        max_rows=config.max_num_seqs,
+        max_blocks=-(-max_model_len // config.block_size),
+        engine_seed=config.seed,
+        graph_sizes=default_sizes(graph_batch) if captures and config.cuda_graphs else (),
+    )
+
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, num_blocks: int, block_size: int, slots: DeviceSlots | None = None
-    ) -> None:
+        self, model: LlamaModel, num_blocks: int, block_size: int, slots: DeviceSlots | None = None,
+        static: StaticStepOptions | None = None,
+    ) -> None:  # fmt: skip
+        """`static`: decode-only steps run the static decode step (static_step.py), and every
+        step samples on the device; None: inputs built per step, sampling on the host."""
         self.model = model
         self.slots = slots
         self.block_size = block_size
@@ -23,15 +50,29 @@ class ModelRunner:
         self.device = model.device
         # [layers, K/V, kv_heads, slots, head_dim]; slot = block * block_size + offset. Head-major:
         # decode attention gathers whole blocks and reads them in place (layers/attention.py).
+        # The static step's padding rows write their K/V to one more block, which the block
+        # manager (sized num_blocks) never hands out.
+        scratch = 1 if static is not None else 0
         self.kv_cache = torch.zeros(
             s.layers,
             2,
             s.kv_heads,
-            num_blocks * block_size,
+            (num_blocks + scratch) * block_size,
             s.head_dim,
             dtype=model.dtype,
             device=self.device,
         )
+        self.static: StaticDecodeStep | None = None
+        if static is not None:
+            self.static = StaticDecodeStep(
+                model, self.kv_cache, block_size, num_blocks, slots, static
+            )
+            if static.graph_sizes:
+                graphs = DecodeGraphs(self.static, static.graph_sizes)
+                seconds = graphs.capture()
+                log.info("captured CUDA graphs of the decode step for batch sizes %s in %.2fs",
+                         ",".join(map(str, static.graph_sizes)), seconds)  # fmt: skip
+                self.static.graphs = graphs
 
     @staticmethod
     def cache_bytes_per_block(model: LlamaModel, block_size: int) -> int:
@@ -155,6 +196,26 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, self.model.shape.vocab, device=self.device)
         return self.model.logits(h[torch.tensor(rows, device=self.device)])
+
+    def execute(self, batch: ScheduledBatch) -> SampledTokens:
+        """Runs one step and samples: a token for each item that samples, in `batch.items`
+        order (before the scheduler's postprocess)."""
+        seqs = [item.seq for item in batch.items if item.samples]
+        if self.static is not None and batch.decodes and not batch.prefills:
+            return self.static.decode(batch.decodes)
+        logits = self.run(batch)
+        if not seqs:
+            return SampledTokens([], None)
+        if self.static is not None:  # one sampler for every step: a seed's draws never change
+            return self.static.sample(logits, seqs)
+        tokens, logprobs = sample(
+            logits,
+            [s.params for s in seqs],
+            [s.token_ids[s.num_virtual :] for s in seqs],
+            [s.generator for s in seqs],
+            self.model.backend,
+        )
+        return SampledTokens(tokens, logprobs)
 
     # --- shared prefixes (PrefixWriter) -----------------------------------------------------
 

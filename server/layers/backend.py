@@ -43,6 +43,7 @@ from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
 from peftserve.kernels.cpu_packed import PackedBottleneck, PackedLora, bottleneck_delta_packed_cpu
 from peftserve.kernels.cpu_rows import bottleneck_delta_rows_cpu
 from peftserve.kernels.segment_meta import SegmentMeta
+from peftserve.kernels.token_slot import lowrank_delta_token_slot
 from peftserve.layers.attention import AttentionMetadata, decode_attention, write_kv
 from peftserve.layers.rotary import apply_rotary
 
@@ -56,6 +57,7 @@ class Backend:
     name = "reference"
     packs_adapters = False  # adapters' weights packed per slot beside the stacked buffers
     decode_stack = False  # a decode-only step's whole stack in one call (decode_forward)
+    captures_graphs = False  # the static decode step is captured as CUDA graphs
 
     def packs_weights(self, dtype: torch.dtype) -> bool:
         """True when base matmul weights of `dtype` are held packed (packed_linear)."""
@@ -142,6 +144,15 @@ class Backend:
         """A placement's bottleneck adapters from their packed weights (packs_adapters only)."""
         raise NotImplementedError(f"the {self.name} backend keeps no packed adapter weights")
 
+    def lowrank_delta_tokens(
+        self, y: Tensor, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor,
+        token_slot: Tensor, slice_sizes: tuple[int, ...], **bottleneck: Any,
+    ) -> None:  # fmt: skip
+        """y += each token's slot's delta, in place, the slot read from `token_slot` ([T],
+        -1 = none) on the device: no host metadata, static shapes (graph-safe). `bottleneck`
+        as in lowrank_delta. Here the gathering torch form (kernels/token_slot.py)."""
+        lowrank_delta_token_slot(y, x, A, B, rank, scale, token_slot, slice_sizes, **bottleneck)
+
     def decode_forward(self, *args: Any) -> torch.Tensor:
         """kernels/csrc/decode_forward_cpu.cpp's op (decode_stack only)."""
         raise NotImplementedError(f"the {self.name} backend has no one-call decode stack")
@@ -163,6 +174,7 @@ class TritonBackend(Backend):
     """
 
     name = "triton"
+    captures_graphs = True
 
     def __init__(self, rows_max_tokens: int = 128) -> None:
         self.rows_max_tokens = rows_max_tokens

@@ -1,0 +1,127 @@
+"""CUDA graphs of the static decode step, one per batch-size bucket, captured at start-up.
+
+Per bucket (rows padded up to it with the dummy sequence) there are three graphs over one shared
+memory pool: the forward (all layers and the LM head) without adapter deltas, the sampler for
+all-greedy rows (argmax + logprobs), and the sampler with draws and repetition penalties. The
+forward with adapter deltas is captured per bucket on first use, with a TokenSlotHook over the
+slot buffers allocated by then; the deltas read the per-token slot index from the step's buffer
+and the weights from the fixed slot buffers, so registering, loading or evicting an adapter
+never invalidates it. Only the first adapter to target a module not yet allocated (a new
+(layer, projection) buffer set, or a bottleneck activation not seen before) changes the
+buffers' layout; the adapter forwards are then captured again, once, and the time logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from peftserve.adapters.token_slot_hook import layout_key
+from peftserve.engine.static_step import StaticDecodeStep
+
+log = logging.getLogger(__name__)
+
+WARMUP_RUNS = 2  # eager runs before a capture: lazy initialisation, autotuning, allocator
+
+
+def default_sizes(max_batch: int) -> tuple[int, ...]:
+    """The buckets up to `max_batch`: 1, 2, 4, 8, then every 16 (and `max_batch` itself)."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_batch]
+    sizes += range(16, max_batch + 1, 16)
+    return tuple(sorted({*sizes, max_batch}))
+
+
+class DecodeGraphs:
+    def __init__(self, step: StaticDecodeStep, sizes: tuple[int, ...]) -> None:
+        if not sizes or min(sizes) < 1 or max(sizes) > step.options.max_rows:
+            raise ValueError(f"graph batch sizes must be in 1..{step.options.max_rows}: {sizes}")
+        self.step = step
+        self.sizes = tuple(sorted(sizes))
+        self.pool = torch.cuda.graph_pool_handle()
+        self.base: dict[int, torch.cuda.CUDAGraph] = {}
+        self.samplers: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.adapter: dict[int, torch.cuda.CUDAGraph] = {}
+        self._layout: tuple[int, int] | None = None
+        self.capture_seconds = 0.0
+        self.captures = 0
+
+    def bucket(self, n: int) -> int | None:
+        """The smallest bucket holding `n` rows; None past the largest (that step runs eagerly)."""
+        for size in self.sizes:
+            if size >= n:
+                return size
+        return None
+
+    def _capture(self, rows: int, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        step = self.step
+        step.buffers.pad(0, rows, step.options.max_blocks, step.scratch_slot, step.block_size)
+        step.buffers.upload()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA work (an adapter load) does not void the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            body()
+        torch.cuda.synchronize()
+        self.captures += 1
+        return graph
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Captures the base forward and both samplers of every bucket (largest first, so the
+        smaller ones reuse its pool memory). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        step, width = self.step, self.step.options.max_blocks
+        for rows in reversed(self.sizes):
+            self.base[rows] = self._capture(rows, lambda r=rows: step.forward(r, width, None))
+            for full in (False, True):
+                self.samplers[(rows, full)] = self._capture(
+                    rows, lambda r=rows, f=full: step.sample_rows(r, f, f)
+                )
+        seconds = time.perf_counter() - t0
+        self.capture_seconds += seconds
+        return seconds
+
+    def _adapter_graph(self, rows: int) -> torch.cuda.CUDAGraph:
+        step = self.step
+        assert step.slots is not None
+        layout = layout_key(step.slots)
+        if layout != self._layout:
+            if self.adapter:
+                log.info("adapter slot buffers grew to %s modules: recapturing the adapter "
+                         "decode graphs", layout)  # fmt: skip
+            self.adapter.clear()
+            self._layout = layout
+        graph = self.adapter.get(rows)
+        if graph is None:
+            t0 = time.perf_counter()
+            width = step.options.max_blocks
+            hook = step.hook(rows, None)
+            graph = self.adapter[rows] = self._capture(
+                rows, lambda: step.forward(rows, width, hook)
+            )
+            seconds = time.perf_counter() - t0
+            self.capture_seconds += seconds
+            log.info("captured the adapter decode graph of batch %d in %.3fs", rows, seconds)
+        return graph
+
+    def prepare(self, rows: int, adapters: bool) -> None:
+        """Captures what replay(rows, adapters, ...) needs, if missing; call it before the
+        step fills the buffers (a capture overwrites them)."""
+        if adapters:
+            self._adapter_graph(rows)
+
+    def replay(self, rows: int, adapters: bool, full: bool) -> None:
+        """The step over the buffers as filled and uploaded: the forward of bucket `rows`
+        (with adapter deltas when `adapters`; prepare() first), then its sampler (`full`:
+        draws and penalties; else all rows greedy)."""
+        forward = self.adapter[rows] if adapters else self.base[rows]
+        forward.replay()
+        self.samplers[(rows, full)].replay()

@@ -1,0 +1,214 @@
+"""The graph-safe decode step: the model and the sampler run from persistent buffers.
+
+    step = StaticDecodeStep(model, kv_cache, block_size, scratch_block, slots, options)
+    sampled = step.decode(batch.decodes)           # a decode-only step -> one token per row
+    sampled = step.sample(logits, sampling_seqs)   # any other step's logits, the same sampler
+
+A step writes its inputs into one pinned host buffer (step_buffers.py), copies it to the device
+once, runs the model and samples on the device without a host synchronization, and copies the
+sampled ids (and logprobs) back once. With graphs (cuda_graphs.py) the forward and the sampler
+are replayed per batch-size bucket, padded with a dummy sequence; without them the same code
+runs eagerly, unpadded, and on the CPU gives today's step bit for bit (same ops, same shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seqs
+from dataclasses import dataclass
+
+import torch
+
+from peftserve.adapters.slots import AdapterHook, DeviceSlots
+from peftserve.adapters.token_slot_hook import TokenSlotHook
+from peftserve.engine.device_sampler import SamplingColumns, request_seed, sample_on_device
+from peftserve.engine.scheduler import ScheduledSeq
+from peftserve.engine.sequence import Sequence
+from peftserve.engine.step_buffers import StepBuffers
+from peftserve.kernels import build_segment_meta
+from peftserve.layers.attention import AttentionMetadata
+from peftserve.layers.linear import DeltaHook
+from peftserve.models.llama import LlamaModel, StepContext
+
+
+@dataclass(frozen=True)
+class StaticStepOptions:
+    max_rows: int  # the most sequences a step samples for (max_num_seqs)
+    max_blocks: int  # KV blocks of the longest sequence (block-table width of a graph)
+    engine_seed: int = 0  # seeds the streams of requests without a seed
+    graph_sizes: tuple[int, ...] = ()  # batch-size buckets captured as CUDA graphs
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """One token per sampling sequence of the step, in the step's item order."""
+
+    tokens: list[int]
+    logprobs: list[float] | None  # None when no sequence asked for them
+
+
+class StaticDecodeStep:
+    def __init__(
+        self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, scratch_block: int,
+        slots: DeviceSlots | None, options: StaticStepOptions,
+    ) -> None:  # fmt: skip
+        self.model, self.kv_cache, self.slots = model, kv_cache, slots
+        self.block_size, self.options = block_size, options
+        self.scratch_slot = scratch_block * block_size
+        rows, dev, vocab = options.max_rows, model.device, model.shape.vocab
+        self.buffers = StepBuffers(rows, options.max_blocks, dev, pin=model.backend.captures_graphs)
+        # Static outputs: a captured forward writes the logits here, a captured sampler reads
+        # them and writes [token, logprob bits] per row.
+        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=dev)
+        self.out = torch.zeros(2, rows, dtype=torch.int32, device=dev)
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)  # penalty histories
+        self.ctx_positions = torch.arange(options.max_blocks * block_size, device=dev)
+        # Adapter deltas by per-token slot (graph-safe) rather than by host-built segments
+        # (today's ops, bit-equal on the CPU). On with graphs; tests turn it on on the CPU.
+        self.token_slot_deltas = bool(options.graph_sizes)
+        self.graphs = None  # cuda_graphs.DecodeGraphs once captured
+
+    # --- host side: fill the buffers -------------------------------------------------------
+
+    def _fill_sampling(self, seqs: Seqs[Sequence]) -> tuple[bool, bool]:
+        """Rows 0..len(seqs)-1's sampling fields -> (any row draws, any row has a penalty)."""
+        n = self.buffers.np
+        sampled = penalty = False
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            n["temperature"][i] = p.temperature
+            n["top_k"][i] = p.top_k
+            n["top_p"][i] = p.top_p
+            n["penalty"][i] = p.repetition_penalty
+            n["seed"][i] = request_seed(p.seed, self.options.engine_seed, seq.seq_id)
+            n["counter"][i] = len(seq.token_ids)
+            sampled |= p.temperature > 0
+            penalty |= p.repetition_penalty != 1.0
+        return sampled, penalty
+
+    def _fill_decode(self, decodes: Seqs[ScheduledSeq], width: int) -> None:
+        n, bs = self.buffers.np, self.block_size
+        tables = self.buffers.host_block_tables(len(decodes), width)
+        tables[:] = 0
+        for i, d in enumerate(decodes):
+            seq = d.seq
+            pos = seq.num_computed_tokens
+            n["input_ids"][i] = seq.token_ids[pos]
+            n["positions"][i] = pos
+            n["slot_mapping"][i] = seq.block_table[pos // bs] * bs + pos % bs
+            n["context_lens"][i] = pos + 1
+            n["token_slot"][i] = seq.slot
+            blocks = seq.block_table[:width]
+            tables[i, : len(blocks)] = blocks
+
+    def _load_histories(self, seqs: Seqs[Sequence]) -> None:
+        """The penalty rows' histories into `seen` (a second copy, only when a row asks)."""
+        rows: list[int] = []
+        ids: list[int] = []
+        for i, seq in enumerate(seqs):
+            if seq.params.repetition_penalty != 1.0:
+                hist = seq.token_ids[seq.num_virtual :]
+                rows += [i] * len(hist)
+                ids += hist
+        index = torch.tensor([rows, ids], dtype=torch.long).to(self.seen.device)
+        self.seen[: len(seqs)].zero_()
+        self.seen[index[0], index[1]] = True
+
+    def _results(self, seqs: Seqs[Sequence]) -> SampledTokens:
+        host = self.out[:, : len(seqs)].cpu()  # the step's one device->host copy
+        logprobs = None
+        if any(s.params.logprobs for s in seqs):
+            logprobs = host[1].view(torch.float32).tolist()
+        return SampledTokens(host[0].tolist(), logprobs)
+
+    # --- device side: what a graph captures --------------------------------------------------
+
+    def forward(self, rows: int, width: int, hook: DeltaHook | None) -> None:
+        """The model over rows 0..rows-1 of the buffers -> self.logits[:rows]. No host sync."""
+        d, model = self.buffers.dev, self.model
+        lens = d["context_lens"][:rows]
+        mask = self.ctx_positions[: width * self.block_size][None, :] < lens[:, None]
+        meta = AttentionMetadata(
+            slot_mapping=d["slot_mapping"][:rows],
+            num_decodes=rows,
+            block_size=self.block_size,
+            decode_blocks=self.buffers.block_tables(rows, width),
+            decode_mask=mask[:, None, None, None, :],
+            decode_lens=lens,
+            prefills=(),
+        )
+        cos, sin = model.rotary.cos_sin(d["positions"][:rows], model.dtype)
+        h = model(model.embed_tokens(d["input_ids"][:rows]), self.kv_cache,
+                  StepContext(attn=meta, cos=cos, sin=sin, hook=hook))  # fmt: skip
+        self.logits[:rows].copy_(model.logits(h))
+
+    def sample_rows(self, rows: int, draws: bool, penalty: bool) -> None:
+        """Samples rows 0..rows-1 of self.logits -> self.out[:, :rows]. No host sync."""
+        d = self.buffers.dev
+        cols = SamplingColumns(
+            temperature=d["temperature"][:rows], top_k=d["top_k"][:rows], top_p=d["top_p"][:rows],
+            penalty=d["penalty"][:rows], seed=d["seed"][:rows], counter=d["counter"][:rows],
+        )  # fmt: skip
+        seen = self.seen[:rows] if penalty else None
+        token, logprob = sample_on_device(self.logits[:rows], cols, seen, draws)
+        self.out[0, :rows].copy_(token)
+        self.out[1, :rows].copy_(logprob.view(torch.int32))
+
+    def hook(self, rows: int, seqs: Seqs[Sequence] | None) -> DeltaHook | None:
+        """The step's adapter deltas. `seqs`: the rows' sequences, or None for a captured
+        step (its hook covers every allocated slot buffer, whatever the rows hold)."""
+        slots = self.slots
+        if slots is None:
+            return None
+        token_slot = self.buffers.dev["token_slot"][:rows]
+        if seqs is None or self.token_slot_deltas:
+            if seqs is not None and all(s.slot < 0 for s in seqs):
+                return None
+            return TokenSlotHook(slots, token_slot)
+        if all(s.slot < 0 for s in seqs):
+            return None
+        acts = {slots.slot_activation.get(s.slot) for s in seqs}
+        meta = build_segment_meta(token_slot.to(torch.int32))
+        return AdapterHook(slots, meta, tuple(sorted(a for a in acts if a)))
+
+    # --- a step --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, decodes: Seqs[ScheduledSeq]) -> SampledTokens:
+        """A decode-only step: one new token for each of `decodes` (1 <= len <= max_rows)."""
+        seqs = [d.seq for d in decodes]
+        n = len(seqs)
+        graphs = self.graphs
+        rows = graphs.bucket(n) if graphs is not None else None
+        adapters = any(s.slot >= 0 for s in seqs)
+        if graphs is not None and rows is not None:
+            graphs.prepare(rows, adapters)  # a capture (rare) fills the buffers itself: first
+        draws, penalty = self._fill_sampling(seqs)
+        if rows is None:  # eager: unpadded, the block tables as wide as this batch needs
+            ctx = max(s.num_computed_tokens + 1 for s in seqs)
+            width = -(-ctx // self.block_size)
+            self._fill_decode(decodes, width)
+        else:
+            width = self.options.max_blocks
+            self._fill_decode(decodes, width)
+            self.buffers.pad(n, rows, width, self.scratch_slot, self.block_size)
+        self.buffers.upload()
+        if penalty:
+            self._load_histories(seqs)
+        if graphs is None or rows is None:
+            self.forward(n, width, self.hook(n, seqs))
+            self.sample_rows(n, draws, penalty)
+        else:
+            graphs.replay(rows, adapters, full=draws or penalty)
+        return self._results(seqs)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: Seqs[Sequence]) -> SampledTokens:
+        """The sampler over another step's logits ([len(seqs), vocab] fp32), eagerly."""
+        n = len(seqs)
+        draws, penalty = self._fill_sampling(seqs)
+        self.buffers.upload()
+        if penalty:
+            self._load_histories(seqs)
+        self.logits[:n].copy_(logits)
+        self.sample_rows(n, draws, penalty)
+        return self._results(seqs)

@@ -1,0 +1,83 @@
+"""Persistent input buffers of the static decode step: one pinned host buffer, one device buffer
+of the same layout, and one host->device copy per step.
+
+Every field is a fixed view of the device buffer, so a CUDA graph captured over a step reads the
+step's new inputs where it read them at capture. A step of `rows` rows uses the first `rows`
+entries of each field; rows past the step's sequences are padding (a dummy sequence of one
+token whose K/V goes to a scratch block, see `pad`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# int64 fields, [rows] each
+INT_FIELDS = (
+    "input_ids",  # the token each row feeds
+    "positions",  # its position
+    "slot_mapping",  # flat KV-cache slot its K/V is written to
+    "context_lens",  # its context length, itself included
+    "token_slot",  # its adapter slot, -1 = none
+    "top_k",  # 0 = off
+    "seed",  # its sampling stream (device_sampler.uniform)
+    "counter",  # index of the token it samples
+)
+# float32 fields, [rows] each
+FLOAT_FIELDS = ("temperature", "top_p", "penalty")
+
+
+class StepBuffers:
+    def __init__(self, rows: int, max_blocks: int, device: torch.device, pin: bool) -> None:
+        """rows: the most rows a step has; max_blocks: block-table width (blocks per
+        sequence at the longest context); pin: page-locked host memory (an asynchronous
+        copy to a GPU)."""
+        self.rows, self.max_blocks = rows, max_blocks
+        n_int = len(INT_FIELDS) * rows + rows * max_blocks
+        n_float = len(FLOAT_FIELDS) * rows
+        nbytes = 8 * n_int + 4 * n_float
+        self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._host = self._views(self.host, n_int)
+        self.np = {k: v.numpy() for k, v in self._host.items()}  # the host views, to fill
+        self.dev = self._views(self.device, n_int)  # the device views the step reads
+
+    def _views(self, raw: torch.Tensor, n_int: int) -> dict[str, torch.Tensor]:
+        ints = raw[: 8 * n_int].view(torch.int64)
+        floats = raw[8 * n_int :].view(torch.float32)
+        r = self.rows
+        out = {name: ints[i * r : (i + 1) * r] for i, name in enumerate(INT_FIELDS)}
+        out["block_tables"] = ints[len(INT_FIELDS) * r :]  # [rows * max_blocks], flat
+        out.update({name: floats[i * r : (i + 1) * r] for i, name in enumerate(FLOAT_FIELDS)})
+        return out
+
+    def block_tables(self, rows: int, width: int) -> torch.Tensor:
+        """The device block tables of a step filled with `width` blocks a row: [rows, width]
+        (contiguous: the rows are packed at that width)."""
+        return self.dev["block_tables"][: rows * width].view(rows, width)
+
+    def host_block_tables(self, rows: int, width: int) -> np.ndarray:
+        return self.np["block_tables"][: rows * width].reshape(rows, width)
+
+    def pad(self, start: int, rows: int, width: int, scratch_slot: int, block_size: int) -> None:
+        """Rows start..rows-1 as the dummy sequence: one token at position 0, written to the
+        scratch block's first slot, no adapter, greedy."""
+        if start >= rows:
+            return
+        n = self.np
+        for name in ("input_ids", "positions", "top_k", "seed", "counter"):
+            n[name][start:rows] = 0
+        n["slot_mapping"][start:rows] = scratch_slot
+        n["context_lens"][start:rows] = 1
+        n["token_slot"][start:rows] = -1
+        n["temperature"][start:rows] = 0.0
+        n["top_p"][start:rows] = 1.0
+        n["penalty"][start:rows] = 1.0
+        tables = self.host_block_tables(rows, width)
+        tables[start:rows] = 0
+        tables[start:rows, 0] = scratch_slot // block_size
+
+    def upload(self) -> None:
+        """The one host->device copy of the step (asynchronous from pinned memory: the host
+        buffer is only rewritten after the step's results came back, which orders the two)."""
+        self.device.copy_(self.host, non_blocking=self.host.is_pinned())

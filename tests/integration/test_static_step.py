@@ -1,0 +1,167 @@
+"""The static decode step (engine/static_step.py) against the classic one, on the CPU.
+
+Eagerly and unpadded it runs today's ops on today's shapes: in fp32 the same greedy tokens and
+the same logprobs bit for bit, with every adapter kind in the batch. In the form a CUDA graph
+captures (rows padded to a bucket with the dummy sequence, block tables at full width, adapter
+deltas by per-token slot index), run here eagerly, the greedy tokens are still the same. Sampled
+tokens follow the request's seed, whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from peftserve.config import EngineConfig
+from peftserve.engine.cuda_graphs import default_sizes
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request
+from peftserve.engine.sampling_params import SamplingParams
+from peftserve.engine.static_step import StaticDecodeStep
+from tests import adapters as A
+
+KINDS = (None, "lora", "lora-qv", "bottleneck", "pfeiffer", "prefix", "prompt", "template")
+WORDS = "the quick brown fox jumps over the lazy dog low rank adapters share a batch".split()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("static-step")
+    return {
+        "lora": A.make_lora(tiny_llama_dir, root / "lora", r=8, seed=1, targets=A.ALL_LINEAR),
+        "lora-qv": A.make_lora(tiny_llama_dir, root / "qv", r=4, seed=5,
+                               targets=["q_proj", "v_proj"]),
+        "bottleneck": A.make_bottleneck(tiny_llama_dir, root / "bottleneck", "houlsby", seed=2),
+        "pfeiffer": A.make_bottleneck(tiny_llama_dir, root / "pfeiffer", "pfeiffer", seed=6),
+        "prefix": A.make_prefix_tuning(tiny_llama_dir, root / "prefix", virtual=5, seed=3),
+        "prompt": A.make_prompt_tuning(tiny_llama_dir, root / "prompt", virtual=3, seed=4),
+        "template": A.make_template(root / "template", system="Be brief.",
+                                    few_shot=[{"user": "hi", "assistant": "hello"}]),
+    }  # fmt: skip
+
+
+class EagerBuckets:
+    """Stands in for cuda_graphs.DecodeGraphs on the CPU: the bodies it captures, on rows
+    padded to the same buckets, run eagerly at each replay."""
+
+    def __init__(self, step: StaticDecodeStep, max_batch: int) -> None:
+        self.step, self.sizes = step, default_sizes(max_batch)
+        self.replays = 0
+
+    def bucket(self, n: int) -> int | None:
+        return next((s for s in self.sizes if s >= n), None)
+
+    def prepare(self, rows: int, adapters: bool) -> None:
+        pass
+
+    def replay(self, rows: int, adapters: bool, full: bool) -> None:
+        step = self.step
+        hook = step.hook(rows, None) if adapters else None
+        step.forward(rows, step.options.max_blocks, hook)
+        step.sample_rows(rows, full, full)
+        self.replays += 1
+
+
+def engine_for(model_dir, dirs, decode_step: str, max_loras: int = 8) -> Engine:
+    engine = Engine.from_config(EngineConfig(
+        model=str(model_dir), device="cpu", dtype="float32", num_kv_blocks=512, block_size=4,
+        max_loras=max_loras, max_num_seqs=16, max_num_batched_tokens=512, max_model_len=128,
+        decode_step=decode_step))  # fmt: skip
+    for name, path in dirs.items():
+        engine.adapters.register(name, path)
+    return engine
+
+
+def graph_form(engine: Engine) -> EagerBuckets:
+    step = engine.runner.static
+    assert step is not None
+    step.token_slot_deltas = True
+    step.graphs = buckets = EagerBuckets(step, 12)  # 1, 2, 4, 8, 12: most steps padded
+    return buckets
+
+
+def requests(n: int, params: SamplingParams, tag: str = "") -> list[Request]:
+    out = []
+    for i in range(n):
+        prompt = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(2 + 3 * (i % 4)))
+        out.append(Request(f"{tag}{i}", prompt=prompt, adapter=KINDS[i % len(KINDS)],
+                           params=params))  # fmt: skip
+    return out
+
+
+def run(engine: Engine, reqs: list[Request]) -> dict[str, tuple[list[int], list[float]]]:
+    got = engine.generate(reqs)
+    return {
+        rid: ([t for o in outs for t in o.token_ids], [p for o in outs for p in (o.logprobs or [])])
+        for rid, outs in got.items()
+    }
+
+
+GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=True)
+PENALIZED = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=True,
+                           repetition_penalty=1.5)  # fmt: skip
+
+
+@pytest.mark.parametrize("params", [GREEDY, PENALIZED], ids=["greedy", "penalty"])
+def test_static_step_equals_the_classic_step_bit_for_bit(tiny_llama_dir, adapter_dirs, params):
+    reqs = requests(12, params)  # every kind, some arriving as others decode
+    classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic"), reqs)
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
+    assert engine.runner.static is not None and engine.runner.static.graphs is None
+    assert run(engine, reqs) == classic
+
+
+def test_the_captured_form_gives_the_classic_greedy_tokens(tiny_llama_dir, adapter_dirs):
+    # 16 rows > the largest bucket (12) run unpadded; as requests finish, 12, 9 (padded to
+    # 12), 6 (to 8) and 3 (to 4) rows replay the buckets.
+    reqs = [replace(r, params=replace(GREEDY, max_new_tokens=3 + i % 5))
+            for i, r in enumerate(requests(16, GREEDY))]  # fmt: skip
+    classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic"), reqs)
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
+    buckets = graph_form(engine)
+    got = run(engine, reqs)
+    assert buckets.replays > 0
+    for rid, (tokens, logprobs) in classic.items():
+        assert got[rid][0] == tokens, rid
+        assert got[rid][1] == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_slot_reuse_after_eviction_keeps_the_buffers_and_the_tokens(tiny_llama_dir, adapter_dirs):
+    # Two slots, three slot adapters: each wave evicts one and loads another into its slot.
+    waves = [["lora", "bottleneck"], ["lora-qv", "bottleneck"], ["lora", "pfeiffer"]]
+    classic = engine_for(tiny_llama_dir, adapter_dirs, "classic", max_loras=2)
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static", max_loras=2)
+    graph_form(engine)
+    buffers: dict = {}
+    for w, names in enumerate(waves):
+        reqs = [Request(f"w{w}-{i}", prompt=" ".join(WORDS[i : i + 4]), adapter=names[i % 2],
+                        params=GREEDY) for i in range(5)]  # fmt: skip
+        want, got = run(classic, reqs), run(engine, reqs)
+        assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+        slots = engine.slots
+        for key, mod in (*slots.lora.items(), *slots.bottleneck.items()):
+            ptrs = (mod.A.data_ptr(), mod.B.data_ptr(), mod.rank.data_ptr(), mod.scale.data_ptr())
+            assert buffers.setdefault(key, ptrs) == ptrs, key  # written in place, never moved
+    assert engine.adapters.evictions > 0
+
+
+SAMPLED = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.9, top_k=40,
+                         top_p=0.95, seed=1234)  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["eager", "captured"])
+def test_a_seed_gives_the_same_tokens_alone_and_in_any_batch(tiny_llama_dir, adapter_dirs, form):
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
+    if form == "captured":
+        graph_form(engine)
+    probe = Request("probe", prompt="the lazy dog jumps", adapter="lora", params=SAMPLED)
+    alone = run(engine, [probe])["probe"][0]
+    assert run(engine, [probe])["probe"][0] == alone  # repeatable
+    others = requests(9, SamplingParams(max_new_tokens=5, ignore_eos=True, temperature=1.2,
+                                        seed=7), tag="o")  # fmt: skip
+    mixed = run(engine, [others[0], others[1], probe, *others[2:]])
+    assert mixed["probe"][0] == alone
+    other_seed = Request("probe", prompt="the lazy dog jumps", adapter="lora",
+                         params=replace(SAMPLED, seed=99))
+    assert run(engine, [other_seed])["probe"][0] != alone

@@ -12,8 +12,9 @@
 # 2. the engine's oracle tests on the GPU (PEFTSERVE_TEST_DEVICE=cuda): logits vs transformers and
 #    PEFT, bottlenecks vs the injected reference, every kind in one batch vs alone, preemption;
 #    LoRA and bottleneck deltas go through the Triton kernels;
-# 3. bench/gpu_engine.py: the engine vs transformers / PEFT at SmolLM2's shape (MODEL_DIR; random
-#    weights are written there when it has none);
+# 3. bench/gpu_engine.py: the engine (static decode step, CUDA graphs) vs transformers / PEFT at
+#    SmolLM2's shape and at Llama-3.1-8B's, random bf16 weights generated on the GPU under
+#    /dev/shm (bench/random_weights.py; MODEL_DIR gives SmolLM2's tokenizer);
 # 4. bench/kernels.py on CUDA;
 # 5. bench/decode_kernels.py: the Triton paged decode attention vs gather + SDPA and the
 #    one-launch LoRA kernels vs the segment ones, SmolLM2 and Llama-3.1-8B shapes, batch 1-64.
@@ -75,11 +76,17 @@ step kernel_tests "${T_KERNEL_TESTS:-150}" "$PY" -m pytest tests/kernels "${pyte
 step engine_cuda_tests "${T_ENGINE_TESTS:-150}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
   tests/integration/test_parity.py tests/integration/test_adapter_parity.py \
   tests/integration/test_adapter_batching.py tests/integration/test_batching.py \
-  tests/integration/test_engine_requests.py "${pytest_args[@]}"
+  tests/integration/test_engine_requests.py tests/integration/test_cuda_graphs.py \
+  "${pytest_args[@]}"
 if [ -n "${MODEL_DIR:-}" ]; then
   # ENGINE_BENCH_ARGS, e.g. "--sections cold": other sections of gpu_engine.py
   step engine_bench "${T_ENGINE_BENCH:-150}" "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" \
-    --out "$OUT/gpu_engine.json" ${ENGINE_BENCH_ARGS:-}
+    --shape smollm2 --out "$OUT/gpu_engine.json" ${ENGINE_BENCH_ARGS:-}
+  # Llama-3.1-8B's shape: random bf16 weights written on the GPU under /dev/shm (removed after)
+  step engine_bench_8b "${T_ENGINE_BENCH_8B:-300}" "$PY" -m bench.gpu_engine \
+    --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections throughput,floor,adapters \
+    --out "$OUT/gpu_engine_8b.json" ${ENGINE_BENCH_8B_ARGS:-}
+  rm -rf /dev/shm/peftserve-llama-3.1-8b /dev/shm/peftserve-smollm2
 fi
 step kernels_bench "${T_KERNEL_BENCH:-90}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
 step decode_kernels_bench "${T_DECODE_KERNELS:-100}" "$PY" bench/decode_kernels.py \

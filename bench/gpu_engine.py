@@ -1,16 +1,20 @@
 """The engine on a CUDA GPU at SmolLM2-135M's shape, against transformers and PEFT in the same run.
 
-    python -m bench.gpu_engine --model-dir DIR [--out PATH]
+    python -m bench.gpu_engine --model-dir DIR [--shape smollm2|llama-3.1-8b] [--out PATH]
 
-DIR holds SmolLM2-135M-Instruct's config and tokenizer. When it has no weights, random ones are
-written there (seeded): the real weights (a 98 MB GGUF) cannot travel to the GPU machine, and
-with EOS ignored every configuration produces exactly the planned tokens, so throughput does not
-depend on the weights' values. Everything bf16 on one GPU, greedy, TF32 irrelevant (bf16).
+DIR holds SmolLM2-135M-Instruct's config and tokenizer. With --shape, a model of that shape with
+seeded random bf16 weights generated on the GPU is written under /dev/shm (bench.random_weights,
+SmolLM2's tokenizer) and served; without it, random weights are written into DIR when it has
+none: the real weights cannot travel to the GPU machine, and with EOS ignored every
+configuration produces exactly the planned tokens, so throughput does not depend on the
+weights' values. Everything bf16 on one GPU, greedy, TF32 irrelevant (bf16). The engine runs
+the static decode step with CUDA graphs (its default on CUDA); capture time is reported.
 
 Sections, each on the same 32 requests as bench.engine_throughput / bench.multi_adapter
 (bench.common.workload(): chat prompts, outputs 16..128 tokens, seed 0):
   throughput   ours vs transformers `generate` (one left-padded batch of 32; batches of 8)
-  decode step  ours at batch 1/8/32 vs one plain matmul pass over the same weights (the floor)
+  decode step  ours at batch 1/8/32/64 vs one plain matmul pass over the same weights (the
+               floor), with the CUDA graphs and with the same static step run eagerly
   adapters     base; 32 distinct LoRAs on q,v (ranks 8/16); 32 distinct all-linear LoRAs (ranks
                8/16/32/64), through the Triton kernels; PEFT generate(adapter_names=...) with
                the q,v adapters
@@ -43,6 +47,7 @@ from bench.multi_adapter import (
     make_requests,
     write_lora,
 )
+from bench.random_weights import SHAPES, write_model
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
@@ -119,11 +124,20 @@ def main() -> None:
     )
     ap.add_argument("--configs", default="base,lora-qv,lora-heavy", help="adapters section")
     ap.add_argument("--out", default="bench/results/gpu_engine.json")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="serve random weights of this shape (written under /dev/shm)")
+    ap.add_argument("--max-model-len", type=int, default=2048)
     args = ap.parse_args()
     global DEV
     DEV = args.device
     model_dir = Path(args.model_dir)
-    weights = ensure_weights(model_dir)
+    if args.shape:
+        shm = Path("/dev/shm") / f"peftserve-{args.shape}"
+        weights = write_model(args.shape, model_dir, shm, device=DEV)
+        model_dir = Path(weights["dir"])
+        print("weights", json.dumps(weights), flush=True)
+    else:
+        weights = ensure_weights(model_dir)
     dtype = getattr(torch, args.dtype)
     tok = AutoTokenizer.from_pretrained(model_dir)
     work = workload()
@@ -133,6 +147,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if DEV.startswith("cuda") else None
     out: dict = {
         "environment": {**environment(), "gpu": gpu},
+        "shape": args.shape or "smollm2",
         "weights": weights,
         "dtype": args.dtype,
         "requests": len(work),
@@ -143,6 +158,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
+    t0 = time.perf_counter()
     engine = Engine.from_config(
         EngineConfig(
             model=str(model_dir),
@@ -152,8 +168,15 @@ def main() -> None:
             max_loras=64,
             max_lora_rank=64,
             kv_cache_bytes=4 << 30,
+            max_model_len=args.max_model_len,
         )
     )
+    graphs = engine.runner.static.graphs if engine.runner.static is not None else None
+    out["engine_start_s"] = time.perf_counter() - t0  # load + CUDA graph capture
+    out["cuda_graph_capture_s"] = graphs.capture_seconds if graphs is not None else None
+    out["cuda_graph_batch_sizes"] = list(graphs.sizes) if graphs is not None else []
+    print("engine start", out["engine_start_s"], "graph capture", out["cuda_graph_capture_s"],
+          flush=True)  # fmt: skip
     base = make_requests(work, prompts, lengths, [None] * len(work))
     sections = set(args.sections.split(","))
     out["sections"] = sorted(sections)
@@ -205,13 +228,24 @@ def throughput(engine, hf, pad, base, prompts, lengths, out) -> None:
 
 def decode_floor(engine, base) -> dict:
     floor = {}
-    for b in (1, 8, 32):
+    static = engine.runner.static
+    graphs = static.graphs if static is not None else None
+    for b in (1, 8, 32, 64):
         step, mm = decode_step(engine, base, b), matmul_pass(engine, b, sync)
         floor[str(b)] = {
             "decode_step_ms": step * 1e3,
             "matmul_pass_ms": mm * 1e3,
             "step_over_floor": step / mm,
+            "cuda_graphs": graphs is not None,
         }
+        if graphs is not None:  # the same static step, its graphs set aside: run eagerly
+            static.graphs = None
+            try:
+                eager = decode_step(engine, base, b)
+            finally:
+                static.graphs = graphs
+            floor[str(b)] |= {"eager_decode_step_ms": eager * 1e3,
+                              "eager_step_over_floor": eager / mm}  # fmt: skip
     print(json.dumps(floor, indent=1), flush=True)
     return floor
 

@@ -47,6 +47,7 @@ class DecodeGraphs:
         self._layout: tuple[int, int] | None = None
         self.capture_seconds = 0.0
         self.captures = 0
+        self.replays = 0
 
     def bucket(self, n: int) -> int | None:
         """The smallest bucket holding `n` rows; None past the largest (that step runs eagerly)."""
@@ -125,3 +126,4 @@ class DecodeGraphs:
         forward = self.adapter[rows] if adapters else self.base[rows]
         forward.replay()
         self.samplers[(rows, full)].replay()
+        self.replays += 1

@@ -63,8 +63,9 @@ class StaticDecodeStep:
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)  # penalty histories
         self.ctx_positions = torch.arange(options.max_blocks * block_size, device=dev)
         # Adapter deltas by per-token slot (graph-safe) rather than by host-built segments
-        # (today's ops, bit-equal on the CPU). On with graphs; tests turn it on on the CPU.
-        self.token_slot_deltas = bool(options.graph_sizes)
+        # (today's ops, bit-equal on the CPU). On where graphs are captured, also when they
+        # are turned off (the same ops either way); tests turn it on on the CPU.
+        self.token_slot_deltas = model.backend.captures_graphs
         self.graphs = None  # cuda_graphs.DecodeGraphs once captured
 
     # --- host side: fill the buffers -------------------------------------------------------

@@ -1,0 +1,100 @@
+"""CUDA graphs of the static decode step (engine/cuda_graphs.py): replayed, they give the tokens
+the same step gives eagerly, for any mix of adapters, also after an adapter is evicted and
+another loaded into its slot (whose buffers never move); greedy tokens equal the classic step's.
+Run by bench/gpu.sh; on the CPU the same step runs eagerly in test_static_step.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request
+from peftserve.engine.sampling_params import SamplingParams
+from tests import adapters as A
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="CUDA graphs need a CUDA device (the CPU runs the same step "
+                              "eagerly: tests/integration/test_static_step.py)"),
+]  # fmt: skip
+
+WORDS = "the quick brown fox jumps over the lazy dog low rank adapters share a batch".split()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    return {
+        "lora": A.make_lora(tiny_llama_dir, root / "lora", r=8, seed=1, targets=A.ALL_LINEAR),
+        "lora-qv": A.make_lora(tiny_llama_dir, root / "qv", r=4, seed=5,
+                               targets=["q_proj", "v_proj"]),
+        "bottleneck": A.make_bottleneck(tiny_llama_dir, root / "bottleneck", "houlsby", seed=2),
+        "prefix": A.make_prefix_tuning(tiny_llama_dir, root / "prefix", virtual=5, seed=3),
+        "prompt": A.make_prompt_tuning(tiny_llama_dir, root / "prompt", virtual=3, seed=4),
+    }  # fmt: skip
+
+
+def engine_for(model_dir, dirs, **kw) -> Engine:
+    engine = Engine.from_config(EngineConfig(
+        model=str(model_dir), device="cuda", dtype="float32", num_kv_blocks=512, block_size=4,
+        max_loras=2, max_num_seqs=16, max_num_batched_tokens=512, max_model_len=128,
+        max_cuda_graph_batch=8, **kw))  # fmt: skip
+    for name, path in dirs.items():
+        engine.adapters.register(name, path)
+    return engine
+
+
+def waves() -> list[list[Request]]:
+    """Batches whose adapter mix changes; with 2 slots, each wave evicts and reloads."""
+    mixes = [[None, "lora", "prefix"], ["lora-qv", "bottleneck", "prompt"], ["lora", None],
+             ["bottleneck", "lora-qv", "lora"]]  # fmt: skip
+    out = []
+    for w, mix in enumerate(mixes):
+        reqs = []
+        for i in range(7):
+            seeded = i % 3 == 2
+            params = SamplingParams(max_new_tokens=4 + i % 4, ignore_eos=True, logprobs=True,
+                                    temperature=0.8 if seeded else 0.0, top_k=20 if seeded else 0,
+                                    seed=100 + i if seeded else None)  # fmt: skip
+            prompt = " ".join(WORDS[(w + i + j) % len(WORDS)] for j in range(3 + i))
+            reqs.append(Request(f"w{w}-{i}", prompt=prompt, adapter=mix[i % len(mix)],
+                                params=params))  # fmt: skip
+        out.append(reqs)
+    return out
+
+
+def run(engine: Engine, reqs: list[Request]) -> dict[str, tuple[list[int], list[float]]]:
+    got = engine.generate(reqs)
+    return {
+        rid: ([t for o in outs for t in o.token_ids], [p for o in outs for p in (o.logprobs or [])])
+        for rid, outs in got.items()
+    }
+
+
+def test_graph_replay_gives_the_eager_tokens(tiny_llama_dir, adapter_dirs):
+    graphs = engine_for(tiny_llama_dir, adapter_dirs)
+    eager = engine_for(tiny_llama_dir, adapter_dirs, cuda_graphs=False)
+    classic = engine_for(tiny_llama_dir, adapter_dirs, decode_step="classic")
+    step = graphs.runner.static
+    assert step is not None and step.graphs is not None and step.graphs.captures > 0
+    assert eager.runner.static is not None and eager.runner.static.graphs is None
+    pointers: dict = {}
+    for reqs in waves():
+        want, got = run(eager, reqs), run(graphs, reqs)
+        assert got.keys() == want.keys()
+        for rid in want:
+            assert got[rid][0] == want[rid][0], rid
+            assert got[rid][1] == pytest.approx(want[rid][1], abs=1e-4)
+        base = run(classic, reqs)
+        for r in reqs:
+            if r.params.greedy:
+                assert got[r.request_id][0] == base[r.request_id][0], r.request_id
+        slots = graphs.slots
+        for key, mod in (*slots.lora.items(), *slots.bottleneck.items()):
+            ptrs = (mod.A.data_ptr(), mod.B.data_ptr(), mod.rank.data_ptr(), mod.scale.data_ptr())
+            assert pointers.setdefault(key, ptrs) == ptrs, key
+    assert step.graphs.replays > 0
+    assert graphs.adapters.evictions > 0

@@ -1,0 +1,39 @@
+"""The static decode step's settings: the flags, the config checks, the graph buckets."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftserve import serve_config
+from peftserve.cli import build_parser
+from peftserve.config import EngineConfig
+from peftserve.engine.cuda_graphs import default_sizes
+
+
+def test_serve_flags_reach_the_engine_config():
+    args = build_parser().parse_args(
+        ["serve", "--no-cuda-graphs", "--max-cuda-graph-batch", "16", "--decode-step", "static"]
+    )
+    assert args.cuda_graphs is False
+    values = {"cuda_graphs": args.cuda_graphs, "max_cuda_graph_batch": args.max_cuda_graph_batch,
+              "decode_step": args.decode_step}  # fmt: skip
+    engine = serve_config.build(values).engine
+    assert (engine.cuda_graphs, engine.max_cuda_graph_batch, engine.decode_step) == (
+        False, 16, "static")  # fmt: skip
+    assert build_parser().parse_args(["serve"]).cuda_graphs is None  # not given: the default
+    assert serve_config.build({}).engine.cuda_graphs is True
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("decode_step", "graphs", "decode_step must be one of"),
+    ("max_cuda_graph_batch", 0, "max_cuda_graph_batch must be >= 1"),
+])  # fmt: skip
+def test_bad_settings_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**{field: value})
+
+
+def test_buckets_cover_every_batch_up_to_the_largest():
+    assert default_sizes(64) == (1, 2, 4, 8, 16, 32, 48, 64)
+    assert default_sizes(12) == (1, 2, 4, 8, 12)
+    assert default_sizes(1) == (1,)

@@ -69,10 +69,16 @@ class ModelRunner:
             )
             if static.graph_sizes:
                 graphs = DecodeGraphs(self.static, static.graph_sizes)
-                seconds = graphs.capture()
-                log.info("captured CUDA graphs of the decode step for batch sizes %s in %.2fs",
-                         ",".join(map(str, static.graph_sizes)), seconds)  # fmt: skip
-                self.static.graphs = graphs
+                try:
+                    seconds = graphs.capture()
+                except Exception as e:  # an op that cannot be captured: serve, eagerly
+                    log.warning("CUDA graph capture failed, decode steps run eagerly "
+                                "(--no-cuda-graphs skips the attempt): %s: %s",
+                                type(e).__name__, e)  # fmt: skip
+                else:
+                    log.info("captured CUDA graphs of the decode step for batch sizes %s in "
+                             "%.2fs", ",".join(map(str, static.graph_sizes)), seconds)  # fmt: skip
+                    self.static.graphs = graphs
 
     @staticmethod
     def cache_bytes_per_block(model: LlamaModel, block_size: int) -> int:

@@ -13,6 +13,7 @@ runs eagerly, unpadded, and on the CPU gives today's step bit for bit (same ops,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seqs
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata
 from peftserve.layers.linear import DeltaHook
 from peftserve.models.llama import LlamaModel, StepContext
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,13 @@ class StaticDecodeStep:
         rows = graphs.bucket(n) if graphs is not None else None
         adapters = any(s.slot >= 0 for s in seqs)
         if graphs is not None and rows is not None:
-            graphs.prepare(rows, adapters)  # a capture (rare) fills the buffers itself: first
+            try:
+                graphs.prepare(rows, adapters)  # a capture (rare) fills the buffers: first
+            except Exception as e:  # an op that cannot be captured: this and later steps eager
+                log.warning("CUDA graph capture of an adapter step failed, decode steps run "
+                            "eagerly from now on: %s: %s", type(e).__name__, e)  # fmt: skip
+                self.graphs = graphs = None
+                rows = None
         draws, penalty = self._fill_sampling(seqs)
         if rows is None:  # eager: unpadded, the block tables as wide as this batch needs
             ctx = max(s.num_computed_tokens + 1 for s in seqs)

@@ -165,3 +165,27 @@ def test_a_seed_gives_the_same_tokens_alone_and_in_any_batch(tiny_llama_dir, ada
     other_seed = Request("probe", prompt="the lazy dog jumps", adapter="lora",
                          params=replace(SAMPLED, seed=99))
     assert run(engine, [other_seed])["probe"][0] != alone
+
+
+class FailingAdapterCapture(EagerBuckets):
+    """A capture that fails the first time an adapter step needs one (an op the graph cannot
+    hold): the step must go on eagerly, for that request and every later one."""
+
+    def prepare(self, rows: int, adapters: bool) -> None:
+        if adapters:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_leaves_the_steps_eager_and_right(tiny_llama_dir, adapter_dirs, caplog):
+    reqs = requests(8, GREEDY)
+    classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic"), reqs)
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
+    step = engine.runner.static
+    assert step is not None
+    step.token_slot_deltas = True
+    step.graphs = FailingAdapterCapture(step, 12)
+    got = run(engine, reqs)
+    assert step.graphs is None  # given up after the failure: eager from then on
+    assert "decode steps run eagerly" in caplog.text
+    for rid, (tokens, _) in classic.items():
+        assert got[rid][0] == tokens, rid

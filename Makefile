@@ -41,9 +41,11 @@ test: install
 # BF16 instructions). Each build lives in its own cache directory (the flags are in its key).
 # CI runs both targets after `make test`.
 NATIVE_TESTS := tests/kernels/test_cpu_gemv.py tests/kernels/test_lowrank_rows.py tests/kernels/test_native_arguments.py \
+	tests/kernels/test_cpu_gemv_quant.py \
 	tests/kernels/test_cpu_selftest.py tests/unit/test_cpu_fused_ops.py \
 	tests/unit/test_cpu_paged_attention.py tests/unit/test_argmax_rows.py \
-	tests/unit/test_slot_buffers.py tests/integration/test_cpu_kernels_engine.py
+	tests/unit/test_slot_buffers.py tests/integration/test_cpu_kernels_engine.py \
+	tests/integration/test_quant_weights.py
 CXX ?= g++
 test-sanitize: install
 	PEFTSERVE_KERNEL_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \

@@ -8,7 +8,8 @@ place; every dtype), rms_norm, rotary_and_cache, silu_and_mul (the small per-lay
 precision: fp32 keeps transformers' op sequence for parity), lora_rows and bottleneck_rows (a
 step's adapter deltas in half precision, token by token at each slot's exact rank),
 decode_forward (a decode-only step's whole decoder stack in one call) and gemv_bf16 (bf16
-matrix-vector products from weights laid out for streaming, kernels/gemv.py).
+matrix-vector products from weights laid out for streaming, kernels/gemv.py), gemv_int8 and
+gemv_int4 (the same from weight-only int8/int4 weights, kernels/quant.py).
 
 The build uses torch's extension builder (a C++ compiler and ninja) with -O3 -march=native into
 ~/.cache/peftserve/kernels/<key> (`PEFTSERVE_KERNEL_CACHE` replaces ~/.cache/peftserve), where
@@ -59,6 +60,7 @@ SOURCES = tuple(
         "lowrank_rows_cpu.cpp",
         "decode_forward_cpu.cpp",
         "gemv_bf16_cpu.cpp",
+        "gemv_quant_cpu.cpp",
     )
 )
 HEADERS = (CSRC / "checks.h", CSRC / "ops.h", CSRC / "vec_math.h")

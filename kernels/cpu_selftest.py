@@ -177,6 +177,25 @@ def check_gemv_bf16(g: torch.Generator) -> None:
                 raise AssertionError("gemv_bf16: the vector code differs from the plain loops")
 
 
+def check_gemv_quant(g: torch.Generator) -> None:
+    """int8 and int4 weights at odd sizes and SmolLM2's, 1..9 rows: within bf16's rounding of
+    the float64 sum over the dequantized weights, the plain loops too."""
+    from .quant import linear_reference, pack
+
+    for N, K in [(77, 33), (960, 576), (40, 1)]:
+        w = _randn(g, N, K, dtype=torch.bfloat16, std=0.1)
+        b = _randn(g, N, dtype=torch.bfloat16)
+        for kind, op in (("int8", OPS.gemv_int8), ("int4", OPS.gemv_int4)):
+            wq = pack(w, kind)
+            for M in (1, 3, 8, 9):
+                x = _randn(g, M, K, dtype=torch.bfloat16)
+                ref = linear_reference(x, wq, b)
+                for generic in (False, True):
+                    out = torch.empty(M, N, dtype=torch.bfloat16)
+                    op(out, x, wq, b, generic)
+                    _close(f"gemv_{kind}", out, ref, torch.bfloat16)
+
+
 CHECKS: dict[str, Callable[[torch.Generator], None]] = {
     "lora_rows": check_lora_rows,
     "bottleneck_rows": check_bottleneck_rows,
@@ -185,6 +204,7 @@ CHECKS: dict[str, Callable[[torch.Generator], None]] = {
     "paged_decode_attention": check_paged_decode_attention,
     "decode_forward": check_decode_forward,
     "gemv_bf16": check_gemv_bf16,
+    "gemv_int8, gemv_int4": check_gemv_quant,
 }
 
 

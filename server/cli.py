@@ -51,6 +51,9 @@ _SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--model", str, "'default' (SmolLM2-135M-Instruct) or a local Hugging Face model directory"),
     ("--dtype", str, "auto | float32 | bfloat16 | float16 (auto: bf16 where native)"),
     ("--device", str, "auto | cpu | cuda[:N]"),
+    ("--weights", str, "bf16 | int8 | int4: the base model's matmul weights as loaded, or "
+                       "weight-only int8 (per-channel scales) / int4 (group-wise, 32); "
+                       "bf16 activations, adapters unchanged"),
     ("--backend", str, "auto | cpp | torch | triton | reference: who computes the step (auto: "
                        "triton on CUDA, the C++ kernels on a CPU with a compiler, else torch)"),
     ("--decode-step", str, "auto | static | classic: decode from persistent buffers with "

@@ -12,6 +12,10 @@ BACKENDS = ("auto", "cpp", "torch", "triton", "reference")
 # device (captured as CUDA graphs where the backend does); "classic" builds each step's inputs
 # anew and samples on the host; auto: static where the backend captures graphs (CUDA)
 DECODE_STEPS = ("auto", "static", "classic")
+# kernels/quant.py: the base model's matmul weights as loaded (bf16) or weight-only int8 (one
+# scale per output channel) / int4 (a scale and offset per 32 columns); adapters stay in the
+# model dtype, which must then be bfloat16
+WEIGHTS = ("bf16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 where the CPU has native bf16 matmuls (or on CUDA), else fp32
     device: str = "auto"  # auto: cuda when available, else cpu
     backend: str = "auto"  # one of BACKENDS
+    weights: str = "bf16"  # one of WEIGHTS
     decode_step: str = "auto"  # one of DECODE_STEPS
     cuda_graphs: bool = True  # static decode steps captured per batch-size bucket at start-up
     max_cuda_graph_batch: int = 64  # the largest captured batch; larger decode steps run eagerly
@@ -49,6 +54,10 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.weights != "bf16" and self.dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"weights={self.weights} computes in bfloat16, not {self.dtype}")
         if self.decode_step not in DECODE_STEPS:
             raise ValueError(
                 f"decode_step must be one of {DECODE_STEPS}, got {self.decode_step!r}"

@@ -28,6 +28,10 @@ namespace {
 // calls for them, dense ones through at::linear. The caller picks which form a step passes.
 at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w,
                        const std::optional<at::Tensor>& b = std::nullopt) {
+  // int8 / int4 weights (kernels/quant.py): gemv_quant_cpu.cpp
+  if (!w.is_mkldnn() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte)) {
+    return gemv_quant_out(x, w, b);
+  }
   if (!w.is_mkldnn() && w.dim() == 3) {
     return gemv_bf16_out(x, w, b);
   }

@@ -5,7 +5,9 @@ so that an adapter hook can add a different low-rank update to each slice in one
 On the CPU in half precision the weight is held packed in oneDNN's layout
 (kernels/packed_linear.py: the same results as F.linear, without a reorder on every call), and
 in bf16 with the C++ kernels also in the streaming layout of the matrix-vector kernel
-(kernels/gemv.py), which serves steps of up to the backend's `gemv_max_rows` rows.
+(kernels/gemv.py), which serves steps of up to the backend's `gemv_max_rows` rows. With
+int8/int4 base weights (kernels/quant.py) that layout holds the quantized weight and serves
+every step.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftserve.kernels import gemv, packed_linear
+from peftserve.kernels import gemv, packed_linear, quant
 
 # Item codes of a DecodePlan's spec (kernels/csrc/decode_forward_cpu.cpp reads the same
 # numbers; it reads activations by kernels.activation.activation_code, as the Triton kernels do).
@@ -73,19 +75,21 @@ class AdaptableLinear(nn.Module):
         self.weight: nn.Parameter | None = nn.Parameter(weight, requires_grad=False)  # [out, in]
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout, once pack()ed
-        self.gemv: torch.Tensor | None = None  # [out, ceil(in/2), 2] kernels/gemv.py's layout
+        # kernels/gemv.py's [out, ceil(in/2), 2] bf16, or kernels/quant.py's int8/int4
+        self.gemv: torch.Tensor | None = None
         self.gemv_max_rows = 0  # steps of up to this many rows read self.gemv
         self.slice_sizes = slice_sizes or (weight.shape[0],)
 
-    def pack(self, onednn: bool = True, gemv_max_rows: int = 0) -> None:
+    def pack(self, onednn: bool = True, gemv_max_rows: int = 0, weights: str = "bf16") -> None:
         """Holds the weight packed instead of dense: for oneDNN (kernels/packed_linear.py)
-        and/or, with `gemv_max_rows` > 0, for the matrix-vector kernel (kernels/gemv.py),
-        which then serves every step of up to that many rows (all of them without oneDNN)."""
+        and/or, with `gemv_max_rows` > 0, for the matrix-vector kernel (kernels/gemv.py, or
+        kernels/quant.py's int8/int4 `weights`), which then serves every step of up to that
+        many rows (all of them without oneDNN)."""
         assert self.weight is not None and (onednn or gemv_max_rows > 0)
         if onednn:
             self.packed = packed_linear.pack(self.weight.data)
         if gemv_max_rows > 0:
-            self.gemv = gemv.pack(self.weight.data)
+            self.gemv = quant.pack(self.weight.data, weights)
             self.gemv_max_rows = gemv_max_rows
         self.weight = None
 
@@ -98,6 +102,8 @@ class AdaptableLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         # [out, in]
+        if self.gemv is not None and self.gemv.dtype != torch.bfloat16:  # int8/int4
+            return quant.dequantize(self.gemv, self.in_features).to(torch.bfloat16)
         if self.gemv is not None:
             return gemv.unpack(self.gemv, self.in_features)
         return self.packed.to_dense() if self.packed is not None else self.weight  # type: ignore[union-attr,return-value]
@@ -106,7 +112,7 @@ class AdaptableLinear(nn.Module):
         # x: [T, in] -> [T, out]
         w = self.matmul_weight(x.shape[0])
         if w is self.gemv:
-            y = gemv.linear(x, w, self.bias)
+            y = quant.linear(x, w, self.bias)
         elif w is self.packed:
             y = packed_linear.linear(x, w, self.bias)
         else:

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from transformers import PretrainedConfig
 
 from peftserve.errors import UnsupportedModel
-from peftserve.kernels import gemv, packed_linear
+from peftserve.kernels import gemv, packed_linear, quant
 from peftserve.layers.attention import AttentionMetadata, paged_attention
 from peftserve.layers.backend import Backend
 from peftserve.layers.linear import AdaptableLinear, DeltaHook
@@ -120,9 +120,14 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         backend: Backend,
+        weights: str = "bf16",
     ) -> None:
         super().__init__()
         self.shape = ModelShape.from_config(config)
+        if weights not in quant.WEIGHTS:
+            raise ValueError(f"weights must be one of {quant.WEIGHTS}, got {weights!r}")
+        if weights != "bf16" and dtype != torch.bfloat16:
+            raise UnsupportedModel(f"{weights} weights compute in bfloat16, not {dtype}")
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModel("mlp_bias=True is not supported")
         state = {
@@ -146,16 +151,23 @@ class LlamaModel(nn.Module):
         # steps of up to gemv_rows rows); the dense layer weights are dropped, the embedding
         # table stays for the lookups.
         self.lm_head_packed: torch.Tensor | None = None
-        self.lm_head_gemv: torch.Tensor | None = None  # [V, ceil(hidden/2), 2]
+        # int8/int4 (kernels/quant.py) with the C++ kernels: every step through them; without
+        # them the dequantized weights, rounded to bf16, dense.
+        self.lm_head_gemv: torch.Tensor | None = None  # [V, ceil(hidden/2), 2] or quantized
+        self.weights = weights
         onednn, self.gemv_rows = backend.packs_weights(dtype), backend.gemv_max_rows(dtype)
+        if weights != "bf16" and backend.name != "cpp":
+            self._dequantized(weights)
+        elif weights != "bf16":
+            onednn, self.gemv_rows = False, gemv.EVERY_STEP
         if onednn or self.gemv_rows:
             for layer in self.layers:
                 for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                    lin.pack(onednn, self.gemv_rows)
+                    lin.pack(onednn, self.gemv_rows, weights)
             if onednn:
                 self.lm_head_packed = packed_linear.pack(self.lm_head)
             if self.gemv_rows:
-                self.lm_head_gemv = gemv.pack(self.lm_head)
+                self.lm_head_gemv = quant.pack(self.lm_head, quant.LM_HEAD[weights])
             if self.lm_head is not self.embed:
                 self.lm_head = None  # type: ignore[assignment]
         self.rotary = RotaryEmbedding(config, self.shape.head_dim, device)
@@ -163,6 +175,17 @@ class LlamaModel(nn.Module):
         self.device = device
         self.backend = backend
         self._decode_weights: dict[bool, tuple] = {}
+
+    def _dequantized(self, weights: str) -> None:
+        """Every matmul weight replaced by its `weights` form dequantized to bf16 (dense)."""
+        def roundtrip(w: torch.Tensor, kind: str) -> torch.Tensor:
+            return quant.dequantize(quant.pack(w, kind), w.shape[1]).to(w.dtype)
+
+        for layer in self.layers:
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                assert lin.weight is not None
+                lin.weight.data = roundtrip(lin.weight.data, weights)
+        self.lm_head = roundtrip(self.lm_head, quant.LM_HEAD[weights])
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [T] -> [T, hidden]
@@ -231,13 +254,15 @@ class LlamaModel(nn.Module):
         if self.lm_head_gemv is not None and (
             h.shape[0] <= self.gemv_rows or self.lm_head_packed is None
         ):
-            return gemv.linear(h, self.lm_head_gemv, None).float()
+            return quant.linear(h, self.lm_head_gemv, None).float()
         if self.lm_head_packed is not None:
             return packed_linear.linear(h, self.lm_head_packed, None).float()
         return F.linear(h, self.lm_head).float()
 
     def lm_head_dense(self) -> torch.Tensor:
         # [V, hidden]
+        if self.lm_head_gemv is not None and self.lm_head_gemv.dtype != torch.bfloat16:
+            return quant.dequantize(self.lm_head_gemv, self.shape.hidden).to(torch.bfloat16)
         if self.lm_head is None and self.lm_head_gemv is not None:
             return gemv.unpack(self.lm_head_gemv, self.shape.hidden)
         if self.lm_head is None:

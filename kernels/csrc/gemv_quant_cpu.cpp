@@ -1,0 +1,351 @@
+// Weight-only int8 and int4 matrix-vector products: y[M, N] = x[M, K] @ dequant(W)[N, K]^T
+// (+ bias), x and y bf16, fp32 accumulation, the weights read as stored (1 or 1/2 byte each).
+//
+// At decode batch sizes a matmul is a read of the weights (gemv_bf16_cpu.cpp's comment); int8
+// halves the bytes of bf16 and int4 (group 32, fp32 scale and offset) reads 3/8 of them. The
+// weights are turned into bf16 in registers (exactly: every int8 and every 128 + u4 is a bf16)
+// and multiplied with vdpbf16ps, as the bf16 kernel does; the scales are applied per output.
+//
+// int8, per-output-channel scale s[n]:  W[n, k] = s[n] * q[n, k],  q in -127..127
+//     y = bf16(s[n] * sum_k q[n, k] x[k] + bias[n])
+// int4, per (row, group of g columns) scale d and offset c:  W[n, k] = d * (128 + u) + c,
+// u in 0..15 (c = min - 128 d, so that 128 + u, a bf16 with u in its mantissa, is the factor):
+//     y = bf16(sum_groups (d * sum_{k in group} (128 + u) x[k] + c * sum_{k in group} x[k]) + b)
+//
+// Layouts (kernels/quant.py packs them), rows in tiles of TILE = 16 (the last one narrower,
+// width w), each tile one contiguous stretch, read front to back:
+//   int8 tile: w fp32 scales, then for each column pair kp the tile's rows' (q[n, 2kp],
+//     q[n, 2kp+1]) side by side (2w bytes; an odd K gets a zero column). Tensor: int8
+//     [N, 2 ceil(K/2) + 4] (the bytes a row owns), storage in tile order.
+//   int4 tile: for each group j of g columns (K padded with zero columns to a multiple of g):
+//     w fp32 d, w fp32 c, then g/4 chunks of 2w bytes; in chunk q, row i's bytes 2i and 2i+1
+//     hold (u[4q] | u[4q+2] << 4) and (u[4q+1] | u[4q+3] << 4) of its group: zero-extended to
+//     16-bit lanes, the low nibbles are the k-pairs (4q, 4q+1) of 16 rows and the high ones
+//     (4q+2, 4q+3), vdpbf16ps's operand layout. Tensor: uint8 [N, ceil(K/g), g/2 + 8].
+// x is zero-padded to the packed K, so padded columns add nothing whatever their weights.
+//
+// Each output is summed by one thread over all of K in a fixed order, whatever M or the thread
+// count: a row's result does not depend on the batch. The plain loops (other CPUs, `generic`)
+// compute the same sums in another order (within fp32 rounding of the vector code, not bit
+// equal).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "ops.h"
+#include "vec_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace peftserve_cpu {
+
+namespace {
+
+constexpr int64_t TILE = 16;      // rows of W per tile
+constexpr int64_t MAX_GROUP = 8;  // rows of x summed together over one pass of a tile
+
+struct QProblem {
+  const uint8_t* w;    // tiles
+  const float* xf;     // [M, Kpad] x as fp32, zero-padded
+  const uint32_t* xp;  // [M, Kpad / 2] x's bf16 pairs
+  const float* xg;     // [M, groups] sum of x over each int4 group (int4 only)
+  const float* bias;   // [N] fp32 or null
+  uint16_t* y;         // [M, N] bf16, row stride ldy
+  int64_t M, N, Kpad, groups, group, ldy;
+  bool int4;
+};
+
+inline void store_row(const QProblem& p, int64_t m, int64_t n0, int64_t width, const float* acc) {
+  uint16_t* out = p.y + m * p.ldy + n0;
+  for (int64_t i = 0; i < width; ++i) {
+    out[i] = bf16_bits(acc[i] + (p.bias != nullptr ? p.bias[n0 + i] : 0.f));
+  }
+}
+
+inline float load_f32(const uint8_t* at) {
+  float v;
+  std::memcpy(&v, at, sizeof(v));
+  return v;
+}
+
+// Plain loops over rows m0..m0+g of one tile (t: its first byte, width rows).
+void tile_generic(const QProblem& p, const uint8_t* t, int64_t n0, int64_t width, int64_t m0,
+                  int64_t g) {
+  const int64_t Kp = p.Kpad / 2;
+  for (int64_t m = m0; m < m0 + g; ++m) {
+    const float* x = p.xf + m * p.Kpad;
+    float acc[TILE] = {};
+    if (!p.int4) {
+      const auto* q = reinterpret_cast<const int8_t*>(t + 4 * width);
+      for (int64_t kp = 0; kp < Kp; ++kp) {
+        for (int64_t i = 0; i < width; ++i) {
+          acc[i] += static_cast<float>(q[(kp * width + i) * 2]) * x[2 * kp] +
+                    static_cast<float>(q[(kp * width + i) * 2 + 1]) * x[2 * kp + 1];
+        }
+      }
+      for (int64_t i = 0; i < width; ++i) {
+        acc[i] *= load_f32(t + 4 * i);
+      }
+    } else {
+      const int64_t block = width * (8 + p.group / 2);
+      for (int64_t j = 0; j < p.groups; ++j) {
+        const uint8_t* b = t + j * block;
+        const uint8_t* chunks = b + 8 * width;
+        const float* xj = x + j * p.group;
+        for (int64_t i = 0; i < width; ++i) {
+          float dot = 0.f;
+          for (int64_t q = 0; q < p.group / 4; ++q) {
+            const uint8_t b0 = chunks[(q * width + i) * 2], b1 = chunks[(q * width + i) * 2 + 1];
+            dot += static_cast<float>(128 + (b0 & 15)) * xj[4 * q] +
+                   static_cast<float>(128 + (b1 & 15)) * xj[4 * q + 1] +
+                   static_cast<float>(128 + (b0 >> 4)) * xj[4 * q + 2] +
+                   static_cast<float>(128 + (b1 >> 4)) * xj[4 * q + 3];
+          }
+          acc[i] = std::fma(dot, load_f32(b + 4 * i), acc[i]);
+          acc[i] = std::fma(p.xg[m * p.groups + j], load_f32(b + 4 * (width + i)), acc[i]);
+        }
+      }
+    }
+    store_row(p, m, n0, width, acc);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// int8: 16 rows' k-pairs (32 bytes) -> int32 -> fp32 -> one bf16 vector (exact), then one
+// vdpbf16ps per row of x; the scale multiplies the sum once.
+template <size_t... g>
+void tile_int8(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, int64_t n0,
+               int64_t width, int64_t m0) {
+  constexpr size_t G = sizeof...(g);
+  const __mmask32 bytes = width >= 16 ? ~__mmask32(0) : __mmask32((1u << (2 * width)) - 1);
+  const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
+  const int64_t Kp = p.Kpad / 2, step = 2 * width;
+  const int32_t* x = reinterpret_cast<const int32_t*>(p.xp + m0 * Kp);
+  const uint8_t* q = t + 4 * width;
+  __m512 acc[G] = {(static_cast<void>(g), _mm512_setzero_ps())...};
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    const __m256i b = _mm256_maskz_loadu_epi8(bytes, q + kp * step);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);
+    ((acc[g] = _mm512_dpbf16_ps(acc[g], wv, (__m512bh)_mm512_set1_epi32(x[g * Kp + kp]))), ...);
+  }
+  const __m512 s = _mm512_maskz_loadu_ps(lanes, t);
+  alignas(64) float out[G][TILE];
+  (_mm512_store_ps(out[g], _mm512_mul_ps(acc[g], s)), ...);
+  (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
+}
+
+// int4: 16 rows x 4 columns (32 bytes) -> two bf16 vectors by OR-ing 0x4300 (128.0) into the
+// nibbles, two vdpbf16ps per row of x; per group, acc += d * dot + c * sum(x).
+template <size_t... g>
+void tile_int4(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, int64_t n0,
+               int64_t width, int64_t m0) {
+  constexpr size_t G = sizeof...(g);
+  const __mmask32 bytes = width >= 16 ? ~__mmask32(0) : __mmask32((1u << (2 * width)) - 1);
+  const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
+  const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  const int64_t Kp = p.Kpad / 2, step = 2 * width, block = width * (8 + p.group / 2);
+  const int64_t chunks = p.group / 4;
+  const int32_t* x = reinterpret_cast<const int32_t*>(p.xp + m0 * Kp);
+  const float* xg = p.xg + m0 * p.groups;
+  __m512 acc[G] = {(static_cast<void>(g), _mm512_setzero_ps())...};
+  for (int64_t j = 0; j < p.groups; ++j) {
+    const uint8_t* b = t + j * block;
+    const uint8_t* c = b + 8 * width;
+    const int32_t* xj = x + j * (p.group / 2);
+    __m512 dot[G] = {(static_cast<void>(g), _mm512_setzero_ps())...};
+    for (int64_t q = 0; q < chunks; ++q) {
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(bytes, c + q * step));
+      const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(v, low, magic, 0xEA);
+      const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+      ((dot[g] = _mm512_dpbf16_ps(dot[g], lo, (__m512bh)_mm512_set1_epi32(xj[g * Kp + 2 * q])),
+        dot[g] = _mm512_dpbf16_ps(dot[g], hi, (__m512bh)_mm512_set1_epi32(xj[g * Kp + 2 * q + 1]))),
+       ...);
+    }
+    const __m512 d = _mm512_maskz_loadu_ps(lanes, b);
+    const __m512 off = _mm512_maskz_loadu_ps(lanes, b + 4 * width);
+    ((acc[g] = _mm512_fmadd_ps(dot[g], d, acc[g]),
+      acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(xg[g * p.groups + j]), off, acc[g])),
+     ...);
+  }
+  alignas(64) float out[G][TILE];
+  (_mm512_store_ps(out[g], acc[g]), ...);
+  (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
+}
+#endif
+
+void tile_rows(const QProblem& p, const uint8_t* t, int64_t n0, int64_t width, int64_t m0,
+               int64_t g, bool generic) {
+#if defined(__AVX512BF16__)
+  if (!generic) {
+#define PEFTSERVE_QTILE(G)                                                       \
+  return p.int4 ? tile_int4(std::make_index_sequence<G>(), p, t, n0, width, m0) \
+                : tile_int8(std::make_index_sequence<G>(), p, t, n0, width, m0)
+    switch (g) {
+      case 1: PEFTSERVE_QTILE(1);
+      case 2: PEFTSERVE_QTILE(2);
+      case 3: PEFTSERVE_QTILE(3);
+      case 4: PEFTSERVE_QTILE(4);
+      case 5: PEFTSERVE_QTILE(5);
+      case 6: PEFTSERVE_QTILE(6);
+      case 7: PEFTSERVE_QTILE(7);
+      default: PEFTSERVE_QTILE(8);
+    }
+#undef PEFTSERVE_QTILE
+  }
+#endif
+  static_cast<void>(generic);
+  tile_generic(p, t, n0, width, m0, g);
+}
+
+void check_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                const std::optional<at::Tensor>& bias, const char* op) {
+  check_dense_cpu(out, op, "out");
+  check_dense_cpu(x, op, "x");
+  check_dense_cpu(w, op, "w");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16, op,
+              ": out and x must be bfloat16, got ", out.scalar_type(), ", ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && (x.size(1) <= 1 || x.stride(1) == 1), op,
+              ": x must be [M, K] with contiguous rows, got sizes ", x.sizes(), " strides ",
+              x.strides());
+  TORCH_CHECK(w.is_contiguous() && w.size(0) >= 0, op, ": w must be contiguous");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
+                  (out.size(1) <= 1 || out.stride(1) == 1),
+              op, ": out must be [M, N] = [", x.size(0), ", ", w.size(0),
+              "] with contiguous rows, got sizes ", out.sizes(), " strides ", out.strides());
+  check_rows_apart(out, op, "out");
+  if (bias.has_value()) {
+    check_dense_cpu(*bias, op, "bias");
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->dim() == 1 &&
+                    bias->size(0) == w.size(0) && bias->is_contiguous(),
+                op, ": bias must be a contiguous bfloat16 [N] = [", w.size(0), "], got ",
+                bias->scalar_type(), " ", bias->sizes());
+  }
+}
+
+void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+         const std::optional<at::Tensor>& bias, bool generic, bool int4, int64_t groups,
+         int64_t group, int64_t Kpad) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  if (M == 0 || N == 0) {
+    return;
+  }
+  // x once as fp32 and bf16 pairs, zero-padded to Kpad, and its per-group sums; copied before
+  // out is written, so out may alias x.
+  std::vector<float> xf(static_cast<size_t>(M * Kpad), 0.f);
+  std::vector<uint32_t> xp(static_cast<size_t>(M * Kpad / 2), 0u);
+  std::vector<float> xg(static_cast<size_t>(M * groups), 0.f);
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = xs + m * x.stride(0);
+    for (int64_t k = 0; k < K; ++k) {
+      xf[m * Kpad + k] = bf16_value(row[k]);
+      xp[(m * Kpad + k) / 2] |= static_cast<uint32_t>(row[k]) << (16 * (k % 2));
+    }
+    for (int64_t j = 0; int4 && j < groups; ++j) {
+      float s = 0.f;
+      for (int64_t k = j * group; k < std::min(K, (j + 1) * group); ++k) {
+        s += xf[m * Kpad + k];
+      }
+      xg[m * groups + j] = s;
+    }
+  }
+  std::vector<float> bf;
+  if (bias.has_value()) {
+    const auto* b = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+    bf.resize(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) {
+      bf[n] = bf16_value(b[n]);
+    }
+  }
+  const QProblem p{static_cast<const uint8_t*>(w.data_ptr()),
+                   xf.data(),
+                   xp.data(),
+                   xg.data(),
+                   bias.has_value() ? bf.data() : nullptr,
+                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
+                   M,
+                   N,
+                   Kpad,
+                   groups,
+                   group,
+                   out.stride(0),
+                   int4};
+  const int64_t row_bytes = w.numel() / N;  // every earlier tile is full
+  const int64_t tiles = (N + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * TILE, width = std::min(TILE, N - n0);
+      const uint8_t* tile = p.w + n0 * row_bytes;
+      for (int64_t m = 0; m < M; m += MAX_GROUP) {
+        tile_rows(p, tile, n0, width, m, std::min(MAX_GROUP, M - m), generic);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+               const std::optional<at::Tensor>& bias, bool generic) {
+  constexpr const char* op = "gemv_int8";
+  check_args(out, x, w, bias, op);
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, op,
+              ": w must be an int8 [N, 2 ceil(K/2) + 4] tensor from kernels/quant.py, got ",
+              w.scalar_type(), " ", w.sizes());
+  const int64_t Kp = (x.size(1) + 1) / 2;
+  TORCH_CHECK(w.size(1) == 2 * Kp + 4, op, ": w packs rows of ", w.size(1),
+              " bytes, x's K = ", x.size(1), " needs ", 2 * Kp + 4);
+  run(out, x, w, bias, generic, false, 1, 1, 2 * Kp);
+}
+
+void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+               const std::optional<at::Tensor>& bias, bool generic) {
+  constexpr const char* op = "gemv_int4";
+  check_args(out, x, w, bias, op);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3, op,
+              ": w must be a uint8 [N, ceil(K/g), g/2 + 8] tensor from kernels/quant.py, got ",
+              w.scalar_type(), " ", w.sizes());
+  const int64_t group = (w.size(2) - 8) * 2;
+  TORCH_CHECK(group == 32 || group == 64 || group == 128, op,
+              ": the group size must be 32, 64 or 128, w's last dimension says ", group);
+  const int64_t groups = (x.size(1) + group - 1) / group;
+  TORCH_CHECK(w.size(1) == groups, op, ": w has ", w.size(1), " groups of ", group,
+              " columns, x's K = ", x.size(1), " needs ", groups);
+  run(out, x, w, bias, generic, true, groups, group, groups * group);
+}
+
+at::Tensor gemv_quant_out(const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "gemv_quant: x must be [M, K]");
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  if (w.scalar_type() == at::kChar) {
+    gemv_int8(out, x, w, bias, false);
+  } else {
+    gemv_int4(out, x, w, bias, false);
+  }
+  return out;
+}
+
+}  // namespace peftserve_cpu
+
+TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
+  m.def("gemv_int8(Tensor(a!) out, Tensor x, Tensor w, Tensor? bias, bool generic=False) -> ()");
+  m.def("gemv_int4(Tensor(a!) out, Tensor x, Tensor w, Tensor? bias, bool generic=False) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
+  m.impl("gemv_int8", &peftserve_cpu::gemv_int8);
+  m.impl("gemv_int4", &peftserve_cpu::gemv_int4);
+}

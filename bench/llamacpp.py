@@ -137,12 +137,17 @@ class Checkout:
         return self.server
 
     def commit(self) -> str:
-        """The llama.cpp commit the sdist vendors (its build-info header, else '')."""
-        info = self.cache / "build" / "common" / "build-info.cpp"
-        if info.is_file():
-            for line in info.read_text().splitlines():
-                if "LLAMA_COMMIT" in line and '"' in line:
-                    return line.split('"')[1]
+        """The llama.cpp commit the sdist vendors (its submodule HEAD, kept in the sdist's
+        .git; the build itself reports "unknown"), or ''."""
+        member = f"llama_cpp_python-{self.version}/.git/modules/vendor/llama.cpp/HEAD"
+        for sdist in sorted((self.cache / "sdist").glob("llama_cpp_python-*.tar.gz")):
+            with tarfile.open(sdist) as tar:
+                try:
+                    f = tar.extractfile(member)
+                except KeyError:
+                    continue
+                if f is not None:
+                    return f.read().decode().strip()[:12]
         return ""
 
     def converter_python(self) -> Path:

@@ -1,10 +1,12 @@
 """Batch invariance, the guarantee proto/peftserve/v1/generate.proto states per dtype.
 
 float32: at every batch size from 1 to 32, a request of every adapter kind (and of the base
-model) gets exactly the greedy tokens it gets alone. bfloat16: the same batch gives the same
-tokens and logprobs every time (run-to-run determinism), and batched logprobs stay within
-half-precision rounding of the request's own; tokens may differ from running alone (on
-SmolLM2 they do, from a near tie on), which is why the guarantee is stated per dtype.
+model) gets exactly the greedy tokens it gets alone. bfloat16 on the CPU with the C++ kernels
+(the cpp backend: each row of every matmul, attention and adapter op computed on its own, in a
+fixed order): the same, and the logprobs too, bit for bit. bfloat16 elsewhere: the same batch
+gives the same tokens and logprobs every time (run-to-run determinism), and batched logprobs
+stay within half-precision rounding of the request's own; tokens may differ from running
+alone, which is why the guarantee is stated per dtype and backend.
 """
 
 from __future__ import annotations
@@ -114,6 +116,21 @@ def test_float32_tokens_do_not_depend_on_the_batch(tiny_llama_dir, adapter_dirs)
     assert all(sizes == set(range(1, MAX_BATCH + 1)) for sizes in checked.values())
     assert engine.block_manager.num_used == sum(
         len(e.prefix.blocks) for e in engine.registry.entries() if e.prefix is not None)
+
+
+def test_bfloat16_on_the_cpp_backend_does_not_depend_on_the_batch(tiny_llama_dir, adapter_dirs):
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "bfloat16")
+    if engine.model.backend.name != "cpp":
+        pytest.skip(f"bf16 is batch-invariant on the cpp backend; this one is "
+                    f"{engine.model.backend.name} (the next test covers it)")
+    alone = Alone(engine)
+    checked = 0
+    for reqs in batches():
+        got = run(engine, reqs)
+        for req in reqs:
+            assert got[req.request_id] == alone(req), (len(reqs), req.request_id)
+            checked += 1
+    assert checked > 500
 
 
 def test_bfloat16_is_reproducible_and_within_rounding_of_alone(tiny_llama_dir, adapter_dirs):

@@ -55,9 +55,9 @@ def prefill_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     return model.logits(out)
 
 
-def accuracy(engines: dict[str, Engine], tokens: int) -> dict:
+def accuracy(engines: dict[str, Engine], tokens: int, n_prompts: int) -> dict:
     ref = engines["bf16"]
-    prompts = [chat_prompt(ref, msg) for msg, _ in workload()]
+    prompts = [chat_prompt(ref, msg) for msg, _ in workload()[:n_prompts]]
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     reqs = [Request(f"a{i}", prompt_token_ids=p, params=params) for i, p in enumerate(prompts)]
     gen = {rid: [t for o in outs for t in o.token_ids] for rid, outs in ref.generate(reqs).items()}
@@ -68,6 +68,7 @@ def accuracy(engines: dict[str, Engine], tokens: int) -> dict:
         rows = slice(len(p) - 1, len(ids) - 1)  # the positions that predict the new tokens
         base = prefill_logits(ref, ids)[rows].double()
         logp = torch.log_softmax(base, -1)
+        print(f"accuracy: prompt {i + 1}/{len(prompts)}", file=sys.stderr, flush=True)
         for kind, s in stats.items():
             q = prefill_logits(engines[kind], ids)[rows].double()
             s["agree"] += (q.argmax(-1) == base.argmax(-1)).double().tolist()
@@ -143,15 +144,18 @@ def main() -> None:
     ap.add_argument("--weights", default=",".join(KINDS), help="comma-separated; bf16 first")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per accuracy prompt and "
                     "for the single stream")  # fmt: skip
+    ap.add_argument("--prompts", type=int, default=32, help="accuracy prompts (of the 32)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (medians)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--out", default="bench/results/quant_weights.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kinds = args.weights.split(",")
     assert kinds[0] == "bf16", "bf16 first: the reference"
     before = uptime()
+    print(f"loading {kinds}", file=sys.stderr, flush=True)
     engines = {k: Engine.from_config(EngineConfig(model="default", dtype="bfloat16", weights=k,
                                                   max_num_seqs=64, kv_cache_bytes=512 << 20))
                for k in kinds}  # fmt: skip
@@ -159,8 +163,9 @@ def main() -> None:
                                          *sys.argv[1:]]),
                     "environment": environment(), "uptime_before": before,
                     "lm_head": {k: str(engines[k].model.lm_head_gemv.dtype) for k in kinds}}
-    result["accuracy"] = accuracy(engines, args.tokens)
-    print(json.dumps(result["accuracy"], indent=1), flush=True)
+    if not args.skip_accuracy:
+        result["accuracy"] = accuracy(engines, args.tokens, args.prompts)
+        print(json.dumps(result["accuracy"], indent=1), flush=True)
     if not args.skip_speed:
         from tests.adapters import make_lora
 

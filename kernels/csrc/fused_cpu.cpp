@@ -111,33 +111,45 @@ void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weig
 // token's k and v heads to its cache slot. cache: [2, kv_heads, slots, D] (one layer);
 // cos, sin: [T, D]; slot_mapping: [T] int64.
 // No fused multiply-add here: torch computes x * cos and rotate_half(x) * sin as two rounded
-// products, then their sum, and so must this for fp32 results equal to the torch path's.
+// products, then their sum, and so must this for fp32 results equal to the torch path's (in
+// fp32 F::round is no rounding, so nothing else keeps g++'s default -ffp-contract=fast from
+// fusing them). The attribute only holds inside the function that carries it, and code inlined
+// into another function takes that one's options: a lambda given to at::parallel_for is inlined
+// into the OpenMP region of torch's header, built with fp-contract=fast, under -std=c++17 (what
+// torch 2.11's extension builder passes; 2.13's -std=c++20 happened to keep it out of line).
+// So the arithmetic lives in this function, which is never inlined.
 template <typename scalar_t>
-__attribute__((optimize("fp-contract=off"))) void rotary_kernel(
-    scalar_t* qkv, const scalar_t* cos, const scalar_t* sin, scalar_t* cache,
-    const int64_t* slots, int64_t T, int64_t heads, int64_t kv_heads, int64_t D,
-    int64_t num_slots) {
+__attribute__((noinline, optimize("fp-contract=off"))) void rotate_head(scalar_t* x,
+                                                                        const scalar_t* c,
+                                                                        const scalar_t* s,
+                                                                        int64_t half) {
+  using F = Fp32<scalar_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = F::load(x, i);
+    const float x2 = F::load(x, i + half);
+    const float a1 = F::round(x1 * F::load(c, i));
+    const float b1 = F::round(-x2 * F::load(s, i));
+    const float a2 = F::round(x2 * F::load(c, i + half));
+    const float b2 = F::round(x1 * F::load(s, i + half));
+    F::store(x, i, a1 + b1);
+    F::store(x, i + half, a2 + b2);
+  }
+}
+
+template <typename scalar_t>
+void rotary_kernel(scalar_t* qkv, const scalar_t* cos, const scalar_t* sin, scalar_t* cache,
+                   const int64_t* slots, int64_t T, int64_t heads, int64_t kv_heads, int64_t D,
+                   int64_t num_slots) {
   const int64_t half = D / 2;
   const int64_t row = (heads + 2 * kv_heads) * D;
   at::parallel_for(0, T, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      using F = Fp32<scalar_t>;
       scalar_t* r = qkv + t * row;
       const scalar_t* c = cos + t * D;
       const scalar_t* s = sin + t * D;
       for (int64_t h = 0; h < heads + kv_heads; ++h) {
-        scalar_t* x = r + h * D;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = F::load(x, i);
-          const float x2 = F::load(x, i + half);
-          const float a1 = F::round(x1 * F::load(c, i));
-          const float b1 = F::round(-x2 * F::load(s, i));
-          const float a2 = F::round(x2 * F::load(c, i + half));
-          const float b2 = F::round(x1 * F::load(s, i + half));
-          F::store(x, i, a1 + b1);
-          F::store(x, i + half, a2 + b2);
-        }
+        rotate_head(r + h * D, c, s, half);
       }
       const int64_t slot = slots[t];
       for (int64_t h = 0; h < kv_heads; ++h) {

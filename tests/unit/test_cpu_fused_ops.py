@@ -8,9 +8,15 @@ tests instead of skipping them.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils import cpp_extension
 
 from peftserve.kernels import cpu_ext
 from peftserve.layers.backend import CpuBackend
@@ -102,6 +108,38 @@ def test_rotary_and_cache_rotates_q_and_k_and_writes_k_and_v_to_their_slots(ops,
     others = torch.ones(slots, dtype=torch.bool)
     others[slot_mapping] = False
     assert (cache[:, :, others] == 7.0).all()  # no other slot written
+
+
+FMA = re.compile(r"\bv?f(n)?m(add|sub)\w*", re.IGNORECASE)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_rotary_has_no_fused_multiply_add_under_cxx17(tmp_path):
+    """The fp32 bit-equality above holds only without FMA, which g++ emits by default
+    (-ffp-contract=fast) wherever the rotary arithmetic is inlined into a function without the
+    kernel's fp-contract=off. torch 2.11's extension builder compiles with -std=c++17, under
+    which at::parallel_for's OpenMP region absorbed the kernel's lambda, FMAs and all; 2.13
+    passes -std=c++20, so a build under this torch alone would not show it."""
+    cflags, _ = cpu_ext.build_flags()
+    src = cpu_ext.CSRC / "fused_cpu.cpp"
+    obj = tmp_path / "fused_cpu.o"
+    include = [f"-I{p}" for p in cpp_extension.include_paths()]
+    compiler = os.environ.get("CXX", "c++")
+    subprocess.run([compiler, *include, "-fPIC", "-std=c++17", *cflags, "-c", str(src), "-o",
+                    str(obj)], check=True)  # fmt: skip
+    dump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(obj)], check=True,
+                          capture_output=True, text=True).stdout  # fmt: skip
+    fused, seen, name = [], set(), ""
+    for line in dump.splitlines():
+        if line.endswith(">:"):
+            name = line.split("<", 1)[1][:-2]
+        elif "rotary_kernelIf" in name or "rotate_headIf" in name:  # the float instances
+            seen.add(name)
+            parts = line.split("\t")
+            if len(parts) > 1 and FMA.match(parts[1].strip()):
+                fused.append(f"{name}: {parts[1].strip()}")
+    assert seen, "no float instance of the rotary kernel in the object"
+    assert not fused, "fused multiply-adds in the rotary arithmetic:\n" + "\n".join(fused[:5])
 
 
 def test_bad_arguments_raise_a_clear_error(ops):

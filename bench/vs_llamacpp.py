@@ -286,23 +286,23 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
             asyncio.run(register())
             for phase in PHASES:  # warm-up: a few requests of each kind
                 asyncio.run(peftserve_run(target, ps_jobs[phase][:4], at_once=True))
-        with LlamaServer(binary, model, loras=[], log=logs / f"{precision}-base.log",
-                         **common) as base, \
-             LlamaServer(binary, model, loras=lora_ggufs, log=logs / f"{precision}-loras.log",
-                         **common) as with_loras:
-            for phase in PHASES:
-                llama_run(with_loras if phase == "loras" else base, lc_jobs[phase][:4], True)
-            for rnd in range(args.repeat):
-                for phase in PHASES:
-                    at_once = phase != "single"
-                    if ps_proc is not None:
-                        runs["peftserve"][phase].append(
-                            asyncio.run(peftserve_run(target, ps_jobs[phase], at_once)))
-                    server = with_loras if phase == "loras" else base
-                    runs["llama.cpp"][phase].append(llama_run(server, lc_jobs[phase], at_once))
-                    print(f"{precision} round {rnd} {phase}: " + ", ".join(
-                        f"{s} {runs[s][phase][-1]['tok_s']:.1f} tok/s"
-                        for s in SYSTEMS if runs[s][phase]), flush=True)
+        # one llama-server at a time: an idle one's threads still take CPU from the other
+        for loras, phases in (([], ("batch", "single")), (lora_ggufs, ("loras",))):
+            with LlamaServer(binary, model, loras=loras,
+                             log=logs / f"{precision}-{phases[0]}.log", **common) as server:
+                for phase in phases:
+                    llama_run(server, lc_jobs[phase][:4], True)
+                for rnd in range(args.repeat):
+                    for phase in phases:
+                        at_once = phase != "single"
+                        if ps_proc is not None:
+                            runs["peftserve"][phase].append(
+                                asyncio.run(peftserve_run(target, ps_jobs[phase], at_once)))
+                        runs["llama.cpp"][phase].append(
+                            llama_run(server, lc_jobs[phase], at_once))
+                        print(f"{precision} round {rnd} {phase}: " + ", ".join(
+                            f"{s} {runs[s][phase][-1]['tok_s']:.1f} tok/s"
+                            for s in SYSTEMS if runs[s][phase]), flush=True)
     finally:
         if ps_proc is not None:
             ps_proc.terminate()

@@ -68,9 +68,11 @@ def serve_help() -> str:
 def test_every_field_has_a_documented_flag():
     text = serve_help()
     flags = set(re.findall(r"(--[a-z0-9-]+) [A-Z_]+ [a-zA-Z']", text))  # flags with help text
+    flags |= set(re.findall(r"(--no-[a-z0-9-]+) [a-z]", text))  # switches off, with help text
     fields = {f.name for f in dataclasses.fields(EngineConfig)} | {
         f.name for f in dataclasses.fields(ServeConfig)} - {"engine", "admin_token"}
-    missing = {name for name in fields if "--" + name.replace("_", "-") not in flags}
+    missing = {name for name in fields
+               if not {"--" + name.replace("_", "-"), "--no-" + name.replace("_", "-")} & flags}
     assert not missing, f"serve flags without help for {sorted(missing)}"
     assert "--admin-token-file" in flags
     assert "(default: 50051)" in text and "(default: 127.0.0.1)" in text

@@ -193,7 +193,8 @@ def paged_decode_attention(
     if q.dtype != cache.dtype:
         raise ValueError(f"q and cache must share a dtype, got {q.dtype} and {cache.dtype}")
     if partition is None:
-        partition = choose_partition(B, kv_heads, block_tables.shape[1] * block_size, q.device)
+        sms = sm_count(q.device.index) if q.is_cuda else None
+        partition = choose_partition(B, kv_heads, block_tables.shape[1] * block_size, sms)
     if partition < 16:
         raise ValueError(f"partition must be >= 16 positions, got {partition}")
     out = torch.empty(B, heads, D, dtype=q.dtype, device=q.device)
@@ -238,18 +239,21 @@ def paged_decode_attention(
     return out
 
 
-def choose_partition(batch: int, kv_heads: int, max_ctx: int, device: torch.device) -> int:
-    """Context positions per split: on a GPU, enough splits that batch * kv_heads * splits
-    programs fill every SM twice (one sequence of a long context otherwise runs on kv_heads
-    SMs), none shorter than MIN_PARTITION. Host shapes only, so a captured graph keeps it."""
-    if device.type != "cuda":
+def choose_partition(batch: int, kv_heads: int, max_ctx: int, sms: int | None) -> int:
+    """Context positions per split: on a GPU of `sms` SMs, enough splits that batch * kv_heads
+    * splits programs fill every SM twice (one sequence of a long context otherwise runs on
+    kv_heads SMs), none shorter than MIN_PARTITION; off a GPU (sms None, the interpreter)
+    PARTITION. Host shapes only, so a captured graph keeps it."""
+    if sms is None:
         return PARTITION
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = max(1, min(triton.cdiv(max_ctx, MIN_PARTITION), MAX_SPLITS,
                         triton.cdiv(2 * sms, batch * kv_heads)))  # fmt: skip
     return triton.cdiv(triton.cdiv(max_ctx, splits), MIN_PARTITION) * MIN_PARTITION
 
 
 @functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def sm_count(index: int | None) -> int:
+    """The SMs of CUDA device `index` (None: the current one)."""
+    return torch.cuda.get_device_properties(
+        torch.cuda.current_device() if index is None else index
+    ).multi_processor_count

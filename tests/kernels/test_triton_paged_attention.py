@@ -128,14 +128,12 @@ def test_offsets_past_two_to_the_31_elements():
     assert torch.equal(cache[0, :, slots - 1], k) and torch.equal(cache[1, :, slots - 1], v)
 
 
-def test_partition_fills_the_gpu_from_shapes_alone(monkeypatch):
-    """On a GPU: one sequence's long context spread over many programs, a large batch in one
-    pass; off a GPU (the interpreter) the fewest programs."""
+def test_partition_fills_the_gpu_from_shapes_alone():
+    """On a GPU (an H200's 132 SMs): one sequence's long context spread over many programs, a
+    large batch in one pass; off a GPU (the interpreter) the fewest programs."""
     import peftserve.kernels.triton_paged_attention as pa
 
-    monkeypatch.setattr(pa, "_sm_count", lambda index: 132)
-    gpu = torch.device("cuda", 0)
-    assert pa.choose_partition(1, 8, 1024, gpu) == 64  # 16 splits x 8 KV heads
-    assert pa.choose_partition(64, 8, 4096, gpu) == 4096  # 512 programs in one pass
-    assert pa.choose_partition(1, 1, 1 << 20, gpu) == (1 << 20) // pa.MAX_SPLITS
-    assert pa.choose_partition(1, 8, 1024, torch.device("cpu")) == pa.PARTITION
+    assert pa.choose_partition(1, 8, 1024, 132) == 64  # 16 splits x 8 KV heads
+    assert pa.choose_partition(64, 8, 4096, 132) == 4096  # 512 programs in one pass
+    assert pa.choose_partition(1, 1, 1 << 20, 132) == (1 << 20) // pa.MAX_SPLITS
+    assert pa.choose_partition(1, 8, 1024, None) == pa.PARTITION

@@ -62,6 +62,5 @@ def test_unexpected_error_is_internal_without_detail(tmp_path, caplog):
 
     with caplog.at_level(logging.ERROR, logger="peftserve.grpc.errors"):
         asyncio.run(main())
-    servicer.close()
     assert metrics.registry.get_sample_value("peftserve_requests_total", {
         "adapter_kind": "base", "adapter": "__base__", "outcome": "internal"}) == 1

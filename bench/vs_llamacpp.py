@@ -286,23 +286,26 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
             asyncio.run(register())
             for phase in PHASES:  # warm-up: a few requests of each kind
                 asyncio.run(peftserve_run(target, ps_jobs[phase][:4], at_once=True))
-        # one llama-server at a time: an idle one's threads still take CPU from the other
-        for loras, phases in (([], ("batch", "single")), (lora_ggufs, ("loras",))):
-            with LlamaServer(binary, model, loras=loras,
-                             log=logs / f"{precision}-{phases[0]}.log", **common) as server:
-                for phase in phases:
-                    llama_run(server, lc_jobs[phase][:4], True)
-                for rnd in range(args.repeat):
+        # Each round: peftserve's phases with no llama-server alive (an idle llama-server's
+        # threads poll, and took a quarter of a core from whatever ran beside it), then
+        # llama-server's, one server at a time (an idle peftserve waits on a queue).
+        for rnd in range(args.repeat):
+            if ps_proc is not None:
+                for phase in PHASES:
+                    runs["peftserve"][phase].append(
+                        asyncio.run(peftserve_run(target, ps_jobs[phase], phase != "single")))
+            for loras, phases in (([], ("batch", "single")), (lora_ggufs, ("loras",))):
+                with LlamaServer(binary, model, loras=loras,
+                                 log=logs / f"{precision}-{phases[0]}.log", **common) as server:
                     for phase in phases:
-                        at_once = phase != "single"
-                        if ps_proc is not None:
-                            runs["peftserve"][phase].append(
-                                asyncio.run(peftserve_run(target, ps_jobs[phase], at_once)))
+                        llama_run(server, lc_jobs[phase][:4], True)  # warm-up
+                    for phase in phases:
                         runs["llama.cpp"][phase].append(
-                            llama_run(server, lc_jobs[phase], at_once))
-                        print(f"{precision} round {rnd} {phase}: " + ", ".join(
-                            f"{s} {runs[s][phase][-1]['tok_s']:.1f} tok/s"
-                            for s in SYSTEMS if runs[s][phase]), flush=True)
+                            llama_run(server, lc_jobs[phase], phase != "single"))
+            for phase in PHASES:
+                print(f"{precision} round {rnd} {phase}: " + ", ".join(
+                    f"{s} {runs[s][phase][-1]['tok_s']:.1f} tok/s"
+                    for s in SYSTEMS if runs[s][phase]), flush=True)
     finally:
         if ps_proc is not None:
             ps_proc.terminate()

@@ -25,7 +25,11 @@ CPU = torch.device("cpu")
 KINDS = ["int8", "int4"]
 CODES = {"int8": torch.int8, "int4": torch.uint8, "bf16": torch.bfloat16}
 
-pytestmark = pytest.mark.skipif(not cpu_ext.load(), reason="C++ CPU kernels not built")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels():
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
 
 
 def model(path, weights: str, backend: Backend) -> LlamaModel:

@@ -10,7 +10,10 @@ import torch
 
 from peftserve.kernels import cpu_ext, gemv
 
-pytestmark = pytest.mark.skipif(not cpu_ext.load(), reason="C++ CPU kernels not built")
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels():
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
 
 BF16 = torch.bfloat16
 # (N, K): a narrow last tile, an odd K, K = 1, N below one tile, SmolLM2's q/k/v and down

@@ -10,7 +10,10 @@ import torch
 
 from peftserve.kernels import cpu_ext, quant
 
-pytestmark = pytest.mark.skipif(not cpu_ext.load(), reason="C++ CPU kernels not built")
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels():
+    assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
 
 BF16 = torch.bfloat16
 KINDS = ["int8", "int4"]

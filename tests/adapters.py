@@ -151,3 +151,23 @@ def make_template(
     }
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     return out
+
+
+# One adapter of each kind (and two LoRA and bottleneck variants), as the batching tests mix them.
+EVERY_KIND = ("lora", "lora-qv", "bottleneck", "pfeiffer", "prefix", "prompt", "template")
+
+
+def every_kind(model_dir: Path, root: Path, names: tuple[str, ...] = EVERY_KIND) -> dict[str, Path]:
+    """The adapters `names` (from EVERY_KIND) for `model_dir`, written under `root`."""
+    makers = {
+        "lora": lambda: make_lora(model_dir, root / "lora", r=8, seed=1, targets=ALL_LINEAR),
+        "lora-qv": lambda: make_lora(model_dir, root / "qv", r=4, seed=5,
+                                     targets=["q_proj", "v_proj"]),
+        "bottleneck": lambda: make_bottleneck(model_dir, root / "bottleneck", "houlsby", seed=2),
+        "pfeiffer": lambda: make_bottleneck(model_dir, root / "pfeiffer", "pfeiffer", seed=6),
+        "prefix": lambda: make_prefix_tuning(model_dir, root / "prefix", virtual=5, seed=3),
+        "prompt": lambda: make_prompt_tuning(model_dir, root / "prompt", virtual=3, seed=4),
+        "template": lambda: make_template(root / "template", system="Be brief.",
+                                          few_shot=[{"user": "hi", "assistant": "hello"}]),
+    }  # fmt: skip
+    return {name: makers[name]() for name in names}

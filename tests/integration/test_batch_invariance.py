@@ -28,15 +28,8 @@ MAX_BATCH = 32
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("invariance")
-    return {
-        "lora": A.make_lora(tiny_llama_dir, root / "lora", r=8, seed=1, targets=A.ALL_LINEAR),
-        "bottleneck": A.make_bottleneck(tiny_llama_dir, root / "bottleneck", "houlsby", seed=2),
-        "prefix": A.make_prefix_tuning(tiny_llama_dir, root / "prefix", virtual=5, seed=3),
-        "prompt": A.make_prompt_tuning(tiny_llama_dir, root / "prompt", virtual=3, seed=4),
-        "template": A.make_template(root / "template", system="Be brief.",
-                                    few_shot=[{"user": "hi", "assistant": "hello"}]),
-    }
+    return A.every_kind(tiny_llama_dir, tmp_path_factory.mktemp("invariance"),
+                        ("lora", "bottleneck", "prefix", "prompt", "template"))
 
 
 def engine_for(model_dir, dirs, dtype: str) -> Engine:

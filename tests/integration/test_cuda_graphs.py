@@ -26,15 +26,8 @@ WORDS = "the quick brown fox jumps over the lazy dog low rank adapters share a b
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("graphs")
-    return {
-        "lora": A.make_lora(tiny_llama_dir, root / "lora", r=8, seed=1, targets=A.ALL_LINEAR),
-        "lora-qv": A.make_lora(tiny_llama_dir, root / "qv", r=4, seed=5,
-                               targets=["q_proj", "v_proj"]),
-        "bottleneck": A.make_bottleneck(tiny_llama_dir, root / "bottleneck", "houlsby", seed=2),
-        "prefix": A.make_prefix_tuning(tiny_llama_dir, root / "prefix", virtual=5, seed=3),
-        "prompt": A.make_prompt_tuning(tiny_llama_dir, root / "prompt", virtual=3, seed=4),
-    }  # fmt: skip
+    return A.every_kind(tiny_llama_dir, tmp_path_factory.mktemp("graphs"),
+                        ("lora", "lora-qv", "bottleneck", "prefix", "prompt"))
 
 
 def engine_for(model_dir, dirs, **kw) -> Engine:

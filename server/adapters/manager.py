@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -174,11 +174,13 @@ class AdapterManager:
 
     # --- the engine step's side -------------------------------------------------------------
 
-    def prepare(self, scheduled: Collection[AdmittedSeq]) -> list[AdmittedSeq]:
+    def prepare(self, scheduled: Iterable[AdmittedSeq]) -> list[AdmittedSeq]:
         """Does the device work the admissions since the last call decided on. Returns the
         scheduled sequences it failed for (`seq.error` set): their adapter could not be placed
         (a bug or a value the device refused), which fails them alone; the engine ends them
         and runs the rest of the batch."""
+        if not self._pending:  # most steps: every adapter already in place
+            return []
         failed: list[AdmittedSeq] = []
         in_batch = {id(seq) for seq in scheduled}
         work_list = list(self._pending.values())

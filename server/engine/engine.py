@@ -159,7 +159,7 @@ class Engine:
         """The scheduler's decision, then the device work it needs (adapter slots, prefix KV);
         a sequence whose adapter could not be placed leaves the batch for `failed`."""
         batch = self.scheduler.schedule()
-        unplaced = self.adapters.prepare([item.seq for item in batch.items])
+        unplaced = self.adapters.prepare(item.seq for item in batch.items)
         return batch.without(unplaced) if unplaced else batch
 
     @property

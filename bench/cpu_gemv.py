@@ -1,7 +1,9 @@
 """The bf16 matrix-vector kernel (kernels/gemv.py) against oneDNN's packed matmul
 (kernels/packed_linear.py) over a whole SmolLM2-135M pass: 30 layers' q/k/v, o, gate/up and
 down and the LM head, at M = 1..32 rows (and a few prefill sizes), 2 threads; with the read
-floor (torch.sum over a bf16 tensor of the same 270 MB) in the same rounds.
+floor (torch.sum over a bf16 tensor of the same 270 MB) in the same rounds. "gemv" holds the
+weights as the CPU backend does, in one buffer of huge pages (kernels/huge_pages.py);
+"gemv_4k_pages" the same packed weights each in its own allocation.
 
     .venv/bin/python -m bench.cpu_gemv                       # -> bench/results/cpu_gemv.json
     .venv/bin/python -m bench.cpu_gemv --rows 1 8 32 --rounds 5
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.common import environment
-from peftserve.kernels import cpu_ext, gemv, packed_linear
+from peftserve.kernels import cpu_ext, gemv, huge_pages, packed_linear
 
 HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 30, 49152, 9, 3, 64
 ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128, 256)
@@ -43,19 +45,25 @@ def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
     xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in (HIDDEN, INTER)}
     onednn = [(packed_linear.pack(w), xs[w.shape[1]]) for w in dense]
     mine = [(gemv.pack(w), xs[w.shape[1]]) for w in dense]
+    # the same packed weights in one buffer of huge pages, as the CPU backend holds them
+    held = list(zip(huge_pages.gather([w for w, _ in mine]), [x for _, x in mine], strict=True))
     total = sum(w.numel() for w in dense)
     del dense
-    flat = torch.randn(total, generator=g).bfloat16()
+    flat = huge_pages.gather([torch.randn(total, generator=g).bfloat16()])[0]
 
     def run_onednn() -> None:
         for w, x in onednn:
             packed_linear.linear(x, w, None)
 
-    def run_gemv() -> None:
-        for w, x in mine:
-            gemv.linear(x, w, None)
+    def run_gemv(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+        def run() -> None:
+            for w, x in weights:
+                gemv.linear(x, w, None)
 
-    return {"gemv": run_gemv, "onednn": run_onednn, "read_floor": lambda: flat.sum()}
+        return run
+
+    return {"gemv": run_gemv(held), "gemv_4k_pages": run_gemv(mine), "onednn": run_onednn,
+            "read_floor": lambda: flat.sum()}
 
 
 def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
@@ -70,12 +78,15 @@ def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
             times[name].append(time.perf_counter() - t0)
     weight_bytes = 2 * sum(n * k for n, k in shapes())
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-    pairs = zip(times["gemv"], times["onednn"], strict=True)
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
     return {
         "rows": rows,
         "ms": ms,
         "GB_per_s": {name: weight_bytes / (t * 1e6) for name, t in ms.items()},
-        "gemv_over_onednn": statistics.median(a / b for a, b in pairs),
+        "gemv_over_onednn": ratio("gemv", "onednn"),
+        "gemv_over_gemv_4k_pages": ratio("gemv", "gemv_4k_pages"),
     }
 
 
@@ -96,7 +107,9 @@ def main() -> None:
         r = measure(rows, args.rounds, g)
         ms = r["ms"]
         print(f"M={rows:4d}  gemv {ms['gemv']:7.2f} ms  oneDNN {ms['onednn']:7.2f} ms  "
-              f"read floor {ms['read_floor']:6.2f} ms  gemv/oneDNN {r['gemv_over_onednn']:.3f}",
+              f"4 KB pages {ms['gemv_4k_pages']:7.2f} ms  read floor {ms['read_floor']:6.2f} ms  "
+              f"gemv/oneDNN {r['gemv_over_onednn']:.3f}  "
+              f"gemv/4 KB pages {r['gemv_over_gemv_4k_pages']:.3f}",
               flush=True)  # fmt: skip
         results.append(r)
     uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

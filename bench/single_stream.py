@@ -7,7 +7,9 @@ SmolLM2-135M (the default model), bf16, 2 threads, one chat request alone, greed
 --tokens new tokens. Two engines in one process: "gemv" (the CPU backend as it serves) and
 "onednn" (the same backend with gemv_rows=0); each round runs the request on both and times
 the read floor (torch.sum over a bf16 tensor as large as all base matmul weights, the LM head
-included), in turn, so drift of a shared machine hits them alike. Decode tok/s counts the
+included, held in huge pages as the served weights are), in turn, so drift of a shared machine
+hits them alike. "gemv_4k_pages": the same backend with each weight in its own allocation
+(CpuBackend(huge_pages=False)). Decode tok/s counts the
 tokens after the first over the time after the first step (the prefill). Then the decode step
 alone, against the read floor, paired 25 times (bench.common.decode_step_vs_floor).
 With --batch-rounds > 0 also the 32-request workload (bench.common.workload(), all at once)
@@ -31,7 +33,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.kernels import cpu_ext
+from peftserve.kernels import cpu_ext, huge_pages
 from peftserve.layers.backend import CpuBackend
 
 
@@ -98,11 +100,13 @@ def main() -> None:
     config = EngineConfig(model="default", dtype="bfloat16", device="cpu")
     engines = {
         "gemv": Engine.from_config(config, CpuBackend(native=True)),
+        "gemv_4k_pages": Engine.from_config(config, CpuBackend(native=True, huge_pages=False)),
         "onednn": Engine.from_config(config, CpuBackend(native=True, gemv_rows=0)),
     }
     assert engines["gemv"].model.lm_head_gemv is not None, "the C++ kernels are not in use"
     prompt = chat_prompt(engines["gemv"])
-    flat = torch.randn(weight_elements(engines["gemv"])).bfloat16()
+    # the floor reads the same bytes from huge pages, as the served weights are held
+    flat = huge_pages.gather([torch.randn(weight_elements(engines["gemv"])).bfloat16()])[0]
     floor_s: list[float] = []
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     for name, eng in engines.items():  # warm-up
@@ -120,10 +124,13 @@ def main() -> None:
             "end_to_end_tok_s": statistics.median(args.tokens / x["total_s"] for x in rs),
             "prefill_ms": 1e3 * statistics.median(x["prefill_s"] for x in rs),
         }
-    pairs = zip(runs["gemv"], runs["onednn"], strict=True)
-    result["decode_speedup_gemv_over_onednn"] = statistics.median(
-        (a["decode_steps"] / a["decode_s"]) / (b["decode_steps"] / b["decode_s"]) for a, b in pairs
-    )
+    def speedup(a: str, b: str) -> float:
+        return statistics.median((x["decode_steps"] / x["decode_s"]) /
+                                 (y["decode_steps"] / y["decode_s"])
+                                 for x, y in zip(runs[a], runs[b], strict=True))  # fmt: skip
+
+    result["decode_speedup_gemv_over_onednn"] = speedup("gemv", "onednn")
+    result["decode_speedup_huge_over_4k_pages"] = speedup("gemv", "gemv_4k_pages")
     steps = {}
     for name, eng in engines.items():
         params = SamplingParams(max_new_tokens=60, ignore_eos=True)

@@ -168,6 +168,7 @@ class LlamaModel(nn.Module):
                 self.lm_head_packed = packed_linear.pack(self.lm_head)
             if self.gemv_rows:
                 self.lm_head_gemv = quant.pack(self.lm_head, quant.LM_HEAD[weights])
+                self._hold_streamed(backend)
             if self.lm_head is not self.embed:
                 self.lm_head = None  # type: ignore[assignment]
         self.rotary = RotaryEmbedding(config, self.shape.head_dim, device)
@@ -175,6 +176,16 @@ class LlamaModel(nn.Module):
         self.device = device
         self.backend = backend
         self._decode_weights: dict[bool, tuple] = {}
+
+    def _hold_streamed(self, backend: Backend) -> None:
+        """The matrix-vector kernel's weights, which a small step reads whole, where the
+        backend keeps them (the CPU: one buffer of huge pages), in the order a step reads them."""
+        lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
+                                                          layer.down)]  # fmt: skip
+        held = backend.hold_streamed([lin.gemv for lin in lins] + [self.lm_head_gemv])
+        for lin, w in zip(lins, held, strict=False):
+            lin.gemv = w
+        self.lm_head_gemv = held[-1]
 
     def _dequantized(self, weights: str) -> None:
         """Every matmul weight replaced by its `weights` form dequantized to bf16 (dense)."""

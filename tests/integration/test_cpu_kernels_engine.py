@@ -165,6 +165,8 @@ def test_matrix_vector_kernel_gives_onednns_tokens(model, request):
     assert run(path, "bfloat16", CpuBackend(native=True, decode_stack=False)) == onednn
     # steps of up to 4 rows on the kernel, larger ones on oneDNN (both layouts held)
     assert run(path, "bfloat16", CpuBackend(native=True, gemv_rows=4)) == onednn
+    # the weights in their own allocations instead of one buffer of huge pages
+    assert run(path, "bfloat16", CpuBackend(native=True, huge_pages=False)) == onednn
 
 
 def test_the_cpu_backend_holds_the_matrix_vector_layout_in_bf16_only(tiny_llama_dir):
@@ -179,5 +181,17 @@ def test_the_cpu_backend_holds_the_matrix_vector_layout_in_bf16_only(tiny_llama_
     dense = LlamaModel(config, state, torch.bfloat16, CPU, Backend())
     assert torch.equal(lin.dense_weight(), dense.layers[0].qkv.weight)
     assert torch.equal(model.lm_head_dense(), dense.lm_head_dense())
+    # every streamed weight a view into one buffer (kernels/huge_pages.py), in step order
+    streamed = [w for layer in model.layers for w in (layer.qkv.gemv, layer.o.gemv,
+                                                      layer.gate_up.gemv, layer.down.gemv)]
+    streamed.append(model.lm_head_gemv)
+    buffers = {w.untyped_storage().data_ptr() for w in streamed}
+    assert len(buffers) == 1
+    assert [w.data_ptr() for w in streamed] == sorted(w.data_ptr() for w in streamed)
+    apart = LlamaModel(config, state, torch.bfloat16, CPU, CpuBackend(native=True,
+                                                                      huge_pages=False))
+    assert apart.layers[0].qkv.gemv.untyped_storage().data_ptr() != \
+        apart.layers[0].o.gemv.untyped_storage().data_ptr()
+    assert torch.equal(apart.layers[0].qkv.gemv, lin.gemv)
     fp32 = LlamaModel(config, state, torch.float32, CPU, CpuBackend(native=True))
     assert fp32.layers[0].qkv.gemv is None and fp32.lm_head_gemv is None

@@ -4,16 +4,16 @@ oneDNN's packed matmul at every batch size, and the decode step against the weig
     .venv/bin/python -m bench.single_stream      # -> bench/results/single_stream_cpu.json
 
 SmolLM2-135M (the default model), bf16, 2 threads, one chat request alone, greedy, EOS ignored,
---tokens new tokens. Two engines in one process: "gemv" (the CPU backend as it serves) and
-"onednn" (the same backend with gemv_rows=0); each round runs the request on both and times
+--tokens new tokens. Three engines in one process: "gemv" (the CPU backend as it serves),
+"gemv_4k_pages" (the same, each weight in its own allocation: CpuBackend(huge_pages=False))
+and "onednn" (the same backend with gemv_rows=0); each round runs the request on each and times
 the read floor (torch.sum over a bf16 tensor as large as all base matmul weights, the LM head
 included, held in huge pages as the served weights are), in turn, so drift of a shared machine
-hits them alike. "gemv_4k_pages": the same backend with each weight in its own allocation
-(CpuBackend(huge_pages=False)). Decode tok/s counts the
-tokens after the first over the time after the first step (the prefill). Then the decode step
-alone, against the read floor, paired 25 times (bench.common.decode_step_vs_floor).
+hits them alike. Decode tok/s counts the tokens after the first over the time after the first
+step (the prefill). Then the decode step alone, against the read floor, paired 25 times
+(bench.common.decode_step_vs_floor).
 With --batch-rounds > 0 also the 32-request workload (bench.common.workload(), all at once)
-on both engines, interleaved: the kernel at 32-row decode steps and in the prefill chunks.
+on every engine, interleaved: the kernel at 32-row decode steps and in the prefill chunks.
 `uptime` is recorded before and after.
 """
 

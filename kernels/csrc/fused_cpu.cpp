@@ -282,9 +282,21 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// Sizes the calling thread's OpenMP team for this library's parallel loops now, from torch's
+// thread count, and returns it. at::parallel_for does this at a thread's first call through an
+// inline function whose once-per-thread flag is this library's own copy, not libtorch's: a
+// thread that had run torch's ops at one count got the count the process held at its first
+// call of ours (another thread's torch.set_num_threads(1), there, left the server's step
+// thread on one core). The thread that runs the steps calls this as it starts.
+int64_t init_threads() {
+  at::internal::lazy_init_num_threads();
+  return at::get_num_threads();
+}
+
 }  // namespace peftserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
+  m.def("init_threads() -> int", &peftserve_cpu::init_threads);
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def(
       "add_rms_norm(Tensor(a!) out, Tensor(b!) residual, Tensor x, Tensor weight, float eps) "

@@ -62,6 +62,7 @@ class AsyncEngine:
                     failure.append(e)
                     ready.set()
                     return
+            self.engine.bind_thread()  # before any adapter load can change torch's count
             ready.set()
             self._loop()
 

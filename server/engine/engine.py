@@ -86,6 +86,7 @@ class Engine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         backend = backend or select_backend(config.backend, device)
+        backend.bind_thread()  # this thread runs the steps unless AsyncEngine.start says not
         model_dir = resolve_model_dir(config.model, config.cache_dir)
         hf_config = load_config(model_dir)
         t0 = time.perf_counter()
@@ -99,6 +100,14 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         return cls(config, model, tokenizer, eos_ids)
+
+    def bind_thread(self) -> None:
+        """Fixes the calling thread's torch thread count (config.num_threads, else the
+        process's) for every parallel op the steps run on it (Backend.bind_thread): the
+        thread that runs the steps calls this before its first step."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.model.backend.bind_thread()
 
     # --- requests ---------------------------------------------------------------------------
 

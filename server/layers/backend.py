@@ -68,6 +68,13 @@ class Backend:
         matrix-vector kernel (kernels/gemv.py); 0: never."""
         return 0
 
+    def bind_thread(self) -> None:
+        """Called on the thread that will run the steps, its torch thread count set: sizes
+        that thread's OpenMP team now. torch does it at a thread's first parallel op, from a
+        count shared by the process that any later torch.set_num_threads changes (the adapter
+        loaders set 1 on their threads)."""
+        torch.get_num_threads()
+
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """Zero-filled storage for the adapters' slot buffers."""
         return torch.zeros(*shape, dtype=dtype, device=device)
@@ -298,6 +305,13 @@ class CpuBackend(Backend):
         when a slot's rows are written."""
         raw = torch.from_numpy(np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8))
         return raw.view(dtype).view(*shape)
+
+    def bind_thread(self) -> None:
+        # The C++ ops' parallel loops size their team through their own copy of torch's
+        # once-per-thread flag (csrc/fused_cpu.cpp, init_threads): set both.
+        super().bind_thread()
+        if self.native:
+            self.ops.init_threads()
 
     def hold_streamed(self, tensors: list[Tensor]) -> list[Tensor]:
         """In one buffer of transparent huge pages (kernels/huge_pages.py): a decode step reads

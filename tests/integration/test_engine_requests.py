@@ -224,6 +224,35 @@ def test_async_engine_builds_the_engine_on_its_own_thread(tiny_llama_dir):
         AsyncEngine().start(broken)
 
 
+def test_an_adapter_loaded_before_the_first_step_leaves_the_step_threads_count(
+        tiny_llama_dir, tmp_path):
+    """The adapter loaders run with torch.set_num_threads(1), which changes the count torch
+    gives a thread at its first parallel op; the step thread's count (and the C++ ops' own
+    copy of it) is fixed as the thread starts, so a load before the first step leaves the
+    steps on --num-threads. It once left the server stepping on one core of two."""
+    from peftserve.kernels import cpu_ext
+    from tests.adapters import make_lora
+
+    assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    lora = make_lora(tiny_llama_dir, tmp_path / "lora")
+    aeng = AsyncEngine()
+    aeng.start(lambda: Engine.from_config(EngineConfig(
+        model=str(tiny_llama_dir), dtype="bfloat16", device="cpu", num_threads=2,
+        num_kv_blocks=16)))  # fmt: skip
+    try:
+        async def main() -> tuple[int, int]:
+            await aeng.register_adapter("a", lora)
+            request = Request("x", prompt="hello", adapter="a",
+                              params=SamplingParams(max_new_tokens=2, ignore_eos=True))
+            assert [o async for o in aeng.generate(request)][-1].completion_tokens == 2
+            return (await aeng.call(torch.get_num_threads),
+                    await aeng.call(torch.ops.peftserve_cpu.init_threads))
+
+        assert asyncio.run(main()) == (2, 2)
+    finally:
+        aeng.shutdown()
+
+
 def test_timings_count_from_the_arrival_the_server_stamped(engine):
     """The gRPC handler stamps arrival before tokenizing and handing the request over; queue
     time, TTFT and e2e count from there, not from when the engine thread took it."""

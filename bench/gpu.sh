@@ -3,24 +3,26 @@
 #
 #     OUT=/some/dir MODEL_DIR=/dir/with/smollm2/config+tokenizer bash bench/gpu.sh
 #
-# 0. the C++ CPU kernels on the host CPU (native_kernels): the build and its self-test in a child
-#    process (the last "start <op>" line names an op that crashed), then the C++ ops' tests
-#    without xdist, each with a time limit (the host's compiler, torch and CPU are not ours);
-# 1. the kernel tests with the Triton kernels compiled for the GPU (TRITON_INTERPRET unset), the
-#    GPU-marked ones included: the dispatcher in fp32 (TF32 off and on), fp16 and bf16 against the
-#    plain-torch reference;
-# 2. the engine's oracle tests on the GPU (PEFTSERVE_TEST_DEVICE=cuda): logits vs transformers and
-#    PEFT, bottlenecks vs the injected reference, every kind in one batch vs alone, preemption;
-#    LoRA and bottleneck deltas go through the Triton kernels;
-# 3. bench/gpu_engine.py: the engine (static decode step, CUDA graphs) vs transformers / PEFT at
-#    SmolLM2's shape and at Llama-3.1-8B's, random bf16 weights generated on the GPU under
-#    /dev/shm (bench/random_weights.py; MODEL_DIR gives SmolLM2's tokenizer);
-# 4. bench/kernels.py on CUDA;
-# 5. bench/decode_kernels.py: the Triton paged decode attention vs gather + SDPA and the
-#    one-launch LoRA kernels vs the segment ones, SmolLM2 and Llama-3.1-8B shapes, batch 1-64.
+# The steps, in the order they run (the GPU issue's numbers first):
+# 1. engine_bench_8b, engine_bench: bench/gpu_engine.py, the engine (static decode step, CUDA
+#    graphs) vs transformers at Llama-3.1-8B's shape and at SmolLM2's (with cold start), random
+#    bf16 weights generated on the GPU under /dev/shm (bench/random_weights.py; MODEL_DIR gives
+#    SmolLM2's tokenizer);
+# 2. engine_cuda_tests: the engine's oracle tests on the GPU (PEFTSERVE_TEST_DEVICE=cuda), CUDA
+#    graphs vs eager first: logits vs transformers and PEFT, bottlenecks vs the injected
+#    reference, every kind in one batch vs alone, preemption; deltas through the Triton kernels;
+# 3. kernel_tests: the kernel tests with the Triton kernels compiled for the GPU
+#    (TRITON_INTERPRET unset), the GPU-marked ones included, against the plain-torch reference;
+# 4. decode_kernels_bench: bench/decode_kernels.py, the Triton paged decode attention vs gather +
+#    SDPA and the one-launch LoRA kernels vs the segment ones, both shapes, batch 1-64;
+# 5. kernels_bench: bench/kernels.py on CUDA;
+# 6. native_kernels: the C++ CPU kernels on the host CPU: the build and its self-test in a
+#    child process (the last "start <op>" line names an op that crashed), then the C++ ops'
+#    tests without xdist, each with a time limit (the host's compiler, torch and CPU are not
+#    ours).
 # Writes logs and JSON under $OUT (default bench/results). Each step has a time limit
 # and runs regardless of the others; the exit status is non-zero when any failed.
-# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all six).
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all seven).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -71,25 +73,31 @@ native() {
     tests/unit/test_cpu_fused_ops.py tests/unit/test_cpu_paged_attention.py \
     tests/unit/test_argmax_rows.py
 }
-step native_kernels "${T_NATIVE:-240}" env PY="$PY" bash -c "$(declare -f native); native"
-step kernel_tests "${T_KERNEL_TESTS:-150}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
-step engine_cuda_tests "${T_ENGINE_TESTS:-150}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
-  tests/integration/test_parity.py tests/integration/test_adapter_parity.py \
-  tests/integration/test_adapter_batching.py tests/integration/test_batching.py \
-  tests/integration/test_engine_requests.py tests/integration/test_cuda_graphs.py \
-  "${pytest_args[@]}"
+# The GPU issue's measurements first, then the tests, then the host CPU's kernels. The limits
+# add up to 470 s (T_* override them): one run fits in 8 minutes even when every step hits its
+# limit, and a step that does leaves its log (gpu_engine.py also writes its JSON after each
+# section).
 if [ -n "${MODEL_DIR:-}" ]; then
-  # ENGINE_BENCH_ARGS, e.g. "--sections cold": other sections of gpu_engine.py
-  step engine_bench "${T_ENGINE_BENCH:-150}" "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" \
-    --shape smollm2 --out "$OUT/gpu_engine.json" ${ENGINE_BENCH_ARGS:-}
   # Llama-3.1-8B's shape: random bf16 weights written on the GPU under /dev/shm (removed after)
-  step engine_bench_8b "${T_ENGINE_BENCH_8B:-300}" "$PY" -m bench.gpu_engine \
+  step engine_bench_8b "${T_ENGINE_BENCH_8B:-130}" "$PY" -m bench.gpu_engine \
     --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections throughput,floor,adapters \
     --out "$OUT/gpu_engine_8b.json" ${ENGINE_BENCH_8B_ARGS:-}
-  rm -rf /dev/shm/peftserve-llama-3.1-8b /dev/shm/peftserve-smollm2
+  rm -rf /dev/shm/peftserve-llama-3.1-8b
+  # ENGINE_BENCH_ARGS, e.g. "--sections peft": other sections of gpu_engine.py
+  step engine_bench "${T_ENGINE_BENCH:-80}" "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" \
+    --shape smollm2 --sections throughput,floor,adapters,cold --out "$OUT/gpu_engine.json" \
+    ${ENGINE_BENCH_ARGS:-}
+  rm -rf /dev/shm/peftserve-smollm2
 fi
-step kernels_bench "${T_KERNEL_BENCH:-90}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
-step decode_kernels_bench "${T_DECODE_KERNELS:-100}" "$PY" bench/decode_kernels.py \
+step engine_cuda_tests "${T_ENGINE_TESTS:-70}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
+  tests/integration/test_cuda_graphs.py tests/integration/test_parity.py \
+  tests/integration/test_adapter_parity.py tests/integration/test_adapter_batching.py \
+  tests/integration/test_batching.py tests/integration/test_engine_requests.py \
+  "${pytest_args[@]}"
+step kernel_tests "${T_KERNEL_TESTS:-60}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
+step decode_kernels_bench "${T_DECODE_KERNELS:-40}" "$PY" bench/decode_kernels.py \
   --out "$OUT/decode_kernels_cuda.json"
+step kernels_bench "${T_KERNEL_BENCH:-25}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
+step native_kernels "${T_NATIVE:-65}" env PY="$PY" bash -c "$(declare -f native); native"
 cat "$OUT/steps.log"
 exit "$status"

@@ -200,6 +200,7 @@ def main() -> None:
         if "peft" in sections and "lora-qv" not in configs:
             configs.append("lora-qv")
         many_adapters(engine, hf, pad, work, prompts, lengths, configs, "peft" in sections, out)
+        save()
     # --- cold register -> first token ----------------------------------------------------------
     if "cold" in sections:
         with tempfile.TemporaryDirectory() as root:

@@ -25,8 +25,12 @@ prompt lengths the two servers report are compared). Phases, each `--repeat` tim
 systems in turn within a round, best wall time kept:
 - batch: all 32 requests at once;
 - single: the first `--single` requests one after another, each alone; tok/s over their whole
-  walls and decode-only (peftserve: tokens after the first over the time from first to last
-  token on the client; llama-server: its own `timings.predicted_*`);
+  walls and decode-only (the tokens after the first over the time from the first to the last,
+  as each server measures it: peftserve's response timings, llama-server's
+  `timings.predicted_*`).
+Each request is sent whole and answered whole on both sides (peftserve's unary Generate,
+llama-server's /completion without `stream`): a stream costs the server a message per token on
+the same two cores.
 - loras: the 32 requests again, request i naming LoRA i mod 8 (llama-server: the per-request
   `lora` field, its server started with all of them at scale 0); ratio against its own batch.
 """
@@ -149,27 +153,17 @@ def summarize(records: list[dict], wall: float) -> dict:
 # --- one side each: run a list of (prompt, n, lora index) at once, or one at a time --------
 
 async def _peftserve_one(client, message: str, n: int, adapter: str | None) -> dict:
+    """One request as llama-server gets its own: whole (not streamed), decode time from the
+    server's timings (first token to the end, as llama-server's `predicted_ms`)."""
     from peftserve.client import Sampling
 
-    start = time.perf_counter()
-    first = last = None
-    tokens = first_tokens = 0
-    prompt_tokens = 0
-    async for chunk in client.generate_stream(
-            messages=[{"role": "user", "content": message}], adapter=adapter,
-            sampling=Sampling(max_new_tokens=n, ignore_eos=True)):
-        k = len(chunk.token_ids)
-        if chunk.prompt_tokens is not None:
-            prompt_tokens = chunk.prompt_tokens
-        if not k:
-            continue
-        last = time.perf_counter()
-        if first is None:
-            first, first_tokens = last, k
-        tokens += k
-    assert tokens == n and first is not None and last is not None, (tokens, n)
-    return {"tokens": tokens, "decode_tokens": tokens - first_tokens, "decode_s": last - first,
-            "ttft_s": first - start, "prompt_tokens": prompt_tokens}
+    done = await client.generate(messages=[{"role": "user", "content": message}],
+                                 adapter=adapter,
+                                 sampling=Sampling(max_new_tokens=n, ignore_eos=True))
+    t = done.timings
+    assert done.completion_tokens == n and t.ttft_s is not None and t.total_s is not None, done
+    return {"tokens": n, "decode_tokens": n - 1, "decode_s": t.total_s - t.ttft_s,
+            "ttft_s": t.ttft_s, "prompt_tokens": done.prompt_tokens}
 
 
 async def peftserve_run(target: str, jobs: list[tuple[str, int, str | None]],

@@ -23,6 +23,7 @@ from peftserve.client import loadgen as L
 from tests import adapters as A
 from tests.e2e.conftest import TINY_SERVER_ARGS
 from tests.e2e.server_process import ServerProcess, metric, scrape, wait_for
+from tests.tiny import make_model_dir
 
 LORAS = [f"lora{i}" for i in range(4)]
 BOTTLENECKS = [f"houlsby{i}" for i in range(4)]
@@ -32,7 +33,12 @@ WARMUP, MEASURED = 40, 80
 GREEDY = Sampling(max_new_tokens=8, ignore_eos=True)
 TAG_ENV = "PEFTSERVE_TEST_RAY_TAG"
 LONG = Sampling(max_new_tokens=400, ignore_eos=True)  # > 1 s on the tiny model
-LONGEST = Sampling(max_new_tokens=480, ignore_eos=True)  # the tiny model's context is 512
+# The Ray server's model: the tiny model's shape with a context of 2048 (the adapters made for
+# the tiny model fit it), so that an abandoned request is still running when its cancel or
+# deadline reaches the replica, even on a loaded machine (480 tokens were not, three times
+# running, in one full-suite run).
+RAY_CONTEXT = 2048
+LONGEST = Sampling(max_new_tokens=RAY_CONTEXT - 48, ignore_eos=True)
 
 
 def _free_port() -> int:
@@ -54,15 +60,16 @@ def root(tmp_path_factory, tiny_llama_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_server(tmp_path_factory, tiny_llama_dir, root):
+def ray_server(tmp_path_factory, root):
     work = tmp_path_factory.mktemp("ray-server")
+    model = make_model_dir(work / "model", max_position_embeddings=RAY_CONTEXT)
     toml = work / "serve.toml"
     toml.write_text(
         f'adapter_root = "{root}"\n\n[ray]\nreplicas = 2\ncpus_per_replica = 1\n'
         f"adapters_per_replica = {ADAPTERS_PER_REPLICA}\nmax_ongoing_requests = 4\n"
         f"grpc_port = {_free_port()}\nhttp_port = {_free_port()}\nsync_interval_s = 0.2\n")
     os.environ.pop("RAY_ADDRESS", None)
-    server = ServerProcess(["--model", str(tiny_llama_dir), *TINY_SERVER_ARGS, "--ray",
+    server = ServerProcess(["--model", str(model), *TINY_SERVER_ARGS, "--ray",
                             "--config", str(toml)], work / "server.log")
     # Every process of this Ray instance inherits the tag, even those that leave the tree.
     os.environ[TAG_ENV] = server.tag = uuid.uuid4().hex

@@ -5,7 +5,8 @@
 
 One program holds all the query heads of one KV head (GQA: each K/V tile is read once for the
 whole group) over one split of the context; with more than one split, a second kernel merges
-the splits' partial softmax states. Online softmax, fp32 accumulation. The number of splits
+the splits' partial softmax states. Online softmax, fp32 accumulation. The split length is
+fixed (PARTITION): a sequence's result is the same bits in any batch. The number of splits
 depends only on the block tables' width (a host shape), never on the lengths' values, so the
 launch reads no device data on the host (CUDA-graph safe).
 
@@ -13,8 +14,6 @@ Imported lazily, like triton_shrink.py.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -24,9 +23,12 @@ from .triton_combine import add as _add
 from .triton_combine import maximum as _maximum
 from .triton_shrink import dot_precision
 
-PARTITION = 512  # context positions per split off a GPU (the interpreter: fewest programs)
-MIN_PARTITION = 64  # the shortest split chosen on a GPU
-MAX_SPLITS = 64  # the most splits chosen (the merge holds them all in one tile)
+# Context positions per split, the same for every batch: a sequence's splits, and so the order
+# of its sums, never depend on the rest of its batch (an SM-filling choice from the batch size
+# made a request's fp32 attention differ in its last bits between batch sizes). A 2K context
+# is 8 splits per KV head at batch 1; 16K fills one merge chunk.
+PARTITION = 256
+MERGE_CHUNK = 64  # splits merged per step of the merge kernel's loop
 
 
 @triton.jit
@@ -135,27 +137,37 @@ def _merge_splits_kernel(
     stride_od,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # n_splits padded to a power of two
+    BLOCK_S: tl.constexpr,  # splits per chunk (MERGE_CHUNK): the same for every width
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < n_splits
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    row = (seq * tl.num_programs(1) + head) * n_splits + offs_s  # [S]
-    m = tl.load(part_max_ptr + row, mask=mask_s, other=float("-inf"))
-    total_max = tl.reduce(m, 0, _maximum)  # finite: split 0 holds position 0
-    w = tl.exp(m - total_max)  # 0 for empty and padding splits
-    total = tl.reduce(w * tl.load(part_sum_ptr + row, mask=mask_s, other=0.0), 0, _add)
-    acc = tl.load(
-        part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    o = tl.reduce(acc * w[:, None], 0, _add) / total  # [D]
+    first = (seq * tl.num_programs(1) + head) * n_splits
+    total_max = tl.full((), float("-inf"), dtype=tl.float32)
+    for c0 in range(0, n_splits, BLOCK_S):
+        mask_s = c0 + offs_s < n_splits
+        m = tl.load(part_max_ptr + first + c0 + offs_s, mask=mask_s, other=float("-inf"))
+        total_max = tl.maximum(total_max, tl.reduce(m, 0, _maximum))  # split 0 holds position 0
+    # Chunks past a sequence's own splits hold only empty ones (weight 0): they add exact
+    # zeros, so its output does not depend on how wide the batch's block table is.
+    total = tl.full((), 0.0, dtype=tl.float32)
+    o = tl.full((BLOCK_D,), 0.0, dtype=tl.float32)
+    for c0 in range(0, n_splits, BLOCK_S):
+        mask_s = c0 + offs_s < n_splits
+        row = first + c0 + offs_s  # [S]
+        m = tl.load(part_max_ptr + row, mask=mask_s, other=float("-inf"))
+        w = tl.exp(m - total_max)  # 0 for empty and padding splits
+        total += tl.reduce(w * tl.load(part_sum_ptr + row, mask=mask_s, other=0.0), 0, _add)
+        acc = tl.load(
+            part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=mask_s[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        o += tl.reduce(acc * w[:, None], 0, _add)  # [D]
     o_ptrs = out_ptr + seq * stride_ob + head * stride_oh + offs_d * stride_od
-    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(o_ptrs, (o / total).to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 def paged_decode_attention(
@@ -166,7 +178,7 @@ def paged_decode_attention(
     block_size: int,
     scale: float,
     *,
-    partition: int | None = None,  # context positions per split; None: choose_partition's
+    partition: int = PARTITION,  # context positions per split
 ) -> torch.Tensor:  # [B, heads, D], q's dtype
     """Check the arguments, then launch `_paged_decode_kernel` (and the merge when split).
 
@@ -192,9 +204,6 @@ def paged_decode_attention(
         )
     if q.dtype != cache.dtype:
         raise ValueError(f"q and cache must share a dtype, got {q.dtype} and {cache.dtype}")
-    if partition is None:
-        sms = sm_count(q.device.index) if q.is_cuda else None
-        partition = choose_partition(B, kv_heads, block_tables.shape[1] * block_size, sms)
     if partition < 16:
         raise ValueError(f"partition must be >= 16 positions, got {partition}")
     out = torch.empty(B, heads, D, dtype=q.dtype, device=q.device)
@@ -234,26 +243,6 @@ def paged_decode_attention(
             out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=D,
             BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(n_splits),
+            BLOCK_S=MERGE_CHUNK,
         )  # fmt: skip
     return out
-
-
-def choose_partition(batch: int, kv_heads: int, max_ctx: int, sms: int | None) -> int:
-    """Context positions per split: on a GPU of `sms` SMs, enough splits that batch * kv_heads
-    * splits programs fill every SM twice (one sequence of a long context otherwise runs on
-    kv_heads SMs), none shorter than MIN_PARTITION; off a GPU (sms None, the interpreter)
-    PARTITION. Host shapes only, so a captured graph keeps it."""
-    if sms is None:
-        return PARTITION
-    splits = max(1, min(triton.cdiv(max_ctx, MIN_PARTITION), MAX_SPLITS,
-                        triton.cdiv(2 * sms, batch * kv_heads)))  # fmt: skip
-    return triton.cdiv(triton.cdiv(max_ctx, splits), MIN_PARTITION) * MIN_PARTITION
-
-
-@functools.lru_cache(maxsize=8)
-def sm_count(index: int | None) -> int:
-    """The SMs of CUDA device `index` (None: the current one)."""
-    return torch.cuda.get_device_properties(
-        torch.cuda.current_device() if index is None else index
-    ).multi_processor_count

@@ -128,12 +128,20 @@ def test_offsets_past_two_to_the_31_elements():
     assert torch.equal(cache[0, :, slots - 1], k) and torch.equal(cache[1, :, slots - 1], v)
 
 
-def test_partition_fills_the_gpu_from_shapes_alone():
-    """On a GPU (an H200's 132 SMs): one sequence's long context spread over many programs, a
-    large batch in one pass; off a GPU (the interpreter) the fewest programs."""
-    import peftserve.kernels.triton_paged_attention as pa
-
-    assert pa.choose_partition(1, 8, 1024, 132) == 64  # 16 splits x 8 KV heads
-    assert pa.choose_partition(64, 8, 4096, 132) == 4096  # 512 programs in one pass
-    assert pa.choose_partition(1, 1, 1 << 20, 132) == (1 << 20) // pa.MAX_SPLITS
-    assert pa.choose_partition(1, 8, 1024, None) == pa.PARTITION
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("partition", [None, 16])
+def test_a_sequences_output_does_not_depend_on_its_batch(dtype, partition):
+    """A sequence's splits are the same alone and beside longer sequences (a wider block table:
+    more splits, the extra ones empty for it, more merge chunks at partition 16), so its output
+    is the same bits; and the merge over more than one chunk matches gather + SDPA."""
+    bs, lens = 16, [100, 1, 1100]
+    kwargs = {} if partition is None else {"partition": partition}
+    q, cache, tables, ctx = make_case(3, 3, 1, 64, bs, lens, dtype, seed=4)
+    together = paged_decode_attention(q, cache, tables, ctx, bs, 0.125, **kwargs)
+    atol, rtol = (2e-5, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
+    assert_close(together, gather_sdpa(q, cache, tables, ctx, bs, 0.125), atol, rtol)
+    for b, n in enumerate(lens):
+        width = -(-n // bs)
+        alone = paged_decode_attention(q[b : b + 1], cache, tables[b : b + 1, :width],
+                                       ctx[b : b + 1], bs, 0.125, **kwargs)  # fmt: skip
+        assert torch.equal(alone[0], together[b]), (b, n)

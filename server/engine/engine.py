@@ -86,7 +86,6 @@ class Engine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         backend = backend or select_backend(config.backend, device)
-        backend.bind_thread()  # this thread runs the steps unless AsyncEngine.start says not
         model_dir = resolve_model_dir(config.model, config.cache_dir)
         hf_config = load_config(model_dir)
         t0 = time.perf_counter()
@@ -99,7 +98,9 @@ class Engine:
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        return cls(config, model, tokenizer, eos_ids)
+        engine = cls(config, model, tokenizer, eos_ids)
+        engine.bind_thread()  # this thread runs the steps unless AsyncEngine.start binds its own
+        return engine
 
     def bind_thread(self) -> None:
         """Fixes the calling thread's torch thread count (config.num_threads, else the

@@ -182,7 +182,10 @@ class LlamaModel(nn.Module):
         backend keeps them (the CPU: one buffer of huge pages), in the order a step reads them."""
         lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
                                                           layer.down)]  # fmt: skip
-        held = backend.hold_streamed([lin.gemv for lin in lins] + [self.lm_head_gemv])
+        streamed = [lin.gemv for lin in lins] + [self.lm_head_gemv]
+        for lin in lins:  # the list holds them alone: each freed as soon as it is moved
+            lin.gemv = None
+        held = backend.hold_streamed(streamed)
         for lin, w in zip(lins, held, strict=False):
             lin.gemv = w
         self.lm_head_gemv = held[-1]

@@ -113,13 +113,14 @@ def test_rotary_and_cache_rotates_q_and_k_and_writes_k_and_v_to_their_slots(ops,
 FMA = re.compile(r"\bv?f(n)?m(add|sub)\w*", re.IGNORECASE)
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
 def test_rotary_has_no_fused_multiply_add_under_cxx17(tmp_path):
     """The fp32 bit-equality above holds only without FMA, which g++ emits by default
     (-ffp-contract=fast) wherever the rotary arithmetic is inlined into a function without the
     kernel's fp-contract=off. torch 2.11's extension builder compiles with -std=c++17, under
     which at::parallel_for's OpenMP region absorbed the kernel's lambda, FMAs and all; 2.13
     passes -std=c++20, so a build under this torch alone would not show it."""
+    objdump = shutil.which("objdump")
+    assert objdump, "objdump is missing: binutils comes with the compiler the kernels need"
     cflags, _ = cpu_ext.build_flags()
     src = cpu_ext.CSRC / "fused_cpu.cpp"
     obj = tmp_path / "fused_cpu.o"
@@ -127,7 +128,7 @@ def test_rotary_has_no_fused_multiply_add_under_cxx17(tmp_path):
     compiler = os.environ.get("CXX", "c++")
     subprocess.run([compiler, *include, "-fPIC", "-std=c++17", *cflags, "-c", str(src), "-o",
                     str(obj)], check=True)  # fmt: skip
-    dump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(obj)], check=True,
+    dump = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(obj)], check=True,
                           capture_output=True, text=True).stdout  # fmt: skip
     fused, seen, name = [], set(), ""
     for line in dump.splitlines():

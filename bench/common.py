@@ -202,20 +202,24 @@ def environment() -> dict[str, object]:
         ).stdout.strip()
     except OSError:
         commit = ""
-    cpu = ""
+    cpu, flags = "", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu:
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    # the widest vector code the C++ kernels take here (one "AMD EPYC" name covers both)
+    isa = next((f for f in ("avx512_bf16", "avx512f", "avx2") if f in flags), "")
     return {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "commit": commit,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu,
+        "vector_isa": isa,
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -1,5 +1,6 @@
 """The bf16 matrix-vector kernel (kernels/gemv.py) against oneDNN's packed matmul
-(kernels/packed_linear.py) over a whole SmolLM2-135M pass: 30 layers' q/k/v, o, gate/up and
+(kernels/packed_linear.py; torch's dense bf16 linear, "torch_dense", where this CPU's oneDNN
+has no bf16: AVX2 without AVX-512) over a whole SmolLM2-135M pass: 30 layers' q/k/v, o, gate/up and
 down and the LM head, at M = 1..32 rows (and a few prefill sizes), 2 threads; with the read
 floor (torch.sum over a bf16 tensor of the same 270 MB) in the same rounds. "gemv" holds the
 weights as the CPU backend does, in one buffer of huge pages (kernels/huge_pages.py);
@@ -11,7 +12,8 @@ weights as the CPU backend does, in one buffer of huge pages (kernels/huge_pages
 Random weights of SmolLM2's shapes, each layer its own tensors (so no pass finds them in a
 cache). The kinds run interleaved, one pass each in turn, `--rounds` times per row count:
 drift of a shared machine hits them alike. Reported: median ms per pass, GB/s of weights read,
-and the median of the per-round gemv / oneDNN ratios.
+and the medians of the per-round gemv / oneDNN (or torch_dense) and gemv / read floor ratios.
+`environment.vector_isa` names the kernel's code path (avx512_bf16, or avx2).
 """
 
 from __future__ import annotations
@@ -43,17 +45,22 @@ def shapes() -> list[tuple[int, int]]:
 def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
     dense = [(torch.randn(n, k, generator=g) * 0.05).bfloat16() for n, k in shapes()]
     xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in (HIDDEN, INTER)}
-    onednn = [(packed_linear.pack(w), xs[w.shape[1]]) for w in dense]
+    # the engine's other bf16 kernel here: oneDNN's packed matmul, or torch's dense one where
+    # this CPU's oneDNN has no bf16 (AVX2 only)
+    onednn = packed_linear.supported(torch.bfloat16)
+    other = [(packed_linear.pack(w) if onednn else w, xs[w.shape[1]]) for w in dense]
     mine = [(gemv.pack(w), xs[w.shape[1]]) for w in dense]
     # the same packed weights in one buffer of huge pages, as the CPU backend holds them
     held = list(zip(huge_pages.gather([w for w, _ in mine]), [x for _, x in mine], strict=True))
     total = sum(w.numel() for w in dense)
-    del dense
     flat = huge_pages.gather([torch.randn(total, generator=g).bfloat16()])[0]
 
-    def run_onednn() -> None:
-        for w, x in onednn:
-            packed_linear.linear(x, w, None)
+    def run_other() -> None:
+        for w, x in other:
+            if onednn:
+                packed_linear.linear(x, w, None)
+            else:
+                torch.nn.functional.linear(x, w)
 
     def run_gemv(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
         def run() -> None:
@@ -62,8 +69,8 @@ def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
 
         return run
 
-    return {"gemv": run_gemv(held), "gemv_4k_pages": run_gemv(mine), "onednn": run_onednn,
-            "read_floor": lambda: flat.sum()}
+    return {"gemv": run_gemv(held), "gemv_4k_pages": run_gemv(mine),
+            "onednn" if onednn else "torch_dense": run_other, "read_floor": lambda: flat.sum()}
 
 
 def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
@@ -77,6 +84,7 @@ def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
             fn()
             times[name].append(time.perf_counter() - t0)
     weight_bytes = 2 * sum(n * k for n, k in shapes())
+    other = "onednn" if "onednn" in times else "torch_dense"
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
@@ -85,7 +93,8 @@ def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
         "rows": rows,
         "ms": ms,
         "GB_per_s": {name: weight_bytes / (t * 1e6) for name, t in ms.items()},
-        "gemv_over_onednn": ratio("gemv", "onednn"),
+        f"gemv_over_{other}": ratio("gemv", other),
+        "gemv_over_read_floor": ratio("gemv", "read_floor"),
         "gemv_over_gemv_4k_pages": ratio("gemv", "gemv_4k_pages"),
     }
 
@@ -98,18 +107,20 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/cpu_gemv.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not (cpu_ext.load() and packed_linear.supported(torch.bfloat16)):
-        raise SystemExit("needs the C++ CPU kernels and oneDNN bf16 matmuls")
+    if not cpu_ext.load():
+        raise SystemExit(f"needs the C++ CPU kernels: {cpu_ext.unavailable_reason()}")
     g = torch.Generator().manual_seed(0)
     uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
     results = []
     for rows in args.rows:
         r = measure(rows, args.rounds, g)
         ms = r["ms"]
-        print(f"M={rows:4d}  gemv {ms['gemv']:7.2f} ms  oneDNN {ms['onednn']:7.2f} ms  "
+        other = next(k for k in ms if k in ("onednn", "torch_dense"))
+        print(f"M={rows:4d}  gemv {ms['gemv']:7.2f} ms  {other} {ms[other]:7.2f} ms  "
               f"4 KB pages {ms['gemv_4k_pages']:7.2f} ms  read floor {ms['read_floor']:6.2f} ms  "
-              f"gemv/oneDNN {r['gemv_over_onednn']:.3f}  "
-              f"gemv/4 KB pages {r['gemv_over_gemv_4k_pages']:.3f}",
+              f"gemv/{other} {r[f'gemv_over_{other}']:.3f}  "
+              f"gemv/4 KB pages {r['gemv_over_gemv_4k_pages']:.3f}  "
+              f"gemv/floor {r['gemv_over_read_floor']:.3f}",
               flush=True)  # fmt: skip
         results.append(r)
     uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

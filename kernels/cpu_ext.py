@@ -88,6 +88,31 @@ def build_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
         return ("-O1", *cflags, *sanitize), (SANITIZERS,)
     return ("-O3", *cflags), ()
 
+# gcc's predefined macro for an instruction set -> its /proc/cpuinfo flag: what code built for a
+# -march may contain, and what this CPU must have to run it.
+ISA_MACROS = {
+    "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
+    "__BMI2__": "bmi2", "__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw",
+    "__AVX512VL__": "avx512vl", "__AVX512DQ__": "avx512dq", "__AVX512CD__": "avx512cd",
+    "__AVX512VNNI__": "avx512_vnni", "__AVX512BF16__": "avx512_bf16",
+    "__AVX512FP16__": "avx512_fp16", "__AMX_TILE__": "amx_tile",
+}  # fmt: skip
+
+
+def march_runs_here(march: str, cxx: str | None = None) -> bool:
+    """True when code built with -march=`march` runs on this CPU: every instruction set the
+    compiler enables for it (ISA_MACROS) is in /proc/cpuinfo's flags. `make test-march` tests
+    only such builds (AVX-512 code dies of SIGILL on a CPU with AVX2 only)."""
+    cxx = cxx or os.environ.get("CXX", "c++")
+    done = subprocess.run(
+        [cxx, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    macros = {ln.split()[1] for ln in done.stdout.splitlines() if ln.startswith("#define ")}
+    flags = set(_cpu_signature().split())
+    return all(flag in flags for macro, flag in ISA_MACROS.items() if macro in macros)
+
+
 _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet
 _reason = "not loaded yet"  # why _state is False
@@ -230,3 +255,14 @@ def self_test_fault(command: Sequence[str], timeout_s: float = SELF_TEST_TIMEOUT
 def _in_op(stdout: str) -> str:
     started = [ln[len("start ") :] for ln in stdout.splitlines() if ln.startswith("start ")]
     return f" in op {started[-1]}" if started else ""
+
+
+if __name__ == "__main__":  # python -m peftserve.kernels.cpu_ext --march-runs-here MARCH
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Can this CPU run the kernels built for MARCH?")
+    ap.add_argument("--march-runs-here", required=True, metavar="MARCH")
+    args = ap.parse_args()
+    runs = march_runs_here(args.march_runs_here)
+    print(f"-march={args.march_runs_here}: {'runs' if runs else 'does not run'} on this CPU")
+    sys.exit(0 if runs else 1)

@@ -5,7 +5,8 @@
 // read on this machine's 2 cores, while oneDNN's bf16 matmul at batch 1 took ~15 ms. This
 // kernel reads each weight once per call, in one contiguous stream per thread, which the
 // hardware prefetcher follows: software prefetches 512 B to 4 KB ahead made a 226 MB pass
-// 10-70% slower here (Zen 4, 2 threads), so there are none.
+// 10-70% slower on Zen 4 (2 threads, the AVX-512 BF16 code), so that code has none; the AVX2
+// code, slower per byte, gains from them (AVX2_PREFETCH).
 //
 // Layout (kernels/gemv.py packs it): W's rows in tiles of TILE = 32 (the last tile narrower
 // when N % 32 != 0); within a tile, for each pair of columns kp = 0 .. ceil(K/2)-1, the tile's
@@ -46,6 +47,11 @@ namespace {
 constexpr int64_t TILE = 32;         // rows of W per tile
 constexpr int64_t MAX_GROUP = 8;     // rows of x summed together over one pass of a tile
 constexpr int64_t ROW_CHUNK = 64;    // rows of x per pass over the weights (larger M: x in L2)
+// AVX2 only: the k-pair 1024 bytes (8 k-pairs of a full tile) ahead is prefetched. Measured on
+// Zen 3 (2 threads, a whole SmolLM2 pass, 9 interleaved rounds): 0.93 / 0.94 / 0.89 / 0.83 /
+// 0.91x the time without at 1 / 2 / 4 / 8 / 16 rows; 512 bytes ahead was slower, 2048 and 4096
+// the same within noise.
+constexpr int64_t AVX2_PREFETCH = 1024;
 
 struct Problem {
   const uint16_t* w;   // tiles
@@ -121,15 +127,68 @@ void tile_bf16(std::index_sequence<g...>, const Problem& p, const uint16_t* w, i
 }
 #elif defined(__AVX2__)
 // bf16 -> fp32 by shifting: the low half of a 32-bit lane (even k) moves up 16 bits, the high
-// half (odd k) is masked; two FMAs in vdpbf16ps's order. Eight rows of a tile per pass, in
-// four passes over its 8-row slabs (16 ymm registers).
+// half (odd k) is masked; two FMAs in vdpbf16ps's order. A ymm register holds one k-pair of 8
+// rows (a slab; a tile has 4).
+//
+// One slab's k-pair into G rows' accumulators.
 template <size_t... g>
-void tile_avx2(std::index_sequence<g...>, const Problem& p, const uint16_t* w, int64_t n0,
-               int64_t width, int64_t m0) {
+inline __attribute__((always_inline)) void avx2_pair(std::index_sequence<g...>, __m256* acc,
+                                                     __m256i pair, const float* x, int64_t ldx) {
+  const __m256 odd =
+      _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+  ((acc[g] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(x + g * ldx + 1), acc[g]),
+    acc[g] = _mm256_fmadd_ps(even, _mm256_broadcast_ss(x + g * ldx), acc[g])),
+   ...);
+}
+
+// A full tile: S slabs at once (S * G accumulators), so the tile's 128 bytes of a k-pair are
+// read once, front to back, and S * G independent chains of two dependent FMAs (8 cycles a
+// k-pair on Zen 3) keep the FMA pipes busy: one slab at a time, one row (G = 1) ran one chain
+// at 4 bytes a cycle, ~2x the read floor of a decode step.
+template <int64_t S, size_t... g>
+void tile_avx2_full(std::index_sequence<g...> rows, const Problem& p, const uint16_t* w,
+                    int64_t n0, int64_t m0) {
   constexpr size_t G = sizeof...(g);
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const int64_t Kp = p.Kp, step = width * 2;
-  const float* x = p.xf + m0 * Kp * 2;
+  const int64_t Kp = p.Kp, ldx = 2 * Kp;
+  const float* x = p.xf + m0 * ldx;
+  alignas(32) float out[G][TILE];
+  for (int64_t j0 = 0; j0 < TILE / 8; j0 += S) {
+    __m256 acc[S][G];
+    for (int64_t s = 0; s < S; ++s) {
+      ((acc[s][g] = _mm256_setzero_ps()), ...);
+    }
+    for (int64_t kp = 0; kp < Kp; ++kp) {
+      const auto* wk = reinterpret_cast<const __m256i*>(w + kp * 2 * TILE) + j0;
+      const float* xk = x + 2 * kp;
+      if (j0 == 0) {  // the first pass over the tile brings it in
+        const char* ahead = reinterpret_cast<const char*>(wk) + AVX2_PREFETCH;
+        _mm_prefetch(ahead, _MM_HINT_T0);
+        _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      }
+      avx2_pair(rows, acc[0], _mm256_loadu_si256(wk), xk, ldx);
+      if constexpr (S > 1) {
+        avx2_pair(rows, acc[1], _mm256_loadu_si256(wk + 1), xk, ldx);
+      }
+      if constexpr (S > 2) {
+        avx2_pair(rows, acc[2], _mm256_loadu_si256(wk + 2), xk, ldx);
+        avx2_pair(rows, acc[3], _mm256_loadu_si256(wk + 3), xk, ldx);
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      (_mm256_store_ps(out[g] + 8 * (j0 + s), acc[s][g]), ...);
+    }
+  }
+  (store_row(p, m0 + static_cast<int64_t>(g), n0, TILE, out[g]), ...);
+}
+
+// The last tile, narrower than TILE: one slab at a time, masked loads.
+template <size_t... g>
+void tile_avx2_part(std::index_sequence<g...> rows, const Problem& p, const uint16_t* w,
+                    int64_t n0, int64_t width, int64_t m0) {
+  constexpr size_t G = sizeof...(g);
+  const int64_t Kp = p.Kp, step = width * 2, ldx = 2 * Kp;
+  const float* x = p.xf + m0 * ldx;
   alignas(32) float out[G][TILE];
   for (int64_t j = 0; j * 8 < width; ++j) {
     alignas(32) int32_t lanes[8];
@@ -139,17 +198,30 @@ void tile_avx2(std::index_sequence<g...>, const Problem& p, const uint16_t* w, i
     const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
     __m256 acc[G] = {(static_cast<void>(g), _mm256_setzero_ps())...};
     for (int64_t kp = 0; kp < Kp; ++kp) {
-      const __m256i pair =
-          _mm256_maskload_epi32(reinterpret_cast<const int*>(w + kp * step) + j * 8, mask);
-      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
-      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-      ((acc[g] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(x + g * Kp * 2 + 2 * kp + 1), acc[g]),
-        acc[g] = _mm256_fmadd_ps(even, _mm256_broadcast_ss(x + g * Kp * 2 + 2 * kp), acc[g])),
-       ...);
+      avx2_pair(rows, acc,
+                _mm256_maskload_epi32(reinterpret_cast<const int*>(w + kp * step) + j * 8, mask),
+                x + 2 * kp, ldx);
     }
     (_mm256_store_ps(out[g] + 8 * j, acc[g]), ...);
   }
   (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
+}
+
+// Slabs at once by rows of x: 4 for 1-2 rows, 2 for 3-4, 1 beyond (8 accumulators at most
+// of 16 registers).
+template <size_t... g>
+void tile_avx2(std::index_sequence<g...> rows, const Problem& p, const uint16_t* w, int64_t n0,
+               int64_t width, int64_t m0) {
+  constexpr size_t G = sizeof...(g);
+  if (width < TILE) {
+    tile_avx2_part(rows, p, w, n0, width, m0);
+  } else if constexpr (G <= 2) {
+    tile_avx2_full<4>(rows, p, w, n0, m0);
+  } else if constexpr (G <= 4) {
+    tile_avx2_full<2>(rows, p, w, n0, m0);
+  } else {
+    tile_avx2_full<1>(rows, p, w, n0, m0);
+  }
 }
 #endif
 

@@ -64,3 +64,17 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one():
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr[-2000:]
     assert not (out / cpu_ext.TORCH_BUILD_LOCK).exists()
+
+
+def test_march_runs_here_compares_the_builds_instruction_sets_with_the_cpus(monkeypatch):
+    """`make test-march` builds only for -march values this CPU can run: AVX-512 code on a CPU
+    with AVX2 alone dies of SIGILL."""
+    assert cpu_ext.march_runs_here("native")
+    avx2 = "flags\t\t: fpu sse2 avx avx2 fma f16c bmi2"
+    monkeypatch.setattr(cpu_ext, "_cpu_signature", lambda: avx2)
+    assert cpu_ext.march_runs_here("x86-64-v3")
+    assert not cpu_ext.march_runs_here("skylake-avx512")
+    monkeypatch.setattr(cpu_ext, "_cpu_signature", lambda: avx2 + " avx512f avx512bw avx512vl "
+                        "avx512dq avx512cd")  # fmt: skip
+    assert cpu_ext.march_runs_here("skylake-avx512")
+    assert not cpu_ext.march_runs_here("sapphirerapids")  # BF16, AMX, FP16: none here

@@ -43,7 +43,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -183,6 +183,154 @@ void tile_int4(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, i
   (_mm512_store_ps(out[g], acc[g]), ...);
   (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
 }
+#elif defined(__AVX2__)
+// AVX2 (no AVX-512 BF16): the same sums as the code above, in its order (vdpbf16ps adds a
+// k-pair's odd product, then its even one; products of two bf16 values are exact in fp32, so
+// FMAs round as it does). A ymm register holds 8 rows (a slab; a full tile has 2). Partial
+// tiles take the plain loops. The k-pair 1024 bytes ahead is prefetched, as in
+// gemv_bf16_cpu.cpp's AVX2 code.
+constexpr int64_t AVX2_PREFETCH = 1024;
+
+// int8: a slab's k-pairs (16 bytes) as 16-bit lanes sign-extended into 32-bit ones; the odd k's
+// byte by an arithmetic shift, the even one's shifted to the top and back; exact in fp32.
+template <size_t... g>
+inline __attribute__((always_inline)) void int8_pair(std::index_sequence<g...>, __m256* acc,
+                                                     const uint8_t* q, const float* x,
+                                                     int64_t ldx) {
+  const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m256 odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8));
+  const __m256 even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+  ((acc[g] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(x + g * ldx + 1), acc[g]),
+    acc[g] = _mm256_fmadd_ps(even, _mm256_broadcast_ss(x + g * ldx), acc[g])),
+   ...);
+}
+
+// A full int8 tile, both slabs at once, G <= 4 rows of x (2G accumulators).
+template <size_t... g>
+void tile_int8_avx2(std::index_sequence<g...> rows, const QProblem& p, const uint8_t* t,
+                    int64_t n0, int64_t m0) {
+  constexpr size_t G = sizeof...(g);
+  const int64_t Kp = p.Kpad / 2, ldx = p.Kpad;
+  const float* x = p.xf + m0 * ldx;
+  const uint8_t* q = t + 4 * TILE;
+  __m256 acc[2][G];
+  ((acc[0][g] = _mm256_setzero_ps(), acc[1][g] = _mm256_setzero_ps()), ...);
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    const uint8_t* qk = q + kp * 2 * TILE;
+    _mm_prefetch(reinterpret_cast<const char*>(qk) + AVX2_PREFETCH, _MM_HINT_T0);
+    int8_pair(rows, acc[0], qk, x + 2 * kp, ldx);
+    int8_pair(rows, acc[1], qk + 16, x + 2 * kp, ldx);
+  }
+  const auto* scale = reinterpret_cast<const float*>(t);
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  alignas(32) float out[G][TILE];
+  ((_mm256_store_ps(out[g], _mm256_mul_ps(acc[0][g], s0)),
+    _mm256_store_ps(out[g] + 8, _mm256_mul_ps(acc[1][g], s1))),
+   ...);
+  (store_row(p, m0 + static_cast<int64_t>(g), n0, TILE, out[g]), ...);
+}
+
+// int4: a slab's chunk (16 bytes: 8 rows x 4 nibbles) as 16-bit lanes zero-extended into
+// 32-bit ones; each nibble u moved to bits 16..19 under 0x43000000 is the fp32 128 + u (the
+// AVX-512 code's bf16 0x4300 | u); four FMAs in its order: k = 4q+1, 4q, 4q+3, 4q+2.
+template <size_t... g>
+inline __attribute__((always_inline)) void int4_chunk(std::index_sequence<g...>, __m256* dot,
+                                                      const uint8_t* c, const float* x,
+                                                      int64_t ldx) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  const __m256i nib = _mm256_set1_epi32(0x000F0000), magic = _mm256_set1_epi32(0x43000000);
+  const auto at = [&](__m256i shifted) {
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(shifted, nib), magic));
+  };
+  const __m256 k0 = at(_mm256_slli_epi32(v, 16)), k1 = at(_mm256_slli_epi32(v, 8));
+  const __m256 k2 = at(_mm256_slli_epi32(v, 12)), k3 = at(_mm256_slli_epi32(v, 4));
+  ((dot[g] = _mm256_fmadd_ps(k1, _mm256_broadcast_ss(x + g * ldx + 1), dot[g]),
+    dot[g] = _mm256_fmadd_ps(k0, _mm256_broadcast_ss(x + g * ldx), dot[g]),
+    dot[g] = _mm256_fmadd_ps(k3, _mm256_broadcast_ss(x + g * ldx + 3), dot[g]),
+    dot[g] = _mm256_fmadd_ps(k2, _mm256_broadcast_ss(x + g * ldx + 2), dot[g])),
+   ...);
+}
+
+// A full int4 tile, both slabs, G <= 2 rows of x, P groups at once (P * 2 * G chains of four
+// dependent FMAs a chunk): each group's dot products start from zero, and acc takes them in
+// group order, so the sums are those of one group at a time.
+template <int64_t P, size_t... g>
+void int4_groups(std::index_sequence<g...> rows, const QProblem& p, const uint8_t* t,
+                 int64_t m0, int64_t j, __m256 (&acc)[2][sizeof...(g)]) {
+  constexpr size_t G = sizeof...(g);
+  const int64_t block = TILE * (8 + p.group / 2), step = 2 * TILE, ldx = p.Kpad;
+  const float* x = p.xf + m0 * ldx + j * p.group;
+  const uint8_t* c = t + j * block + 8 * TILE;
+  __m256 dot[P][2][G];
+  for (int64_t i = 0; i < P; ++i) {
+    ((dot[i][0][g] = _mm256_setzero_ps(), dot[i][1][g] = _mm256_setzero_ps()), ...);
+  }
+  for (int64_t q = 0; q < p.group / 4; ++q) {
+    const uint8_t* cq = c + q * step;
+    const float* xq = x + 4 * q;
+    _mm_prefetch(reinterpret_cast<const char*>(cq) + AVX2_PREFETCH, _MM_HINT_T0);
+    int4_chunk(rows, dot[0][0], cq, xq, ldx);
+    int4_chunk(rows, dot[0][1], cq + 16, xq, ldx);
+    if constexpr (P > 1) {
+      int4_chunk(rows, dot[1][0], cq + block, xq + p.group, ldx);
+      int4_chunk(rows, dot[1][1], cq + block + 16, xq + p.group, ldx);
+    }
+    if constexpr (P > 2) {
+      int4_chunk(rows, dot[2][0], cq + 2 * block, xq + 2 * p.group, ldx);
+      int4_chunk(rows, dot[2][1], cq + 2 * block + 16, xq + 2 * p.group, ldx);
+      int4_chunk(rows, dot[3][0], cq + 3 * block, xq + 3 * p.group, ldx);
+      int4_chunk(rows, dot[3][1], cq + 3 * block + 16, xq + 3 * p.group, ldx);
+    }
+  }
+  const float* xg = p.xg + m0 * p.groups + j;
+  for (int64_t i = 0; i < P; ++i) {
+    const auto* d = reinterpret_cast<const float*>(t + (j + i) * block);
+    const float* off = d + TILE;
+    for (int64_t h = 0; h < 2; ++h) {
+      const __m256 dh = _mm256_loadu_ps(d + 8 * h), ch = _mm256_loadu_ps(off + 8 * h);
+      ((acc[h][g] = _mm256_fmadd_ps(dot[i][h][g], dh, acc[h][g]),
+        acc[h][g] = _mm256_fmadd_ps(_mm256_set1_ps(xg[g * p.groups + i]), ch, acc[h][g])),
+       ...);
+    }
+  }
+}
+
+template <size_t... g>
+void tile_int4_avx2(std::index_sequence<g...> rows, const QProblem& p, const uint8_t* t,
+                    int64_t n0, int64_t m0) {
+  constexpr size_t G = sizeof...(g);
+  constexpr int64_t P = G == 1 ? 4 : 2;
+  __m256 acc[2][G];
+  ((acc[0][g] = _mm256_setzero_ps(), acc[1][g] = _mm256_setzero_ps()), ...);
+  int64_t j = 0;
+  for (; j + P <= p.groups; j += P) {
+    int4_groups<P>(rows, p, t, m0, j, acc);
+  }
+  for (; j < p.groups; ++j) {
+    int4_groups<1>(rows, p, t, m0, j, acc);
+  }
+  alignas(32) float out[G][TILE];
+  ((_mm256_store_ps(out[g], acc[0][g]), _mm256_store_ps(out[g] + 8, acc[1][g])), ...);
+  (store_row(p, m0 + static_cast<int64_t>(g), n0, TILE, out[g]), ...);
+}
+
+// Rows of x in passes of 4 (int8) or 2 (int4) over a full tile (re-read from the L1 cache).
+void tile_rows_avx2(const QProblem& p, const uint8_t* t, int64_t n0, int64_t m0, int64_t g) {
+  const int64_t most = p.int4 ? 2 : 4;
+  for (int64_t m = m0; m < m0 + g; m += most) {
+    const int64_t n = std::min(most, m0 + g - m);
+#define PEFTSERVE_QTILE(G)                                                      \
+  (p.int4 ? tile_int4_avx2(std::make_index_sequence<G>(), p, t, n0, m)          \
+          : tile_int8_avx2(std::make_index_sequence<G>(), p, t, n0, m))
+    switch (n) {
+      case 1: PEFTSERVE_QTILE(1); break;
+      case 2: PEFTSERVE_QTILE(2); break;
+      case 3: tile_int8_avx2(std::make_index_sequence<3>(), p, t, n0, m); break;
+      default: tile_int8_avx2(std::make_index_sequence<4>(), p, t, n0, m); break;
+    }
+#undef PEFTSERVE_QTILE
+  }
+}
 #endif
 
 void tile_rows(const QProblem& p, const uint8_t* t, int64_t n0, int64_t width, int64_t m0,
@@ -203,6 +351,11 @@ void tile_rows(const QProblem& p, const uint8_t* t, int64_t n0, int64_t width, i
       default: PEFTSERVE_QTILE(8);
     }
 #undef PEFTSERVE_QTILE
+  }
+#elif defined(__AVX2__)
+  if (!generic && width == TILE) {
+    tile_rows_avx2(p, t, n0, m0, g);
+    return;
   }
 #endif
   static_cast<void>(generic);

@@ -13,7 +13,9 @@ Random weights of SmolLM2's shapes, each layer its own tensors (so no pass finds
 cache). The kinds run interleaved, one pass each in turn, `--rounds` times per row count:
 drift of a shared machine hits them alike. Reported: median ms per pass, GB/s of weights read,
 and the medians of the per-round gemv / oneDNN (or torch_dense) and gemv / read floor ratios.
-`environment.vector_isa` names the kernel's code path (avx512_bf16, or avx2).
+`environment.vector_isa` names the kernel's code path (avx512_bf16, or avx2). "int8" and "int4":
+the weight-only kernels (kernels/quant.py, serve --weights) over the same weights quantized,
+held in huge pages too (int8 reads half the bytes, int4 3/8), with their time over gemv's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.common import environment
-from peftserve.kernels import cpu_ext, gemv, huge_pages, packed_linear
+from peftserve.kernels import cpu_ext, gemv, huge_pages, packed_linear, quant
 
 HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 30, 49152, 9, 3, 64
 ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128, 256)
@@ -54,6 +56,10 @@ def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
     held = list(zip(huge_pages.gather([w for w, _ in mine]), [x for _, x in mine], strict=True))
     total = sum(w.numel() for w in dense)
     flat = huge_pages.gather([torch.randn(total, generator=g).bfloat16()])[0]
+    # the weight-only int8 / int4 kernels (serve --weights) over the same weights, held so too
+    xq = [x for _, x in mine]
+    quantized = {k: list(zip(huge_pages.gather([quant.pack(w, k) for w in dense]), xq, strict=True))
+                 for k in ("int8", "int4")}  # fmt: skip
 
     def run_other() -> None:
         for w, x in other:
@@ -65,12 +71,13 @@ def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
     def run_gemv(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
         def run() -> None:
             for w, x in weights:
-                gemv.linear(x, w, None)
+                quant.linear(x, w, None)
 
         return run
 
     return {"gemv": run_gemv(held), "gemv_4k_pages": run_gemv(mine),
-            "onednn" if onednn else "torch_dense": run_other, "read_floor": lambda: flat.sum()}
+            "onednn" if onednn else "torch_dense": run_other, "read_floor": lambda: flat.sum(),
+            "int8": run_gemv(quantized["int8"]), "int4": run_gemv(quantized["int4"])}
 
 
 def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
@@ -95,6 +102,8 @@ def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
         "GB_per_s": {name: weight_bytes / (t * 1e6) for name, t in ms.items()},
         f"gemv_over_{other}": ratio("gemv", other),
         "gemv_over_read_floor": ratio("gemv", "read_floor"),
+        "int8_over_gemv": ratio("int8", "gemv"),
+        "int4_over_gemv": ratio("int4", "gemv"),
         "gemv_over_gemv_4k_pages": ratio("gemv", "gemv_4k_pages"),
     }
 
@@ -120,7 +129,8 @@ def main() -> None:
               f"4 KB pages {ms['gemv_4k_pages']:7.2f} ms  read floor {ms['read_floor']:6.2f} ms  "
               f"gemv/{other} {r[f'gemv_over_{other}']:.3f}  "
               f"gemv/4 KB pages {r['gemv_over_gemv_4k_pages']:.3f}  "
-              f"gemv/floor {r['gemv_over_read_floor']:.3f}",
+              f"gemv/floor {r['gemv_over_read_floor']:.3f}  "
+              f"int8 {ms['int8']:7.2f} ms  int4 {ms['int4']:7.2f} ms",
               flush=True)  # fmt: skip
         results.append(r)
     uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

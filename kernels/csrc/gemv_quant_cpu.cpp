@@ -230,20 +230,23 @@ void tile_int8_avx2(std::index_sequence<g...> rows, const QProblem& p, const uin
   (store_row(p, m0 + static_cast<int64_t>(g), n0, TILE, out[g]), ...);
 }
 
-// int4: a slab's chunk (16 bytes: 8 rows x 4 nibbles) as 16-bit lanes zero-extended into
-// 32-bit ones; each nibble u moved to bits 16..19 under 0x43000000 is the fp32 128 + u (the
-// AVX-512 code's bf16 0x4300 | u); four FMAs in its order: k = 4q+1, 4q, 4q+3, 4q+2.
+// int4: a slab's chunk (16 bytes: 8 rows x 4 nibbles) zero-extended to 16-bit lanes, the
+// AVX-512 code's bf16 128 + u made from them the same way (low nibbles: k = 4q, 4q+1; high:
+// 4q+2, 4q+3), then each bf16 pair to fp32 by shifting (as gemv_bf16_cpu.cpp's AVX2 code);
+// four FMAs in its order: k = 4q+1, 4q, 4q+3, 4q+2.
 template <size_t... g>
 inline __attribute__((always_inline)) void int4_chunk(std::index_sequence<g...>, __m256* dot,
                                                       const uint8_t* c, const float* x,
                                                       int64_t ldx) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-  const __m256i nib = _mm256_set1_epi32(0x000F0000), magic = _mm256_set1_epi32(0x43000000);
-  const auto at = [&](__m256i shifted) {
-    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(shifted, nib), magic));
-  };
-  const __m256 k0 = at(_mm256_slli_epi32(v, 16)), k1 = at(_mm256_slli_epi32(v, 8));
-  const __m256 k2 = at(_mm256_slli_epi32(v, 12)), k3 = at(_mm256_slli_epi32(v, 4));
+  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  const __m256i magic = _mm256_set1_epi16(0x4300);
+  const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x000F)), magic);
+  const __m256i hi = _mm256_or_si256(_mm256_srli_epi16(v, 4), magic);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m256 k0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+  const __m256 k1 = _mm256_castsi256_ps(_mm256_and_si256(lo, high));
+  const __m256 k2 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+  const __m256 k3 = _mm256_castsi256_ps(_mm256_and_si256(hi, high));
   ((dot[g] = _mm256_fmadd_ps(k1, _mm256_broadcast_ss(x + g * ldx + 1), dot[g]),
     dot[g] = _mm256_fmadd_ps(k0, _mm256_broadcast_ss(x + g * ldx), dot[g]),
     dot[g] = _mm256_fmadd_ps(k3, _mm256_broadcast_ss(x + g * ldx + 3), dot[g]),

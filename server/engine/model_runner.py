@@ -93,45 +93,64 @@ class ModelRunner:
         first = (start // bs) * bs
         return slots[start - first : end - first]
 
-    def _decode_metadata(
-        self, decodes: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> block tables [nd, max_blocks] (padded with block 0), the mask of real context
-        positions [nd, 1, 1, 1, max_blocks * block_size] and the context lengths [nd]."""
+    def _tables_and_mask(
+        self, decodes: list[ScheduledSeq], lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """lens: the context lengths [nd] -> block tables [nd, max_blocks] (padded with block
+        0) and the mask of real context positions [nd, 1, 1, 1, max_blocks * block_size] (None
+        where the backend reads only the lengths), on the host."""
         bs = self.block_size
-        ctx_lens = [d.seq.num_computed_tokens + 1 for d in decodes]
-        max_blocks = -(-max(ctx_lens) // bs)
+        max_blocks = -(-max(d.seq.num_computed_tokens + 1 for d in decodes) // bs)
         table = [
             d.seq.block_table[:max_blocks]
             + [0] * (max_blocks - len(d.seq.block_table[:max_blocks]))
             for d in decodes
         ]
-        lens = torch.tensor(ctx_lens, dtype=torch.long)
+        if self.model.backend.reads_decode_lens:
+            return torch.tensor(table, dtype=torch.long), None
         mask = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
-        return torch.tensor(table, dtype=torch.long), mask[:, None, None, None, :], lens
+        return torch.tensor(table, dtype=torch.long), mask[:, None, None, None, :]
+
+    def _decode_meta(
+        self, decodes: list[ScheduledSeq], slots: torch.Tensor, lens: torch.Tensor,
+        prefills: tuple[PrefillChunk, ...] = (),
+    ) -> AttentionMetadata:  # fmt: skip
+        dev = self.device
+        blocks, mask = self._tables_and_mask(decodes, lens) if decodes else (None, None)
+        return AttentionMetadata(
+            slot_mapping=slots.to(dev),
+            num_decodes=len(decodes),
+            block_size=self.block_size,
+            decode_blocks=blocks.to(dev) if blocks is not None else None,
+            decode_mask=mask.to(dev) if mask is not None else None,
+            # only the C++ CPU kernels read the lengths
+            decode_lens=lens if decodes and dev.type == "cpu" else None,
+            prefills=prefills,
+        )
+
+    def _decode_rows(self, decodes: list[ScheduledSeq]) -> list[list[int]]:
+        """Per decoding sequence: [tokens, positions, cache slots, context lengths]."""
+        bs = self.block_size
+        rows: list[list[int]] = [[], [], [], []]
+        for d in decodes:
+            seq, pos = d.seq, d.seq.num_computed_tokens
+            rows[0].append(seq.token_ids[pos])
+            rows[1].append(pos)
+            rows[2].append(seq.block_table[pos // bs] * bs + pos % bs)
+            rows[3].append(pos + 1)
+        return rows
 
     def prepare(
         self, batch: ScheduledBatch
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """-> input_ids [T], positions [T], attention metadata (all on the model's device)."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_parts: list[torch.Tensor] = []
-        for d in batch.decodes:
-            pos = d.seq.num_computed_tokens
-            ids.append(d.seq.token_ids[pos])
-            positions.append(pos)
-        if batch.decodes:
-            bs = self.block_size
-            slot_parts.append(
-                torch.tensor(
-                    [
-                        d.seq.block_table[p // bs] * bs + p % bs
-                        for d, p in zip(batch.decodes, positions, strict=True)
-                    ],
-                    dtype=torch.long,
-                )
-            )
+        decodes = self._decode_rows(batch.decodes)
+        if not batch.prefills:  # a decode-only step: its numbers in one host tensor
+            host = torch.tensor(decodes, dtype=torch.long)
+            ids_pos = host[:2].to(self.device)
+            return ids_pos[0], ids_pos[1], self._decode_meta(batch.decodes, host[2], host[3])
+        ids, positions = decodes[0], decodes[1]
+        slot_parts = [torch.tensor(decodes[2], dtype=torch.long)]
         chunks: list[PrefillChunk] = []
         row = len(batch.decodes)
         for p in batch.prefills:
@@ -148,25 +167,11 @@ class ModelRunner:
                 mask = mask[None, None, None]
             chunks.append(PrefillChunk(row, row + n, ctx_slots, mask))
             row += n
-        dev = self.device
-        decode_blocks = decode_mask = decode_lens = None
-        if batch.decodes:
-            decode_blocks, decode_mask, decode_lens = self._decode_metadata(batch.decodes)
-            decode_blocks, decode_mask = decode_blocks.to(dev), decode_mask.to(dev)
-            if dev.type != "cpu":  # only the C++ CPU kernels read the lengths
-                decode_lens = None
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_parts).to(dev),
-            num_decodes=len(batch.decodes),
-            block_size=self.block_size,
-            decode_blocks=decode_blocks,
-            decode_mask=decode_mask,
-            decode_lens=decode_lens,
-            prefills=tuple(chunks),
-        )
+        lens = torch.tensor(decodes[3], dtype=torch.long)
+        meta = self._decode_meta(batch.decodes, torch.cat(slot_parts), lens, tuple(chunks))
         return (
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
             meta,
         )
 
@@ -201,6 +206,8 @@ class ModelRunner:
                 rows.append(row - 1)
         if not rows:
             return torch.empty(0, self.model.shape.vocab, device=self.device)
+        if len(rows) == h.shape[0]:  # every row samples (a decode-only step): no gather
+            return self.model.logits(h)
         return self.model.logits(h[torch.tensor(rows, device=self.device)])
 
     def execute(self, batch: ScheduledBatch) -> SampledTokens:

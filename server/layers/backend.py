@@ -58,6 +58,9 @@ class Backend:
     packs_adapters = False  # adapters' weights packed per slot beside the stacked buffers
     decode_stack = False  # a decode-only step's whole stack in one call (decode_forward)
     captures_graphs = False  # the static decode step is captured as CUDA graphs
+    # decode attention takes the context lengths (AttentionMetadata.decode_lens) and never the
+    # mask of real positions, so a step need not build one
+    reads_decode_lens = False
 
     def packs_weights(self, dtype: torch.dtype) -> bool:
         """True when base matmul weights of `dtype` are held packed (packed_linear)."""
@@ -286,6 +289,7 @@ class CpuBackend(Backend):
         self.packed_weights = packed_weights
         self.generic_attention = generic_attention
         self.decode_stack = native and decode_stack
+        self.reads_decode_lens = native  # csrc/paged_attention_cpu.cpp
         self.ops = torch.ops.peftserve_cpu if native else None
 
     def packs_weights(self, dtype: torch.dtype) -> bool:

@@ -257,7 +257,7 @@ inline __attribute__((always_inline)) void int4_chunk(std::index_sequence<g...>,
 // A full int4 tile, both slabs, G <= 2 rows of x, P groups at once (P * 2 * G chains of four
 // dependent FMAs a chunk): each group's dot products start from zero, and acc takes them in
 // group order, so the sums are those of one group at a time.
-template <int64_t P, size_t... g>
+template <int64_t P, size_t... g>  // P: 1 or 2
 void int4_groups(std::index_sequence<g...> rows, const QProblem& p, const uint8_t* t,
                  int64_t m0, int64_t j, __m256 (&acc)[2][sizeof...(g)]) {
   constexpr size_t G = sizeof...(g);
@@ -278,12 +278,6 @@ void int4_groups(std::index_sequence<g...> rows, const QProblem& p, const uint8_
       int4_chunk(rows, dot[1][0], cq + block, xq + p.group, ldx);
       int4_chunk(rows, dot[1][1], cq + block + 16, xq + p.group, ldx);
     }
-    if constexpr (P > 2) {
-      int4_chunk(rows, dot[2][0], cq + 2 * block, xq + 2 * p.group, ldx);
-      int4_chunk(rows, dot[2][1], cq + 2 * block + 16, xq + 2 * p.group, ldx);
-      int4_chunk(rows, dot[3][0], cq + 3 * block, xq + 3 * p.group, ldx);
-      int4_chunk(rows, dot[3][1], cq + 3 * block + 16, xq + 3 * p.group, ldx);
-    }
   }
   const float* xg = p.xg + m0 * p.groups + j;
   for (int64_t i = 0; i < P; ++i) {
@@ -302,7 +296,9 @@ template <size_t... g>
 void tile_int4_avx2(std::index_sequence<g...> rows, const QProblem& p, const uint8_t* t,
                     int64_t n0, int64_t m0) {
   constexpr size_t G = sizeof...(g);
-  constexpr int64_t P = G == 1 ? 4 : 2;
+  // Two groups at once: four (1 row) ran ~10% slower on Zen 3 (int4 / int8 pass time at 1 row
+  // 1.04-1.38x with four, 0.89-1.10x with two, 4 alternating runs each).
+  constexpr int64_t P = 2;
   __m256 acc[2][G];
   ((acc[0][g] = _mm256_setzero_ps(), acc[1][g] = _mm256_setzero_ps()), ...);
   int64_t j = 0;

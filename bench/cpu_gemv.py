@@ -1,9 +1,9 @@
 """The bf16 matrix-vector kernel (kernels/gemv.py) against oneDNN's packed matmul
 (kernels/packed_linear.py; torch's dense bf16 linear, "torch_dense", where this CPU's oneDNN
-has no bf16: AVX2 without AVX-512) over a whole SmolLM2-135M pass: 30 layers' q/k/v, o, gate/up and
-down and the LM head, at M = 1..32 rows (and a few prefill sizes), 2 threads; with the read
-floor (torch.sum over a bf16 tensor of the same 270 MB) in the same rounds. "gemv" holds the
-weights as the CPU backend does, in one buffer of huge pages (kernels/huge_pages.py);
+has no bf16: AVX2 without AVX-512) over a whole SmolLM2-135M pass: 30 layers' q/k/v, o,
+gate/up and down and the LM head, at M = 1..32 rows (and a few prefill sizes), 2 threads; with
+the read floor (torch.sum over a bf16 tensor of the same 270 MB) in the same rounds. "gemv"
+holds the weights as the CPU backend does, in one buffer of huge pages (kernels/huge_pages.py);
 "gemv_4k_pages" the same packed weights each in its own allocation.
 
     .venv/bin/python -m bench.cpu_gemv                       # -> bench/results/cpu_gemv.json
@@ -35,6 +35,9 @@ from peftserve.kernels import cpu_ext, gemv, huge_pages, packed_linear, quant
 
 HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 30, 49152, 9, 3, 64
 ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64, 128, 256)
+# the engine's other bf16 kernel on this CPU: oneDNN's packed matmul, or torch's dense one where
+# this CPU's oneDNN has no bf16 (AVX2 only)
+BASELINE = "onednn" if packed_linear.supported(torch.bfloat16) else "torch_dense"
 
 
 def shapes() -> list[tuple[int, int]]:
@@ -47,10 +50,9 @@ def shapes() -> list[tuple[int, int]]:
 def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
     dense = [(torch.randn(n, k, generator=g) * 0.05).bfloat16() for n, k in shapes()]
     xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in (HIDDEN, INTER)}
-    # the engine's other bf16 kernel here: oneDNN's packed matmul, or torch's dense one where
-    # this CPU's oneDNN has no bf16 (AVX2 only)
-    onednn = packed_linear.supported(torch.bfloat16)
+    onednn = BASELINE == "onednn"
     other = [(packed_linear.pack(w) if onednn else w, xs[w.shape[1]]) for w in dense]
+    other_linear = packed_linear.linear if onednn else torch.nn.functional.linear
     mine = [(gemv.pack(w), xs[w.shape[1]]) for w in dense]
     # the same packed weights in one buffer of huge pages, as the CPU backend holds them
     held = list(zip(huge_pages.gather([w for w, _ in mine]), [x for _, x in mine], strict=True))
@@ -63,10 +65,7 @@ def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
 
     def run_other() -> None:
         for w, x in other:
-            if onednn:
-                packed_linear.linear(x, w, None)
-            else:
-                torch.nn.functional.linear(x, w)
+            other_linear(x, w, None)
 
     def run_gemv(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
         def run() -> None:
@@ -76,7 +75,7 @@ def passes(rows: int, g: torch.Generator) -> dict[str, Callable[[], None]]:
         return run
 
     return {"gemv": run_gemv(held), "gemv_4k_pages": run_gemv(mine),
-            "onednn" if onednn else "torch_dense": run_other, "read_floor": lambda: flat.sum(),
+            BASELINE: run_other, "read_floor": lambda: flat.sum(),
             "int8": run_gemv(quantized["int8"]), "int4": run_gemv(quantized["int4"])}
 
 
@@ -91,7 +90,6 @@ def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
             fn()
             times[name].append(time.perf_counter() - t0)
     weight_bytes = 2 * sum(n * k for n, k in shapes())
-    other = "onednn" if "onednn" in times else "torch_dense"
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
@@ -100,7 +98,7 @@ def measure(rows: int, rounds: int, g: torch.Generator) -> dict[str, object]:
         "rows": rows,
         "ms": ms,
         "GB_per_s": {name: weight_bytes / (t * 1e6) for name, t in ms.items()},
-        f"gemv_over_{other}": ratio("gemv", other),
+        f"gemv_over_{BASELINE}": ratio("gemv", BASELINE),
         "gemv_over_read_floor": ratio("gemv", "read_floor"),
         "int8_over_gemv": ratio("int8", "gemv"),
         "int4_over_gemv": ratio("int4", "gemv"),
@@ -124,10 +122,9 @@ def main() -> None:
     for rows in args.rows:
         r = measure(rows, args.rounds, g)
         ms = r["ms"]
-        other = next(k for k in ms if k in ("onednn", "torch_dense"))
-        print(f"M={rows:4d}  gemv {ms['gemv']:7.2f} ms  {other} {ms[other]:7.2f} ms  "
+        print(f"M={rows:4d}  gemv {ms['gemv']:7.2f} ms  {BASELINE} {ms[BASELINE]:7.2f} ms  "
               f"4 KB pages {ms['gemv_4k_pages']:7.2f} ms  read floor {ms['read_floor']:6.2f} ms  "
-              f"gemv/{other} {r[f'gemv_over_{other}']:.3f}  "
+              f"gemv/{BASELINE} {r[f'gemv_over_{BASELINE}']:.3f}  "
               f"gemv/4 KB pages {r['gemv_over_gemv_4k_pages']:.3f}  "
               f"gemv/floor {r['gemv_over_read_floor']:.3f}  "
               f"int8 {ms['int8']:7.2f} ms  int4 {ms['int4']:7.2f} ms",

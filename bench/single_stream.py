@@ -30,14 +30,13 @@ from pathlib import Path
 import torch
 
 from bench.common import decode_step_vs_floor, environment, workload
+from bench.cpu_gemv import BASELINE
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.kernels import cpu_ext, huge_pages, packed_linear
+from peftserve.kernels import cpu_ext, huge_pages
 from peftserve.layers.backend import CpuBackend
-
-OTHER = "onednn"  # the engine without the matrix-vector kernel (main() names it for this CPU)
 
 
 def chat_prompt(engine: Engine, message: str | None = None) -> tuple[int, ...]:
@@ -101,12 +100,10 @@ def main() -> None:
     if not cpu_ext.load():
         raise SystemExit(f"needs the C++ CPU kernels: {cpu_ext.unavailable_reason()}")
     config = EngineConfig(model="default", dtype="bfloat16", device="cpu")
-    global OTHER
-    OTHER = "onednn" if packed_linear.supported(torch.bfloat16) else "torch_dense"
     engines = {
         "gemv": Engine.from_config(config, CpuBackend(native=True)),
         "gemv_4k_pages": Engine.from_config(config, CpuBackend(native=True, huge_pages=False)),
-        OTHER: Engine.from_config(config, CpuBackend(native=True, gemv_rows=0)),
+        BASELINE: Engine.from_config(config, CpuBackend(native=True, gemv_rows=0)),
     }
     assert engines["gemv"].model.lm_head_gemv is not None, "the C++ kernels are not in use"
     prompt = chat_prompt(engines["gemv"])
@@ -134,7 +131,7 @@ def main() -> None:
                                  (y["decode_steps"] / y["decode_s"])
                                  for x, y in zip(runs[a], runs[b], strict=True))  # fmt: skip
 
-    result[f"decode_speedup_gemv_over_{OTHER}"] = speedup("gemv", OTHER)
+    result[f"decode_speedup_gemv_over_{BASELINE}"] = speedup("gemv", BASELINE)
     result["decode_speedup_huge_over_4k_pages"] = speedup("gemv", "gemv_4k_pages")
     steps = {}
     for name, eng in engines.items():
@@ -157,8 +154,8 @@ def main() -> None:
                 secs[name].append(many_requests(eng, prompts, lengths))
         result["requests_32"] = {
             **{f"{n}_tok_s": sum(lengths) / statistics.median(t) for n, t in secs.items()},
-            f"gemv_over_{OTHER}": statistics.median(
-                b / a for a, b in zip(secs["gemv"], secs[OTHER], strict=True)
+            f"gemv_over_{BASELINE}": statistics.median(
+                b / a for a, b in zip(secs["gemv"], secs[BASELINE], strict=True)
             ),
         }
     result["read_floor_ms_in_rounds"] = 1e3 * statistics.median(floor_s)

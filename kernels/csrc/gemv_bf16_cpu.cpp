@@ -134,8 +134,8 @@ void tile_bf16(std::index_sequence<g...>, const Problem& p, const uint16_t* w, i
 template <size_t... g>
 inline __attribute__((always_inline)) void avx2_pair(std::index_sequence<g...>, __m256* acc,
                                                      __m256i pair, const float* x, int64_t ldx) {
-  const __m256 odd =
-      _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
   const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
   ((acc[g] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(x + g * ldx + 1), acc[g]),
     acc[g] = _mm256_fmadd_ps(even, _mm256_broadcast_ss(x + g * ldx), acc[g])),

@@ -318,16 +318,17 @@ void tile_rows_avx2(const QProblem& p, const uint8_t* t, int64_t n0, int64_t m0,
   const int64_t most = p.int4 ? 2 : 4;
   for (int64_t m = m0; m < m0 + g; m += most) {
     const int64_t n = std::min(most, m0 + g - m);
-#define PEFTSERVE_QTILE(G)                                                      \
-  (p.int4 ? tile_int4_avx2(std::make_index_sequence<G>(), p, t, n0, m)          \
-          : tile_int8_avx2(std::make_index_sequence<G>(), p, t, n0, m))
+    if (p.int4) {
+      n == 1 ? tile_int4_avx2(std::make_index_sequence<1>(), p, t, n0, m)
+             : tile_int4_avx2(std::make_index_sequence<2>(), p, t, n0, m);
+      continue;
+    }
     switch (n) {
-      case 1: PEFTSERVE_QTILE(1); break;
-      case 2: PEFTSERVE_QTILE(2); break;
+      case 1: tile_int8_avx2(std::make_index_sequence<1>(), p, t, n0, m); break;
+      case 2: tile_int8_avx2(std::make_index_sequence<2>(), p, t, n0, m); break;
       case 3: tile_int8_avx2(std::make_index_sequence<3>(), p, t, n0, m); break;
       default: tile_int8_avx2(std::make_index_sequence<4>(), p, t, n0, m); break;
     }
-#undef PEFTSERVE_QTILE
   }
 }
 #endif

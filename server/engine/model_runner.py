@@ -94,29 +94,32 @@ class ModelRunner:
         return slots[start - first : end - first]
 
     def _tables_and_mask(
-        self, decodes: list[ScheduledSeq], lens: torch.Tensor
+        self, decodes: list[ScheduledSeq], lens: torch.Tensor, longest: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """lens: the context lengths [nd] -> block tables [nd, max_blocks] (padded with block
-        0) and the mask of real context positions [nd, 1, 1, 1, max_blocks * block_size] (None
-        where the backend reads only the lengths), on the host."""
+        """lens: the context lengths [nd], longest their max -> block tables [nd, max_blocks]
+        (padded with block 0) and the mask of real context positions
+        [nd, 1, 1, 1, max_blocks * block_size] (None where the backend reads only the lengths),
+        on the host."""
         bs = self.block_size
-        max_blocks = -(-max(d.seq.num_computed_tokens + 1 for d in decodes) // bs)
-        table = [
-            d.seq.block_table[:max_blocks]
-            + [0] * (max_blocks - len(d.seq.block_table[:max_blocks]))
-            for d in decodes
-        ]
+        max_blocks = -(-longest // bs)
+        table = []
+        for d in decodes:
+            blocks = d.seq.block_table[:max_blocks]
+            table.append(blocks + [0] * (max_blocks - len(blocks)))
         if self.model.backend.reads_decode_lens:
             return torch.tensor(table, dtype=torch.long), None
         mask = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
         return torch.tensor(table, dtype=torch.long), mask[:, None, None, None, :]
 
-    def _decode_meta(
-        self, decodes: list[ScheduledSeq], slots: torch.Tensor, lens: torch.Tensor,
-        prefills: tuple[PrefillChunk, ...] = (),
+    def _metadata(
+        self, decodes: list[ScheduledSeq], rows: list[list[int]], slots: torch.Tensor,
+        lens: torch.Tensor, prefills: tuple[PrefillChunk, ...] = (),
     ) -> AttentionMetadata:  # fmt: skip
+        """The step's attention metadata; rows: _decode_rows(decodes), lens: its last row."""
         dev = self.device
-        blocks, mask = self._tables_and_mask(decodes, lens) if decodes else (None, None)
+        blocks = mask = None
+        if decodes:
+            blocks, mask = self._tables_and_mask(decodes, lens, max(rows[3]))
         return AttentionMetadata(
             slot_mapping=slots.to(dev),
             num_decodes=len(decodes),
@@ -148,7 +151,8 @@ class ModelRunner:
         if not batch.prefills:  # a decode-only step: its numbers in one host tensor
             host = torch.tensor(decodes, dtype=torch.long)
             ids_pos = host[:2].to(self.device)
-            return ids_pos[0], ids_pos[1], self._decode_meta(batch.decodes, host[2], host[3])
+            meta = self._metadata(batch.decodes, decodes, host[2], host[3])
+            return ids_pos[0], ids_pos[1], meta
         ids, positions = decodes[0], decodes[1]
         slot_parts = [torch.tensor(decodes[2], dtype=torch.long)]
         chunks: list[PrefillChunk] = []
@@ -168,7 +172,7 @@ class ModelRunner:
             chunks.append(PrefillChunk(row, row + n, ctx_slots, mask))
             row += n
         lens = torch.tensor(decodes[3], dtype=torch.long)
-        meta = self._decode_meta(batch.decodes, torch.cat(slot_parts), lens, tuple(chunks))
+        meta = self._metadata(batch.decodes, decodes, torch.cat(slot_parts), lens, tuple(chunks))
         return (
             torch.tensor(ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),

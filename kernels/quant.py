@@ -11,7 +11,11 @@ Quantized once at load, from the bf16 weights:
   u = round((W - min) / d) in 0..15, stored as d and c = min - 128 d (fp32) so that the kernel
   multiplies the exact bf16 128 + u (csrc/gemv_quant_cpu.cpp's comment); the weight is
   d * (128 + u) + c. 4 bits + 64 bits per 32 weights: 6 bits a weight (Q4_1 in llama.cpp: 5).
-Activations and results stay bf16; the sums are fp32. The tensors' storage is in the kernel's
+Activations and results stay bf16; the sums are fp32. Where the CPU has AVX2 but not AVX-512
+BF16 the kernel multiplies integers: each row of x is rounded to int16 in blocks (X_BLOCK
+columns for int8, the group for int4), a power-of-two scale each, exact for every value within
+2^7 of its block's largest magnitude and within 2^-15 of that magnitude for the rest; the
+blocks' integer sums are exact. The tensors' storage is in the kernel's
 tile order (16 rows a tile, the scales inside each tile's stretch); only dequantize() reads
 them as matrices. The kernel serves every row count: decode steps read the int8/int4 bytes
 directly, and larger steps (prefill chunks) reuse each tile's bytes, in cache, for every 8 rows.
@@ -29,6 +33,7 @@ GROUP = 32  # int4 columns per scale and offset (the kernel takes 32, 64 or 128)
 # The LM head's form for each base weight kind (models/llama.py; bench/quant_accuracy.py measured
 # the choice)
 LM_HEAD = {"bf16": "bf16", "int8": "int8", "int4": "int8"}
+X_BLOCK = 32  # int8: columns of x per int16 scale in the AVX2 code (int4: the group)
 INT4_OFFSET = 128.0  # the kernel multiplies 128 + u, a bf16 with u in its mantissa
 
 

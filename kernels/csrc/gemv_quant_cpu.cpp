@@ -2,9 +2,11 @@
 // (+ bias), x and y bf16, fp32 accumulation, the weights read as stored (1 or 1/2 byte each).
 //
 // At decode batch sizes a matmul is a read of the weights (gemv_bf16_cpu.cpp's comment); int8
-// halves the bytes of bf16 and int4 (group 32, fp32 scale and offset) reads 3/8 of them. The
-// weights are turned into bf16 in registers (exactly: every int8 and every 128 + u4 is a bf16)
-// and multiplied with vdpbf16ps, as the bf16 kernel does; the scales are applied per output.
+// halves the bytes of bf16 and int4 (group 32, fp32 scale and offset) reads 3/8 of them. With
+// AVX-512 BF16 the weights are turned into bf16 in registers (exactly: every int8 and every
+// 128 + u4 is a bf16) and multiplied with vdpbf16ps, as the bf16 kernel does; with AVX2 only,
+// x is rounded to int16 in blocks with a power-of-two scale (run() says how closely) and
+// multiplied with the weights as integers (vpmaddwd). The scales are applied per output.
 //
 // int8, per-output-channel scale s[n]:  W[n, k] = s[n] * q[n, k],  q in -127..127
 //     y = bf16(s[n] * sum_k q[n, k] x[k] + bias[n])
@@ -25,9 +27,9 @@
 // x is zero-padded to the packed K, so padded columns add nothing whatever their weights.
 //
 // Each output is summed by one thread over all of K in a fixed order, whatever M or the thread
-// count: a row's result does not depend on the batch. The plain loops (other CPUs, `generic`)
-// compute the same sums in another order (within fp32 rounding of the vector code, not bit
-// equal).
+// count, from its own row of x alone: a row's result does not depend on the batch. The plain
+// loops (other CPUs, `generic`) compute the same sums in fp32 in another order (within fp32
+// rounding of the AVX-512 code, and of the AVX2 code's rounding of x; not bit equal).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,6 +42,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -53,15 +57,18 @@ namespace {
 
 constexpr int64_t TILE = 16;      // rows of W per tile
 constexpr int64_t MAX_GROUP = 8;  // rows of x summed together over one pass of a tile
+constexpr int64_t XBLOCK = 32;    // int8: columns of x per int16 scale (int4: the group)
 
 struct QProblem {
   const uint8_t* w;    // tiles
   const float* xf;     // [M, Kpad] x as fp32, zero-padded
   const uint32_t* xp;  // [M, Kpad / 2] x's bf16 pairs
   const float* xg;     // [M, groups] sum of x over each int4 group (int4 only)
+  const uint32_t* xi;  // [M, Kx / 2] x's int16 pairs (the AVX2 code only)
+  const float* xs;     // [M, blocks] the scale of each block of xi
   const float* bias;   // [N] fp32 or null
   uint16_t* y;         // [M, N] bf16, row stride ldy
-  int64_t M, N, Kpad, groups, group, ldy;
+  int64_t M, N, Kpad, groups, group, ldy, Kx, blocks;
   bool int4;
 };
 
@@ -184,42 +191,47 @@ void tile_int4(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, i
   (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
 }
 #elif defined(__AVX2__)
-// AVX2 (no AVX-512 BF16): the same sums as the code above, in its order (vdpbf16ps adds a
-// k-pair's odd product, then its even one; products of two bf16 values are exact in fp32, so
-// FMAs round as it does). A ymm register holds 8 rows (a slab; a full tile has 2). Partial
-// tiles take the plain loops. The k-pair 1024 bytes ahead is prefetched, as in
-// gemv_bf16_cpu.cpp's AVX2 code.
+// AVX2 (no AVX-512 BF16): integer dot products, vpmaddwd (16 int16 products, summed in pairs
+// into int32) on the weights widened to 16-bit lanes and x rounded to int16 (run() below: in
+// blocks of XBLOCK columns, the int4 group, each with a power-of-two scale). A block's sums are
+// exact in int32; each is turned into fp32 and scaled once. A ymm register holds 8 rows of W (a
+// slab; a full tile has 2); partial tiles take the plain loops. The k-pair 1024 bytes ahead is
+// prefetched, as in gemv_bf16_cpu.cpp's AVX2 code. (Turning every weight into fp32 for FMAs,
+// the AVX-512 code's sums in its order, took more instructions than the read allowed:
+// bench/README.md has both codes' times.)
 constexpr int64_t AVX2_PREFETCH = 1024;
+constexpr int64_t AVX2_ROWS = 2;  // rows of x a pass over a tile (16 ymm registers)
 
-// int8: a slab's k-pairs (16 bytes) as 16-bit lanes sign-extended into 32-bit ones; the odd k's
-// byte by an arithmetic shift, the even one's shifted to the top and back; exact in fp32.
+// int8, G <= 2 rows of x, both slabs: per k-pair, 16 bytes a slab sign-extended to 16-bit lanes
+// (row i's q[n, 2kp], q[n, 2kp + 1] side by side) times x's int16 pair; per block, acc += fp32
+// sum * x's block scale; the channel scale multiplies the total once.
 template <size_t... g>
-inline __attribute__((always_inline)) void int8_pair(std::index_sequence<g...>, __m256* acc,
-                                                     const uint8_t* q, const float* x,
-                                                     int64_t ldx) {
-  const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  const __m256 odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8));
-  const __m256 even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
-  ((acc[g] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(x + g * ldx + 1), acc[g]),
-    acc[g] = _mm256_fmadd_ps(even, _mm256_broadcast_ss(x + g * ldx), acc[g])),
-   ...);
-}
-
-// A full int8 tile, both slabs at once, G <= 4 rows of x (2G accumulators).
-template <size_t... g>
-void tile_int8_avx2(std::index_sequence<g...> rows, const QProblem& p, const uint8_t* t,
-                    int64_t n0, int64_t m0) {
+void tile_int8_avx2(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, int64_t n0,
+                    int64_t m0) {
   constexpr size_t G = sizeof...(g);
-  const int64_t Kp = p.Kpad / 2, ldx = p.Kpad;
-  const float* x = p.xf + m0 * ldx;
+  constexpr int64_t PAIRS = XBLOCK / 2;
+  const int64_t Kp = p.Kpad / 2, lx = p.Kx / 2;
+  const auto* x = reinterpret_cast<const int32_t*>(p.xi) + m0 * lx;
+  const float* xs = p.xs + m0 * p.blocks;
   const uint8_t* q = t + 4 * TILE;
   __m256 acc[2][G];
   ((acc[0][g] = _mm256_setzero_ps(), acc[1][g] = _mm256_setzero_ps()), ...);
-  for (int64_t kp = 0; kp < Kp; ++kp) {
-    const uint8_t* qk = q + kp * 2 * TILE;
-    _mm_prefetch(reinterpret_cast<const char*>(qk) + AVX2_PREFETCH, _MM_HINT_T0);
-    int8_pair(rows, acc[0], qk, x + 2 * kp, ldx);
-    int8_pair(rows, acc[1], qk + 16, x + 2 * kp, ldx);
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    __m256i sum[2][G];
+    ((sum[0][g] = _mm256_setzero_si256(), sum[1][g] = _mm256_setzero_si256()), ...);
+    for (int64_t kp = b * PAIRS, end = std::min(Kp, kp + PAIRS); kp < end; ++kp) {
+      const uint8_t* qk = q + kp * 2 * TILE;
+      _mm_prefetch(reinterpret_cast<const char*>(qk) + AVX2_PREFETCH, _MM_HINT_T0);
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qk)));
+      const __m256i w1 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qk + 16)));
+      ((sum[0][g] = _mm256_add_epi32(sum[0][g], _mm256_madd_epi16(w0, _mm256_set1_epi32(x[g * lx + kp]))),
+        sum[1][g] = _mm256_add_epi32(sum[1][g], _mm256_madd_epi16(w1, _mm256_set1_epi32(x[g * lx + kp])))),
+       ...);
+    }
+    ((acc[0][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[0][g]), _mm256_set1_ps(xs[g * p.blocks + b]), acc[0][g]),
+      acc[1][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[1][g]), _mm256_set1_ps(xs[g * p.blocks + b]), acc[1][g])),
+     ...);
   }
   const auto* scale = reinterpret_cast<const float*>(t);
   const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
@@ -230,104 +242,64 @@ void tile_int8_avx2(std::index_sequence<g...> rows, const QProblem& p, const uin
   (store_row(p, m0 + static_cast<int64_t>(g), n0, TILE, out[g]), ...);
 }
 
-// int4: a slab's chunk (16 bytes: 8 rows x 4 nibbles) zero-extended to 16-bit lanes, the
-// AVX-512 code's bf16 128 + u made from them the same way (low nibbles: k = 4q, 4q+1; high:
-// 4q+2, 4q+3), then each bf16 pair to fp32 by shifting (as gemv_bf16_cpu.cpp's AVX2 code);
-// four FMAs in its order: k = 4q+1, 4q, 4q+3, 4q+2.
+// int4, G <= 2 rows of x, both slabs: a slab's chunk (16 bytes: 8 rows x 4 nibbles) zero-extended
+// to 16-bit lanes; the low nibbles are row i's u at k = 4q, 4q + 1, the high ones at 4q + 2,
+// 4q + 3: two vpmaddwd with x's int16 pairs. Per group (x's block), with W = d u + m and
+// m = 128 d + c (the layout's offset is for 128 + u): acc += d * (fp32 sum * x's scale) +
+// m * sum(x).
 template <size_t... g>
-inline __attribute__((always_inline)) void int4_chunk(std::index_sequence<g...>, __m256* dot,
-                                                      const uint8_t* c, const float* x,
-                                                      int64_t ldx) {
-  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-  const __m256i magic = _mm256_set1_epi16(0x4300);
-  const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x000F)), magic);
-  const __m256i hi = _mm256_or_si256(_mm256_srli_epi16(v, 4), magic);
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m256 k0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
-  const __m256 k1 = _mm256_castsi256_ps(_mm256_and_si256(lo, high));
-  const __m256 k2 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
-  const __m256 k3 = _mm256_castsi256_ps(_mm256_and_si256(hi, high));
-  ((dot[g] = _mm256_fmadd_ps(k1, _mm256_broadcast_ss(x + g * ldx + 1), dot[g]),
-    dot[g] = _mm256_fmadd_ps(k0, _mm256_broadcast_ss(x + g * ldx), dot[g]),
-    dot[g] = _mm256_fmadd_ps(k3, _mm256_broadcast_ss(x + g * ldx + 3), dot[g]),
-    dot[g] = _mm256_fmadd_ps(k2, _mm256_broadcast_ss(x + g * ldx + 2), dot[g])),
-   ...);
-}
-
-// A full int4 tile, both slabs, G <= 2 rows of x, P groups at once (P * 2 * G chains of four
-// dependent FMAs a chunk): each group's dot products start from zero, and acc takes them in
-// group order, so the sums are those of one group at a time.
-template <int64_t P, size_t... g>  // P: 1 or 2
-void int4_groups(std::index_sequence<g...> rows, const QProblem& p, const uint8_t* t,
-                 int64_t m0, int64_t j, __m256 (&acc)[2][sizeof...(g)]) {
+void tile_int4_avx2(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, int64_t n0,
+                    int64_t m0) {
   constexpr size_t G = sizeof...(g);
-  const int64_t block = TILE * (8 + p.group / 2), step = 2 * TILE, ldx = p.Kpad;
-  const float* x = p.xf + m0 * ldx + j * p.group;
-  const uint8_t* c = t + j * block + 8 * TILE;
-  __m256 dot[P][2][G];
-  for (int64_t i = 0; i < P; ++i) {
-    ((dot[i][0][g] = _mm256_setzero_ps(), dot[i][1][g] = _mm256_setzero_ps()), ...);
-  }
-  for (int64_t q = 0; q < p.group / 4; ++q) {
-    const uint8_t* cq = c + q * step;
-    const float* xq = x + 4 * q;
-    _mm_prefetch(reinterpret_cast<const char*>(cq) + AVX2_PREFETCH, _MM_HINT_T0);
-    int4_chunk(rows, dot[0][0], cq, xq, ldx);
-    int4_chunk(rows, dot[0][1], cq + 16, xq, ldx);
-    if constexpr (P > 1) {
-      int4_chunk(rows, dot[1][0], cq + block, xq + p.group, ldx);
-      int4_chunk(rows, dot[1][1], cq + block + 16, xq + p.group, ldx);
-    }
-  }
-  const float* xg = p.xg + m0 * p.groups + j;
-  for (int64_t i = 0; i < P; ++i) {
-    const auto* d = reinterpret_cast<const float*>(t + (j + i) * block);
-    const float* off = d + TILE;
-    for (int64_t h = 0; h < 2; ++h) {
-      const __m256 dh = _mm256_loadu_ps(d + 8 * h), ch = _mm256_loadu_ps(off + 8 * h);
-      ((acc[h][g] = _mm256_fmadd_ps(dot[i][h][g], dh, acc[h][g]),
-        acc[h][g] = _mm256_fmadd_ps(_mm256_set1_ps(xg[g * p.groups + i]), ch, acc[h][g])),
-       ...);
-    }
-  }
-}
-
-template <size_t... g>
-void tile_int4_avx2(std::index_sequence<g...> rows, const QProblem& p, const uint8_t* t,
-                    int64_t n0, int64_t m0) {
-  constexpr size_t G = sizeof...(g);
-  // Two groups at once: four (1 row) ran ~10% slower on Zen 3 (int4 / int8 pass time at 1 row
-  // 1.04-1.38x with four, 0.89-1.10x with two, 4 alternating runs each).
-  constexpr int64_t P = 2;
+  const int64_t block = TILE * (8 + p.group / 2), step = 2 * TILE, lx = p.Kx / 2;
+  const auto* x = reinterpret_cast<const int32_t*>(p.xi) + m0 * lx;
+  const float* xs = p.xs + m0 * p.blocks;
+  const float* xg = p.xg + m0 * p.groups;
+  const __m256i low = _mm256_set1_epi16(0x000F);
   __m256 acc[2][G];
   ((acc[0][g] = _mm256_setzero_ps(), acc[1][g] = _mm256_setzero_ps()), ...);
-  int64_t j = 0;
-  for (; j + P <= p.groups; j += P) {
-    int4_groups<P>(rows, p, t, m0, j, acc);
-  }
-  for (; j < p.groups; ++j) {
-    int4_groups<1>(rows, p, t, m0, j, acc);
+  for (int64_t j = 0; j < p.groups; ++j) {
+    const uint8_t* c = t + j * block + 8 * TILE;
+    const int32_t* xj = x + j * (p.group / 2);
+    __m256i sum[2][G];
+    ((sum[0][g] = _mm256_setzero_si256(), sum[1][g] = _mm256_setzero_si256()), ...);
+    for (int64_t q = 0; q < p.group / 4; ++q) {
+      const uint8_t* cq = c + q * step;
+      _mm_prefetch(reinterpret_cast<const char*>(cq) + AVX2_PREFETCH, _MM_HINT_T0);
+      for (int64_t h = 0; h < 2; ++h) {
+        const __m256i v =
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cq + 16 * h)));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_srli_epi16(v, 4);
+        ((sum[h][g] = _mm256_add_epi32(sum[h][g], _mm256_madd_epi16(lo, _mm256_set1_epi32(xj[g * lx + 2 * q]))),
+          sum[h][g] = _mm256_add_epi32(sum[h][g], _mm256_madd_epi16(hi, _mm256_set1_epi32(xj[g * lx + 2 * q + 1])))),
+         ...);
+      }
+    }
+    const auto* d = reinterpret_cast<const float*>(t + j * block);
+    for (int64_t h = 0; h < 2; ++h) {
+      const __m256 dh = _mm256_loadu_ps(d + 8 * h);
+      const __m256 mh = _mm256_fmadd_ps(_mm256_set1_ps(128.f), dh, _mm256_loadu_ps(d + TILE + 8 * h));
+      ((acc[h][g] = _mm256_fmadd_ps(
+            _mm256_mul_ps(_mm256_cvtepi32_ps(sum[h][g]), _mm256_set1_ps(xs[g * p.blocks + j])), dh,
+            acc[h][g]),
+        acc[h][g] = _mm256_fmadd_ps(_mm256_set1_ps(xg[g * p.groups + j]), mh, acc[h][g])),
+       ...);
+    }
   }
   alignas(32) float out[G][TILE];
   ((_mm256_store_ps(out[g], acc[0][g]), _mm256_store_ps(out[g] + 8, acc[1][g])), ...);
   (store_row(p, m0 + static_cast<int64_t>(g), n0, TILE, out[g]), ...);
 }
 
-// Rows of x in passes of 4 (int8) or 2 (int4) over a full tile (re-read from the L1 cache).
+// Rows of x in passes of AVX2_ROWS over a full tile (re-read from the L1 cache).
 void tile_rows_avx2(const QProblem& p, const uint8_t* t, int64_t n0, int64_t m0, int64_t g) {
-  const int64_t most = p.int4 ? 2 : 4;
-  for (int64_t m = m0; m < m0 + g; m += most) {
-    const int64_t n = std::min(most, m0 + g - m);
-    if (p.int4) {
-      n == 1 ? tile_int4_avx2(std::make_index_sequence<1>(), p, t, n0, m)
-             : tile_int4_avx2(std::make_index_sequence<2>(), p, t, n0, m);
-      continue;
-    }
-    switch (n) {
-      case 1: tile_int8_avx2(std::make_index_sequence<1>(), p, t, n0, m); break;
-      case 2: tile_int8_avx2(std::make_index_sequence<2>(), p, t, n0, m); break;
-      case 3: tile_int8_avx2(std::make_index_sequence<3>(), p, t, n0, m); break;
-      default: tile_int8_avx2(std::make_index_sequence<4>(), p, t, n0, m); break;
+  for (int64_t m = m0; m < m0 + g; m += AVX2_ROWS) {
+    if (m + 1 == m0 + g) {
+      p.int4 ? tile_int4_avx2(std::make_index_sequence<1>(), p, t, n0, m)
+             : tile_int8_avx2(std::make_index_sequence<1>(), p, t, n0, m);
+    } else {
+      p.int4 ? tile_int4_avx2(std::make_index_sequence<2>(), p, t, n0, m)
+             : tile_int8_avx2(std::make_index_sequence<2>(), p, t, n0, m);
     }
   }
 }
@@ -394,26 +366,75 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   if (M == 0 || N == 0) {
     return;
   }
-  // x once as fp32 and bf16 pairs, zero-padded to Kpad, and its per-group sums; copied before
-  // out is written, so out may alias x.
+  // x once in the forms the code reads, zero-padded: fp32 (the plain loops), bf16 pairs (the
+  // AVX-512 code), int16 pairs with a scale per block (the AVX2 code, below), and for int4 its
+  // per-group sums; copied before out is written, so out may alias x. Rows in parallel where
+  // there are many (prefill).
+#if defined(__AVX512BF16__)
+  const bool pairs = !generic, ints = false;
+#elif defined(__AVX2__)
+  const bool pairs = false, ints = !generic;
+#else
+  const bool pairs = false, ints = false;
+#endif
+  // The AVX2 code's x: int16 in blocks (int4: the group, int8: XBLOCK columns), each with the
+  // scale 2^(e - 14), e the exponent of the block's largest |x|: every value within 2^7 of the
+  // largest is exact (bf16 has 8 significant bits), smaller ones are rounded to a multiple of
+  // the scale (at most 2^-15 of the largest), and |x| / scale < 2^15. A block with an infinite
+  // or NaN x gets a NaN scale (its outputs are NaN).
+  const int64_t xblock = int4 ? group : XBLOCK;
+  const int64_t blocks = (Kpad + xblock - 1) / xblock, Kx = blocks * xblock;
   std::vector<float> xf(static_cast<size_t>(M * Kpad), 0.f);
-  std::vector<uint32_t> xp(static_cast<size_t>(M * Kpad / 2), 0u);
-  std::vector<float> xg(static_cast<size_t>(M * groups), 0.f);
+  std::vector<uint32_t> xp(pairs ? static_cast<size_t>(M * Kpad / 2) : 0, 0u);
+  std::vector<float> xg(int4 ? static_cast<size_t>(M * groups) : 0, 0.f);
+  std::vector<uint32_t> xi(ints ? static_cast<size_t>(M * Kx / 2) : 0, 0u);
+  std::vector<float> xsc(ints ? static_cast<size_t>(M * blocks) : 0, 0.f);
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* row = xs + m * x.stride(0);
-    for (int64_t k = 0; k < K; ++k) {
-      xf[m * Kpad + k] = bf16_value(row[k]);
-      xp[(m * Kpad + k) / 2] |= static_cast<uint32_t>(row[k]) << (16 * (k % 2));
-    }
-    for (int64_t j = 0; int4 && j < groups; ++j) {
-      float s = 0.f;
-      for (int64_t k = j * group; k < std::min(K, (j + 1) * group); ++k) {
-        s += xf[m * Kpad + k];
+  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t m0,
+                                                                                  int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint16_t* row = xs + m * x.stride(0);
+      float* f = xf.data() + m * Kpad;
+      for (int64_t k = 0; k < K; ++k) {
+        f[k] = bf16_value(row[k]);
       }
-      xg[m * groups + j] = s;
+      if (pairs) {  // little-endian: the pair (x[2i], x[2i + 1]) is the 32-bit word i
+        std::memcpy(xp.data() + m * Kpad / 2, row, static_cast<size_t>(2 * K));
+      }
+      for (int64_t j = 0; int4 && j < groups; ++j) {
+        float sum = 0.f;
+        for (int64_t k = j * group; k < std::min(K, (j + 1) * group); ++k) {
+          sum += f[k];
+        }
+        xg[m * groups + j] = sum;
+      }
+      for (int64_t b = 0; ints && b < blocks; ++b) {
+        const int64_t k0 = b * xblock, k1 = std::min(K, k0 + xblock);
+        int e = 1;  // biased; 1 for blocks of zeros and subnormals
+        for (int64_t k = k0; k < k1; ++k) {
+          e = std::max(e, (row[k] >> 7) & 0xFF);
+        }
+        if (e == 0xFF) {
+          xsc[m * blocks + b] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        xsc[m * blocks + b] = std::ldexp(1.f, e - 141);
+        int16_t q[128];  // xblock <= 128
+        if (e >= 15) {  // x * 2^(141 - e) as one multiply: 2^(141 - e) is a float
+          const float by = std::ldexp(1.f, 141 - e);
+          for (int64_t k = k0; k < k1; ++k) {
+            q[k - k0] = static_cast<int16_t>(std::lrintf(f[k] * by));
+          }
+        } else {
+          for (int64_t k = k0; k < k1; ++k) {
+            q[k - k0] = static_cast<int16_t>(std::lrintf(std::ldexp(f[k], 141 - e)));
+          }
+        }
+        std::memcpy(reinterpret_cast<char*>(xi.data()) + 2 * (m * Kx + k0), q,
+                    static_cast<size_t>(2 * (k1 - k0)));
+      }
     }
-  }
+  });
   std::vector<float> bf;
   if (bias.has_value()) {
     const auto* b = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
@@ -426,6 +447,8 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                    xf.data(),
                    xp.data(),
                    xg.data(),
+                   xi.data(),
+                   xsc.data(),
                    bias.has_value() ? bf.data() : nullptr,
                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
                    M,
@@ -434,6 +457,8 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                    groups,
                    group,
                    out.stride(0),
+                   Kx,
+                   blocks,
                    int4};
   const int64_t row_bytes = w.numel() / N;  // every earlier tile is full
   const int64_t tiles = (N + TILE - 1) / TILE;

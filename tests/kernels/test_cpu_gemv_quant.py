@@ -31,15 +31,25 @@ def op(kind: str):
     return getattr(torch.ops.peftserve_cpu, f"gemv_{kind}")
 
 
+def block_max(x: torch.Tensor, block: int) -> torch.Tensor:
+    """|x|'s largest magnitude over each block of `block` columns, for every column."""
+    M, K = x.shape
+    a = torch.nn.functional.pad(x.double().abs(), (0, -K % block))
+    return a.view(M, -1, block).amax(2).repeat_interleave(block, 1)[:, :K]
+
+
 def within_rounding(got: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, b: torch.Tensor | None):
     """got is the float64 sum over the dequantized weights rounded once to bf16, give or take
-    fp32 accumulation (int4 sums 128 + u, hence the larger magnitude)."""
+    fp32 accumulation (int4 sums 128 + u, hence the larger magnitude) and the AVX2 code's
+    rounding of x (quant.py: within 2^-15 of its block's largest magnitude)."""
     want = quant.linear_reference(x, wq, b)
     w = quant.dequantize(wq, x.shape[1])
     mag = x.double().abs() @ w.abs().T
     if wq.dtype == torch.uint8:
         mag = mag * 200
-    tol = want.abs() * 2.0**-8 + mag * x.shape[1] * 2.0**-23 + 1e-30
+    block = quant.GROUP if wq.dtype == torch.uint8 else quant.X_BLOCK
+    x_rounding = block_max(x, block) @ w.abs().T * 2.0**-15
+    tol = want.abs() * 2.0**-8 + mag * x.shape[1] * 2.0**-23 + x_rounding + 1e-30
     err = (got.double() - want).abs()
     assert (err <= tol).all(), f"max error {err.max().item():.3g} beyond bf16 rounding"
 
@@ -82,6 +92,43 @@ def test_against_float64_every_row_count(N, K, bias, kind):
         plain = torch.empty(M, N, dtype=BF16)
         op(kind)(plain, x, wq, b, True)
         within_rounding(plain, x, wq, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_x_of_any_range_within_rounding(kind):
+    """Rows of x whose blocks span 2^20 (an outlier among small values: the AVX2 code rounds
+    the small ones), rows of subnormal and near-subnormal values against weights near 2^100
+    (the AVX2 code's scales below 2^-126), a row of zeros, each alone and in one batch."""
+    g = torch.Generator().manual_seed(11)
+    N, K = 48, 200
+    w = rand(g, N, K, std=0.1)
+    big = (w.float() * 2.0**100).to(BF16)
+    spread = torch.randn(3, K, generator=g) * 2.0**-10
+    spread[:, ::37] = 2.0**10 * torch.sign(torch.randn(3, K // 37 + 1, generator=g))
+    tiny = torch.randn(3, K, generator=g) * torch.tensor([[2.0**-128], [2.0**-118], [2.0**-100]])
+    cases = [(w, torch.cat([spread, torch.zeros(1, K)]).to(BF16)), (big, tiny.to(BF16))]
+    for weights, x in cases:
+        wq = quant.pack(weights, kind)
+        assert quant.dequantize(wq, K).abs().amax() > 0
+        got = quant.linear(x, wq, None)
+        within_rounding(got, x, wq, None)
+        for m in range(x.shape[0]):
+            assert torch.equal(quant.linear(x[m : m + 1], wq, None), got[m : m + 1])
+    assert (quant.linear(cases[0][1][3:], quant.pack(w, kind), None) == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_non_finite_x_stays_in_its_row(kind):
+    """An infinite or NaN x makes its own row's outputs non-finite, and no other row's."""
+    g = torch.Generator().manual_seed(12)
+    N, K = 40, 96
+    wq = quant.pack(rand(g, N, K, std=0.1), kind)
+    x = rand(g, 4, K)
+    x[1, 5], x[2, 70] = float("inf"), float("nan")
+    got = quant.linear(x, wq, None)
+    assert not got[1:3].isfinite().any()
+    assert got[[0, 3]].isfinite().all()
+    assert torch.equal(got[[0, 3]], quant.linear(x[[0, 3]], wq, None))
 
 
 @pytest.mark.parametrize("kind", KINDS)

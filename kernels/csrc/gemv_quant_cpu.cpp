@@ -217,20 +217,23 @@ void tile_int8_avx2(std::index_sequence<g...>, const QProblem& p, const uint8_t*
   __m256 acc[2][G];
   ((acc[0][g] = _mm256_setzero_ps(), acc[1][g] = _mm256_setzero_ps()), ...);
   for (int64_t b = 0; b < p.blocks; ++b) {
-    __m256i sum[2][G];
+    __m256i sum[2][G], xv[G];
+    __m256 sv[G];
     ((sum[0][g] = _mm256_setzero_si256(), sum[1][g] = _mm256_setzero_si256()), ...);
     for (int64_t kp = b * PAIRS, end = std::min(Kp, kp + PAIRS); kp < end; ++kp) {
       const uint8_t* qk = q + kp * 2 * TILE;
       _mm_prefetch(reinterpret_cast<const char*>(qk) + AVX2_PREFETCH, _MM_HINT_T0);
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qk)));
-      const __m256i w1 =
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qk + 16)));
-      ((sum[0][g] = _mm256_add_epi32(sum[0][g], _mm256_madd_epi16(w0, _mm256_set1_epi32(x[g * lx + kp]))),
-        sum[1][g] = _mm256_add_epi32(sum[1][g], _mm256_madd_epi16(w1, _mm256_set1_epi32(x[g * lx + kp])))),
+      const auto* qv = reinterpret_cast<const __m128i*>(qk);
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qv));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qv + 1));
+      ((xv[g] = _mm256_set1_epi32(x[g * lx + kp]),
+        sum[0][g] = _mm256_add_epi32(sum[0][g], _mm256_madd_epi16(w0, xv[g])),
+        sum[1][g] = _mm256_add_epi32(sum[1][g], _mm256_madd_epi16(w1, xv[g]))),
        ...);
     }
-    ((acc[0][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[0][g]), _mm256_set1_ps(xs[g * p.blocks + b]), acc[0][g]),
-      acc[1][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[1][g]), _mm256_set1_ps(xs[g * p.blocks + b]), acc[1][g])),
+    ((sv[g] = _mm256_set1_ps(xs[g * p.blocks + b]),
+      acc[0][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[0][g]), sv[g], acc[0][g]),
+      acc[1][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[1][g]), sv[g], acc[1][g])),
      ...);
   }
   const auto* scale = reinterpret_cast<const float*>(t);
@@ -270,18 +273,22 @@ void tile_int4_avx2(std::index_sequence<g...>, const QProblem& p, const uint8_t*
         const __m256i v =
             _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cq + 16 * h)));
         const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_srli_epi16(v, 4);
-        ((sum[h][g] = _mm256_add_epi32(sum[h][g], _mm256_madd_epi16(lo, _mm256_set1_epi32(xj[g * lx + 2 * q]))),
-          sum[h][g] = _mm256_add_epi32(sum[h][g], _mm256_madd_epi16(hi, _mm256_set1_epi32(xj[g * lx + 2 * q + 1])))),
+        const int32_t* xq = xj + 2 * q;
+        ((sum[h][g] = _mm256_add_epi32(sum[h][g],
+                                       _mm256_madd_epi16(lo, _mm256_set1_epi32(xq[g * lx]))),
+          sum[h][g] = _mm256_add_epi32(sum[h][g],
+                                       _mm256_madd_epi16(hi, _mm256_set1_epi32(xq[g * lx + 1])))),
          ...);
       }
     }
     const auto* d = reinterpret_cast<const float*>(t + j * block);
+    __m256 dot[G];
     for (int64_t h = 0; h < 2; ++h) {
       const __m256 dh = _mm256_loadu_ps(d + 8 * h);
-      const __m256 mh = _mm256_fmadd_ps(_mm256_set1_ps(128.f), dh, _mm256_loadu_ps(d + TILE + 8 * h));
-      ((acc[h][g] = _mm256_fmadd_ps(
-            _mm256_mul_ps(_mm256_cvtepi32_ps(sum[h][g]), _mm256_set1_ps(xs[g * p.blocks + j])), dh,
-            acc[h][g]),
+      const __m256 ch = _mm256_loadu_ps(d + TILE + 8 * h);
+      const __m256 mh = _mm256_fmadd_ps(_mm256_set1_ps(128.f), dh, ch);
+      ((dot[g] = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[h][g]), _mm256_set1_ps(xs[g * p.blocks + j])),
+        acc[h][g] = _mm256_fmadd_ps(dot[g], dh, acc[h][g]),
         acc[h][g] = _mm256_fmadd_ps(_mm256_set1_ps(xg[g * p.groups + j]), mh, acc[h][g])),
        ...);
     }

@@ -15,10 +15,11 @@ Activations and results stay bf16; the sums are fp32. Where the CPU has AVX2 but
 BF16 the kernel multiplies integers: each row of x is rounded to int16 in blocks (X_BLOCK
 columns for int8, the group for int4), a power-of-two scale each, exact for every value within
 2^7 of its block's largest magnitude and within 2^-15 of that magnitude for the rest; the
-blocks' integer sums are exact. The tensors' storage is in the kernel's
-tile order (16 rows a tile, the scales inside each tile's stretch); only dequantize() reads
-them as matrices. The kernel serves every row count: decode steps read the int8/int4 bytes
-directly, and larger steps (prefill chunks) reuse each tile's bytes, in cache, for every 8 rows.
+blocks' integer sums are exact. (vdpbf16ps, the AVX-512 code's, reads subnormal x as zero.)
+The tensors' storage is in the kernel's tile order (16 rows a tile, the scales inside each
+tile's stretch); only dequantize() reads them as matrices. The kernel serves every row count:
+decode steps read the int8/int4 bytes directly, and larger steps (prefill chunks) reuse each
+tile's bytes, in cache, for every 8 rows.
 """
 
 from __future__ import annotations

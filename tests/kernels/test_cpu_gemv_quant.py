@@ -97,15 +97,18 @@ def test_against_float64_every_row_count(N, K, bias, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_x_of_any_range_within_rounding(kind):
     """Rows of x whose blocks span 2^20 (an outlier among small values: the AVX2 code rounds
-    the small ones), rows of subnormal and near-subnormal values against weights near 2^100
-    (the AVX2 code's scales below 2^-126), a row of zeros, each alone and in one batch."""
+    the small ones), rows of values just above the smallest normal against weights near 2^100
+    (the AVX2 code's scales below 2^-126; no subnormal x, which vdpbf16ps reads as zero), a
+    row of zeros, each alone and in one batch."""
     g = torch.Generator().manual_seed(11)
     N, K = 48, 200
     w = rand(g, N, K, std=0.1)
     big = (w.float() * 2.0**100).to(BF16)
     spread = torch.randn(3, K, generator=g) * 2.0**-10
     spread[:, ::37] = 2.0**10 * torch.sign(torch.randn(3, K // 37 + 1, generator=g))
-    tiny = torch.randn(3, K, generator=g) * torch.tensor([[2.0**-128], [2.0**-118], [2.0**-100]])
+    size = 0.5 + 3.5 * torch.rand(3, K, generator=g)  # |x| / 2^e in [0.5, 4]: all normal
+    sign = torch.sign(torch.randn(3, K, generator=g))
+    tiny = sign * size * torch.tensor([[2.0**-125], [2.0**-118], [2.0**-100]])
     cases = [(w, torch.cat([spread, torch.zeros(1, K)]).to(BF16)), (big, tiny.to(BF16))]
     for weights, x in cases:
         wq = quant.pack(weights, kind)

@@ -78,3 +78,17 @@ def test_march_runs_here_compares_the_builds_instruction_sets_with_the_cpus(monk
                         "avx512dq avx512cd")  # fmt: skip
     assert cpu_ext.march_runs_here("skylake-avx512")
     assert not cpu_ext.march_runs_here("sapphirerapids")  # BF16, AMX, FP16: none here
+
+
+def test_march_adds_code_compares_the_kernels_code_paths_with_the_native_builds(monkeypatch):
+    """`make test-march` skips a build that compiles the same code paths as `make test`'s."""
+    assert not cpu_ext.march_adds_code("native")
+    real = cpu_ext._macros
+    for native, same, other in [("x86-64-v3", "haswell", "skylake-avx512"),
+                                ("sapphirerapids", "cooperlake", "x86-64-v3")]:  # fmt: skip
+        def macros(march, cxx=None, native=native):
+            return real(native if march == "native" else march, cxx)
+
+        monkeypatch.setattr(cpu_ext, "_macros", macros)
+        assert not cpu_ext.march_adds_code(same)
+        assert cpu_ext.march_adds_code(other)

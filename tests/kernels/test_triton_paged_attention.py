@@ -11,7 +11,7 @@ from peftserve.kernels.triton_fused import rotary_and_cache_triton
 from peftserve.kernels.triton_paged_attention import paged_decode_attention
 from peftserve.layers.attention import AttentionMetadata
 from peftserve.layers.backend import Backend
-from tests.kernels.lowrank_cases import KERNEL_DEVICE, assert_close, requires_cuda
+from tests.kernels.lowrank_cases import HAS_CUDA, KERNEL_DEVICE, assert_close, requires_cuda
 
 # (dtype, atol, rtol) against SDPA in the same dtype
 TOLERANCES = [(torch.float32, 2e-5, 1e-4), (torch.bfloat16, 3e-2, 3e-2),
@@ -43,19 +43,29 @@ def gather_sdpa(q, cache, tables, lens, bs, scale):
     return Backend().decode_attention(q, cache, meta, scale)
 
 
-@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
-@pytest.mark.parametrize(
-    "heads, kv_heads, D",
-    [(4, 4, 64), (9, 3, 64), (8, 2, 128), (16, 2, 64)],  # GQA 1, 3 (SmolLM2), 4, 8 (Llama 3)
-)
-@pytest.mark.parametrize(
-    "bs, lens, partition",
-    [
-        (16, [1, 37, 70], 512),  # one pass; a context of one position
-        (8, [100, 1, 33], 32),  # split over 4 programs; sequences that stop in split 0
-        (16, [16, 80], 16),  # a whole block, and a split per block
-    ],
-)
+HEAD_LAYOUTS = [(4, 4, 64), (9, 3, 64), (8, 2, 128), (16, 2, 64)]  # GQA 1, 3 (SmolLM2), 4, 8
+SPLITS = [
+    (16, [1, 37, 70], 512),  # one pass; a context of one position
+    (8, [100, 1, 33], 32),  # split over 4 programs; sequences that stop in split 0
+    (16, [16, 80], 16),  # a whole block, and a split per block
+]
+
+
+def grid() -> list[tuple]:
+    """Every head layout and split in every dtype on a GPU. Interpreted (a case takes 5-20 s
+    there), fp32 takes every layout and split, bf16 two layouts (GQA 3 and 4, head dims 64
+    and 128) and fp16 one: the dtype changes only the loads' and the store's conversions."""
+    half = {torch.bfloat16: HEAD_LAYOUTS[1:3], torch.float16: HEAD_LAYOUTS[2:3]}
+    return [
+        (*tol, *heads, *split)
+        for tol in TOLERANCES
+        for heads in HEAD_LAYOUTS
+        if HAS_CUDA or tol[0] == torch.float32 or heads in half[tol[0]]
+        for split in SPLITS
+    ]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol, heads, kv_heads, D, bs, lens, partition", grid())
 def test_matches_gather_sdpa(dtype, atol, rtol, heads, kv_heads, D, bs, lens, partition):
     q, cache, tables, ctx = make_case(len(lens), heads, kv_heads, D, bs, lens, dtype)
     scale = D**-0.5

@@ -65,6 +65,32 @@ def test_a_rows_result_does_not_depend_on_the_batch(N, K):
         assert torch.equal(gemv.linear(x[:M], w, b), alone[:M]), M
 
 
+def results_at_thread_counts(fn) -> list[torch.Tensor]:
+    """fn() at 1, 2 and 3 threads (the tiles split into runs the threads take as they come)."""
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(fn())
+        return outs
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("N,K", [(4099, 65), (64, 576), (33, 8)])
+def test_a_result_does_not_depend_on_the_thread_count(N, K):
+    """Every tile computed once whichever thread takes it: 129 tiles in uneven runs, 2, 2."""
+    g = torch.Generator().manual_seed(N)
+    w = rand(g, N, K, std=0.1)
+    wp, b = gemv.pack(w), rand(g, N)
+    for M in (1, 3, 9):
+        x = rand(g, M, K)
+        outs = results_at_thread_counts(lambda: gemv.linear(x, wp, b))  # noqa: B023
+        within_rounding(outs[0], x, w, b)
+        assert all(torch.equal(o, outs[0]) for o in outs[1:]), M
+
+
 @pytest.mark.parametrize("N,K", [(77, 33), (960, 576), (40, 1)])
 def test_vector_code_equals_the_plain_loops(N, K):
     g = torch.Generator().manual_seed(5)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from peftserve.kernels import cpu_ext, quant
+from tests.kernels.test_cpu_gemv import results_at_thread_counts
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,6 +78,19 @@ def test_int4_keeps_constant_groups_exact():
     w = torch.full((20, 64), 0.25, dtype=BF16)
     w[3, 32:] = -1.5
     assert torch.equal(quant.dequantize(quant.pack(w, "int4"), 64), w.double())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_result_does_not_depend_on_the_thread_count(kind):
+    """Every tile computed once whichever thread takes it (129 tiles in uneven runs)."""
+    g = torch.Generator().manual_seed(11)
+    wq = quant.pack(rand(g, 4099, 96, std=0.1), kind)
+    b = rand(g, 4099)
+    for M in (1, 3, 9):
+        x = rand(g, M, 96)
+        outs = results_at_thread_counts(lambda: quant.linear(x, wq, b))  # noqa: B023
+        within_rounding(outs[0], x, wq, b)
+        assert all(torch.equal(o, outs[0]) for o in outs[1:]), M
 
 
 @pytest.mark.parametrize("kind", KINDS)

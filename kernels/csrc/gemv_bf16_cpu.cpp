@@ -3,7 +3,7 @@
 //
 // At decode batch sizes a matmul is a read of the weights: SmolLM2-135M's 270 MB take ~9 ms to
 // read on this machine's 2 cores, while oneDNN's bf16 matmul at batch 1 took ~15 ms. This
-// kernel reads each weight once per call, in contiguous runs of tiles (tile_runs.h), which the
+// kernel reads each weight once per call, in one contiguous stream per thread, which the
 // hardware prefetcher follows: software prefetches 512 B to 4 KB ahead made a 226 MB pass
 // 10-70% slower on Zen 4 (2 threads, the AVX-512 BF16 code), so that code has none; the AVX2
 // code, slower per byte, gains from them (AVX2_PREFETCH).
@@ -28,7 +28,6 @@
 
 #include "checks.h"
 #include "ops.h"
-#include "tile_runs.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -257,7 +256,8 @@ void tile_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t width, i
 
 void gemv_run(const Problem& p, bool generic) {
   const int64_t tiles = (p.N + TILE - 1) / TILE;
-  for_tile_runs(tiles, [&](int64_t t0, int64_t t1) {
+  // Contiguous tile ranges per thread: each reads one stretch of the weights, start to end.
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
       const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
       for (int64_t t = t0; t < t1; ++t) {

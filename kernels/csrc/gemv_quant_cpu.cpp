@@ -37,7 +37,6 @@
 
 #include "checks.h"
 #include "ops.h"
-#include "tile_runs.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -470,7 +469,7 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                    int4};
   const int64_t row_bytes = w.numel() / N;  // every earlier tile is full
   const int64_t tiles = (N + TILE - 1) / TILE;
-  for_tile_runs(tiles, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * TILE, width = std::min(TILE, N - n0);
       const uint8_t* tile = p.w + n0 * row_bytes;

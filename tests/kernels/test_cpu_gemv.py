@@ -66,7 +66,7 @@ def test_a_rows_result_does_not_depend_on_the_batch(N, K):
 
 
 def results_at_thread_counts(fn) -> list[torch.Tensor]:
-    """fn() at 1, 2 and 3 threads (the tiles split into runs the threads take as they come)."""
+    """fn() at 1, 2 and 3 threads (each thread takes its own range of the tiles)."""
     before = torch.get_num_threads()
     try:
         outs = []
@@ -80,7 +80,8 @@ def results_at_thread_counts(fn) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("N,K", [(4099, 65), (64, 576), (33, 8)])
 def test_a_result_does_not_depend_on_the_thread_count(N, K):
-    """Every tile computed once whichever thread takes it: 129 tiles in uneven runs, 2, 2."""
+    """Every tile computed once at every thread count: 129 tiles (split unevenly over 2 and 3
+    threads), 2, and 2."""
     g = torch.Generator().manual_seed(N)
     w = rand(g, N, K, std=0.1)
     wp, b = gemv.pack(w), rand(g, N)

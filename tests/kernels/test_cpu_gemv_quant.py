@@ -82,7 +82,7 @@ def test_int4_keeps_constant_groups_exact():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_result_does_not_depend_on_the_thread_count(kind):
-    """Every tile computed once whichever thread takes it (129 tiles in uneven runs)."""
+    """Every tile computed once at every thread count (129 tiles, split unevenly over 3)."""
     g = torch.Generator().manual_seed(11)
     wq = quant.pack(rand(g, 4099, 96, std=0.1), kind)
     b = rand(g, 4099)

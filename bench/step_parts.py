@@ -37,7 +37,9 @@ from peftserve.layers.backend import CpuBackend
 PARTS = ("schedule", "prepare", "cos_sin", "decode_stack", "lm_head", "sample", "outputs")
 
 
-def timed(times: dict[str, list[float]], name: str, fn: Callable) -> Callable:
+def recording(times: dict[str, list[float]], name: str, fn: Callable) -> Callable:
+    """fn, each call's wall time appended to times[name]."""
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
         t0 = time.perf_counter()
@@ -53,15 +55,15 @@ def measure(weights: str, tokens: int, rounds: int) -> dict[str, object]:
     engine = Engine.from_config(config, CpuBackend(native=True))
     times: dict[str, list[float]] = {name: [] for name in ("step", *PARTS)}
     model, runner = engine.model, engine.runner
-    engine.step = timed(times, "step", engine.step)
-    engine._schedule = timed(times, "schedule", engine._schedule)
-    engine._process_samples = timed(times, "outputs", engine._process_samples)
-    runner.prepare = timed(times, "prepare", runner.prepare)
-    model.rotary.cos_sin = timed(times, "cos_sin", model.rotary.cos_sin)
-    model.backend.decode_forward = timed(times, "decode_stack", model.backend.decode_forward)
-    model.logits = timed(times, "lm_head", model.logits)
+    engine.step = recording(times, "step", engine.step)
+    engine._schedule = recording(times, "schedule", engine._schedule)
+    engine._process_samples = recording(times, "outputs", engine._process_samples)
+    runner.prepare = recording(times, "prepare", runner.prepare)
+    model.rotary.cos_sin = recording(times, "cos_sin", model.rotary.cos_sin)
+    model.backend.decode_forward = recording(times, "decode_stack", model.backend.decode_forward)
+    model.logits = recording(times, "lm_head", model.logits)
     sample = model_runner.sample
-    model_runner.sample = timed(times, "sample", sample)
+    model_runner.sample = recording(times, "sample", sample)
     try:
         prompt = chat_prompt(engine)
         runs = []
@@ -77,9 +79,9 @@ def measure(weights: str, tokens: int, rounds: int) -> dict[str, object]:
                 runs.append({k: statistics.median(v) for k, v in times.items() if v})
     finally:
         model_runner.sample = sample
+    assert "decode_stack" in runs[0], "the decode steps did not take the one-call stack"
     ms = {k: 1e3 * statistics.median(run[k] for run in runs) for k in runs[0]}
     ms["rest"] = ms["step"] - sum(ms[p] for p in PARTS if p in ms)
-    assert "decode_stack" in ms, "the decode steps did not take the one-call stack"
     return {"median_ms": ms, "share_of_step": {k: v / ms["step"] for k, v in ms.items()}}
 
 

@@ -45,7 +45,12 @@ namespace peftserve_cpu {
 namespace {
 
 constexpr int64_t TILE = 32;         // rows of W per tile
-constexpr int64_t MAX_GROUP = 8;     // rows of x summed together over one pass of a tile
+// rows of x summed together over one pass of a tile (AVX2: see tile_avx2)
+#if defined(__AVX512BF16__) || !defined(__AVX2__)
+constexpr int64_t MAX_GROUP = 8;
+#else
+constexpr int64_t MAX_GROUP = 4;
+#endif
 constexpr int64_t ROW_CHUNK = 64;    // rows of x per pass over the weights (larger M: x in L2)
 // AVX2 only: the k-pair 1024 bytes (8 k-pairs of a full tile) ahead is prefetched. Measured on
 // Zen 3 (2 threads, a whole SmolLM2 pass, 9 interleaved rounds): 0.93 / 0.94 / 0.89 / 0.83 /
@@ -148,8 +153,8 @@ inline __attribute__((always_inline)) void avx2_pair(std::index_sequence<g...>, 
 // row's broadcasts between the slabs and holds all 2 * G of them with the 2 * G accumulators,
 // more than 16 registers: two accumulators went to the stack and every k-pair waited on their
 // store and reload. A whole pass over SmolLM2's gate/up weights at 4 rows, alternated
-// processes: 17.5 GB/s against 13.8 (5 rounds, Zen 3); 1 or 2 rows (4 slabs) and 5 to 8 (one)
-// keep avx2_pair, which spills nothing there.
+// processes: 15.7 GB/s against 13.0 (5 rounds, Zen 3); 1 or 2 rows (4 slabs) keep avx2_pair,
+// which spills nothing there.
 template <int64_t S, size_t G>
 inline __attribute__((always_inline)) void avx2_row(__m256 (&acc)[S][G], size_t row,
                                                     const __m256 (&odd)[S],
@@ -188,13 +193,11 @@ void tile_avx2_full(std::index_sequence<g...> rows, const Problem& p, const uint
         _mm_prefetch(ahead, _MM_HINT_T0);
         _mm_prefetch(ahead + 64, _MM_HINT_T0);
       }
-      if constexpr (S != 2) {  // one slab, or 2 * G <= 4 broadcasts: they fit
+      if constexpr (S == 4) {  // 2 * G <= 4 broadcasts: they fit
         avx2_pair(rows, acc[0], _mm256_loadu_si256(wk), xk, ldx);
-        if constexpr (S > 1) {
-          avx2_pair(rows, acc[1], _mm256_loadu_si256(wk + 1), xk, ldx);
-          avx2_pair(rows, acc[2], _mm256_loadu_si256(wk + 2), xk, ldx);
-          avx2_pair(rows, acc[3], _mm256_loadu_si256(wk + 3), xk, ldx);
-        }
+        avx2_pair(rows, acc[1], _mm256_loadu_si256(wk + 1), xk, ldx);
+        avx2_pair(rows, acc[2], _mm256_loadu_si256(wk + 2), xk, ldx);
+        avx2_pair(rows, acc[3], _mm256_loadu_si256(wk + 3), xk, ldx);
       } else {
         const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
         __m256 odd[S], even[S];
@@ -238,20 +241,23 @@ void tile_avx2_part(std::index_sequence<g...> rows, const Problem& p, const uint
   (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
 }
 
-// Slabs at once by rows of x: 4 for 1-2 rows, 2 for 3-4, 1 beyond (8 accumulators at most
-// of 16 registers).
+// Slabs at once by rows of x: 4 for 1-2 rows, 2 for 3-4 (8 accumulators at most of 16
+// registers). More rows take passes of 4 (MAX_GROUP): one slab of 5-8 rows (8 accumulators,
+// 2 * G broadcasts a k-pair) spent ~15 cycles a k-pair where two slabs of 4 (half the
+// broadcasts for the same FMAs) spend ~11 (one thread, weights in L3, Zen 3). A whole pass over
+// SmolLM2's gate/up weights, alternated processes (5 rounds): 1.23x at 6 rows, 1.15x at 8,
+// 1.17x at 16, 1.20x at 32 against one slab of 8.
 template <size_t... g>
 void tile_avx2(std::index_sequence<g...> rows, const Problem& p, const uint16_t* w, int64_t n0,
                int64_t width, int64_t m0) {
   constexpr size_t G = sizeof...(g);
+  static_assert(G <= MAX_GROUP);
   if (width < TILE) {
     tile_avx2_part(rows, p, w, n0, width, m0);
   } else if constexpr (G <= 2) {
     tile_avx2_full<4>(rows, p, w, n0, m0);
-  } else if constexpr (G <= 4) {
-    tile_avx2_full<2>(rows, p, w, n0, m0);
   } else {
-    tile_avx2_full<1>(rows, p, w, n0, m0);
+    tile_avx2_full<2>(rows, p, w, n0, m0);
   }
 }
 #endif
@@ -273,11 +279,15 @@ void tile_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t width, i
     case 1: return PEFTSERVE_TILE(1);
     case 2: return PEFTSERVE_TILE(2);
     case 3: return PEFTSERVE_TILE(3);
+#if !defined(__AVX512BF16__)  // AVX2: MAX_GROUP 4
+    default: return PEFTSERVE_TILE(4);
+#else
     case 4: return PEFTSERVE_TILE(4);
     case 5: return PEFTSERVE_TILE(5);
     case 6: return PEFTSERVE_TILE(6);
     case 7: return PEFTSERVE_TILE(7);
     default: return PEFTSERVE_TILE(8);
+#endif
   }
 #undef PEFTSERVE_TILE
 #else

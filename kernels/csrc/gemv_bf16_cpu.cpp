@@ -152,7 +152,7 @@ inline __attribute__((always_inline)) void avx2_pair(std::index_sequence<g...>, 
 // once and the rows taken one by one: as avx2_pair for each slab, the compiler shares each
 // row's broadcasts between the slabs and holds all 2 * G of them with the 2 * G accumulators,
 // more than 16 registers: two accumulators went to the stack and every k-pair waited on their
-// store and reload. A whole pass over SmolLM2's gate/up weights at 4 rows, alternated
+// store and reload. 20 matrices of SmolLM2's gate/up shape (3072 x 576) at 4 rows, alternated
 // processes: 15.7 GB/s against 13.0 (5 rounds, Zen 3); 1 or 2 rows (4 slabs) keep avx2_pair,
 // which spills nothing there.
 template <int64_t S, size_t G>
@@ -244,9 +244,10 @@ void tile_avx2_part(std::index_sequence<g...> rows, const Problem& p, const uint
 // Slabs at once by rows of x: 4 for 1-2 rows, 2 for 3-4 (8 accumulators at most of 16
 // registers). More rows take passes of 4 (MAX_GROUP): one slab of 5-8 rows (8 accumulators,
 // 2 * G broadcasts a k-pair) spent ~15 cycles a k-pair where two slabs of 4 (half the
-// broadcasts for the same FMAs) spend ~11 (one thread, weights in L3, Zen 3). A whole pass over
-// SmolLM2's gate/up weights, alternated processes (5 rounds): 1.23x at 6 rows, 1.15x at 8,
-// 1.17x at 16, 1.20x at 32 against one slab of 8.
+// broadcasts for the same FMAs) spend ~11 (one thread, weights in L3, Zen 3). The same 20
+// gate/up-shaped matrices, alternated processes (5 rounds): 1.23x at 6 rows, 1.04x at 8, 1.21x
+// at 16, 1.22x at 32 against one slab of 8; a whole SmolLM2 pass ~1.15x at 8 rows, ~1.3x at 32
+// (bench/README.md).
 template <size_t... g>
 void tile_avx2(std::index_sequence<g...> rows, const Problem& p, const uint16_t* w, int64_t n0,
                int64_t width, int64_t m0) {

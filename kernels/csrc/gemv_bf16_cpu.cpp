@@ -134,14 +134,18 @@ void tile_bf16(std::index_sequence<g...>, const Problem& p, const uint16_t* w, i
 // bf16 -> fp32 by shifting: the low half of a 32-bit lane (even k) moves up 16 bits, the high
 // half (odd k) is masked; two FMAs in vdpbf16ps's order. A ymm register holds one k-pair of 8
 // rows (a slab; a tile has 4).
-//
+inline __attribute__((always_inline)) void avx2_split(__m256i pair, __m256& odd, __m256& even) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+}
+
 // One slab's k-pair into G rows' accumulators.
 template <size_t... g>
 inline __attribute__((always_inline)) void avx2_pair(std::index_sequence<g...>, __m256* acc,
                                                      __m256i pair, const float* x, int64_t ldx) {
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
-  const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+  __m256 odd, even;
+  avx2_split(pair, odd, even);
   ((acc[g] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(x + g * ldx + 1), acc[g]),
     acc[g] = _mm256_fmadd_ps(even, _mm256_broadcast_ss(x + g * ldx), acc[g])),
    ...);
@@ -199,12 +203,9 @@ void tile_avx2_full(std::index_sequence<g...> rows, const Problem& p, const uint
         avx2_pair(rows, acc[2], _mm256_loadu_si256(wk + 2), xk, ldx);
         avx2_pair(rows, acc[3], _mm256_loadu_si256(wk + 3), xk, ldx);
       } else {
-        const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
         __m256 odd[S], even[S];
         for (int64_t s = 0; s < S; ++s) {
-          const __m256i pair = _mm256_loadu_si256(wk + s);
-          odd[s] = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
-          even[s] = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+          avx2_split(_mm256_loadu_si256(wk + s), odd[s], even[s]);
         }
         (avx2_row(acc, g, odd, even, xk + g * ldx), ...);
       }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from peftserve.kernels import cpu_ext, gemv
+from tests.kernels.threads import results_at_thread_counts
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,19 +64,6 @@ def test_a_rows_result_does_not_depend_on_the_batch(N, K):
     alone = torch.cat([gemv.linear(x[i : i + 1], w, b) for i in range(40)])
     for M in [*range(1, 10), 16, 17, 33, 40]:
         assert torch.equal(gemv.linear(x[:M], w, b), alone[:M]), M
-
-
-def results_at_thread_counts(fn) -> list[torch.Tensor]:
-    """fn() at 1, 2 and 3 threads (each thread takes its own range of the tiles)."""
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(fn())
-        return outs
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("N,K", [(4099, 65), (64, 576), (33, 8)])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peftserve.kernels import cpu_ext, quant
-from tests.kernels.test_cpu_gemv import results_at_thread_counts
+from tests.kernels.threads import results_at_thread_counts
 
 
 @pytest.fixture(autouse=True, scope="module")

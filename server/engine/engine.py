@@ -49,6 +49,7 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or model.shape.max_positions, model.shape.max_positions, capacity
         )
+        model.rotary.build(self.max_model_len, model.dtype)
         self.inputs = InputProcessor(
             tokenizer, model.shape.vocab, self.max_model_len, config.max_prompt_tokens,
             config.max_new_tokens_limit,

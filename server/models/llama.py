@@ -171,7 +171,7 @@ class LlamaModel(nn.Module):
                 self._hold_streamed(backend)
             if self.lm_head is not self.embed:
                 self.lm_head = None  # type: ignore[assignment]
-        self.rotary = RotaryEmbedding(config, self.shape.head_dim, device)
+        self.rotary = RotaryEmbedding(config, self.shape.head_dim, device, self.shape.max_positions)
         self.dtype = dtype
         self.device = device
         self.backend = backend

@@ -3,6 +3,7 @@ dtypes, each 64-byte aligned, and the buffer is backed by huge pages where the O
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,12 @@ def test_the_buffer_is_in_huge_pages_where_the_os_offers_them():
         assert huge_pages.huge_bytes(held) == 0
         return
     assert huge_pages.huge_bytes(held) >= 6 * (2 << 20)
-    # an ordinary allocation of that size, not advised: no huge pages under it ("madvise"
-    # mode; "always" gives them to every large mapping)
+    # the same mapping without the advice: no huge pages under it ("madvise" mode; "always"
+    # gives them to every large mapping). A fresh mapping, not malloc's memory: a library
+    # (numpy advises its large arrays) may have advised a stretch of the heap malloc reuses.
     if "[madvise]" in mode:
-        plain = torch.ones(16 << 20, dtype=torch.uint8)
+        plain = torch.frombuffer(
+            mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=torch.uint8
+        )
+        plain.fill_(1)
         assert huge_pages.huge_bytes(plain) == 0

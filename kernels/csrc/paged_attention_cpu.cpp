@@ -8,6 +8,15 @@
 // heads of a GQA group share each K/V row they read. Positions at or past a sequence's context
 // length are never read.
 //
+// A context longer than PARTITION positions is split (flash-decoding, vLLM's paged attention
+// v2, kernels/triton_paged_attention.py): each (sequence, KV head, split) is one piece of work
+// leaving its scores' max, its sum of exp and its unnormalized output, and a second pass merges
+// a sequence's splits in order. Without it a sequence's attention is at most kv_heads pieces:
+// one sequence of SmolLM2 (3 KV heads) kept two threads 2:1 busy, and one of 8 KV heads kept 8
+// of 16 cores. The splits depend on a sequence's length alone, so its output does not depend
+// on its batch; a context of up to PARTITION positions is one piece, normalized as it always
+// was.
+//
 // Layouts (as the engine keeps them):
 //   out, q        [B, heads, head_dim]                  the cache's dtype; out contiguous, q
 //                                                       contiguous in head_dim
@@ -43,8 +52,9 @@ inline void prefetch(const scalar_t* p, int64_t n) {
 }
 
 // Softmax over each of `rows` rows of `len` scores, in place, unnormalized: exp(s - max);
-// 1 / sum of each row goes to inv_sum (applied to the output instead).
-inline void softmax_rows(float* scores, int64_t rows, int64_t len, float* inv_sum) {
+// each row's max and sum go to row_max and row_sum (the sum divides the output instead).
+inline void softmax_rows(float* scores, int64_t rows, int64_t len, float* row_max,
+                         float* row_sum) {
   for (int64_t g = 0; g < rows; ++g) {
     float* sg = scores + g * len;
     float m = -std::numeric_limits<float>::infinity();
@@ -58,8 +68,110 @@ inline void softmax_rows(float* scores, int64_t rows, int64_t len, float* inv_su
       sg[l] = peftserve_cpu::exp_nonpositive(sg[l] - m);
       sum += sg[l];
     }
-    inv_sum[g] = 1.f / sum;
+    row_max[g] = m;
+    row_sum[g] = sum;
   }
+}
+
+constexpr int64_t PARTITION = 256;  // context positions per split (the Triton kernel's too)
+
+// One piece of work: KV head kh of sequence b over context positions [lo, hi).
+struct Piece {
+  int64_t b, kh, lo, hi;
+  int64_t state;  // -1: the whole context (normalize, write out); else its partial state's index
+};
+
+// The pieces of a step in (sequence, KV head, split) order, and how many partial states the
+// split contexts need.
+struct Plan {
+  std::vector<Piece> pieces;
+  int64_t states = 0;
+};
+
+Plan plan_pieces(const int64_t* lens, int64_t batch, int64_t kv_heads) {
+  Plan plan;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t splits = (lens[b] + PARTITION - 1) / PARTITION;
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      for (int64_t s = 0; s < splits; ++s) {
+        plan.pieces.push_back({b, kh, s * PARTITION, std::min(lens[b], (s + 1) * PARTITION),
+                               splits == 1 ? -1 : plan.states++});
+      }
+    }
+  }
+  return plan;
+}
+
+// A piece's end, from its G query heads' fp32 sums acc [G, D] and their softmax max and sum: a
+// whole context's output (acc / sum, as acc * (1 / sum)), or a split's partial state
+// [max[G], sum[G], acc[G, D]] in `states`.
+template <typename scalar_t>
+inline void finish_piece(scalar_t* out, float* states, const Piece& pc, int64_t heads,
+                         int64_t G, int64_t D, const float* acc, const float* row_max,
+                         const float* row_sum) {
+  if (pc.state < 0) {
+    scalar_t* ob = out + (pc.b * heads + pc.kh * G) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float inv = 1.f / row_sum[g];
+      for (int64_t d = 0; d < D; ++d) {
+        peftserve_cpu::Fp32<scalar_t>::store(ob, g * D + d, acc[g * D + d] * inv);
+      }
+    }
+    return;
+  }
+  float* st = states + pc.state * G * (D + 2);
+  std::copy(row_max, row_max + G, st);
+  std::copy(row_sum, row_sum + G, st + G);
+  std::copy(acc, acc + G * D, st + 2 * G);
+}
+
+// Each split context's output from its splits' partial states, merged in split order:
+// out = sum_s w_s acc_s / sum_s w_s sum_s, w_s = exp(max_s - max over the splits).
+template <typename scalar_t>
+void merge_splits(scalar_t* out, const float* states, const Plan& plan, int64_t heads,
+                  int64_t G, int64_t D) {
+  std::vector<int64_t> firsts;  // each split (sequence, KV head)'s first piece
+  for (size_t i = 0; i < plan.pieces.size(); ++i) {
+    if (plan.pieces[i].state >= 0 && plan.pieces[i].lo == 0) {
+      firsts.push_back(static_cast<int64_t>(i));
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(firsts.size()), 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(D);
+    for (int64_t f = begin; f < end; ++f) {
+      const Piece& first = plan.pieces[firsts[f]];
+      // its splits: the pieces from here on of the same sequence and KV head (their states
+      // consecutive from first.state)
+      int64_t n = 1;
+      while (firsts[f] + n < static_cast<int64_t>(plan.pieces.size()) &&
+             plan.pieces[firsts[f] + n].lo > 0) {
+        ++n;
+      }
+      scalar_t* ob = out + (first.b * heads + first.kh * G) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < n; ++s) {
+          m = std::max(m, states[(first.state + s) * G * (D + 2) + g]);
+        }
+        float sum = 0.f;
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t s = 0; s < n; ++s) {
+          const float* st = states + (first.state + s) * G * (D + 2);
+          const float w = peftserve_cpu::exp_nonpositive(st[g] - m);
+          sum += w * st[G + g];
+          const float* acc = st + 2 * G + g * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            o[d] += w * acc[d];
+          }
+        }
+        const float inv = 1.f / sum;
+        for (int64_t d = 0; d < D; ++d) {
+          peftserve_cpu::Fp32<scalar_t>::store(ob, g * D + d, o[d] * inv);
+        }
+      }
+    }
+  });
 }
 
 // K/V rows to fp32 (bf16 by its bits, so the loop vectorizes).
@@ -74,13 +186,13 @@ inline void to_float(float* dst, const scalar_t* src, int64_t n) {
 template <typename scalar_t>
 void decode_attention_kernel(
     scalar_t* out,
+    float* states,
     const scalar_t* q,
     int64_t q_stride_b,
     int64_t q_stride_h,
     const scalar_t* cache,
     const int64_t* tables,
-    const int64_t* lens,
-    int64_t batch,
+    const Plan& plan,
     int64_t heads,
     int64_t kv_heads,
     int64_t head_dim,
@@ -92,12 +204,13 @@ void decode_attention_kernel(
   const int64_t D = head_dim;
   const scalar_t* k_cache = cache;
   const scalar_t* v_cache = cache + kv_heads * num_slots * D;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), acc(group * D), row(D), inv_sum(group), scores;
+  const int64_t pieces = static_cast<int64_t>(plan.pieces.size());
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), acc(group * D), row(D), row_max(group), row_sum(group);
+    std::vector<float> scores;
     for (int64_t work = begin; work < end; ++work) {
-      const int64_t b = work / kv_heads;
-      const int64_t kh = work % kv_heads;
-      const int64_t len = lens[b];
+      const Piece& pc = plan.pieces[work];
+      const int64_t b = pc.b, kh = pc.kh, lo = pc.lo, hi = pc.hi, len = hi - lo;
       const int64_t* table = tables + b * max_blocks;
       for (int64_t g = 0; g < group; ++g) {
         const scalar_t* qh = q + b * q_stride_b + (kh * group + g) * q_stride_h;
@@ -108,20 +221,26 @@ void decode_attention_kernel(
       scores.resize(group * len);
       const scalar_t* kh_base = k_cache + kh * num_slots * D;
       const scalar_t* vh_base = v_cache + kh * num_slots * D;
-      // scores[g, l] = q_g . k_l (scaled)
+      // The positions [pos, pos + n) of one block at a time: block pos / block_size, from
+      // its row pos % block_size.
+      const auto rows = [&](int64_t pos) {
+        return (table[pos / block_size] * block_size + pos % block_size) * D;
+      };
+      const auto span = [&](int64_t pos) {
+        return std::min(block_size - pos % block_size, hi - pos);
+      };
+      // scores[g, l] = q_g . k_(lo + l) (scaled)
       const int64_t block_elems = block_size * D;
-      const int64_t num_ctx_blocks = (len + block_size - 1) / block_size;
-      prefetch(kh_base + table[0] * block_elems, block_elems);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = std::min(block_size, len - start);
-        const int64_t j = start / block_size;
-        const scalar_t* kb = kh_base + table[j] * block_elems;
+      prefetch(kh_base + rows(lo), span(lo) * D);
+      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
+        const int64_t n = span(pos);
+        const scalar_t* kb = kh_base + rows(pos);
         // The blocks lie anywhere in the cache: ask for the next K block and this V block
         // (read by the second pass) while this one is computed.
-        if (j + 1 < num_ctx_blocks) {
-          prefetch(kh_base + table[j + 1] * block_elems, block_elems);
+        if (pos + n < hi) {
+          prefetch(kh_base + table[(pos + n) / block_size] * block_elems, block_elems);
         }
-        prefetch(vh_base + table[j] * block_elems, n * D);
+        prefetch(vh_base + rows(pos), n * D);
         for (int64_t i = 0; i < n; ++i) {
           to_float(row.data(), kb + i * D, D);
           for (int64_t g = 0; g < group; ++g) {
@@ -131,20 +250,20 @@ void decode_attention_kernel(
             for (int64_t d = 0; d < D; ++d) {
               s += qg[d] * row[d];
             }
-            scores[g * len + start + i] = s;
+            scores[g * len + pos - lo + i] = s;
           }
         }
       }
-      softmax_rows(scores.data(), group, len, inv_sum.data());
-      // out[g] = sum_l p[g, l] v_l
+      softmax_rows(scores.data(), group, len, row_max.data(), row_sum.data());
+      // acc[g] = sum_l p[g, l] v_(lo + l)
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = std::min(block_size, len - start);
-        const scalar_t* vb = vh_base + table[start / block_size] * block_elems;
+      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
+        const int64_t n = span(pos);
+        const scalar_t* vb = vh_base + rows(pos);
         for (int64_t i = 0; i < n; ++i) {
           to_float(row.data(), vb + i * D, D);
           for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * len + start + i];
+            const float p = scores[g * len + pos - lo + i];
             float* ag = acc.data() + g * D;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) {
@@ -153,12 +272,7 @@ void decode_attention_kernel(
           }
         }
       }
-      scalar_t* ob = out + (b * heads + kh * group) * D;
-      for (int64_t g = 0; g < group; ++g) {
-        for (int64_t d = 0; d < D; ++d) {
-          peftserve_cpu::Fp32<scalar_t>::store(ob, g * D + d, acc[g * D + d] * inv_sum[g]);
-        }
-      }
+      finish_piece(out, states, pc, heads, group, D, acc.data(), row_max.data(), row_sum.data());
     }
   });
 }
@@ -193,34 +307,37 @@ inline __m512 load16<c10::Half>(const c10::Half* p) {
 }
 
 template <typename scalar_t, int C, int G>
-void decode_attention_avx512(scalar_t* out, const scalar_t* q, int64_t q_stride_b,
+void decode_attention_avx512(scalar_t* out, float* states, const scalar_t* q, int64_t q_stride_b,
                              int64_t q_stride_h, const scalar_t* cache, const int64_t* tables,
-                             const int64_t* lens, int64_t batch, int64_t kv_heads,
-                             int64_t num_slots, int64_t max_blocks, int64_t block_size,
-                             float scale) {
+                             const Plan& plan, int64_t kv_heads, int64_t num_slots,
+                             int64_t max_blocks, int64_t block_size, float scale) {
   constexpr int64_t D = 16 * C;
   const scalar_t* k_cache = cache;
   const scalar_t* v_cache = cache + kv_heads * num_slots * D;
-  const auto rows_of = [&](int64_t work, int64_t start) {  // the pair's K/V offset at start
-    const int64_t b = work / kv_heads, kh = work % kv_heads;
-    return (kh * num_slots + tables[b * max_blocks + start / block_size] * block_size +
-            start % block_size) * D;
+  const auto rows_of = [&](const Piece& pc, int64_t pos) {  // the piece's K/V offset at pos
+    return (pc.kh * num_slots + tables[pc.b * max_blocks + pos / block_size] * block_size +
+            pos % block_size) * D;
   };
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t pieces = static_cast<int64_t>(plan.pieces.size());
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t work = begin; work < end; ++work) {
-      const int64_t b = work / kv_heads, kh = work % kv_heads, len = lens[b];
+      const Piece& pc = plan.pieces[work];
+      const int64_t lo = pc.lo, hi = pc.hi, len = hi - lo;
+      const auto span = [&](int64_t pos) {
+        return std::min(block_size - pos % block_size, hi - pos);
+      };
       __m512 qv[G][C];
       for (int g = 0; g < G; ++g) {
-        const scalar_t* qh = q + b * q_stride_b + (kh * G + g) * q_stride_h;
+        const scalar_t* qh = q + pc.b * q_stride_b + (pc.kh * G + g) * q_stride_h;
         for (int c = 0; c < C; ++c) {
           qv[g][c] = _mm512_mul_ps(load16(qh + 16 * c), _mm512_set1_ps(scale));
         }
       }
       scores.resize(G * len);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const scalar_t* kb = k_cache + rows_of(work, start);
-        const int64_t n = std::min(block_size, len - start);
+      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
+        const scalar_t* kb = k_cache + rows_of(pc, pos);
+        const int64_t n = span(pos);
         for (int64_t i = 0; i < n; ++i) {
           __m512 k[C];
           for (int c = 0; c < C; ++c) {
@@ -231,52 +348,49 @@ void decode_attention_avx512(scalar_t* out, const scalar_t* q, int64_t q_stride_
             for (int c = 1; c < C; ++c) {
               s = _mm512_fmadd_ps(qv[g][c], k[c], s);
             }
-            scores[g * len + start + i] = _mm512_reduce_add_ps(s);
+            scores[g * len + pos - lo + i] = _mm512_reduce_add_ps(s);
           }
         }
       }
-      float inv_sum[G];
-      softmax_rows(scores.data(), G, len, inv_sum);
+      float row_max[G], row_sum[G];
+      softmax_rows(scores.data(), G, len, row_max, row_sum);
       __m512 acc[G][C];
       for (int g = 0; g < G; ++g) {
         for (int c = 0; c < C; ++c) {
           acc[g][c] = _mm512_setzero_ps();
         }
       }
-      for (int64_t start = 0; start < len; start += block_size) {
-        const scalar_t* vb = v_cache + rows_of(work, start);
-        const int64_t n = std::min(block_size, len - start);
+      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
+        const scalar_t* vb = v_cache + rows_of(pc, pos);
+        const int64_t n = span(pos);
         for (int64_t i = 0; i < n; ++i) {
           __m512 v[C];
           for (int c = 0; c < C; ++c) {
             v[c] = load16(vb + i * D + 16 * c);
           }
           for (int g = 0; g < G; ++g) {
-            const __m512 p = _mm512_set1_ps(scores[g * len + start + i]);
+            const __m512 p = _mm512_set1_ps(scores[g * len + pos - lo + i]);
             for (int c = 0; c < C; ++c) {
               acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
             }
           }
         }
       }
-      scalar_t* ob = out + (b * kv_heads + kh) * G * D;
+      alignas(64) float sums[G * D];
       for (int g = 0; g < G; ++g) {
-        alignas(64) float row[D];
         for (int c = 0; c < C; ++c) {
-          _mm512_store_ps(row + 16 * c, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv_sum[g])));
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          peftserve_cpu::Fp32<scalar_t>::store(ob, g * D + d, row[d]);
+          _mm512_store_ps(sums + g * D + 16 * c, acc[g][c]);
         }
       }
+      finish_piece(out, states, pc, G * kv_heads, G, D, sums, row_max, row_sum);
     }
   });
 }
 
 // The AVX-512 kernel for this shape, or nullptr.
 template <typename scalar_t>
-using AttentionKernel = void (*)(scalar_t*, const scalar_t*, int64_t, int64_t, const scalar_t*,
-                                 const int64_t*, const int64_t*, int64_t, int64_t, int64_t,
+using AttentionKernel = void (*)(scalar_t*, float*, const scalar_t*, int64_t, int64_t,
+                                 const scalar_t*, const int64_t*, const Plan&, int64_t, int64_t,
                                  int64_t, int64_t, float);
 
 template <typename scalar_t, int C>
@@ -353,22 +467,29 @@ void paged_decode_attention(
       TORCH_CHECK(blk >= 0 && blk < num_blocks, "block ", blk, " outside the cache");
     }
   }
+  const Plan plan = plan_pieces(lens, batch, kv_heads);
+  const int64_t group = heads / kv_heads;
+  std::vector<float> states(static_cast<size_t>(plan.states * group * (head_dim + 2)));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+        scalar_t* o = out.data_ptr<scalar_t>();
 #if defined(__AVX512F__)
-        if (const auto fast = avx512_kernel<scalar_t>(head_dim, heads / kv_heads);
+        if (const auto fast = avx512_kernel<scalar_t>(head_dim, group);
             fast != nullptr && !generic) {
-          fast(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
-               cache.data_ptr<scalar_t>(), tables, lens, batch, kv_heads, num_slots, max_blocks,
+          fast(o, states.data(), q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
+               cache.data_ptr<scalar_t>(), tables, plan, kv_heads, num_slots, max_blocks,
                block_size, static_cast<float>(scale));
-          return;
-        }
+        } else
 #endif
-        decode_attention_kernel<scalar_t>(
-            out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
-            cache.data_ptr<scalar_t>(), tables,
-            lens, batch, heads, kv_heads, head_dim, num_slots, max_blocks, block_size,
-            static_cast<float>(scale));
+        {
+          decode_attention_kernel<scalar_t>(
+              o, states.data(), q.data_ptr<scalar_t>(), q.stride(0), q.stride(1),
+              cache.data_ptr<scalar_t>(), tables, plan, heads, kv_heads, head_dim, num_slots,
+              max_blocks, block_size, static_cast<float>(scale));
+        }
+        if (plan.states > 0) {
+          merge_splits(o, states.data(), plan, heads, group, head_dim);
+        }
       });
 }
 

@@ -77,6 +77,11 @@ def reference(q, cache, tables, lens, bs, scale):
         (3, 14, 2, 64, 16, 45),  # 7 query heads per KV head
         (2, 8, 2, 128, 16, 33),  # head_dim 128
         (2, 18, 2, 64, 16, 20),  # 9 per KV head: beyond the AVX-512 code's 8, plain loops
+        # contexts past one split of 256 positions: merged splits
+        (2, 9, 3, 64, 16, 700),
+        (3, 6, 2, 16, 5, 530),  # blocks of 5: splits start inside a block
+        (2, 8, 2, 128, 16, 513),  # one position past a split
+        (1, 4, 1, 32, 16, 512),  # exactly two splits
     ],
 )
 def test_matches_float64_reference_and_never_reads_past_a_context(
@@ -92,9 +97,10 @@ def test_matches_float64_reference_and_never_reads_past_a_context(
 
 
 def test_each_sequence_gets_what_it_gets_alone(op):
-    # Batch invariance at the kernel: a sequence's output bits do not depend on its neighbours.
-    for D, bs in ((16, 4), (64, 16)):
-        q, cache, tables, lens = make_case(7, 6, 2, D, bs, 29, torch.bfloat16, seed=3)
+    # Batch invariance at the kernel: a sequence's output bits do not depend on its neighbours
+    # (nor, past 256 positions, on how many splits the others have).
+    for D, bs, max_len in ((16, 4, 29), (64, 16, 29), (64, 16, 900)):
+        q, cache, tables, lens = make_case(7, 6, 2, D, bs, max_len, torch.bfloat16, seed=3)
         out = torch.empty_like(q)
         op(out, q, cache, tables, lens, bs, 0.25)
         for b in range(7):

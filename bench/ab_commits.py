@@ -1,13 +1,15 @@
 """Two commits' engines on the same workload, alternated in one run: is a change a regression?
 
     .venv/bin/python -m bench.ab_commits BASE NEW [--rounds 4] [--dtype bfloat16] [--threads 2]
-        [--weights bf16|int8|int4]
+        [--weights bf16|int8|int4] [--context N]
 
 Each commit is checked out into a git worktree under --work (kept, reused); each round runs one
 fresh process per commit, alternating, so a busy machine slows both alike. A process builds the
 offline engine on SmolLM2 (the default model; --weights: its base weights' form), warms it on
 4 requests, then times the 32-request workload given at once (bench.common.workload(): chat
-prompts, 16..128 new tokens, greedy, EOS ignored) and one request of 128 tokens alone. The
+prompts, 16..128 new tokens, greedy, EOS ignored) and one request of 128 tokens alone; with
+--context N instead one request alone whose prompt is N tokens (a repeated sentence), the median
+of its 64 decode steps (the prefill left out), for long-context decode. The
 venv's editable install is pointed at the worktree by a sitecustomize on PYTHONPATH (the C++
 kernels build per source, so each tree gets its own). Reports medians per commit and
 NEW / BASE; writes --out.
@@ -37,10 +39,25 @@ RUN = textwrap.dedent("""
     from peftserve.engine.engine import Engine
     from peftserve.engine.request import Request
     from peftserve.engine.sampling_params import SamplingParams
-    dtype, threads, weights = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    dtype, threads, weights, context = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     torch.set_num_threads(threads)
     extra = {} if weights == "bf16" else {"weights": weights}  # trees from before --weights
     engine = Engine.from_config(EngineConfig(dtype=dtype, num_threads=threads, **extra))
+    if context:
+        ids = engine.tokenizer("The quick brown fox jumps over the lazy dog. " * (context // 8))
+        engine.add_request(Request("long", prompt_token_ids=tuple(ids["input_ids"][:context]),
+                                   params=SamplingParams(max_new_tokens=65, ignore_eos=True)))
+        engine.step()  # the prefill (one chunk up to max_num_batched_tokens)
+        while engine.scheduler.running[0].num_computed_tokens < context:
+            engine.step()
+        steps = []
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - t)
+        steps.sort()
+        print(json.dumps({"decode_step_ms": 1e3 * steps[len(steps) // 2]}))
+        sys.exit()
     work = workload()
     def requests(tag, items):
         return [Request(f"{tag}{i}", messages=({"role": "user", "content": p},),
@@ -76,10 +93,13 @@ def worktree(work: Path, commit: str) -> Path:
     return tree
 
 
-def run_once(tree: Path, site: Path, dtype: str, threads: int, weights: str) -> dict[str, float]:
+def run_once(
+    tree: Path, site: Path, dtype: str, threads: int, weights: str, context: int
+) -> dict[str, float]:
     env = {**os.environ, "PEFTSERVE_TREE": str(tree), "PYTHONPATH": f"{site}{os.pathsep}{tree}"}
-    out = subprocess.run([sys.executable, "-c", RUN, dtype, str(threads), weights], cwd=tree,
-                         env=env, capture_output=True, text=True, timeout=900, check=True)
+    out = subprocess.run([sys.executable, "-c", RUN, dtype, str(threads), weights, str(context)],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=900,
+                         check=True)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -91,6 +111,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights", default="bf16", choices=("bf16", "int8", "int4"))
+    ap.add_argument("--context", type=int, default=0,
+                    help="prompt tokens of one long-context request (0: the workload)")
     ap.add_argument("--work", default="/tmp/peftserve-ab", help="worktrees live here")
     ap.add_argument("--out", default="bench/results/ab_commits.json")
     args = ap.parse_args()
@@ -102,7 +124,9 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for r in range(args.rounds):
         for name, tree in trees.items():
-            runs[name].append(run_once(tree, site, args.dtype, args.threads, args.weights))
+            runs[name].append(
+                run_once(tree, site, args.dtype, args.threads, args.weights, args.context)
+            )
             print(f"round {r} {name}: {runs[name][-1]}", flush=True)
     medians = {
         name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()
@@ -113,7 +137,7 @@ def main() -> None:
         "environment": environment(),
         "load_average": os.getloadavg(),
         "base": args.base, "new": args.new, "dtype": args.dtype, "threads": args.threads,
-        "weights": args.weights,
+        "weights": args.weights, "context": args.context,
         "runs": runs, "medians": medians, "new_over_base": ratios,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

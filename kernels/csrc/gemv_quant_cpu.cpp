@@ -366,41 +366,6 @@ void check_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   }
 }
 
-// q[i] = f[i] * by rounded to an integer as lrintf rounds (the current mode: to nearest even),
-// for a power of two `by` with every |f[i] * by| < 2^15; 8 at a time where AVX2 is (one at a
-// time, x's rounding was 2.5% of a single-stream int4 decode step's samples on its thread,
-// `perf record`; 0.24% so).
-inline void round_scaled(const float* f, int64_t n, float by, int16_t* q) {
-  int64_t i = 0;
-#if defined(__AVX2__)
-  const __m256 s = _mm256_set1_ps(by);
-  for (; i + 8 <= n; i += 8) {
-    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(f + i), s));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
-                     _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
-  }
-#endif
-  for (; i < n; ++i) {
-    q[i] = static_cast<int16_t>(std::lrintf(f[i] * by));
-  }
-}
-
-// x's forms for one call, kept by the calling thread and reused (assign() keeps the
-// capacity): a decode step makes ~120 calls, each allocated and freed five vectors. A prefill
-// chunk's forms (thousands of rows) are freed after their call, not kept.
-struct XForms {
-  std::vector<float> xf, xg, xsc;
-  std::vector<uint32_t> xp, xi;
-
-  void trim() {
-    constexpr size_t kKeep = 1 << 16;  // elements: 256 KB of fp32, ~16 decode rows of K 4096
-    if (xf.capacity() > kKeep) {
-      *this = XForms();
-    }
-  }
-};
-thread_local XForms x_forms;
-
 void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
          const std::optional<at::Tensor>& bias, bool generic, bool int4, int64_t groups,
          int64_t group, int64_t Kpad) {
@@ -426,14 +391,11 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   // or NaN x gets a NaN scale (its outputs are NaN).
   const int64_t xblock = int4 ? group : XBLOCK;
   const int64_t blocks = (Kpad + xblock - 1) / xblock, Kx = blocks * xblock;
-  XForms& forms = x_forms;  // the lambdas below run on other threads: they use this reference
-  forms.xf.assign(static_cast<size_t>(M * Kpad), 0.f);
-  forms.xp.assign(pairs ? static_cast<size_t>(M * Kpad / 2) : 0, 0u);
-  forms.xg.assign(int4 ? static_cast<size_t>(M * groups) : 0, 0.f);
-  forms.xi.assign(ints ? static_cast<size_t>(M * Kx / 2) : 0, 0u);
-  forms.xsc.assign(ints ? static_cast<size_t>(M * blocks) : 0, 0.f);
-  std::vector<float>&xf = forms.xf, &xg = forms.xg, &xsc = forms.xsc;
-  std::vector<uint32_t>&xp = forms.xp, &xi = forms.xi;
+  std::vector<float> xf(static_cast<size_t>(M * Kpad), 0.f);
+  std::vector<uint32_t> xp(pairs ? static_cast<size_t>(M * Kpad / 2) : 0, 0u);
+  std::vector<float> xg(int4 ? static_cast<size_t>(M * groups) : 0, 0.f);
+  std::vector<uint32_t> xi(ints ? static_cast<size_t>(M * Kx / 2) : 0, 0u);
+  std::vector<float> xsc(ints ? static_cast<size_t>(M * blocks) : 0, 0.f);
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t m0,
                                                                                   int64_t m1) {
@@ -466,7 +428,10 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
         xsc[m * blocks + b] = std::ldexp(1.f, e - 141);
         int16_t q[128];  // xblock <= 128
         if (e >= 15) {  // x * 2^(141 - e) as one multiply: 2^(141 - e) is a float
-          round_scaled(f + k0, k1 - k0, std::ldexp(1.f, 141 - e), q);
+          const float by = std::ldexp(1.f, 141 - e);
+          for (int64_t k = k0; k < k1; ++k) {
+            q[k - k0] = static_cast<int16_t>(std::lrintf(f[k] * by));
+          }
         } else {
           for (int64_t k = k0; k < k1; ++k) {
             q[k - k0] = static_cast<int16_t>(std::lrintf(std::ldexp(f[k], 141 - e)));
@@ -513,7 +478,6 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
       }
     }
   });
-  forms.trim();
 }
 
 }  // namespace

@@ -81,10 +81,17 @@ struct Piece {
   int64_t state;  // -1: the whole context (normalize, write out); else its partial state's index
 };
 
-// The pieces of a step in (sequence, KV head, split) order, and how many partial states the
-// split contexts need.
+// A split (sequence, KV head): its splits' partial states are `splits` consecutive ones from
+// `state`.
+struct Merge {
+  int64_t b, kh, state, splits;
+};
+
+// The pieces of a step in (sequence, KV head, split) order, the merges of its split contexts,
+// and how many partial states they need.
 struct Plan {
   std::vector<Piece> pieces;
+  std::vector<Merge> merges;
   int64_t states = 0;
 };
 
@@ -93,6 +100,9 @@ Plan plan_pieces(const int64_t* lens, int64_t batch, int64_t kv_heads) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t splits = (lens[b] + PARTITION - 1) / PARTITION;
     for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      if (splits > 1) {
+        plan.merges.push_back({b, kh, plan.states, splits});
+      }
       for (int64_t s = 0; s < splits; ++s) {
         plan.pieces.push_back({b, kh, s * PARTITION, std::min(lens[b], (s + 1) * PARTITION),
                                splits == 1 ? -1 : plan.states++});
@@ -130,33 +140,22 @@ inline void finish_piece(scalar_t* out, float* states, const Piece& pc, int64_t 
 template <typename scalar_t>
 void merge_splits(scalar_t* out, const float* states, const Plan& plan, int64_t heads,
                   int64_t G, int64_t D) {
-  std::vector<int64_t> firsts;  // each split (sequence, KV head)'s first piece
-  for (size_t i = 0; i < plan.pieces.size(); ++i) {
-    if (plan.pieces[i].state >= 0 && plan.pieces[i].lo == 0) {
-      firsts.push_back(static_cast<int64_t>(i));
-    }
-  }
-  at::parallel_for(0, static_cast<int64_t>(firsts.size()), 4, [&](int64_t begin, int64_t end) {
+  const int64_t merges = static_cast<int64_t>(plan.merges.size());
+  at::parallel_for(0, merges, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> o(D);
     for (int64_t f = begin; f < end; ++f) {
-      const Piece& first = plan.pieces[firsts[f]];
-      // its splits: the pieces from here on of the same sequence and KV head (their states
-      // consecutive from first.state)
-      int64_t n = 1;
-      while (firsts[f] + n < static_cast<int64_t>(plan.pieces.size()) &&
-             plan.pieces[firsts[f] + n].lo > 0) {
-        ++n;
-      }
-      scalar_t* ob = out + (first.b * heads + first.kh * G) * D;
+      const Merge& mg = plan.merges[f];
+      const int64_t n = mg.splits;
+      scalar_t* ob = out + (mg.b * heads + mg.kh * G) * D;
       for (int64_t g = 0; g < G; ++g) {
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < n; ++s) {
-          m = std::max(m, states[(first.state + s) * G * (D + 2) + g]);
+          m = std::max(m, states[(mg.state + s) * G * (D + 2) + g]);
         }
         float sum = 0.f;
         std::fill(o.begin(), o.end(), 0.f);
         for (int64_t s = 0; s < n; ++s) {
-          const float* st = states + (first.state + s) * G * (D + 2);
+          const float* st = states + (mg.state + s) * G * (D + 2);
           const float w = peftserve_cpu::exp_nonpositive(st[g] - m);
           sum += w * st[G + g];
           const float* acc = st + 2 * G + g * D;
@@ -487,7 +486,7 @@ void paged_decode_attention(
               cache.data_ptr<scalar_t>(), tables, plan, heads, kv_heads, head_dim, num_slots,
               max_blocks, block_size, static_cast<float>(scale));
         }
-        if (plan.states > 0) {
+        if (!plan.merges.empty()) {
           merge_splits(o, states.data(), plan, heads, group, head_dim);
         }
       });

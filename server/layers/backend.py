@@ -21,7 +21,7 @@ device they are on. Three kinds, like vLLM's punica selector but an object passe
 The environment switches are read here, once, by `select_backend`: PEFTSERVE_CPU_KERNELS=0
 (no C++ ops), PEFTSERVE_PACKED_WEIGHTS=0 (dense weights), PEFTSERVE_CPU_GEMV=0 (no
 matrix-vector kernel: oneDNN at every batch size), PEFTSERVE_CPU_ATTENTION=generic (the
-decode attention's plain loops instead of its AVX-512 code).
+decode attention's plain loops instead of its AVX-512 or AVX2 code).
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from tests.backends import counted_cpu_backend
 
 @pytest.fixture(params=["default", "generic"])
 def op(request, monkeypatch):
-    """The op as built here (AVX-512 code for head_dim 64/128 where the CPU has it) and its
-    plain loops (what CPUs without AVX-512 and other shapes run)."""
+    """The op as built here (AVX-512 code for head_dim 64/128 and up to 8 query heads per KV
+    head where the CPU has it, AVX2 code for head_dim 16/32/64/128 where it has AVX2 and FMA)
+    and its plain loops (what other CPUs and shapes run)."""
     assert cpu_ext.load(), f"the C++ CPU kernels are not loaded: {cpu_ext.unavailable_reason()}"
     generic = request.param == "generic"
     return lambda *args: torch.ops.peftserve_cpu.paged_decode_attention(*args, generic)

@@ -113,6 +113,12 @@ def _macros(march: str, cxx: str | None = None) -> set[str]:
     return {ln.split()[1] for ln in done.stdout.splitlines() if ln.startswith("#define ")}
 
 
+def build_macros(cxx: str | None = None) -> set[str]:
+    """The macros the compiler predefines for this process's build (its -march, build_flags):
+    which of the kernels' code paths (CODE_MACROS, ISA_MACROS) the build holds."""
+    return _macros(os.environ.get(ENV_MARCH, "native"), cxx)
+
+
 def march_runs_here(march: str, cxx: str | None = None) -> bool:
     """True when code built with -march=`march` runs on this CPU: every instruction set the
     compiler enables for it (ISA_MACROS) is in /proc/cpuinfo's flags. `make test-march` tests

@@ -110,6 +110,22 @@ def test_each_sequence_gets_what_it_gets_alone(op):
             assert torch.equal(alone[0], out[b])
 
 
+def test_a_build_with_avx2_runs_the_avx2_code():
+    # 9 query heads per KV head: a shape the AVX-512 code leaves, so every build with AVX2, FMA
+    # and F16C runs the AVX2 code for it, and one without runs the plain loops. The AVX2 code
+    # sums each score's lanes in another order than the plain loops' vectorized reduction, so
+    # some fp32 bits differ where it ran (both match the float64 loop above); without it the
+    # default op is the plain loops, bit for bit.
+    assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    avx2 = {"__AVX2__", "__FMA__", "__F16C__"} <= cpu_ext.build_macros()
+    q, cache, tables, lens = make_case(3, 18, 2, 64, 16, 300, torch.float32, seed=11)
+    fast, plain = torch.empty_like(q), torch.empty_like(q)
+    torch.ops.peftserve_cpu.paged_decode_attention(fast, q, cache, tables, lens, 16, 0.125, False)
+    torch.ops.peftserve_cpu.paged_decode_attention(plain, q, cache, tables, lens, 16, 0.125, True)
+    assert torch.equal(fast, plain) != avx2
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
 def test_reads_q_through_its_strides(op):
     # The engine hands q as a view of the fused q/k rows: [T, heads + kv_heads, D][:, :heads].
     for D in (16, 64):

@@ -3,6 +3,7 @@ run on one machine with the same number of threads.
 
     .venv/bin/python -m bench.vs_llamacpp                          # bf16; first run builds
     .venv/bin/python -m bench.vs_llamacpp --precisions bf16,q4_1   # + llama.cpp's Q4_1 GGUF
+    .venv/bin/python -m bench.vs_llamacpp --phases long --context 2000   # a long prompt alone
 
 llama-server is built once from the llama.cpp source vendored in the PyPI sdist of
 llama-cpp-python (bench/llamacpp.py: Release, -DGGML_NATIVE=ON, the server target only, at
@@ -33,6 +34,11 @@ llama-server's /completion without `stream`): a stream costs the server a messag
 the same two cores.
 - loras: the 32 requests again, request i naming LoRA i mod 8 (llama-server: the per-request
   `lora` field, its server started with all of them at scale 0); ratio against its own batch.
+- long (only with `--phases ... long`): one request alone whose prompt is `--context` token ids
+  (a repeated sentence, the same ids on both sides, no chat template), 64 new tokens: its
+  prefill as each server measures it (peftserve's time to first token, llama-server's
+  `prompt_ms`) and its decode tok/s at that depth (llama-server started with one slot of the
+  context plus 128 tokens).
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ PRECISIONS = {
     "q8_0": Precision(("--dtype", "bfloat16", "--weights", "int8"), "q8_0"),
     "q4_1": Precision(("--dtype", "bfloat16", "--weights", "int4"), "package"),
 }
-PHASES = ("batch", "single", "loras")
+PHASES = ("batch", "single", "loras", "long")
+DEFAULT_PHASES = "batch,single,loras"
+LONG_NEW_TOKENS = 64
 SYSTEMS = ("peftserve", "llama.cpp")
 LORA_RANK = 8
 
@@ -80,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--single", type=int, default=4,
                     help="requests run one at a time in the single phase")
     ap.add_argument("--loras", type=int, default=8, help="distinct LoRAs in the loras phase")
+    ap.add_argument("--phases", default=DEFAULT_PHASES,
+                    help=f"comma-separated, of {', '.join(PHASES)}")
+    ap.add_argument("--context", type=int, default=2000,
+                    help="prompt tokens of the long phase's request")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help=f"build and model cache (default {default_cache_dir()})")
     ap.add_argument("--out", type=Path, default=Path("bench/results/vs_llamacpp.json"))
@@ -89,7 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not args.precisions:
         ap.error(f"--precisions: {', '.join(unknown) or 'none given'}; "
                  f"known: {', '.join(PRECISIONS)}")
-    for name in ("threads", "repeat", "single", "loras"):
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = [p for p in args.phases if p not in PHASES]
+    if unknown or not args.phases:
+        ap.error(f"--phases: {', '.join(unknown) or 'none given'}; known: {', '.join(PHASES)}")
+    for name in ("threads", "repeat", "single", "loras", "context"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
     args.cache_dir = args.cache_dir or default_cache_dir()
@@ -109,9 +125,12 @@ def ratios(cells: dict[str, dict[str, dict]]) -> dict[str, float]:
     ps, lc = cells.get("peftserve", {}), cells.get("llama.cpp", {})
     for key, phase, field in (("batch", "batch", "tok_s"), ("single", "single", "tok_s"),
                               ("single_decode", "single", "decode_tok_s"),
-                              ("loras", "loras", "tok_s")):
+                              ("loras", "loras", "tok_s"), ("long_decode", "long", "decode_tok_s")):
         if phase in ps and phase in lc:
             out[f"peftserve_vs_llamacpp_{key}"] = ps[phase][field] / lc[phase][field]
+    if "long" in ps and "long" in lc:  # a speed ratio: llama.cpp's prefill time over ours
+        out["peftserve_vs_llamacpp_long_prefill"] = (
+            lc["long"]["prefill_s"] / ps["long"]["prefill_s"])
     for name, own in cells.items():
         if "loras" in own and "batch" in own:
             out[f"{name}_loras_vs_own_batch"] = own["loras"]["tok_s"] / own["batch"]["tok_s"]
@@ -131,42 +150,59 @@ def table(results: dict[str, dict]) -> str:
             batch = cells.get("batch")
             single = cells.get("single")
             loras = cells.get("loras")
+            if not (batch or single or loras):
+                continue
             row = [f"{system} {precision}",
                    f"{batch['tok_s']:.1f}" if batch else "-",
                    f"{single['tok_s']:.1f} ({single['decode_tok_s']:.1f})" if single else "-",
                    (f"{loras['tok_s']:.1f} ({loras['tok_s'] / batch['tok_s']:.2f}x)"
                     if loras and batch else "-")]
             lines.append("| " + " | ".join(row) + " |")
+    long_rows = [(f"{system} {precision}", cells["long"])
+                 for precision, res in results.items()
+                 for system, cells in res["systems"].items() if "long" in cells]
+    if long_rows:
+        if len(lines) == 2:
+            lines = []
+        else:
+            lines.append("")
+        lines += ["| system | long prompt, tokens | prefill, s | decode at that depth, tok/s |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {c['prompt_tokens']} | {c['prefill_s']:.2f} | "
+                  f"{c['decode_tok_s']:.1f} |" for name, c in long_rows]
     return "\n".join(lines)
 
 
 def summarize(records: list[dict], wall: float) -> dict:
-    """records: per request, tokens, decode_tokens, decode_s (and prompt_tokens)."""
+    """records: per request, tokens, decode_tokens, decode_s, prefill_s (and prompt_tokens)."""
     tokens = sum(r["tokens"] for r in records)
     decode_s = sum(r["decode_s"] for r in records)
     return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
             "decode_tok_s": sum(r["decode_tokens"] for r in records) / decode_s
             if decode_s > 0 else None,
-            "prompt_tokens": sum(r["prompt_tokens"] for r in records)}
+            "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+            "prefill_s": sum(r["prefill_s"] for r in records)}
 
 
 # --- one side each: run a list of (prompt, n, lora index) at once, or one at a time --------
 
-async def _peftserve_one(client, message: str, n: int, adapter: str | None) -> dict:
+async def _peftserve_one(client, prompt: str | list[int], n: int, adapter: str | None) -> dict:
     """One request as llama-server gets its own: whole (not streamed), decode time from the
-    server's timings (first token to the end, as llama-server's `predicted_ms`)."""
+    server's timings (first token to the end, as llama-server's `predicted_ms`). `prompt`: a
+    chat message, or token ids sent as they are."""
     from peftserve.client import Sampling
 
-    done = await client.generate(messages=[{"role": "user", "content": message}],
-                                 adapter=adapter,
+    given = ({"token_ids": prompt} if isinstance(prompt, list)
+             else {"messages": [{"role": "user", "content": prompt}]})
+    done = await client.generate(**given, adapter=adapter,
                                  sampling=Sampling(max_new_tokens=n, ignore_eos=True))
     t = done.timings
     assert done.completion_tokens == n and t.ttft_s is not None and t.total_s is not None, done
     return {"tokens": n, "decode_tokens": n - 1, "decode_s": t.total_s - t.ttft_s,
-            "ttft_s": t.ttft_s, "prompt_tokens": done.prompt_tokens}
+            "prefill_s": t.ttft_s, "prompt_tokens": done.prompt_tokens}
 
 
-async def peftserve_run(target: str, jobs: list[tuple[str, int, str | None]],
+async def peftserve_run(target: str, jobs: list[tuple[str | list[int], int, str | None]],
                         at_once: bool) -> dict:
     from peftserve.client import AsyncClient
 
@@ -185,7 +221,8 @@ def llama_run(server, jobs: list[tuple[list[int], int, int | None]], at_once: bo
         t = server.complete(ids, n, lora)["timings"]
         assert t["predicted_n"] == n, (t["predicted_n"], n)
         return {"tokens": n, "decode_tokens": t["predicted_n"],
-                "decode_s": t["predicted_ms"] / 1e3, "prompt_tokens": t["prompt_n"]}
+                "decode_s": t["predicted_ms"] / 1e3, "prefill_s": t["prompt_ms"] / 1e3,
+                "prompt_tokens": t["prompt_n"]}
 
     t0 = time.perf_counter()
     if at_once:
@@ -243,21 +280,24 @@ def peftserve_supports(flags: tuple[str, ...]) -> bool:
 
 def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, binary: Path,
                   hf_dir: Path, work: list[tuple[str, int]], ids: list[list[int]],
-                  lora_dirs: list[Path], lora_ggufs: list[Path]) -> dict:
+                  lora_dirs: list[Path], lora_ggufs: list[Path], long_ids: list[int]) -> dict:
     from bench import serving
     from bench.llamacpp import LlamaServer
 
     spec = PRECISIONS[precision]
     model = llama_model(checkout, precision, hf_dir, args.cache_dir / "gguf")
     names = [f"lora{i}" for i in range(len(lora_dirs))]
-    runs: dict[str, dict[str, list[dict]]] = {s: {p: [] for p in PHASES} for s in SYSTEMS}
+    phases = args.phases
+    runs: dict[str, dict[str, list[dict]]] = {s: {p: [] for p in phases} for s in SYSTEMS}
     ps_jobs = {"batch": [(m, n, None) for m, n in work],
                "single": [(m, n, None) for m, n in work[:args.single]],
-               "loras": [(m, n, names[i % len(names)]) for i, (m, n) in enumerate(work)]}
+               "loras": [(m, n, names[i % len(names)]) for i, (m, n) in enumerate(work)],
+               "long": [(long_ids, LONG_NEW_TOKENS, None)]}
     lc_jobs = {"batch": [(t, n, None) for t, (_, n) in zip(ids, work, strict=True)],
                "single": [(t, n, None) for t, (_, n) in zip(ids[:args.single], work, strict=False)],
                "loras": [(t, n, i % len(names)) for i, (t, (_, n)) in
-                         enumerate(zip(ids, work, strict=True))]}
+                         enumerate(zip(ids, work, strict=True))],
+               "long": [(long_ids, LONG_NEW_TOKENS, None)]}
     logs = args.cache_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ps_proc = None
@@ -269,6 +309,7 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
     else:
         notes.append(f"peftserve serve has no {' '.join(spec.peftserve_flags)} at this commit")
     common = {"threads": args.threads, "parallel": len(work), "ctx_per_slot": 512}
+    long_slot = {"threads": args.threads, "parallel": 1, "ctx_per_slot": args.context + 128}
     try:
         if ps_proc is not None:
             async def register() -> None:
@@ -278,25 +319,30 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
                     for name, d in zip(names, lora_dirs, strict=True):
                         await client.register_adapter(name, directory=d)
             asyncio.run(register())
-            for phase in PHASES:  # warm-up: a few requests of each kind
+            for phase in phases:  # warm-up: a few requests of each kind
                 asyncio.run(peftserve_run(target, ps_jobs[phase][:4], at_once=True))
         # Each round: peftserve's phases with no llama-server alive (an idle llama-server's
         # threads poll, and took a quarter of a core from whatever ran beside it), then
         # llama-server's, one server at a time (an idle peftserve waits on a queue).
         for rnd in range(args.repeat):
             if ps_proc is not None:
-                for phase in PHASES:
-                    runs["peftserve"][phase].append(
-                        asyncio.run(peftserve_run(target, ps_jobs[phase], phase != "single")))
-            for loras, phases in (([], ("batch", "single")), (lora_ggufs, ("loras",))):
+                for phase in phases:
+                    runs["peftserve"][phase].append(asyncio.run(
+                        peftserve_run(target, ps_jobs[phase], phase not in ("single", "long"))))
+            for loras, these, slots in (([], ("batch", "single"), common),
+                                        (lora_ggufs, ("loras",), common),
+                                        ([], ("long",), long_slot)):
+                these = [p for p in these if p in phases]
+                if not these:
+                    continue
                 with LlamaServer(binary, model, loras=loras,
-                                 log=logs / f"{precision}-{phases[0]}.log", **common) as server:
-                    for phase in phases:
+                                 log=logs / f"{precision}-{these[0]}.log", **slots) as server:
+                    for phase in these:
                         llama_run(server, lc_jobs[phase][:4], True)  # warm-up
-                    for phase in phases:
+                    for phase in these:
                         runs["llama.cpp"][phase].append(
-                            llama_run(server, lc_jobs[phase], phase != "single"))
-            for phase in PHASES:
+                            llama_run(server, lc_jobs[phase], phase not in ("single", "long")))
+            for phase in phases:
                 print(f"{precision} round {rnd} {phase}: " + ", ".join(
                     f"{s} {runs[s][phase][-1]['tok_s']:.1f} tok/s"
                     for s in SYSTEMS if runs[s][phase]), flush=True)
@@ -304,12 +350,12 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
         if ps_proc is not None:
             ps_proc.terminate()
             ps_proc.wait(60)
-    cells = {s: {p: best(v) for p, v in phases.items() if v} for s, phases in runs.items()}
+    cells = {s: {p: best(v) for p, v in by_phase.items() if v} for s, by_phase in runs.items()}
     cells = {s: c for s, c in cells.items() if c}
     return {"llama_gguf": str(model), "peftserve_flags": list(spec.peftserve_flags),
             "systems": cells,
-            "runs_tok_s": {s: {p: [r["tok_s"] for r in v] for p, v in phases.items() if v}
-                           for s, phases in runs.items()},
+            "runs_tok_s": {s: {p: [r["tok_s"] for r in v] for p, v in by_phase.items() if v}
+                           for s, by_phase in runs.items()},
             "ratios": ratios(cells), "notes": notes}
 
 
@@ -336,14 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": m}],
                                               add_generation_prompt=True, tokenize=True,
                                               return_dict=True)["input_ids"]) for m, _ in work]
+    sentence = tokenizer("The quick brown fox jumps over the lazy dog. ")["input_ids"]
+    long_ids = (sentence * (args.context // len(sentence) + 1))[:args.context]
     lora_dirs = make_loras(hf_dir, args.cache_dir / "loras", args.loras)
     lora_ggufs = [checkout.convert_lora(d, hf_dir, d.with_suffix(".gguf")) for d in lora_dirs]
     results = {p: run_precision(args, p, checkout, binary, hf_dir, work, ids, lora_dirs,
-                                lora_ggufs) for p in args.precisions}
+                                lora_ggufs, long_ids) for p in args.precisions}
     for res in results.values():
         for s, cells in res["systems"].items():
             for phase, cell in cells.items():
-                expected = sum(len(t) for t in ids[:args.single if phase == "single" else None])
+                expected = (args.context if phase == "long" else
+                            sum(len(t) for t in ids[:args.single if phase == "single" else None]))
                 if cell["prompt_tokens"] != expected:
                     res["notes"].append(f"{s} {phase}: {cell['prompt_tokens']} prompt tokens, "
                                         f"expected {expected}")
@@ -354,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
            "workload": {"requests": len(work), "output_tokens": sum(n for _, n in work),
                         "prompt_tokens": sum(len(t) for t in ids), "single": args.single,
                         "loras": args.loras, "lora_rank": LORA_RANK, "repeat": args.repeat,
-                        "threads": args.threads},
+                        "threads": args.threads, "phases": args.phases,
+                        "long_context": args.context, "long_new_tokens": LONG_NEW_TOKENS},
            "results": results, "table": table(results)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

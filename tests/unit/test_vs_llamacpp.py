@@ -13,14 +13,18 @@ def test_precisions_parsed_and_checked(tmp_path) -> None:
     assert args.precisions == ["bf16", "q4_1"]
     assert args.cache_dir == tmp_path
     assert vs_llamacpp.parse_args([]).cache_dir == llamacpp.default_cache_dir()
-    for bad in (["--precisions", "bf16,int3"], ["--precisions", ","], ["--repeat", "0"]):
+    assert args.phases == ["batch", "single", "loras"]  # the long phase only when asked
+    assert vs_llamacpp.parse_args(["--phases", "long,single"]).phases == ["long", "single"]
+    for bad in (["--precisions", "bf16,int3"], ["--precisions", ","], ["--repeat", "0"],
+                ["--phases", "batch,prefill"], ["--phases", ""], ["--context", "0"]):
         with pytest.raises(SystemExit):
             vs_llamacpp.parse_args(bad)
 
 
-def _cell(tok_s: float, decode: float | None = None) -> dict:
+def _cell(tok_s: float, decode: float | None = None, prefill_s: float = 0.1,
+          prompt_tokens: int = 5) -> dict:
     return {"wall_s": 1.0, "tokens": 10, "tok_s": tok_s, "decode_tok_s": decode,
-            "prompt_tokens": 5}
+            "prompt_tokens": prompt_tokens, "prefill_s": prefill_s}
 
 
 def test_table_and_ratios() -> None:
@@ -46,13 +50,29 @@ def test_table_and_ratios() -> None:
     assert lines[4] == "| llama.cpp q4_1 | 130.0 | 100.0 (120.0) | - |"
 
 
+def test_long_phase_table_and_ratios() -> None:
+    # the long phase alone: its own table, prefill as a speed ratio (llama.cpp's time over ours)
+    cells = {"peftserve": {"long": _cell(8.0, 50.0, prefill_s=6.0, prompt_tokens=2000)},
+             "llama.cpp": {"long": _cell(6.0, 33.0, prefill_s=7.5, prompt_tokens=2000)}}
+    r = vs_llamacpp.ratios(cells)
+    assert r == pytest.approx({"peftserve_vs_llamacpp_long_decode": 50.0 / 33.0,
+                               "peftserve_vs_llamacpp_long_prefill": 1.25})
+    lines = vs_llamacpp.table({"bf16": {"systems": cells}}).splitlines()
+    assert lines[0].startswith("| system | long prompt, tokens | prefill, s |")
+    assert lines[2:] == ["| peftserve bf16 | 2000 | 6.00 | 50.0 |",
+                         "| llama.cpp bf16 | 2000 | 7.50 | 33.0 |"]
+
+
 def test_summarize_counts_decode_apart() -> None:
-    recs = [{"tokens": 10, "decode_tokens": 9, "decode_s": 0.5, "prompt_tokens": 3},
-            {"tokens": 20, "decode_tokens": 19, "decode_s": 1.5, "prompt_tokens": 4}]
+    recs = [{"tokens": 10, "decode_tokens": 9, "decode_s": 0.5, "prompt_tokens": 3,
+             "prefill_s": 0.25},
+            {"tokens": 20, "decode_tokens": 19, "decode_s": 1.5, "prompt_tokens": 4,
+             "prefill_s": 0.5}]
     s = vs_llamacpp.summarize(recs, wall=3.0)
     assert s["tok_s"] == pytest.approx(10.0)
     assert s["decode_tok_s"] == pytest.approx(14.0)
     assert s["prompt_tokens"] == 7
+    assert s["prefill_s"] == pytest.approx(0.75)
 
 
 def test_skips_with_a_line_naming_what_is_missing(tmp_path, monkeypatch, capsys) -> None:

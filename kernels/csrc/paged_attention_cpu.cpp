@@ -112,6 +112,26 @@ Plan plan_pieces(const int64_t* lens, int64_t batch, int64_t kv_heads) {
   return plan;
 }
 
+// Where a piece's positions lie in one layer's K (or V) cache: position pos is row
+// table[pos / block_size] * block_size + pos % block_size of its KV head's slots. The kernels
+// walk a piece a block at a time: [pos, pos + span(pos)) are rows side by side.
+struct PieceRows {
+  const int64_t* table;  // the sequence's block table
+  int64_t head, block_size, hi, D;  // head: the KV head's first element in the K (or V) cache
+
+  PieceRows(const Piece& pc, const int64_t* tables, int64_t max_blocks, int64_t num_slots,
+            int64_t block_size, int64_t D)
+      : table(tables + pc.b * max_blocks), head(pc.kh * num_slots * D),
+        block_size(block_size), hi(pc.hi), D(D) {}
+
+  // the offset of position pos's row from the cache's K (or V) start
+  int64_t at(int64_t pos) const {
+    return head + (table[pos / block_size] * block_size + pos % block_size) * D;
+  }
+  // positions from pos to the end of its block or of the piece, whichever comes first
+  int64_t span(int64_t pos) const { return std::min(block_size - pos % block_size, hi - pos); }
+};
+
 // A piece's end, from its G query heads' fp32 sums acc [G, D] and their softmax max and sum: a
 // whole context's output (acc / sum, as acc * (1 / sum)), or a split's partial state
 // [max[G], sum[G], acc[G, D]] in `states`.
@@ -210,7 +230,6 @@ void decode_attention_kernel(
     for (int64_t work = begin; work < end; ++work) {
       const Piece& pc = plan.pieces[work];
       const int64_t b = pc.b, kh = pc.kh, lo = pc.lo, hi = pc.hi, len = hi - lo;
-      const int64_t* table = tables + b * max_blocks;
       for (int64_t g = 0; g < group; ++g) {
         const scalar_t* qh = q + b * q_stride_b + (kh * group + g) * q_stride_h;
         for (int64_t d = 0; d < D; ++d) {
@@ -218,28 +237,18 @@ void decode_attention_kernel(
         }
       }
       scores.resize(group * len);
-      const scalar_t* kh_base = k_cache + kh * num_slots * D;
-      const scalar_t* vh_base = v_cache + kh * num_slots * D;
-      // The positions [pos, pos + n) of one block at a time: block pos / block_size, from
-      // its row pos % block_size.
-      const auto rows = [&](int64_t pos) {
-        return (table[pos / block_size] * block_size + pos % block_size) * D;
-      };
-      const auto span = [&](int64_t pos) {
-        return std::min(block_size - pos % block_size, hi - pos);
-      };
+      const PieceRows rows(pc, tables, max_blocks, num_slots, block_size, D);
       // scores[g, l] = q_g . k_(lo + l) (scaled)
-      const int64_t block_elems = block_size * D;
-      prefetch(kh_base + rows(lo), span(lo) * D);
-      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
-        const int64_t n = span(pos);
-        const scalar_t* kb = kh_base + rows(pos);
+      prefetch(k_cache + rows.at(lo), rows.span(lo) * D);
+      for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
+        const int64_t n = rows.span(pos);
+        const scalar_t* kb = k_cache + rows.at(pos);
         // The blocks lie anywhere in the cache: ask for the next K block and this V block
         // (read by the second pass) while this one is computed.
         if (pos + n < hi) {
-          prefetch(kh_base + table[(pos + n) / block_size] * block_elems, block_elems);
+          prefetch(k_cache + rows.at(pos + n), rows.span(pos + n) * D);
         }
-        prefetch(vh_base + rows(pos), n * D);
+        prefetch(v_cache + rows.at(pos), n * D);
         for (int64_t i = 0; i < n; ++i) {
           to_float(row.data(), kb + i * D, D);
           for (int64_t g = 0; g < group; ++g) {
@@ -256,9 +265,9 @@ void decode_attention_kernel(
       softmax_rows(scores.data(), group, len, row_max.data(), row_sum.data());
       // acc[g] = sum_l p[g, l] v_(lo + l)
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
-        const int64_t n = span(pos);
-        const scalar_t* vb = vh_base + rows(pos);
+      for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
+        const int64_t n = rows.span(pos);
+        const scalar_t* vb = v_cache + rows.at(pos);
         for (int64_t i = 0; i < n; ++i) {
           to_float(row.data(), vb + i * D, D);
           for (int64_t g = 0; g < group; ++g) {
@@ -340,10 +349,6 @@ void decode_attention_avx2(scalar_t* out, float* states, const scalar_t* q, int6
   const int64_t G = group;
   const scalar_t* k_cache = cache;
   const scalar_t* v_cache = cache + kv_heads * num_slots * D;
-  const auto rows_of = [&](const Piece& pc, int64_t pos) {  // the piece's K/V offset at pos
-    return (pc.kh * num_slots + tables[pc.b * max_blocks + pos / block_size] * block_size +
-            pos % block_size) * D;
-  };
   const int64_t pieces = static_cast<int64_t>(plan.pieces.size());
   at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), buf(block_size * D), row_max(G), row_sum(G);
@@ -351,9 +356,7 @@ void decode_attention_avx2(scalar_t* out, float* states, const scalar_t* q, int6
     for (int64_t work = begin; work < end; ++work) {
       const Piece& pc = plan.pieces[work];
       const int64_t lo = pc.lo, hi = pc.hi, len = hi - lo;
-      const auto span = [&](int64_t pos) {
-        return std::min(block_size - pos % block_size, hi - pos);
-      };
+      const PieceRows rows(pc, tables, max_blocks, num_slots, block_size, D);
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* qh = q + pc.b * q_stride_b + (pc.kh * G + g) * q_stride_h;
         for (int64_t d = 0; d < D; ++d) {
@@ -366,14 +369,14 @@ void decode_attention_avx2(scalar_t* out, float* states, const scalar_t* q, int6
       // Blocks lie anywhere in the cache: ask for the next one's rows while this is computed.
       const auto ask_next = [&](const scalar_t* base, int64_t pos, int64_t n) {
         if (pos + n < hi) {
-          prefetch(base + rows_of(pc, pos + n), span(pos + n) * D);
+          prefetch(base + rows.at(pos + n), rows.span(pos + n) * D);
         }
       };
-      prefetch(k_cache + rows_of(pc, lo), span(lo) * D);
-      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
-        const int64_t n = span(pos);
+      prefetch(k_cache + rows.at(lo), rows.span(lo) * D);
+      for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
+        const int64_t n = rows.span(pos);
         ask_next(k_cache, pos, n);
-        const float* k = fp32_rows(k_cache + rows_of(pc, pos), n, D, buf.data());
+        const float* k = fp32_rows(k_cache + rows.at(pos), n, D, buf.data());
         for (int64_t i = 0; i < n; i += 8) {
           const float* kr[8];
           for (int r = 0; r < 8; ++r) {
@@ -402,14 +405,14 @@ void decode_attention_avx2(scalar_t* out, float* states, const scalar_t* q, int6
           }
         }
       }
-      prefetch(v_cache + rows_of(pc, lo), span(lo) * D);
+      prefetch(v_cache + rows.at(lo), rows.span(lo) * D);
       softmax_rows(scores.data(), G, len, row_max.data(), row_sum.data());
       // acc[g] = sum_l p[g, l] v_(lo + l), in position order
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
-        const int64_t n = span(pos);
+      for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
+        const int64_t n = rows.span(pos);
         ask_next(v_cache, pos, n);
-        const float* v = fp32_rows(v_cache + rows_of(pc, pos), n, D, buf.data());
+        const float* v = fp32_rows(v_cache + rows.at(pos), n, D, buf.data());
         for (int64_t g = 0; g < G; ++g) {
           const float* pg = scores.data() + g * len + pos - lo;
           for (int c0 = 0; c0 < C; c0 += CH) {
@@ -494,19 +497,13 @@ void decode_attention_avx512(scalar_t* out, float* states, const scalar_t* q, in
   constexpr int64_t D = 16 * C;
   const scalar_t* k_cache = cache;
   const scalar_t* v_cache = cache + kv_heads * num_slots * D;
-  const auto rows_of = [&](const Piece& pc, int64_t pos) {  // the piece's K/V offset at pos
-    return (pc.kh * num_slots + tables[pc.b * max_blocks + pos / block_size] * block_size +
-            pos % block_size) * D;
-  };
   const int64_t pieces = static_cast<int64_t>(plan.pieces.size());
   at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t work = begin; work < end; ++work) {
       const Piece& pc = plan.pieces[work];
       const int64_t lo = pc.lo, hi = pc.hi, len = hi - lo;
-      const auto span = [&](int64_t pos) {
-        return std::min(block_size - pos % block_size, hi - pos);
-      };
+      const PieceRows rows(pc, tables, max_blocks, num_slots, block_size, D);
       __m512 qv[G][C];
       for (int g = 0; g < G; ++g) {
         const scalar_t* qh = q + pc.b * q_stride_b + (pc.kh * G + g) * q_stride_h;
@@ -515,9 +512,9 @@ void decode_attention_avx512(scalar_t* out, float* states, const scalar_t* q, in
         }
       }
       scores.resize(G * len);
-      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
-        const scalar_t* kb = k_cache + rows_of(pc, pos);
-        const int64_t n = span(pos);
+      for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
+        const scalar_t* kb = k_cache + rows.at(pos);
+        const int64_t n = rows.span(pos);
         for (int64_t i = 0; i < n; ++i) {
           __m512 k[C];
           for (int c = 0; c < C; ++c) {
@@ -540,9 +537,9 @@ void decode_attention_avx512(scalar_t* out, float* states, const scalar_t* q, in
           acc[g][c] = _mm512_setzero_ps();
         }
       }
-      for (int64_t pos = lo; pos < hi; pos += span(pos)) {
-        const scalar_t* vb = v_cache + rows_of(pc, pos);
-        const int64_t n = span(pos);
+      for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
+        const scalar_t* vb = v_cache + rows.at(pos);
+        const int64_t n = rows.span(pos);
         for (int64_t i = 0; i < n; ++i) {
           __m512 v[C];
           for (int c = 0; c < C; ++c) {

@@ -291,12 +291,13 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
     runs: dict[str, dict[str, list[dict]]] = {s: {p: [] for p in phases} for s in SYSTEMS}
     ps_jobs = {"batch": [(m, n, None) for m, n in work],
                "single": [(m, n, None) for m, n in work[:args.single]],
-               "loras": [(m, n, names[i % len(names)]) for i, (m, n) in enumerate(work)],
+               "loras": [(m, n, names[i % len(names)]) for i, (m, n) in enumerate(work)
+                         if names],
                "long": [(long_ids, LONG_NEW_TOKENS, None)]}
     lc_jobs = {"batch": [(t, n, None) for t, (_, n) in zip(ids, work, strict=True)],
                "single": [(t, n, None) for t, (_, n) in zip(ids[:args.single], work, strict=False)],
                "loras": [(t, n, i % len(names)) for i, (t, (_, n)) in
-                         enumerate(zip(ids, work, strict=True))],
+                         enumerate(zip(ids, work, strict=True)) if names],
                "long": [(long_ids, LONG_NEW_TOKENS, None)]}
     logs = args.cache_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -384,8 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                                               return_dict=True)["input_ids"]) for m, _ in work]
     sentence = tokenizer("The quick brown fox jumps over the lazy dog. ")["input_ids"]
     long_ids = (sentence * (args.context // len(sentence) + 1))[:args.context]
-    lora_dirs = make_loras(hf_dir, args.cache_dir / "loras", args.loras)
-    lora_ggufs = [checkout.convert_lora(d, hf_dir, d.with_suffix(".gguf")) for d in lora_dirs]
+    lora_dirs, lora_ggufs = [], []
+    if "loras" in args.phases:  # made and converted once, cached
+        lora_dirs = make_loras(hf_dir, args.cache_dir / "loras", args.loras)
+        lora_ggufs = [checkout.convert_lora(d, hf_dir, d.with_suffix(".gguf"))
+                      for d in lora_dirs]
     results = {p: run_precision(args, p, checkout, binary, hf_dir, work, ids, lora_dirs,
                                 lora_ggufs, long_ids) for p in args.precisions}
     for res in results.values():

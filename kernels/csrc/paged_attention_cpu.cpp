@@ -130,7 +130,28 @@ struct PieceRows {
   }
   // positions from pos to the end of its block or of the piece, whichever comes first
   int64_t span(int64_t pos) const { return std::min(block_size - pos % block_size, hi - pos); }
+  // Blocks lie anywhere in the cache: asks for the rows of the block after pos's, if the piece
+  // has one, while pos's is computed.
+  template <typename scalar_t>
+  void ask_next(const scalar_t* base, int64_t pos) const {
+    const int64_t next = pos + span(pos);
+    if (next < hi) {
+      prefetch(base + at(next), span(next) * D);
+    }
+  }
 };
+
+// A piece's G query rows as fp32, times the softmax scale, into qf [G, D].
+template <typename scalar_t>
+inline void scaled_queries(float* qf, const scalar_t* q, int64_t q_stride_b, int64_t q_stride_h,
+                           const Piece& pc, int64_t G, int64_t D, float scale) {
+  for (int64_t g = 0; g < G; ++g) {
+    const scalar_t* qh = q + pc.b * q_stride_b + (pc.kh * G + g) * q_stride_h;
+    for (int64_t d = 0; d < D; ++d) {
+      qf[g * D + d] = peftserve_cpu::Fp32<scalar_t>::load(qh, d) * scale;
+    }
+  }
+}
 
 // A piece's end, from its G query heads' fp32 sums acc [G, D] and their softmax max and sum: a
 // whole context's output (acc / sum, as acc * (1 / sum)), or a split's partial state
@@ -229,13 +250,8 @@ void decode_attention_kernel(
     std::vector<float> scores;
     for (int64_t work = begin; work < end; ++work) {
       const Piece& pc = plan.pieces[work];
-      const int64_t b = pc.b, kh = pc.kh, lo = pc.lo, hi = pc.hi, len = hi - lo;
-      for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* qh = q + b * q_stride_b + (kh * group + g) * q_stride_h;
-        for (int64_t d = 0; d < D; ++d) {
-          qf[g * D + d] = static_cast<float>(qh[d]) * scale;
-        }
-      }
+      const int64_t lo = pc.lo, hi = pc.hi, len = hi - lo;
+      scaled_queries(qf.data(), q, q_stride_b, q_stride_h, pc, group, D, scale);
       scores.resize(group * len);
       const PieceRows rows(pc, tables, max_blocks, num_slots, block_size, D);
       // scores[g, l] = q_g . k_(lo + l) (scaled)
@@ -243,11 +259,8 @@ void decode_attention_kernel(
       for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
         const int64_t n = rows.span(pos);
         const scalar_t* kb = k_cache + rows.at(pos);
-        // The blocks lie anywhere in the cache: ask for the next K block and this V block
-        // (read by the second pass) while this one is computed.
-        if (pos + n < hi) {
-          prefetch(k_cache + rows.at(pos + n), rows.span(pos + n) * D);
-        }
+        // the next K block, and this V block for the second pass
+        rows.ask_next(k_cache, pos);
         prefetch(v_cache + rows.at(pos), n * D);
         for (int64_t i = 0; i < n; ++i) {
           to_float(row.data(), kb + i * D, D);
@@ -357,25 +370,14 @@ void decode_attention_avx2(scalar_t* out, float* states, const scalar_t* q, int6
       const Piece& pc = plan.pieces[work];
       const int64_t lo = pc.lo, hi = pc.hi, len = hi - lo;
       const PieceRows rows(pc, tables, max_blocks, num_slots, block_size, D);
-      for (int64_t g = 0; g < G; ++g) {
-        const scalar_t* qh = q + pc.b * q_stride_b + (pc.kh * G + g) * q_stride_h;
-        for (int64_t d = 0; d < D; ++d) {
-          qf[g * D + d] = peftserve_cpu::Fp32<scalar_t>::load(qh, d) * scale;
-        }
-      }
+      scaled_queries(qf.data(), q, q_stride_b, q_stride_h, pc, G, D, scale);
       scores.resize(G * len);
       // scores[g, l] = q_g . k_(lo + l), eight rows at a time (a block's last rows: the
       // missing ones repeat its last row, their lanes not stored)
-      // Blocks lie anywhere in the cache: ask for the next one's rows while this is computed.
-      const auto ask_next = [&](const scalar_t* base, int64_t pos, int64_t n) {
-        if (pos + n < hi) {
-          prefetch(base + rows.at(pos + n), rows.span(pos + n) * D);
-        }
-      };
       prefetch(k_cache + rows.at(lo), rows.span(lo) * D);
       for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
         const int64_t n = rows.span(pos);
-        ask_next(k_cache, pos, n);
+        rows.ask_next(k_cache, pos);
         const float* k = fp32_rows(k_cache + rows.at(pos), n, D, buf.data());
         for (int64_t i = 0; i < n; i += 8) {
           const float* kr[8];
@@ -411,7 +413,7 @@ void decode_attention_avx2(scalar_t* out, float* states, const scalar_t* q, int6
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = lo; pos < hi; pos += rows.span(pos)) {
         const int64_t n = rows.span(pos);
-        ask_next(v_cache, pos, n);
+        rows.ask_next(v_cache, pos);
         const float* v = fp32_rows(v_cache + rows.at(pos), n, D, buf.data());
         for (int64_t g = 0; g < G; ++g) {
           const float* pg = scores.data() + g * len + pos - lo;

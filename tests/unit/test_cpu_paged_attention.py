@@ -77,7 +77,7 @@ def reference(q, cache, tables, lens, bs, scale):
         (1, 8, 1, 64, 16, 1),
         (3, 14, 2, 64, 16, 45),  # 7 query heads per KV head
         (2, 8, 2, 128, 16, 33),  # head_dim 128
-        (2, 18, 2, 64, 16, 20),  # 9 per KV head: beyond the AVX-512 code's 8, plain loops
+        (2, 18, 2, 64, 16, 20),  # 9 per KV head: beyond the AVX-512 code's 8 (AVX2 code)
         # contexts past one split of 256 positions: merged splits
         (2, 9, 3, 64, 16, 700),
         (3, 6, 2, 16, 5, 530),  # blocks of 5: splits start inside a block

@@ -3,8 +3,9 @@
 // On a small model a CPU decode step's matmuls take ~30 ms and the Python around them (about
 // forty torch calls per layer, module calls, views) another ~8 ms at any batch size. This op
 // runs the same sequence the Python layer runs (models/llama.py, DecoderLayer.forward with the
-// C++ ops of fused_cpu.cpp and paged_attention_cpu.cpp), op for op, with ATen's own linear for
-// the matmuls: its results are the Python path's, bit for bit. Adapter deltas come as a plan
+// C++ ops of fused_cpu.cpp and paged_attention_cpu.cpp), op for op, with the matmul the Python
+// layer calls for each weight form (base_linear): its results are the Python path's, bit for
+// bit. Adapter deltas come as a plan
 // built in Python once per step (adapters/slots.py, AdapterHook.decode_plan): the calls of the
 // token-by-token ops (lowrank_rows_cpu.cpp) the hook makes in half precision on the CPU. Steps
 // with prefill chunks stay in Python.
@@ -22,18 +23,28 @@ namespace peftserve_cpu {
 
 namespace {
 
-// A base projection: bf16 weights in the matrix-vector kernel's layout (kernels/gemv.py, a
-// 3-D [N, ceil(K/2), 2] tensor) go through that kernel (gemv_bf16_cpu.cpp), weights packed for
-// oneDNN at load (kernels/packed_linear.py, CPU half precision) through the op the Python layer
-// calls for them, dense ones through at::linear. The caller picks which form a step passes.
-at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w,
-                       const std::optional<at::Tensor>& b = std::nullopt) {
-  // int8 / int4 weights (kernels/quant.py): gemv_quant_cpu.cpp
-  if (!w.is_mkldnn() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte)) {
-    return gemv_quant_out(x, w, b);
-  }
-  if (!w.is_mkldnn() && w.dim() == 3) {
-    return gemv_bf16_out(x, w, b);
+// A base projection of x: bf16 weights in the matrix-vector kernel's layout (kernels/gemv.py,
+// a 3-D [N, ceil(K/2), 2] tensor) and int8 / int4 ones (kernels/quant.py) go through those
+// kernels (gemv_bf16_cpu.cpp, gemv_quant_cpu.cpp) into buf, made on first use (or remade for
+// another N) and returned; weights packed for oneDNN at load (kernels/packed_linear.py, CPU
+// half precision) through the op the Python layer calls for them, dense ones through
+// at::linear, each a new tensor. The caller picks which form a step passes.
+at::Tensor base_linear(at::Tensor& buf, const at::Tensor& x, const at::Tensor& w,
+                       const std::optional<at::Tensor>& b) {
+  const bool quant =
+      !w.is_mkldnn() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte);
+  if (quant || (!w.is_mkldnn() && w.dim() == 3)) {
+    if (!buf.defined() || buf.size(0) != x.size(0) || buf.size(1) != w.size(0)) {
+      buf = at::empty({x.size(0), w.size(0)}, x.options());
+    }
+    if (!quant) {
+      gemv_bf16(buf, x, w, b, false);
+    } else if (w.scalar_type() == at::kChar) {
+      gemv_int8(buf, x, w, b, false);
+    } else {
+      gemv_int4(buf, x, w, b, false);
+    }
+    return buf;
   }
   if (!w.is_mkldnn()) {
     return at::linear(x, w, b);
@@ -195,37 +206,18 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
       add_rms_norm(x, h, y, w, eps);
     }
   };
-  // Each layer's outputs go to buffers made once for the step, and the views of them once:
-  // making a tensor (an empty, a view) costs a few microseconds on a small CPU, and a layer
-  // made eleven, ~0.6 ms of a SmolLM2 bf16 decode step of ~10 ms on 2 Zen 3 cores. The
-  // matrix-vector kernels write into their buffer; other weight forms return their own tensor.
+  // Each layer's outputs go to buffers made once for the step (base_linear's for the
+  // matrix-vector kernels), and the views of them once: making a tensor (an empty, a view)
+  // costs 1-5 us on a small CPU, and eleven a layer were ~1 ms of a SmolLM2 bf16 decode step of
+  // ~13 ms on 2 Zen 3 cores (bench/README.md).
   at::Tensor qkv_buf, o_buf, gu_buf, down_buf, act_buf, q, a;
-  const auto project = [&](at::Tensor& buf, const at::Tensor& in, const at::Tensor& w,
-                           const std::optional<at::Tensor>& b) -> at::Tensor {
-    const bool quant =
-        !w.is_mkldnn() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte);
-    if (!quant && (w.is_mkldnn() || w.dim() != 3)) {
-      return base_linear(in, w, b);
-    }
-    if (!buf.defined() || buf.size(1) != w.size(0)) {
-      buf = at::empty({T, w.size(0)}, in.options());
-    }
-    if (!quant) {
-      gemv_bf16(buf, in, w, b, false);
-    } else if (w.scalar_type() == at::kChar) {
-      gemv_int8(buf, in, w, b, false);
-    } else {
-      gemv_int4(buf, in, w, b, false);
-    }
-    return buf;
-  };
   const at::Tensor attn = at::empty({T, heads, D}, h.options());
   const auto bias = [](at::TensorList b, int64_t l) {
     return b.empty() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(b[l]);
   };
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor cache = kv_cache.select(0, l);
-    const at::Tensor qkv = project(qkv_buf, x, qkv_w[l], bias(qkv_b, l));
+    const at::Tensor qkv = base_linear(qkv_buf, x, qkv_w[l], bias(qkv_b, l));
     deltas.apply(qkv, x);
     rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads);
     if (!q.defined() || !q.is_alias_of(qkv)) {
@@ -236,10 +228,10 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     if (!a.defined()) {
       a = attn.view({T, heads * D});
     }
-    const at::Tensor o = project(o_buf, a, o_w[l], bias(o_b, l));
+    const at::Tensor o = base_linear(o_buf, a, o_w[l], bias(o_b, l));
     deltas.apply(o, a);
     add_then_norm(o, post_norm[l]);
-    const at::Tensor gu = project(gu_buf, x, gate_up_w[l], std::nullopt);
+    const at::Tensor gu = base_linear(gu_buf, x, gate_up_w[l], std::nullopt);
     deltas.apply(gu, x);
     at::Tensor act;
     if (fp32) {
@@ -252,7 +244,7 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
       act = act_buf;
       silu_and_mul(act, gu);
     }
-    const at::Tensor down = project(down_buf, act, down_w[l], std::nullopt);
+    const at::Tensor down = base_linear(down_buf, act, down_w[l], std::nullopt);
     deltas.apply(down, act);
     add_then_norm(down, l + 1 < layers ? input_norm[l + 1] : final_norm);
   }

@@ -389,14 +389,6 @@ void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   gemv_run(p, generic);
 }
 
-at::Tensor gemv_bf16_out(const at::Tensor& x, const at::Tensor& w,
-                         const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 3, "gemv_bf16: x must be [M, K] and w [N, Kp, 2]");
-  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  gemv_bf16(out, x, w, bias, false);
-  return out;
-}
-
 }  // namespace peftserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {

@@ -511,18 +511,6 @@ void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   run(out, x, w, bias, generic, true, groups, group, groups * group);
 }
 
-at::Tensor gemv_quant_out(const at::Tensor& x, const at::Tensor& w,
-                          const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2, "gemv_quant: x must be [M, K]");
-  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  if (w.scalar_type() == at::kChar) {
-    gemv_int8(out, x, w, bias, false);
-  } else {
-    gemv_int4(out, x, w, bias, false);
-  }
-  return out;
-}
-
 }  // namespace peftserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {

@@ -24,15 +24,9 @@ void bottleneck_rows(const at::Tensor& y, const std::optional<at::Tensor>& rows,
                      int64_t act);
 void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic);
-at::Tensor gemv_bf16_out(const at::Tensor& x, const at::Tensor& w,
-                         const std::optional<at::Tensor>& bias);
 void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic);
 void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic);
-// int8 ([N, row bytes]) or int4 ([N, groups, bytes per group]) weights by w's dtype
-// (gemv_quant_cpu.cpp, kernels/quant.py).
-at::Tensor gemv_quant_out(const at::Tensor& x, const at::Tensor& w,
-                          const std::optional<at::Tensor>& bias);
 
 }  // namespace peftserve_cpu

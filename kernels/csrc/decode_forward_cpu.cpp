@@ -208,8 +208,8 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
   };
   // Each layer's outputs go to buffers made once for the step (base_linear's for the
   // matrix-vector kernels), and the views of them once: making a tensor (an empty, a view)
-  // costs 1-5 us on a small CPU, and eleven a layer were ~1 ms of a SmolLM2 bf16 decode step of
-  // ~13 ms on 2 Zen 3 cores (bench/README.md).
+  // costs 1-5 us on a small CPU, and eleven a layer were ~0.8 ms of a SmolLM2 bf16 decode
+  // stack on 2 Zen 3 cores (bench/README.md).
   at::Tensor qkv_buf, o_buf, gu_buf, down_buf, act_buf, q, a;
   const at::Tensor attn = at::empty({T, heads, D}, h.options());
   const auto bias = [](at::TensorList b, int64_t l) {

@@ -5,10 +5,9 @@
 // runs the same sequence the Python layer runs (models/llama.py, DecoderLayer.forward with the
 // C++ ops of fused_cpu.cpp and paged_attention_cpu.cpp), op for op, with the matmul the Python
 // layer calls for each weight form (base_linear): its results are the Python path's, bit for
-// bit. Adapter deltas come as a plan
-// built in Python once per step (adapters/slots.py, AdapterHook.decode_plan): the calls of the
-// token-by-token ops (lowrank_rows_cpu.cpp) the hook makes in half precision on the CPU. Steps
-// with prefill chunks stay in Python.
+// bit. Adapter deltas come as a plan built in Python once per step (adapters/slots.py,
+// AdapterHook.decode_plan): the calls of the token-by-token ops (lowrank_rows_cpu.cpp) the
+// hook makes in half precision on the CPU. Steps with prefill chunks stay in Python.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -23,20 +22,27 @@ namespace peftserve_cpu {
 
 namespace {
 
+// buf as a [rows, n] tensor of `options`: itself, or made anew the first time or for another n.
+const at::Tensor& step_buffer(at::Tensor& buf, int64_t rows, int64_t n,
+                              const at::TensorOptions& options) {
+  if (!buf.defined() || buf.size(0) != rows || buf.size(1) != n) {
+    buf = at::empty({rows, n}, options);
+  }
+  return buf;
+}
+
 // A base projection of x: bf16 weights in the matrix-vector kernel's layout (kernels/gemv.py,
 // a 3-D [N, ceil(K/2), 2] tensor) and int8 / int4 ones (kernels/quant.py) go through those
-// kernels (gemv_bf16_cpu.cpp, gemv_quant_cpu.cpp) into buf, made on first use (or remade for
-// another N) and returned; weights packed for oneDNN at load (kernels/packed_linear.py, CPU
-// half precision) through the op the Python layer calls for them, dense ones through
-// at::linear, each a new tensor. The caller picks which form a step passes.
+// kernels (gemv_bf16_cpu.cpp, gemv_quant_cpu.cpp) into buf (step_buffer), which is returned;
+// weights packed for oneDNN at load (kernels/packed_linear.py, CPU half precision) through the
+// op the Python layer calls for them, dense ones through at::linear, each a new tensor. The
+// caller picks which form a step passes.
 at::Tensor base_linear(at::Tensor& buf, const at::Tensor& x, const at::Tensor& w,
                        const std::optional<at::Tensor>& b) {
   const bool quant =
       !w.is_mkldnn() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte);
   if (quant || (!w.is_mkldnn() && w.dim() == 3)) {
-    if (!buf.defined() || buf.size(0) != x.size(0) || buf.size(1) != w.size(0)) {
-      buf = at::empty({x.size(0), w.size(0)}, x.options());
-    }
+    step_buffer(buf, x.size(0), w.size(0), x.options());
     if (!quant) {
       gemv_bf16(buf, x, w, b, false);
     } else if (w.scalar_type() == at::kChar) {
@@ -210,8 +216,9 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
   // matrix-vector kernels), and the views of them once: making a tensor (an empty, a view)
   // costs 1-5 us on a small CPU, and eleven a layer were ~0.8 ms of a SmolLM2 bf16 decode
   // stack on 2 Zen 3 cores (bench/README.md).
-  at::Tensor qkv_buf, o_buf, gu_buf, down_buf, act_buf, q, a;
+  at::Tensor qkv_buf, o_buf, gu_buf, down_buf, act_buf, q;
   const at::Tensor attn = at::empty({T, heads, D}, h.options());
+  const at::Tensor a = attn.view({T, heads * D});
   const auto bias = [](at::TensorList b, int64_t l) {
     return b.empty() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(b[l]);
   };
@@ -225,9 +232,6 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
     }
     paged_decode_attention(attn, q, cache, block_tables, context_lens, block_size, scale,
                            generic_attention);
-    if (!a.defined()) {
-      a = attn.view({T, heads * D});
-    }
     const at::Tensor o = base_linear(o_buf, a, o_w[l], bias(o_b, l));
     deltas.apply(o, a);
     add_then_norm(o, post_norm[l]);
@@ -238,10 +242,7 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
       const int64_t inter = gu.size(1) / 2;
       act = at::mul(at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
     } else {
-      if (!act_buf.defined() || act_buf.size(1) != gu.size(1) / 2) {
-        act_buf = at::empty({T, gu.size(1) / 2}, gu.options());
-      }
-      act = act_buf;
+      act = step_buffer(act_buf, T, gu.size(1) / 2, gu.options());
       silu_and_mul(act, gu);
     }
     const at::Tensor down = base_linear(down_buf, act, down_w[l], std::nullopt);

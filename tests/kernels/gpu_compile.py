@@ -1,0 +1,186 @@
+"""Compiles every Triton kernel the engine launches for a CUDA GPU, on a machine without one.
+
+    python -m tests.kernels.gpu_compile [--arch 90] [--shapes smollm2,llama-3.1-8b]
+
+The interpreter (the kernel tests on the CPU) runs a kernel's Python, not what Triton's compiler
+makes of it: a construct the compiler rejects, a shared-memory overflow or a type error in a
+branch the tests' shapes never take only shows on a GPU. Here a Triton driver that compiles
+for the given architecture and launches nothing (`CompileOnly`) stands in for CUDA, and the
+engine runs its steps on the CPU with the Triton backend, so each kernel is compiled, through
+ptxas to a cubin, with the arguments the engine gives it: the shapes' real widths and head
+layouts (bench/random_weights.py) with one or two layers, every dtype the GPU serves, LoRAs of
+ranks 8 to 64 on every projection, a bottleneck adapter, prefix and prompt tuning, prompts long
+enough to split decode attention over the context, prefill (segment kernels) and the static
+decode step (per-token kernels). The kernels write nothing, so the tokens are meaningless;
+the engine's greedy sampling does not mind.
+
+One JSON line per compiled kernel (name, shape, dtype, its constexprs, shared memory, warps,
+registers per thread and local memory, i.e. spills, from cuobjdump), then one
+`{"summary": ...}` line. Exits non-zero when a compile fails.
+TRITON_INTERPRET must be off before triton is first imported: it is removed here.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import triton.backends.nvidia as nvidia_backend  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+from bench.random_weights import SHAPES  # noqa: E402
+from peftserve.config import EngineConfig  # noqa: E402
+from peftserve.engine.engine import Engine  # noqa: E402
+from peftserve.engine.request import Request  # noqa: E402
+from peftserve.engine.sampling_params import SamplingParams  # noqa: E402
+from peftserve.layers.backend import TritonBackend  # noqa: E402
+from tests import adapters as A  # noqa: E402
+from tests.tiny import make_model_dir  # noqa: E402
+
+# The served dtypes per shape (fp32 and fp16 at the small shape only: compile time).
+DTYPES = {"smollm2": ("bfloat16", "float16", "float32"), "llama-3.1-8b": ("bfloat16",)}
+LAYERS = {"smollm2": 2, "llama-3.1-8b": 1}
+H200_SHARED_BYTES = 232448  # per block, opt-in (sm_90)
+
+
+class _Utils:
+    def __init__(self, shared: int, compiled: list[dict]) -> None:
+        self.shared, self.compiled = shared, compiled
+
+    def load_binary(self, name, cubin, shared, device):  # module, function, regs, spills, threads
+        regs, local = resource_usage(cubin)
+        self.compiled[-1].update(registers=regs, local_bytes=local)  # launcher_cls's entry
+        return name, name, regs, local, 1024
+
+    def get_device_properties(self, device) -> dict:
+        return {"max_shared_mem": self.shared, "multiprocessor_count": 132, "warpSize": 32}
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local memory bytes: spills) from Triton's bundled cuobjdump."""
+    cuobjdump = Path(nvidia_backend.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", out))
+    return int(usage["REG"]), int(usage["LOCAL"])
+
+
+class CompileOnly:
+    """A Triton driver for `target` that compiles kernels and launches nothing."""
+
+    def __init__(self, target: GPUTarget, shared: int = H200_SHARED_BYTES) -> None:
+        self.target = target
+        self.compiled: list[dict] = []
+        self.utils = _Utils(shared, self.compiled)
+        self.context: dict = {}
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def launcher_cls(self, src, metadata):  # called once per compiled kernel, on first launch
+        names = src.fn.arg_names
+        constexprs = {names[path[0]]: v for path, v in src.constants.items()
+                      if len(path) == 1 and isinstance(v, int | bool | str)}  # fmt: skip
+        pointers = sorted({t for t in src.signature.values() if t.startswith("*")})
+        self.compiled.append({
+            "kernel": src.fn.__name__, **self.context, "pointers": pointers,
+            "constexprs": constexprs, "shared_bytes": metadata.shared,
+            "num_warps": metadata.num_warps,
+        })  # fmt: skip
+        return lambda *args, **kwargs: None
+
+
+def adapters_for(model_dir: Path, out: Path, small: bool) -> dict[str, Path]:
+    made = {
+        "lora-all-r16": A.make_lora(model_dir, out / "l16", r=16, seed=1, targets=A.ALL_LINEAR),
+        "lora-qv-r64": A.make_lora(model_dir, out / "l64", r=64, seed=2),
+        # bottleneck size 36 at SmolLM2's width, 64 (the largest rank served) at 8B's
+        "houlsby": A.make_bottleneck(
+            model_dir, out / "houlsby", "houlsby", seed=3, reduction_factor=16 if small else 64
+        ),
+    }
+    if small:  # their decode runs the same kernels as the base model's
+        made["lora-all-r8"] = A.make_lora(model_dir, out / "l8", r=8, seed=4, targets=A.ALL_LINEAR)
+        made["pfeiffer"] = A.make_bottleneck(model_dir, out / "pfeiffer", "pfeiffer", seed=5)
+        made["prefix"] = A.make_prefix_tuning(model_dir, out / "prefix", seed=6)
+        made["prompt"] = A.make_prompt_tuning(model_dir, out / "prompt", seed=7)
+    return made
+
+
+def run_shape(shape: str, work: Path, fake: CompileOnly) -> None:
+    widths = {
+        k: v for k, v in SHAPES[shape].items() if k not in ("vocab_size", "tie_word_embeddings")
+    }
+    widths.update(num_hidden_layers=LAYERS[shape], max_position_embeddings=2048)
+    model_dir = make_model_dir(work / shape, **widths)
+    adapters = adapters_for(model_dir, work / f"{shape}-adapters", shape == "smollm2")
+    words = "the quick brown fox jumps over the lazy dog ".split()
+    prompts = [" ".join(words[: 2 + i]) for i in range(len(adapters) + 1)]
+    prompts.append(" ".join(words * 40))  # > 256 positions: decode attention splits
+    names = [None, *adapters, None]
+    backend = TritonBackend()
+    backend.captures_graphs = False  # graphs and pinned buffers need CUDA; the same kernels
+    for dtype in DTYPES[shape]:
+        fake.context = {"shape": shape, "dtype": dtype}
+        config = EngineConfig(model=str(model_dir), dtype=dtype, device="cpu", block_size=16,
+                              num_kv_blocks=256, max_loras=8, decode_step="static",
+                              max_num_batched_tokens=256,
+                              cuda_graphs=False)  # fmt: skip
+        engine = Engine.from_config(config, backend)
+        engine.runner.static.token_slot_deltas = True  # as where graphs are captured
+        for name, path in adapters.items():
+            engine.adapters.register(name, path)
+        reqs = [Request(f"r{i}", prompt=p, adapter=a,
+                        params=SamplingParams(max_new_tokens=6, ignore_eos=True))
+                for i, (p, a) in enumerate(zip(prompts, names, strict=True))]  # fmt: skip
+        engine.generate(reqs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    ap.add_argument("--shapes", default="smollm2,llama-3.1-8b")
+    args = ap.parse_args()
+    fake = CompileOnly(GPUTarget("cuda", args.arch, 32))
+    driver.set_active(fake)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    failed = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            try:
+                run_shape(shape, Path(tmp), fake)
+            except Exception as e:  # a compile error: report it with where it happened
+                failed = f"{shape} {fake.context.get('dtype')}: {type(e).__name__}: {e}"
+                break
+    for entry in fake.compiled:
+        print(json.dumps(entry))
+    print(json.dumps({"summary": {"arch": args.arch, "compiled": len(fake.compiled),
+                                  "failed": failed}}))  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

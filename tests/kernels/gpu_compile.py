@@ -12,12 +12,16 @@ layouts (bench/random_weights.py) with one or two layers, every dtype the GPU se
 ranks 8 to 64 on every projection, a bottleneck adapter, prefix and prompt tuning, prompts long
 enough to split decode attention over the context, prefill (segment kernels) and the static
 decode step (per-token kernels). The kernels write nothing, so the tokens are meaningless;
-the engine's greedy sampling does not mind.
+the engine's sampling does not mind.
+
+Decode steps run in the form a CUDA graph captures (rows padded to the buckets, the bodies of
+cuda_graphs.DecodeGraphs), eagerly, under a dispatch mode that records every op a graph cannot
+hold (`.item()` and the like, outputs sized by the data) with the line that called it.
 
 One JSON line per compiled kernel (name, shape, dtype, its constexprs, shared memory, warps,
 registers per thread and local memory, i.e. spills, from cuobjdump), then one
-`{"summary": ...}` line. Exits non-zero when a compile fails.
-TRITON_INTERPRET must be off before triton is first imported: it is removed here.
+`{"summary": ...}` line (with the host syncs found in captured steps). Exits non-zero when a
+compile fails. TRITON_INTERPRET must be off before triton is first imported: it is removed here.
 """
 
 from __future__ import annotations
@@ -32,15 +36,18 @@ import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import triton.backends.nvidia as nvidia_backend  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 from bench.random_weights import SHAPES  # noqa: E402
 from peftserve.config import EngineConfig  # noqa: E402
+from peftserve.engine.cuda_graphs import default_sizes  # noqa: E402
 from peftserve.engine.engine import Engine  # noqa: E402
 from peftserve.engine.request import Request  # noqa: E402
 from peftserve.engine.sampling_params import SamplingParams  # noqa: E402
@@ -113,6 +120,65 @@ class CompileOnly:
         return lambda *args, **kwargs: None
 
 
+# Ops a CUDA graph cannot hold: each reads a device value on the host (a sync, refused while a
+# stream captures) or sizes its output by the data.
+HOST_SYNC_OPS = {
+    "aten.item", "aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique",
+    "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.equal",
+    "aten.is_nonzero", "aten.multinomial", "aten.repeat_interleave",
+}  # fmt: skip
+
+
+ROOT = str(Path(__file__).resolve().parents[2]) + "/"
+SOURCES = (ROOT + "server/", ROOT + "kernels/")  # the package, not the tests
+
+
+class CaptureLint(TorchDispatchMode):
+    """Records the ops in HOST_SYNC_OPS, and indexing by a boolean mask, with the line of
+    peftserve that called them."""
+
+    def __init__(self, found: list[dict]) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        masked = name.startswith("aten.index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args if isinstance(a, list | tuple) for i in a
+        )  # fmt: skip
+        if name in HOST_SYNC_OPS or masked:
+            frames = reversed(traceback.extract_stack())
+            where = next((f"{f.filename.removeprefix(ROOT)}:{f.lineno}" for f in frames
+                          if f.filename.startswith(SOURCES)), "?")  # fmt: skip
+            self.found.append({"op": name, "where": where})
+        return func(*args, **(kwargs or {}))
+
+
+class EagerGraphs:
+    """Stands in for cuda_graphs.DecodeGraphs: pads rows to the same buckets and runs the
+    bodies it would capture (the forward with or without adapter deltas, the sampler) eagerly,
+    under CaptureLint."""
+
+    def __init__(self, step, max_batch: int, found: list[dict]) -> None:
+        self.step, self.sizes, self.found = step, default_sizes(max_batch), found
+        self.replays = 0
+
+    def bucket(self, n: int) -> int | None:
+        return next((s for s in self.sizes if s >= n), None)
+
+    def prepare(self, rows: int, adapters: bool) -> None:
+        """Nothing to capture: replay() runs the bodies."""
+
+    def replay(self, rows: int, adapters: bool, full: bool) -> None:
+        step = self.step
+        with CaptureLint(self.found):
+            hook = step.hook(rows, None) if adapters else None
+            step.forward(rows, step.options.max_blocks, hook)
+            step.sample_rows(rows, full, full)
+        self.replays += 1
+
+
 def adapters_for(model_dir: Path, out: Path, small: bool) -> dict[str, Path]:
     made = {
         "lora-all-r16": A.make_lora(model_dir, out / "l16", r=16, seed=1, targets=A.ALL_LINEAR),
@@ -130,7 +196,8 @@ def adapters_for(model_dir: Path, out: Path, small: bool) -> dict[str, Path]:
     return made
 
 
-def run_shape(shape: str, work: Path, fake: CompileOnly) -> None:
+def run_shape(shape: str, work: Path, fake: CompileOnly, syncs: list[dict]) -> int:
+    """Runs `shape`'s engine in each of its dtypes; returns the captured-form steps run."""
     widths = {
         k: v for k, v in SHAPES[shape].items() if k not in ("vocab_size", "tie_word_embeddings")
     }
@@ -141,6 +208,10 @@ def run_shape(shape: str, work: Path, fake: CompileOnly) -> None:
     prompts = [" ".join(words[: 2 + i]) for i in range(len(adapters) + 1)]
     prompts.append(" ".join(words * 40))  # > 256 positions: decode attention splits
     names = [None, *adapters, None]
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=True)
+    drawn = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.8, top_k=20,
+                           top_p=0.9, repetition_penalty=1.3, seed=5)  # fmt: skip
+    replays = 0
     backend = TritonBackend()
     backend.captures_graphs = False  # graphs and pinned buffers need CUDA; the same kernels
     for dtype in DTYPES[shape]:
@@ -150,13 +221,16 @@ def run_shape(shape: str, work: Path, fake: CompileOnly) -> None:
                               max_num_batched_tokens=256,
                               cuda_graphs=False)  # fmt: skip
         engine = Engine.from_config(config, backend)
-        engine.runner.static.token_slot_deltas = True  # as where graphs are captured
+        step = engine.runner.static
+        step.token_slot_deltas = True  # as where graphs are captured
+        step.graphs = graphs = EagerGraphs(step, 16, syncs)
         for name, path in adapters.items():
             engine.adapters.register(name, path)
-        reqs = [Request(f"r{i}", prompt=p, adapter=a,
-                        params=SamplingParams(max_new_tokens=6, ignore_eos=True))
+        reqs = [Request(f"r{i}", prompt=p, adapter=a, params=drawn if i % 3 == 1 else greedy)
                 for i, (p, a) in enumerate(zip(prompts, names, strict=True))]  # fmt: skip
         engine.generate(reqs)
+        replays += graphs.replays
+    return replays
 
 
 def main() -> int:
@@ -167,18 +241,20 @@ def main() -> int:
     fake = CompileOnly(GPUTarget("cuda", args.arch, 32))
     driver.set_active(fake)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    failed = None
+    failed, syncs, replays = None, [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
             try:
-                run_shape(shape, Path(tmp), fake)
+                replays += run_shape(shape, Path(tmp), fake, syncs)
             except Exception as e:  # a compile error: report it with where it happened
                 failed = f"{shape} {fake.context.get('dtype')}: {type(e).__name__}: {e}"
                 break
     for entry in fake.compiled:
         print(json.dumps(entry))
+    unique_syncs = [dict(t) for t in sorted({tuple(d.items()) for d in syncs})]
     print(json.dumps({"summary": {"arch": args.arch, "compiled": len(fake.compiled),
-                                  "failed": failed}}))  # fmt: skip
+                                  "failed": failed, "captured_form_steps": replays,
+                                  "host_syncs_in_captured_steps": unique_syncs}}))  # fmt: skip
     return 1 if failed else 0
 
 

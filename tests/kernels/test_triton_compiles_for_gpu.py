@@ -4,7 +4,8 @@ The other kernel tests run the kernels under the interpreter on the CPU, which e
 Python and accepts what Triton's compiler may not. tests/kernels/gpu_compile.py runs the engine
 on the CPU with the Triton backend and a driver that compiles each launch through ptxas for
 sm_90 and launches nothing, at SmolLM2's and Llama-3.1-8B's widths, in bf16, fp16 and fp32;
-cuobjdump reads each cubin's registers and local memory (spills).
+cuobjdump reads each cubin's registers and local memory (spills). The same run checks the
+decode step's captured form for ops a CUDA graph cannot hold.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def kernels_in_source() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def compiled() -> list[dict]:
+def child() -> list[dict]:
+    """The child's JSON lines: one per compiled kernel, then its summary."""
     pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "tests.kernels.gpu_compile", "--arch", "90"]
@@ -40,10 +42,11 @@ def compiled() -> list[dict]:
     assert run.returncode == 0 and summary["failed"] is None, (
         summary["failed"] or run.stderr[-4000:]
     )
-    return lines[:-1]
+    return lines
 
 
-def test_every_kernel_compiles_in_every_served_dtype(compiled):
+def test_every_kernel_compiles_in_every_served_dtype(child):
+    compiled = child[:-1]
     expected = kernels_in_source()
     assert len(expected) >= 9, expected  # the source scan itself works
     for dtype in ("bfloat16", "float16", "float32"):
@@ -51,7 +54,8 @@ def test_every_kernel_compiles_in_every_served_dtype(compiled):
         assert seen == expected, (dtype, expected - seen)
 
 
-def test_both_attention_forms_and_the_8b_layout_compile(compiled):
+def test_both_attention_forms_and_the_8b_layout_compile(child):
+    compiled = child[:-1]
     attention = [c["constexprs"] for c in compiled if c["kernel"] == "_paged_decode_kernel"]
     assert {a["ONE_PASS"] for a in attention} == {True, False}  # short contexts, split ones
     assert {(a["GROUP"], a["HEAD_DIM"]) for a in attention} == {(3, 64), (4, 128)}
@@ -61,9 +65,20 @@ def test_both_attention_forms_and_the_8b_layout_compile(compiled):
     assert max(c["shared_bytes"] for c in compiled) <= 232448
 
 
-def test_no_kernel_spills_registers(compiled):
+def test_no_kernel_spills_registers(child):
     """Local memory is where ptxas puts what does not fit in registers: slow on the GPU."""
+    compiled = child[:-1]
     spills = [(c["kernel"], c["shape"], c["dtype"], c["constexprs"]) for c in compiled
               if c["local_bytes"]]  # fmt: skip
     assert not spills, spills
     assert all(0 < c["registers"] <= 255 for c in compiled)
+
+
+def test_the_captured_decode_step_reads_nothing_on_the_host(child):
+    """The bodies cuda_graphs.DecodeGraphs captures (forward with and without adapter deltas,
+    greedy and drawing samplers), run eagerly on rows padded to its buckets: no op among them
+    reads a device value on the host or sizes its output by the data (either one fails a
+    capture, or makes the server fall back to eager steps)."""
+    summary = child[-1]["summary"]
+    assert summary["captured_form_steps"] > 0
+    assert summary["host_syncs_in_captured_steps"] == []

@@ -14,12 +14,11 @@ from dataclasses import replace
 import pytest
 
 from peftserve.config import EngineConfig
-from peftserve.engine.cuda_graphs import default_sizes
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.engine.static_step import StaticDecodeStep
 from tests import adapters as A
+from tests.eager_graphs import EagerBuckets
 
 KINDS = (None, "lora", "lora-qv", "bottleneck", "pfeiffer", "prefix", "prompt", "template")
 WORDS = "the quick brown fox jumps over the lazy dog low rank adapters share a batch".split()
@@ -28,28 +27,6 @@ WORDS = "the quick brown fox jumps over the lazy dog low rank adapters share a b
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_llama_dir, tmp_path_factory):
     return A.every_kind(tiny_llama_dir, tmp_path_factory.mktemp("static-step"))
-
-
-class EagerBuckets:
-    """Stands in for cuda_graphs.DecodeGraphs on the CPU: the bodies it captures, on rows
-    padded to the same buckets, run eagerly at each replay."""
-
-    def __init__(self, step: StaticDecodeStep, max_batch: int) -> None:
-        self.step, self.sizes = step, default_sizes(max_batch)
-        self.replays = 0
-
-    def bucket(self, n: int) -> int | None:
-        return next((s for s in self.sizes if s >= n), None)
-
-    def prepare(self, rows: int, adapters: bool) -> None:
-        """Nothing to capture: replay() runs the bodies eagerly."""
-
-    def replay(self, rows: int, adapters: bool, full: bool) -> None:
-        step = self.step
-        hook = step.hook(rows, None) if adapters else None
-        step.forward(rows, step.options.max_blocks, hook)
-        step.sample_rows(rows, full, full)
-        self.replays += 1
 
 
 def engine_for(model_dir, dirs, decode_step: str, max_loras: int = 8) -> Engine:

@@ -14,9 +14,10 @@ enough to split decode attention over the context, prefill (segment kernels) and
 decode step (per-token kernels). The kernels write nothing, so the tokens are meaningless;
 the engine's sampling does not mind.
 
-Decode steps run in the form a CUDA graph captures (rows padded to the buckets, the bodies of
-cuda_graphs.DecodeGraphs), eagerly, under a dispatch mode that records every op a graph cannot
-hold (`.item()` and the like, outputs sized by the data) with the line that called it.
+Decode steps run in the form a CUDA graph captures (tests/eager_graphs.py: rows padded to the
+buckets, the bodies of cuda_graphs.DecodeGraphs), eagerly, under a dispatch mode that records
+every op a graph cannot hold (`.item()` and the like, outputs sized by the data) with the line
+that called it.
 
 One JSON line per compiled kernel (name, shape, dtype, its constexprs, shared memory, warps,
 registers per thread and local memory, i.e. spills, from cuobjdump), then one
@@ -47,12 +48,12 @@ from triton.runtime import driver  # noqa: E402
 
 from bench.random_weights import SHAPES  # noqa: E402
 from peftserve.config import EngineConfig  # noqa: E402
-from peftserve.engine.cuda_graphs import default_sizes  # noqa: E402
 from peftserve.engine.engine import Engine  # noqa: E402
 from peftserve.engine.request import Request  # noqa: E402
 from peftserve.engine.sampling_params import SamplingParams  # noqa: E402
 from peftserve.layers.backend import TritonBackend  # noqa: E402
 from tests import adapters as A  # noqa: E402
+from tests.eager_graphs import EagerBuckets  # noqa: E402
 from tests.tiny import make_model_dir  # noqa: E402
 
 # The served dtypes per shape (fp32 and fp16 at the small shape only: compile time).
@@ -155,30 +156,6 @@ class CaptureLint(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class EagerGraphs:
-    """Stands in for cuda_graphs.DecodeGraphs: pads rows to the same buckets and runs the
-    bodies it would capture (the forward with or without adapter deltas, the sampler) eagerly,
-    under CaptureLint."""
-
-    def __init__(self, step, max_batch: int, found: list[dict]) -> None:
-        self.step, self.sizes, self.found = step, default_sizes(max_batch), found
-        self.replays = 0
-
-    def bucket(self, n: int) -> int | None:
-        return next((s for s in self.sizes if s >= n), None)
-
-    def prepare(self, rows: int, adapters: bool) -> None:
-        """Nothing to capture: replay() runs the bodies."""
-
-    def replay(self, rows: int, adapters: bool, full: bool) -> None:
-        step = self.step
-        with CaptureLint(self.found):
-            hook = step.hook(rows, None) if adapters else None
-            step.forward(rows, step.options.max_blocks, hook)
-            step.sample_rows(rows, full, full)
-        self.replays += 1
-
-
 def adapters_for(model_dir: Path, out: Path, small: bool) -> dict[str, Path]:
     made = {
         "lora-all-r16": A.make_lora(model_dir, out / "l16", r=16, seed=1, targets=A.ALL_LINEAR),
@@ -223,7 +200,7 @@ def run_shape(shape: str, work: Path, fake: CompileOnly, syncs: list[dict]) -> i
         engine = Engine.from_config(config, backend)
         step = engine.runner.static
         step.token_slot_deltas = True  # as where graphs are captured
-        step.graphs = graphs = EagerGraphs(step, 16, syncs)
+        step.graphs = graphs = EagerBuckets(step, 16, lambda: CaptureLint(syncs))
         for name, path in adapters.items():
             engine.adapters.register(name, path)
         reqs = [Request(f"r{i}", prompt=p, adapter=a, params=drawn if i % 3 == 1 else greedy)

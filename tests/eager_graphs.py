@@ -1,0 +1,37 @@
+"""Stands in for engine/cuda_graphs.DecodeGraphs where there is no CUDA (tests only)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from peftserve.engine.cuda_graphs import default_sizes
+from peftserve.engine.static_step import StaticDecodeStep
+
+
+class EagerBuckets:
+    """Pads a decode step's rows to the buckets DecodeGraphs would capture and runs the bodies
+    it would capture (the forward with or without adapter deltas, then the sampler) eagerly at
+    each replay, inside `around()` (e.g. a dispatch mode that watches their ops)."""
+
+    def __init__(
+        self, step: StaticDecodeStep, max_batch: int,
+        around: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:  # fmt: skip
+        self.step, self.sizes, self.around = step, default_sizes(max_batch), around
+        self.replays = 0
+
+    def bucket(self, n: int) -> int | None:
+        return next((s for s in self.sizes if s >= n), None)
+
+    def prepare(self, rows: int, adapters: bool) -> None:
+        """Nothing to capture: replay() runs the bodies eagerly."""
+
+    def replay(self, rows: int, adapters: bool, full: bool) -> None:
+        step = self.step
+        with self.around():
+            hook = step.hook(rows, None) if adapters else None
+            step.forward(rows, step.options.max_blocks, hook)
+            step.sample_rows(rows, full, full)
+        self.replays += 1

@@ -107,6 +107,7 @@ def _expand_rows_kernel(
     N_SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,  # 0 none, 1 relu, 2 silu, 3 gelu (activation.py)
+    RANK_ALIGN: tl.constexpr,  # 8 where R_MAX_STORE is a multiple of 8, else 1
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -124,10 +125,16 @@ def _expand_rows_kernel(
 
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
+    # Loads run to the rank rounded up to RANK_ALIGN (never past R_MAX_STORE, itself a
+    # multiple of it): a bound known to be a multiple of 8 lets them be 16-byte vectors (with
+    # `offs_r < rank` every element was its own load). What they read past the rank is dropped
+    # by selects on the exact rank below, whatever it holds.
+    rank_ld = (rank + RANK_ALIGN - 1) // RANK_ALIGN * RANK_ALIGN
+    mask_ld = offs_r < tl.multiple_of(tl.minimum(rank_ld, R_MAX_STORE), RANK_ALIGN)
     h = tl.full((BLOCK_R,), 0.0, dtype=tl.float32)
     for p in tl.static_range(N_SPLITS):
         h += tl.load(v_ptr + p * stride_vp + i * stride_vi + t * stride_vt + offs_r,
-                     mask=mask_r, other=0.0)  # fmt: skip
+                     mask=mask_ld, other=0.0)  # fmt: skip
     if HAS_BIAS:
         h += tl.load(b_down_ptr + slot * stride_bds + offs_r, mask=mask_r, other=0.0).to(
             tl.float32
@@ -145,10 +152,11 @@ def _expand_rows_kernel(
     cols = (col_start + offs_n).to(tl.int64)
     b = tl.load(  # [N, R]
         b_ptr + slot * stride_bs + cols[:, None] * stride_bo + offs_r[None, :] * stride_br,
-        mask=mask_n[:, None] & mask_r[None, :],
+        mask=mask_n[:, None] & mask_ld[None, :],
         other=0.0,
     )
-    d = tl.reduce(b.to(tl.float32) * h[None, :], 1, _add)  # [N]
+    b = tl.where(mask_r[None, :], b.to(tl.float32), 0.0)
+    d = tl.reduce(b * h[None, :], 1, _add)  # [N]
     if HAS_BIAS:
         d += tl.load(b_up_ptr + slot * stride_bus + cols, mask=mask_n, other=0.0).to(tl.float32)
     d *= tl.load(scale_ptr + i * stride_ranki + slot)
@@ -230,6 +238,7 @@ def expand_rows_triton(
         N_SPLITS=n_splits,
         HAS_BIAS=has_bias,
         ACT=activation_code(act),
+        RANK_ALIGN=8 if r_max % 8 == 0 else 1,
         BLOCK_R=triton.next_power_of_2(r_max),
         BLOCK_N=EXPAND_BLOCK_N,
         num_warps=4,

@@ -20,7 +20,8 @@ every op a graph cannot hold (`.item()` and the like, outputs sized by the data)
 that called it.
 
 One JSON line per compiled kernel (name, shape, dtype, its constexprs, shared memory, warps,
-registers per thread and local memory, i.e. spills, from cuobjdump), then one
+registers per thread, local memory, i.e. spills, and global loads, all and 16-byte ones, from
+cuobjdump), then one
 `{"summary": ...}` line (with the host syncs found in captured steps). Exits non-zero when a
 compile fails. TRITON_INTERPRET must be off before triton is first imported: it is removed here.
 """
@@ -67,24 +68,32 @@ class _Utils:
         self.shared, self.compiled = shared, compiled
 
     def load_binary(self, name, cubin, shared, device):  # module, function, regs, spills, threads
-        regs, local = resource_usage(cubin)
-        self.compiled[-1].update(registers=regs, local_bytes=local)  # launcher_cls's entry
-        return name, name, regs, local, 1024
+        usage = resource_usage(cubin)
+        self.compiled[-1].update(usage)  # launcher_cls's entry
+        return name, name, usage["registers"], usage["local_bytes"], 1024
 
     def get_device_properties(self, device) -> dict:
         return {"max_shared_mem": self.shared, "multiprocessor_count": 132, "warpSize": 32}
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, local memory bytes: spills) from Triton's bundled cuobjdump."""
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread, local memory bytes (spills) and global load instructions (all, and
+    those of 16 bytes; into registers or, for a dot's operands, into shared memory) of one
+    kernel, from Triton's bundled cuobjdump."""
     cuobjdump = Path(nvidia_backend.__file__).parent / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-    usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", out))
-    return int(usage["REG"]), int(usage["LOCAL"])
+        dump = [
+            subprocess.run([str(cuobjdump), flag, f.name], capture_output=True, text=True,
+                           check=True).stdout
+            for flag in ("--dump-resource-usage", "-sass")
+        ]  # fmt: skip
+    usage = dict(re.findall(r"\b(REG|LOCAL):(\d+)", dump[0]))
+    loads = re.findall(r"\b(?:LDG|LDGSTS)((?:\.\w+)*)\s", dump[1])  # LDGSTS: cp.async
+    wide = sum(".128" in x for x in loads)
+    return {"registers": int(usage["REG"]), "local_bytes": int(usage["LOCAL"]),
+            "global_loads": len(loads), "global_loads_16B": wide}  # fmt: skip
 
 
 class CompileOnly:

@@ -77,6 +77,16 @@ def test_no_kernel_spills_registers(child):
     assert all(0 < c["registers"] <= 255 for c in compiled)
 
 
+def test_the_per_token_lora_kernels_read_weights_16_bytes_at_a_time(child):
+    """In half precision the decode step's LoRA kernels load whole 16-byte vectors of A and of
+    B (with a mask on the exact rank they could not: one load per element)."""
+    rows = [c for c in child[:-1] if c["kernel"] in ("_shrink_rows_kernel", "_expand_rows_kernel")
+            and c["dtype"] != "float32"]  # fmt: skip
+    assert {c["kernel"] for c in rows} == {"_shrink_rows_kernel", "_expand_rows_kernel"}
+    scalar = [(c["kernel"], c["shape"], c["constexprs"]) for c in rows if not c["global_loads_16B"]]
+    assert not scalar, scalar
+
+
 def test_the_captured_decode_step_reads_nothing_on_the_host(child):
     """The bodies cuda_graphs.DecodeGraphs captures (forward with and without adapter deltas,
     greedy and drawing samplers), run eagerly on rows padded to its buckets: no op among them

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pytest
 import torch
 
 from peftserve.config import EngineConfig
@@ -18,13 +19,15 @@ from peftserve.engine.sampling_params import SamplingParams
 from peftserve.layers.attention import AttentionMetadata
 from peftserve.layers.backend import Backend, TritonBackend
 from tests import adapters as A
+from tests.eager_graphs import EagerBuckets
 from tests.kernels.lowrank_cases import KERNEL_DEVICE, assert_close
 
 DEV = torch.device(KERNEL_DEVICE)
 
 
 class CountedTritonBackend(TritonBackend):
-    """TritonBackend with its decode attention and adapter-delta calls counted."""
+    """TritonBackend with its decode attention and adapter-delta calls (by segments, by
+    per-token slot) counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,7 +42,7 @@ class CountedTritonBackend(TritonBackend):
         super().lowrank_delta(*args, **kwargs)
 
     def lowrank_delta_tokens(self, *args: Any, **kwargs: Any) -> None:
-        self.calls["lowrank_delta"] += 1
+        self.calls["lowrank_delta_tokens"] += 1
         super().lowrank_delta_tokens(*args, **kwargs)
 
 
@@ -103,3 +106,39 @@ def test_engine_greedy_tokens_match_the_reference(tiny_llama_dir, tmp_path):
     assert all(len(t) == 3 for t in results[0].values())
     assert results[1] == results[0]
     assert triton_backend.calls["decode_attention"] and triton_backend.calls["lowrank_delta"]
+
+
+def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_llama_dir, tmp_path):
+    """The path a GPU serves by default: the static decode step in the form its CUDA graphs
+    capture (rows padded to the buckets, block tables at full width so attention splits,
+    adapter deltas by per-token slot), here eagerly with the Triton kernels, against the
+    reference backend's classic steps; every adapter kind in one batch, some requests still
+    prefilling while others decode."""
+    dirs = A.every_kind(tiny_llama_dir, tmp_path)
+    words = "the quick brown fox jumps over the lazy dog".split()
+    reqs = [Request(f"r{i}", prompt=" ".join(words[i % 5 : i % 5 + 2 + i % 3]),
+                    adapter=([None, *dirs])[i % (len(dirs) + 1)],
+                    params=SamplingParams(max_new_tokens=4 + i % 4, ignore_eos=True,
+                                          logprobs=True))
+            for i in range(9)]  # fmt: skip
+    results = []
+    for decode_step, backend in (("classic", Backend()), ("static", CountedTritonBackend())):
+        backend.captures_graphs = False  # no CUDA here: the captured form is set up below
+        config = EngineConfig(model=str(tiny_llama_dir), dtype="float32", device=KERNEL_DEVICE,
+                              block_size=4, num_kv_blocks=128, max_loras=8, max_model_len=320,
+                              max_num_batched_tokens=24, decode_step=decode_step)  # fmt: skip
+        engine = Engine.from_config(config, backend)
+        for name, path in dirs.items():
+            engine.adapters.register(name, path)
+        if decode_step == "static":
+            step = engine.runner.static
+            step.token_slot_deltas = True
+            step.graphs = buckets = EagerBuckets(step, 8)  # 1, 2, 4, 8: 9 rows run unpadded
+        out = engine.generate(reqs)
+        results.append({rid: ([t for o in outs for t in o.token_ids],
+                              [p for o in outs for p in o.logprobs or ()])
+                        for rid, outs in out.items()})  # fmt: skip
+    assert buckets.replays > 0 and backend.calls["lowrank_delta_tokens"]
+    for rid, (tokens, logprobs) in results[0].items():
+        assert results[1][rid][0] == tokens, rid
+        assert results[1][rid][1] == pytest.approx(logprobs, abs=1e-4), rid

@@ -126,9 +126,9 @@ def _expand_rows_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
     # Loads run to the rank rounded up to RANK_ALIGN (never past R_MAX_STORE, itself a
-    # multiple of it): a bound known to be a multiple of 8 lets them be 16-byte vectors (with
-    # `offs_r < rank` every element was its own load). What they read past the rank is dropped
-    # by selects on the exact rank below, whatever it holds.
+    # multiple of it): a bound known to be a multiple of 8 lets them be 16-byte vectors (a
+    # mask on the exact rank makes every element its own load). What they read past the rank
+    # is dropped by selects on the exact rank below, whatever it holds.
     rank_ld = (rank + RANK_ALIGN - 1) // RANK_ALIGN * RANK_ALIGN
     mask_ld = offs_r < tl.multiple_of(tl.minimum(rank_ld, R_MAX_STORE), RANK_ALIGN)
     h = tl.full((BLOCK_R,), 0.0, dtype=tl.float32)

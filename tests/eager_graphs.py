@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from peftserve.engine.cuda_graphs import default_sizes
+from peftserve.engine.engine import Engine
 from peftserve.engine.static_step import StaticDecodeStep
 
 
@@ -21,6 +22,19 @@ class EagerBuckets:
     ) -> None:  # fmt: skip
         self.step, self.sizes, self.around = step, default_sizes(max_batch), around
         self.replays = 0
+
+    @classmethod
+    def install(
+        cls, engine: Engine, max_batch: int,
+        around: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    ) -> EagerBuckets:  # fmt: skip
+        """Puts the engine's static decode step in the form its CUDA graphs capture: buckets
+        up to `max_batch` (this object) and adapter deltas by per-token slot."""
+        step = engine.runner.static
+        assert step is not None, "the engine runs the classic decode step"
+        step.token_slot_deltas = True
+        step.graphs = buckets = cls(step, max_batch, around)
+        return buckets
 
     def bucket(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)

@@ -39,14 +39,6 @@ def engine_for(model_dir, dirs, decode_step: str, max_loras: int = 8) -> Engine:
     return engine
 
 
-def graph_form(engine: Engine) -> EagerBuckets:
-    step = engine.runner.static
-    assert step is not None
-    step.token_slot_deltas = True
-    step.graphs = buckets = EagerBuckets(step, 12)  # 1, 2, 4, 8, 12: most steps padded
-    return buckets
-
-
 def requests(n: int, params: SamplingParams, tag: str = "") -> list[Request]:
     out = []
     for i in range(n):
@@ -85,7 +77,7 @@ def test_the_captured_form_gives_the_classic_greedy_tokens(tiny_llama_dir, adapt
             for i, r in enumerate(requests(16, GREEDY))]  # fmt: skip
     classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic"), reqs)
     engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
-    buckets = graph_form(engine)
+    buckets = EagerBuckets.install(engine, 12)  # 1, 2, 4, 8, 12: most steps padded
     got = run(engine, reqs)
     assert buckets.replays > 0
     for rid, (tokens, logprobs) in classic.items():
@@ -98,7 +90,7 @@ def test_slot_reuse_after_eviction_keeps_the_buffers_and_the_tokens(tiny_llama_d
     waves = [["lora", "bottleneck"], ["lora-qv", "bottleneck"], ["lora", "pfeiffer"]]
     classic = engine_for(tiny_llama_dir, adapter_dirs, "classic", max_loras=2)
     engine = engine_for(tiny_llama_dir, adapter_dirs, "static", max_loras=2)
-    graph_form(engine)
+    EagerBuckets.install(engine, 12)
     buffers: dict = {}
     for w, names in enumerate(waves):
         reqs = [Request(f"w{w}-{i}", prompt=" ".join(WORDS[i : i + 4]), adapter=names[i % 2],
@@ -120,7 +112,7 @@ SAMPLED = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.9, top
 def test_a_seed_gives_the_same_tokens_alone_and_in_any_batch(tiny_llama_dir, adapter_dirs, form):
     engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
     if form == "captured":
-        graph_form(engine)
+        EagerBuckets.install(engine, 12)
     probe = Request("probe", prompt="the lazy dog jumps", adapter="lora", params=SAMPLED)
     alone = run(engine, [probe])["probe"][0]
     assert run(engine, [probe])["probe"][0] == alone  # repeatable
@@ -146,10 +138,8 @@ def test_a_failed_capture_leaves_the_steps_eager_and_right(tiny_llama_dir, adapt
     reqs = requests(8, GREEDY)
     classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic"), reqs)
     engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
+    FailingAdapterCapture.install(engine, 12)
     step = engine.runner.static
-    assert step is not None
-    step.token_slot_deltas = True
-    step.graphs = FailingAdapterCapture(step, 12)
     got = run(engine, reqs)
     assert step.graphs is None  # given up after the failure: eager from then on
     assert "decode steps run eagerly" in caplog.text

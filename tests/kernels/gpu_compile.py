@@ -175,10 +175,7 @@ def adapters_for(model_dir: Path, out: Path, small: bool) -> dict[str, Path]:
         ),
     }
     if small:  # no kernel specializations beyond the three above: at one shape only
-        made["lora-all-r8"] = A.make_lora(model_dir, out / "l8", r=8, seed=4, targets=A.ALL_LINEAR)
-        made["pfeiffer"] = A.make_bottleneck(model_dir, out / "pfeiffer", "pfeiffer", seed=5)
-        made["prefix"] = A.make_prefix_tuning(model_dir, out / "prefix", seed=6)
-        made["prompt"] = A.make_prompt_tuning(model_dir, out / "prompt", seed=7)
+        made |= A.every_kind(model_dir, out, ("lora", "pfeiffer", "prefix", "prompt"))
     return made
 
 
@@ -206,9 +203,7 @@ def run_shape(shape: str, work: Path, fake: CompileOnly, syncs: list[dict]) -> i
                               num_kv_blocks=256, max_loras=8, max_num_batched_tokens=256,
                               decode_step="static", cuda_graphs=False)  # fmt: skip
         engine = Engine.from_config(config, backend)
-        step = engine.runner.static
-        step.token_slot_deltas = True  # as where graphs are captured
-        step.graphs = graphs = EagerBuckets(step, 16, lambda: CaptureLint(syncs))
+        graphs = EagerBuckets.install(engine, 16, lambda: CaptureLint(syncs))
         for name, path in adapters.items():
             engine.adapters.register(name, path)
         reqs = [Request(f"r{i}", prompt=p, adapter=a, params=drawn if i % 3 == 1 else greedy)

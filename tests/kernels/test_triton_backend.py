@@ -131,9 +131,7 @@ def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_ll
         for name, path in dirs.items():
             engine.adapters.register(name, path)
         if decode_step == "static":
-            step = engine.runner.static
-            step.token_slot_deltas = True
-            step.graphs = buckets = EagerBuckets(step, 8)  # 1, 2, 4, 8: 9 rows run unpadded
+            buckets = EagerBuckets.install(engine, 8)  # 1, 2, 4, 8: 9 rows run unpadded
         out = engine.generate(reqs)
         results.append({rid: ([t for o in outs for t in o.token_ids],
                               [p for o in outs for p in o.logprobs or ()])

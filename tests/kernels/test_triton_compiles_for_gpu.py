@@ -35,7 +35,6 @@ def child() -> list[dict]:
     """The child's JSON lines: one per compiled kernel, then its summary."""
     if torch.cuda.is_available():  # and bench/gpu.sh's time limits have no room for this
         pytest.skip("with CUDA at hand the kernel tests run every kernel compiled")
-    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "tests.kernels.gpu_compile", "--arch", "90"]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

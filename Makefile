@@ -37,9 +37,10 @@ test: install
 # engine through them. test-sanitize builds the kernels with AddressSanitizer + UndefinedBehavior-
 # Sanitizer (any report aborts the run; libstdc++ is preloaded beside libasan so that C++
 # exceptions pass through its interceptor); test-march builds them for other CPUs that can run
-# here: x86-64-v3 (AVX2, no AVX-512) and skylake-avx512 (AVX-512 without its BF16 instructions;
-# a CPU with AVX2 only cannot run it, and says so; one that compiles the same code paths as this
-# CPU's own build, such as x86-64-v3 on a CPU with AVX2 alone, is not tested again). Each build
+# here: x86-64-v3 (AVX2, no AVX-512), skylake-avx512 (AVX-512 without its BF16 instructions) and
+# cooperlake (AVX-512 BF16 without AMX, the code an AMX CPU's own build does not serve with); a
+# CPU that cannot run one says so, and one that compiles the same code paths as this CPU's own
+# build, such as x86-64-v3 on a CPU with AVX2 alone, is not tested again. Each build
 # lives in its own cache directory (the flags are in its key).
 # CI runs both targets after `make test`.
 NATIVE_TESTS := tests/kernels/test_cpu_gemv.py tests/kernels/test_lowrank_rows.py tests/kernels/test_native_arguments.py \
@@ -55,7 +56,7 @@ test-sanitize: install
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(NATIVE_TESTS)
 
-MARCHES ?= x86-64-v3 skylake-avx512
+MARCHES ?= x86-64-v3 skylake-avx512 cooperlake
 test-march: install
 	set -e; for m in $(MARCHES); do echo "== -march=$$m"; \
 		if $(BIN)/python -m peftserve.kernels.cpu_ext --march-to-test $$m; then \

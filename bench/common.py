@@ -211,8 +211,9 @@ def environment() -> dict[str, object]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    # the widest vector code the C++ kernels take here (one "AMD EPYC" name covers both)
-    isa = next((f for f in ("avx512_bf16", "avx512f", "avx2") if f in flags), "")
+    # the widest code the C++ kernels take here (one "AMD EPYC" or "Intel Xeon" name covers
+    # several)
+    isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "")
     return {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "commit": commit,

@@ -96,11 +96,12 @@ ISA_MACROS = {
     "__AVX512VL__": "avx512vl", "__AVX512DQ__": "avx512dq", "__AVX512CD__": "avx512cd",
     "__AVX512VNNI__": "avx512_vnni", "__AVX512BF16__": "avx512_bf16",
     "__AVX512FP16__": "avx512_fp16", "__AMX_TILE__": "amx_tile",
+    "__AMX_BF16__": "amx_bf16",
 }  # fmt: skip
 
 
 # The instruction-set macros the kernels' sources choose their code by (kernels/csrc).
-CODE_MACROS = ("__AVX2__", "__AVX512F__", "__AVX512BF16__")
+CODE_MACROS = ("__AVX2__", "__AVX512F__", "__AVX512BF16__", "__AMX_BF16__")
 
 
 def _macros(march: str, cxx: str | None = None) -> set[str]:

@@ -158,23 +158,29 @@ def check_decode_forward(g: torch.Generator) -> None:
 
 
 def check_gemv_bf16(g: torch.Generator) -> None:
-    """Odd sizes (a narrow last tile, an odd K) and SmolLM2's, 1..9 rows: within bf16's rounding
-    of the float64 sum, the vector code equal to the plain loops bit for bit."""
+    """Odd sizes (a narrow last tile, an odd K) and SmolLM2's, 1..9 and 17 rows: within bf16's
+    rounding of the float64 sum (AMX too, where it serves), the vector code equal to the plain
+    loops bit for bit, each row's result the same alone."""
     from .gemv import linear_reference, pack
 
     for N, K in [(77, 33), (960, 576), (40, 1)]:
         w = _randn(g, N, K, dtype=torch.bfloat16, std=0.1)
         b = _randn(g, N, dtype=torch.bfloat16)
         wp = pack(w)
-        for M in (1, 3, 8, 9):
+        for M in (1, 3, 8, 9, 17):
             x = _randn(g, M, K, dtype=torch.bfloat16)
-            out = torch.empty(M, N, dtype=torch.bfloat16)
-            plain = torch.empty_like(out)
+            out, vector, plain = (torch.empty(M, N, dtype=torch.bfloat16) for _ in range(3))
             OPS.gemv_bf16(out, x, wp, b)
+            OPS.gemv_bf16(vector, x, wp, b, False, False)
             OPS.gemv_bf16(plain, x, wp, b, True)
             _close("gemv_bf16", out, linear_reference(x, w, b), torch.bfloat16)
-            if not torch.equal(out, plain):
+            _close("gemv_bf16", vector, linear_reference(x, w, b), torch.bfloat16)
+            if not torch.equal(vector, plain):
                 raise AssertionError("gemv_bf16: the vector code differs from the plain loops")
+            last = torch.empty(1, N, dtype=torch.bfloat16)
+            OPS.gemv_bf16(last, x[-1:], wp, b)
+            if not torch.equal(last, out[-1:]):
+                raise AssertionError("gemv_bf16: a row's result depends on the batch")
 
 
 def check_gemv_quant(g: torch.Generator) -> None:

@@ -44,7 +44,7 @@ at::Tensor base_linear(at::Tensor& buf, const at::Tensor& x, const at::Tensor& w
   if (quant || (!w.is_mkldnn() && w.dim() == 3)) {
     step_buffer(buf, x.size(0), w.size(0), x.options());
     if (!quant) {
-      gemv_bf16(buf, x, w, b, false);
+      gemv_bf16(buf, x, w, b, false, true);
     } else if (w.scalar_type() == at::kChar) {
       gemv_int8(buf, x, w, b, false);
     } else {

@@ -21,6 +21,15 @@
 // multiply then an add, and vdpbf16ps all round the same; only vdpbf16ps flushes denormal
 // inputs and outputs to zero. A row's result never depends on M or on the thread count (each
 // output is summed by one thread, over all of K, in this order): batch invariant bit for bit.
+//
+// CPUs with AMX (Intel Xeon since Sapphire Rapids) take another sum for the rows of full tiles,
+// at every M: tdpbf16ps over 16 k-pairs at a time, whose rounding inside an instruction is not
+// vdpbf16ps's (it matched none of the sequential orders on 256 random sums; the results stay
+// within the tests' fp32 accumulation bound). Still one sum per output whatever M is (a row of
+// the A tile is never mixed with another), so batch invariance holds there too; the rows of the
+// last, narrower tile keep the vector code at every M. AVX-512 BF16 alone is compute-bound
+// beyond one or two rows on such a CPU: a whole SmolLM2 pass at 8 rows took 23 ms against
+// oneDNN's 14.5 (its own AMX code) and 54 against 17 at 32 (bench/README.md).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,6 +47,11 @@
 
 #if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define PEFTSERVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace peftserve_cpu {
@@ -314,6 +328,110 @@ void gemv_run(const Problem& p, bool generic) {
   });
 }
 
+#if defined(PEFTSERVE_AMX)
+// AMX: C[rows, 16] += A[rows, 16 k-pairs] . B[16 k-pairs, 16 columns as pairs]. The layout's
+// k-pair of a full tile is 128 bytes, two B rows of 64 (tile rows 0-15 and 16-31), so a B tile
+// is 16 k-pairs read with a 128-byte stride; A is x's bf16 pairs ([M, Kp], rows padded to 16
+// when M > 16), C one 16-column half of the tile's outputs per accumulator tile.
+constexpr int64_t AMX_ROWS = 16;  // rows of x (A and C tile rows) and k-pairs per tdpbf16ps
+
+// Linux hands the tile registers to a process that asks once (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); where it refuses (a kernel before 5.16), the vector code serves.
+bool amx_granted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-1: the accumulators (output columns 0-15, 16-31 of a tile); 2-4: A and the two B
+// halves over 16 k-pairs; 5-7: the same over the Kp % 16 last k-pairs.
+TileConfig amx_config(int64_t rows, int64_t tail) {
+  TileConfig c;
+  auto set = [&c](int t, int64_t r, int64_t bytes) {
+    c.rows[t] = static_cast<uint8_t>(r);
+    c.colsb[t] = static_cast<uint16_t>(bytes);
+  };
+  set(0, rows, 64);
+  set(1, rows, 64);
+  set(2, rows, 64);
+  set(3, AMX_ROWS, 64);
+  set(4, AMX_ROWS, 64);
+  if (tail > 0) {
+    set(5, rows, 4 * tail);
+    set(6, tail, 64);
+    set(7, tail, 64);
+  }
+  return c;
+}
+
+// Rows m0..m0+rows of one full tile (rows: the configured A and C tile rows).
+void tile_amx(const Problem& p, const uint32_t* xp, const uint16_t* w, int64_t n0, int64_t m0,
+              int64_t rows) {
+  const int64_t Kp = p.Kp, full = Kp - Kp % AMX_ROWS;
+  const uint32_t* x = xp + m0 * Kp;
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t k0 = 0; k0 < full; k0 += AMX_ROWS) {
+    const uint16_t* wk = w + k0 * 2 * TILE;
+    _tile_loadd(2, x + k0, Kp * 4);
+    _tile_loadd(3, wk, 2 * TILE * 2);
+    _tile_loadd(4, wk + TILE, 2 * TILE * 2);
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_dpbf16ps(1, 2, 4);
+  }
+  if (full < Kp) {
+    const uint16_t* wk = w + full * 2 * TILE;
+    _tile_loadd(5, x + full, Kp * 4);
+    _tile_loadd(6, wk, 2 * TILE * 2);
+    _tile_loadd(7, wk + TILE, 2 * TILE * 2);
+    _tile_dpbf16ps(0, 5, 6);
+    _tile_dpbf16ps(1, 5, 7);
+  }
+  alignas(64) float out[AMX_ROWS][TILE];
+  _tile_stored(0, out[0], TILE * 4);
+  _tile_stored(1, out[0] + 16, TILE * 4);
+  for (int64_t r = 0; r < std::min(rows, p.M - m0); ++r) {
+    store_row(p, m0 + r, n0, TILE, out[r]);
+  }
+}
+
+// The whole call on AMX (full tiles; the narrower last one on the vector code). xp: x's pairs
+// with rows padded to a multiple of 16 when M > 16 (zeros).
+void gemv_run_amx(const Problem& p, const uint32_t* xp) {
+  const int64_t tiles = (p.N + TILE - 1) / TILE, full_tiles = p.N / TILE;
+  const int64_t rows = std::min(p.M, AMX_ROWS);
+  const TileConfig cfg = amx_config(rows, p.Kp % AMX_ROWS);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    // Each thread configures its own tiles (other code, oneDNN's, may have changed them).
+    _tile_loadconfig(&cfg);
+    for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
+      const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * TILE;
+        const uint16_t* w = p.w + n0 * p.Kp * 2;
+        if (t < full_tiles) {
+          for (int64_t m = r0; m < r1; m += AMX_ROWS) {
+            tile_amx(p, xp, w, n0, m, rows);
+          }
+        } else {
+          for (int64_t m = r0; m < r1; m += MAX_GROUP) {
+            tile_rows(p, w, n0, p.N - n0, m, std::min(MAX_GROUP, r1 - m), false);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                      const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "gemv_bf16";
@@ -348,17 +466,28 @@ void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
 
 }  // namespace
 
+// True where gemv_bf16 takes AMX by default (a build for a CPU with it, the OS granting it).
+bool gemv_bf16_amx() {
+#if defined(PEFTSERVE_AMX)
+  return amx_granted();
+#else
+  return false;
+#endif
+}
+
 void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic) {
+               const std::optional<at::Tensor>& bias, bool generic, bool amx) {
   check_gemv_args(out, x, w, bias);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = w.size(1);
   if (M == 0 || N == 0) {
     return;
   }
+  const bool on_amx = amx && !generic && gemv_bf16_amx();
   // x once as bf16 pairs and as fp32, K padded with a zero (an odd K's last pair): the
-  // kernels read whole pairs and never past a row. Copied before out is written, so out may
-  // alias x.
-  std::vector<uint32_t> xp(static_cast<size_t>(M * Kp));
+  // kernels read whole pairs and never past a row (AMX's A tiles: 16 rows at a time beyond
+  // 16 rows, the padding rows zero). Copied before out is written, so out may alias x.
+  const int64_t x_rows = on_amx && M > 16 ? (M + 15) / 16 * 16 : M;
+  std::vector<uint32_t> xp(static_cast<size_t>(x_rows * Kp));
   std::vector<float> xf(static_cast<size_t>(M * Kp * 2));
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   for (int64_t m = 0; m < M; ++m) {
@@ -386,13 +515,22 @@ void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                   N,
                   Kp,
                   out.stride(0)};
+#if defined(PEFTSERVE_AMX)
+  if (on_amx) {
+    gemv_run_amx(p, xp.data());
+    return;
+  }
+#endif
   gemv_run(p, generic);
 }
 
 }  // namespace peftserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
-  m.def("gemv_bf16(Tensor(a!) out, Tensor x, Tensor w, Tensor? bias, bool generic=False) -> ()");
+  m.def(
+      "gemv_bf16(Tensor(a!) out, Tensor x, Tensor w, Tensor? bias, bool generic=False, "
+      "bool amx=True) -> ()");
+  m.def("gemv_bf16_amx() -> bool", &peftserve_cpu::gemv_bf16_amx);
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {

@@ -23,7 +23,8 @@ void bottleneck_rows(const at::Tensor& y, const std::optional<at::Tensor>& rows,
                      at::TensorList B_t, at::TensorList b_up, at::ArrayRef<double> scales,
                      int64_t act);
 void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic);
+               const std::optional<at::Tensor>& bias, bool generic, bool amx);
+bool gemv_bf16_amx();
 void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic);
 void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,

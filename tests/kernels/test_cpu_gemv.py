@@ -5,6 +5,8 @@ checks."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -82,14 +84,40 @@ def test_a_result_does_not_depend_on_the_thread_count(N, K):
 
 @pytest.mark.parametrize("N,K", [(77, 33), (960, 576), (40, 1)])
 def test_vector_code_equals_the_plain_loops(N, K):
+    """The AVX-512 BF16 / AVX2 code (amx=False: where AMX serves, its own rounding is checked
+    against float64 by the tests above) sums in the plain loops' order."""
     g = torch.Generator().manual_seed(5)
     w, b = gemv.pack(rand(g, N, K, std=0.1)), rand(g, N)
     for M in (1, 4, 8, 11):
         x = rand(g, M, K)
         fast, plain = torch.empty(M, N, dtype=BF16), torch.empty(M, N, dtype=BF16)
-        torch.ops.peftserve_cpu.gemv_bf16(fast, x, w, b)
+        torch.ops.peftserve_cpu.gemv_bf16(fast, x, w, b, False, False)
         torch.ops.peftserve_cpu.gemv_bf16(plain, x, w, b, True)
         assert torch.equal(fast, plain)
+
+
+def test_amx_serves_where_the_cpu_has_it():
+    """A build for this CPU (-march=native) takes AMX where /proc/cpuinfo lists amx_bf16 (Linux
+    grants it since 5.16), and only there; its rows of full tiles differ from the vector code's
+    by rounding alone, the narrower last tile's rows not at all."""
+    flags = set(cpu_ext._cpu_signature().split())
+    if os.environ.get(cpu_ext.ENV_MARCH, "native") != "native":
+        pytest.skip(f"a -march={os.environ[cpu_ext.ENV_MARCH]} build: make test-march")
+    assert torch.ops.peftserve_cpu.gemv_bf16_amx() == ("amx_bf16" in flags)
+    if "amx_bf16" not in flags:
+        return
+    # Rows of +2^20, 30 small values, -2^20 (one AMX instruction's 32 columns): the sum is the
+    # small values' with fp32 roundings at 2^20's scale, which the two orders round apart.
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(77, 32, generator=g)
+    w[:, 0], w[:, -1] = 2.0**20, -(2.0**20)
+    w, x = w.to(BF16), torch.ones(5, 32, dtype=BF16)
+    amx, vector = torch.empty(5, 77, dtype=BF16), torch.empty(5, 77, dtype=BF16)
+    torch.ops.peftserve_cpu.gemv_bf16(amx, x, gemv.pack(w), None)
+    torch.ops.peftserve_cpu.gemv_bf16(vector, x, gemv.pack(w), None, False, False)
+    within_rounding(amx, x, w, None)
+    assert torch.equal(amx[:, 64:], vector[:, 64:])
+    assert (amx[:, :64] != vector[:, :64]).float().mean() > 0.5
 
 
 def test_strided_rows_and_leading_dims():

@@ -85,7 +85,9 @@ def test_march_adds_code_compares_the_kernels_code_paths_with_the_native_builds(
     assert not cpu_ext.march_adds_code("native")
     real = cpu_ext._macros
     for native, same, other in [("x86-64-v3", "haswell", "skylake-avx512"),
-                                ("sapphirerapids", "cooperlake", "x86-64-v3")]:  # fmt: skip
+                                ("icelake-server", "skylake-avx512", "cooperlake"),
+                                ("cooperlake", "cooperlake", "sapphirerapids"),  # AMX
+                                ("sapphirerapids", "sapphirerapids", "cooperlake")]:  # fmt: skip
         def macros(march, cxx=None, native=native):
             return real(native if march == "native" else march, cxx)
 

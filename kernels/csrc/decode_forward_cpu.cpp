@@ -46,9 +46,9 @@ at::Tensor base_linear(at::Tensor& buf, const at::Tensor& x, const at::Tensor& w
     if (!quant) {
       gemv_bf16(buf, x, w, b, false, true);
     } else if (w.scalar_type() == at::kChar) {
-      gemv_int8(buf, x, w, b, false);
+      gemv_int8(buf, x, w, b, false, true);
     } else {
-      gemv_int4(buf, x, w, b, false);
+      gemv_int4(buf, x, w, b, false, true);
     }
     return buf;
   }

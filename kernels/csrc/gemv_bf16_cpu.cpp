@@ -35,6 +35,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "amx.h"
 #include "checks.h"
 #include "ops.h"
 #include "vec_math.h"
@@ -47,11 +48,6 @@
 
 #if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
-#endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
-#define PEFTSERVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 namespace peftserve_cpu {
@@ -335,38 +331,19 @@ void gemv_run(const Problem& p, bool generic) {
 // when M > 16), C one 16-column half of the tile's outputs per accumulator tile.
 constexpr int64_t AMX_ROWS = 16;  // rows of x (A and C tile rows) and k-pairs per tdpbf16ps
 
-// Linux hands the tile registers to a process that asks once (ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA); where it refuses (a kernel before 5.16), the vector code serves.
-bool amx_granted() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return granted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles 0-1: the accumulators (output columns 0-15, 16-31 of a tile); 2-4: A and the two B
 // halves over 16 k-pairs; 5-7: the same over the Kp % 16 last k-pairs.
 TileConfig amx_config(int64_t rows, int64_t tail) {
   TileConfig c;
-  auto set = [&c](int t, int64_t r, int64_t bytes) {
-    c.rows[t] = static_cast<uint8_t>(r);
-    c.colsb[t] = static_cast<uint16_t>(bytes);
-  };
-  set(0, rows, 64);
-  set(1, rows, 64);
-  set(2, rows, 64);
-  set(3, AMX_ROWS, 64);
-  set(4, AMX_ROWS, 64);
+  c.set(0, rows, 64);
+  c.set(1, rows, 64);
+  c.set(2, rows, 64);
+  c.set(3, AMX_ROWS, 64);
+  c.set(4, AMX_ROWS, 64);
   if (tail > 0) {
-    set(5, rows, 4 * tail);
-    set(6, tail, 64);
-    set(7, tail, 64);
+    c.set(5, rows, 4 * tail);
+    c.set(6, tail, 64);
+    c.set(7, tail, 64);
   }
   return c;
 }
@@ -466,13 +443,9 @@ void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
 
 }  // namespace
 
-// True where gemv_bf16 takes AMX by default (a build for a CPU with it, the OS granting it).
+// True where gemv_bf16 takes AMX by default.
 bool gemv_bf16_amx() {
-#if defined(PEFTSERVE_AMX)
-  return amx_granted();
-#else
-  return false;
-#endif
+  return amx_available();
 }
 
 void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,

@@ -26,8 +26,8 @@ void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic, bool amx);
 bool gemv_bf16_amx();
 void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic);
+               const std::optional<at::Tensor>& bias, bool generic, bool amx);
 void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic);
+               const std::optional<at::Tensor>& bias, bool generic, bool amx);
 
 }  // namespace peftserve_cpu

@@ -100,12 +100,19 @@ def test_against_float64_every_row_count(N, K, bias, kind):
     g = torch.Generator().manual_seed(N + 7 * K)
     w, b = rand(g, N, K, std=0.1), (rand(g, N) if bias else None)
     wq = quant.pack(w, kind)
+    amx = torch.ops.peftserve_cpu.gemv_bf16_amx()
+    tail = N - N % 16  # the narrower last tile's rows: the vector code on AMX CPUs too
     for M in ROWS:
         x = rand(g, M, K)
-        within_rounding(quant.linear(x, wq, b), x, wq, b)
-        plain = torch.empty(M, N, dtype=BF16)
+        got = quant.linear(x, wq, b)
+        within_rounding(got, x, wq, b)
+        plain, vector = torch.empty(M, N, dtype=BF16), torch.empty(M, N, dtype=BF16)
         op(kind)(plain, x, wq, b, True)
         within_rounding(plain, x, wq, b)
+        op(kind)(vector, x, wq, b, False, False)  # no AMX: the vector code (or the plain loops)
+        within_rounding(vector, x, wq, b)
+        assert torch.equal(got[:, tail:], vector[:, tail:])
+        assert amx or torch.equal(got, vector)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,0 +1,50 @@
+// AMX (Intel Xeon since Sapphire Rapids), shared by the matrix-vector kernels: whether this
+// build has it (PEFTSERVE_AMX, from -march), whether Linux grants it to the process, and the
+// tile configuration. Each thread that runs tile instructions loads its configuration first
+// (other code, oneDNN's, may have changed it) and releases the tiles when done.
+#pragma once
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define PEFTSERVE_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <cstdint>
+
+namespace peftserve_cpu {
+
+#if defined(PEFTSERVE_AMX)
+// Linux hands the tile registers to a process that asks once (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); where it refuses (a kernel before 5.16), the vector code serves.
+inline bool amx_granted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
+// ldtilecfg's 64 bytes: palette 1, then each tile's bytes per row and rows (unused: zero).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+
+  void set(int tile, int64_t tile_rows, int64_t bytes_per_row) {
+    rows[tile] = static_cast<uint8_t>(tile_rows);
+    colsb[tile] = static_cast<uint16_t>(bytes_per_row);
+  }
+};
+#endif
+
+// True where the matrix-vector kernels take AMX (a build for a CPU with it, the OS granting it).
+inline bool amx_available() {
+#if defined(PEFTSERVE_AMX)
+  return amx_granted();
+#else
+  return false;
+#endif
+}
+
+}  // namespace peftserve_cpu

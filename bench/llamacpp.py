@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,10 +199,11 @@ class Checkout:
 class LlamaServer:
     """One `llama-server` process on a free loopback port: `threads` threads, `parallel` slots
     of `ctx_per_slot` tokens each, the LoRA GGUFs loaded at scale 0 (a request turns its own on
-    with the `lora` field)."""
+    with the `lora` field); `extra`: more arguments, as given."""
 
     def __init__(self, binary: Path, model: Path, *, threads: int, parallel: int,
-                 ctx_per_slot: int, loras: list[Path], log: Path) -> None:
+                 ctx_per_slot: int, loras: list[Path], log: Path,
+                 extra: Sequence[str] = ()) -> None:
         self.port = _free_port()
         cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                "-t", str(threads), "-tb", str(threads), "-np", str(parallel),
@@ -211,6 +213,7 @@ class LlamaServer:
             cmd += ["--lora", str(lora)]
         if loras:
             cmd.append("--lora-init-without-apply")
+        cmd += list(extra)
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()

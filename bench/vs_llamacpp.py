@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -94,8 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="prompt tokens of the long phase's request")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help=f"build and model cache (default {default_cache_dir()})")
+    ap.add_argument("--llama-server-args", default="",
+                    help="extra arguments for every llama-server, one string (e.g. "
+                         "'--no-repack': its repacked Q4 weights crash at start on some AMX "
+                         "CPUs)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/vs_llamacpp.json"))
     args = ap.parse_args(argv)
+    args.llama_server_args = shlex.split(args.llama_server_args)
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     unknown = [p for p in args.precisions if p not in PRECISIONS]
     if unknown or not args.precisions:
@@ -336,7 +342,7 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
                 these = [p for p in these if p in phases]
                 if not these:
                     continue
-                with LlamaServer(binary, model, loras=loras,
+                with LlamaServer(binary, model, loras=loras, extra=args.llama_server_args,
                                  log=logs / f"{precision}-{these[0]}.log", **slots) as server:
                     for phase in these:
                         llama_run(server, lc_jobs[phase][:4], True)  # warm-up
@@ -403,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"environment": environment(), "load_average_start": load_start,
            "load_average_end": os.getloadavg(), "cpu_count": os.cpu_count(),
            "llama_cpp": {"llama_cpp_python": VERSION, "commit": checkout.commit(),
-                         "binary": str(binary)},
+                         "binary": str(binary), "extra_args": args.llama_server_args},
            "workload": {"requests": len(work), "output_tokens": sum(n for _, n in work),
                         "prompt_tokens": sum(len(t) for t in ids), "single": args.single,
                         "loras": args.loras, "lora_rank": LORA_RANK, "repeat": args.repeat,

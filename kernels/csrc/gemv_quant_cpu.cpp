@@ -354,24 +354,37 @@ void tile_rows(const QProblem& p, const uint8_t* t, int64_t n0, int64_t width, i
 // as the vector code. Every M, every full tile; the narrower last tile keeps the vector code.
 constexpr int64_t AMX_ROWS = 16;  // rows of x (A and C tile rows) and k-pairs per tdpbf16ps
 
+void amx_dequant_int4(const QProblem& p, const uint8_t* t, int64_t j0, int64_t j1, uint16_t* dst);
+void amx_dequant_int8(const uint8_t* t, int64_t kp0, int64_t kp1, uint16_t* dst);
+
 // The tile's weights as bf16 B rows: b[kp][16 rows][2].
 void amx_dequant(const QProblem& p, const uint8_t* t, uint16_t* b) {
   const int64_t Kp = p.Kpad / 2;
-  if (!p.int4) {
-    const uint8_t* q = t + 4 * TILE;
-    for (int64_t kp = 0; kp < Kp; ++kp) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kp * 2 * TILE));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-      _mm512_store_si512(b + kp * 2 * TILE, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-    return;
+  if (p.int4) {
+    amx_dequant_int4(p, t, 0, p.groups, b);
+  } else {
+    amx_dequant_int8(t, 0, Kp, b);
   }
+}
+
+// int8 k-pairs kp0..kp1 of tile t as bf16 B rows from dst (k-pair kp0's) on.
+void amx_dequant_int8(const uint8_t* t, int64_t kp0, int64_t kp1, uint16_t* dst) {
+  const uint8_t* q = t + 4 * TILE;
+  for (int64_t kp = kp0; kp < kp1; ++kp) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kp * 2 * TILE));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+    _mm512_store_si512(dst + (kp - kp0) * 2 * TILE, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+// int4 groups j0..j1 of tile t as bf16 B rows from dst (group j0's first k-pair) on.
+void amx_dequant_int4(const QProblem& p, const uint8_t* t, int64_t j0, int64_t j1, uint16_t* dst) {
   const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   const int64_t block = TILE * (8 + p.group / 2);
-  for (int64_t j = 0; j < p.groups; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* c = t + j * block + 8 * TILE;
-    uint16_t* bj = b + j * (p.group / 2) * 2 * TILE;
+    uint16_t* bj = dst + (j - j0) * (p.group / 2) * 2 * TILE;
     for (int64_t q = 0; q < p.group / 4; ++q) {
       const __m512i v = _mm512_cvtepu8_epi16(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + q * 2 * TILE)));
@@ -407,17 +420,36 @@ void amx_qtile(const QProblem& p, const uint8_t* t, const uint16_t* b, int64_t n
   const int64_t Kp = p.Kpad / 2, live = std::min(rows, p.M - m0);
   const uint32_t* x = p.xp + m0 * Kp;
   alignas(64) float out[AMX_ROWS][TILE];
+  // b null (16 rows of x or fewer: the weights are read once): NEAR k-pairs at a time are
+  // turned into bf16 just before their tile loads, into 4-8 KB that stay in L1 (a whole tile
+  // of SmolLM2's down projection is 48 KB, L1's size: one row's pass 1.1-1.2x as long).
+  constexpr int64_t NEAR = 4 * AMX_ROWS;
+  alignas(64) uint16_t near[2 * 64 * 2 * TILE];  // NEAR k-pairs; int4: two groups of <= 128
   if (!p.int4) {
     const int64_t full = Kp - Kp % AMX_ROWS;
     _tile_zero(0);
     for (int64_t k0 = 0; k0 < full; k0 += AMX_ROWS) {
+      const uint16_t* bk = b + k0 * 2 * TILE;
+      if (b == nullptr) {
+        if (k0 % NEAR == 0) {
+          amx_dequant_int8(t, k0, std::min(Kp, k0 + NEAR), near);
+        }
+        bk = near + (k0 % NEAR) * 2 * TILE;
+      }
       _tile_loadd(2, x + k0, Kp * 4);
-      _tile_loadd(3, b + k0 * 2 * TILE, 2 * TILE * 2);
+      _tile_loadd(3, bk, 2 * TILE * 2);
       _tile_dpbf16ps(0, 2, 3);
     }
     if (full < Kp) {
+      const uint16_t* bk = b + full * 2 * TILE;
+      if (b == nullptr) {
+        if (full % NEAR == 0) {
+          amx_dequant_int8(t, full, Kp, near);
+        }
+        bk = near + (full % NEAR) * 2 * TILE;
+      }
       _tile_loadd(5, x + full, Kp * 4);
-      _tile_loadd(6, b + full * 2 * TILE, 2 * TILE * 2);
+      _tile_loadd(6, bk, 2 * TILE * 2);
       _tile_dpbf16ps(0, 5, 6);
     }
     _tile_stored(0, out[0], TILE * 4);
@@ -438,16 +470,21 @@ void amx_qtile(const QProblem& p, const uint8_t* t, const uint16_t* b, int64_t n
   }
   for (int64_t j = 0; j < p.groups; j += 2) {
     const bool pair = j + 1 < p.groups;
+    const uint16_t* bj = b + j * per_group * 2 * TILE;
+    if (b == nullptr) {
+      amx_dequant_int4(p, t, j, pair ? j + 2 : j + 1, near);
+      bj = near;
+    }
     _tile_zero(0);
     _tile_zero(1);
-    for (int64_t k0 = j * per_group; k0 < (j + 1) * per_group; k0 += AMX_ROWS) {
-      _tile_loadd(2, x + k0, Kp * 4);
-      _tile_loadd(3, b + k0 * 2 * TILE, 2 * TILE * 2);
+    for (int64_t k0 = 0; k0 < per_group; k0 += AMX_ROWS) {
+      _tile_loadd(2, x + j * per_group + k0, Kp * 4);
+      _tile_loadd(3, bj + k0 * 2 * TILE, 2 * TILE * 2);
       _tile_dpbf16ps(0, 2, 3);
       if (pair) {
         const int64_t k1 = k0 + per_group;
-        _tile_loadd(4, x + k1, Kp * 4);
-        _tile_loadd(7, b + k1 * 2 * TILE, 2 * TILE * 2);
+        _tile_loadd(4, x + j * per_group + k1, Kp * 4);
+        _tile_loadd(7, bj + k1 * 2 * TILE, 2 * TILE * 2);
         _tile_dpbf16ps(1, 4, 7);
       }
     }
@@ -484,6 +521,10 @@ void run_amx(const QProblem& p, int64_t row_bytes, int64_t tiles) {
         for (int64_t m = 0; m < p.M; m += MAX_GROUP) {
           tile_rows(p, tile, n0, width, m, std::min(MAX_GROUP, p.M - m), false);
         }
+        continue;
+      }
+      if (p.M <= AMX_ROWS) {
+        amx_qtile(p, tile, nullptr, n0, 0, rows);
         continue;
       }
       amx_dequant(p, tile, b);

@@ -8,8 +8,9 @@
 // x is rounded to int16 in blocks with a power-of-two scale (run() says how closely) and
 // multiplied with the weights as integers (vpmaddwd). The scales are applied per output. With
 // AMX (run_amx) a full tile's weights become bf16 once a call and every 16 rows of x take tile
-// multiplies against them: at 32 rows 3-7x the vector code's speed on an Intel Xeon (the vector
-// code converted the weights again for every 8 rows), about even at one row.
+// multiplies against them: at 32 rows 2.5-3.5x the vector code's speed on an Intel Xeon (the
+// vector code converts the weights again for every 8 rows), int8 1.35x and int4 0.89x at one
+// row (a whole SmolLM2 pass, bench/README.md).
 //
 // int8, per-output-channel scale s[n]:  W[n, k] = s[n] * q[n, k],  q in -127..127
 //     y = bf16(s[n] * sum_k q[n, k] x[k] + bias[n])

@@ -35,9 +35,9 @@ EVERY_STEP = sys.maxsize  # a row limit no step reaches
 # faster up to 32 rows, so no limit: the kernel serves every bf16 step, the weights are held
 # once (270 MB on SmolLM2, not 2 x 270), and prefill chunks of 64-256 rows pay 9-16%.
 # On an Intel Xeon with AMX (oneDNN's bf16 matmul is AMX code there) the kernel takes AMX too
-# (bench/results/cpu_gemv_xeon_amx.json): 0.78 at 1 row, 0.88 at 8, 0.93 at 16, 1.12
-# at 32, 1.31 at 64, 1.65 at 128; still no limit, for batch invariance (a limit would put a
-# request's rows through oneDNN's sums in some steps and ours in others).
+# (bench/results/cpu_gemv_xeon_amx.json): 0.74 at 1 row, 0.81 at 8, 0.86 at 32, 1.02 at 64,
+# 1.12 at 128; no limit there either, and a limit would break batch invariance (a request's
+# rows through oneDNN's sums in some steps and ours in others).
 GEMV_MAX_ROWS = EVERY_STEP
 
 

@@ -4,7 +4,8 @@
 // (other code, oneDNN's, may have changed it) and releases the tiles when done.
 #pragma once
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+// (AVX-512 BF16 too: the quantized kernel turns its weights into bf16 with that code.)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define PEFTSERVE_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>

@@ -32,9 +32,10 @@
 //
 // Each output is summed by one thread over all of K in a fixed order, whatever M or the thread
 // count, from its own row of x alone: a row's result does not depend on the batch (on AMX CPUs
-// every M takes the tile code for full tiles, whose sums within an instruction round otherwise). The plain
-// loops (other CPUs, `generic`) compute the same sums in fp32 in another order (within fp32
-// rounding of the AVX-512 code, and of the AVX2 code's rounding of x; not bit equal).
+// every M takes the tile code for full tiles, whose sums within an instruction round
+// otherwise). The plain loops (other CPUs, `generic`) compute the same sums in fp32 in another
+// order (within fp32 rounding of the AVX-512 code, and of the AVX2 code's rounding of x; not
+// bit equal).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -134,8 +135,24 @@ void tile_generic(const QProblem& p, const uint8_t* t, int64_t n0, int64_t width
 }
 
 #if defined(__AVX512BF16__)
-// int8: 16 rows' k-pairs (32 bytes) -> int32 -> fp32 -> one bf16 vector (exact), then one
-// vdpbf16ps per row of x; the scale multiplies the sum once.
+// The weights into bf16, exactly, as the vector code and the AMX code (amx_dequant_*) read them.
+// int8: 16 rows' k-pairs (32 bytes) -> int32 -> fp32 -> one bf16 vector, vdpbf16ps's operand.
+inline __attribute__((always_inline)) __m512bh int8_pairs_bf16(__m256i b) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// int4: 16 rows x 4 columns (32 bytes, zero-extended to 16-bit lanes) -> the k-pairs 2q (low
+// nibbles) and 2q + 1 (high nibbles) as 128 + u, by OR-ing 0x4300 (128.0) into the nibbles.
+inline __attribute__((always_inline)) void int4_nibbles_bf16(__m512i v, __m512bh& lo,
+                                                              __m512bh& hi) {
+  const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  lo = (__m512bh)_mm512_ternarylogic_epi32(v, low, magic, 0xEA);
+  hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+}
+
+// int8: int8_pairs_bf16, then one vdpbf16ps per row of x; the scale multiplies the sum once.
 template <size_t... g>
 void tile_int8(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, int64_t n0,
                int64_t width, int64_t m0) {
@@ -147,10 +164,7 @@ void tile_int8(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, i
   const uint8_t* q = t + 4 * width;
   __m512 acc[G] = {(static_cast<void>(g), _mm512_setzero_ps())...};
   for (int64_t kp = 0; kp < Kp; ++kp) {
-    const __m256i b = _mm256_maskz_loadu_epi8(bytes, q + kp * step);
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-    const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);
+    const __m512bh wv = int8_pairs_bf16(_mm256_maskz_loadu_epi8(bytes, q + kp * step));
     ((acc[g] = _mm512_dpbf16_ps(acc[g], wv, (__m512bh)_mm512_set1_epi32(x[g * Kp + kp]))), ...);
   }
   const __m512 s = _mm512_maskz_loadu_ps(lanes, t);
@@ -159,15 +173,13 @@ void tile_int8(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, i
   (store_row(p, m0 + static_cast<int64_t>(g), n0, width, out[g]), ...);
 }
 
-// int4: 16 rows x 4 columns (32 bytes) -> two bf16 vectors by OR-ing 0x4300 (128.0) into the
-// nibbles, two vdpbf16ps per row of x; per group, acc += d * dot + c * sum(x).
+// int4: int4_nibbles_bf16, two vdpbf16ps per row of x; per group, acc += d * dot + c * sum(x).
 template <size_t... g>
 void tile_int4(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, int64_t n0,
                int64_t width, int64_t m0) {
   constexpr size_t G = sizeof...(g);
   const __mmask32 bytes = width >= 16 ? ~__mmask32(0) : __mmask32((1u << (2 * width)) - 1);
   const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1);
-  const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   const int64_t Kp = p.Kpad / 2, step = 2 * width, block = width * (8 + p.group / 2);
   const int64_t chunks = p.group / 4;
   const int32_t* x = reinterpret_cast<const int32_t*>(p.xp + m0 * Kp);
@@ -179,9 +191,9 @@ void tile_int4(std::index_sequence<g...>, const QProblem& p, const uint8_t* t, i
     const int32_t* xj = x + j * (p.group / 2);
     __m512 dot[G] = {(static_cast<void>(g), _mm512_setzero_ps())...};
     for (int64_t q = 0; q < chunks; ++q) {
-      const __m512i v = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(bytes, c + q * step));
-      const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(v, low, magic, 0xEA);
-      const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+      __m512bh lo, hi;
+      int4_nibbles_bf16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(bytes, c + q * step)), lo,
+                        hi);
       ((dot[g] = _mm512_dpbf16_ps(dot[g], lo, (__m512bh)_mm512_set1_epi32(xj[g * Kp + 2 * q])),
         dot[g] = _mm512_dpbf16_ps(dot[g], hi, (__m512bh)_mm512_set1_epi32(xj[g * Kp + 2 * q + 1]))),
        ...);
@@ -373,25 +385,23 @@ void amx_dequant_int8(const uint8_t* t, int64_t kp0, int64_t kp1, uint16_t* dst)
   const uint8_t* q = t + 4 * TILE;
   for (int64_t kp = kp0; kp < kp1; ++kp) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kp * 2 * TILE));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-    _mm512_store_si512(dst + (kp - kp0) * 2 * TILE, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    _mm512_store_si512(dst + (kp - kp0) * 2 * TILE, (__m512i)int8_pairs_bf16(v));
   }
 }
 
 // int4 groups j0..j1 of tile t as bf16 B rows from dst (group j0's first k-pair) on.
 void amx_dequant_int4(const QProblem& p, const uint8_t* t, int64_t j0, int64_t j1, uint16_t* dst) {
-  const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   const int64_t block = TILE * (8 + p.group / 2);
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* c = t + j * block + 8 * TILE;
     uint16_t* bj = dst + (j - j0) * (p.group / 2) * 2 * TILE;
     for (int64_t q = 0; q < p.group / 4; ++q) {
-      const __m512i v = _mm512_cvtepu8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + q * 2 * TILE)));
-      _mm512_store_si512(bj + 2 * q * 2 * TILE, _mm512_ternarylogic_epi32(v, low, magic, 0xEA));
-      _mm512_store_si512(bj + (2 * q + 1) * 2 * TILE,
-                         _mm512_or_si512(_mm512_srli_epi16(v, 4), magic));
+      __m512bh lo, hi;
+      int4_nibbles_bf16(_mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(c + q * 2 * TILE))),
+                        lo, hi);
+      _mm512_store_si512(bj + 2 * q * 2 * TILE, (__m512i)lo);
+      _mm512_store_si512(bj + (2 * q + 1) * 2 * TILE, (__m512i)hi);
     }
   }
 }
@@ -512,7 +522,8 @@ void run_amx(const QProblem& p, int64_t row_bytes, int64_t tiles) {
   const int64_t rows = std::min(p.M, AMX_ROWS), Kp = p.Kpad / 2;
   const TileConfig cfg = amx_qconfig(rows, p.int4 ? 0 : Kp % AMX_ROWS, p.int4);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<__m512i> scratch(static_cast<size_t>(Kp));  // 64 bytes a k-pair, aligned
+    // A whole tile's weights in bf16 (64 bytes a k-pair), for more than 16 rows of x only.
+    std::vector<__m512i> scratch(p.M > AMX_ROWS ? static_cast<size_t>(Kp) : 0);
     auto* b = reinterpret_cast<uint16_t*>(scratch.data());
     _tile_loadconfig(&cfg);
     for (int64_t t = t0; t < t1; ++t) {

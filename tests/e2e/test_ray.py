@@ -41,10 +41,18 @@ RAY_CONTEXT = 2048
 LONGEST = Sampling(max_new_tokens=RAY_CONTEXT - 48, ignore_eos=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: the sockets are held together, so that one closed cannot be
+    handed out again for the next (a gRPC and an HTTP port that came out equal made Ray Serve's
+    proxy fail to bind)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +72,11 @@ def ray_server(tmp_path_factory, root):
     work = tmp_path_factory.mktemp("ray-server")
     model = make_model_dir(work / "model", max_position_embeddings=RAY_CONTEXT)
     toml = work / "serve.toml"
+    grpc_port, http_port = _free_ports(2)
     toml.write_text(
         f'adapter_root = "{root}"\n\n[ray]\nreplicas = 2\ncpus_per_replica = 1\n'
         f"adapters_per_replica = {ADAPTERS_PER_REPLICA}\nmax_ongoing_requests = 4\n"
-        f"grpc_port = {_free_port()}\nhttp_port = {_free_port()}\nsync_interval_s = 0.2\n")
+        f"grpc_port = {grpc_port}\nhttp_port = {http_port}\nsync_interval_s = 0.2\n")
     os.environ.pop("RAY_ADDRESS", None)
     server = ServerProcess(["--model", str(model), *TINY_SERVER_ARGS, "--ray",
                             "--config", str(toml)], work / "server.log")

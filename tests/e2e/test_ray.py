@@ -218,12 +218,24 @@ def test_cancel_and_deadline_abort_on_the_replica_and_free_kv(ray_server, ray_cl
         wait_for(lambda: metric(scrape(url), "peftserve_active_streams") == 0, timeout=20,
                  what="no request in flight in the replicas' reports")
 
+    def steady_outcomes() -> tuple[float, float]:
+        """The cancelled and length counts once two scrapes 0.5 s apart (over two report
+        periods) agree: a request that ended just before still lands in them, not in the next
+        try's (one clean-clone CI run counted two "length" outcomes for one request)."""
+        last = None
+        deadline = time.monotonic() + 20
+        while (now := (outcomes("cancelled"), outcomes("length"))) != last:
+            assert time.monotonic() < deadline, f"the outcome counts kept moving: {last} {now}"
+            last = now
+            time.sleep(0.5)
+        return now
+
     def aborted(abandon: Callable[[], None]) -> bool:
         """Runs a request the client abandons; True when its replica aborted it. The engine
         does not wait for a slow reader: on a loaded machine the answer may be complete before
         the client gives up, and that try tells nothing."""
         settled()
-        before = (outcomes("cancelled"), outcomes("length"))
+        before = steady_outcomes()
         abandon()
 
         def ended() -> tuple[float, float]:

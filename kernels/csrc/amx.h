@@ -39,6 +39,15 @@ struct alignas(64) TileConfig {
 };
 #endif
 
+// Rows of x (A and C tile rows) and k-pairs per tdpbf16ps.
+constexpr int64_t AMX_ROWS = 16;
+
+// The rows of x's bf16 pairs a call on AMX reads: beyond AMX_ROWS rows, whole A tiles of
+// AMX_ROWS (the padding rows zero); M where AMX does not serve.
+inline int64_t amx_x_rows(int64_t M, bool on_amx) {
+  return on_amx && M > AMX_ROWS ? (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS : M;
+}
+
 // True where the matrix-vector kernels take AMX (a build for a CPU with it, the OS granting it).
 inline bool amx_available() {
 #if defined(PEFTSERVE_AMX)

@@ -329,7 +329,6 @@ void gemv_run(const Problem& p, bool generic) {
 // k-pair of a full tile is 128 bytes, two B rows of 64 (tile rows 0-15 and 16-31), so a B tile
 // is 16 k-pairs read with a 128-byte stride; A is x's bf16 pairs ([M, Kp], rows padded to 16
 // when M > 16), C one 16-column half of the tile's outputs per accumulator tile.
-constexpr int64_t AMX_ROWS = 16;  // rows of x (A and C tile rows) and k-pairs per tdpbf16ps
 
 // Tiles 0-1: the accumulators (output columns 0-15, 16-31 of a tile); 2-4: A and the two B
 // halves over 16 k-pairs; 5-7: the same over the Kp % 16 last k-pairs.
@@ -476,7 +475,7 @@ void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   // x once as bf16 pairs and as fp32, K padded with a zero (an odd K's last pair): the
   // kernels read whole pairs and never past a row (AMX's A tiles: 16 rows at a time beyond
   // 16 rows, the padding rows zero). Copied before out is written, so out may alias x.
-  const int64_t x_rows = on_amx && M > 16 ? (M + 15) / 16 * 16 : M;
+  const int64_t x_rows = amx_x_rows(M, on_amx);
   std::vector<uint32_t> xp(static_cast<size_t>(x_rows * Kp));
   // The pairs are x's row as it lies (little-endian: x[2i], x[2i + 1] is the word i), copied;
   // the fp32 copy only where the plain loops or the AVX2 code read it. One element at a time,

@@ -365,21 +365,6 @@ void tile_rows(const QProblem& p, const uint8_t* t, int64_t n0, int64_t width, i
 // bytes), then 16 rows of x at a time against them. int8: the channel scale multiplies the sum;
 // int4: per group (16, 32 or 64 k-pairs, whole tile instructions), acc += d * dot + c * sum(x),
 // as the vector code. Every M, every full tile; the narrower last tile keeps the vector code.
-constexpr int64_t AMX_ROWS = 16;  // rows of x (A and C tile rows) and k-pairs per tdpbf16ps
-
-void amx_dequant_int4(const QProblem& p, const uint8_t* t, int64_t j0, int64_t j1, uint16_t* dst);
-void amx_dequant_int8(const uint8_t* t, int64_t kp0, int64_t kp1, uint16_t* dst);
-
-// The tile's weights as bf16 B rows: b[kp][16 rows][2].
-void amx_dequant(const QProblem& p, const uint8_t* t, uint16_t* b) {
-  const int64_t Kp = p.Kpad / 2;
-  if (p.int4) {
-    amx_dequant_int4(p, t, 0, p.groups, b);
-  } else {
-    amx_dequant_int8(t, 0, Kp, b);
-  }
-}
-
 // int8 k-pairs kp0..kp1 of tile t as bf16 B rows from dst (k-pair kp0's) on.
 void amx_dequant_int8(const uint8_t* t, int64_t kp0, int64_t kp1, uint16_t* dst) {
   const uint8_t* q = t + 4 * TILE;
@@ -403,6 +388,16 @@ void amx_dequant_int4(const QProblem& p, const uint8_t* t, int64_t j0, int64_t j
       _mm512_store_si512(bj + 2 * q * 2 * TILE, (__m512i)lo);
       _mm512_store_si512(bj + (2 * q + 1) * 2 * TILE, (__m512i)hi);
     }
+  }
+}
+
+// The tile's weights as bf16 B rows: b[kp][16 rows][2].
+void amx_dequant(const QProblem& p, const uint8_t* t, uint16_t* b) {
+  const int64_t Kp = p.Kpad / 2;
+  if (p.int4) {
+    amx_dequant_int4(p, t, 0, p.groups, b);
+  } else {
+    amx_dequant_int8(t, 0, Kp, b);
   }
 }
 
@@ -583,7 +578,7 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   }
   const bool on_amx = amx && !generic && amx_available();
   // AMX's A tiles read 16 rows at a time beyond 16 rows: x's pairs padded with zero rows.
-  const int64_t x_rows = on_amx && M > 16 ? (M + 15) / 16 * 16 : M;
+  const int64_t x_rows = amx_x_rows(M, on_amx);
   // x once in the forms the code reads, zero-padded: fp32 (the plain loops), bf16 pairs (the
   // AVX-512 code), int16 pairs with a scale per block (the AVX2 code, below), and for int4 its
   // per-group sums; copied before out is written, so out may alias x. Rows in parallel where

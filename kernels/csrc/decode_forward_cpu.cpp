@@ -15,9 +15,7 @@
 
 #include "checks.h"
 #include "ops.h"
-#include "tiles.h"
 
-#include <algorithm>
 #include <vector>
 
 namespace peftserve_cpu {
@@ -40,17 +38,17 @@ const at::Tensor& step_buffer(at::Tensor& buf, int64_t rows, int64_t n,
 // op the Python layer calls for them, dense ones through at::linear, each a new tensor. The
 // caller picks which form a step passes.
 at::Tensor base_linear(at::Tensor& buf, const at::Tensor& x, const at::Tensor& w,
-                       const std::optional<at::Tensor>& b, const SideReads* side = nullptr) {
+                       const std::optional<at::Tensor>& b) {
   const bool quant =
       !w.is_mkldnn() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kByte);
   if (quant || (!w.is_mkldnn() && w.dim() == 3)) {
     step_buffer(buf, x.size(0), w.size(0), x.options());
     if (!quant) {
-      gemv_bf16(buf, x, w, b, false, true, side);
+      gemv_bf16(buf, x, w, b, false, true);
     } else if (w.scalar_type() == at::kChar) {
-      gemv_int8(buf, x, w, b, false, true, side);
+      gemv_int8(buf, x, w, b, false, true);
     } else {
-      gemv_int4(buf, x, w, b, false, true, side);
+      gemv_int4(buf, x, w, b, false, true);
     }
     return buf;
   }
@@ -64,56 +62,6 @@ at::Tensor base_linear(at::Tensor& buf, const at::Tensor& x, const at::Tensor& w
                             c10::string_view, c10::List<std::optional<at::Scalar>>,
                             std::optional<c10::string_view>)>();
   return op.call(x, w, b, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
-}
-
-// What a layer's decode attention reads after its qkv projection, prefetched while that
-// projection's weights stream (tiles.h): each sequence's K and V rows of this layer's cache, in
-// the attention's order (sequence, KV head), at most SIDE_READ_BYTES, and the rotary's cos and
-// sin rows. Nothing where the arguments are not what the attention and rotary ops accept:
-// those ops raise the error afterwards.
-constexpr int64_t SIDE_READ_BYTES = 1 << 20;
-
-void attention_reads(SideReads& side, const at::Tensor& cache, const at::Tensor& block_tables,
-                     const at::Tensor& context_lens, int64_t block_size, const at::Tensor& cos,
-                     const at::Tensor& sin) {
-  side.clear();
-  const int64_t batch = context_lens.numel();
-  if (block_tables.scalar_type() != at::kLong || block_tables.dim() != 2 ||
-      !block_tables.is_contiguous() || block_tables.size(0) != batch ||
-      context_lens.scalar_type() != at::kLong || context_lens.dim() != 1 ||
-      !context_lens.is_contiguous() || cache.dim() != 4 || cache.size(0) != 2 ||
-      cache.size(2) % block_size != 0) {
-    return;
-  }
-  const int64_t kv_heads = cache.size(1), slots = cache.size(2), D = cache.size(3);
-  const int64_t max_blocks = block_tables.size(1), blocks = slots / block_size;
-  const int64_t row = D * static_cast<int64_t>(cache.element_size());
-  const auto* base = static_cast<const char*>(cache.data_ptr());
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (const at::Tensor* t : {&cos, &sin}) {
-    if (t->is_contiguous()) {
-      side.add(t->data_ptr(), t->nbytes());
-    }
-  }
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t len = std::min(lens[b], max_blocks * block_size);
-    for (int64_t kh = 0; kh < kv_heads; ++kh) {
-      for (int64_t kv = 0; kv < 2; ++kv) {
-        for (int64_t j = 0; j * block_size < len; ++j) {
-          const int64_t blk = tables[b * max_blocks + j];
-          if (blk < 0 || blk >= blocks) {
-            continue;
-          }
-          if (side.bytes >= SIDE_READ_BYTES) {
-            return;
-          }
-          const int64_t first = (kv * kv_heads + kh) * slots + blk * block_size;
-          side.add(base + first * row, std::min(block_size, len - j * block_size) * row);
-        }
-      }
-    }
-  }
 }
 
 // The adapter deltas of a step, as adapters/slots.py (AdapterHook.decode_plan) lays them out:
@@ -269,7 +217,6 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
   // costs 1-5 us on a small CPU, and eleven a layer were ~0.8 ms of a SmolLM2 bf16 decode
   // stack on 2 Zen 3 cores (bench/README.md).
   at::Tensor qkv_buf, o_buf, gu_buf, down_buf, act_buf, q;
-  SideReads side;
   const at::Tensor attn = at::empty({T, heads, D}, h.options());
   const at::Tensor a = attn.view({T, heads * D});
   const auto bias = [](at::TensorList b, int64_t l) {
@@ -277,8 +224,7 @@ at::Tensor decode_forward(const at::Tensor& h_in, at::TensorList input_norm,
   };
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor cache = kv_cache.select(0, l);
-    attention_reads(side, cache, block_tables, context_lens, block_size, cos, sin);
-    const at::Tensor qkv = base_linear(qkv_buf, x, qkv_w[l], bias(qkv_b, l), &side);
+    const at::Tensor qkv = base_linear(qkv_buf, x, qkv_w[l], bias(qkv_b, l));
     deltas.apply(qkv, x);
     rotary_and_cache(qkv, cos, sin, cache, slot_mapping, heads, kv_heads);
     if (!q.defined() || !q.is_alias_of(qkv)) {

@@ -310,11 +310,11 @@ void tile_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t width, i
 
 // Each thread reads one stretch of the weights, start to end, then helps the others (tiles.h),
 // for each ROW_CHUNK rows of x in turn.
-void gemv_run(const Problem& p, bool generic, const SideReads* side) {
+void gemv_run(const Problem& p, bool generic) {
   const int64_t tiles = (p.N + TILE - 1) / TILE;
   for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
     const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
-    parallel_tiles(tiles, r0 == 0 ? side : nullptr, [&](TileWalk& walk) {
+    parallel_tiles(tiles, [&](TileWalk& walk) {
       for (int64_t t; (t = walk.next()) >= 0;) {
         const int64_t n0 = t * TILE, width = std::min(TILE, p.N - n0);
         const uint16_t* w = p.w + n0 * p.Kp * 2;  // every earlier tile is full
@@ -399,13 +399,13 @@ void tile_amx(const Problem& p, const uint32_t* xp, const uint16_t* w, int64_t n
 
 // The whole call on AMX (full tiles; the narrower last one on the vector code). xp: x's pairs
 // with rows padded to a multiple of 16 when M > 16 (zeros).
-void gemv_run_amx(const Problem& p, const uint32_t* xp, const SideReads* side) {
+void gemv_run_amx(const Problem& p, const uint32_t* xp) {
   const int64_t tiles = (p.N + TILE - 1) / TILE, full_tiles = p.N / TILE;
   const int64_t rows = std::min(p.M, AMX_ROWS);
   const TileConfig cfg = amx_config(rows, p.Kp % AMX_ROWS);
   for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
     const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
-    parallel_tiles(tiles, r0 == 0 ? side : nullptr, [&](TileWalk& walk) {
+    parallel_tiles(tiles, [&](TileWalk& walk) {
       // Each thread configures its own tiles (other code, oneDNN's, may have changed them).
       _tile_loadconfig(&cfg);
       for (int64_t t; (t = walk.next()) >= 0;) {
@@ -468,12 +468,6 @@ bool gemv_bf16_amx() {
 
 void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic, bool amx) {
-  gemv_bf16(out, x, w, bias, generic, amx, nullptr);
-}
-
-void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic, bool amx,
-               const SideReads* side) {
   check_gemv_args(out, x, w, bias);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = w.size(1);
   if (M == 0 || N == 0) {
@@ -521,11 +515,11 @@ void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                   out.stride(0)};
 #if defined(PEFTSERVE_AMX)
   if (on_amx) {
-    gemv_run_amx(p, xp.data(), side);
+    gemv_run_amx(p, xp.data());
     return;
   }
 #endif
-  gemv_run(p, generic, side);
+  gemv_run(p, generic);
 }
 
 }  // namespace peftserve_cpu
@@ -538,7 +532,5 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
-  using Op = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const std::optional<at::Tensor>&, bool, bool);
-  m.impl("gemv_bf16", static_cast<Op>(&peftserve_cpu::gemv_bf16));
+  m.impl("gemv_bf16", &peftserve_cpu::gemv_bf16);
 }

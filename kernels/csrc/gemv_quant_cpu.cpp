@@ -514,10 +514,10 @@ void amx_qtile(const QProblem& p, const uint8_t* t, const uint16_t* b, int64_t n
 }
 
 // The whole call on AMX: full tiles' weights into bf16 once, then every 16 rows of x.
-void run_amx(const QProblem& p, int64_t row_bytes, int64_t tiles, const SideReads* side) {
+void run_amx(const QProblem& p, int64_t row_bytes, int64_t tiles) {
   const int64_t rows = std::min(p.M, AMX_ROWS), Kp = p.Kpad / 2;
   const TileConfig cfg = amx_qconfig(rows, p.int4 ? 0 : Kp % AMX_ROWS, p.int4);
-  parallel_tiles(tiles, side, [&](TileWalk& walk) {
+  parallel_tiles(tiles, [&](TileWalk& walk) {
     // A whole tile's weights in bf16 (64 bytes a k-pair), for more than 16 rows of x only.
     std::vector<__m512i> scratch(p.M > AMX_ROWS ? static_cast<size_t>(Kp) : 0);
     auto* b = reinterpret_cast<uint16_t*>(scratch.data());
@@ -572,7 +572,7 @@ void check_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
 
 void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
          const std::optional<at::Tensor>& bias, bool generic, bool amx, bool int4,
-         int64_t groups, int64_t group, int64_t Kpad, const SideReads* side) {
+         int64_t groups, int64_t group, int64_t Kpad) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   if (M == 0 || N == 0) {
     return;
@@ -678,11 +678,11 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   const int64_t tiles = (N + TILE - 1) / TILE;
 #if defined(PEFTSERVE_AMX)
   if (on_amx) {
-    run_amx(p, row_bytes, tiles, side);
+    run_amx(p, row_bytes, tiles);
     return;
   }
 #endif
-  parallel_tiles(tiles, side, [&](TileWalk& walk) {
+  parallel_tiles(tiles, [&](TileWalk& walk) {
     for (int64_t t; (t = walk.next()) >= 0;) {
       const int64_t n0 = t * TILE, width = std::min(TILE, N - n0);
       const uint8_t* tile = p.w + n0 * row_bytes;
@@ -697,12 +697,6 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
 
 void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic, bool amx) {
-  gemv_int8(out, x, w, bias, generic, amx, nullptr);
-}
-
-void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic, bool amx,
-               const SideReads* side) {
   constexpr const char* op = "gemv_int8";
   check_args(out, x, w, bias, op);
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, op,
@@ -711,17 +705,11 @@ void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   const int64_t Kp = (x.size(1) + 1) / 2;
   TORCH_CHECK(w.size(1) == 2 * Kp + 4, op, ": w packs rows of ", w.size(1),
               " bytes, x's K = ", x.size(1), " needs ", 2 * Kp + 4);
-  run(out, x, w, bias, generic, amx, false, 1, 1, 2 * Kp, side);
+  run(out, x, w, bias, generic, amx, false, 1, 1, 2 * Kp);
 }
 
 void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic, bool amx) {
-  gemv_int4(out, x, w, bias, generic, amx, nullptr);
-}
-
-void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic, bool amx,
-               const SideReads* side) {
   constexpr const char* op = "gemv_int4";
   check_args(out, x, w, bias, op);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3, op,
@@ -733,7 +721,7 @@ void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   const int64_t groups = (x.size(1) + group - 1) / group;
   TORCH_CHECK(w.size(1) == groups, op, ": w has ", w.size(1), " groups of ", group,
               " columns, x's K = ", x.size(1), " needs ", groups);
-  run(out, x, w, bias, generic, amx, true, groups, group, groups * group, side);
+  run(out, x, w, bias, generic, amx, true, groups, group, groups * group);
 }
 
 }  // namespace peftserve_cpu
@@ -746,8 +734,6 @@ TORCH_LIBRARY_FRAGMENT(peftserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(peftserve_cpu, CPU, m) {
-  using Op = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const std::optional<at::Tensor>&, bool, bool);
-  m.impl("gemv_int8", static_cast<Op>(&peftserve_cpu::gemv_int8));
-  m.impl("gemv_int4", static_cast<Op>(&peftserve_cpu::gemv_int4));
+  m.impl("gemv_int8", &peftserve_cpu::gemv_int8);
+  m.impl("gemv_int4", &peftserve_cpu::gemv_int4);
 }

@@ -5,8 +5,6 @@
 
 namespace peftserve_cpu {
 
-struct SideReads;  // tiles.h
-
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
                             int64_t block_size, double scale, bool generic);
@@ -26,22 +24,10 @@ void bottleneck_rows(const at::Tensor& y, const std::optional<at::Tensor>& rows,
                      int64_t act);
 void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic, bool amx);
-// The same, prefetching `side` while the weights stream (tiles.h; may be null).
-void gemv_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic, bool amx,
-               const SideReads* side);
 bool gemv_bf16_amx();
 void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic, bool amx);
-// The same, prefetching `side` while the weights stream (tiles.h; may be null).
-void gemv_int8(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic, bool amx,
-               const SideReads* side);
 void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                const std::optional<at::Tensor>& bias, bool generic, bool amx);
-// The same, prefetching `side` while the weights stream (tiles.h; may be null).
-void gemv_int4(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-               const std::optional<at::Tensor>& bias, bool generic, bool amx,
-               const SideReads* side);
 
 }  // namespace peftserve_cpu

@@ -63,9 +63,7 @@ SOURCES = tuple(
         "gemv_quant_cpu.cpp",
     )
 )
-HEADERS = (
-    CSRC / "amx.h", CSRC / "checks.h", CSRC / "ops.h", CSRC / "tiles.h", CSRC / "vec_math.h"
-)
+HEADERS = (CSRC / "amx.h", CSRC / "checks.h", CSRC / "ops.h", CSRC / "vec_math.h")
 ENV_SWITCH = "PEFTSERVE_CPU_KERNELS"
 ENV_MARCH = "PEFTSERVE_KERNEL_MARCH"
 ENV_SANITIZE = "PEFTSERVE_KERNEL_SANITIZE"

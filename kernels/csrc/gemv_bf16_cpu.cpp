@@ -38,7 +38,6 @@
 #include "amx.h"
 #include "checks.h"
 #include "ops.h"
-#include "tiles.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -308,22 +307,21 @@ void tile_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t width, i
 #endif
 }
 
-// Each thread reads one stretch of the weights, start to end, then helps the others (tiles.h),
-// for each ROW_CHUNK rows of x in turn.
 void gemv_run(const Problem& p, bool generic) {
   const int64_t tiles = (p.N + TILE - 1) / TILE;
-  for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
-    const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
-    parallel_tiles(tiles, [&](TileWalk& walk) {
-      for (int64_t t; (t = walk.next()) >= 0;) {
+  // Contiguous tile ranges per thread: each reads one stretch of the weights, start to end.
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
+      const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
+      for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * TILE, width = std::min(TILE, p.N - n0);
         const uint16_t* w = p.w + n0 * p.Kp * 2;  // every earlier tile is full
         for (int64_t m = r0; m < r1; m += MAX_GROUP) {
           tile_rows(p, w, n0, width, m, std::min(MAX_GROUP, r1 - m), generic);
         }
       }
-    });
-  }
+    }
+  });
 }
 
 #if defined(PEFTSERVE_AMX)
@@ -403,12 +401,12 @@ void gemv_run_amx(const Problem& p, const uint32_t* xp) {
   const int64_t tiles = (p.N + TILE - 1) / TILE, full_tiles = p.N / TILE;
   const int64_t rows = std::min(p.M, AMX_ROWS);
   const TileConfig cfg = amx_config(rows, p.Kp % AMX_ROWS);
-  for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
-    const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
-    parallel_tiles(tiles, [&](TileWalk& walk) {
-      // Each thread configures its own tiles (other code, oneDNN's, may have changed them).
-      _tile_loadconfig(&cfg);
-      for (int64_t t; (t = walk.next()) >= 0;) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    // Each thread configures its own tiles (other code, oneDNN's, may have changed them).
+    _tile_loadconfig(&cfg);
+    for (int64_t r0 = 0; r0 < p.M; r0 += ROW_CHUNK) {
+      const int64_t r1 = std::min(p.M, r0 + ROW_CHUNK);
+      for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * TILE;
         const uint16_t* w = p.w + n0 * p.Kp * 2;
         if (t < full_tiles) {
@@ -421,9 +419,9 @@ void gemv_run_amx(const Problem& p, const uint32_t* xp) {
           }
         }
       }
-      _tile_release();
-    });
-  }
+    }
+    _tile_release();
+  });
 }
 #endif
 

@@ -44,7 +44,6 @@
 #include "amx.h"
 #include "checks.h"
 #include "ops.h"
-#include "tiles.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -517,12 +516,12 @@ void amx_qtile(const QProblem& p, const uint8_t* t, const uint16_t* b, int64_t n
 void run_amx(const QProblem& p, int64_t row_bytes, int64_t tiles) {
   const int64_t rows = std::min(p.M, AMX_ROWS), Kp = p.Kpad / 2;
   const TileConfig cfg = amx_qconfig(rows, p.int4 ? 0 : Kp % AMX_ROWS, p.int4);
-  parallel_tiles(tiles, [&](TileWalk& walk) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     // A whole tile's weights in bf16 (64 bytes a k-pair), for more than 16 rows of x only.
     std::vector<__m512i> scratch(p.M > AMX_ROWS ? static_cast<size_t>(Kp) : 0);
     auto* b = reinterpret_cast<uint16_t*>(scratch.data());
     _tile_loadconfig(&cfg);
-    for (int64_t t; (t = walk.next()) >= 0;) {
+    for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * TILE, width = std::min(TILE, p.N - n0);
       const uint8_t* tile = p.w + n0 * row_bytes;
       if (width < TILE) {
@@ -682,8 +681,8 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
     return;
   }
 #endif
-  parallel_tiles(tiles, [&](TileWalk& walk) {
-    for (int64_t t; (t = walk.next()) >= 0;) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * TILE, width = std::min(TILE, N - n0);
       const uint8_t* tile = p.w + n0 * row_bytes;
       for (int64_t m = 0; m < M; m += MAX_GROUP) {

@@ -1,6 +1,5 @@
-"""A kernel's result at several thread counts: each thread streams its own share of the tiles,
-then takes the tiles the others have not reached (kernels/csrc/tiles.h); with more threads than
-this machine has cores, some wait while others take their tiles."""
+"""A kernel's result at several thread counts (each thread takes its own range of the tiles),
+more threads than a small CI machine has cores among them."""
 
 from __future__ import annotations
 

@@ -37,6 +37,16 @@ struct alignas(64) TileConfig {
     colsb[tile] = static_cast<uint16_t>(bytes_per_row);
   }
 };
+
+// Prefetches `bytes` bytes from `distance` bytes past `from` (into L1). The kernels' tile
+// instructions keep later loads from running ahead, so their weights are asked for this way
+// (AMX_PREFETCH in gemv_bf16_cpu.cpp, AMX_PREFETCH_INT8 / _INT4 in gemv_quant_cpu.cpp).
+inline void prefetch_ahead(const void* from, int64_t distance, int64_t bytes) {
+  const char* ahead = static_cast<const char*>(from) + distance;
+  for (int64_t line = 0; line < bytes; line += 64) {
+    _mm_prefetch(ahead + line, _MM_HINT_T0);
+  }
+}
 #endif
 
 // Rows of x (A and C tile rows) and k-pairs per tdpbf16ps.

@@ -368,10 +368,7 @@ void tile_amx(const Problem& p, const uint32_t* xp, const uint16_t* w, int64_t n
   for (int64_t k0 = 0; k0 < full; k0 += AMX_ROWS) {
     const uint16_t* wk = w + k0 * 2 * TILE;
     if (first) {
-      const char* ahead = reinterpret_cast<const char*>(wk) + AMX_PREFETCH;
-      for (int64_t line = 0; line < AMX_ROWS * 2 * TILE * 2; line += 64) {
-        _mm_prefetch(ahead + line, _MM_HINT_T0);
-      }
+      prefetch_ahead(wk, AMX_PREFETCH, AMX_ROWS * 2 * TILE * 2);
     }
     _tile_loadd(2, x + k0, Kp * 4);
     _tile_loadd(3, wk, 2 * TILE * 2);

@@ -429,14 +429,6 @@ TileConfig amx_qconfig(int64_t rows, int64_t tail, bool int4) {
 // at 3-8 KB (1 KB 0.82x, 2 KB 0.75x).
 constexpr int64_t AMX_PREFETCH_INT8 = 2048, AMX_PREFETCH_INT4 = 4096;
 
-// Prefetches `bytes` bytes from `distance` bytes past `from`.
-inline void prefetch_ahead(const uint8_t* from, int64_t distance, int64_t bytes) {
-  const char* ahead = reinterpret_cast<const char*>(from) + distance;
-  for (int64_t line = 0; line < bytes; line += 64) {
-    _mm_prefetch(ahead + line, _MM_HINT_T0);
-  }
-}
-
 // Rows m0..m0+rows of one full tile t, its weights already in b.
 void amx_qtile(const QProblem& p, const uint8_t* t, const uint16_t* b, int64_t n0, int64_t m0,
                int64_t rows) {

@@ -48,7 +48,8 @@ NATIVE_TESTS := tests/kernels/test_cpu_gemv.py tests/kernels/test_lowrank_rows.p
 	tests/kernels/test_cpu_selftest.py tests/unit/test_cpu_fused_ops.py \
 	tests/unit/test_cpu_paged_attention.py tests/unit/test_argmax_rows.py \
 	tests/unit/test_slot_buffers.py tests/integration/test_cpu_kernels_engine.py \
-	tests/integration/test_quant_weights.py
+	tests/integration/test_quant_weights.py tests/kernels/test_screened_head.py \
+	tests/integration/test_screened_head.py
 CXX ?= g++
 test-sanitize: install
 	PEFTSERVE_KERNEL_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \

@@ -71,7 +71,7 @@ native() {
     -p no:benchmark --timeout 120 tests/kernels/test_lowrank_rows.py \
     tests/kernels/test_native_arguments.py tests/kernels/test_cpu_selftest.py \
     tests/unit/test_cpu_fused_ops.py tests/unit/test_cpu_paged_attention.py \
-    tests/unit/test_argmax_rows.py
+    tests/unit/test_argmax_rows.py tests/kernels/test_screened_head.py
 }
 # The GPU issue's measurements first, then the tests, then the host CPU's kernels. The limits
 # add up to 470 s (T_* override them): one run fits in 8 minutes even when every step hits its

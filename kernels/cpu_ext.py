@@ -61,6 +61,7 @@ SOURCES = tuple(
         "decode_forward_cpu.cpp",
         "gemv_bf16_cpu.cpp",
         "gemv_quant_cpu.cpp",
+        "screened_head_cpu.cpp",
     )
 )
 HEADERS = (CSRC / "amx.h", CSRC / "checks.h", CSRC / "ops.h", CSRC / "vec_math.h")

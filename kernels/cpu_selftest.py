@@ -202,6 +202,23 @@ def check_gemv_quant(g: torch.Generator) -> None:
                     _close(f"gemv_{kind}", out, ref, torch.bfloat16)
 
 
+def check_screened_argmax(g: torch.Generator) -> None:
+    """A narrow last tile and SmolLM2's hidden size, 1, 3 and 9 rows: the token of each row
+    is argmax_rows of the full head's logits."""
+    from .gemv import linear, pack
+    from .screened_head import ScreenedHead
+
+    for V, K in [(77, 33), (1000, 576)]:
+        w = _randn(g, V, K, dtype=torch.bfloat16, std=0.1)
+        head = ScreenedHead(pack(w), w)
+        for M in (1, 3, 9):
+            x = _randn(g, M, K, dtype=torch.bfloat16)
+            got = head.argmax(x)
+            want = OPS.argmax_rows(linear(x, head.packed, None).float())
+            if got is None or not torch.equal(got, want):
+                raise AssertionError(f"screened_argmax: {got} where the full head gives {want}")
+
+
 CHECKS: dict[str, Callable[[torch.Generator], None]] = {
     "lora_rows": check_lora_rows,
     "bottleneck_rows": check_bottleneck_rows,
@@ -211,6 +228,7 @@ CHECKS: dict[str, Callable[[torch.Generator], None]] = {
     "decode_forward": check_decode_forward,
     "gemv_bf16": check_gemv_bf16,
     "gemv_int8, gemv_int4": check_gemv_quant,
+    "screened_argmax": check_screened_argmax,
 }
 
 

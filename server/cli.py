@@ -105,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
               for flag, _, _ in _SERVE_FLAGS}
     values["admin_token_file"] = args.admin_token_file
     values["cuda_graphs"] = args.cuda_graphs
+    values["screened_head"] = args.screened_head
     try:
         config = serve_config.build(values, args.config)
     except (ValueError, OSError) as e:
@@ -166,6 +167,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const",
                        const=False, default=None,
                        help="run static decode steps eagerly (no CUDA graphs captured)")
+    serve.add_argument("--no-screened-head", dest="screened_head", action="store_const",
+                       const=False, default=None,
+                       help="greedy tokens from the whole bf16 LM head (the same tokens; by "
+                            "default an int8 screen of it picks the rows to compute)")
     serve.add_argument("--ray", action="store_true",
                        help="serve on Ray Serve: replicas per the [ray] table of --config "
                             "(needs pip install 'peftserve[ray]')")

@@ -29,6 +29,9 @@ class EngineConfig:
     weights: str = "bf16"  # one of WEIGHTS
     decode_step: str = "auto"  # one of DECODE_STEPS
     cuda_graphs: bool = True  # static decode steps captured per batch-size bucket at start-up
+    # bf16 on the C++ CPU kernels: greedy tokens through an int8 screen of the LM head
+    # (kernels/screened_head.py; the same tokens, fewer bytes read a step)
+    screened_head: bool = True
     max_cuda_graph_batch: int = 64  # the largest captured batch; larger decode steps run eagerly
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes

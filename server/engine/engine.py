@@ -91,7 +91,7 @@ class Engine:
         hf_config = load_config(model_dir)
         t0 = time.perf_counter()
         model = LlamaModel(hf_config, load_state_dict(model_dir), dtype, device, backend,
-                           config.weights)
+                           config.weights, config.screened_head)
         tokenizer = load_tokenizer(model_dir)
         log.info("loaded %s (%s, %s, %s backend) in %.2fs", model_dir, dtype, device, backend.name,
                  time.perf_counter() - t0)  # fmt: skip

@@ -199,20 +199,26 @@ class ModelRunner:
         return AdapterHook(self.slots, meta, tuple(sorted(a for a in acts if a)))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Runs one step. Returns fp32 logits [B, vocab] for the items that sample, in
-        `batch.items` order (items that only advance a prefill chunk have no row)."""
+    def sampling_states(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Runs one step. Returns the final hidden states [B, hidden] of the items that sample,
+        in `batch.items` order (items that only advance a prefill chunk have no row)."""
         h = self.hidden_states(batch, self.adapter_hook(batch))
         rows, row = [], 0
         for item in batch.items:
             row += item.num_new_tokens
             if item.samples:
                 rows.append(row - 1)
-        if not rows:
-            return torch.empty(0, self.model.shape.vocab, device=self.device)
         if len(rows) == h.shape[0]:  # every row samples (a decode-only step): no gather
-            return self.model.logits(h)
-        return self.model.logits(h[torch.tensor(rows, device=self.device)])
+            return h
+        return h[torch.tensor(rows, dtype=torch.long, device=self.device)]
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Runs one step. Returns fp32 logits [B, vocab] for the items that sample, in
+        `batch.items` order."""
+        h = self.sampling_states(batch)
+        if not h.shape[0]:
+            return torch.empty(0, self.model.shape.vocab, device=self.device)
+        return self.model.logits(h)
 
     def execute(self, batch: ScheduledBatch) -> SampledTokens:
         """Runs one step and samples: a token for each item that samples, in `batch.items`
@@ -220,9 +226,14 @@ class ModelRunner:
         seqs = [item.seq for item in batch.items if item.samples]
         if self.static is not None and batch.decodes and not batch.prefills:
             return self.static.decode(batch.decodes)
-        logits = self.run(batch)
+        h = self.sampling_states(batch)
         if not seqs:
             return SampledTokens([], None)
+        if self.static is None and all(s.params.plain_greedy for s in seqs):
+            tokens = self.model.greedy_tokens(h)  # the argmax without the whole LM head
+            if tokens is not None:
+                return SampledTokens(tokens, None)
+        logits = self.model.logits(h)
         if self.static is not None:  # one sampler for every step: a seed's draws never change
             return self.static.sample(logits, seqs)
         tokens, logprobs = sample(

@@ -54,3 +54,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The token is the argmax of the raw logits, and nothing else of them is returned."""
+        return self.temperature == 0 and self.repetition_penalty == 1.0 and not self.logprobs

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 
 from peftserve.errors import UnsupportedModel
 from peftserve.kernels import gemv, packed_linear, quant
+from peftserve.kernels.screened_head import ScreenedHead
 from peftserve.layers.attention import AttentionMetadata, paged_attention
 from peftserve.layers.backend import Backend
 from peftserve.layers.linear import AdaptableLinear, DeltaHook
@@ -121,6 +122,7 @@ class LlamaModel(nn.Module):
         device: torch.device,
         backend: Backend,
         weights: str = "bf16",
+        screened_head: bool = True,
     ) -> None:
         super().__init__()
         self.shape = ModelShape.from_config(config)
@@ -154,6 +156,9 @@ class LlamaModel(nn.Module):
         # int8/int4 (kernels/quant.py) with the C++ kernels: every step through them; without
         # them the dequantized weights, rounded to bf16, dense.
         self.lm_head_gemv: torch.Tensor | None = None  # [V, ceil(hidden/2), 2] or quantized
+        # bf16 with the C++ kernels: greedy rows' tokens through an int8 screen of the head
+        # (kernels/screened_head.py), the full head's argmax bit for bit
+        self.screened_head: ScreenedHead | None = None
         self.weights = weights
         onednn, self.gemv_rows = backend.packs_weights(dtype), backend.gemv_max_rows(dtype)
         if weights != "bf16" and backend.name != "cpp":
@@ -168,6 +173,8 @@ class LlamaModel(nn.Module):
                 self.lm_head_packed = packed_linear.pack(self.lm_head)
             if self.gemv_rows:
                 self.lm_head_gemv = quant.pack(self.lm_head, quant.LM_HEAD[weights])
+                if screened_head and weights == "bf16":
+                    self.screened_head = ScreenedHead(self.lm_head_gemv, self.lm_head)
                 self._hold_streamed(backend)
             if self.lm_head is not self.embed:
                 self.lm_head = None  # type: ignore[assignment]
@@ -182,13 +189,18 @@ class LlamaModel(nn.Module):
         backend keeps them (the CPU: one buffer of huge pages), in the order a step reads them."""
         lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
                                                           layer.down)]  # fmt: skip
-        streamed = [lin.gemv for lin in lins] + [self.lm_head_gemv]
+        head = self.screened_head
+        # a greedy step reads the screen where others read the head
+        screen = [head.screen] if head is not None else []
+        streamed = [lin.gemv for lin in lins] + screen + [self.lm_head_gemv]
         for lin in lins:  # the list holds them alone: each freed as soon as it is moved
             lin.gemv = None
         held = backend.hold_streamed(streamed)
         for lin, w in zip(lins, held, strict=False):
             lin.gemv = w
         self.lm_head_gemv = held[-1]
+        if head is not None:
+            head.screen, head.packed = held[-2], held[-1]
 
     def _dequantized(self, weights: str) -> None:
         """Every matmul weight replaced by its `weights` form dequantized to bf16 (dense)."""
@@ -272,6 +284,16 @@ class LlamaModel(nn.Module):
         if self.lm_head_packed is not None:
             return packed_linear.linear(h, self.lm_head_packed, None).float()
         return F.linear(h, self.lm_head).float()
+
+    @torch.inference_mode()
+    def greedy_tokens(self, h: torch.Tensor) -> list[int] | None:
+        """h: [B, hidden] (rows that sample greedily) -> argmax_rows(self.logits(h)), bit for
+        bit, through the screened head; None where there is none or it declines (then
+        self.logits)."""
+        if self.screened_head is None:
+            return None
+        tokens = self.screened_head.argmax(h)
+        return tokens.tolist() if tokens is not None else None
 
     def lm_head_dense(self) -> torch.Tensor:
         # [V, hidden]

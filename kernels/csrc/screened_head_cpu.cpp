@@ -83,32 +83,37 @@ bool screened_argmax(const at::Tensor& tokens, const at::Tensor& x, const at::Te
   gemv_int8(a, x, screen, std::nullopt, false, true);
   const auto* av = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
   const float* c = coef.data_ptr<float>();
-  // The bound on |int8 logit - bf16 logit| of row n for x's row m.
-  auto bound = [&](int64_t m, int64_t n, double an) {
-    return xn[m] * c[n] * (1 + SLACK) + std::abs(an) * SLACK + tiny;
-  };
+  // Row n's bound for x's row m is xs[m] * c[n] + |a| * SLACK + tiny with xs = |x|_2 (1 +
+  // SLACK), in fp32: its own rounding (2^-24 of each term) is far inside SLACK's margin.
+  constexpr float slack = static_cast<float>(SLACK);
+  const float tiny_f = static_cast<float>(tiny);
   // Each row's floor: the largest a - bound (every candidate's a + bound reaches it).
   const int64_t chunks = (V + CHUNK - 1) / CHUNK;
-  std::vector<double> part(static_cast<size_t>(M * chunks));
+  std::vector<float> part(static_cast<size_t>(M * chunks));
   at::parallel_for(0, M * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / chunks, n0 = (i % chunks) * CHUNK, n1 = std::min(V, n0 + CHUNK);
-      double best = -INFINITY;
+      const float xm = static_cast<float>(xn[m] * (1 + SLACK));
+      const uint16_t* am = av + m * V;
+      float best = -INFINITY;
+#pragma omp simd reduction(max : best)
       for (int64_t n = n0; n < n1; ++n) {
-        const double an = bf16_value(av[m * V + n]);
-        best = std::max(best, an - bound(m, n, an));
+        const float an = bf16_value(am[n]);
+        const float low = an - (xm * c[n] + std::fabs(an) * slack + tiny_f);
+        best = low > best ? low : best;
       }
       part[i] = best;
     }
   });
-  std::vector<double> floor(static_cast<size_t>(M));
+  std::vector<float> floor(static_cast<size_t>(M));
   for (int64_t m = 0; m < M; ++m) {
     floor[m] = *std::max_element(part.begin() + m * chunks, part.begin() + (m + 1) * chunks);
     if (!std::isfinite(floor[m])) {  // a logit of the screen not finite
       return false;
     }
   }
-  // The candidates (one byte per row of each x row) and the tiles that hold any.
+  // The candidates (one byte per row of each x row; a NaN logit is one) and the tiles that
+  // hold any.
   const int64_t tiles = (V + TILE - 1) / TILE;
   std::vector<uint8_t> cand(static_cast<size_t>(M * V));
   std::vector<uint8_t> used(static_cast<size_t>(tiles));
@@ -116,12 +121,23 @@ bool screened_argmax(const at::Tensor& tokens, const at::Tensor& x, const at::Te
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n0 = i * CHUNK, n1 = std::min(V, n0 + CHUNK);
       for (int64_t m = 0; m < M; ++m) {
+        const float xm = static_cast<float>(xn[m] * (1 + SLACK)), fm = floor[m];
+        const uint16_t* am = av + m * V;
+        uint8_t* cm = cand.data() + m * V;
+#pragma omp simd
         for (int64_t n = n0; n < n1; ++n) {
-          const double an = bf16_value(av[m * V + n]);
-          const bool in = !(an + bound(m, n, an) < floor[m]);
-          cand[m * V + n] = in;
-          used[n / TILE] |= in;  // CHUNK is a multiple of TILE: a tile is one piece's
+          const float an = bf16_value(am[n]);
+          cm[n] = !(an + (xm * c[n] + std::fabs(an) * slack + tiny_f) < fm);
         }
+      }
+      for (int64_t t = n0 / TILE; t * TILE < n1; ++t) {  // CHUNK is a multiple of TILE
+        uint8_t any = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t n = t * TILE; n < std::min(V, (t + 1) * TILE); ++n) {
+            any |= cand[m * V + n];
+          }
+        }
+        used[t] = any;
       }
     }
   });

@@ -11,6 +11,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
+from peftserve.kernels.screened_head import MAX_ROWS
 from tests import adapters as A
 from tests.device import DEVICE
 
@@ -47,14 +48,14 @@ def tokens(engine: Engine, reqs: list[Request]) -> dict[str, list[int]]:
     return {rid: [t for out in outs for t in out.token_ids] for rid, outs in results.items()}
 
 
-def counting(engine: Engine) -> list[bool]:
-    """Wraps the model's greedy_tokens: one entry per call, True where it gave the tokens."""
-    calls: list[bool] = []
+def counting(engine: Engine) -> list[tuple[int, bool]]:
+    """Wraps the model's greedy_tokens: per call, its rows and whether it gave the tokens."""
+    calls: list[tuple[int, bool]] = []
     inner = engine.model.greedy_tokens
 
     def greedy_tokens(h):
         out = inner(h)
-        calls.append(out is not None)
+        calls.append((h.shape[0], out is not None))
         return out
 
     engine.model.greedy_tokens = greedy_tokens
@@ -72,12 +73,15 @@ def test_greedy_tokens_equal_the_whole_heads(engines):
     screened, whole = engines
     assert screened.model.screened_head is not None and whole.model.screened_head is None
     calls = counting(screened)
-    greedy = [SamplingParams(max_new_tokens=12, ignore_eos=True) for _ in range(12)]
-    together = tokens(screened, requests(greedy))
-    assert together == tokens(whole, requests(greedy))
-    assert calls and all(calls)  # every step's tokens came from the screen
-    for r in requests(greedy)[: len(KINDS)]:  # and each alone
-        assert tokens(screened, [r]) == tokens(whole, [r]) == {r.request_id: together[r.request_id]}
+    for size in (MAX_ROWS, 12):  # the screen serves up to MAX_ROWS rows, the full head beyond
+        greedy = [SamplingParams(max_new_tokens=12, ignore_eos=True) for _ in range(size)]
+        together = tokens(screened, requests(greedy))
+        assert together == tokens(whole, requests(greedy))
+        for r in requests(greedy)[: len(KINDS)]:  # and each alone
+            alone = {r.request_id: together[r.request_id]}
+            assert tokens(screened, [r]) == tokens(whole, [r]) == alone
+    assert {rows for rows, _ in calls} >= {1, MAX_ROWS, 12}
+    assert all(screened_it == (rows <= MAX_ROWS) for rows, screened_it in calls)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from peftserve.kernels import cpu_ext, gemv, quant
-from peftserve.kernels.screened_head import ScreenedHead
+from peftserve.kernels.screened_head import MAX_ROWS, ScreenedHead
 
 BF16 = torch.bfloat16
 
@@ -25,6 +25,14 @@ def ops():
 
 def full_argmax(ops, head: ScreenedHead, x: torch.Tensor) -> torch.Tensor:
     return ops.argmax_rows(gemv.linear(x, head.packed, None).float())
+
+
+def op_argmax(ops, head: ScreenedHead, x: torch.Tensor) -> torch.Tensor | None:
+    """The op itself, at any row count (ScreenedHead.argmax serves up to MAX_ROWS)."""
+    tokens = torch.empty(x.shape[0], dtype=torch.long)
+    ok = ops.screened_argmax(tokens, x, head.screen, head.coef, head.packed, head.max_norm,
+                             head.tiny)  # fmt: skip
+    return tokens if ok else None
 
 
 def rand(g: torch.Generator, *shape: int, std: float = 1.0) -> torch.Tensor:
@@ -43,8 +51,12 @@ def test_the_full_heads_argmax_at_every_row_count(ops, V, K):
     for M in (1, 2, 3, 4, 5, 6, 7, 8, 9, 33):
         for scale in (1e-3, 1.0, 30.0):
             x = rand(g, M, K, std=scale)
-            got = head.argmax(x)
+            got = op_argmax(ops, head, x)
             assert got is not None
+            if M <= MAX_ROWS:
+                assert torch.equal(head.argmax(x), got)
+            else:
+                assert head.argmax(x) is None  # the full head serves these
             assert torch.equal(got, full_argmax(ops, head, x)), (M, scale)
 
 
@@ -82,7 +94,7 @@ def test_many_near_ties_on_smollm2_shape(ops):
     want = full_argmax(ops, head, x)
     int8_argmax = ops.argmax_rows(quant.linear(x, head.screen, None).float())
     assert (int8_argmax != want).sum() >= 8  # the screen alone would fail these
-    got = head.argmax(x)
+    got = op_argmax(ops, head, x)
     assert got is not None and torch.equal(got, want)
 
 

@@ -149,6 +149,9 @@ bool screened_argmax(const at::Tensor& tokens, const at::Tensor& x, const at::Te
       first.push_back(t * TILE);
     }
   }
+  if (first.empty()) {  // not reached: the row that sets a floor is its candidate
+    return false;
+  }
   const int64_t rows = static_cast<int64_t>(first.size() - 1) * TILE +
                        std::min(TILE, V - first.back());
   at::Tensor sub = at::empty({rows, Kp, 2}, head.options());

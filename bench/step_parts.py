@@ -7,7 +7,8 @@ SmolLM2-135M (the default model) on the C++ CPU kernels as served (bf16 activati
 base weights in each --weights form), 2 threads, one chat request alone of --tokens new
 tokens, greedy, EOS ignored, --rounds times per form. `Engine.step` and the parts it calls are
 wrapped with timers: the scheduler's decision, the step's inputs, rotary cos/sin, the one-call
-decode stack (kernels/csrc/decode_forward_cpu.cpp: every layer), the LM head, sampling and the
+decode stack (kernels/csrc/decode_forward_cpu.cpp: every layer), the LM head (with bf16 the
+screened head and its argmax, kernels/screened_head.py: no sampling then), sampling and the
 outputs; "rest" is the step less those. Medians over the decode steps (the prefill step is
 left out). The wrappers cost a few microseconds a call.
 """
@@ -62,6 +63,8 @@ def measure(weights: str, tokens: int, rounds: int) -> dict[str, object]:
     model.rotary.cos_sin = recording(times, "cos_sin", model.rotary.cos_sin)
     model.backend.decode_forward = recording(times, "decode_stack", model.backend.decode_forward)
     model.logits = recording(times, "lm_head", model.logits)
+    if model.screened_head is not None:  # bf16's greedy steps: the screened head and its argmax
+        model.greedy_tokens = recording(times, "lm_head", model.greedy_tokens)
     sample = model_runner.sample
     model_runner.sample = recording(times, "sample", sample)
     try:

@@ -10,8 +10,10 @@ and "onednn" (the same backend with gemv_rows=0: oneDNN's packed bf16 matmul, or
 one, then named "torch_dense", where this CPU's oneDNN has no bf16); each round runs the
 request on each and times the read floor (torch.sum over a bf16 tensor as large as all base
 matmul weights, the LM head included, held in huge pages as the served weights are), in turn,
-so drift of a shared machine hits them alike. Decode tok/s counts the tokens after the first
-over the time after the first step (the prefill). Then the decode step alone, against the read
+so drift of a shared machine hits them alike. The kernel's engines read an int8 screen of the
+LM head on these greedy steps instead of the head (kernels/screened_head.py; `lm_head_MB` and
+`screened_head_MB` in the JSON), the same tokens from fewer bytes. Decode tok/s counts the
+tokens after the first over the time after the first step (the prefill). Then the decode step alone, against the read
 floor, paired 25 times (bench.common.decode_step_vs_floor).
 With --batch-rounds > 0 also the 32-request workload (bench.common.workload(), all at once)
 on every engine, interleaved: the kernel at 32-row decode steps and in the prefill chunks.
@@ -166,6 +168,12 @@ def main() -> None:
         "rounds": args.rounds,
         "prompt_tokens": len(prompt),
         "weight_MB": 2 * flat.numel() / 1e6,
+        # greedy steps of the engines that have it read this int8 screen instead of the LM head
+        # (kernels/screened_head.py), plus a few of the head's tiles
+        "lm_head_MB": engines["gemv"].model.lm_head_dense().numel() * 2 / 1e6,
+        "screened_head_MB": {name: eng.model.screened_head.screen.numel() / 1e6
+                             if eng.model.screened_head is not None else 0.0
+                             for name, eng in engines.items()},  # fmt: skip
         "uptime_before_after": [load_before, uptime()],
         **result,
     }

@@ -13,8 +13,8 @@ matmul weights, the LM head included, held in huge pages as the served weights a
 so drift of a shared machine hits them alike. The kernel's engines read an int8 screen of the
 LM head on these greedy steps instead of the head (kernels/screened_head.py; `lm_head_MB` and
 `screened_head_MB` in the JSON), the same tokens from fewer bytes. Decode tok/s counts the
-tokens after the first over the time after the first step (the prefill). Then the decode step alone, against the read
-floor, paired 25 times (bench.common.decode_step_vs_floor).
+tokens after the first over the time after the first step (the prefill). Then the decode step
+alone, against the read floor, paired 25 times (bench.common.decode_step_vs_floor).
 With --batch-rounds > 0 also the 32-request workload (bench.common.workload(), all at once)
 on every engine, interleaved: the kernel at 32-row decode steps and in the prefill chunks.
 `uptime` is recorded before and after.

@@ -83,8 +83,8 @@ bool screened_argmax(const at::Tensor& tokens, const at::Tensor& x, const at::Te
   gemv_int8(a, x, screen, std::nullopt, false, true);
   const auto* av = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
   const float* c = coef.data_ptr<float>();
-  // Row n's bound for x's row m is xs[m] * c[n] + |a| * SLACK + tiny with xs = |x|_2 (1 +
-  // SLACK), in fp32: its own rounding (2^-24 of each term) is far inside SLACK's margin.
+  // Row n's bound for x's row m: xm * c[n] + |a| * SLACK + tiny, with xm = |x_m|_2 (1 + SLACK),
+  // in fp32: its own rounding (2^-24 of each term) is far inside SLACK's margin.
   constexpr float slack = static_cast<float>(SLACK);
   const float tiny_f = static_cast<float>(tiny);
   // Each row's floor: the largest a - bound (every candidate's a + bound reaches it).

@@ -161,6 +161,7 @@ def main() -> None:
             ),
         }
     result["read_floor_ms_in_rounds"] = 1e3 * statistics.median(floor_s)
+    shape = engines["gemv"].model.shape
     out = {
         "environment": environment(),
         "threads": args.threads,
@@ -170,7 +171,7 @@ def main() -> None:
         "weight_MB": 2 * flat.numel() / 1e6,
         # greedy steps of the engines that have it read this int8 screen instead of the LM head
         # (kernels/screened_head.py), plus a few of the head's tiles
-        "lm_head_MB": engines["gemv"].model.lm_head_dense().numel() * 2 / 1e6,
+        "lm_head_MB": 2 * shape.vocab * shape.hidden / 1e6,
         "screened_head_MB": {name: eng.model.screened_head.screen.numel() / 1e6
                              if eng.model.screened_head is not None else 0.0
                              for name, eng in engines.items()},  # fmt: skip

@@ -1,8 +1,8 @@
 // Greedy tokens from a bf16 LM head screened by its int8 copy: the rows whose int8 logit is
 // within a rigorous bound of the best are computed again with the bf16 kernel, and each row's
-// token is the argmax over them, which is the full head's argmax bit for bit (the bound and
-// its proof: kernels/screened_head.py). One op: the int8 pass, the screen, the gather of the
-// candidates' tiles, their bf16 pass and the argmax, with no tensor per step but the outputs.
+// token is the argmax over their tiles, which is the full head's argmax bit for bit (the bound
+// and its proof: kernels/screened_head.py). One op, one call from Python: the int8 pass, the
+// screen, the gather of the candidates' tiles, their bf16 pass and the argmax.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -112,37 +112,30 @@ bool screened_argmax(const at::Tensor& tokens, const at::Tensor& x, const at::Te
       return false;
     }
   }
-  // The candidates (one byte per row of each x row; a NaN logit is one) and the tiles that
-  // hold any.
+  // The tiles holding a candidate of any row of x (a NaN logit is one): a + bound >= floor.
   const int64_t tiles = (V + TILE - 1) / TILE;
-  std::vector<uint8_t> cand(static_cast<size_t>(M * V));
   std::vector<uint8_t> used(static_cast<size_t>(tiles));
-  at::parallel_for(0, chunks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n0 = i * CHUNK, n1 = std::min(V, n0 + CHUNK);
+  at::parallel_for(0, tiles, CHUNK / TILE, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * TILE, n1 = std::min(V, n0 + TILE);
+      uint8_t any = 0;
       for (int64_t m = 0; m < M; ++m) {
         const float xm = static_cast<float>(xn[m] * (1 + SLACK)), fm = floor[m];
         const uint16_t* am = av + m * V;
-        uint8_t* cm = cand.data() + m * V;
-#pragma omp simd
+#pragma omp simd reduction(| : any)
         for (int64_t n = n0; n < n1; ++n) {
           const float an = bf16_value(am[n]);
-          cm[n] = !(an + (xm * c[n] + std::fabs(an) * slack + tiny_f) < fm);
+          any |= static_cast<uint8_t>(!(an + (xm * c[n] + std::fabs(an) * slack + tiny_f) < fm));
         }
       }
-      for (int64_t t = n0 / TILE; t * TILE < n1; ++t) {  // CHUNK is a multiple of TILE
-        uint8_t any = 0;
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t n = t * TILE; n < std::min(V, (t + 1) * TILE); ++n) {
-            any |= cand[m * V + n];
-          }
-        }
-        used[t] = any;
-      }
+      used[t] = any;
     }
   });
   // Their tiles, gathered in vocabulary order into a head of their own (every tile full but a
-  // last, narrower one: the layout gemv_bf16 reads), and computed as the full head would.
+  // last, narrower one: the layout gemv_bf16 reads), and computed as the full head would. The
+  // argmax runs over every row gathered: a row that is no candidate has a bf16 logit below the
+  // floor (within its bound of a + bound < floor), and the floor is at most the best's, so it
+  // can neither win nor tie.
   std::vector<int64_t> first;  // the first vocabulary row of each gathered tile
   for (int64_t t = 0; t < tiles; ++t) {
     if (used[t]) {
@@ -170,17 +163,13 @@ bool screened_argmax(const at::Tensor& tokens, const at::Tensor& x, const at::Te
     float best = -INFINITY;
     int64_t at = -1;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = first[r / TILE] + r % TILE;
-      if (!cand[m * V + n]) {
-        continue;
-      }
       const float v = bf16_value(ev[m * rows + r]);
       if (!std::isfinite(v)) {  // the full head's argmax rules for NaN and inf: not here
         return false;
       }
       if (at < 0 || v > best) {
         best = v;
-        at = n;
+        at = first[r / TILE] + r % TILE;
       }
     }
     out[m] = at;

@@ -212,14 +212,6 @@ class ModelRunner:
             return h
         return h[torch.tensor(rows, dtype=torch.long, device=self.device)]
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Runs one step. Returns fp32 logits [B, vocab] for the items that sample, in
-        `batch.items` order."""
-        h = self.sampling_states(batch)
-        if not h.shape[0]:
-            return torch.empty(0, self.model.shape.vocab, device=self.device)
-        return self.model.logits(h)
-
     def execute(self, batch: ScheduledBatch) -> SampledTokens:
         """Runs one step and samples: a token for each item that samples, in `batch.items`
         order (before the scheduler's postprocess)."""

@@ -13,9 +13,6 @@ from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.kernels.screened_head import MAX_ROWS
 from tests import adapters as A
-from tests.device import DEVICE
-
-pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the screened head is the CPU kernels'")
 
 KINDS = (None, "lora", "bottleneck", "prefix", "prompt", "template")
 WORDS = "low rank adapters share one batch of the quick brown fox and the lazy dog".split()

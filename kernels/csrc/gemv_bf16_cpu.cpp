@@ -440,18 +440,7 @@ void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
               w.sizes());
   TORCH_CHECK(w.size(1) == (x.size(1) + 1) / 2, op, ": w packs K = ", 2 * w.size(1) - 1, " or ",
               2 * w.size(1), " columns, x has ", x.size(1));
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == w.size(0) &&
-                  (out.size(1) <= 1 || out.stride(1) == 1),
-              op, ": out must be [M, N] = [", x.size(0), ", ", w.size(0),
-              "] with contiguous rows, got sizes ", out.sizes(), " strides ", out.strides());
-  check_rows_apart(out, op, "out");
-  if (bias.has_value()) {
-    check_dense_cpu(*bias, op, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->dim() == 1 &&
-                    bias->size(0) == w.size(0) && bias->is_contiguous(),
-                op, ": bias must be a contiguous bfloat16 [N] = [", w.size(0), "], got ",
-                bias->scalar_type(), " ", bias->sizes());
-  }
+  check_linear_out(out, x, w.size(0), bias, op);
 }
 
 }  // namespace

@@ -48,6 +48,7 @@ import asyncio
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -140,6 +141,22 @@ def ratios(cells: dict[str, dict[str, dict]]) -> dict[str, float]:
     for name, own in cells.items():
         if "loras" in own and "batch" in own:
             out[f"{name}_loras_vs_own_batch"] = own["loras"]["tok_s"] / own["batch"]["tok_s"]
+    return out
+
+
+def round_ratios(runs: dict[str, dict[str, list[dict]]]) -> dict[str, float]:
+    """The median over rounds of peftserve / llama.cpp in the same round (the two run one after
+    the other in each round, so a ratio pairs like conditions); the best-of cells can pair a fast
+    hour of one with a slow hour of the other."""
+    out: dict[str, float] = {}
+    ps, lc = runs.get("peftserve", {}), runs.get("llama.cpp", {})
+    for key, phase, field in (("batch", "batch", "tok_s"), ("single", "single", "tok_s"),
+                              ("single_decode", "single", "decode_tok_s"),
+                              ("loras", "loras", "tok_s")):
+        pairs = list(zip(ps.get(phase, []), lc.get(phase, []), strict=False))
+        if pairs:
+            out[f"peftserve_vs_llamacpp_{key}"] = statistics.median(
+                a[field] / b[field] for a, b in pairs)
     return out
 
 
@@ -363,7 +380,10 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
             "systems": cells,
             "runs_tok_s": {s: {p: [r["tok_s"] for r in v] for p, v in by_phase.items() if v}
                            for s, by_phase in runs.items()},
-            "ratios": ratios(cells), "notes": notes}
+            "runs_decode_tok_s": {s: {p: [r["decode_tok_s"] for r in v]
+                                      for p, v in by_phase.items() if v}
+                                  for s, by_phase in runs.items()},
+            "ratios": ratios(cells), "median_round_ratios": round_ratios(runs), "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(out["table"])
     for p, res in results.items():
-        print(p, json.dumps(res["ratios"], indent=1), *res["notes"], sep="\n")
+        print(p, json.dumps(res["ratios"], indent=1), "median of the rounds' ratios:",
+              json.dumps(res["median_round_ratios"], indent=1), *res["notes"], sep="\n")
     print(f"wrote {args.out}")
     return 0
 

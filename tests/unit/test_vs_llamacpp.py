@@ -50,6 +50,21 @@ def test_table_and_ratios() -> None:
     assert lines[4] == "| llama.cpp q4_1 | 130.0 | 100.0 (120.0) | - |"
 
 
+def test_round_ratios_pair_each_round() -> None:
+    # three rounds: the median of the same-round ratios, not the ratio of the best rounds
+    runs = {
+        "peftserve": {"single": [_cell(90.0, 100.0), _cell(75.0, 80.0), _cell(88.0, 99.0)],
+                      "batch": [_cell(300.0)]},
+        "llama.cpp": {"single": [_cell(60.0, 80.0), _cell(70.0, 78.0), _cell(80.0, 90.0)],
+                      "batch": [_cell(150.0)], "loras": [_cell(60.0)]},
+    }
+    r = vs_llamacpp.round_ratios(runs)
+    assert r == pytest.approx({
+        "peftserve_vs_llamacpp_single": 1.1,  # rounds 1.5, 75/70, 1.1
+        "peftserve_vs_llamacpp_single_decode": 1.1,  # rounds 1.25, 80/78, 1.1
+        "peftserve_vs_llamacpp_batch": 2.0})  # no peftserve loras round: no loras ratio
+
+
 def test_long_phase_table_and_ratios() -> None:
     # the long phase alone: its own table, prefill as a speed ratio (llama.cpp's time over ours)
     cells = {"peftserve": {"long": _cell(8.0, 50.0, prefill_s=6.0, prompt_tokens=2000)},

@@ -80,7 +80,9 @@ def _init_prefix_from_activations(model: PeftModel, base: nn.Module, virtual: in
     of attending to N(0, 1) noise."""
     ids = torch.randint(base.config.vocab_size, (1, virtual),
                         generator=torch.Generator().manual_seed(seed))
-    cache = base(input_ids=ids, use_cache=True).cache
+    out = base(input_ids=ids, use_cache=True)
+    # the output's cache is `cache` in later transformers 5 releases, `past_key_values` before
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
     # PEFT's prompt_embeddings row v: [layers, (key, value), kv_heads, head_dim] flattened
     columns = []
     for layer in cache.layers:

@@ -1,21 +1,30 @@
-"""Decode-step kernels on the GPU: the Triton paged attention against gather + SDPA, and the
+"""Decode-step kernels on the GPU: the Triton paged attention against gather + SDPA, the
 token-by-token LoRA kernels (one launch per stage for every slice and adapter) against the
-segment kernels the engine ran before, at SmolLM2-135M's and Llama-3.1-8B's shapes.
+segment kernels the engine ran before, and the hand-written fused small ops against
+torch.compile's (Inductor's) fusion of the same torch code, at SmolLM2-135M's and
+Llama-3.1-8B's shapes.
 
     python bench/decode_kernels.py [--out PATH] [--reps N] [--batches 1 8 32 64]
+                                   [--ops attention,lora,fused]
 
 bf16. Attention: each sequence's context drawn from [max_ctx / 2, max_ctx] (ragged), blocks of
 16 scattered over the cache. LoRA: 32 slots of ranks 8/16/32/64 (R_max 64), each token in a
 random slot, every adapted projection of a layer (qkv and gate_up with their slices in one
 call). Each method is timed eagerly (launches included, ms per call) and replayed from a CUDA
 graph of 20 calls (the kernels alone); GB/s counts the bytes a call must read (KV of the
-contexts; exact-rank weights of the slots in use plus activations). Writes
-bench/results/decode_kernels_cuda.json. Needs a CUDA device.
+contexts; exact-rank weights of the slots in use plus activations). Fused ops (kernels/
+triton_fused.py, what TritonBackend runs): residual add + RMSNorm, rotary + the K/V cache write,
+SiLU-and-multiply, each against the reference backend's torch code eager and compiled by
+`torch.compile(dynamic=True)` (the first call at each row's sizes timed: it holds the compile
+where one happens; bytes: the activations read and written). Writes
+bench/results/decode_kernels_cuda.json (`--ops fused` alone: decode_fused_ops_cuda.json). Needs
+a CUDA device.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -27,7 +36,7 @@ import torch
 
 from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata
-from peftserve.layers.backend import Backend
+from peftserve.layers.backend import Backend, TritonBackend
 
 SHAPES = {  # heads, kv_heads, head_dim, hidden, intermediate
     "smollm2-135m": (9, 3, 64, 576, 1536),
@@ -151,6 +160,64 @@ def lora_rows(shape: str, batch: int, reps: int) -> list[dict]:
     return rows
 
 
+_COMPILED: dict[str, Callable] = {}  # one torch.compile per op, for every shape and batch
+
+
+def fused_rows(shape: str, batch: int, reps: int, dev: str = "cuda") -> list[dict]:
+    """Residual add + RMSNorm, rotary + K/V write, SiLU-and-mul: the Triton kernels, Inductor's
+    compile of the reference's torch code, and that code eager."""
+    heads, kv_heads, D, hidden, inter = SHAPES[shape]
+    ref, tri = Backend(), TritonBackend()
+    dt, eps = torch.bfloat16, 1e-5
+    g = torch.Generator(device=dev).manual_seed(batch)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, device=dev, dtype=dt, generator=g)
+
+    angle = torch.rand(batch, 1, D // 2, device=dev, generator=g) * 6.28
+    cos = torch.cat((angle.cos(), angle.cos()), -1).to(dt)
+    sin = torch.cat((angle.sin(), angle.sin()), -1).to(dt)
+    slots = batch * 64
+    cache = torch.zeros(2, kv_heads, slots, D, device=dev, dtype=dt)
+    slot_mapping = torch.randperm(slots, device=dev, generator=g)[:batch]
+    qkv = randn(batch, (heads + 2 * kv_heads) * D)
+    ops = {  # name: (arguments, bytes a call must read and write)
+        "add_rms_norm": ((randn(batch, hidden), randn(batch, hidden), randn(hidden), eps),
+                         2 * 4 * batch * hidden),
+        "rotary_and_cache": ((qkv, cos, sin, cache, slot_mapping, heads, kv_heads),
+                             2 * batch * (2 * (heads + 2 * kv_heads) * D + 2 * D)),
+        "silu_and_mul": ((randn(batch, 2 * inter),), 2 * batch * 3 * inter),
+    }  # fmt: skip
+    rows = []
+    for name, (args, moved) in ops.items():
+        if name not in _COMPILED:
+            _COMPILED[name] = torch.compile(getattr(Backend(), name), dynamic=True,
+                                            fullgraph=True)  # fmt: skip
+        # the first call at these sizes: compiling where torch.compile needs to (the first
+        # call, batch 1's specialization, another shape's constants), its guards otherwise
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        _COMPILED[name](*args)
+        torch.cuda.synchronize()
+        first_call_s = time.perf_counter() - start
+        methods = {"triton": functools.partial(getattr(tri, name), *args),
+                   "inductor": functools.partial(_COMPILED[name], *args),
+                   "torch": functools.partial(getattr(ref, name), *args)}
+        saved = qkv.clone()  # the Triton rotary turns q, k in place: each method from the same
+        outs = {}
+        for method, fn in methods.items():
+            qkv.copy_(saved)
+            out = fn()
+            outs[method] = [t.float().clone() for t in (out if isinstance(out, tuple) else (out,))]
+        qkv.copy_(saved)
+        diff = {m: max(float((a - b).abs().max()) for a, b in zip(o, outs["torch"], strict=True))
+                for m, o in outs.items()}  # fmt: skip
+        rows.append(_row("fused", shape, batch, methods, reps, moved, diff["triton"],
+                         {"module": name, "max_abs_diff_inductor": diff["inductor"],
+                          "inductor_first_call_s": first_call_s}))  # fmt: skip
+    return rows
+
+
 def _row(op: str, shape: str, batch: int, methods: dict, reps: int, moved: int, diff: float,
          extra: dict) -> dict:  # fmt: skip
     timed = {name: time_ms(fn, reps) for name, fn in methods.items()}
@@ -171,7 +238,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--ops", default="attention,lora", help="and/or fused")
     args = parser.parse_args()
+    ops = set(args.ops.split(","))
+    if not ops <= {"attention", "lora", "fused"}:
+        parser.error(f"--ops: attention, lora, fused; got {args.ops}")
     if not torch.cuda.is_available():
         sys.exit("decode_kernels.py needs a CUDA device")
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -187,8 +258,12 @@ def main() -> None:
     rows = []
     for shape in SHAPES:
         for batch in args.batches:
-            rows.append(attention_row(shape, batch, args.reps))
-            rows += lora_rows(shape, batch, args.reps)
+            if "attention" in ops:
+                rows.append(attention_row(shape, batch, args.reps))
+            if "lora" in ops:
+                rows += lora_rows(shape, batch, args.reps)
+            if "fused" in ops:
+                rows += fused_rows(shape, batch, args.reps)
             torch.cuda.empty_cache()
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -200,7 +275,8 @@ def main() -> None:
                   "graph_calls": GRAPH_CALLS},  # fmt: skip
         "rows": rows,
     }
-    out = args.out or Path(__file__).parent / "results" / "decode_kernels_cuda.json"
+    name = "decode_fused_ops_cuda.json" if ops == {"fused"} else "decode_kernels_cuda.json"
+    out = args.out or Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

@@ -15,6 +15,8 @@
 #    (TRITON_INTERPRET unset), the GPU-marked ones included, against the plain-torch reference;
 # 4. decode_kernels_bench: bench/decode_kernels.py, the Triton paged decode attention vs gather +
 #    SDPA and the one-launch LoRA kernels vs the segment ones, both shapes, batch 1-64;
+#    fused_ops_bench: its --ops fused, the hand-written fused small ops (add + RMSNorm, rotary +
+#    K/V write, SiLU-and-mul) vs torch.compile of the same torch code, compile time included;
 # 5. kernels_bench: bench/kernels.py on CUDA;
 # 6. native_kernels: the C++ CPU kernels on the host CPU: the build and its self-test in a
 #    child process (the last "start <op>" line names an op that crashed), then the C++ ops'
@@ -22,7 +24,7 @@
 #    ours).
 # Writes logs and JSON under $OUT (default bench/results). Each step has a time limit
 # and runs regardless of the others; the exit status is non-zero when any failed.
-# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all seven).
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -74,7 +76,7 @@ native() {
     tests/unit/test_argmax_rows.py tests/kernels/test_screened_head.py
 }
 # The GPU issue's measurements first, then the tests, then the host CPU's kernels. The limits
-# add up to 470 s (T_* override them): one run fits in 8 minutes even when every step hits its
+# add up to 475 s (T_* override them): one run fits in 8 minutes even when every step hits its
 # limit, and a step that does leaves its log (gpu_engine.py also writes its JSON after each
 # section).
 if [ -n "${MODEL_DIR:-}" ]; then
@@ -89,15 +91,19 @@ if [ -n "${MODEL_DIR:-}" ]; then
     ${ENGINE_BENCH_ARGS:-}
   rm -rf /dev/shm/peftserve-smollm2
 fi
-step engine_cuda_tests "${T_ENGINE_TESTS:-70}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
+step engine_cuda_tests "${T_ENGINE_TESTS:-65}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
   tests/integration/test_cuda_graphs.py tests/integration/test_parity.py \
   tests/integration/test_adapter_parity.py tests/integration/test_adapter_batching.py \
   tests/integration/test_batching.py tests/integration/test_engine_requests.py \
   "${pytest_args[@]}"
-step kernel_tests "${T_KERNEL_TESTS:-60}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
-step decode_kernels_bench "${T_DECODE_KERNELS:-40}" "$PY" bench/decode_kernels.py \
+step kernel_tests "${T_KERNEL_TESTS:-55}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
+step decode_kernels_bench "${T_DECODE_KERNELS:-35}" "$PY" bench/decode_kernels.py \
   --out "$OUT/decode_kernels_cuda.json"
-step kernels_bench "${T_KERNEL_BENCH:-25}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
-step native_kernels "${T_NATIVE:-65}" env PY="$PY" bash -c "$(declare -f native); native"
+# six compiles (three ops; batch 1 is specialised, 8 and 32 share a dynamic graph); each row is
+# also printed to the log as it is measured
+step fused_ops_bench "${T_FUSED_OPS:-30}" "$PY" bench/decode_kernels.py --ops fused \
+  --batches 1 8 32 --out "$OUT/decode_fused_ops_cuda.json"
+step kernels_bench "${T_KERNEL_BENCH:-20}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
+step native_kernels "${T_NATIVE:-60}" env PY="$PY" bash -c "$(declare -f native); native"
 cat "$OUT/steps.log"
 exit "$status"

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ from peftserve.adapters.errors import AdapterChanged, InvalidAdapter
 # Pickled weights, refused by name (and uploads by their bytes, grpc/adapter_files.py): loading
 # one runs code. clients/convert.py keeps the same list (the client imports nothing of the server).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Registrations' hashes, beside their parsing (SourceDir)
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -33,15 +40,22 @@ class FileDigest:
 
 class SourceDir:
     """An adapter directory whose files are each read once, as bytes: they are hashed as they
-    are read, and parsed from those same bytes. `read` holds the digests, which registration
-    keeps. Given them back (`expected`), a reload refuses a file that now leads elsewhere (a
-    symlink swapped in, maybe out of the adapter root) before reading it, and a file whose
-    bytes changed, with AdapterChanged."""
+    are read, and parsed from those same bytes. `digests()` gives the hashes, which
+    registration keeps. Given them back (`expected`), a reload refuses a file that now leads
+    elsewhere (a symlink swapped in, maybe out of the adapter root) before reading it, and a
+    file whose bytes changed, with AdapterChanged, before parsing it. At registration the hash
+    runs on a thread of its own while the bytes are parsed (hashlib lets go of the GIL): an
+    all-linear LoRA's 17 MB take ~12 ms to hash, a third of its registration."""
 
     def __init__(self, path: Path, expected: Mapping[str, FileDigest] | None = None) -> None:
         self.path = path
         self.expected = expected
-        self.read: dict[str, FileDigest] = {}
+        self._read: dict[str, tuple[str, Future[str]]] = {}
+
+    def digests(self) -> dict[str, FileDigest]:
+        """What was read, file by file (waits for the hashes still running)."""
+        return {name: FileDigest(resolved, digest.result())
+                for name, (resolved, digest) in self._read.items()}  # fmt: skip
 
     def file_bytes(self, name: str) -> bytes:
         path = self.path / name
@@ -56,11 +70,15 @@ class SourceDir:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise InvalidAdapter(f"{name} is not a regular file")
             data = f.read()
-        digest = hashlib.sha256(data).hexdigest()
-        if want is not None and want.sha256 != digest:
-            raise AdapterChanged(f"{name} changed on disk since the adapter was registered; "
-                                 "re-register it to serve the new weights")
-        self.read[name] = FileDigest(resolved, digest)
+        if want is None:
+            digest = _HASHERS.submit(_sha256, data)
+        else:
+            digest = Future()
+            digest.set_result(_sha256(data))
+            if want.sha256 != digest.result():
+                raise AdapterChanged(f"{name} changed on disk since the adapter was registered; "
+                                     "re-register it to serve the new weights")
+        self._read[name] = (resolved, digest)
         return data
 
     def json(self, name: str) -> dict[str, Any]:
@@ -97,9 +115,21 @@ class SourceDir:
             if not t.is_floating_point():
                 raise InvalidAdapter(f"tensor {key[:128]} has dtype {t.dtype}; expected floating "
                                      "point")
-            if not torch.isfinite(t).all():
-                raise InvalidAdapter(f"tensor {key[:128]} contains NaN or Inf")
+        if not _sums_finite(tensors):  # then tensor by tensor, to name the first bad one
+            for key, t in tensors.items():
+                if not torch.isfinite(t).all():
+                    raise InvalidAdapter(f"tensor {key[:128]} contains NaN or Inf")
         return tensors
+
+
+def _sums_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """True when every tensor is finite, known from one fp32 sum each, stacked: a NaN or an
+    infinity makes its tensor's sum NaN or infinite, in any order of addition (an all-linear
+    LoRA has hundreds of tensors: ~3 ms instead of ~18 ms for an isfinite each, of a ~50 ms
+    registration). False: some value is not finite, or finite values' sum overflows fp32 (or
+    a float64 value is beyond fp32): the caller looks tensor by tensor."""
+    sums = [t.sum(dtype=torch.float32) for t in tensors.values()]
+    return not sums or bool(torch.stack(sums).isfinite().all())
 
 
 def expect_keys(config: dict[str, Any], allowed: set[str], what: str) -> None:

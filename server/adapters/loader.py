@@ -130,4 +130,4 @@ def _load(source: SourceDir, shape: ModelShape, limits: AdapterLimits) -> Loaded
         )
     else:
         out = LoadedAdapter(kind, template=parse_template(config))
-    return replace(out, load_time_s=time.perf_counter() - t0, files=dict(source.read))
+    return replace(out, load_time_s=time.perf_counter() - t0, files=source.digests())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import AutoConfig
 
 from peftserve.adapters import config_values
 from peftserve.adapters.errors import InvalidAdapter
+from peftserve.adapters.files import SourceDir
 from peftserve.adapters.loader import AdapterLimits, load_adapter
 from peftserve.adapters.registry import validate_name
 from peftserve.models.llama import ModelShape
@@ -81,13 +83,34 @@ def test_rank_above_the_limit_is_refused(lora_dir, shape):
     refused(lora_dir, shape, "max rank 2", AdapterLimits(max_lora_rank=2))
 
 
-def test_nan_weights_are_refused(lora_dir, shape, tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("dtypes", ["one", "mixed"])
+def test_non_finite_weights_are_refused_naming_the_tensor(lora_dir, shape, tmp_path, value,
+                                                          where, dtypes):  # fmt: skip
+    bad = []
+
     def poison(t):
-        k = next(iter(t))
-        t[k][0, 0] = float("nan")
+        keys = sorted(t)
+        key = keys[0] if where == "first" else keys[-1]
+        if dtypes == "mixed":
+            other = keys[-1] if where == "first" else keys[0]
+            t[other] = t[other].half()
+        t[key].view(-1)[0 if where == "first" else -1] = value
+        bad.append(key)
         return t
 
-    refused(edited(lora_dir, tmp_path, tensors=poison), shape, "NaN")
+    path = edited(lora_dir, tmp_path, tensors=poison)
+    refused(path, shape, re.escape(bad[0]) + " contains NaN or Inf")
+
+
+def test_finite_weights_whose_sum_overflows_are_read(tmp_path):
+    # the sums' check overflows (3e38 + 3e38 in fp32; 1e300 in fp32): tensor by tensor, finite
+    save_file({"a": torch.full((2, 3), 3e38), "b": torch.full((4,), 1e300, dtype=torch.float64)},
+              tmp_path / "w.safetensors")  # fmt: skip
+    tensors = SourceDir(tmp_path).safetensors("w.safetensors")
+    assert torch.equal(tensors["a"], torch.full((2, 3), 3e38))
+    assert torch.equal(tensors["b"], torch.full((4,), 1e300, dtype=torch.float64))
 
 
 def test_adapter_for_another_base_is_refused(shape, tmp_path):

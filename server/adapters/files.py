@@ -22,8 +22,17 @@ from peftserve.adapters.errors import AdapterChanged, InvalidAdapter
 # Pickled weights, refused by name (and uploads by their bytes, grpc/adapter_files.py): loading
 # one runs code. clients/convert.py keeps the same list (the client imports nothing of the server).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# Registrations' hashes, beside their parsing (SourceDir)
+# Registrations' hashes, beside their parsing (SourceDir); a forked child gets a pool of its own
+# (the parent's threads are not in it)
 _HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
+
+
+def _new_hashers() -> None:
+    global _HASHERS
+    _HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
+
+
+os.register_at_fork(after_in_child=_new_hashers)
 
 
 def _sha256(data: bytes) -> str:

@@ -24,7 +24,7 @@ from peftserve.adapters.errors import AdapterChanged, InvalidAdapter
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Registrations' hashes, beside their parsing (SourceDir); a forked child gets a pool of its own
 # (the parent's threads are not in it)
-_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
+_HASHERS: ThreadPoolExecutor
 
 
 def _new_hashers() -> None:
@@ -32,6 +32,7 @@ def _new_hashers() -> None:
     _HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
 
 
+_new_hashers()
 os.register_at_fork(after_in_child=_new_hashers)
 
 

@@ -191,8 +191,7 @@ def fused_rows(shape: str, batch: int, reps: int, dev: str = "cuda") -> list[dic
     rows = []
     for name, (args, moved) in ops.items():
         if name not in _COMPILED:
-            _COMPILED[name] = torch.compile(getattr(Backend(), name), dynamic=True,
-                                            fullgraph=True)  # fmt: skip
+            _COMPILED[name] = torch.compile(getattr(ref, name), dynamic=True, fullgraph=True)
         # the first call at these sizes: compiling where torch.compile needs to (the first
         # call, batch 1's specialization, another shape's constants), its guards otherwise
         torch.cuda.synchronize()

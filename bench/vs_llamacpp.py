@@ -125,14 +125,17 @@ def best(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["wall_s"])
 
 
+# peftserve / llama.cpp: (name, phase, the cell's field)
+CROSS_RATIOS = (("batch", "batch", "tok_s"), ("single", "single", "tok_s"),
+                ("single_decode", "single", "decode_tok_s"), ("loras", "loras", "tok_s"))
+
+
 def ratios(cells: dict[str, dict[str, dict]]) -> dict[str, float]:
     """peftserve / llama.cpp per phase (decode-only too), where both have a number; and each
     system's loras phase against its own batch phase."""
     out: dict[str, float] = {}
     ps, lc = cells.get("peftserve", {}), cells.get("llama.cpp", {})
-    for key, phase, field in (("batch", "batch", "tok_s"), ("single", "single", "tok_s"),
-                              ("single_decode", "single", "decode_tok_s"),
-                              ("loras", "loras", "tok_s"), ("long_decode", "long", "decode_tok_s")):
+    for key, phase, field in (*CROSS_RATIOS, ("long_decode", "long", "decode_tok_s")):
         if phase in ps and phase in lc:
             out[f"peftserve_vs_llamacpp_{key}"] = ps[phase][field] / lc[phase][field]
     if "long" in ps and "long" in lc:  # a speed ratio: llama.cpp's prefill time over ours
@@ -150,9 +153,7 @@ def round_ratios(runs: dict[str, dict[str, list[dict]]]) -> dict[str, float]:
     hour of one with a slow hour of the other."""
     out: dict[str, float] = {}
     ps, lc = runs.get("peftserve", {}), runs.get("llama.cpp", {})
-    for key, phase, field in (("batch", "batch", "tok_s"), ("single", "single", "tok_s"),
-                              ("single_decode", "single", "decode_tok_s"),
-                              ("loras", "loras", "tok_s")):
+    for key, phase, field in CROSS_RATIOS:
         pairs = list(zip(ps.get(phase, []), lc.get(phase, []), strict=False))
         if pairs:
             out[f"peftserve_vs_llamacpp_{key}"] = statistics.median(
@@ -378,11 +379,9 @@ def run_precision(args: argparse.Namespace, precision: str, checkout: Checkout, 
     cells = {s: c for s, c in cells.items() if c}
     return {"llama_gguf": str(model), "peftserve_flags": list(spec.peftserve_flags),
             "systems": cells,
-            "runs_tok_s": {s: {p: [r["tok_s"] for r in v] for p, v in by_phase.items() if v}
-                           for s, by_phase in runs.items()},
-            "runs_decode_tok_s": {s: {p: [r["decode_tok_s"] for r in v]
-                                      for p, v in by_phase.items() if v}
-                                  for s, by_phase in runs.items()},
+            **{f"runs_{field}": {s: {p: [r[field] for r in v] for p, v in by_phase.items() if v}
+                                 for s, by_phase in runs.items()}
+               for field in ("tok_s", "decode_tok_s")},
             "ratios": ratios(cells), "median_round_ratios": round_ratios(runs), "notes": notes}
 
 

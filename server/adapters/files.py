@@ -80,14 +80,10 @@ class SourceDir:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise InvalidAdapter(f"{name} is not a regular file")
             data = f.read()
-        if want is None:
-            digest = _HASHERS.submit(_sha256, data)
-        else:
-            digest = Future()
-            digest.set_result(_sha256(data))
-            if want.sha256 != digest.result():
-                raise AdapterChanged(f"{name} changed on disk since the adapter was registered; "
-                                     "re-register it to serve the new weights")
+        digest = _HASHERS.submit(_sha256, data)  # at registration, beside the parsing
+        if want is not None and want.sha256 != digest.result():  # a reload: before parsing
+            raise AdapterChanged(f"{name} changed on disk since the adapter was registered; "
+                                 "re-register it to serve the new weights")
         self._read[name] = (resolved, digest)
         return data
 

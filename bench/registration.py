@@ -1,6 +1,9 @@
 """Registering an adapter from disk: its read and validation, against the same registration with
 the finiteness checked tensor by tensor and the file's hash computed before parsing (how
-server/adapters/files.py did both before), alternated in one process.
+server/adapters/files.py did both before), alternated in one process. Then the adapter's slot
+write (what its first request does before its prefill): DeviceSlots.write_lora against the
+same write module by module, casts, copies and scalar writes each their own op (how
+server/adapters/slots.py wrote before), also alternated.
 
     .venv/bin/python -m bench.registration [--rounds 12] [--rank 16] [--out PATH]
         # -> bench/results/registration_cpu.json
@@ -9,8 +12,10 @@ SmolLM2-135M (the default model), bf16, 2 threads, a rank-16 LoRA on every linea
 every layer (PEFT's format, fp32 tensors as PEFT saves them: 420 tensors, 17 MB), written to
 disk once per round (four files, reused), registered with `engine.adapters.register` (what the
 server's RegisterAdapter runs: read, hash, parse, validate, and keep) and unregistered. The two
-forms alternate, each first in every other round; medians of the rounds. The adapter's first
-request (slot write, prefill) is not part of it: bench/multi_adapter.py's cold start times that.
+forms alternate, each first in every other round; medians of the rounds. On the CPU backend a
+slot write also packs the slot for the C++ kernels (the same in both forms). On a GPU, the
+per-module form's 420 copies each waited for the device, and the op counts (tests/unit/
+test_slot_buffers.py) matter more than here: bench/gpu_engine.py's cold start times that.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ import torch
 from bench.common import environment
 from bench.multi_adapter import ALL, write_lora
 from peftserve.adapters import files
+from peftserve.adapters.lora import LoraWeights
+from peftserve.adapters.slots import GROUP_OF, DeviceSlots
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
+from peftserve.kernels.cpu_packed import pack_lora
 
 
 class _Inline:
@@ -39,6 +47,46 @@ class _Inline:
         done: Future = Future()
         done.set_result(fn(*args))
         return done
+
+
+def per_module_write(slots: DeviceSlots, slot: int, weights: LoraWeights) -> None:
+    """DeviceSlots.write_lora as it was, module by module (its buffers already allocated)."""
+    slots.clear(slot)
+    for (layer, proj), mod in weights.modules.items():
+        group, i = GROUP_OF[proj]
+        buf = slots.lora[(layer, group)]
+        r = mod.A.shape[0]
+        off = sum(buf.slice_sizes[:i])
+        rows = buf.B[slot, off : off + buf.slice_sizes[i]]
+        hw = buf.written[i][slot]
+        if hw > r:
+            buf.A[i, slot, r:hw].zero_()
+            rows[:, r:hw].zero_()
+        buf.A[i, slot, :r] = mod.A.to(slots.dtype)
+        rows[:, :r] = mod.B.to(slots.dtype)
+        buf.written[i][slot] = r
+        buf.rank[i, slot] = r
+        buf.scale[i, slot] = mod.scale
+    if slots.packed is not None:
+        for layer, group in {(layer, GROUP_OF[proj][0]) for layer, proj in weights.modules}:
+            buf = slots.lora[(layer, group)]
+            slots.packed[(layer, group)][slot] = pack_lora(
+                buf.A, buf.B, buf.rank, buf.scale, slot, buf.slice_sizes
+            )
+    slots.version += 1
+
+
+def alternate(forms: dict, rounds: int, run, after=lambda r: None) -> dict[str, list[float]]:
+    """ms of run(form, round) per form, the forms alternating, each first every other round;
+    after(round) runs untimed after each."""
+    ms: dict[str, list[float]] = {name: [] for name in forms}
+    for r in range(rounds):
+        for name in list(forms) if r % 2 == 0 else list(reversed(forms)):
+            t0 = time.perf_counter()
+            run(forms[name], r)
+            ms[name].append((time.perf_counter() - t0) * 1e3)
+            after(r)
+    return ms
 
 
 def main() -> None:
@@ -59,19 +107,24 @@ def main() -> None:
         "now": (files._sums_finite, files._HASHERS),
         "tensor_by_tensor_inline_hash": (lambda tensors: False, _Inline()),
     }
-    ms: dict[str, list[float]] = {name: [] for name in forms}
+
+    def register(form, r: int) -> None:
+        files._sums_finite, files._HASHERS = form
+        engine.adapters.register(f"r{r}", paths[r % len(paths)])
+
     try:
-        for r in range(args.rounds):
-            order = list(forms) if r % 2 == 0 else list(reversed(forms))
-            for name in order:
-                files._sums_finite, files._HASHERS = forms[name]
-                t0 = time.perf_counter()
-                engine.adapters.register(f"r{r}-{name}", paths[r % len(paths)])
-                ms[name].append((time.perf_counter() - t0) * 1e3)
-                engine.adapters.unregister(f"r{r}-{name}")
+        ms = alternate(forms, args.rounds, register, lambda r: engine.adapters.unregister(f"r{r}"))
     finally:
         files._sums_finite, files._HASHERS = forms["now"]
     p50 = {name: statistics.median(v) for name, v in ms.items()}
+
+    slots = engine.adapters.slots
+    loaded = [engine.registry.load_from_disk(p).lora for p in paths]
+    slots.write_lora(0, loaded[0])  # the buffers allocated, as after the server's first adapter
+    writes = {"now": slots.write_lora, "per_module": lambda *a: per_module_write(slots, *a)}
+    write_ms = alternate(writes, args.rounds,
+                         lambda write, r: write(1 + r % 4, loaded[r % len(loaded)]))  # fmt: skip
+    write_p50 = {name: statistics.median(v) for name, v in write_ms.items()}
     result = {
         "environment": environment(),
         "threads": args.threads,
@@ -79,9 +132,16 @@ def main() -> None:
         "register_ms_p50": p50,
         "now_over_before": p50["now"] / p50["tensor_by_tensor_inline_hash"],
         "rounds_ms": ms,
+        "slot_write": {
+            "backend": type(slots.backend).__name__,
+            "ms_p50": write_p50,
+            "now_over_before": write_p50["now"] / write_p50["per_module"],
+            "rounds_ms": write_ms,
+        },
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("register_ms_p50", "now_over_before")}))
+    print(json.dumps({k: result["slot_write"][k] for k in ("ms_p50", "now_over_before")}))
     print(f"wrote {args.out}")
 
 

@@ -3,10 +3,19 @@
 A slot index (not the adapter's id) picks an adapter's rows in each buffer. Kernels read each
 slot's exact rank from `rank`; rank 0 means "no update here", so an adapter that targets only q,v
 costs nothing on o/gate/up/down. Buffers are allocated on first use of a module.
+
+Writing a slot does not wait for the device: the adapter's tensors go over in one asynchronous
+copy from page-locked memory (`upload`), then into the buffers in one foreach copy (a launch per
+destination that is not contiguous, B's first r columns), and every module's ranks and scales
+live in one table (`RankTable`), so a slot's are cleared, or written, in one op each. Written
+module by module, a 30-layer all-linear LoRA took ~1,300 ops that move data, 420 of them
+host-to-device copies that each waited for the device.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -29,8 +38,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("down",),
 }
 GROUP_OF = {proj: (group, i) for group, projs in GROUPS.items() for i, proj in enumerate(projs)}
+GROUP_INDEX = {group: g for g, group in enumerate(GROUPS)}
+MAX_SLICES = max(len(projs) for projs in GROUPS.values())
 # Bottleneck placements act on the output of these projections (before the residual add).
 PLACEMENT_GROUP = {"mh_adapter": "o", "output_adapter": "down"}
+PLACEMENT_INDEX = {group: g for g, group in enumerate(PLACEMENT_GROUP.values())}
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -47,8 +60,34 @@ class StackedModule:
     # [n_slices][S]: rows of A (columns of B) past which a slot's storage is still all zero
     written: list[list[int]] = field(default_factory=list)
 
-    def clear(self, slot: int) -> None:
-        self.rank[:, slot] = 0
+
+class RankTable:
+    """The per-slot ranks and scales of many modules ([rows, n_slices, S] in effect, each row a
+    module): a module's `rank` and `scale` [n_slices, S] are views of its row, so a slot's
+    entries across all modules are cleared, or written, in one op each."""
+
+    def __init__(self, rows: int, n_slices: int, num_slots: int,
+                 zeros: Callable[..., torch.Tensor]) -> None:  # fmt: skip
+        """zeros(*shape, dtype=): zero-filled device storage."""
+        self.n_slices, self.num_slots = n_slices, num_slots
+        width = -(-n_slices * num_slots // 4) * 4  # each row's start 16-byte aligned
+        self.rank = zeros(rows, width, dtype=torch.int32)
+        self.scale = zeros(rows, width, dtype=torch.float32)
+
+    def row(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A module's rank and scale, [n, S] each, for its first n slices."""
+        S = self.num_slots
+        return self.rank[row, : n * S].view(n, S), self.scale[row, : n * S].view(n, S)
+
+    def columns(self, slot: int) -> list[torch.Tensor]:
+        """A slot's ranks and scales, [rows, n_slices] each (strided views)."""
+        n, S = self.n_slices, self.num_slots
+        return [t[:, : n * S].view(-1, n, S)[:, :, slot] for t in (self.rank, self.scale)]
+
+    def host_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed host tensors shaped like columns(): what a write fills, then copies."""
+        shape = (self.rank.shape[0], self.n_slices)
+        return torch.zeros(shape, dtype=torch.int32), torch.zeros(shape, dtype=torch.float32)
 
 
 class DeviceSlots:
@@ -69,6 +108,9 @@ class DeviceSlots:
             for group, projs in GROUPS.items()
         }
         self.lora: dict[tuple[int, str], StackedModule] = {}
+        # A row per layer and group; a row per layer and placement for each activation's.
+        self._lora_table = RankTable(shape.layers * len(GROUPS), MAX_SLICES, num_slots, self._zeros)
+        self._bottleneck_tables: dict[str, RankTable] = {}
         # CPU backend only: each slot's LoRA packed per module (cpu_packed.PackedLora), rebuilt
         # from the stacked buffers whenever a slot is written or cleared.
         self.packed: dict[tuple[int, str], list[PackedLora | None]] | None = (
@@ -90,14 +132,17 @@ class DeviceSlots:
     def _zeros(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
         return self.backend.zeros(shape, dtype, self.device)
 
-    def _new(self, d_in: int, sizes: tuple[int, ...], bias: bool) -> StackedModule:
+    def _new(self, d_in: int, sizes: tuple[int, ...], bias: bool, table: RankTable,
+             row: int) -> StackedModule:  # fmt: skip
+        """row: the module's row of `table`, where its ranks and scales are kept."""
         S, R, n, z = self.num_slots, self.max_rank, len(sizes), self._zeros
+        rank, scale = table.row(row, n)
         # Zero-filled: the CPU path multiplies storage past a slot's rank by exact zeros.
         return StackedModule(
             A=z(n, S, R, d_in, dtype=self.dtype),
             B=z(S, sum(sizes), R, dtype=self.dtype),
-            rank=z(n, S, dtype=torch.int32),
-            scale=z(n, S, dtype=torch.float32),
+            rank=rank,
+            scale=scale,
             slice_sizes=sizes,
             b_down=z(S, R, dtype=self.dtype) if bias else None,
             b_up=z(S, sum(sizes), dtype=self.dtype) if bias else None,
@@ -106,8 +151,8 @@ class DeviceSlots:
 
     def clear(self, slot: int) -> None:
         self.version += 1
-        for m in (*self.lora.values(), *self.bottleneck.values()):
-            m.clear(slot)
+        for table in (self._lora_table, *self._bottleneck_tables.values()):
+            table.columns(slot)[0].zero_()
         if self.packed is not None:
             for per_slot in self.packed.values():
                 per_slot[slot] = None
@@ -118,12 +163,18 @@ class DeviceSlots:
 
     def write_lora(self, slot: int, weights: LoraWeights) -> None:
         self.clear(slot)
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        table = self._lora_table
+        ranks, scales = table.host_columns()  # written with the weights
+        rank_rows, scale_rows = ranks.numpy(), scales.numpy()
         for (layer, proj), mod in weights.modules.items():
             group, i = GROUP_OF[proj]
+            row = layer * len(GROUPS) + GROUP_INDEX[group]
             buf = self.lora.get((layer, group))
             if buf is None:
                 d_in, sizes = self._dims[group]
-                buf = self.lora[(layer, group)] = self._new(d_in, sizes, bias=False)
+                buf = self.lora[(layer, group)] = self._new(d_in, sizes, False, table, row)
             r = mod.A.shape[0]
             off = sum(buf.slice_sizes[:i])
             rows = buf.B[slot, off : off + buf.slice_sizes[i]]
@@ -133,11 +184,12 @@ class DeviceSlots:
             if hw > r:
                 buf.A[i, slot, r:hw].zero_()
                 rows[:, r:hw].zero_()
-            buf.A[i, slot, :r] = mod.A.to(self.dtype)
-            rows[:, :r] = mod.B.to(self.dtype)
+            dst += [buf.A[i, slot, :r], rows[:, :r]]
+            src += [mod.A, mod.B]
             buf.written[i][slot] = r
-            buf.rank[i, slot] = r
-            buf.scale[i, slot] = mod.scale
+            rank_rows[row, i] = r
+            scale_rows[row, i] = fp32_scale(mod.scale, f"layer {layer}'s {proj}")
+        self._copy_in([*dst, *table.columns(slot)], [*src, ranks, scales])
         if self.packed is not None:
             for layer, group in {(layer, GROUP_OF[proj][0]) for layer, proj in weights.modules}:
                 buf = self.lora[(layer, group)]
@@ -147,28 +199,56 @@ class DeviceSlots:
                 per_slot[slot] = pack_lora(buf.A, buf.B, buf.rank, buf.scale, slot, buf.slice_sizes)
         self.version += 1
 
+    def _copy_in(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        """dst[i].copy_(src[i]) for host tensors src, each cast to its dst's dtype on the host
+        (as `Tensor.to` would), in one host-to-device copy and one foreach copy."""
+        if self._staged():
+            src = upload(src, [d.dtype for d in dst], self.device)
+        torch._foreach_copy_(dst, src)
+
+    def _staged(self) -> bool:
+        """Whether writes go through `upload` (else straight from the host tensors)."""
+        return self.device.type != "cpu"
+
     def write_bottleneck(self, slot: int, weights: BottleneckWeights) -> None:
         self.clear(slot)
         act = weights.activation
+        table = self._bottleneck_tables.get(act)
+        if table is None:
+            table = self._bottleneck_tables[act] = RankTable(
+                self.shape.layers * len(PLACEMENT_INDEX), 1, self.num_slots, self._zeros
+            )
+        ranks, scales = table.host_columns()
+        rank_rows, scale_rows = ranks.numpy(), scales.numpy()
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        written: list[tuple[str, StackedModule, int]] = []
         for (layer, placement), (wd, bd, wu, bu) in weights.modules.items():
             group = PLACEMENT_GROUP[placement]
+            row = layer * len(PLACEMENT_INDEX) + PLACEMENT_INDEX[group]
             buf = self.bottleneck.get((layer, group, act))
             if buf is None:
+                hidden = self.shape.hidden
                 buf = self.bottleneck[(layer, group, act)] = self._new(
-                    self.shape.hidden, (self.shape.hidden,), bias=True
+                    hidden, (hidden,), True, table, row
                 )
             assert buf.b_down is not None and buf.b_up is not None
             r = wd.shape[0]
-            buf.A[0, slot].zero_()
-            buf.A[0, slot, :r] = wd.to(self.dtype)
-            buf.B[slot].zero_()
-            buf.B[slot, :, :r] = wu.to(self.dtype)
-            buf.b_down[slot].zero_()
-            buf.b_down[slot, :r] = bd.to(self.dtype)
-            buf.b_up[slot] = bu.to(self.dtype)
-            buf.rank[0, slot] = r
-            buf.scale[0, slot] = weights.scaling
-            if self.packed_bottleneck is not None:
+            hw = buf.written[0][slot]  # as in write_lora: zero what an earlier adapter wrote
+            if hw > r:
+                buf.A[0, slot, r:hw].zero_()
+                buf.B[slot, :, r:hw].zero_()
+                buf.b_down[slot, r:hw].zero_()
+            buf.written[0][slot] = r
+            dst += [buf.A[0, slot, :r], buf.B[slot, :, :r], buf.b_down[slot, :r], buf.b_up[slot]]
+            src += [wd, wu, bd, bu]
+            rank_rows[row, 0] = r
+            scale_rows[row, 0] = fp32_scale(weights.scaling, "the bottleneck")
+            written.append((group, buf, r))
+        self._copy_in([*dst, *table.columns(slot)], [*src, ranks, scales])
+        if self.packed_bottleneck is not None:
+            for (layer, _), (group, buf, r) in zip(weights.modules, written, strict=True):
+                assert buf.b_down is not None and buf.b_up is not None
                 per_slot = self.packed_bottleneck.setdefault(
                     (layer, group, act), [None] * self.num_slots
                 )
@@ -177,6 +257,42 @@ class DeviceSlots:
                 )
         self.slot_activation[slot] = act
         self.version += 1
+
+
+def fp32_scale(scale: float, where: str) -> float:
+    """The scale as the kernels read it, in float32; refuses one that is not finite there."""
+    if not math.isfinite(scale) or abs(scale) > FP32_MAX:
+        raise ValueError(f"the scale of {where}, {scale:g}, is not a finite float32")
+    return scale
+
+
+def upload(tensors: list[torch.Tensor], dtypes: list[torch.dtype],
+           device: torch.device) -> list[torch.Tensor]:  # fmt: skip
+    """Host tensors on `device`, each cast to its dtype in `dtypes` on the host (as
+    `Tensor.to`), through one copy from page-locked memory (asynchronous: torch keeps the
+    page-locked block from reuse until the copy is done). Two ops per tensor on the host, as
+    a write's hundreds of tensors make each op count."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, d in enumerate(dtypes):
+        groups.setdefault(d, []).append(i)
+    numels = {d: [tensors[i].numel() for i in idx] for d, idx in groups.items()}
+    starts, nbytes = {}, 0
+    for d in groups:  # one region per dtype, each 16-byte aligned
+        starts[d] = nbytes
+        nbytes += -(-sum(numels[d]) * d.itemsize // 16) * 16
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+    def region(flat: torch.Tensor, d: torch.dtype) -> torch.Tensor:
+        return flat[starts[d] : starts[d] + sum(numels[d]) * d.itemsize].view(d)
+
+    for d, idx in groups.items():  # cat casts to the region's dtype as it copies
+        torch.cat([tensors[i].flatten() for i in idx], out=region(host, d))
+    on_device = host.to(device, non_blocking=True)
+    out: list[torch.Tensor] = [host] * len(tensors)
+    for d, idx in groups.items():
+        for i, part in zip(idx, torch.split(region(on_device, d), numels[d]), strict=True):
+            out[i] = part.view(tensors[i].shape)
+    return out
 
 
 class AdapterHook:

@@ -204,7 +204,13 @@ class DeviceSlots:
         (as `Tensor.to` would), in one host-to-device copy and one foreach copy."""
         if self._staged():
             src = upload(src, [d.dtype for d in dst], self.device)
-        torch._foreach_copy_(dst, src)
+        # Contiguous pairs apart: on a GPU, one foreach copy of many such tensors takes a few
+        # launches; one with a strided destination takes a launch per tensor.
+        dense = [d.is_contiguous() and s.is_contiguous() for d, s in zip(dst, src, strict=True)]
+        for want in (True, False):
+            pairs = [(d, s) for d, s, ok in zip(dst, src, dense, strict=True) if ok is want]
+            if pairs:
+                torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
     def _staged(self) -> bool:
         """Whether writes go through `upload` (else straight from the host tensors)."""

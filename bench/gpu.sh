@@ -22,6 +22,8 @@
 #    child process (the last "start <op>" line names an op that crashed), then the C++ ops'
 #    tests without xdist, each with a time limit (the host's compiler, torch and CPU are not
 #    ours).
+# Then bench/gpu_report.py: every goal of the GPU issue read from those files, as a table
+# ($OUT/gpu_report.md).
 # Writes logs and JSON under $OUT (default bench/results). Each step has a time limit
 # and runs regardless of the others; the exit status is non-zero when any failed.
 # STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight).
@@ -106,4 +108,6 @@ step fused_ops_bench "${T_FUSED_OPS:-30}" "$PY" bench/decode_kernels.py --ops fu
 step kernels_bench "${T_KERNEL_BENCH:-20}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
 step native_kernels "${T_NATIVE:-60}" env PY="$PY" bash -c "$(declare -f native); native"
 cat "$OUT/steps.log"
+# The issue's must-shows from the files above, met or not (no GPU needed; rerun it on copies)
+timeout 30 "$PY" -m bench.gpu_report "$OUT" | tee "$OUT/gpu_report.md"
 exit "$status"

@@ -1,0 +1,152 @@
+"""The GPU issue's must-shows, read from one `bench/gpu.sh` run's files, as a Markdown table.
+
+    python -m bench.gpu_report OUT_DIR   # the directory gpu.sh wrote ($OUT)
+
+Each goal's number is taken from the JSON that holds it (gpu_engine_8b.json and gpu_engine.json:
+bench/gpu_engine.py at Llama-3.1-8B's and SmolLM2's shapes; decode_kernels_cuda.json and
+decode_fused_ops_cuda.json: bench/decode_kernels.py), each test step's exit status from
+steps.log. A number the run did not write (a step that failed or ran out of time) shows as
+missing and fails its goal. Needs no GPU: gpu.sh runs it last, and it reruns on copied files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Goal:
+    what: str
+    file: str
+    path: tuple[str, ...]  # keys into the file's JSON
+    bound: float
+    at_most: bool  # True: value <= bound; False: value >= bound
+
+    def check(self, value: float | None) -> bool:
+        if value is None:
+            return False
+        return (operator.le if self.at_most else operator.ge)(value, self.bound)
+
+
+def _engine_goals(file: str, shape: str, floor: float, vs_generate: float) -> list[Goal]:
+    steps = [Goal(f"{shape}: decode step / floor, batch {b}", file,
+                  ("decode_floor", str(b), "step_over_floor"), floor, True)
+             for b in (1, 8, 32)]  # fmt: skip
+    return [*steps, Goal(f"{shape}: engine / `generate` (one batch of 32)", file,
+                         ("throughput", "speedup_vs_hf_batch32"), vs_generate, False)]  # fmt: skip
+
+
+GOALS = [
+    *_engine_goals("gpu_engine_8b.json", "Llama-3.1-8B", 1.25, 3.0),
+    *_engine_goals("gpu_engine.json", "SmolLM2", 2.5, 5.0),
+    Goal("Llama-3.1-8B: 32 q,v LoRAs / base tok/s", "gpu_engine_8b.json",
+         ("adapters", "lora-qv", "vs_base"), 0.90, False),
+    Goal("SmolLM2: 32 q,v LoRAs / base tok/s", "gpu_engine.json",
+         ("adapters", "lora-qv", "vs_base"), 0.80, False),
+    Goal("Llama-3.1-8B: 32 all-linear LoRAs / base tok/s", "gpu_engine_8b.json",
+         ("adapters", "lora-heavy", "vs_base"), 0.70, False),
+    Goal("SmolLM2: cold register -> first token p50, ms", "gpu_engine.json",
+         ("cold_register_to_first_token_ms", "p50"), 40.0, True),
+]  # fmt: skip
+TEST_STEPS = ("engine_cuda_tests", "kernel_tests", "native_kernels")
+
+
+def dig(data: Any, path: tuple[str, ...]) -> float | None:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return float(data) if isinstance(data, int | float) else None
+
+
+def read_json(out: Path, name: str) -> dict | None:
+    try:
+        return json.loads((out / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def step_status(out: Path) -> dict[str, int]:
+    """Each step's exit status from steps.log ("== NAME: exit RC in S s"); the last line wins."""
+    try:
+        text = (out / "steps.log").read_text()
+    except OSError:
+        return {}
+    return {m[1]: int(m[2]) for m in re.finditer(r"^== (\S+): exit (\d+)", text, re.M)}
+
+
+def _fmt(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.3g}"
+
+
+def goal_lines(out: Path) -> tuple[list[str], int]:
+    """The goals' table and how many are not met."""
+    lines = ["| goal | value | bound | met |", "|---|---|---|---|"]
+    unmet = 0
+    for goal in GOALS:
+        value = dig(read_json(out, goal.file), goal.path)
+        met = goal.check(value)
+        unmet += not met
+        bound = f"{'<=' if goal.at_most else '>='} {goal.bound:g}"
+        lines.append(f"| {goal.what} | {_fmt(value)} | {bound} | {'yes' if met else 'NO'} |")
+    status = step_status(out)
+    for step in TEST_STEPS:
+        rc = status.get(step)
+        unmet += rc != 0
+        shown = "missing" if rc is None else f"exit {rc}"
+        lines.append(f"| tests: {step} | {shown} | exit 0 | {'yes' if rc == 0 else 'NO'} |")
+    return lines, unmet
+
+
+def kernel_lines(out: Path, name: str, op: str, best: Callable[[dict], str]) -> list[str]:
+    """One line per row of `op` in decode_kernels' JSON `name`: GB/s of each method, replayed
+    from a CUDA graph, and the device's copy rate in the same run."""
+    data = read_json(out, name)
+    if data is None:
+        return [f"- {name}: missing"]
+    copy = data.get("device_copy_gbs")
+    lines = [f"- {name}: device copy {_fmt(copy)} GB/s (read + write)"]
+    for row in data.get("rows", []):
+        if row.get("op") != op:
+            continue
+        rates = ", ".join(f"{m} {_fmt(v)}" for m, v in row.get("gbs_graph", {}).items())
+        lines.append(f"  - {row['shape']} {row.get('module', '')} batch {row['batch']}: GB/s "
+                     f"{rates}; {best(row)}")  # fmt: skip
+    return lines
+
+
+def _fastest(row: dict) -> str:
+    ms = {m: v for m, v in row.get("graph_ms", {}).items() if v}
+    return f"fastest: {min(ms, key=ms.__getitem__)}" if ms else "no timings"
+
+
+def report(out: Path) -> tuple[str, int]:
+    lines, unmet = goal_lines(out)
+    text = [f"# bench/gpu.sh in {out}", "", *lines, "",
+            "Shrink/expand (one launch per stage) and the segment kernels:",
+            *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), "",
+            "Fused small ops against torch.compile's fusion of the same code:",
+            *kernel_lines(out, "decode_fused_ops_cuda.json", "fused", _fastest)]  # fmt: skip
+    return "\n".join(text) + "\n", unmet
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="the directory bench/gpu.sh wrote")
+    args = ap.parse_args()
+    text, unmet = report(args.out)
+    sys.stdout.write(text)
+    print(f"{unmet} goal(s) not met" if unmet else "every goal met")
+    return 1 if unmet else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

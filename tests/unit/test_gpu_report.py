@@ -1,0 +1,73 @@
+"""bench/gpu_report.py: each must-show read from where gpu.sh writes it, met or not, and what a
+failed or unfinished run left out counted against it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import gpu_report
+
+
+def write(out: Path, name: str, data: dict) -> None:
+    (out / name).write_text(json.dumps(data))
+
+
+def engine_json(step_over_floor: float, vs_generate: float, qv: float, heavy: float) -> dict:
+    return {
+        "decode_floor": {b: {"step_over_floor": step_over_floor} for b in ("1", "8", "32", "64")},
+        "throughput": {"speedup_vs_hf_batch32": vs_generate},
+        "adapters": {"lora-qv": {"vs_base": qv}, "lora-heavy": {"vs_base": heavy}},
+    }
+
+
+def row(line_start: str, text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_goals_met_and_not(tmp_path):
+    write(tmp_path, "gpu_engine_8b.json", engine_json(1.2, 3.5, 0.95, 0.65))
+    small = engine_json(2.6, 6.0, 0.85, 0.5)
+    small["decode_floor"]["8"]["step_over_floor"] = 2.4
+    small["cold_register_to_first_token_ms"] = {"p50": 38.0}
+    write(tmp_path, "gpu_engine.json", small)
+    (tmp_path / "steps.log").write_text(
+        "== engine_bench_8b: exit 0 in 100 s\n== engine_cuda_tests: exit 1 in 60 s\n"
+        "== kernel_tests: exit 124 in 55 s\n== kernel_tests: exit 0 in 40 s\n"
+    )
+    text, unmet = gpu_report.report(tmp_path)
+    assert row("| Llama-3.1-8B: decode step / floor, batch 1 |", text).endswith("| yes |")
+    assert row("| Llama-3.1-8B: 32 all-linear", text) == (
+        "| Llama-3.1-8B: 32 all-linear LoRAs / base tok/s | 0.65 | >= 0.7 | NO |"
+    )
+    assert row("| SmolLM2: decode step / floor, batch 1 |", text).endswith("| NO |")
+    assert row("| SmolLM2: decode step / floor, batch 8 |", text).endswith("| yes |")
+    assert row("| SmolLM2: cold", text).endswith("| 38 | <= 40 | yes |")
+    assert row("| tests: engine_cuda_tests", text).endswith("| exit 1 | exit 0 | NO |")
+    assert row("| tests: kernel_tests", text).endswith("| exit 0 | exit 0 | yes |")  # the last
+    assert row("| tests: native_kernels", text).endswith("| missing | exit 0 | NO |")
+    # SmolLM2 batch 1 and 32, 8B all-linear, engine tests, native kernels
+    assert unmet == 5
+
+
+def test_a_run_that_wrote_nothing_meets_nothing(tmp_path):
+    text, unmet = gpu_report.report(tmp_path)
+    assert unmet == len(gpu_report.GOALS) + len(gpu_report.TEST_STEPS)
+    assert "decode_kernels_cuda.json: missing" in text
+    assert row("| SmolLM2: cold", text) == (
+        "| SmolLM2: cold register -> first token p50, ms | missing | <= 40 | NO |"
+    )
+
+
+def test_kernel_rows_give_each_method_and_the_fastest(tmp_path):
+    write(tmp_path, "decode_kernels_cuda.json", {"device_copy_gbs": 3900.0, "rows": [
+        {"op": "lora", "shape": "llama-3.1-8b", "module": "qkv", "batch": 8,
+         "graph_ms": {"rows_one_launch": 0.02, "segments": 0.05},
+         "gbs_graph": {"rows_one_launch": 1500.0, "segments": 600.0}},
+        {"op": "attention", "shape": "smollm2", "batch": 8, "graph_ms": {}, "gbs_graph": {}},
+    ]})  # fmt: skip
+    text, _ = gpu_report.report(tmp_path)
+    assert "device copy 3.9e+03 GB/s" in text
+    assert ("  - llama-3.1-8b qkv batch 8: GB/s rows_one_launch 1.5e+03, segments 600; "
+            "fastest: rows_one_launch") in text  # fmt: skip
+    assert "attention" not in text.split("Fused")[0].split("segment kernels:")[1]

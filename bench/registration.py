@@ -2,8 +2,8 @@
 the finiteness checked tensor by tensor and the file's hash computed before parsing (how
 server/adapters/files.py did both before), alternated in one process. Then the adapter's slot
 write (what its first request does before its prefill): DeviceSlots.write_lora against the
-same write module by module, casts, copies and scalar writes each their own op (how
-server/adapters/slots.py wrote before), also alternated.
+same write module by module, casts, copies, scalar writes and the CPU backend's packing each
+their own ops per module (how server/adapters/slots.py wrote before), also alternated.
 
     .venv/bin/python -m bench.registration [--rounds 12] [--rank 16] [--out PATH]
         # -> bench/results/registration_cpu.json
@@ -13,9 +13,10 @@ every layer (PEFT's format, fp32 tensors as PEFT saves them: 420 tensors, 17 MB)
 disk once per round (four files, reused), registered with `engine.adapters.register` (what the
 server's RegisterAdapter runs: read, hash, parse, validate, and keep) and unregistered. The two
 forms alternate, each first in every other round; medians of the rounds. On the CPU backend a
-slot write also packs the slot for the C++ kernels (the same in both forms). On a GPU, the
-per-module form's 420 copies each waited for the device, and the op counts (tests/unit/
-test_slot_buffers.py) matter more than here: bench/gpu_engine.py's cold start times that.
+slot write also packs the slot for the C++ kernels (per module in the old form, a projection's
+layers at once now). On a GPU, the per-module form's 420 copies each waited for the device, and
+the op counts (tests/unit/test_slot_buffers.py) matter more than here: bench/gpu_engine.py's
+cold start times that.
 """
 
 from __future__ import annotations

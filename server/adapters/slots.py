@@ -18,13 +18,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import LoraWeights, module_dims
 from peftserve.kernels import SegmentMeta
 from peftserve.kernels.activation import activation_code
-from peftserve.kernels.cpu_packed import PackedBottleneck, PackedLora, pack_bottleneck, pack_lora
+from peftserve.kernels.cpu_packed import (
+    PackedBottleneck,
+    PackedLora,
+    pack_bottleneck,
+    pack_lora_layers,
+)
 from peftserve.kernels.cpu_rows import bottleneck_rows_args, lora_rows_args
 from peftserve.layers.backend import Backend
 from peftserve.layers.linear import BOTTLENECK_ROWS, LORA_ROWS, DecodePlan
@@ -191,13 +197,29 @@ class DeviceSlots:
             scale_rows[row, i] = fp32_scale(mod.scale, f"layer {layer}'s {proj}")
         self._copy_in([*dst, *table.columns(slot)], [*src, ranks, scales])
         if self.packed is not None:
-            for layer, group in {(layer, GROUP_OF[proj][0]) for layer, proj in weights.modules}:
-                buf = self.lora[(layer, group)]
-                per_slot = self.packed.get((layer, group))
-                if per_slot is None:
-                    per_slot = self.packed[(layer, group)] = [None] * self.num_slots
-                per_slot[slot] = pack_lora(buf.A, buf.B, buf.rank, buf.scale, slot, buf.slice_sizes)
+            modules = {(layer, GROUP_OF[proj][0]) for layer, proj in weights.modules}
+            self._pack_lora(slot, modules, rank_rows, scale_rows)
         self.version += 1
+
+    def _pack_lora(self, slot: int, modules: set[tuple[int, str]], rank_rows: np.ndarray,
+                   scale_rows: np.ndarray) -> None:  # fmt: skip
+        """Packs the slot's LoRA on `modules` ((layer, group)) for the CPU kernels, the layers
+        of a group whose slices have the same ranks at once. rank_rows, scale_rows: the slot's
+        column of the rank table as written [rows, MAX_SLICES]."""
+        assert self.packed is not None
+        batches: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        for layer, group in sorted(modules):
+            row, n = layer * len(GROUPS) + GROUP_INDEX[group], len(GROUPS[group])
+            batches.setdefault((group, tuple(rank_rows[row, :n].tolist())), []).append(layer)
+        for (group, ranks), layers in batches.items():
+            bufs = [self.lora[(layer, group)] for layer in layers]
+            rows = [layer * len(GROUPS) + GROUP_INDEX[group] for layer in layers]
+            packed = pack_lora_layers([b.A for b in bufs], [b.B for b in bufs], ranks,
+                                      scale_rows[rows, : len(ranks)].tolist(), slot,
+                                      bufs[0].slice_sizes)  # fmt: skip
+            for j, layer in enumerate(layers):
+                per_slot = self.packed.setdefault((layer, group), [None] * self.num_slots)
+                per_slot[slot] = None if packed is None else packed[j]
 
     def _copy_in(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         """dst[i].copy_(src[i]) for host tensors src, each cast to its dst's dtype on the host

@@ -13,8 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from peftserve.adapters import slots as slots_module
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import PROJECTIONS, LoraModule, LoraWeights, module_dims
-from peftserve.adapters.slots import DeviceSlots, upload
+from peftserve.adapters.slots import GROUP_OF, DeviceSlots, upload
 from peftserve.kernels import cpu_ext
+from peftserve.kernels.cpu_packed import pack_lora
 from peftserve.layers.backend import Backend, CpuBackend
 from peftserve.models.llama import ModelShape
 
@@ -209,3 +210,30 @@ def test_a_scale_float32_cannot_hold_is_refused_naming_its_module(scale):
         slots.write_bottleneck(2, replace(bottleneck(4, seed=1), scaling=scale))
     slots.write_lora(1, lora(4, seed=0))  # and the slots still serve
     assert slots.lora[(1, "down")].scale[0, 1] == 0.5
+
+
+def test_a_write_packs_each_module_as_pack_lora_does_with_ranks_varying_by_layer():
+    """The CPU backend's packs are made a projection's layers at once, batched by their slices'
+    ranks: each must equal pack_lora of that module's buffers alone."""
+    shape = replace(SHAPE, layers=4)
+    slots = DeviceSlots(shape, num_slots=3, max_rank=16, dtype=torch.bfloat16, device=CPU,
+                        backend=CpuBackend(native=False))  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+
+    def mod(layer: int, proj: str, r: int) -> LoraModule:
+        d_in, d_out = module_dims(shape, proj)
+        return LoraModule(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g),
+                          0.5 + layer + len(proj) / 8)  # fmt: skip
+
+    ranks = {(0, "q"): 4, (0, "v"): 4, (1, "q"): 4, (1, "v"): 4, (2, "v"): 8, (3, "q"): 2,
+             (3, "k"): 6, (0, "down"): 3, (2, "down"): 3, (3, "gate"): 5}  # fmt: skip
+    slots.write_lora(1, lora(12, seed=5))  # an earlier adapter in the slot: layer 1 only
+    slots.write_lora(1, LoraWeights({k: mod(*k, r) for k, r in ranks.items()}))
+    packed_modules = {key for key, per_slot in slots.packed.items() if per_slot[1] is not None}
+    assert packed_modules == {(layer, GROUP_OF[p][0]) for layer, p in ranks}
+    for key in packed_modules:
+        buf, got = slots.lora[key], slots.packed[key][1]
+        want = pack_lora(buf.A, buf.B, buf.rank, buf.scale, 1, buf.slice_sizes)
+        assert got.ranks == want.ranks and got.offsets == want.offsets, key
+        for name in ("A", "B", "B_blocks"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (key, name)

@@ -5,10 +5,10 @@ slot's exact rank from `rank`; rank 0 means "no update here", so an adapter that
 costs nothing on o/gate/up/down. Buffers are allocated on first use of a module.
 
 Writing a slot does not wait for the device: the adapter's tensors go over in one asynchronous
-copy from page-locked memory (`upload`), then into the buffers in one foreach copy (a launch per
-destination that is not contiguous, B's first r columns), and every module's ranks and scales
-live in one table (`RankTable`), so a slot's are cleared, or written, in one op each. Written
-module by module, a 30-layer all-linear LoRA took ~1,300 ops that move data, 420 of them
+copy from page-locked memory (`upload`), then into the buffers in two foreach copies (contiguous
+destinations in a few launches, a launch each for the strided ones), and every module's ranks
+and scales live in one table (`RankTable`), so a slot's are cleared, or written, in one op each.
+Written module by module, a 30-layer all-linear LoRA took ~1,300 ops that move data, 420 of them
 host-to-device copies that each waited for the device.
 """
 
@@ -223,7 +223,7 @@ class DeviceSlots:
 
     def _copy_in(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         """dst[i].copy_(src[i]) for host tensors src, each cast to its dst's dtype on the host
-        (as `Tensor.to` would), in one host-to-device copy and one foreach copy."""
+        (as `Tensor.to` would): one host-to-device copy, then two foreach copies."""
         if self._staged():
             src = upload(src, [d.dtype for d in dst], self.device)
         # Contiguous pairs apart: on a GPU, one foreach copy of many such tensors takes a few

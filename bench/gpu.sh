@@ -11,6 +11,7 @@
 # 2. engine_cuda_tests: the engine's oracle tests on the GPU (PEFTSERVE_TEST_DEVICE=cuda), CUDA
 #    graphs vs eager first: logits vs transformers and PEFT, bottlenecks vs the injected
 #    reference, every kind in one batch vs alone, preemption; deltas through the Triton kernels;
+#    a slot write from page-locked memory against the same write on the host;
 # 3. kernel_tests: the kernel tests with the Triton kernels compiled for the GPU
 #    (TRITON_INTERPRET unset), the GPU-marked ones included, against the plain-torch reference;
 # 4. decode_kernels_bench: bench/decode_kernels.py, the Triton paged decode attention vs gather +
@@ -97,6 +98,7 @@ step engine_cuda_tests "${T_ENGINE_TESTS:-65}" env PEFTSERVE_TEST_DEVICE=cuda "$
   tests/integration/test_cuda_graphs.py tests/integration/test_parity.py \
   tests/integration/test_adapter_parity.py tests/integration/test_adapter_batching.py \
   tests/integration/test_batching.py tests/integration/test_engine_requests.py \
+  tests/unit/test_slot_buffers.py::test_a_write_through_one_upload_equals_a_direct_one \
   "${pytest_args[@]}"
 step kernel_tests "${T_KERNEL_TESTS:-55}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
 step decode_kernels_bench "${T_DECODE_KERNELS:-35}" "$PY" bench/decode_kernels.py \

@@ -18,6 +18,7 @@ from peftserve.kernels import cpu_ext
 from peftserve.kernels.cpu_packed import pack_lora
 from peftserve.layers.backend import Backend, CpuBackend
 from peftserve.models.llama import ModelShape
+from tests.device import DEVICE
 
 CPU = torch.device("cpu")
 
@@ -121,12 +122,15 @@ def test_upload_gives_each_tensor_cast_to_its_dtype():
 
 def test_a_write_through_one_upload_equals_a_direct_one(monkeypatch):
     """What a GPU does (the adapter's tensors staged in one buffer, copied over once, then into
-    the slots) against the direct host copies, through rewrites at smaller ranks and clears."""
+    the slots) against the direct host copies, through rewrites at smaller ranks and clears.
+    On the CPU the staged path is forced; with PEFTSERVE_TEST_DEVICE=cuda (bench/gpu.sh) it
+    runs on the GPU, from page-locked memory."""
     direct = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16, device=CPU,
                          backend=Backend())  # fmt: skip
-    staged = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16, device=CPU,
-                         backend=Backend())  # fmt: skip
-    monkeypatch.setattr(staged, "_staged", lambda: True)
+    staged = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16,
+                         device=torch.device(DEVICE), backend=Backend())  # fmt: skip
+    if DEVICE == "cpu":
+        monkeypatch.setattr(staged, "_staged", lambda: True)
     uploads = []
     monkeypatch.setattr(slots_module, "upload",
                         lambda *a: uploads.append(1) or upload(*a))  # fmt: skip
@@ -138,7 +142,7 @@ def test_a_write_through_one_upload_equals_a_direct_one(monkeypatch):
         slots.write_bottleneck(1, bottleneck(4, seed=4))
         slots.clear(3)
     assert len(uploads) == 5
-    a, b = buffers(direct), buffers(staged)
+    a, b = buffers(direct), {k: t.cpu() for k, t in buffers(staged).items()}
     assert a.keys() == b.keys() and len(a) == 2 * 4 + 2 * 6
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -147,7 +151,8 @@ def test_a_write_through_one_upload_equals_a_direct_one(monkeypatch):
     assert qkv.scale[2, 2] == 2.0 and staged.lora[(1, "down")].scale[0, 2] == 0.5
     assert bn.rank[0, 1] == 4 and bn.scale[0, 1] == pytest.approx(0.7)
     assert not bn.A[0, 1, 4:].any() and not bn.B[1, :, 4:].any() and not bn.b_down[1, 4:].any()
-    assert torch.equal(bn.b_up[1], bottleneck(4, seed=4).modules[(1, "mh_adapter")][3].bfloat16())
+    want = bottleneck(4, seed=4).modules[(1, "mh_adapter")][3].bfloat16()
+    assert torch.equal(bn.b_up[1].cpu(), want)
 
 
 class _DataOps(TorchDispatchMode):

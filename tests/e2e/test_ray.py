@@ -78,9 +78,9 @@ def ray_server(tmp_path_factory, root):
         f"adapters_per_replica = {ADAPTERS_PER_REPLICA}\nmax_ongoing_requests = 4\n"
         f"grpc_port = {grpc_port}\nhttp_port = {http_port}\nsync_interval_s = 0.2\n"
         # How long a request waits for a busy replica that holds its adapter before Ray Serve
-        # tries another (default 0.5 s). On a loaded 2-core machine the router's queue-length
-        # probes alone can take most of 0.5 s: the Zipf test saw 60/80 on a warm replica once
-        # in a full-suite run, 75-80/80 run alone. The test checks the routing, not that wait.
+        # tries another (default 0.5 s). The Zipf test saw 60/80 on a warm replica once in a
+        # full-suite run on a 2-core machine, 75-80/80 run alone: under load the router may
+        # give up on a warm replica within 0.5 s. The test checks the routing, not that wait.
         f"affinity_wait_s = 2.0\n")
     os.environ.pop("RAY_ADDRESS", None)
     server = ServerProcess(["--model", str(model), *TINY_SERVER_ARGS, "--ray",

@@ -52,6 +52,16 @@ PLACEMENT_INDEX = {group: g for g, group in enumerate(PLACEMENT_GROUP.values())}
 FP32_MAX = torch.finfo(torch.float32).max
 
 
+def lora_row(layer: int, group: str) -> int:
+    """A LoRA module's row of the LoRA rank table."""
+    return layer * len(GROUPS) + GROUP_INDEX[group]
+
+
+def bottleneck_row(layer: int, group: str) -> int:
+    """A bottleneck placement's row of its activation's rank table."""
+    return layer * len(PLACEMENT_INDEX) + PLACEMENT_INDEX[group]
+
+
 @dataclass
 class StackedModule:
     """One (layer, module) buffer set for all slots."""
@@ -176,7 +186,7 @@ class DeviceSlots:
         rank_rows, scale_rows = ranks.numpy(), scales.numpy()
         for (layer, proj), mod in weights.modules.items():
             group, i = GROUP_OF[proj]
-            row = layer * len(GROUPS) + GROUP_INDEX[group]
+            row = lora_row(layer, group)
             buf = self.lora.get((layer, group))
             if buf is None:
                 d_in, sizes = self._dims[group]
@@ -209,11 +219,11 @@ class DeviceSlots:
         assert self.packed is not None
         batches: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for layer, group in sorted(modules):
-            row, n = layer * len(GROUPS) + GROUP_INDEX[group], len(GROUPS[group])
-            batches.setdefault((group, tuple(rank_rows[row, :n].tolist())), []).append(layer)
+            ranks = tuple(rank_rows[lora_row(layer, group), : len(GROUPS[group])].tolist())
+            batches.setdefault((group, ranks), []).append(layer)
         for (group, ranks), layers in batches.items():
             bufs = [self.lora[(layer, group)] for layer in layers]
-            rows = [layer * len(GROUPS) + GROUP_INDEX[group] for layer in layers]
+            rows = [lora_row(layer, group) for layer in layers]
             packed = pack_lora_layers([b.A for b in bufs], [b.B for b in bufs], ranks,
                                       scale_rows[rows, : len(ranks)].tolist(), slot,
                                       bufs[0].slice_sizes)  # fmt: skip
@@ -253,7 +263,7 @@ class DeviceSlots:
         written: list[tuple[str, StackedModule, int]] = []
         for (layer, placement), (wd, bd, wu, bu) in weights.modules.items():
             group = PLACEMENT_GROUP[placement]
-            row = layer * len(PLACEMENT_INDEX) + PLACEMENT_INDEX[group]
+            row = bottleneck_row(layer, group)
             buf = self.bottleneck.get((layer, group, act))
             if buf is None:
                 hidden = self.shape.hidden

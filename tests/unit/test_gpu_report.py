@@ -29,7 +29,10 @@ def test_goals_met_and_not(tmp_path):
     write(tmp_path, "gpu_engine_8b.json", engine_json(1.2, 3.5, 0.95, 0.65))
     small = engine_json(2.6, 6.0, 0.85, 0.5)
     small["decode_floor"]["8"]["step_over_floor"] = 2.4
-    small["cold_register_to_first_token_ms"] = {"p50": 38.0}
+    small["cold_register_to_first_token_ms"] = {
+        "p50": 38.0, "register_p50": 9.0, "first_request_p50": 29.0,
+        "resident_first_token_p50": 21.5, "base_first_token_p50": 14.0,
+    }  # fmt: skip
     write(tmp_path, "gpu_engine.json", small)
     (tmp_path / "steps.log").write_text(
         "== engine_bench_8b: exit 0 in 100 s\n== engine_cuda_tests: exit 1 in 60 s\n"
@@ -48,12 +51,15 @@ def test_goals_met_and_not(tmp_path):
     assert row("| tests: native_kernels", text).endswith("| missing | exit 0 | NO |")
     # SmolLM2 batch 1 and 32, 8B all-linear, engine tests, native kernels
     assert unmet == 5
+    assert ("- cold start p50 parts, ms: registration 9, slot write and other first-use costs "
+            "7.5, prefill with the adapter 21.5 (the base model's 14)") in text  # fmt: skip
 
 
 def test_a_run_that_wrote_nothing_meets_nothing(tmp_path):
     text, unmet = gpu_report.report(tmp_path)
     assert unmet == len(gpu_report.GOALS) + len(gpu_report.TEST_STEPS)
     assert "decode_kernels_cuda.json: missing" in text
+    assert "- cold start: no breakdown in gpu_engine.json" in text
     assert row("| SmolLM2: cold", text) == (
         "| SmolLM2: cold register -> first token p50, ms | missing | <= 40 | NO |"
     )

@@ -111,5 +111,5 @@ step kernels_bench "${T_KERNEL_BENCH:-20}" "$PY" bench/kernels.py --out "$OUT/ke
 step native_kernels "${T_NATIVE:-60}" env PY="$PY" bash -c "$(declare -f native); native"
 cat "$OUT/steps.log"
 # The issue's must-shows from the files above, met or not (no GPU needed; rerun it on copies)
-timeout 30 "$PY" -m bench.gpu_report "$OUT" | tee "$OUT/gpu_report.md"
+timeout 10 "$PY" -m bench.gpu_report "$OUT" | tee "$OUT/gpu_report.md"
 exit "$status"

@@ -248,7 +248,7 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
         register.append(time.perf_counter() - t0)
         first.append(first_token(engine, prompt, f"cold{i}", f"c{i}"))
         total.append(register[-1] + first[-1])
-        resident.append(first_token(engine, prompt, f"cold{i}", f"r{i}"))
+        resident.append(first_token(engine, prompt, f"cold{i}", f"again{i}"))
         engine.adapters.unregister(f"cold{i}")
     return {
         "p50": statistics.median(total) * 1e3,

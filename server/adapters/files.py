@@ -152,17 +152,17 @@ _MAX_HEADER = 100_000_000  # bytes, safetensors' own bound
 def read_safetensors(
     data: torch.Tensor, name: str = "the weights"
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """The tensors of a safetensors file held in `data` (uint8), as views of it, in the
-    order of their offsets; and the data section as runs of one dtype each (one view per run), for
-    checking it in a few ops. The header is held to the rules of the safetensors library's own
-    reader (a length within the file and at most 100 MB, a UTF-8 JSON object, each tensor's
-    dtype, shape and offsets, the offsets tiling the data section exactly, with no gap or
-    overlap, to the end of the file), and dtypes to floating point ones: InvalidAdapter
-    otherwise. The library's reader copies every tensor out of the bytes (its Python API has
-    no other way from bytes); a view copies nothing, except a run whose offset is not a
-    multiple of its item size (no writer of the format makes one), which is copied out to
-    align it. tests/unit/test_safetensors_views.py holds this to the library, on valid files
-    and on thousands of damaged ones."""
+    """The tensors of a safetensors file held in `data` (uint8), as views of it, in the order
+    of their offsets; and the data section as runs of one dtype each (a view per run), to check
+    it in a few ops. The header is held to the rules of the safetensors library's own reader (a
+    length within the file and at most 100 MB, a UTF-8 JSON object, each tensor's dtype, shape
+    and offsets, the offsets tiling the data section exactly, with no gap or overlap, to the
+    end of the file), and dtypes to floating point ones: InvalidAdapter otherwise. The
+    library's reader copies every tensor out of the bytes (its Python API has no other way from
+    bytes); a view copies nothing, except a run whose offset is not a multiple of its item size
+    (no writer of the format makes one), which is copied out to align it.
+    tests/unit/test_safetensors_views.py holds this to the library, on valid files and on
+    thousands of damaged ones."""
 
     def bad(why: str) -> InvalidAdapter:
         return InvalidAdapter(f"{name} is not a readable safetensors file: {why}")
@@ -226,7 +226,7 @@ def read_safetensors(
         if (base + begin) % dtype.itemsize:
             raw = raw.clone()  # to align it
         views.append(raw.view(dtype))
-        sizes = [(end - begin) // dtype.itemsize for begin, end, *_ in run]
+        sizes = [(e - b) // dtype.itemsize for b, e, *_ in run]
         for (_, _, key, _, shape), t in zip(run, views[-1].split_with_sizes(sizes), strict=True):
             tensors[key] = t.view(shape)
     return tensors, views

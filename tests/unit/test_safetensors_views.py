@@ -79,6 +79,21 @@ def test_valid_files_give_the_librarys_tensors_as_views(seed):
     assert len(runs) <= len({t.dtype for t in tensors.values()})  # save groups by dtype
 
 
+def test_what_the_library_lets_pass_passes():
+    """Duplicate names (the last one counts), whitespace before the header, unknown fields."""
+    a = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    payload = torch.tensor([1.5, -2.0]).numpy().tobytes()
+    texts = [
+        b'{"a": %s, "a": %s}' % (json.dumps(dict(a, shape=[8])).encode(), json.dumps(a).encode()),
+        b' {"a": %s}' % json.dumps(a).encode(),
+        b'{"a": %s}' % json.dumps(dict(a, note=1)).encode(),
+    ]
+    for text in texts:
+        raw = len(text).to_bytes(8, "little") + text + payload
+        theirs = library(raw)
+        assert theirs is not None and same(ours(raw), theirs), text
+
+
 def test_an_unaligned_tensor_is_copied_aligned():
     """A header whose length is not a multiple of 8 (safetensors pads, hand-made files may
     not): the fp32 data starts at an odd byte; the run is copied out, the values are kept."""

@@ -29,8 +29,17 @@ class Tiles:
     num_warps: int
 
 
-def _pow2_at_least(n: int) -> int:
+# Host-side arithmetic of launch grids and block sizes. triton.cdiv and triton.next_power_of_2
+# are constexpr functions: called from Python, each costs a few microseconds, several times
+# per launch (one per adapted projection per layer in an eager step).
+def pow2_at_least(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1), as triton.next_power_of_2 for n >= 1."""
     return 1 << max(0, n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, as triton.cdiv."""
+    return -(-a // b)
 
 
 def _clamp(n: int, lo: int, hi: int) -> int:
@@ -50,8 +59,8 @@ def shrink_tiles(max_seg_len: int, r_max: int, d_in: int) -> Tiles:
     block_k = {16: 128, 32: 64, 64: 32}[block_m]
     return Tiles(
         block_m=block_m,
-        block_n=_clamp(_pow2_at_least(r_max), 16, 64),
-        block_k=_clamp(_pow2_at_least(d_in), 16, block_k),
+        block_n=_clamp(pow2_at_least(r_max), 16, 64),
+        block_k=_clamp(pow2_at_least(d_in), 16, block_k),
         num_warps=4,
     )
 
@@ -61,7 +70,7 @@ def expand_tiles(max_seg_len: int, r_max: int, max_out: int) -> Tiles:
     block_n = 64 if block_m == 16 else 128
     return Tiles(
         block_m=block_m,
-        block_n=_clamp(_pow2_at_least(max_out), 16, block_n),
-        block_k=_clamp(_pow2_at_least(r_max), 16, 32),
+        block_n=_clamp(pow2_at_least(max_out), 16, block_n),
+        block_k=_clamp(pow2_at_least(r_max), 16, 32),
         num_warps=4,
     )

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .checks import check_expand_args
 from .segment_meta import SegmentMeta
-from .tiling import expand_tiles
+from .tiling import cdiv, expand_tiles
 from .triton_shrink import dot_precision
 
 
@@ -133,7 +133,7 @@ def launch_expand(
     r_max = B.shape[2]
     tiles = expand_tiles(meta.max_seg_len, r_max, max(slice_sizes))
     chunks = meta.chunks(tiles.block_m)
-    grid = (chunks.num_chunks, triton.cdiv(max(slice_sizes), tiles.block_n), len(slice_sizes))
+    grid = (chunks.num_chunks, cdiv(max(slice_sizes), tiles.block_n), len(slice_sizes))
     bias = b_up if b_up is not None else y  # never read: HAS_BIAS is False
     _expand_kernel[grid](
         y, v, B, rank, scale, bias, _slice_offsets(slice_sizes, y.device),

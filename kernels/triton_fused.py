@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiling import cdiv, pow2_at_least
 from .triton_combine import add as _add
 
 
@@ -68,7 +69,7 @@ def rms_norm_triton(
     total = x if residual is None else torch.empty_like(x)
     res = x if residual is None else _rows_contiguous(residual)
     if x.shape[0]:
-        block = triton.next_power_of_2(x.shape[1])
+        block = pow2_at_least(x.shape[1])
         _rms_norm_kernel[(x.shape[0],)](
             x, res, total, out, weight, x.shape[1], eps,
             x.stride(0), res.stride(0), total.stride(0), out.stride(0),
@@ -155,7 +156,7 @@ def rotary_and_cache_triton(
         HEADS=heads,
         KV_HEADS=kv_heads,
         HEAD_DIM=D,
-        BLOCK_HALF=triton.next_power_of_2(D // 2),
+        BLOCK_HALF=pow2_at_least(D // 2),
         num_warps=1,
     )  # fmt: skip
 
@@ -188,8 +189,8 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     T, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(T, inter)
     if T:
-        block = min(1024, triton.next_power_of_2(inter))
-        _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
+        block = min(1024, pow2_at_least(inter))
+        _silu_and_mul_kernel[(T, cdiv(inter, block))](
             gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4
         )
     return out

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .activation import activation_code
+from .tiling import cdiv, pow2_at_least
 from .triton_combine import add as _add
 from .triton_expand import _slice_offsets
 
@@ -185,9 +186,9 @@ def shrink_rows_triton(
     v = torch.empty(n_splits, n_slices, T, r_max, dtype=torch.float32, device=x.device)
     if T == 0:
         return v
-    block_r = triton.next_power_of_2(r_max)
+    block_r = pow2_at_least(r_max)
     block_k = max(32, min(SHRINK_BLOCK_K, 8192 // block_r))  # an A tile of <= 8K elements
-    k_per_split = triton.cdiv(triton.cdiv(d_in, n_splits), block_k) * block_k
+    k_per_split = cdiv(cdiv(d_in, n_splits), block_k) * block_k
     _shrink_rows_kernel[(T, n_slices, n_splits)](
         x, A, v, token_slot, rank,
         d_in, k_per_split, r_max,
@@ -225,7 +226,7 @@ def expand_rows_triton(
     has_bias = b_down is not None
     bias_down = b_down if b_down is not None else v
     bias_up = b_up if b_up is not None else y
-    grid = (T, n_slices, triton.cdiv(max(slice_sizes), EXPAND_BLOCK_N))
+    grid = (T, n_slices, cdiv(max(slice_sizes), EXPAND_BLOCK_N))
     _expand_rows_kernel[grid](
         y, v, B, token_slot, rank, scale, bias_down, bias_up,
         _slice_offsets(slice_sizes, y.device),
@@ -239,7 +240,7 @@ def expand_rows_triton(
         HAS_BIAS=has_bias,
         ACT=activation_code(act),
         RANK_ALIGN=8 if r_max % 8 == 0 else 1,
-        BLOCK_R=triton.next_power_of_2(r_max),
+        BLOCK_R=pow2_at_least(r_max),
         BLOCK_N=EXPAND_BLOCK_N,
         num_warps=4,
     )  # fmt: skip

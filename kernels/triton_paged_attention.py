@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiling import cdiv, pow2_at_least
 from .triton_combine import add as _add
 from .triton_combine import maximum as _maximum
 from .triton_shrink import dot_precision
@@ -210,8 +211,8 @@ def paged_decode_attention(
     if B == 0:
         return out
     group = heads // kv_heads
-    block_n = min(64, triton.next_power_of_2(partition))
-    n_splits = triton.cdiv(block_tables.shape[1] * block_size, partition)
+    block_n = min(64, pow2_at_least(partition))
+    n_splits = cdiv(block_tables.shape[1] * block_size, partition)
     one_pass = n_splits == 1
     if one_pass:
         part_acc = part_max = part_sum = out  # never touched
@@ -220,7 +221,7 @@ def paged_decode_attention(
         part_max = torch.empty(B, heads, n_splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
     k, v = cache[0], cache[1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, pow2_at_least(D))
     _paged_decode_kernel[(B, kv_heads, n_splits)](
         q, k, v, block_tables, ctx_lens, out, part_acc, part_max, part_sum,
         scale, block_size, partition, n_splits,
@@ -230,7 +231,7 @@ def paged_decode_attention(
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=group,
         HEAD_DIM=D,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_G=max(16, pow2_at_least(group)),
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         ONE_PASS=one_pass,

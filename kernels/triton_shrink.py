@@ -17,7 +17,7 @@ import triton.language as tl
 from .activation import activation_code
 from .checks import check_shrink_args
 from .segment_meta import SegmentMeta
-from .tiling import shrink_tiles
+from .tiling import cdiv, shrink_tiles
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def launch_shrink(
         return v
     tiles = shrink_tiles(meta.max_seg_len, r_max, d_in)
     chunks = meta.chunks(tiles.block_m)
-    grid = (chunks.num_chunks, n_slices, triton.cdiv(r_max, tiles.block_n))
+    grid = (chunks.num_chunks, n_slices, cdiv(r_max, tiles.block_n))
     bias = b_down if b_down is not None else v  # never read: HAS_BIAS is False
     _shrink_kernel[grid](
         x, A, v, rank, bias,

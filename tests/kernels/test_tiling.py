@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import triton
 
-from peftserve.kernels.tiling import expand_tiles, shrink_tiles
+from peftserve.kernels.tiling import cdiv, expand_tiles, pow2_at_least, shrink_tiles
 
 
 def _pow2_at_least_16(n: int) -> bool:
@@ -30,3 +31,11 @@ def test_rank_tile_covers_small_ranks_in_one_program():
     assert shrink_tiles(1, 16, 576).block_n == 16
     assert shrink_tiles(1, 64, 576).block_n == 64
     assert shrink_tiles(1, 128, 576).block_n == 64  # two rank tiles; the second exits below 65
+
+
+def test_host_arithmetic_is_tritons():
+    """The launchers' plain-Python cdiv / pow2_at_least give what Triton's own would."""
+    for n in [*range(1, 2100), 4095, 4096, 4097, 14336, 128256]:
+        assert pow2_at_least(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 7, 16, 64, 128, 256):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

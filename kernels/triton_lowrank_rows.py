@@ -192,10 +192,7 @@ def shrink_rows_triton(
     _shrink_rows_kernel[(T, n_slices, n_splits)](
         x, A, v, token_slot, rank,
         d_in, k_per_split, r_max,
-        x.stride(0), x.stride(1),
-        A.stride(0), A.stride(1), A.stride(2), A.stride(3),
-        v.stride(0), v.stride(1), v.stride(2),
-        rank.stride(0),
+        *x.stride(), *A.stride(), *v.stride()[:3], rank.stride(0),  # one call a tensor
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         num_warps=4,
@@ -231,10 +228,7 @@ def expand_rows_triton(
         y, v, B, token_slot, rank, scale, bias_down, bias_up,
         _slice_offsets(slice_sizes, y.device),
         r_max,
-        y.stride(0), y.stride(1),
-        v.stride(0), v.stride(1), v.stride(2),
-        B.stride(0), B.stride(1), B.stride(2),
-        rank.stride(0),
+        *y.stride(), *v.stride()[:3], *B.stride(), rank.stride(0),  # one call a tensor
         bias_down.stride(0), bias_up.stride(0),
         N_SPLITS=n_splits,
         HAS_BIAS=has_bias,

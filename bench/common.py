@@ -195,6 +195,19 @@ def matmul_floors(
     return floors
 
 
+def alternate(forms: dict, rounds: int, run, after=lambda r: None) -> dict[str, list[float]]:
+    """ms of run(form, round) per form, the forms alternating, each first every other round;
+    after(round) runs untimed after each."""
+    ms: dict[str, list[float]] = {name: [] for name in forms}
+    for r in range(rounds):
+        for name in list(forms) if r % 2 == 0 else list(reversed(forms)):
+            t0 = time.perf_counter()
+            run(forms[name], r)
+            ms[name].append((time.perf_counter() - t0) * 1e3)
+            after(r)
+    return ms
+
+
 def environment() -> dict[str, object]:
     try:
         commit = subprocess.run(

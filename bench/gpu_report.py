@@ -131,21 +131,16 @@ def _fastest(row: dict) -> str:
 def cold_lines(out: Path) -> list[str]:
     """Where the cold start's time went: registration, the slot write (the first request
     less the same adapter's next one), the prefill with the adapter and without."""
-    cold = dig_dict(read_json(out, "gpu_engine.json"), "cold_register_to_first_token_ms")
-    parts = {k: cold.get(k) for k in ("register_p50", "first_request_p50",
-                                      "resident_first_token_p50", "base_first_token_p50")}
-    if any(not isinstance(v, int | float) for v in parts.values()):
+    data = read_json(out, "gpu_engine.json")
+    parts = {k: dig(data, ("cold_register_to_first_token_ms", k)) for k in (
+        "register_p50", "first_request_p50", "resident_first_token_p50", "base_first_token_p50")}
+    if None in parts.values():
         return ["- cold start: no breakdown in gpu_engine.json"]
     write = parts["first_request_p50"] - parts["resident_first_token_p50"]
     return [f"- cold start p50 parts, ms: registration {_fmt(parts['register_p50'])}, slot write "
             f"and other first-use costs {_fmt(write)}, prefill with the adapter "
             f"{_fmt(parts['resident_first_token_p50'])} (the base model's "
             f"{_fmt(parts['base_first_token_p50'])})"]  # fmt: skip
-
-
-def dig_dict(data: Any, key: str) -> dict:
-    value = data.get(key) if isinstance(data, dict) else None
-    return value if isinstance(value, dict) else {}
 
 
 def report(out: Path) -> tuple[str, int]:

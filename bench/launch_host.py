@@ -31,7 +31,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -39,7 +38,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from bench.common import environment  # noqa: E402
+from bench.common import alternate, environment  # noqa: E402
 from bench.random_weights import SHAPES  # noqa: E402
 from peftserve.config import EngineConfig  # noqa: E402
 from peftserve.engine.engine import Engine  # noqa: E402
@@ -127,18 +126,18 @@ def main() -> None:
         "now": (triton_lowrank_rows.cdiv, triton_lowrank_rows.pow2_at_least),
         "triton_constexpr": (triton.cdiv, triton.next_power_of_2),
     }
-    us: dict[str, list[float]] = {name: [] for name in forms}
+
+    def replay(form, r: int) -> None:
+        host_arithmetic(*form)
+        for _ in range(args.repeat):
+            for a, k in calls:
+                run(*a, **k)
+
     try:
-        for r in range(args.rounds):
-            for name in list(forms) if r % 2 == 0 else list(reversed(forms)):
-                host_arithmetic(*forms[name])
-                t0 = time.perf_counter()
-                for _ in range(args.repeat):
-                    for a, k in calls:
-                        run(*a, **k)
-                us[name].append((time.perf_counter() - t0) / (args.repeat * len(calls)) * 1e6)
+        ms = alternate(forms, args.rounds, replay)
     finally:
         host_arithmetic(*forms["now"])
+    us = {name: [t * 1e3 / (args.repeat * len(calls)) for t in v] for name, v in ms.items()}
     p50 = {name: statistics.median(v) for name, v in us.items()}
     result = {
         "environment": environment(),

@@ -29,14 +29,13 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 from safetensors.torch import load
 
-from bench.common import environment
+from bench.common import alternate, environment
 from bench.multi_adapter import ALL, write_lora
 from peftserve.adapters import files
 from peftserve.adapters.lora import LoraWeights
@@ -105,19 +104,6 @@ def per_module_write(slots: DeviceSlots, slot: int, weights: LoraWeights) -> Non
                 buf.A, buf.B, buf.rank, buf.scale, slot, buf.slice_sizes
             )
     slots.version += 1
-
-
-def alternate(forms: dict, rounds: int, run, after=lambda r: None) -> dict[str, list[float]]:
-    """ms of run(form, round) per form, the forms alternating, each first every other round;
-    after(round) runs untimed after each."""
-    ms: dict[str, list[float]] = {name: [] for name in forms}
-    for r in range(rounds):
-        for name in list(forms) if r % 2 == 0 else list(reversed(forms)):
-            t0 = time.perf_counter()
-            run(forms[name], r)
-            ms[name].append((time.perf_counter() - t0) * 1e3)
-            after(r)
-    return ms
 
 
 def main() -> None:

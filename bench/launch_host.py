@@ -13,10 +13,12 @@ them (as on a GPU host, whose thread only launches), for each form, the forms al
 each round; the medians of the rounds, in microseconds per call. On the 2-core machine the
 level moves by up to 2x from one process to the next (75-145 us a call for the same code);
 the forms' ratio and difference within one process are what to read. Forms:
-  now               the launchers as they are
-  triton_constexpr  the launchers' host arithmetic through triton.cdiv and
-                    triton.next_power_of_2 (constexpr functions, ~2.7 us a call from Python),
-                    as before 13b6faf
+  now                the launchers as they are
+  checks_every_call  every argument checked at every call (checks.check_lowrank_args), as
+                     before the backend kept the weights it had accepted (LowrankChecks)
+  triton_constexpr   that, and the launchers' host arithmetic through triton.cdiv and
+                     triton.next_power_of_2 (constexpr functions, ~2.7 us a call from Python),
+                     as before 13b6faf
 Launches per call are counted at the driver. A GPU adds the driver's own launch cost
 (cuLaunchKernel) to each launch; that is not here.
 """
@@ -45,6 +47,7 @@ from peftserve.engine.engine import Engine  # noqa: E402
 from peftserve.engine.request import Request  # noqa: E402
 from peftserve.engine.sampling_params import SamplingParams  # noqa: E402
 from peftserve.kernels import (  # noqa: E402
+    checks,
     triton_expand,
     triton_fused,
     triton_lowrank_rows,
@@ -122,13 +125,17 @@ def main() -> None:
     for a, k in calls:
         run(*a, **k)
     launches = Counting.launches
-    forms = {
-        "now": (triton_lowrank_rows.cdiv, triton_lowrank_rows.pow2_at_least),
-        "triton_constexpr": (triton.cdiv, triton.next_power_of_2),
+    plain = (triton_lowrank_rows.cdiv, triton_lowrank_rows.pow2_at_least)
+    remembering = backend.check_lowrank_args
+    forms = {  # the argument check, the launchers' host arithmetic
+        "now": (remembering, plain),
+        "checks_every_call": (checks.check_lowrank_args, plain),
+        "triton_constexpr": (checks.check_lowrank_args, (triton.cdiv, triton.next_power_of_2)),
     }
 
     def replay(form, r: int) -> None:
-        host_arithmetic(*form)
+        backend.check_lowrank_args = form[0]
+        host_arithmetic(*form[1])
         for _ in range(args.repeat):
             for a, k in calls:
                 run(*a, **k)
@@ -136,7 +143,8 @@ def main() -> None:
     try:
         ms = alternate(forms, args.rounds, replay)
     finally:
-        host_arithmetic(*forms["now"])
+        backend.check_lowrank_args = remembering
+        host_arithmetic(*plain)
     us = {name: [t * 1e3 / (args.repeat * len(calls)) for t in v] for name, v in ms.items()}
     p50 = {name: statistics.median(v) for name, v in us.items()}
     result = {
@@ -146,13 +154,13 @@ def main() -> None:
                     "lora": "rank-16 all-linear", "lowrank_delta_calls": len(calls),
                     "launches_per_call": launches / len(calls)},
         "us_per_call_p50": p50,
-        "now_over_before": p50["now"] / p50["triton_constexpr"],
-        "saved_us_per_call": p50["triton_constexpr"] - p50["now"],
+        "now_over": {name: p50["now"] / v for name, v in p50.items() if name != "now"},
+        "saved_us_per_call": {name: v - p50["now"] for name, v in p50.items() if name != "now"},
         "per_prefill_ms_p50": {name: v * len(calls) / 1e3 for name, v in p50.items()},
         "rounds_us": us,
     }  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("prefill", "us_per_call_p50", "now_over_before",
+    print(json.dumps({k: result[k] for k in ("prefill", "us_per_call_p50", "now_over",
                                              "saved_us_per_call")}))  # fmt: skip
     print(f"wrote {args.out}")
 

@@ -7,6 +7,9 @@ than read out of bounds in a kernel.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import torch
 
 from .activation import activation_code
@@ -87,6 +90,66 @@ def check_lowrank_args(
             f"{tuple(A.shape)}: S and R_max must agree"
         )
     _check_expand_weights(y, B, rank, scale, meta, slice_sizes, b_up, A.shape[0])
+
+
+class LowrankChecks:
+    """check_lowrank_args for a caller that passes the same weights step after step (the
+    slot buffers of each adapted projection): a call whose weight arguments (A, B, rank, scale,
+    b_down, b_up, slice_sizes, act) are the very objects of an earlier accepted call, with A
+    and B still of the layout they had then, has only its activations and meta checked. Any
+    call that does not pass those checks runs check_lowrank_args in full, so a refusal's
+    message is the same as without this. An eager step makes four such calls a layer, and the
+    full check is a fair share of the host time each costs (bench/launch_host.py)."""
+
+    def __init__(self) -> None:
+        # id(A) -> (a weak reference to A, the other weight arguments it was accepted with,
+        # compared by identity, and A's and B's layouts). The entry goes with A, so an id
+        # reused by a later tensor never finds it.
+        self._accepted: dict[int, tuple[Any, ...]] = {}
+
+    def __call__(
+        self, y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+        rank: torch.Tensor, scale: torch.Tensor, meta: SegmentMeta,
+        slice_sizes: tuple[int, ...], b_down: torch.Tensor | None,
+        b_up: torch.Tensor | None, act: str | None,
+    ) -> None:  # fmt: skip
+        seen = self._accepted.get(id(A))
+        if (
+            seen is not None
+            and seen[0]() is A
+            and seen[1] is B and seen[2] is rank and seen[3] is scale and seen[4] is b_down
+            and seen[5] is b_up and seen[6] is slice_sizes and seen[7] is act
+            and seen[8] == (A.shape, A.stride(), B.shape, B.stride())
+            and _activations_fit(y, x, A, B, meta)
+        ):  # fmt: skip
+            return
+        check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
+        key = id(A)
+        forget = self._accepted.pop
+        self._accepted[key] = (
+            weakref.ref(A, lambda _: forget(key, None)), B, rank, scale, b_down, b_up,
+            slice_sizes, act, (A.shape, A.stride(), B.shape, B.stride()),
+        )  # fmt: skip
+
+
+def _activations_fit(
+    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, meta: SegmentMeta
+) -> bool:
+    """What check_lowrank_args asks of y, x and meta, given weights it accepted."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        return False
+    if not isinstance(meta, SegmentMeta) or x.dim() != 2 or y.dim() != 2:
+        return False
+    (T, d_in), (T_y, d_out) = x.shape, y.shape
+    dtype, device = A.dtype, A.device
+    slots = meta.seg_slots_list
+    return (
+        d_in == A.shape[3] and T_y == T and d_out == B.shape[1]
+        and x.dtype == dtype and y.dtype == dtype and B.dtype == dtype
+        and x.device == device and y.device == device and meta.token_slot.device == device
+        and (x.stride(1) == 1 or d_in <= 1) and (y.stride(1) == 1 or d_out <= 1)
+        and meta.num_tokens == T and (not slots or slots[-1] < A.shape[1])
+    )  # fmt: skip
 
 
 def _check_expand_weights(

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from peftserve.config import BACKENDS
 from peftserve.kernels import add_lowrank_delta, cpu_ext, gemv, huge_pages, packed_linear
-from peftserve.kernels.checks import check_lowrank_args
+from peftserve.kernels.checks import LowrankChecks, check_lowrank_args
 from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
 from peftserve.kernels.cpu_packed import PackedBottleneck, PackedLora, bottleneck_delta_packed_cpu
 from peftserve.kernels.cpu_rows import bottleneck_delta_rows_cpu
@@ -193,6 +193,7 @@ class TritonBackend(Backend):
 
     def __init__(self, rows_max_tokens: int = 128) -> None:
         self.rows_max_tokens = rows_max_tokens
+        self.check_lowrank_args = LowrankChecks()  # the slot buffers' layouts checked once
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         if x.dim() != 2 or weight.dtype != x.dtype:
@@ -249,7 +250,7 @@ class TritonBackend(Backend):
         if meta.is_empty:
             return
         b_down, b_up, act = (bottleneck.get(k) for k in ("b_down", "b_up", "act"))
-        check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
+        self.check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
         if meta.num_tokens <= self.rows_max_tokens:
             from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
 

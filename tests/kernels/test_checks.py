@@ -3,6 +3,7 @@ that names the problem, before any kernel runs."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import pytest
@@ -12,9 +13,11 @@ from peftserve.kernels import (
     SegmentMeta,
     add_lowrank_delta,
     build_segment_meta,
+    checks,
     lora_expand,
     lora_shrink,
 )
+from peftserve.kernels.checks import LowrankChecks, check_lowrank_args
 from peftserve.kernels.triton_expand import expand_triton
 from peftserve.kernels.triton_shrink import shrink_triton
 from tests.kernels.lowrank_cases import KERNEL_DEVICE, LowRankCase, make_case
@@ -148,3 +151,89 @@ def test_rejects_tensors_on_other_devices():
     case = _case("cpu")
     with pytest.raises(ValueError, match="rank is on meta"):
         lora_shrink(case.x, case.A, case.rank.to("meta"), case.meta)
+
+
+def _lowrank_args(case: LowRankCase) -> dict:
+    return {"y": case.y, "x": case.x, "A": case.A, "B": case.B, "rank": case.rank,
+            "scale": case.scale, "meta": case.meta, "slice_sizes": case.slice_sizes,
+            "b_down": None, "b_up": None, "act": None}  # fmt: skip
+
+
+def _as_strided_last_dims(t: torch.Tensor) -> None:
+    """t's last two dims laid out column-major, in place: same object, same shape."""
+    s = t.stride()
+    t.as_strided_(t.shape, (*s[:-2], 1, t.shape[-2]))
+
+
+# What a later call may change after LowrankChecks accepted the weights: the activations and
+# meta, new weight tensors, the other arguments, and A or B's layout changed in place.
+LOWRANK_ERRORS: list[tuple[str, Callable[[dict], None], str]] = [
+    ("x width", lambda a: a.update(x=a["x"][:, :32]), "A has in = 33"),
+    ("x 1-D", lambda a: a.update(x=a["x"][0]), r"x must be 2-D \[T, in\]"),
+    ("x type", lambda a: a.update(x=a["x"].tolist()), "x must be a torch.Tensor"),
+    ("x dtype", lambda a: a.update(x=a["x"].half()), "A must have the activations' dtype"),
+    ("x int", lambda a: a.update(x=a["x"].long()), "x must be float32, float16 or bfloat16"),
+    ("x strided", lambda a: a.update(x=_column_major(a["x"])), "x must be contiguous in its last"),
+    ("x device", lambda a: a.update(x=a["x"].to("meta")), "tensors are on meta"),
+    ("y rows", lambda a: a.update(y=a["y"][:9]), "y has 9 rows but x has 10"),
+    ("y width", lambda a: a.update(y=a["y"][:, :31]), "B has out_total = 32"),
+    ("y dtype", lambda a: a.update(y=a["y"].double()), "y must be float32, float16 or bfloat16"),
+    ("y strided", lambda a: a.update(y=_column_major(a["y"])), "y must be contiguous in its last"),
+    ("meta tokens", lambda a: a.update(meta=_meta([0] * 9)), "built for 9 tokens"),
+    ("meta slot", lambda a: a.update(meta=_meta([4] * 10)), "only 4 slots"),
+    ("meta type", lambda a: a.update(meta=[0] * 10), "meta must be a SegmentMeta"),
+    ("B rows", lambda a: a.update(B=a["B"][:3]), "S and R_max must agree"),
+    ("rank int64", lambda a: a.update(rank=a["rank"].long()), "rank must be torch.int32"),
+    ("scale dtype", lambda a: a.update(scale=a["scale"].half()), "scale must be torch.float32"),
+    ("slices sum", lambda a: a.update(slice_sizes=(24, 7)), "sum to 31, not out_total 32"),
+    ("slices list", lambda a: a.update(slice_sizes=[24, 8]), "tuple of positive ints"),
+    ("b_up", lambda a: a.update(b_up=_zeros(4, 31)), r"b_up must be \[S, out_total\]"),
+    ("act", lambda a: a.update(act="tanh"), "unknown activation 'tanh'"),
+    ("A in place", lambda a: _as_strided_last_dims(a["A"]), "A must be contiguous in its last"),
+    ("B in place", lambda a: _as_strided_last_dims(a["B"]), "B must be contiguous in its last"),
+    ("A resized", lambda a: a["A"].resize_(2, 4, 9, 32), "A has in = 32"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "message"), LOWRANK_ERRORS, ids=[e[0] for e in LOWRANK_ERRORS]
+)
+def test_lowrank_checks_refuse_after_accepting(name, mutate, message):
+    """Weights accepted once do not let a bad call through: each refusal is the full check's."""
+    case = _case("cpu")
+    case.A, case.B = case.A.clone(), case.B.clone()  # mutated in place by some cases
+    args = _lowrank_args(case)
+    check = LowrankChecks()
+    check(**args)
+    check(**args)  # accepted again, from what it remembers
+    mutate(args)
+    with pytest.raises(ValueError, match=message) as refused:
+        check(**args)
+    with pytest.raises(ValueError) as full:
+        check_lowrank_args(**args)
+    assert str(refused.value) == str(full.value)
+
+
+def test_lowrank_checks_check_weights_once(monkeypatch):
+    """The weights are checked at their first call only; new activations and meta each step
+    are checked on their own, and an entry goes with its A."""
+    case = _case("cpu")
+    check = LowrankChecks()
+    full: list[int] = []
+    monkeypatch.setattr(
+        checks, "check_lowrank_args", lambda *a: full.append(1) or check_lowrank_args(*a)
+    )
+    args = _lowrank_args(case)
+    for step in range(3):  # each step's activations are new tensors
+        args.update(x=case.x.clone(), y=case.y.clone(), meta=_meta([step % 4] * 10))
+        check(**args)
+    assert len(full) == 1
+    args.update(scale=case.scale.clone())  # other weights: checked again
+    check(**args)
+    assert len(full) == 2
+    other = _lowrank_args(_case("cpu"))
+    check(**other)
+    assert len(full) == 3 and len(check._accepted) == 2
+    del other, args, case
+    gc.collect()
+    assert not check._accepted  # both A tensors are gone

@@ -79,6 +79,9 @@ def check_lowrank_args(
     b_up: torch.Tensor | None,  # [S, out_total]
     act: str | None,
 ) -> None:
+    """Every argument of one shrink + expand. What it asks of y, x and meta alone, given
+    weights it accepted, `_activations_fit` asks again without raising (LowrankChecks' short
+    check): a check of y, x or meta added here belongs there too."""
     check_shrink_args(x, A, rank, meta, b_down, act)
     _check_dims("y", y, 2, "[T, out_total]")
     _check_dims("B", B, 3, "[S, out_total, R_max]")
@@ -135,7 +138,9 @@ class LowrankChecks:
 def _activations_fit(
     y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, meta: SegmentMeta
 ) -> bool:
-    """What check_lowrank_args asks of y, x and meta, given weights it accepted."""
+    """What check_lowrank_args asks of y, x and meta, given weights it accepted: the same
+    conditions, each as a bool (False: the caller runs the full check, which names the fault).
+    tests/kernels/test_checks.py holds the two to the same refusals."""
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         return False
     if not isinstance(meta, SegmentMeta) or x.dim() != 2 or y.dim() != 2:

@@ -26,7 +26,11 @@
 # Then bench/gpu_report.py: every goal of the GPU issue read from those files, as a table
 # ($OUT/gpu_report.md).
 # Writes logs and JSON under $OUT (default bench/results). Each step has a time limit
-# and runs regardless of the others; the exit status is non-zero when any failed.
+# and runs regardless of the others; the exit status is non-zero when any failed. The whole run
+# has one more: BUDGET seconds (default 470, under 8 minutes) from the start, the report's
+# T_REPORT included. A step's limit is cut to what is left of it (a step with under 5 s left
+# is skipped and fails), so the run ends in time even when every step hits its limit; a step
+# that ignores the TERM at its limit gets a KILL 5 s later.
 # STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,20 +51,28 @@ if ! "$PY" -c "import peftserve.kernels" 2>/dev/null; then
   export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-"$PY" - <<'PY' 2>&1 | tee "$OUT/gpu_env.log" || exit 1
+BUDGET="${BUDGET:-470}"
+T_REPORT="${T_REPORT:-10}"
+timeout -k 5 30 "$PY" - <<'PY' 2>&1 | tee "$OUT/gpu_env.log"
 import importlib.metadata as md
 import torch
 assert torch.cuda.is_available(), "no CUDA device"
 print(torch.cuda.get_device_name(), {p: md.version(p) for p in
       ("torch", "triton", "transformers", "peft", "safetensors", "pytest", "pytest-xdist")})
 PY
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 
 status=0
 step() {  # step NAME SECONDS COMMAND...
   local name="$1" limit="$2"; shift 2
   if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local t0=$SECONDS left=$((BUDGET - T_REPORT - 5 - SECONDS))  # 5: the KILL's grace
+  if [ "$left" -lt 5 ]; then
+    echo "== $name: skipped, ${left} s of the run's ${BUDGET} s left" | tee -a "$OUT/steps.log"
+    status=1; return
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.log"
   [ "$rc" -eq 0 ] || status=1
@@ -79,9 +91,8 @@ native() {
     tests/unit/test_argmax_rows.py tests/kernels/test_screened_head.py
 }
 # The GPU issue's measurements first, then the tests, then the host CPU's kernels. The limits
-# add up to 475 s (T_* override them): one run fits in 8 minutes even when every step hits its
-# limit, and a step that does leaves its log (gpu_engine.py also writes its JSON after each
-# section).
+# add up to 475 s (T_* override them), cut to BUDGET as the run goes; a step that hits its limit
+# leaves its log (gpu_engine.py also writes its JSON after each section).
 if [ -n "${MODEL_DIR:-}" ]; then
   # Llama-3.1-8B's shape: random bf16 weights written on the GPU under /dev/shm (removed after)
   step engine_bench_8b "${T_ENGINE_BENCH_8B:-130}" "$PY" -m bench.gpu_engine \
@@ -111,5 +122,5 @@ step kernels_bench "${T_KERNEL_BENCH:-20}" "$PY" bench/kernels.py --out "$OUT/ke
 step native_kernels "${T_NATIVE:-60}" env PY="$PY" bash -c "$(declare -f native); native"
 cat "$OUT/steps.log"
 # The issue's must-shows from the files above, met or not (no GPU needed; rerun it on copies)
-timeout 10 "$PY" -m bench.gpu_report "$OUT" | tee "$OUT/gpu_report.md"
+timeout -k 2 "$T_REPORT" "$PY" -m bench.gpu_report "$OUT" | tee "$OUT/gpu_report.md"
 exit "$status"

@@ -37,6 +37,7 @@ def test_goals_met_and_not(tmp_path):
     (tmp_path / "steps.log").write_text(
         "== engine_bench_8b: exit 0 in 100 s\n== engine_cuda_tests: exit 1 in 60 s\n"
         "== kernel_tests: exit 124 in 55 s\n== kernel_tests: exit 0 in 40 s\n"
+        "== native_kernels: skipped, 3 s of the run's 470 s left\n"
     )
     text, unmet = gpu_report.report(tmp_path)
     assert row("| Llama-3.1-8B: decode step / floor, batch 1 |", text).endswith("| yes |")
@@ -48,7 +49,7 @@ def test_goals_met_and_not(tmp_path):
     assert row("| SmolLM2: cold", text).endswith("| 38 | <= 40 | yes |")
     assert row("| tests: engine_cuda_tests", text).endswith("| exit 1 | exit 0 | NO |")
     assert row("| tests: kernel_tests", text).endswith("| exit 0 | exit 0 | yes |")  # the last
-    assert row("| tests: native_kernels", text).endswith("| missing | exit 0 | NO |")
+    assert row("| tests: native_kernels", text).endswith("| skipped | exit 0 | NO |")
     # SmolLM2 batch 1 and 32, 8B all-linear, engine tests, native kernels
     assert unmet == 5
     assert ("- cold start p50 parts, ms: registration 9, slot write and other first-use costs "

@@ -5,20 +5,23 @@ torch.compile's (Inductor's) fusion of the same torch code, at SmolLM2-135M's an
 Llama-3.1-8B's shapes.
 
     python bench/decode_kernels.py [--out PATH] [--reps N] [--batches 1 8 32 64]
-                                   [--ops attention,lora,fused]
+                                   [--ops attention,lora,fused] [--shapes NAME ...]
 
-bf16. Attention: each sequence's context drawn from [max_ctx / 2, max_ctx] (ragged), blocks of
-16 scattered over the cache. LoRA: 32 slots of ranks 8/16/32/64 (R_max 64), each token in a
-random slot, every adapted projection of a layer (qkv and gate_up with their slices in one
+bf16 (`--dtype`). Attention: each sequence's context drawn from [max_ctx / 2, max_ctx] (ragged),
+blocks of 16 scattered over the cache. LoRA: 32 slots of ranks 8/16/32/64 (R_max 64), each token
+in a random slot, every adapted projection of a layer (qkv and gate_up with their slices in one
 call). Each method is timed eagerly (launches included, ms per call) and replayed from a CUDA
 graph of 20 calls (the kernels alone); GB/s counts the bytes a call must read (KV of the
-contexts; exact-rank weights of the slots in use plus activations). Fused ops (kernels/
-triton_fused.py, what TritonBackend runs): residual add + RMSNorm, rotary + the K/V cache write,
-SiLU-and-multiply, each against the reference backend's torch code eager and compiled by
-`torch.compile(dynamic=True)` (the first call at each row's sizes timed: it holds the compile
-where one happens; bytes: the activations read and written). Writes
+contexts; exact-rank weights of the slots in use plus activations). Fused ops
+(kernels/triton_fused.py, what TritonBackend runs): residual add + RMSNorm, rotary + the K/V
+cache write, SiLU-and-multiply, each against the reference backend's torch code eager and
+compiled by `torch.compile(dynamic=True)` (the first call at each row's sizes timed: it holds
+the compile where one happens; bytes: the activations read and written). Writes
 bench/results/decode_kernels_cuda.json (`--ops fused` alone: decode_fused_ops_cuda.json). Needs
-a CUDA device.
+a CUDA device; `--device cpu` runs the same code on the CPU, the Triton kernels in the
+interpreter and no graphs (a dry run: tests/unit/test_decode_kernels_bench.py, at the "tiny"
+shape; in fp16 or fp32, as the interpreter's `tl.dot` does not take bf16: triton-lang/triton
+#11584).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import platform
 import statistics
 import sys
 import time
@@ -41,10 +45,18 @@ from peftserve.layers.backend import Backend, TritonBackend
 SHAPES = {  # heads, kv_heads, head_dim, hidden, intermediate
     "smollm2-135m": (9, 3, 64, 576, 1536),
     "llama-3.1-8b": (32, 8, 128, 4096, 14336),
+    "tiny": (4, 2, 16, 64, 96),  # the CPU dry run's (not run by default)
 }
 BLOCK_SIZE, MAX_CTX = 16, 1024
 N_SLOTS, R_MAX, RANKS = 32, 64, (8, 16, 32, 64)
 GRAPH_CALLS = 20
+DEV = "cuda"  # --device
+DTYPE = torch.bfloat16  # --dtype
+
+
+def sync() -> None:
+    if DEV.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def time_ms(fn: Callable[[], object], reps: int) -> tuple[float, float | None]:
@@ -52,14 +64,16 @@ def time_ms(fn: Callable[[], object], reps: int) -> tuple[float, float | None]:
     where the method cannot be captured)."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     eager = []
     for _ in range(reps):
         start = time.perf_counter()
         for _ in range(5):
             fn()
-        torch.cuda.synchronize()
+        sync()
         eager.append((time.perf_counter() - start) / 5 * 1e3)
+    if not DEV.startswith("cuda"):
+        return statistics.median(eager), None
     try:
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
@@ -91,7 +105,7 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
     max_blocks = MAX_CTX // BLOCK_SIZE
     num_blocks = batch * max_blocks + 8
     tables = torch.randperm(num_blocks, generator=g)[: batch * max_blocks].view(batch, max_blocks)
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = DEV, DTYPE
     cache = torch.randn(2, kv_heads, num_blocks * BLOCK_SIZE, D, device=dev, dtype=dt)
     q = torch.randn(batch, heads, D, device=dev, dtype=dt)
     tables, lens = tables.to(dev), lens.to(dev)
@@ -126,11 +140,11 @@ def lora_rows(shape: str, batch: int, reps: int) -> list[dict]:
     }
     rows = []
     g = torch.Generator().manual_seed(batch)
-    token_slot = torch.randint(0, N_SLOTS, (batch,), generator=g).cuda()
+    token_slot = torch.randint(0, N_SLOTS, (batch,), generator=g).to(DEV)
     meta = build_segment_meta(token_slot)  # built once per step by the runner: not timed
     rank_of = torch.tensor([RANKS[s % len(RANKS)] for s in range(N_SLOTS)], dtype=torch.int32)
     for module, (d_in, slices) in modules.items():
-        dev, dt = "cuda", torch.bfloat16
+        dev, dt = DEV, DTYPE
         n = len(slices)
         rank = rank_of.repeat(n, 1).contiguous().to(dev)
         A = torch.randn(n, N_SLOTS, R_MAX, d_in, device=dev, dtype=dt) * 0.02
@@ -163,12 +177,13 @@ def lora_rows(shape: str, batch: int, reps: int) -> list[dict]:
 _COMPILED: dict[str, Callable] = {}  # one torch.compile per op, for every shape and batch
 
 
-def fused_rows(shape: str, batch: int, reps: int, dev: str = "cuda") -> list[dict]:
+def fused_rows(shape: str, batch: int, reps: int) -> list[dict]:
     """Residual add + RMSNorm, rotary + K/V write, SiLU-and-mul: the Triton kernels, Inductor's
     compile of the reference's torch code, and that code eager."""
     heads, kv_heads, D, hidden, inter = SHAPES[shape]
+    dev = DEV
     ref, tri = Backend(), TritonBackend()
-    dt, eps = torch.bfloat16, 1e-5
+    dt, eps = DTYPE, 1e-5
     g = torch.Generator(device=dev).manual_seed(batch)
 
     def randn(*size: int) -> torch.Tensor:
@@ -194,10 +209,10 @@ def fused_rows(shape: str, batch: int, reps: int, dev: str = "cuda") -> list[dic
             _COMPILED[name] = torch.compile(getattr(ref, name), dynamic=True, fullgraph=True)
         # the first call at these sizes: compiling where torch.compile needs to (the first
         # call, batch 1's specialization, another shape's constants), its guards otherwise
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         _COMPILED[name](*args)
-        torch.cuda.synchronize()
+        sync()
         first_call_s = time.perf_counter() - start
         methods = {"triton": functools.partial(getattr(tri, name), *args),
                    "inductor": functools.partial(_COMPILED[name], *args),
@@ -238,24 +253,31 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--ops", default="attention,lora", help="and/or fused")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
+                        default=["smollm2-135m", "llama-3.1-8b"])  # fmt: skip
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = parser.parse_args()
     ops = set(args.ops.split(","))
     if not ops <= {"attention", "lora", "fused"}:
         parser.error(f"--ops: attention, lora, fused; got {args.ops}")
-    if not torch.cuda.is_available():
-        sys.exit("decode_kernels.py needs a CUDA device")
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    global DEV, DTYPE
+    DEV, DTYPE = args.device, getattr(torch, args.dtype)
+    cuda = DEV.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit("decode_kernels.py needs a CUDA device (--device cpu: a dry run)")
+    src = torch.empty(1 << (30 if cuda else 26), dtype=torch.uint8, device=DEV)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(10):
         dst.copy_(src)
-    torch.cuda.synchronize()
+    sync()
     copy_gbs = 2 * src.numel() * 10 / (time.perf_counter() - start) / 1e9
     del src, dst
     rows = []
-    for shape in SHAPES:
+    for shape in args.shapes:
         for batch in args.batches:
             if "attention" in ops:
                 rows.append(attention_row(shape, batch, args.reps))
@@ -263,14 +285,16 @@ def main() -> None:
                 rows += lora_rows(shape, batch, args.reps)
             if "fused" in ops:
                 rows += fused_rows(shape, batch, args.reps)
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or DEV,
         "torch": torch.__version__,
         "device_copy_gbs": copy_gbs,
-        "setup": {"dtype": "bfloat16", "block_size": BLOCK_SIZE, "max_ctx": MAX_CTX,
-                  "slots": N_SLOTS, "r_max": R_MAX, "ranks": RANKS, "shapes": SHAPES,
+        "setup": {"dtype": args.dtype, "block_size": BLOCK_SIZE, "max_ctx": MAX_CTX,
+                  "slots": N_SLOTS, "r_max": R_MAX, "ranks": RANKS,
+                  "shapes": {name: SHAPES[name] for name in args.shapes},
                   "graph_calls": GRAPH_CALLS},  # fmt: skip
         "rows": rows,
     }

@@ -1,0 +1,46 @@
+"""bench/decode_kernels.py's dry run on the CPU (`--device cpu`, the Triton kernels in the
+interpreter, fp16, the "tiny" shape): every op and method it times on the GPU runs, the methods
+of an op agree with each other, and the JSON holds what bench/gpu_report.py reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_dry_run_times_every_method_and_they_agree(tmp_path):
+    out = tmp_path / "decode_kernels.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "bench/decode_kernels.py", "--device", "cpu", "--dtype", "float16",
+         "--shapes", "tiny", "--batches", "2", "--reps", "1", "--ops", "attention,lora,fused",
+         "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["setup"]["dtype"] == "float16" and list(result["setup"]["shapes"]) == ["tiny"]
+    assert result["device_copy_gbs"] > 0
+    methods = {
+        ("attention", None): {"triton_paged", "gather_sdpa"},
+        **{("lora", m): {"rows_one_launch", "segments"} for m in ("qkv", "o", "gate_up", "down")},
+        **{("fused", m): {"triton", "inductor", "torch"}
+           for m in ("add_rms_norm", "rotary_and_cache", "silu_and_mul")},
+    }  # fmt: skip
+    rows = {(r["op"], r.get("module")): r for r in result["rows"]}
+    assert rows.keys() == methods.keys()
+    for key, row in rows.items():
+        assert row["shape"] == "tiny" and row["batch"] == 2 and row["bytes"] > 0
+        assert set(row["ms"]) == methods[key] and all(t > 0 for t in row["ms"].values()), key
+        assert all(t is None for t in row["graph_ms"].values()), key  # no graphs off CUDA
+        # fp16 outputs of order 0.1-1: the methods agree to its rounding (the interpreter's
+        # bf16 dot is what made them differ by 1e10: the reason the dry run is fp16)
+        assert row["max_abs_diff"] < 1e-2, (key, row["max_abs_diff"])
+        if key[0] == "fused":
+            assert row["max_abs_diff_inductor"] < 1e-2, key
+            assert row["inductor_first_call_s"] > 0

@@ -9,6 +9,8 @@ none: the real weights cannot travel to the GPU machine, and with EOS ignored ev
 configuration produces exactly the planned tokens, so throughput does not depend on the
 weights' values. Everything bf16 on one GPU, greedy, TF32 irrelevant (bf16). The engine runs
 the static decode step with CUDA graphs (its default on CUDA); capture time is reported.
+`--device cpu` runs the same code on the CPU without graphs, a dry run of the script
+(tests/unit/test_gpu_engine_bench.py: every section at the "tiny" shape).
 
 Sections, each on the same 32 requests as bench.engine_throughput / bench.multi_adapter
 (bench.common.workload(): chat prompts, outputs 16..128 tokens, seed 0):
@@ -126,13 +128,15 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/gpu_engine.json")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="serve random weights of this shape (written under /dev/shm)")
+    ap.add_argument("--weights-dir", type=Path, default=None,
+                    help="where --shape's weights go (default /dev/shm/peftserve-SHAPE)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     args = ap.parse_args()
     global DEV
     DEV = args.device
     model_dir = Path(args.model_dir)
     if args.shape:
-        shm = Path("/dev/shm") / f"peftserve-{args.shape}"
+        shm = args.weights_dir or Path("/dev/shm") / f"peftserve-{args.shape}"
         weights = write_model(args.shape, model_dir, shm, device=DEV)
         model_dir = Path(weights["dir"])
         print("weights", json.dumps(weights), flush=True)

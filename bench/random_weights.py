@@ -33,6 +33,11 @@ SHAPES: dict[str, dict] = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
+    "tiny": dict(  # the CPU dry run of bench.gpu_engine (tests/unit/test_gpu_engine_bench.py)
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=8192,
+        rope_theta=100000.0, tie_word_embeddings=True,
+    ),
 }  # fmt: skip
 SHARD_BYTES = 4 << 30
 STD = 0.02  # transformers' initializer_range for Llama

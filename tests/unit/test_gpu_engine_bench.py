@@ -1,0 +1,45 @@
+"""bench/gpu_engine.py's dry run on the CPU (`--device cpu`, random weights of the "tiny" shape,
+SmolLM2's tokenizer): every section bench/gpu.sh asks of it runs, on the real engine and
+transformers and PEFT, and writes the numbers bench/gpu_report.py reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_report
+from peftserve.models.loader import resolve_model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # the real model's tokenizer
+
+
+def test_dry_run_writes_every_goal(tmp_path):
+    out = tmp_path / "gpu_engine.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_engine", "--device", "cpu", "--shape", "tiny",
+         "--model-dir", str(resolve_model_dir("default")), "--weights-dir", str(tmp_path / "w"),
+         "--sections", "throughput,floor,adapters,peft,cold", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["shape"] == "tiny" and result["requests"] == 32
+    assert result["weights"]["params"] > 0 and result["cuda_graph_capture_s"] is None
+    # what the report reads for the SmolLM2 shape's goals, all present and positive
+    small = [g for g in gpu_report.GOALS if g.file == "gpu_engine.json"]
+    assert small
+    for goal in small:
+        value = gpu_report.dig(result, goal.path)
+        assert value is not None and value > 0, goal.what
+    assert set(result["decode_floor"]) == {"1", "8", "32", "64"}
+    assert set(result["adapters"]) == {"base", "lora-qv", "lora-heavy"}
+    assert result["adapters"]["base"]["vs_base"] == 1.0
+    assert result["peft_mixed_tok_s"] > 0
+    cold = result["cold_register_to_first_token_ms"]
+    assert cold["register_p50"] < cold["p50"] and cold["base_first_token_p50"] > 0

@@ -55,16 +55,23 @@ QV = ["q", "v"]
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
-def write_lora(out: Path, shape: ModelShape, rank: int, targets: list[str], seed: int) -> Path:
-    """A PEFT-format LoRA with random (non-zero) weights, written directly: fast for many."""
-    g = torch.Generator().manual_seed(seed)
+def write_lora(
+    out: Path, shape: ModelShape, rank: int, targets: list[str], seed: int,
+    device: str = "cpu", dtype: torch.dtype = torch.float32,
+) -> Path:  # fmt: skip
+    """A PEFT-format LoRA with random (non-zero) weights, written directly: fast for many.
+    `device`: where they are drawn (a GPU draws an 8B shape's rank-64 adapter, 168M weights,
+    in milliseconds; the CPU in seconds); `dtype`: as saved."""
+    g = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     for layer in range(shape.layers):
         for p in targets:
             d_in, d_out = module_dims(shape, p)
             key = f"base_model.model.{module_name(layer, p)}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
+            a = torch.randn(rank, d_in, generator=g, device=device) / d_in**0.5
+            b = torch.randn(d_out, rank, generator=g, device=device) * 0.01
+            tensors[f"{key}.lora_A.weight"] = a.to("cpu", dtype)
+            tensors[f"{key}.lora_B.weight"] = b.to("cpu", dtype)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve demo test test-fast test-sanitize test-march soak bench lint proto clean
+.PHONY: install serve demo test test-fast test-sanitize test-march soak bench gpu-prep lint proto clean
 
 install: $(STAMP)
 
@@ -75,6 +75,16 @@ soak: install
 
 bench: install
 	$(BIN)/python -m bench.engine_throughput
+
+# What bench/gpu.sh needs from here on a GPU machine that cannot download: the default model's
+# config and tokenizer (no weights: the GPU run draws random ones) in build/gpu_model, which
+# the run carries (bench/README.md, "On a GPU").
+gpu-prep: install
+	rm -rf build/gpu_model && mkdir -p build/gpu_model
+	$(BIN)/python -c "import shutil; from peftserve.models.loader import resolve_model_dir; \
+		[shutil.copy(p, 'build/gpu_model') for p in resolve_model_dir('default').iterdir() \
+		 if p.is_file() and p.suffix != '.safetensors']"
+	ls build/gpu_model
 
 lint: install
 	$(BIN)/ruff check server kernels clients tests bench

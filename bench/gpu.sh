@@ -3,6 +3,9 @@
 #
 #     OUT=/some/dir MODEL_DIR=/dir/with/smollm2/config+tokenizer bash bench/gpu.sh
 #
+# (`make gpu-prep` writes such a directory, build/gpu_model, for a machine that cannot
+# download: carry it there.)
+#
 # The steps, in the order they run (the GPU issue's numbers first):
 # 1. engine_bench_8b, engine_bench: bench/gpu_engine.py, the engine (static decode step, CUDA
 #    graphs) vs transformers at Llama-3.1-8B's shape and at SmolLM2's (with cold start), random

@@ -109,7 +109,8 @@ def goal_lines(out: Path) -> tuple[list[str], int]:
 
 def kernel_lines(out: Path, name: str, op: str, best: Callable[[dict], str]) -> list[str]:
     """One line per row of `op` in decode_kernels' JSON `name`: GB/s of each method, replayed
-    from a CUDA graph, and the device's copy rate in the same run."""
+    from a CUDA graph, the largest difference between the methods' outputs, and the device's
+    copy rate in the same run."""
     data = read_json(out, name)
     if data is None:
         return [f"- {name}: missing"]
@@ -119,14 +120,38 @@ def kernel_lines(out: Path, name: str, op: str, best: Callable[[dict], str]) -> 
         if row.get("op") != op:
             continue
         rates = ", ".join(f"{m} {_fmt(v)}" for m, v in row.get("gbs_graph", {}).items())
-        lines.append(f"  - {row['shape']} {row.get('module', '')} batch {row['batch']}: GB/s "
-                     f"{rates}; {best(row)}")  # fmt: skip
+        label = " ".join(str(x) for x in (row["shape"], row.get("module")) if x)
+        lines.append(f"  - {label} batch {row['batch']}: GB/s {rates}; {best(row)}; max |diff| "
+                     f"between the methods {_fmt(row.get('max_abs_diff'))}")  # fmt: skip
     return lines
 
 
 def _fastest(row: dict) -> str:
     ms = {m: v for m, v in row.get("graph_ms", {}).items() if v}
     return f"fastest: {min(ms, key=ms.__getitem__)}" if ms else "no timings"
+
+
+def _fastest_and_compile(row: dict) -> str:
+    """A fused op's row: the fastest method and torch.compile's first call at these sizes."""
+    return f"{_fastest(row)}; Inductor's first call {_fmt(row.get('inductor_first_call_s'))} s"
+
+
+def run_lines(out: Path) -> list[str]:
+    """The machine (gpu.sh's environment check) and, per shape, the engine's start-up: load and
+    graph capture, and the adapters section's writing and registering of its 64 adapters."""
+    try:
+        env = (out / "gpu_env.log").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        env = "missing"
+    lines = [f"- machine: {env}"]
+    for name, shape in (("gpu_engine_8b.json", "Llama-3.1-8B"), ("gpu_engine.json", "SmolLM2")):
+        data = read_json(out, name)
+        seconds = {what: dig(data, (key,)) for what, key in (
+            ("engine start", "engine_start_s"), ("of it graph capture", "cuda_graph_capture_s"),
+            ("adapters written and registered", "adapters_written_and_registered_s"))}
+        parts = [f"{what} {_fmt(v)}{'' if v is None else ' s'}" for what, v in seconds.items()]
+        lines.append(f"- {shape}: {', '.join(parts)}")
+    return lines
 
 
 def cold_lines(out: Path) -> list[str]:
@@ -146,11 +171,13 @@ def cold_lines(out: Path) -> list[str]:
 
 def report(out: Path) -> tuple[str, int]:
     lines, unmet = goal_lines(out)
-    text = [f"# bench/gpu.sh in {out}", "", *lines, "", *cold_lines(out), "",
+    text = [f"# bench/gpu.sh in {out}", "", *lines, "", *run_lines(out), *cold_lines(out), "",
             "Shrink/expand (one launch per stage) and the segment kernels:",
             *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), "",
+            "Paged decode attention against gather + SDPA:",
+            *kernel_lines(out, "decode_kernels_cuda.json", "attention", _fastest), "",
             "Fused small ops against torch.compile's fusion of the same code:",
-            *kernel_lines(out, "decode_fused_ops_cuda.json", "fused", _fastest)]  # fmt: skip
+            *kernel_lines(out, "decode_fused_ops_cuda.json", "fused", _fastest_and_compile)]
     return "\n".join(text) + "\n", unmet
 
 

@@ -70,11 +70,36 @@ def test_kernel_rows_give_each_method_and_the_fastest(tmp_path):
     write(tmp_path, "decode_kernels_cuda.json", {"device_copy_gbs": 3900.0, "rows": [
         {"op": "lora", "shape": "llama-3.1-8b", "module": "qkv", "batch": 8,
          "graph_ms": {"rows_one_launch": 0.02, "segments": 0.05},
-         "gbs_graph": {"rows_one_launch": 1500.0, "segments": 600.0}},
+         "gbs_graph": {"rows_one_launch": 1500.0, "segments": 600.0}, "max_abs_diff": 0.0},
         {"op": "attention", "shape": "smollm2", "batch": 8, "graph_ms": {}, "gbs_graph": {}},
+    ]})  # fmt: skip
+    write(tmp_path, "decode_fused_ops_cuda.json", {"device_copy_gbs": 3900.0, "rows": [
+        {"op": "fused", "shape": "smollm2", "module": "silu_and_mul", "batch": 1,
+         "inductor_first_call_s": 4.5, "graph_ms": {"triton": 0.003, "inductor": 0.004},
+         "gbs_graph": {"triton": 90.0, "inductor": 70.0}},
     ]})  # fmt: skip
     text, _ = gpu_report.report(tmp_path)
     assert "device copy 3.9e+03 GB/s" in text
+    lora, rest = text.split("segment kernels:")[1].split("Paged decode attention")
     assert ("  - llama-3.1-8b qkv batch 8: GB/s rows_one_launch 1.5e+03, segments 600; "
-            "fastest: rows_one_launch") in text  # fmt: skip
-    assert "attention" not in text.split("Fused")[0].split("segment kernels:")[1]
+            "fastest: rows_one_launch; max |diff| between the methods 0") in lora
+    assert "smollm2" not in lora
+    attention = rest.split("Fused")[0]
+    assert "  - smollm2 batch 8: GB/s ; no timings; max |diff| between the methods missing" in (
+        attention
+    )
+    assert "qkv" not in attention
+    assert ("  - smollm2 silu_and_mul batch 1: GB/s triton 90, inductor 70; fastest: triton; "
+            "Inductor's first call 4.5 s; max |diff|") in rest.split("Fused")[1]  # fmt: skip
+
+
+def test_the_machine_and_start_up_times(tmp_path):
+    (tmp_path / "gpu_env.log").write_text("NVIDIA H200 {'torch': '2.11.0'}\n")
+    write(tmp_path, "gpu_engine.json", {"engine_start_s": 12.5, "cuda_graph_capture_s": 3.25,
+                                        "adapters_written_and_registered_s": 7.0})  # fmt: skip
+    text, _ = gpu_report.report(tmp_path)
+    assert "- machine: NVIDIA H200 {'torch': '2.11.0'}" in text
+    assert ("- SmolLM2: engine start 12.5 s, of it graph capture 3.25 s, adapters written and "
+            "registered 7 s") in text  # fmt: skip
+    assert ("- Llama-3.1-8B: engine start missing, of it graph capture missing, adapters "
+            "written and registered missing") in text  # fmt: skip

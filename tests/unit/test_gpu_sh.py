@@ -97,7 +97,7 @@ def test_hangs_and_crashes_fail_their_steps_and_the_budget_holds(tmp_path):
     log = (out / "steps.log").read_text()
     took = {line.split(":")[0][3:]: int(line.split()[-2]) for line in log.splitlines()
             if " in " in line}  # fmt: skip
-    assert took["engine_bench_8b"] <= 3 and 5 <= took["engine_bench"] <= 7
+    assert took["engine_bench_8b"] <= 3 and 5 <= took["engine_bench"] <= 8
     assert took["kernel_tests"] <= budget - report - 5
     assert wall < budget + 3, f"the run took {wall:.1f} s against a budget of {budget} s"
     assert "report from" in (out / "gpu_report.md").read_text()

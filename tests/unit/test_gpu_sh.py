@@ -31,7 +31,7 @@ esac
 case "$*" in
   *gpu_engine*llama-3.1-8b*) exec sleep 600 ;;
   *gpu_engine*) trap '' TERM; sleep 600 ;;
-  *test_cuda_graphs*) kill -SEGV $$ ;;
+  *test_cuda_graphs*) ulimit -c 0; kill -SEGV $$ ;;  # no core file left behind
   *pytest*tests/kernels*) exec sleep 600 ;;
 esac
 echo "ran: $*"

@@ -56,6 +56,7 @@ from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 
 DEV = "cuda"  # --device cpu runs the same code on a CPU (a dry run of the script)
+REPEAT = 3  # --repeat: timed runs of the engine per configuration (best of them)
 
 
 def sync() -> None:
@@ -131,9 +132,11 @@ def main() -> None:
     ap.add_argument("--weights-dir", type=Path, default=None,
                     help="where --shape's weights go (default /dev/shm/peftserve-SHAPE)")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="timed engine runs per configuration (generate: one fewer)")
     args = ap.parse_args()
-    global DEV
-    DEV = args.device
+    global DEV, REPEAT
+    DEV, REPEAT = args.device, args.repeat
     model_dir = Path(args.model_dir)
     if args.shape:
         shm = args.weights_dir or Path("/dev/shm") / f"peftserve-{args.shape}"
@@ -217,9 +220,10 @@ def main() -> None:
 
 def throughput(engine, hf, pad, base, prompts, lengths, out) -> None:
     tokens = sum(lengths)
-    t_ours = cuda_time(lambda: run_engine(engine, base, tokens), repeat=3)
+    t_ours = cuda_time(lambda: run_engine(engine, base, tokens), repeat=REPEAT)
     hf_generate(hf, pad, prompts[:4], [4] * 4, 4)  # warm-up
-    t_hf32 = cuda_time(lambda: hf_generate(hf, pad, prompts, lengths, 32), repeat=2)
+    t_hf32 = cuda_time(lambda: hf_generate(hf, pad, prompts, lengths, 32),
+                       repeat=max(1, REPEAT - 1))  # fmt: skip
     t_hf8 = cuda_time(lambda: hf_generate(hf, pad, prompts, lengths, 8), repeat=1)
     out["throughput"] = {
         "engine_tok_s": tokens / t_ours,
@@ -283,7 +287,7 @@ def many_adapters(engine, hf, pad, work, prompts, lengths, wanted, with_peft, ou
             names = configs[name]
             reqs = make_requests(work, prompts, lengths, names)
             run_engine(engine, reqs[:4], sum(lengths[:4]))  # warm-up: loads, kernel compiles
-            t = cuda_time(lambda reqs=reqs: run_engine(engine, reqs, tokens), repeat=3)
+            t = cuda_time(lambda reqs=reqs: run_engine(engine, reqs, tokens), repeat=REPEAT)
             adapters[name] = {
                 "tok_s": tokens / t,
                 "decode_step_ms": decode_step(engine, reqs, 32) * 1e3,

@@ -1,6 +1,6 @@
 """bench/gpu_engine.py's dry run on the CPU (`--device cpu`, random weights of the "tiny" shape,
-SmolLM2's tokenizer): every section bench/gpu.sh asks of it runs, on the real engine and
-transformers and PEFT, and writes the numbers bench/gpu_report.py reads."""
+SmolLM2's tokenizer, one timed run per configuration): every section bench/gpu.sh asks of it
+runs, on the real engine and transformers, and writes the numbers bench/gpu_report.py reads."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_dry_run_writes_every_goal(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "bench.gpu_engine", "--device", "cpu", "--shape", "tiny",
          "--model-dir", str(resolve_model_dir("default")), "--weights-dir", str(tmp_path / "w"),
-         "--sections", "throughput,floor,adapters,peft,cold", "--out", str(out)],
+         "--sections", "throughput,floor,adapters,cold", "--repeat", "1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -40,6 +40,5 @@ def test_dry_run_writes_every_goal(tmp_path):
     assert set(result["decode_floor"]) == {"1", "8", "32", "64"}
     assert set(result["adapters"]) == {"base", "lora-qv", "lora-heavy"}
     assert result["adapters"]["base"]["vs_base"] == 1.0
-    assert result["peft_mixed_tok_s"] > 0
     cold = result["cold_register_to_first_token_ms"]
     assert cold["register_p50"] < cold["p50"] and cold["base_first_token_p50"] > 0

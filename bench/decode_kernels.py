@@ -8,11 +8,13 @@ Llama-3.1-8B's shapes.
                                    [--ops attention,lora,fused] [--shapes NAME ...]
 
 bf16 (`--dtype`). Attention: each sequence's context drawn from [max_ctx / 2, max_ctx] (ragged),
-blocks of 16 scattered over the cache. LoRA: 32 slots of ranks 8/16/32/64 (R_max 64), each token
-in a random slot, every adapted projection of a layer (qkv and gate_up with their slices in one
-call). Each method is timed eagerly (launches included, ms per call) and replayed from a CUDA
-graph of 20 calls (the kernels alone); GB/s counts the bytes a call must read (KV of the
-contexts; exact-rank weights of the slots in use plus activations). Fused ops
+blocks of 16 scattered over the cache; also with the block tables as wide as a CUDA graph's
+(the longest context it serves, 8192 by default: the splits past each context are empty).
+LoRA: 32 slots of ranks 8/16/32/64 (R_max 64), each token in a random slot, every adapted
+projection of a layer (qkv and gate_up with their slices in one call). Each method is timed
+eagerly (launches included, ms per call) and replayed from a CUDA graph of 20 calls (the kernels
+alone); GB/s counts the bytes a call must read (KV of the contexts; exact-rank weights of the
+slots in use plus activations). Fused ops
 (kernels/triton_fused.py, what TritonBackend runs): residual add + RMSNorm, rotary + the K/V
 cache write, SiLU-and-multiply, each against the reference backend's torch code eager and
 compiled by `torch.compile(dynamic=True)` (the first call at each row's sizes timed: it holds
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from peftserve.config import EngineConfig
 from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata
 from peftserve.layers.backend import Backend, TritonBackend
@@ -48,6 +51,7 @@ SHAPES = {  # heads, kv_heads, head_dim, hidden, intermediate
     "tiny": (4, 2, 16, 64, 96),  # the CPU dry run's (not run by default)
 }
 BLOCK_SIZE, MAX_CTX = 16, 1024
+GRAPH_LEN = EngineConfig.max_cuda_graph_len  # the block-table width of a captured step
 N_SLOTS, R_MAX, RANKS = 32, 64, (8, 16, 32, 64)
 GRAPH_CALLS = 20
 DEV = "cuda"  # --device
@@ -116,11 +120,19 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
         decode_lens=lens, prefills=(),
     )  # fmt: skip
     scale = D**-0.5
+    # The block tables a captured step passes: as wide as the longest context a graph serves
+    # (EngineConfig.max_cuda_graph_len), the splits past each context empty.
+    wide = torch.zeros(batch, GRAPH_LEN // BLOCK_SIZE, dtype=tables.dtype, device=dev)
+    wide[:, :max_blocks] = tables
     methods = {
         "triton_paged": lambda: paged_decode_attention(q, cache, tables, lens, BLOCK_SIZE, scale),
+        "triton_paged_graph_width": lambda: paged_decode_attention(q, cache, wide, lens,
+                                                                   BLOCK_SIZE, scale),
         "gather_sdpa": lambda: Backend().decode_attention(q, cache, meta, scale),
     }
-    diff = (methods["triton_paged"]().float() - methods["gather_sdpa"]().float()).abs().max()
+    out = methods["triton_paged"]().float()
+    diff = (out - methods["gather_sdpa"]().float()).abs().max()
+    assert torch.equal(methods["triton_paged_graph_width"]().float(), out)  # the same bits
     kv_bytes = int(lens.sum()) * kv_heads * D * 2 * cache.element_size()
     return _row("attention", shape, batch, methods, reps, kv_bytes, float(diff),
                 {"ctx": [int(lens.min()), int(lens.max())]})  # fmt: skip

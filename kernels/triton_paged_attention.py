@@ -8,7 +8,9 @@ whole group) over one split of the context; with more than one split, a second k
 the splits' partial softmax states. Online softmax, fp32 accumulation. The split length is
 fixed (PARTITION): a sequence's result is the same bits in any batch. The number of splits
 depends only on the block tables' width (a host shape), never on the lengths' values, so the
-launch reads no device data on the host (CUDA-graph safe).
+launch reads no device data on the host (CUDA-graph safe). A split past its sequence's
+context returns at once, writing nothing, and the merge reads only the sequence's own splits:
+a wide table (a CUDA graph's, as wide as the longest context it serves) adds no traffic.
 
 Imported lazily, like triton_shrink.py.
 """
@@ -70,6 +72,8 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     ctx_len = tl.load(ctx_len_ptr + seq).to(tl.int32)
     start = split * tokens_per_split
+    if start >= ctx_len:  # past this sequence's context: the merge reads no partials from here
+        return
     end = tl.minimum(start + tokens_per_split, ctx_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -119,7 +123,6 @@ def _paged_decode_kernel(
         o_ptrs += offs_d[None, :] * stride_od
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_gd)
     else:
-        # An empty split (past this sequence's context) leaves max -inf and sum 0: merged as 0.
         row = (seq * (GROUP * tl.num_programs(1)) + heads) * n_splits + split  # [G]
         tl.store(part_max_ptr + row, m_i, mask=mask_g)
         tl.store(part_sum_ptr + row, l_i, mask=mask_g)
@@ -132,6 +135,8 @@ def _merge_splits_kernel(
     part_acc_ptr,  # [B, heads, n_splits, D] float32
     part_max_ptr,  # [B, heads, n_splits] float32
     part_sum_ptr,  # [B, heads, n_splits] float32
+    ctx_len_ptr,  # [B] int
+    tokens_per_split,
     n_splits,
     stride_ob,
     stride_oh,
@@ -146,20 +151,24 @@ def _merge_splits_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     first = (seq * tl.num_programs(1) + head) * n_splits
+    # Only the sequence's own splits, those the decode kernel wrote: the rest of a wide block
+    # table (a CUDA graph's is as wide as the longest context it serves) costs nothing.
+    ctx_len = tl.load(ctx_len_ptr + seq).to(tl.int32)
+    own = tl.minimum((ctx_len + tokens_per_split - 1) // tokens_per_split, n_splits)
     total_max = tl.full((), float("-inf"), dtype=tl.float32)
-    for c0 in range(0, n_splits, BLOCK_S):
-        mask_s = c0 + offs_s < n_splits
+    for c0 in range(0, own, BLOCK_S):
+        mask_s = c0 + offs_s < own
         m = tl.load(part_max_ptr + first + c0 + offs_s, mask=mask_s, other=float("-inf"))
         total_max = tl.maximum(total_max, tl.reduce(m, 0, _maximum))  # split 0 holds position 0
-    # Chunks past a sequence's own splits hold only empty ones (weight 0): they add exact
-    # zeros, so its output does not depend on how wide the batch's block table is.
+    # The chunks and their lanes are the sequence's own, whatever the width: its output does
+    # not depend on how wide the batch's block table is.
     total = tl.full((), 0.0, dtype=tl.float32)
     o = tl.full((BLOCK_D,), 0.0, dtype=tl.float32)
-    for c0 in range(0, n_splits, BLOCK_S):
-        mask_s = c0 + offs_s < n_splits
+    for c0 in range(0, own, BLOCK_S):
+        mask_s = c0 + offs_s < own
         row = first + c0 + offs_s  # [S]
         m = tl.load(part_max_ptr + row, mask=mask_s, other=float("-inf"))
-        w = tl.exp(m - total_max)  # 0 for empty and padding splits
+        w = tl.exp(m - total_max)  # 0 for the masked lanes
         total += tl.reduce(w * tl.load(part_sum_ptr + row, mask=mask_s, other=0.0), 0, _add)
         acc = tl.load(
             part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
@@ -240,7 +249,7 @@ def paged_decode_attention(
     )  # fmt: skip
     if not one_pass:
         _merge_splits_kernel[(B, heads)](
-            out, part_acc, part_max, part_sum, n_splits,
+            out, part_acc, part_max, part_sum, ctx_lens, partition, n_splits,
             out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=D,
             BLOCK_D=block_d,

@@ -60,6 +60,8 @@ _SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
                            "sampling on the device (static), or build each step anew (auto: "
                            "static where CUDA graphs are captured)"),
     ("--max-cuda-graph-batch", int, "the largest decode batch captured as a CUDA graph"),
+    ("--max-cuda-graph-len", int, "the longest context a captured decode step serves (longer "
+                                  "ones run eagerly)"),
     ("--host", str, "gRPC bind address"),
     ("--port", int, "gRPC port (0: any free port; the bound one is printed)"),
     ("--http-port", int, "OpenAI-compatible HTTP API port on --host (unset: off; 0: any free "

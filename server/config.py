@@ -33,6 +33,9 @@ class EngineConfig:
     # (kernels/screened_head.py; the same tokens, fewer bytes read a step)
     screened_head: bool = True
     max_cuda_graph_batch: int = 64  # the largest captured batch; larger decode steps run eagerly
+    # the longest context a captured decode step serves (its block tables' width, and so its
+    # attention's splits); a step with a longer one runs eagerly
+    max_cuda_graph_len: int = 8192
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30  # KV memory budget used when num_kv_blocks is None
@@ -77,6 +80,7 @@ class EngineConfig:
             "max_cpu_adapters",
             "max_virtual_tokens",
             "max_cuda_graph_batch",
+            "max_cuda_graph_len",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

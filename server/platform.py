@@ -23,6 +23,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_device(device: torch.device) -> None:
+    """Makes `device` the calling thread's current CUDA device when it names one: CUDA graphs,
+    their streams and memory pool, and Triton's launches all go to the current device, which
+    is cuda:0 until a thread says otherwise."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda" or cpu_has_native_bf16():

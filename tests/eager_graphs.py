@@ -22,6 +22,7 @@ class EagerBuckets:
     ) -> None:  # fmt: skip
         self.step, self.sizes, self.around = step, default_sizes(max_batch), around
         self.replays = 0
+        self.longest = 0  # the longest context a replay served
 
     @classmethod
     def install(
@@ -44,8 +45,10 @@ class EagerBuckets:
 
     def replay(self, rows: int, adapters: bool, full: bool) -> None:
         step = self.step
+        lens = step.buffers.dev["context_lens"][:rows]
+        self.longest = max(self.longest, int(lens.max()))
         with self.around():
             hook = step.hook(rows, None) if adapters else None
-            step.forward(rows, step.options.max_blocks, hook)
+            step.forward(rows, step.options.graph_blocks, hook)
             step.sample_rows(rows, full, full)
         self.replays += 1

@@ -58,8 +58,9 @@ class DecodeGraphs:
 
     def _capture(self, rows: int, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
         step = self.step
-        step.buffers.pad(0, rows, step.options.max_blocks, step.scratch_slot, step.block_size)
-        step.buffers.upload()
+        width = step.options.graph_blocks
+        step.buffers.pad(0, rows, width, step.scratch_slot, step.block_size)
+        step.buffers.upload(rows, width)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -79,7 +80,7 @@ class DecodeGraphs:
         """Captures the base forward and both samplers of every bucket (largest first, so the
         smaller ones reuse its pool memory). Returns the seconds it took."""
         t0 = time.perf_counter()
-        step, width = self.step, self.step.options.max_blocks
+        step, width = self.step, self.step.options.graph_blocks
         for rows in reversed(self.sizes):
             self.base[rows] = self._capture(rows, lambda r=rows: step.forward(r, width, None))
             for full in (False, True):
@@ -103,7 +104,7 @@ class DecodeGraphs:
         graph = self.adapter.get(rows)
         if graph is None:
             t0 = time.perf_counter()
-            width = step.options.max_blocks
+            width = step.options.graph_blocks
             hook = step.hook(rows, None)
             graph = self.adapter[rows] = self._capture(
                 rows, lambda: step.forward(rows, width, hook)

@@ -29,7 +29,7 @@ from peftserve.errors import InvalidRequest, Overloaded, shorten
 from peftserve.layers.backend import Backend, select_backend
 from peftserve.models.llama import LlamaModel
 from peftserve.models.loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir
-from peftserve.platform import resolve_device, resolve_dtype
+from peftserve.platform import resolve_device, resolve_dtype, use_device
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         device = resolve_device(config.device)
+        use_device(device)  # before anything runs there: the model's load, the graphs' capture
         dtype = resolve_dtype(config.dtype, device)
         backend = backend or select_backend(config.backend, device)
         model_dir = resolve_model_dir(config.model, config.cache_dir)
@@ -105,10 +106,12 @@ class Engine:
 
     def bind_thread(self) -> None:
         """Fixes the calling thread's torch thread count (config.num_threads, else the
-        process's) for every parallel op the steps run on it (Backend.bind_thread): the
-        thread that runs the steps calls this before its first step."""
+        process's) for every parallel op the steps run on it (Backend.bind_thread), and makes
+        the engine's GPU, if it has one, the thread's current device: the thread that runs the
+        steps calls this before its first step."""
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
+        use_device(self.model.device)
         self.model.backend.bind_thread()
 
     # --- requests ---------------------------------------------------------------------------

@@ -54,6 +54,13 @@ class InputProcessor:
             )
         self.check_chars(req)
         ids, template_len = self._token_ids(req, entry)
+        # Given ids, or a tokenizer with more entries than the model's embedding rows: an id
+        # past them would fail the step (on a GPU, a device-side assert ends every request).
+        bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+        if bad is not None:
+            source = "prompt_token_ids" if req.prompt_token_ids is not None else "the tokenizer"
+            raise InvalidRequest(f"token id {bad} from {source} is outside this model's "
+                                 f"vocabulary [0, {self.vocab})")  # fmt: skip
         if len(ids) > self.max_prompt_tokens:
             if self.max_prompt_tokens == self.max_model_len - 1:
                 raise InvalidRequest(
@@ -100,8 +107,6 @@ class InputProcessor:
             ids = self._chat_ids(list(req.messages), True)
         else:
             ids = list(req.prompt_token_ids or ())
-            if any(not 0 <= t < self.vocab for t in ids):
-                raise InvalidRequest(f"prompt_token_ids must be in [0, {self.vocab})")
         if not ids:
             raise InvalidRequest("the prompt is empty")
         return list(ids), 0

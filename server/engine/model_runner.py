@@ -31,6 +31,7 @@ def static_options(
     return StaticStepOptions(
         max_rows=config.max_num_seqs,
         max_blocks=-(-max_model_len // config.block_size),
+        graph_blocks=-(-min(max_model_len, config.max_cuda_graph_len) // config.block_size),
         engine_seed=config.seed,
         graph_sizes=default_sizes(graph_batch) if captures and config.cuda_graphs else (),
     )
@@ -126,8 +127,8 @@ class ModelRunner:
             block_size=self.block_size,
             decode_blocks=blocks.to(dev) if blocks is not None else None,
             decode_mask=mask.to(dev) if mask is not None else None,
-            # only the C++ CPU kernels read the lengths
-            decode_lens=lens if decodes and dev.type == "cpu" else None,
+            # read by the backends that take lengths instead of the mask (reads_decode_lens)
+            decode_lens=lens.to(dev) if decodes and self.model.backend.reads_decode_lens else None,
             prefills=prefills,
         )
 

@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StaticStepOptions:
     max_rows: int  # the most sequences a step samples for (max_num_seqs)
-    max_blocks: int  # KV blocks of the longest sequence (block-table width of a graph)
+    max_blocks: int  # KV blocks of the longest sequence (block-table width of an eager step)
+    # block-table width of a captured step: contexts up to graph_blocks * block_size replay a
+    # graph, longer ones run eagerly (a wider graph would launch attention over every split)
+    graph_blocks: int
     engine_seed: int = 0  # seeds the streams of requests without a seed
     graph_sizes: tuple[int, ...] = ()  # batch-size buckets captured as CUDA graphs
 
@@ -130,13 +133,16 @@ class StaticDecodeStep:
         """The model over rows 0..rows-1 of the buffers -> self.logits[:rows]. No host sync."""
         d, model = self.buffers.dev, self.model
         lens = d["context_lens"][:rows]
-        mask = self.ctx_positions[: width * self.block_size][None, :] < lens[:, None]
+        mask = None  # the mask of real positions, only for a backend that reads it
+        if not model.backend.reads_decode_lens:
+            mask = self.ctx_positions[: width * self.block_size][None, :] < lens[:, None]
+            mask = mask[:, None, None, None, :]
         meta = AttentionMetadata(
             slot_mapping=d["slot_mapping"][:rows],
             num_decodes=rows,
             block_size=self.block_size,
             decode_blocks=self.buffers.block_tables(rows, width),
-            decode_mask=mask[:, None, None, None, :],
+            decode_mask=mask,
             decode_lens=lens,
             prefills=(),
         )
@@ -181,8 +187,11 @@ class StaticDecodeStep:
         """A decode-only step: one new token for each of `decodes` (1 <= len <= max_rows)."""
         seqs = [d.seq for d in decodes]
         n = len(seqs)
+        ctx = max(s.num_computed_tokens + 1 for s in seqs)
         graphs = self.graphs
-        rows = graphs.bucket(n) if graphs is not None else None
+        rows = None
+        if graphs is not None and ctx <= self.options.graph_blocks * self.block_size:
+            rows = graphs.bucket(n)
         adapters = any(s.slot >= 0 for s in seqs)
         if graphs is not None and rows is not None:
             try:
@@ -194,14 +203,13 @@ class StaticDecodeStep:
                 rows = None
         draws, penalty = self._fill_sampling(seqs)
         if rows is None:  # eager: unpadded, the block tables as wide as this batch needs
-            ctx = max(s.num_computed_tokens + 1 for s in seqs)
             width = -(-ctx // self.block_size)
             self._fill_decode(decodes, width)
         else:
-            width = self.options.max_blocks
+            width = self.options.graph_blocks
             self._fill_decode(decodes, width)
             self.buffers.pad(n, rows, width, self.scratch_slot, self.block_size)
-        self.buffers.upload()
+        self.buffers.upload(rows or n, width)
         if penalty:
             self._load_histories(seqs)
         if graphs is None or rows is None:

@@ -1,5 +1,7 @@
 """Persistent input buffers of the static decode step: one pinned host buffer, one device buffer
-of the same layout, and one host->device copy per step.
+of the same layout, and one host->device copy per step: the per-row fields, then the block
+tables packed at the step's width, as far as the step fills them (a table as wide as the longest
+context, copied whole, would be megabytes a step at a 128K context).
 
 Every field is a fixed view of the device buffer, so a CUDA graph captured over a step reads the
 step's new inputs where it read them at capture. A step of `rows` rows uses the first `rows`
@@ -33,22 +35,23 @@ class StepBuffers:
         sequence at the longest context); pin: page-locked host memory (an asynchronous
         copy to a GPU)."""
         self.rows, self.max_blocks = rows, max_blocks
-        n_int = len(INT_FIELDS) * rows + rows * max_blocks
         n_float = len(FLOAT_FIELDS) * rows
-        nbytes = 8 * n_int + 4 * n_float
+        # the fields' bytes, rounded up to 8 so that the int64 block tables after them align
+        self.fields_bytes = -(-(8 * len(INT_FIELDS) * rows + 4 * n_float) // 8) * 8
+        nbytes = self.fields_bytes + 8 * rows * max_blocks
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        self._host = self._views(self.host, n_int)
+        self._host = self._views(self.host)
         self.np = {k: v.numpy() for k, v in self._host.items()}  # the host views, to fill
-        self.dev = self._views(self.device, n_int)  # the device views the step reads
+        self.dev = self._views(self.device)  # the device views the step reads
 
-    def _views(self, raw: torch.Tensor, n_int: int) -> dict[str, torch.Tensor]:
+    def _views(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        r, n_int = self.rows, len(INT_FIELDS) * self.rows
         ints = raw[: 8 * n_int].view(torch.int64)
-        floats = raw[8 * n_int :].view(torch.float32)
-        r = self.rows
+        floats = raw[8 * n_int : 8 * n_int + 4 * len(FLOAT_FIELDS) * r].view(torch.float32)
         out = {name: ints[i * r : (i + 1) * r] for i, name in enumerate(INT_FIELDS)}
-        out["block_tables"] = ints[len(INT_FIELDS) * r :]  # [rows * max_blocks], flat
         out.update({name: floats[i * r : (i + 1) * r] for i, name in enumerate(FLOAT_FIELDS)})
+        out["block_tables"] = raw[self.fields_bytes :].view(torch.int64)  # [rows * max_blocks]
         return out
 
     def block_tables(self, rows: int, width: int) -> torch.Tensor:
@@ -77,7 +80,10 @@ class StepBuffers:
         tables[start:rows] = 0
         tables[start:rows, 0] = scratch_slot // block_size
 
-    def upload(self) -> None:
-        """The one host->device copy of the step (asynchronous from pinned memory: the host
-        buffer is only rewritten after the step's results came back, which orders the two)."""
-        self.device.copy_(self.host, non_blocking=self.host.is_pinned())
+    def upload(self, rows: int = 0, width: int = 0) -> None:
+        """The one host->device copy of the step: every row's fields and the block tables of
+        `rows` rows at `width` (none for a step that only samples). Asynchronous from pinned
+        memory: the host buffer is only rewritten after the step's results came back, which
+        orders the two."""
+        end = self.fields_bytes + 8 * rows * width
+        self.device[:end].copy_(self.host[:end], non_blocking=self.host.is_pinned())

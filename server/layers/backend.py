@@ -190,6 +190,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     captures_graphs = True
+    reads_decode_lens = True
 
     def __init__(self, rows_max_tokens: int = 128) -> None:
         self.rows_max_tokens = rows_max_tokens
@@ -235,12 +236,10 @@ class TritonBackend(Backend):
     ) -> Tensor:
         from peftserve.kernels.triton_paged_attention import paged_decode_attention
 
-        assert meta.decode_blocks is not None
-        lens = meta.decode_lens
-        if lens is None:  # a runner that keeps only the mask: one reduction per layer
-            assert meta.decode_mask is not None
-            lens = meta.decode_mask.flatten(1).sum(1)
-        return paged_decode_attention(q, cache, meta.decode_blocks, lens, meta.block_size, scale)
+        assert meta.decode_blocks is not None and meta.decode_lens is not None
+        return paged_decode_attention(
+            q, cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale
+        )
 
     def lowrank_delta(
         self, y: Tensor, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor,

@@ -4,6 +4,7 @@ streaming through AsyncEngine, abort freeing blocks."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import pytest
@@ -120,6 +121,27 @@ def test_chat_messages_use_the_chat_template(engine):
         list(msgs), add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
     assert seq.prompt_token_ids == list(expected)
+
+
+def test_a_token_past_the_models_vocabulary_is_refused(tiny_llama_dir, tmp_path):
+    """A tokenizer with more entries than the model's embedding rows (an added token saved
+    beside a model that never grew): the request that uses one is refused with what is wrong
+    (on a GPU the step would end in a device-side assert); the others are served."""
+    from transformers import AutoTokenizer
+
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = len(tokenizer)
+    tokenizer.add_tokens(["zebrafinch"])
+    tokenizer.save_pretrained(model_dir)
+    engine = Engine.from_config(EngineConfig(model=str(model_dir), dtype="float32", device=DEVICE,
+                                             num_kv_blocks=64, block_size=4, max_model_len=64))
+    greedy = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    refused = rf"token id {vocab} from the tokenizer .* \[0, {vocab}\)"
+    with pytest.raises(InvalidRequest, match=refused):
+        engine.add_request(Request("bad", prompt="hello zebrafinch", params=greedy))
+    outs = engine.generate([Request("good", prompt="hello world", params=greedy)])
+    assert len([t for o in outs["good"] for t in o.token_ids]) == 4
 
 
 def test_logprobs_match_scored_logits(engine):

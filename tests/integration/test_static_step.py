@@ -29,11 +29,11 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory):
     return A.every_kind(tiny_llama_dir, tmp_path_factory.mktemp("static-step"))
 
 
-def engine_for(model_dir, dirs, decode_step: str, max_loras: int = 8) -> Engine:
+def engine_for(model_dir, dirs, decode_step: str, max_loras: int = 8, **kw) -> Engine:
     engine = Engine.from_config(EngineConfig(
         model=str(model_dir), device="cpu", dtype="float32", num_kv_blocks=512, block_size=4,
         max_loras=max_loras, max_num_seqs=16, max_num_batched_tokens=512, max_model_len=128,
-        decode_step=decode_step))  # fmt: skip
+        decode_step=decode_step, **kw))  # fmt: skip
     for name, path in dirs.items():
         engine.adapters.register(name, path)
     return engine
@@ -83,6 +83,27 @@ def test_the_captured_form_gives_the_classic_greedy_tokens(tiny_llama_dir, adapt
     for rid, (tokens, logprobs) in classic.items():
         assert got[rid][0] == tokens, rid
         assert got[rid][1] == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_contexts_past_the_captured_length_run_eagerly(tiny_llama_dir, adapter_dirs):
+    # Graphs serve contexts up to 16 positions (4 blocks of 4): the batch replays them until
+    # its longest sequence passes 16, then its steps run eagerly, as wide as they need.
+    params = replace(GREEDY, max_new_tokens=14)
+    reqs = [Request(f"r{i}", prompt=" ".join(WORDS[i : i + 2 + i % 3]), params=params,
+                    adapter=("lora", None, "bottleneck")[i % 3]) for i in range(6)]  # fmt: skip
+    classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic"), reqs)
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static", max_cuda_graph_len=16)
+    step = engine.runner.static
+    assert (step.options.graph_blocks, step.options.max_blocks) == (4, 32)
+    buckets = EagerBuckets.install(engine, 12)
+    got = run(engine, reqs)
+    assert buckets.replays > 0 and buckets.longest <= 16
+    replays = buckets.replays
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in classic.items()}
+    long = [replace(reqs[0], request_id="long", params=replace(GREEDY, max_new_tokens=30))]
+    assert run(engine, long)["long"][0] == run(engine_for(
+        tiny_llama_dir, adapter_dirs, "classic"), long)["long"][0]  # fmt: skip
+    assert buckets.replays - replays < 29  # its steps past 16 positions did not replay
 
 
 def test_slot_reuse_after_eviction_keeps_the_buffers_and_the_tokens(tiny_llama_dir, adapter_dirs):

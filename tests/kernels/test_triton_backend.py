@@ -71,7 +71,8 @@ def test_decode_ops_match_the_reference():
     mask = (torch.arange(3 * bs)[None, :] < lens[:, None])[:, None, None, None, :]
     meta = AttentionMetadata(
         slot_mapping=slot_mapping.to(DEV), num_decodes=T, block_size=bs,
-        decode_blocks=tables.to(DEV), decode_mask=mask.to(DEV), decode_lens=None, prefills=(),
+        decode_blocks=tables.to(DEV), decode_mask=mask.to(DEV), decode_lens=lens.to(DEV),
+        prefills=(),
     )  # fmt: skip
     outs = []
     for backend, cache in zip((ref, tri), caches, strict=True):

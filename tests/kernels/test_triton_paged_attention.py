@@ -88,6 +88,36 @@ def test_reads_only_the_context():
         assert_close(out, expected, 2e-5, 1e-4)
 
 
+def test_splits_past_a_context_write_nothing_and_are_never_read(monkeypatch):
+    """The partial states start as NaN: a sequence's splits past its context stay so (their
+    programs return at once) and its output still matches, so the merge never reads them (on
+    a GPU they hold whatever the memory held). The splits inside every context are written."""
+    bs, lens, partition = 8, [3, 20, 41], 16  # 3 splits: 1, 2 and 3 of them in a context
+    q, cache, tables, ctx = make_case(3, 8, 2, 64, bs, lens, torch.float32, seed=5)
+    expected = gather_sdpa(q, cache, tables, ctx, bs, 0.125)
+    made, empty = [], torch.empty
+
+    def nan_empty(*size, **kwargs):
+        t = empty(*size, **kwargs)
+        if t.is_floating_point():
+            made.append(t.fill_(float("nan")))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda t, **kw: nan_empty(t.shape, dtype=t.dtype, device=t.device))
+    out = paged_decode_attention(q, cache, tables, ctx, bs, 0.125, partition=partition)
+    monkeypatch.undo()
+    assert_close(out, expected, 2e-5, 1e-4)
+    parts = [t for t in made if t.dim() >= 3 and t.shape[:3] == (3, 8, 3)]  # acc, max, sum
+    assert len(parts) == 3, [tuple(t.shape) for t in made]
+    for b, n in enumerate(lens):
+        own = -(-n // partition)
+        for part in parts:
+            assert not part[b, :, :own].isnan().any(), (b, n)
+            assert part[b, :, own:].isnan().all(), (b, n)
+
+
 def test_strided_query_and_odd_head_dim():
     """q as the rotary leaves it (a view into the fused qkv rows), head_dim 80."""
     bs, lens, heads, kv_heads, D = 4, [5, 13], 6, 2, 80

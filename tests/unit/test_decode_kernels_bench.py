@@ -27,7 +27,7 @@ def test_dry_run_times_every_method_and_they_agree(tmp_path):
     assert result["setup"]["dtype"] == "float16" and list(result["setup"]["shapes"]) == ["tiny"]
     assert result["device_copy_gbs"] > 0
     methods = {
-        ("attention", None): {"triton_paged", "gather_sdpa"},
+        ("attention", None): {"triton_paged", "triton_paged_graph_width", "gather_sdpa"},
         **{("lora", m): {"rows_one_launch", "segments"} for m in ("qkv", "o", "gate_up", "down")},
         **{("fused", m): {"triton", "inductor", "torch"}
            for m in ("add_rms_norm", "rotary_and_cache", "silu_and_mul")},

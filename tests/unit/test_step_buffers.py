@@ -1,0 +1,44 @@
+"""The static decode step's input buffers (engine/step_buffers.py): every field its own bytes,
+one copy a step, and that copy only as long as the step's block tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from peftserve.engine.step_buffers import FLOAT_FIELDS, INT_FIELDS, StepBuffers
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])  # odd row counts: the tables still align
+def test_every_field_reaches_its_device_view(rows):
+    buf = StepBuffers(rows, max_blocks=5, device=torch.device("cpu"), pin=False)
+    for i, name in enumerate(INT_FIELDS):
+        buf.np[name][:] = np.arange(rows) + 1000 * (i + 1)
+    for i, name in enumerate(FLOAT_FIELDS):
+        buf.np[name][:] = np.arange(rows) + 0.5 + 10 * i
+    tables = buf.host_block_tables(rows, 5)
+    tables[:] = np.arange(rows * 5).reshape(rows, 5) + 7
+    buf.upload(rows, 5)
+    for i, name in enumerate(INT_FIELDS):
+        assert buf.dev[name].tolist() == [1000 * (i + 1) + r for r in range(rows)], name
+    for i, name in enumerate(FLOAT_FIELDS):
+        assert buf.dev[name].tolist() == [r + 0.5 + 10 * i for r in range(rows)], name
+    assert torch.equal(buf.block_tables(rows, 5), torch.from_numpy(tables.copy()))
+    assert buf.dev["block_tables"].data_ptr() % 8 == 0
+
+
+def test_a_step_copies_its_own_tables_and_no_more():
+    buf = StepBuffers(4, max_blocks=100, device=torch.device("cpu"), pin=False)
+    buf.np["input_ids"][:] = [1, 2, 3, 4]
+    buf.host_block_tables(4, 100)[:] = 9  # a wide step's tables, never uploaded
+    narrow = buf.host_block_tables(2, 3)
+    narrow[:] = [[1, 2, 3], [4, 5, 6]]
+    buf.upload(2, 3)
+    assert buf.dev["input_ids"].tolist() == [1, 2, 3, 4]
+    assert buf.block_tables(2, 3).tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert int(buf.dev["block_tables"][6:].abs().sum()) == 0  # past 2 x 3: not copied
+    buf.np["input_ids"][:] = 0
+    buf.upload()  # a step that only samples: the fields alone
+    assert buf.dev["input_ids"].tolist() == [0, 0, 0, 0]
+    assert buf.block_tables(2, 3).tolist() == [[1, 2, 3], [4, 5, 6]]

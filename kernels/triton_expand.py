@@ -154,9 +154,10 @@ def launch_expand(
     return y
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never evicted: a captured CUDA graph reads the tensor where it was
 def _slice_offsets(slice_sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """[n_slices + 1] int32 column offsets; one host->device copy per (layout, device)."""
+    """[n_slices + 1] int32 column offsets; one host->device copy per (layout, device), of
+    which a model has a handful (its fused projections' slice widths)."""
     offsets = [0]
     for n in slice_sizes:
         offsets.append(offsets[-1] + n)

@@ -88,7 +88,8 @@ def test_unknown_adapter_is_not_found(client):
         max_new_tokens=0)), "max_new_tokens"),
     (generate_pb2.GenerateRequest(prompt="x", sampling=generate_pb2.SamplingParameters(
         max_new_tokens=501)), "exceeds the limit"),
-    (generate_pb2.GenerateRequest(token_ids=generate_pb2.TokenIds(ids=[1, 10**6])), "must be in"),
+    (generate_pb2.GenerateRequest(token_ids=generate_pb2.TokenIds(ids=[1, 10**6])),
+     "token id 1000000 from prompt_token_ids is outside"),
     (generate_pb2.GenerateRequest(token_ids=generate_pb2.TokenIds(ids=[1] * 65)),
      f"at most {MAX_PROMPT_TOKENS}"),
     (generate_pb2.GenerateRequest(prompt="the quick brown fox " * 40),

@@ -91,3 +91,49 @@ def test_graph_replay_gives_the_eager_tokens(tiny_llama_dir, adapter_dirs):
             assert pointers.setdefault(key, ptrs) == ptrs, key
     assert step.graphs.replays > 0
     assert graphs.adapters.evictions > 0
+
+
+def wide_case(work, device: str) -> tuple[Engine, Engine, list[Request]]:
+    """A model wider than the tiny one, with what its graphs do not hold: contexts past 256
+    positions (decode attention over two splits and their merge), a vocabulary past the
+    sampler's small-sort path, a rank-16 all-linear LoRA at hidden 512; graphs serving
+    contexts up to 512, and a sequence that passes 512 as it decodes. -> (engine with graphs,
+    engine without, the requests)."""
+    from tests.tiny import make_model_dir
+
+    model_dir = make_model_dir(work / "model", hidden_size=512, intermediate_size=1024,
+                               num_attention_heads=8, num_key_value_heads=2, vocab_size=8192,
+                               max_position_embeddings=1024)  # fmt: skip
+    lora = A.make_lora(model_dir, work / "lora", r=16, seed=3, targets=A.ALL_LINEAR)
+
+    def engine(**kw) -> Engine:
+        e = Engine.from_config(EngineConfig(
+            model=str(model_dir), device=device, dtype="float32", num_kv_blocks=256,
+            block_size=16, max_loras=2, max_num_seqs=8, max_num_batched_tokens=1024,
+            max_model_len=1024, max_cuda_graph_batch=8, max_cuda_graph_len=512,
+            decode_step="static", **kw))  # fmt: skip
+        e.adapters.register("lora", lora)
+        return e
+
+    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=True)
+    drawn = SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=True, temperature=0.9,
+                           top_k=0, top_p=0.9, seed=11)  # fmt: skip
+    reqs = []
+    for i, (n, adapter) in enumerate([(500, None), (300, "lora"), (280, None), (5, "lora"),
+                                      (9, None)]):  # fmt: skip
+        ids = tuple((7 * j + i) % 300 + 5 for j in range(n))
+        reqs.append(Request(f"w{i}", prompt_token_ids=ids, adapter=adapter,
+                            params=drawn if i % 2 else greedy))  # fmt: skip
+    return engine(), engine(cuda_graphs=False), reqs
+
+
+def test_wide_model_long_contexts_and_the_captured_length(tmp_path):
+    graphs, eager, reqs = wide_case(tmp_path, "cuda")
+    step = graphs.runner.static
+    assert step is not None and step.graphs is not None
+    assert step.options.graph_blocks == 512 // 16
+    got, want = run(graphs, reqs), run(eager, reqs)
+    assert step.graphs.replays > 0
+    for rid in want:
+        assert got[rid][0] == want[rid][0], rid
+        assert got[rid][1] == pytest.approx(want[rid][1], abs=1e-4)

@@ -37,6 +37,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # KV blocks in order; only appended to, or replaced by another list (step_buffers.
+    # BlockTableRows mirrors it on those terms)
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -24,7 +24,7 @@ from peftserve.adapters.token_slot_hook import TokenSlotHook
 from peftserve.engine.device_sampler import SamplingColumns, request_seed, sample_on_device
 from peftserve.engine.scheduler import ScheduledSeq
 from peftserve.engine.sequence import Sequence
-from peftserve.engine.step_buffers import StepBuffers
+from peftserve.engine.step_buffers import BlockTableRows, StepBuffers
 from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata
 from peftserve.layers.linear import DeltaHook
@@ -62,6 +62,7 @@ class StaticDecodeStep:
         self.scratch_slot = scratch_block * block_size
         rows, dev, vocab = options.max_rows, model.device, model.shape.vocab
         self.buffers = StepBuffers(rows, options.max_blocks, dev, pin=model.backend.captures_graphs)
+        self.tables = BlockTableRows(rows)
         # Static outputs: a captured forward writes the logits here, a captured sampler reads
         # them and writes [token, logprob bits] per row.
         self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=dev)
@@ -104,8 +105,9 @@ class StaticDecodeStep:
             n["slot_mapping"][i] = seq.block_table[pos // bs] * bs + pos % bs
             n["context_lens"][i] = pos + 1
             n["token_slot"][i] = seq.slot
-            blocks = seq.block_table[:width]
+            blocks = self.tables.row(seq.seq_id, seq.block_table)[:width]
             tables[i, : len(blocks)] = blocks
+        self.tables.keep(d.seq.seq_id for d in decodes)
 
     def _load_histories(self, seqs: Seqs[Sequence]) -> None:
         """The penalty rows' histories into `seen` (a second copy, only when a row asks)."""

@@ -70,9 +70,13 @@ def test_sixteen_concurrent_requests_match_running_alone(tiny_llama_dir, alone):
     assert eng.block_manager.num_used == 0
 
 
-def test_preemption_by_recompute_keeps_outputs(tiny_llama_dir, alone):
+# static: the decode step from persistent buffers, its block-table rows mirrored across steps
+# (a preempted sequence's table is freed and allocated anew)
+@pytest.mark.parametrize("decode_step", ["auto", "static"])
+def test_preemption_by_recompute_keeps_outputs(tiny_llama_dir, alone, decode_step):
     # 24 blocks x 4 tokens: far less than 16 requests need, so running sequences get preempted.
-    eng = engine(tiny_llama_dir, num_kv_blocks=24, max_num_batched_tokens=32)
+    eng = engine(tiny_llama_dir, num_kv_blocks=24, max_num_batched_tokens=32,
+                 decode_step=decode_step)  # fmt: skip
     reqs = make_requests(16)
     seqs = [eng.add_request(r) for r in reqs]
     results: dict[str, list] = {r.request_id: [] for r in reqs}

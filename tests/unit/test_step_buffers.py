@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from peftserve.engine.step_buffers import FLOAT_FIELDS, INT_FIELDS, StepBuffers
+from peftserve.engine.step_buffers import FLOAT_FIELDS, INT_FIELDS, BlockTableRows, StepBuffers
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])  # odd row counts: the tables still align
@@ -42,3 +42,24 @@ def test_a_step_copies_its_own_tables_and_no_more():
     buf.upload()  # a step that only samples: the fields alone
     assert buf.dev["input_ids"].tolist() == [0, 0, 0, 0]
     assert buf.block_tables(2, 3).tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_block_table_rows_follow_appends_and_new_lists():
+    rows = BlockTableRows(max_rows=2)
+    table = [3, 1]
+    assert rows.row(7, table).tolist() == [3, 1]
+    table += range(10, 40)  # past the first array's room: it grows
+    assert rows.row(7, table).tolist() == [3, 1, *range(10, 40)]
+    assert rows.row(7, table).tolist() == [3, 1, *range(10, 40)]  # nothing new
+    table.append(99)
+    assert rows.row(7, table)[-2:].tolist() == [39, 99]
+    # A new list (freed and allocated again, or a shared prefix), even a shorter one: re-read.
+    assert rows.row(7, [5, 6]).tolist() == [5, 6]
+    assert rows.row(7, [8, 6, 4]).tolist() == [8, 6, 4]
+    # Finished sequences are forgotten once more than twice max_rows are held.
+    for seq_id in range(8):
+        rows.row(100 + seq_id, [seq_id])
+    rows.keep([7, 100])
+    assert sorted(rows._rows) == [7, 100]
+    rows.keep([7])  # within the limit: nothing to forget yet
+    assert sorted(rows._rows) == [7, 100]

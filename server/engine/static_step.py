@@ -78,36 +78,37 @@ class StaticDecodeStep:
     # --- host side: fill the buffers -------------------------------------------------------
 
     def _fill_sampling(self, seqs: Seqs[Sequence]) -> tuple[bool, bool]:
-        """Rows 0..len(seqs)-1's sampling fields -> (any row draws, any row has a penalty)."""
-        n = self.buffers.np
-        sampled = penalty = False
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            n["temperature"][i] = p.temperature
-            n["top_k"][i] = p.top_k
-            n["top_p"][i] = p.top_p
-            n["penalty"][i] = p.repetition_penalty
-            n["seed"][i] = request_seed(p.seed, self.options.engine_seed, seq.seq_id)
-            n["counter"][i] = len(seq.token_ids)
-            sampled |= p.temperature > 0
-            penalty |= p.repetition_penalty != 1.0
-        return sampled, penalty
+        """Rows 0..len(seqs)-1's sampling fields -> (any row draws, any row has a penalty).
+        A list per field, then one conversion: a step's host time, before the GPU can start."""
+        n, k, engine_seed = self.buffers.np, len(seqs), self.options.engine_seed
+        params = [seq.params for seq in seqs]
+        temperature = [p.temperature for p in params]
+        penalty = [p.repetition_penalty for p in params]
+        n["temperature"][:k] = temperature
+        n["top_k"][:k] = [p.top_k for p in params]
+        n["top_p"][:k] = [p.top_p for p in params]
+        n["penalty"][:k] = penalty
+        n["seed"][:k] = [request_seed(p.seed, engine_seed, seq.seq_id)
+                         for p, seq in zip(params, seqs, strict=True)]  # fmt: skip
+        n["counter"][:k] = [len(seq.token_ids) for seq in seqs]
+        return any(t > 0 for t in temperature), any(r != 1.0 for r in penalty)
 
     def _fill_decode(self, decodes: Seqs[ScheduledSeq], width: int) -> None:
-        n, bs = self.buffers.np, self.block_size
-        tables = self.buffers.host_block_tables(len(decodes), width)
+        n, bs, k = self.buffers.np, self.block_size, len(decodes)
+        seqs = [d.seq for d in decodes]
+        pos = [seq.num_computed_tokens for seq in seqs]
+        n["input_ids"][:k] = [seq.token_ids[p] for seq, p in zip(seqs, pos, strict=True)]
+        n["positions"][:k] = pos
+        n["slot_mapping"][:k] = [seq.block_table[p // bs] * bs + p % bs
+                                 for seq, p in zip(seqs, pos, strict=True)]  # fmt: skip
+        n["context_lens"][:k] = n["positions"][:k] + 1
+        n["token_slot"][:k] = [seq.slot for seq in seqs]
+        tables = self.buffers.host_block_tables(k, width)
         tables[:] = 0
-        for i, d in enumerate(decodes):
-            seq = d.seq
-            pos = seq.num_computed_tokens
-            n["input_ids"][i] = seq.token_ids[pos]
-            n["positions"][i] = pos
-            n["slot_mapping"][i] = seq.block_table[pos // bs] * bs + pos % bs
-            n["context_lens"][i] = pos + 1
-            n["token_slot"][i] = seq.slot
+        for i, seq in enumerate(seqs):
             blocks = self.tables.row(seq.seq_id, seq.block_table)[:width]
             tables[i, : len(blocks)] = blocks
-        self.tables.keep(d.seq.seq_id for d in decodes)
+        self.tables.keep(seq.seq_id for seq in seqs)
 
     def _load_histories(self, seqs: Seqs[Sequence]) -> None:
         """The penalty rows' histories into `seen` (a second copy, only when a row asks)."""

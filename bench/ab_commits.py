@@ -9,7 +9,9 @@ offline engine on SmolLM2 (the default model; --weights: its base weights' form)
 4 requests, then times the 32-request workload given at once (bench.common.workload(): chat
 prompts, 16..128 new tokens, greedy, EOS ignored) and one request of 128 tokens alone; with
 --context N instead one request alone whose prompt is N tokens (a repeated sentence), the median
-of its 64 decode steps (the prefill left out), for long-context decode. The
+of its 64 decode steps (the prefill left out), for long-context decode; with --host-step
+instead this tree's bench/host_step.py (the host time of a captured decode step at batch 8, 32
+and 64: what the GPU waits for), run against each commit's engine. The
 venv's editable install is pointed at the worktree by a sitecustomize on PYTHONPATH (the C++
 kernels build per source, so each tree gets its own). Reports medians per commit and
 NEW / BASE; writes --out.
@@ -94,9 +96,16 @@ def worktree(work: Path, commit: str) -> Path:
 
 
 def run_once(
-    tree: Path, site: Path, dtype: str, threads: int, weights: str, context: int
+    tree: Path, site: Path, dtype: str, threads: int, weights: str, context: int, host_step: bool
 ) -> dict[str, float]:
     env = {**os.environ, "PEFTSERVE_TREE": str(tree), "PYTHONPATH": f"{site}{os.pathsep}{tree}"}
+    if host_step:
+        out_json = site / "host_step.json"
+        cmd = [sys.executable, str(ROOT / "bench" / "host_step.py"), "--batches", "8", "32", "64",
+               "--steps", "48", "--out", str(out_json)]  # fmt: skip
+        subprocess.run(cmd, cwd=tree, env=env, capture_output=True, timeout=900, check=True)
+        rows = json.loads(out_json.read_text())["rows"]
+        return {f"host_ms_batch_{r['batch']}": r["host_ms_median"] for r in rows}
     out = subprocess.run([sys.executable, "-c", RUN, dtype, str(threads), weights, str(context)],
                          cwd=tree, env=env, capture_output=True, text=True, timeout=900,
                          check=True)  # fmt: skip
@@ -113,6 +122,8 @@ def main() -> None:
     ap.add_argument("--weights", default="bf16", choices=("bf16", "int8", "int4"))
     ap.add_argument("--context", type=int, default=0,
                     help="prompt tokens of one long-context request (0: the workload)")
+    ap.add_argument("--host-step", action="store_true",
+                    help="time bench/host_step.py instead of the workload")
     ap.add_argument("--work", default="/tmp/peftserve-ab", help="worktrees live here")
     ap.add_argument("--out", default="bench/results/ab_commits.json")
     args = ap.parse_args()
@@ -125,7 +136,8 @@ def main() -> None:
     for r in range(args.rounds):
         for name, tree in trees.items():
             runs[name].append(
-                run_once(tree, site, args.dtype, args.threads, args.weights, args.context)
+                run_once(tree, site, args.dtype, args.threads, args.weights, args.context,
+                         args.host_step)
             )
             print(f"round {r} {name}: {runs[name][-1]}", flush=True)
     medians = {
@@ -137,7 +149,7 @@ def main() -> None:
         "environment": environment(),
         "load_average": os.getloadavg(),
         "base": args.base, "new": args.new, "dtype": args.dtype, "threads": args.threads,
-        "weights": args.weights, "context": args.context,
+        "weights": args.weights, "context": args.context, "host_step": args.host_step,
         "runs": runs, "medians": medians, "new_over_base": ratios,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

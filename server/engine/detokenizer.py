@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from collections.abc import Callable
+
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+
+def rust_decode(tokenizer: PreTrainedTokenizerBase) -> Callable[..., str] | None:
+    """The `tokenizers` library's decode where transformers' `decode` would only wrap it (a
+    fast tokenizer neither overriding it nor cleaning up spaces): a quarter of the time a call
+    (7.8 -> 1.8 us for a token's two decodes, SmolLM2's tokenizer, 2-core EPYC), for every
+    sequence at every step."""
+    cls = type(tokenizer)
+    if (
+        not isinstance(tokenizer, PreTrainedTokenizerFast)
+        or cls.decode is not PreTrainedTokenizerBase.decode
+        or cls._decode is not PreTrainedTokenizerFast._decode
+        or getattr(tokenizer, "clean_up_tokenization_spaces", False)
+    ):
+        return None
+    return tokenizer.backend_tokenizer.decode
 
 
 class Detokenizer:
@@ -26,11 +44,14 @@ class Detokenizer:
         self.text = ""  # final text emitted so far
         self._hold = max((len(s) - 1 for s in stop), default=0)
         self._incremental = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._rust_decode = rust_decode(tokenizer)
         self._decoded = ""  # the text of output_ids[:_read], ending in a whole character
         self._prefix = 0  # output_ids[_prefix:_read] decode to the end of _decoded
         self._read = 0
 
     def _decode(self, ids: list[int]) -> str:
+        if self._rust_decode is not None:
+            return self._rust_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _full(self, output_ids: list[int], final: bool) -> str | None:

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from peftserve.engine.detokenizer import Detokenizer
+from peftserve.engine.detokenizer import Detokenizer, rust_decode
 from peftserve.models.loader import load_tokenizer, resolve_model_dir
 from tests.tiny import make_tokenizer
 
@@ -116,3 +116,20 @@ def test_a_tokenizer_that_cleans_up_spaces_gets_the_whole_decode():
     deltas = [detok.update(ids[:n], final=n == len(ids))[0] for n in range(1, len(ids) + 1)]
     assert deltas == whole_decode_deltas(tok, ids, True)
     assert "".join(deltas) == whole
+
+
+def test_the_rust_decode_serves_only_where_transformers_adds_nothing(tokenizer):
+    """The tokenizers above decode through the `tokenizers` library directly (what the tests
+    above compare with transformers' decode); a tokenizer that cleans up spaces, or whose class
+    decodes its own way, keeps transformers' decode."""
+    assert Detokenizer(tokenizer, (), True)._rust_decode is not None
+
+    class OwnDecode(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    own = OwnDecode(tokenizer_object=tokenizer.backend_tokenizer)
+    assert rust_decode(own) is None
+    cleans = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
+                                     clean_up_tokenization_spaces=True)  # fmt: skip
+    assert rust_decode(cleans) is None

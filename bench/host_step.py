@@ -1,0 +1,128 @@
+"""Host time of a captured decode step, without a GPU: what `Engine.step` spends on the host
+around the replays of a CUDA graph step (scheduling, filling and uploading the step's buffers,
+reading the sampled ids back, the outputs and their text). On a GPU the next step's host work
+waits for this step's ids, so this time adds to every decode step's device time.
+
+    .venv/bin/python -m bench.host_step [--batches 1 8 32 64] [--steps 64] [--profile]
+        # -> bench/results/host_step_cpu.json
+
+The engine runs the static decode step (decode_step="static") on the CPU with a stand-in for
+engine/cuda_graphs.DecodeGraphs whose replay computes nothing and writes token 7 for every row,
+so the step is its host part alone: the model is the tests' tiny Llama (its size does not enter).
+`batch` requests of a 12-token prompt, greedy, EOS ignored; half of them with a rank-16 LoRA
+(--adapters) so the adapter graph path runs. The median of the decode steps in ms, per batch
+size; --profile prints cProfile's top functions at the largest batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import environment
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request
+from peftserve.engine.sampling_params import SamplingParams
+from tests import adapters as A
+from tests.tiny import make_model_dir
+
+
+class NullGraphs:
+    """DecodeGraphs' interface: every batch size is a bucket, a replay samples token 7."""
+
+    def __init__(self, step) -> None:
+        self.step, self.replays = step, 0
+
+    def bucket(self, n: int) -> int:
+        return n
+
+    def prepare(self, rows: int, adapters: bool) -> None:
+        pass
+
+    def replay(self, rows: int, adapters: bool, full: bool) -> None:
+        self.step.out[0, :rows] = 7
+        self.step.out[1, :rows] = 0
+        self.replays += 1
+
+
+def run(model_dir: Path, lora: Path | None, batch: int, steps: int,
+        profile: cProfile.Profile | None) -> list[float]:  # fmt: skip
+    engine = Engine.from_config(EngineConfig(
+        model=str(model_dir), device="cpu", dtype="float32", decode_step="static",
+        max_num_seqs=batch, num_kv_blocks=batch * 8 + 64, block_size=16, max_model_len=128,
+        max_loras=2))  # fmt: skip
+    step = engine.runner.static
+    assert step is not None
+    step.graphs = graphs = NullGraphs(step)
+    if lora is not None:
+        engine.adapters.register("lora", lora)
+    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        adapter = "lora" if lora is not None and i % 2 else None
+        engine.add_request(Request(f"r{i}", prompt="the quick brown fox jumps over the lazy dog "
+                                   "low rank", adapter=adapter, params=params))  # fmt: skip
+    times = []
+    while engine.has_unfinished():
+        replays = graphs.replays
+        if profile is not None:
+            profile.enable()
+        t0 = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - t0
+        if profile is not None:
+            profile.disable()
+        if graphs.replays > replays:  # a decode step (the prefill is not one)
+            times.append(elapsed * 1e3)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--no-adapters", dest="adapters", action="store_false")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="cProfile order: tottime, cumulative")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model_dir(Path(tmp) / "model")
+        lora = None
+        if args.adapters:
+            lora = A.make_lora(model_dir, Path(tmp) / "lora", r=16, targets=A.ALL_LINEAR)
+        for batch in args.batches:
+            profile = cProfile.Profile() if args.profile and batch == max(args.batches) else None
+            times = run(model_dir, lora, batch, args.steps, profile)
+            rows.append({"batch": batch, "decode_steps": len(times),
+                         "host_ms_median": statistics.median(times),
+                         "host_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))]})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+            if profile is not None:
+                pstats.Stats(profile).sort_stats(args.sort).print_stats(30)
+    result = {
+        "command": "python -m bench.host_step " + " ".join(
+            [f"--batches {' '.join(map(str, args.batches))}", f"--steps {args.steps}"]
+            + ([] if args.adapters else ["--no-adapters"])),
+        "environment": environment(),
+        "adapters": "half the requests with a rank-16 all-linear LoRA" if args.adapters
+        else "none",
+        "rows": rows,
+    }  # fmt: skip
+    out = args.out or Path(__file__).parent / "results" / "host_step_cpu.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,8 @@ waits for this step's ids, so this time adds to every decode step's device time.
 
 The engine runs the static decode step (decode_step="static") on the CPU with a stand-in for
 engine/cuda_graphs.DecodeGraphs whose replay computes nothing and writes token 7 for every row,
-so the step is its host part alone: the model is the tests' tiny Llama (its size does not enter).
+so the step is its host part alone: the model is the tests' tiny Llama on the torch backend (its
+size and kernels do not enter; the C++ kernels' background build would).
 `batch` requests of a 12-token prompt, greedy, EOS ignored; half of them with a rank-16 LoRA
 (--adapters) so the adapter graph path runs. The median of the decode steps in ms, per batch
 size; --profile prints cProfile's top functions at the largest batch.
@@ -57,7 +58,7 @@ class NullGraphs:
 def run(model_dir: Path, lora: Path | None, batch: int, steps: int,
         profile: cProfile.Profile | None) -> list[float]:  # fmt: skip
     engine = Engine.from_config(EngineConfig(
-        model=str(model_dir), device="cpu", dtype="float32", decode_step="static",
+        model=str(model_dir), device="cpu", dtype="float32", decode_step="static", backend="torch",
         max_num_seqs=batch, num_kv_blocks=batch * 8 + 64, block_size=16, max_model_len=128,
         max_loras=2))  # fmt: skip
     step = engine.runner.static

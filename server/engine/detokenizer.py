@@ -54,32 +54,35 @@ class Detokenizer:
             return self._rust_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _full(self, output_ids: list[int], final: bool) -> str | None:
-        """The whole output's text; None while it ends in an incomplete character (not final).
-        `output_ids` extends the ids of the previous call (or is them)."""
+    def _full(self, ids: list[int], start: int, end: int, final: bool) -> str | None:
+        """The whole output's (ids[start:end]) text; None while it ends in an incomplete
+        character (not final). The output extends that of the previous call (or is it)."""
         if self._incremental:
-            before = self._decode(output_ids[self._prefix : self._read])
-            after = self._decode(output_ids[self._prefix :])
+            before = self._decode(ids[start + self._prefix : start + self._read])
+            after = self._decode(ids[start + self._prefix : end])
             if after.startswith(before):
                 new = after[len(before) :]
                 if not final and new.endswith("\ufffd"):
                     return None
                 if new:
                     self._decoded += new
-                    self._prefix, self._read = self._read, len(output_ids)
+                    self._prefix, self._read = self._read, end - start
                 return self._decoded
-        full = self._decode(output_ids)
+        full = self._decode(ids[start:end])
         if not final and full.endswith("\ufffd"):
             return None
         # the next window starts with these tokens, not with the next one (whose decode at a
         # window's start can differ: a leading space stripped)
-        self._decoded, self._prefix, self._read = full, self._read, len(output_ids)
+        self._decoded, self._prefix, self._read = full, self._read, end - start
         return full
 
-    def update(self, output_ids: list[int], final: bool = False) -> tuple[str, bool]:
-        """-> (new text to emit, whether a stop string matched). After a match the text ends
-        just before the stop string."""
-        full = self._full(output_ids, final)
+    def update(
+        self, ids: list[int], final: bool = False, start: int = 0, end: int | None = None
+    ) -> tuple[str, bool]:
+        """The output is ids[start:end] (a sequence's ids past its prompt, read in place: a
+        copy of them every token cost O(length)) -> (new text to emit, whether a stop string
+        matched). After a match the text ends just before the stop string."""
+        full = self._full(ids, start, len(ids) if end is None else end, final)
         if full is None:
             return "", False
         for s in self.stop:

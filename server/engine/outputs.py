@@ -56,13 +56,14 @@ class OutputProcessor:
         """The output for the token just appended to `seq` -> (it, whether `seq` is done). A
         stop string can end the sequence here even when `reason` is None."""
         tracked = self._tracked[seq.request_id]
-        ids = seq.output_token_ids
+        # the output's ids in place (seq.output_token_ids copies them: O(length) a token)
+        ids, start, end = seq.token_ids, seq.prompt_len, len(seq.token_ids)
         if reason is FinishReason.STOP:
-            ids = ids[:-1]  # the stop token is not part of the text
-        delta, stopped = tracked.detok.update(ids, final=reason is not None)
+            end -= 1  # the stop token is not part of the text
+        delta, stopped = tracked.detok.update(ids, final=reason is not None, start=start, end=end)
         if stopped:
             reason = FinishReason.STOP
-        new_tokens = seq.output_token_ids[tracked.emitted_tokens :]
+        new_tokens = ids[start + tracked.emitted_tokens :]
         if reason is not None:
             seq.finish_reason = reason
             del self._tracked[seq.request_id]

@@ -133,3 +133,21 @@ def test_the_rust_decode_serves_only_where_transformers_adds_nothing(tokenizer):
     cleans = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
                                      clean_up_tokenization_spaces=True)  # fmt: skip
     assert rust_decode(cleans) is None
+
+
+def test_the_output_read_in_place_after_a_prompt(tokenizer):
+    """update(ids, start=prompt length, end=...) reads the output where the sequence holds it
+    and emits what it emits for the output alone, the stop token left out by `end`."""
+    prompt = tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]
+    for ids in sequences(tokenizer, seed=3):
+        alone, in_place = Detokenizer(tokenizer, ("q",), True), Detokenizer(tokenizer, ("q",), True)
+        held = list(prompt)
+        for n in range(1, len(ids) + 1):
+            held.append(ids[n - 1])
+            final = n == len(ids)
+            want = alone.update(ids[: n - 1] if final else ids[:n], final=final)
+            got = in_place.update(held, final=final, start=len(prompt),
+                                  end=len(held) - 1 if final else len(held))  # fmt: skip
+            assert got == want, (n, ids)
+            if want[1]:
+                break

@@ -47,7 +47,7 @@ class NullGraphs:
         return n
 
     def prepare(self, rows: int, adapters: bool) -> None:
-        pass
+        """Nothing to capture: replay() computes nothing."""
 
     def replay(self, rows: int, adapters: bool, full: bool) -> None:
         self.step.out[0, :rows] = 7

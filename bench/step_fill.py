@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.common import environment
 from peftserve.engine.step_buffers import BlockTableRows
 
 BLOCK = 16
@@ -65,7 +65,7 @@ def main() -> None:
     result = {
         "command": "python -m bench.step_fill " + " ".join(
             f"--{k} {v}" for k, v in (("steps", args.steps), ("rounds", args.rounds))),
-        "cpu": platform.processor() or platform.machine(),
+        "environment": environment(),
         "block_size": BLOCK,
         "rows": rows_out,
     }  # fmt: skip

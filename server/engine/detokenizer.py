@@ -9,9 +9,9 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 def rust_decode(tokenizer: PreTrainedTokenizerBase) -> Callable[..., str] | None:
     """The `tokenizers` library's decode where transformers' `decode` would only wrap it (a
-    fast tokenizer neither overriding it nor cleaning up spaces): a quarter of the time a call
-    (7.8 -> 1.8 us for a token's two decodes, SmolLM2's tokenizer, 2-core EPYC), for every
-    sequence at every step."""
+    fast tokenizer neither overriding it nor cleaning up spaces): transformers' argument
+    handling skipped, twice a token for every sequence at every step (part of what
+    bench/host_step.py measures)."""
     cls = type(tokenizer)
     if (
         not isinstance(tokenizer, PreTrainedTokenizerFast)

@@ -56,8 +56,8 @@ class InputProcessor:
         ids, template_len = self._token_ids(req, entry)
         # Given ids, or a tokenizer with more entries than the model's embedding rows: an id
         # past them would fail the step (on a GPU, a device-side assert ends every request).
-        bad = next((t for t in ids if not 0 <= t < self.vocab), None)
-        if bad is not None:
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab):  # builtins: no loop in Python
+            bad = next(t for t in ids if not 0 <= t < self.vocab)
             source = "prompt_token_ids" if req.prompt_token_ids is not None else "the tokenizer"
             raise InvalidRequest(f"token id {bad} from {source} is outside this model's "
                                  f"vocabulary [0, {self.vocab})")  # fmt: skip

@@ -28,8 +28,8 @@ class FinishReason(str, enum.Enum):
 
 
 # eq=False: a sequence is itself, compared by identity. Compared field by field (the token
-# lists included), every `seq in list` of the scheduler cost microseconds: 64 running
-# sequences spent ~5 ms a step in it (bench/host_step.py).
+# lists included), every `seq in list` of the scheduler cost microseconds, a step's cost
+# growing with the square of its batch (bench/host_step.py, bench/README).
 @dataclass(eq=False)
 class Sequence:
     seq_id: int

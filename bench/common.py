@@ -79,7 +79,7 @@ def _no_sync() -> None:
     return None
 
 
-def _start_decoding(engine, requests: list) -> None:
+def start_decoding(engine, requests: list) -> None:
     """Adds `requests` and steps until every one has finished its prefill and decodes one
     token per step."""
     for r in requests:
@@ -95,7 +95,7 @@ def decode_step_time(
     """Median time of `engine.step()` once every request in `requests` (added here) has
     finished its prefill and decodes one token per step; the requests are drained afterwards.
     Their max_new_tokens must leave room for the measured steps."""
-    _start_decoding(engine, requests)
+    start_decoding(engine, requests)
     t = median_time(engine.step, repeat, sync)
     while engine.has_unfinished():
         engine.step()
@@ -114,7 +114,7 @@ def decode_step_vs_floor(
     (s) and, per floor name, its median time and the median of the paired step / floor
     ratios."""
     sync = sync or _no_sync
-    _start_decoding(engine, requests)
+    start_decoding(engine, requests)
     for once in floors.values():
         once()
     steps: list[float] = []

@@ -8,7 +8,8 @@
 #
 # The steps, in the order they run (the GPU issue's numbers first):
 # 1. engine_bench_8b, engine_bench: bench/gpu_engine.py, the engine (static decode step, CUDA
-#    graphs) vs transformers at Llama-3.1-8B's shape and at SmolLM2's (with cold start), random
+#    graphs) vs transformers at Llama-3.1-8B's shape and at SmolLM2's (with cold start), then
+#    each decode step's device time by kernel (torch.profiler, last: its risks its own), random
 #    bf16 weights generated on the GPU under /dev/shm (bench/random_weights.py; MODEL_DIR gives
 #    SmolLM2's tokenizer);
 # 2. engine_cuda_tests: the engine's oracle tests on the GPU (PEFTSERVE_TEST_DEVICE=cuda), CUDA
@@ -99,12 +100,12 @@ native() {
 if [ -n "${MODEL_DIR:-}" ]; then
   # Llama-3.1-8B's shape: random bf16 weights written on the GPU under /dev/shm (removed after)
   step engine_bench_8b "${T_ENGINE_BENCH_8B:-130}" "$PY" -m bench.gpu_engine \
-    --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections throughput,floor,adapters \
+    --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections throughput,floor,adapters,profile \
     --out "$OUT/gpu_engine_8b.json" ${ENGINE_BENCH_8B_ARGS:-}
   rm -rf /dev/shm/peftserve-llama-3.1-8b
   # ENGINE_BENCH_ARGS, e.g. "--sections peft": other sections of gpu_engine.py
   step engine_bench "${T_ENGINE_BENCH:-80}" "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" \
-    --shape smollm2 --sections throughput,floor,adapters,cold --out "$OUT/gpu_engine.json" \
+    --shape smollm2 --sections throughput,floor,adapters,cold,profile --out "$OUT/gpu_engine.json" \
     ${ENGINE_BENCH_ARGS:-}
   rm -rf /dev/shm/peftserve-smollm2
 fi

@@ -22,6 +22,11 @@ Sections, each on the same 32 requests as bench.engine_throughput / bench.multi_
                the q,v adapters
   cold         (only when named) register a rank-16 all-linear adapter from disk -> its first
                token, next to the base model's first token (bench.multi_adapter.cold_start)
+  profile      (only when named; last) where a decode step's device time goes: 8 steps under
+               torch.profiler, the device time of each kernel a step (a CUDA graph's kernels
+               are recorded one by one), their number, and the device's busy time a step: the
+               base model at batch 1 and 32, and with the adapters section each of its
+               configurations at batch 32
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import decode_step_time, environment, timed, workload
+from bench.common import decode_step_time, environment, start_decoding, timed, workload
 from bench.engine_throughput import matmul_pass
 from bench.multi_adapter import (
     ALL,
@@ -202,11 +207,13 @@ def main() -> None:
         save()
 
     # --- many adapters in one batch ------------------------------------------------------------
+    adapters_dir = tempfile.TemporaryDirectory()  # kept for the profile section
     if "adapters" in sections or "peft" in sections:
         configs = ["base", *[c for c in args.configs.split(",") if c != "base"]]
         if "peft" in sections and "lora-qv" not in configs:
             configs.append("lora-qv")
-        many_adapters(engine, hf, pad, work, prompts, lengths, configs, "peft" in sections, out)
+        adapter_names = many_adapters(engine, hf, pad, work, prompts, lengths, configs,
+                                      "peft" in sections, out, Path(adapters_dir.name))
         save()
     # --- cold register -> first token ----------------------------------------------------------
     if "cold" in sections:
@@ -215,6 +222,15 @@ def main() -> None:
             out["cold_register_to_first_token_ms"] = cold_start(engine, Path(root), prompts[0])
         print("cold", json.dumps(out["cold_register_to_first_token_ms"]))
     save()
+    # --- where the device time of a decode step goes (last: the profiler's risks its own) -------
+    if "profile" in sections:
+        out["profile"] = {str(b): profile_decode(engine, base, b) for b in (1, 32)}
+        save()
+        for name in out.get("adapters", {}):
+            reqs = make_requests(work, prompts, lengths, adapter_names[name])
+            out["adapters"][name]["profile"] = profile_decode(engine, reqs, 32)
+            save()
+    adapters_dir.cleanup()
     print(f"wrote {args.out}")
 
 
@@ -259,59 +275,119 @@ def decode_floor(engine, base) -> dict:
     return floor
 
 
-def many_adapters(engine, hf, pad, work, prompts, lengths, wanted, with_peft, out) -> None:
+def profile_decode(engine: Engine, reqs: list[Request], batch: int, steps: int = 8) -> dict:
+    """`steps` decode steps of `batch` requests under torch.profiler (after three unprofiled
+    ones: the bucket's graphs are captured by then). Per step: each kernel's device time and
+    launches, every kernel's, and the device's busy time (the union of the kernels'
+    intervals; the rest of a step is the host's part and the gaps between launches). The
+    profiler slows the host, so the profiled wall time is not the step's. On the CPU (a dry
+    run) the top-level CPU ops stand in for kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+    probe = [replace(reqs[i % len(reqs)], request_id=f"p{batch}-{i}", params=params)
+             for i in range(batch)]  # fmt: skip
+    start_decoding(engine, probe)
+    for _ in range(3):
+        engine.step()
+    cuda = DEV.startswith("cuda")
+    activities = [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]  # kernels only
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync()
+        wall = time.perf_counter() - t0
+    while engine.has_unfinished():
+        engine.step()
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    kernels = [e for e in prof.events()
+               if e.device_type == kind and (cuda or e.cpu_parent is None)]  # fmt: skip
+    by_name: dict[str, list[float]] = {}
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    for e in kernels:
+        by_name.setdefault(e.name[:120], []).append(e.time_range.end - e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # the union of the intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    total = sum(b - a for a, b in spans)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]
+    result = {
+        "batch": batch,
+        "steps": steps,
+        "profiled_step_ms": wall * 1e3 / steps,
+        "device_busy_us_per_step": busy / steps,
+        "kernel_us_per_step": total / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "top": [{"kernel": name, "us_per_step": sum(t) / steps,
+                 "launches_per_step": len(t) / steps, "share": sum(t) / total if total else 0.0}
+                for name, t in top],  # fmt: skip
+    }
+    print(f"profile batch {batch}: {result['kernels_per_step']:.0f} kernels, "
+          f"{result['device_busy_us_per_step']:.0f} us busy a step", flush=True)
+    return result
+
+
+def many_adapters(
+    engine, hf, pad, work, prompts, lengths, wanted, with_peft, out, root: Path
+) -> dict[str, list[str | None]]:  # fmt: skip
+    """The adapters section, its adapters written under `root`; -> each configuration's
+    adapter per request."""
     tokens = sum(lengths)
     shape = engine.model.shape
     configs: dict[str, list[str | None]] = {"base": [None] * len(work)}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        qv = []
-        # drawn on the device, saved in bf16: at the 8B shape the 32 all-linear adapters are
-        # 2.5G weights, ~30 s to draw on one CPU core
-        draw = {"device": DEV, "dtype": torch.bfloat16}
-        t0 = time.perf_counter()
-        for i in range(len(work)):
-            qv.append(write_lora(root / f"qv{i}", shape, (8, 16)[i % 2], QV, seed=i, **draw))
-            engine.adapters.register(f"qv{i}", qv[-1])
-            if "lora-heavy" in wanted:
-                rank = (8, 16, 32, 64)[i % 4]
-                path = write_lora(root / f"all{i}", shape, rank, ALL, seed=100 + i, **draw)
-                engine.adapters.register(f"all{i}", path)
-        out["adapters_written_and_registered_s"] = time.perf_counter() - t0
-        print(f"adapters written and registered in {out['adapters_written_and_registered_s']:.1f}"
-              " s", flush=True)  # fmt: skip
-        configs["lora-qv"] = [f"qv{i}" for i in range(len(work))]
-        configs["lora-heavy"] = [f"all{i}" for i in range(len(work))]
-        adapters = {}
-        for name in wanted:
-            names = configs[name]
-            reqs = make_requests(work, prompts, lengths, names)
-            run_engine(engine, reqs[:4], sum(lengths[:4]))  # warm-up: loads, kernel compiles
-            t = cuda_time(lambda reqs=reqs: run_engine(engine, reqs, tokens), repeat=REPEAT)
-            adapters[name] = {
-                "tok_s": tokens / t,
-                "decode_step_ms": decode_step(engine, reqs, 32) * 1e3,
-            }
-        for name in adapters:
-            adapters[name]["vs_base"] = adapters[name]["tok_s"] / adapters["base"]["tok_s"]
-        out["adapters"] = adapters
-        print(json.dumps(adapters, indent=1), flush=True)
-        if not with_peft:
-            return
-        t0 = time.perf_counter()
-        peft = PeftModel.from_pretrained(hf, str(qv[0]), adapter_name="qv0")
-        for i in range(1, len(work)):
-            peft.load_adapter(str(qv[i]), adapter_name=f"qv{i}")
-        peft = peft.to(DEV).eval()
-        names = configs["lora-qv"]
-        print(f"PEFT: 32 adapters loaded in {time.perf_counter() - t0:.1f} s", flush=True)
-        hf_generate(peft, pad, prompts[:4], [4] * 4, 4, adapter_names=names[:4])
-        t_peft = cuda_time(
-            lambda: hf_generate(peft, pad, prompts, lengths, 32, adapter_names=names), repeat=1
-        )
-        out["peft_mixed_tok_s"] = tokens / t_peft
-        out["lora_qv_vs_peft_mixed"] = adapters["lora-qv"]["tok_s"] / (tokens / t_peft)
-        print("peft mixed", out["peft_mixed_tok_s"], "ours/peft", out["lora_qv_vs_peft_mixed"])
+    qv = []
+    # drawn on the device, saved in bf16: at the 8B shape the 32 all-linear adapters are
+    # 2.5G weights, ~30 s to draw on one CPU core
+    draw = {"device": DEV, "dtype": torch.bfloat16}
+    t0 = time.perf_counter()
+    for i in range(len(work)):
+        qv.append(write_lora(root / f"qv{i}", shape, (8, 16)[i % 2], QV, seed=i, **draw))
+        engine.adapters.register(f"qv{i}", qv[-1])
+        if "lora-heavy" in wanted:
+            rank = (8, 16, 32, 64)[i % 4]
+            path = write_lora(root / f"all{i}", shape, rank, ALL, seed=100 + i, **draw)
+            engine.adapters.register(f"all{i}", path)
+    out["adapters_written_and_registered_s"] = time.perf_counter() - t0
+    print(f"adapters written and registered in {out['adapters_written_and_registered_s']:.1f}"
+          " s", flush=True)  # fmt: skip
+    configs["lora-qv"] = [f"qv{i}" for i in range(len(work))]
+    configs["lora-heavy"] = [f"all{i}" for i in range(len(work))]
+    adapters = {}
+    for name in wanted:
+        names = configs[name]
+        reqs = make_requests(work, prompts, lengths, names)
+        run_engine(engine, reqs[:4], sum(lengths[:4]))  # warm-up: loads, kernel compiles
+        t = cuda_time(lambda reqs=reqs: run_engine(engine, reqs, tokens), repeat=REPEAT)
+        adapters[name] = {
+            "tok_s": tokens / t,
+            "decode_step_ms": decode_step(engine, reqs, 32) * 1e3,
+        }
+    for name in adapters:
+        adapters[name]["vs_base"] = adapters[name]["tok_s"] / adapters["base"]["tok_s"]
+    out["adapters"] = adapters
+    print(json.dumps(adapters, indent=1), flush=True)
+    if not with_peft:
+        return configs
+    t0 = time.perf_counter()
+    peft = PeftModel.from_pretrained(hf, str(qv[0]), adapter_name="qv0")
+    for i in range(1, len(work)):
+        peft.load_adapter(str(qv[i]), adapter_name=f"qv{i}")
+    peft = peft.to(DEV).eval()
+    names = configs["lora-qv"]
+    print(f"PEFT: 32 adapters loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    hf_generate(peft, pad, prompts[:4], [4] * 4, 4, adapter_names=names[:4])
+    t_peft = cuda_time(
+        lambda: hf_generate(peft, pad, prompts, lengths, 32, adapter_names=names), repeat=1
+    )
+    out["peft_mixed_tok_s"] = tokens / t_peft
+    out["lora_qv_vs_peft_mixed"] = adapters["lora-qv"]["tok_s"] / (tokens / t_peft)
+    print("peft mixed", out["peft_mixed_tok_s"], "ours/peft", out["lora_qv_vs_peft_mixed"])
+    return configs
 
 
 if __name__ == "__main__":

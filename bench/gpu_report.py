@@ -169,9 +169,35 @@ def cold_lines(out: Path) -> list[str]:
             f"{_fmt(parts['base_first_token_p50'])})"]  # fmt: skip
 
 
+def profile_lines(out: Path, top: int = 8) -> list[str]:
+    """Per shape and profiled configuration: kernels a step, the device's busy time a step
+    against the unprofiled step's time at that batch (the floor section's, or the adapters
+    section's at batch 32), and the kernels that take the most device time."""
+    lines = []
+    for name, shape in (("gpu_engine_8b.json", "Llama-3.1-8B"), ("gpu_engine.json", "SmolLM2")):
+        data = read_json(out, name) or {}
+        runs = [(f"base, batch {b}", p, ("decode_floor", b, "decode_step_ms"))
+                for b, p in data.get("profile", {}).items()]  # fmt: skip
+        runs += [(f"{config}, batch 32", a["profile"], ("adapters", config, "decode_step_ms"))
+                 for config, a in data.get("adapters", {}).items() if "profile" in a]  # fmt: skip
+        if not runs:
+            lines.append(f"- {shape}: no profile")
+        for label, prof, step_path in runs:
+            busy, step = prof.get("device_busy_us_per_step"), dig(data, step_path)
+            share = f"{busy / (step * 1e3):.0%}" if busy and step else "missing"
+            kernels = ", ".join(f"{k['kernel'][:60]} {k['us_per_step']:.0f} us "
+                                f"x{k['launches_per_step']:.0f}" for k in prof.get("top", [])[:top])
+            lines.append(f"- {shape}, {label}: {_fmt(prof.get('kernels_per_step'))} kernels, "
+                         f"device busy {_fmt(busy)} us a step = {share} of the step "
+                         f"({_fmt(step)} ms); most time: {kernels}")  # fmt: skip
+    return lines
+
+
 def report(out: Path) -> tuple[str, int]:
     lines, unmet = goal_lines(out)
     text = [f"# bench/gpu.sh in {out}", "", *lines, "", *run_lines(out), *cold_lines(out), "",
+            "Where a decode step's device time goes (torch.profiler, gpu_engine.py --sections "
+            "profile):", *profile_lines(out), "",
             "Shrink/expand (one launch per stage) and the segment kernels:",
             *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), "",
             "Paged decode attention against gather + SDPA:",

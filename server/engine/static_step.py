@@ -152,7 +152,7 @@ class StaticDecodeStep:
         cos, sin = model.rotary.cos_sin(d["positions"][:rows], model.dtype)
         h = model(model.embed_tokens(d["input_ids"][:rows]), self.kv_cache,
                   StepContext(attn=meta, cos=cos, sin=sin, hook=hook))  # fmt: skip
-        self.logits[:rows].copy_(model.logits(h))
+        model.logits(h, out=self.logits[:rows])
 
     def sample_rows(self, rows: int, draws: bool, penalty: bool) -> None:
         """Samples rows 0..rows-1 of self.logits -> self.out[:, :rows]. No host sync."""

@@ -98,10 +98,20 @@ class DecoderLayer(nn.Module):
         self.down = AdaptableLinear(layer, "down", w["mlp.down_proj.weight"], None)
         self.q_out, self.kv_out = q_out, kv_out
 
-    def forward(self, h: torch.Tensor, cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        # h: [T, hidden]; cache: [2, kv_heads, slots, head_dim] for this layer
+    def forward(
+        self, h: torch.Tensor, mlp_out: torch.Tensor | None, cache: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [T, hidden], the residual stream; mlp_out: the previous layer's MLP output, not
+        yet added to h (None at the first layer); cache: [2, kv_heads, slots, head_dim] for this
+        layer. -> (h, this layer's MLP output): the residual adds are each fused into the
+        RMSNorm after them, one launch on the Triton backend."""
         T = h.shape[0]
-        qkv = self.qkv(self.input_norm(h), ctx.hook)
+        norm = self.input_norm
+        if mlp_out is None:
+            x = norm(h)
+        else:
+            h, x = self.backend.add_rms_norm(h, mlp_out, norm.weight, norm.eps)
+        qkv = self.qkv(x, ctx.hook)
         q, k, v = self.backend.rotary_and_cache(
             qkv, ctx.cos, ctx.sin, cache, ctx.attn.slot_mapping, self.heads, self.kv_heads
         )
@@ -110,7 +120,7 @@ class DecoderLayer(nn.Module):
         h, x = self.backend.add_rms_norm(h, self.o(a.reshape(T, self.q_out), ctx.hook),
                                          norm.weight, norm.eps)  # fmt: skip
         act = self.backend.silu_and_mul(self.gate_up(x, ctx.hook))
-        return h + self.down(act, ctx.hook)
+        return h, self.down(act, ctx.hook)
 
 
 class LlamaModel(nn.Module):
@@ -270,20 +280,26 @@ class LlamaModel(nn.Module):
                 a.slot_mapping, a.decode_blocks, a.decode_lens, a.block_size,
                 layer0.heads, layer0.kv_heads, layer0.scale, self.norm.eps, *deltas,
             )  # fmt: skip
+        mlp_out = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, kv_cache[i], ctx)
-        return self.norm(h)
+            h, mlp_out = layer(h, mlp_out, kv_cache[i], ctx)
+        if mlp_out is None:
+            return self.norm(h)
+        return self.backend.add_rms_norm(h, mlp_out, self.norm.weight, self.norm.eps)[1]
 
     @torch.inference_mode()
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        # h: [B, hidden] (only the rows that sample) -> [B, vocab] fp32
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [B, hidden] (only the rows that sample) -> [B, vocab] fp32, written into `out`
+        when given (the conversion to fp32 is then that copy: one launch, not two)."""
         if self.lm_head_gemv is not None and (
             h.shape[0] <= self.gemv_rows or self.lm_head_packed is None
         ):
-            return quant.linear(h, self.lm_head_gemv, None).float()
-        if self.lm_head_packed is not None:
-            return packed_linear.linear(h, self.lm_head_packed, None).float()
-        return F.linear(h, self.lm_head).float()
+            y = quant.linear(h, self.lm_head_gemv, None)
+        elif self.lm_head_packed is not None:
+            y = packed_linear.linear(h, self.lm_head_packed, None)
+        else:
+            y = F.linear(h, self.lm_head)
+        return y.float() if out is None else out.copy_(y)
 
     @torch.inference_mode()
     def greedy_tokens(self, h: torch.Tensor) -> list[int] | None:

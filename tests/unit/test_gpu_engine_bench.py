@@ -24,7 +24,8 @@ def test_dry_run_writes_every_goal(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "bench.gpu_engine", "--device", "cpu", "--shape", "tiny",
          "--model-dir", str(resolve_model_dir("default")), "--weights-dir", str(tmp_path / "w"),
-         "--sections", "throughput,floor,adapters,cold", "--repeat", "1", "--out", str(out)],
+         "--sections", "throughput,floor,adapters,cold,profile", "--repeat", "1",
+         "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -42,3 +43,16 @@ def test_dry_run_writes_every_goal(tmp_path):
     assert result["adapters"]["base"]["vs_base"] == 1.0
     cold = result["cold_register_to_first_token_ms"]
     assert cold["register_p50"] < cold["p50"] and cold["base_first_token_p50"] > 0
+    # the profile of each configuration and of the base model at batch 1 and 32: the device's
+    # busy time (here the top-level CPU ops') within the step, the time of its parts below it
+    profiles = [result["profile"]["1"], result["profile"]["32"],
+                *(result["adapters"][c]["profile"] for c in ("base", "lora-qv", "lora-heavy"))]
+    assert [p["batch"] for p in profiles] == [1, 32, 32, 32, 32]
+    for prof in profiles:
+        assert prof["kernels_per_step"] > 0 and prof["top"]
+        busy = prof["device_busy_us_per_step"]
+        assert 0 < busy <= prof["kernel_us_per_step"] + 1e-6
+        assert busy <= prof["profiled_step_ms"] * 1e3
+        assert sum(k["share"] for k in prof["top"]) <= 1 + 1e-9
+    text, _ = gpu_report.report(tmp_path)  # the report's profile lines read these
+    assert "SmolLM2, lora-heavy, batch 32:" in text and "SmolLM2, base, batch 1:" in text

@@ -46,8 +46,9 @@ class NullGraphs:
     def bucket(self, n: int) -> int:
         return n
 
-    def prepare(self, rows: int, adapters: bool) -> None:
+    def prepare(self, rows: int, adapters: bool) -> bool:
         """Nothing to capture: replay() computes nothing."""
+        return True
 
     def replay(self, rows: int, adapters: bool, full: bool) -> None:
         self.step.out[0, :rows] = 7

@@ -9,6 +9,11 @@ and the weights from the fixed slot buffers, so registering, loading or evicting
 never invalidates it. Only the first adapter to target a module not yet allocated (a new
 (layer, projection) buffer set, or a bottleneck activation not seen before) changes the
 buffers' layout; the adapter forwards are then captured again, once, and the time logged.
+
+What cannot be captured degrades only itself, logged once: a sampler that fails to capture
+runs eagerly after each replayed forward, and an adapter forward that fails leaves the steps
+with adapter deltas eager while the base steps keep replaying. Only a base forward that fails
+to capture leaves the engine without graphs (model_runner.py).
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ class DecodeGraphs:
             raise ValueError(f"graph batch sizes must be in 1..{step.options.max_rows}: {sizes}")
         self.step = step
         self.sizes = tuple(sorted(sizes))
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
         self.base: dict[int, torch.cuda.CUDAGraph] = {}
-        self.samplers: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.samplers: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # empty: eager
         self.adapter: dict[int, torch.cuda.CUDAGraph] = {}
+        self.adapter_failed = False  # an adapter forward failed to capture: those run eagerly
         self._layout: tuple[int, int] | None = None
         self.capture_seconds = 0.0
         self.captures = 0
@@ -57,10 +63,19 @@ class DecodeGraphs:
         return None
 
     def _capture(self, rows: int, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """`body` over bucket `rows`' padded buffers, captured."""
         step = self.step
         width = step.options.graph_blocks
         step.buffers.pad(0, rows, width, step.scratch_slot, step.block_size)
         step.buffers.upload(rows, width)
+        graph = self._record(body)
+        self.captures += 1
+        return graph
+
+    def _record(self, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Warm-up runs of `body` on a side stream, then its capture into the shared pool."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -72,21 +87,31 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             body()
         torch.cuda.synchronize()
-        self.captures += 1
         return graph
 
     @torch.inference_mode()
     def capture(self) -> float:
         """Captures the base forward and both samplers of every bucket (largest first, so the
-        smaller ones reuse its pool memory). Returns the seconds it took."""
+        smaller ones reuse its pool memory). A base forward that fails raises; a sampler that
+        fails is logged and every bucket's sampler then runs eagerly. Returns the seconds it
+        took."""
         t0 = time.perf_counter()
         step, width = self.step, self.step.options.graph_blocks
+        samplers = True
         for rows in reversed(self.sizes):
             self.base[rows] = self._capture(rows, lambda r=rows: step.forward(r, width, None))
-            for full in (False, True):
-                self.samplers[(rows, full)] = self._capture(
-                    rows, lambda r=rows, f=full: step.sample_rows(r, f, f)
-                )
+            for full in (False, True) if samplers else ():
+                try:
+                    self.samplers[(rows, full)] = self._capture(
+                        rows, lambda r=rows, f=full: step.sample_rows(r, f, f)
+                    )
+                except Exception as e:  # an op the sampler cannot capture: eager sampler
+                    log.warning("CUDA graph capture of the sampler failed, it runs eagerly "
+                                "after each replayed forward: %s: %s",
+                                type(e).__name__, e)  # fmt: skip
+                    self.samplers.clear()
+                    samplers = False
+                    break
         seconds = time.perf_counter() - t0
         self.capture_seconds += seconds
         return seconds
@@ -114,17 +139,33 @@ class DecodeGraphs:
             log.info("captured the adapter decode graph of batch %d in %.3fs", rows, seconds)
         return graph
 
-    def prepare(self, rows: int, adapters: bool) -> None:
+    def prepare(self, rows: int, adapters: bool) -> bool:
         """Captures what replay(rows, adapters, ...) needs, if missing; call it before the
-        step fills the buffers (a capture overwrites them)."""
-        if adapters:
+        step fills the buffers (a capture overwrites them). False when that step must run
+        eagerly: the adapter forward failed to capture, now or before (logged once)."""
+        if not adapters:
+            return True
+        if self.adapter_failed:
+            return False
+        try:
             self._adapter_graph(rows)
+        except Exception as e:  # an op the adapter deltas cannot capture: those steps eager
+            log.warning("CUDA graph capture of an adapter step failed, steps with adapters run "
+                        "eagerly from now on: %s: %s", type(e).__name__, e)  # fmt: skip
+            self.adapter_failed = True
+            self.adapter.clear()
+            return False
+        return True
 
     def replay(self, rows: int, adapters: bool, full: bool) -> None:
         """The step over the buffers as filled and uploaded: the forward of bucket `rows`
         (with adapter deltas when `adapters`; prepare() first), then its sampler (`full`:
-        draws and penalties; else all rows greedy)."""
+        draws and penalties; else all rows greedy), eagerly if it has no graph."""
         forward = self.adapter[rows] if adapters else self.base[rows]
         forward.replay()
-        self.samplers[(rows, full)].replay()
+        sampler = self.samplers.get((rows, full))
+        if sampler is None:
+            self.step.sample_rows(rows, full, full)
+        else:
+            sampler.replay()
         self.replays += 1

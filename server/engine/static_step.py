@@ -196,14 +196,9 @@ class StaticDecodeStep:
         if graphs is not None and ctx <= self.options.graph_blocks * self.block_size:
             rows = graphs.bucket(n)
         adapters = any(s.slot >= 0 for s in seqs)
-        if graphs is not None and rows is not None:
-            try:
-                graphs.prepare(rows, adapters)  # a capture (rare) fills the buffers: first
-            except Exception as e:  # an op that cannot be captured: this and later steps eager
-                log.warning("CUDA graph capture of an adapter step failed, decode steps run "
-                            "eagerly from now on: %s: %s", type(e).__name__, e)  # fmt: skip
-                self.graphs = graphs = None
-                rows = None
+        # a capture (rare) fills the buffers: first; False: this step runs eagerly
+        if graphs is not None and rows is not None and not graphs.prepare(rows, adapters):
+            rows = None
         draws, penalty = self._fill_sampling(seqs)
         if rows is None:  # eager: unpadded, the block tables as wide as this batch needs
             width = -(-ctx // self.block_size)

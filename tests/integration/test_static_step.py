@@ -14,11 +14,12 @@ from dataclasses import replace
 import pytest
 
 from peftserve.config import EngineConfig
+from peftserve.engine.cuda_graphs import default_sizes
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 from tests import adapters as A
-from tests.eager_graphs import EagerBuckets
+from tests.eager_graphs import EagerBuckets, EagerCapture
 
 KINDS = (None, "lora", "lora-qv", "bottleneck", "pfeiffer", "prefix", "prompt", "template")
 WORDS = "the quick brown fox jumps over the lazy dog low rank adapters share a batch".split()
@@ -146,23 +147,61 @@ def test_a_seed_gives_the_same_tokens_alone_and_in_any_batch(tiny_llama_dir, ada
     assert run(engine, [other_seed])["probe"][0] != alone
 
 
-class FailingAdapterCapture(EagerBuckets):
-    """A capture that fails the first time an adapter step needs one (an op the graph cannot
-    hold): the step must go on eagerly, for that request and every later one."""
-
-    def prepare(self, rows: int, adapters: bool) -> None:
-        if adapters:
-            raise RuntimeError("operation not permitted when stream is capturing")
-
-
-def test_a_failed_capture_leaves_the_steps_eager_and_right(tiny_llama_dir, adapter_dirs, caplog):
+def test_a_sampler_that_fails_to_capture_runs_eagerly_after_the_replayed_forward(
+    tiny_llama_dir, adapter_dirs, caplog, monkeypatch
+):  # fmt: skip
+    """DecodeGraphs' own capture and replay (tests/eager_graphs.EagerCapture), the sampler
+    holding an op a graph cannot: the forwards stay captured, the sampler runs eagerly after
+    each replay, and the tokens are the classic step's."""
     reqs = requests(8, GREEDY)
     classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic"), reqs)
     engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
-    FailingAdapterCapture.install(engine, 12)
     step = engine.runner.static
+    sample_rows = step.sample_rows
+
+    def sampler(rows, draws, penalty):
+        if graphs.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        sample_rows(rows, draws, penalty)
+
+    monkeypatch.setattr(step, "sample_rows", sampler)
+    graphs = EagerCapture(step, default_sizes(12))
+    step.token_slot_deltas = True
+    graphs.capture()
+    step.graphs = graphs
+    assert set(graphs.base) == set(graphs.sizes) and not graphs.samplers
+    assert "the sampler failed, it runs eagerly" in caplog.text
     got = run(engine, reqs)
-    assert step.graphs is None  # given up after the failure: eager from then on
-    assert "decode steps run eagerly" in caplog.text
+    assert graphs.replays > 0 and step.graphs is graphs
+    for rid, (tokens, _) in classic.items():
+        assert got[rid][0] == tokens, rid
+
+
+def test_an_adapter_forward_that_fails_to_capture_leaves_only_adapter_steps_eager(
+    tiny_llama_dir, adapter_dirs, caplog, monkeypatch
+):  # fmt: skip
+    """The adapter deltas holding an op a graph cannot: that capture fails once, steps with
+    adapters run eagerly from then on, steps without them still replay their graphs, and
+    every token is the classic step's."""
+    with_adapters = requests(8, GREEDY, tag="a")
+    base_only = [replace(r, adapter=None) for r in requests(6, GREEDY, tag="b")]
+    classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic"), with_adapters + base_only)
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
+    graphs = EagerCapture.install(engine, 12)
+    step = engine.runner.static
+    forward = step.forward
+
+    def failing(rows, width, hook):
+        if graphs.capturing and hook is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        forward(rows, width, hook)
+
+    monkeypatch.setattr(step, "forward", failing)
+    got = run(engine, with_adapters)
+    assert graphs.adapter_failed and not graphs.adapter
+    assert caplog.text.count("steps with adapters run eagerly") == 1  # tried once, not per step
+    replays = graphs.replays
+    got |= run(engine, base_only)
+    assert graphs.replays > replays and step.graphs is graphs
     for rid, (tokens, _) in classic.items():
         assert got[rid][0] == tokens, rid

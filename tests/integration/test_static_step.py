@@ -9,6 +9,7 @@ tokens follow the request's seed, whatever else shares its batch.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -205,3 +206,33 @@ def test_an_adapter_forward_that_fails_to_capture_leaves_only_adapter_steps_eage
     assert graphs.replays > replays and step.graphs is graphs
     for rid, (tokens, _) in classic.items():
         assert got[rid][0] == tokens, rid
+
+
+def test_adapter_graphs_are_captured_again_when_the_slot_buffers_grow(
+    tiny_llama_dir, adapter_dirs, caplog
+):  # fmt: skip
+    """DecodeGraphs' adapter forwards (tests/eager_graphs.EagerCapture: a replay runs the body
+    as captured, with the hook over the slot buffers of then). A later adapter that targets
+    modules no earlier one did grows the buffers: the adapter forwards must be captured again,
+    once, or its deltas on the new modules would be missing. Tokens are the classic step's."""
+    waves = [
+        [replace(r, adapter=a) for r, a in zip(requests(6, GREEDY, tag="qv"),
+                                               [None, "lora-qv"] * 3, strict=True)],
+        [replace(r, adapter=a) for r, a in zip(requests(8, GREEDY, tag="all"),
+                                               [None, "lora-qv", "lora", "bottleneck"] * 2,
+                                               strict=True)],
+    ]  # fmt: skip
+    classic_engine = engine_for(tiny_llama_dir, adapter_dirs, "classic")
+    classic = [run(classic_engine, w) for w in waves]
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
+    caplog.set_level(logging.INFO, logger="peftserve.engine.cuda_graphs")
+    graphs = EagerCapture.install(engine, 12)
+    got = [run(engine, waves[0])]
+    assert graphs.adapter and "grew" not in caplog.text
+    captured = graphs.captures
+    got.append(run(engine, waves[1]))
+    assert "adapter slot buffers grew" in caplog.text
+    assert graphs.captures > captured and not graphs.adapter_failed
+    for want, have in zip(classic, got, strict=True):
+        for rid, (tokens, _) in want.items():
+            assert have[rid][0] == tokens, rid

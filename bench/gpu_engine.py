@@ -16,7 +16,9 @@ Sections, each on the same 32 requests as bench.engine_throughput / bench.multi_
 (bench.common.workload(): chat prompts, outputs 16..128 tokens, seed 0):
   throughput   ours vs transformers `generate` (one left-padded batch of 32; batches of 8)
   decode step  ours at batch 1/8/32/64 vs one plain matmul pass over the same weights (the
-               floor), with the CUDA graphs and with the same static step run eagerly
+               floor), with the CUDA graphs, with them but each step's outputs made in that
+               step (not while the next runs: EngineConfig.overlap_outputs), and with the
+               same static step run eagerly
   adapters     base; 32 distinct LoRAs on q,v (ranks 8/16); 32 distinct all-linear LoRAs (ranks
                8/16/32/64), through the Triton kernels; PEFT generate(adapter_names=...) with
                the q,v adapters
@@ -271,6 +273,13 @@ def decode_floor(engine, base) -> dict:
                 static.graphs = graphs
             floor[str(b)] |= {"eager_decode_step_ms": eager * 1e3,
                               "eager_step_over_floor": eager / mm}  # fmt: skip
+            # with graphs, each step's outputs made in the step, not during the next one's
+            config = engine.config
+            engine.config = replace(config, overlap_outputs=False)
+            try:
+                floor[str(b)]["no_overlap_decode_step_ms"] = decode_step(engine, base, b) * 1e3
+            finally:
+                engine.config = config
     print(json.dumps(floor, indent=1), flush=True)
     return floor
 

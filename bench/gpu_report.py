@@ -169,6 +169,20 @@ def cold_lines(out: Path) -> list[str]:
             f"{_fmt(parts['base_first_token_p50'])})"]  # fmt: skip
 
 
+def overlap_lines(out: Path) -> list[str]:
+    """Per shape: the decode step with the graphs, its outputs made while the next step runs
+    (the default) and made in their own step, at each batch of the floor section."""
+    lines = []
+    for name, shape in (("gpu_engine_8b.json", "Llama-3.1-8B"), ("gpu_engine.json", "SmolLM2")):
+        floor = (read_json(out, name) or {}).get("decode_floor", {})
+        pairs = [f"batch {b}: {_fmt(row.get('decode_step_ms'))} / "
+                 f"{_fmt(row.get('no_overlap_decode_step_ms'))}"
+                 for b, row in floor.items()]  # fmt: skip
+        lines.append(f"- {shape}, decode step ms, outputs overlapped / not: "
+                     f"{'; '.join(pairs) or 'missing'}")  # fmt: skip
+    return lines
+
+
 def profile_lines(out: Path, top: int = 8) -> list[str]:
     """Per shape and profiled configuration: kernels a step, the device's busy time a step
     against the unprofiled step's time at that batch (the floor section's, or the adapters
@@ -197,7 +211,7 @@ def report(out: Path) -> tuple[str, int]:
     lines, unmet = goal_lines(out)
     text = [f"# bench/gpu.sh in {out}", "", *lines, "", *run_lines(out), *cold_lines(out), "",
             "Where a decode step's device time goes (torch.profiler, gpu_engine.py --sections "
-            "profile):", *profile_lines(out), "",
+            "profile):", *profile_lines(out), *overlap_lines(out), "",
             "Shrink/expand (one launch per stage) and the segment kernels:",
             *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), "",
             "Paged decode attention against gather + SDPA:",

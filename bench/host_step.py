@@ -13,6 +13,15 @@ size and kernels do not enter; the C++ kernels' background build would).
 `batch` requests of a 12-token prompt, greedy, EOS ignored; half of them with a rank-16 LoRA
 (--adapters) so the adapter graph path runs. The median of the decode steps in ms, per batch
 size; --profile prints cProfile's top functions at the largest batch.
+
+    .venv/bin/python -m bench.host_step --device-ms 1 4 [--rounds 3]
+        # -> bench/results/host_step_overlap_cpu.json
+
+--device-ms: the stand-in's replay takes that long, as a device would (the wait for the
+sampled ids sleeps until then), and each batch runs with the outputs made while the next step
+runs (EngineConfig.overlap_outputs, the default where graphs replay) and without, alternated
+`--rounds` times: the step's time is then the device's plus whatever host work cannot hide
+behind it. A model of the device, not a GPU measurement.
 """
 
 from __future__ import annotations
@@ -38,10 +47,20 @@ from tests.tiny import make_model_dir
 
 
 class NullGraphs:
-    """DecodeGraphs' interface: every batch size is a bucket, a replay samples token 7."""
+    """DecodeGraphs' interface: every batch size is a bucket, a replay samples token 7 and
+    takes `device_s` of a stand-in device (the step's wait for its ids ends no sooner)."""
 
-    def __init__(self, step) -> None:
-        self.step, self.replays = step, 0
+    def __init__(self, step, device_s: float = 0.0) -> None:
+        self.step, self.replays, self.device_s = step, 0, device_s
+        self.done_at = 0.0
+        if device_s:
+            results = step._results
+
+            def waiting(seqs):
+                time.sleep(max(0.0, self.done_at - time.perf_counter()))
+                return results(seqs)
+
+            step._results = waiting
 
     def bucket(self, n: int) -> int:
         return n
@@ -51,20 +70,22 @@ class NullGraphs:
         return True
 
     def replay(self, rows: int, adapters: bool, full: bool) -> None:
+        self.done_at = time.perf_counter() + self.device_s
         self.step.out[0, :rows] = 7
         self.step.out[1, :rows] = 0
         self.replays += 1
 
 
 def run(model_dir: Path, lora: Path | None, batch: int, steps: int,
-        profile: cProfile.Profile | None) -> list[float]:  # fmt: skip
+        profile: cProfile.Profile | None, device_ms: float = 0.0,
+        overlap: bool = True) -> list[float]:  # fmt: skip
     engine = Engine.from_config(EngineConfig(
         model=str(model_dir), device="cpu", dtype="float32", decode_step="static", backend="torch",
         max_num_seqs=batch, num_kv_blocks=batch * 8 + 64, block_size=16, max_model_len=128,
-        max_loras=2))  # fmt: skip
+        max_loras=2, overlap_outputs=overlap))  # fmt: skip
     step = engine.runner.static
     assert step is not None
-    step.graphs = graphs = NullGraphs(step)
+    step.graphs = graphs = NullGraphs(step, device_ms / 1e3)
     if lora is not None:
         engine.adapters.register("lora", lora)
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
@@ -94,6 +115,9 @@ def main() -> None:
     parser.add_argument("--no-adapters", dest="adapters", action="store_false")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="cProfile order: tottime, cumulative")
+    parser.add_argument("--device-ms", type=float, nargs="*", default=[],
+                        help="stand-in device time a step: overlap on and off, alternated")
+    parser.add_argument("--rounds", type=int, default=3, help="with --device-ms")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -103,6 +127,9 @@ def main() -> None:
         lora = None
         if args.adapters:
             lora = A.make_lora(model_dir, Path(tmp) / "lora", r=16, targets=A.ALL_LINEAR)
+        if args.device_ms:
+            overlap_rows(model_dir, lora, args)
+            return
         for batch in args.batches:
             profile = cProfile.Profile() if args.profile and batch == max(args.batches) else None
             times = run(model_dir, lora, batch, args.steps, profile)
@@ -122,6 +149,39 @@ def main() -> None:
         "rows": rows,
     }  # fmt: skip
     out = args.out or Path(__file__).parent / "results" / "host_step_cpu.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+def overlap_rows(model_dir: Path, lora: Path | None, args: argparse.Namespace) -> None:
+    rows = []
+    for device_ms in args.device_ms:
+        for batch in args.batches:
+            medians: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(args.rounds):
+                for overlap in (True, False):
+                    times = run(model_dir, lora, batch, args.steps, None, device_ms, overlap)
+                    medians[overlap].append(statistics.median(times))
+            on, off = (statistics.median(medians[o]) for o in (True, False))
+            rows.append({"device_ms": device_ms, "batch": batch, "step_ms_overlap": on,
+                         "step_ms_no_overlap": off, "overlap_over_no_overlap": on / off,
+                         "saved_ms": off - on, "rounds_ms": {"overlap": medians[True],
+                                                             "no_overlap": medians[False]}})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds_ms"}),
+                  flush=True)  # fmt: skip
+    result = {
+        "command": "python -m bench.host_step " + " ".join(
+            [f"--batches {' '.join(map(str, args.batches))}", f"--steps {args.steps}",
+             f"--device-ms {' '.join(map(str, args.device_ms))}", f"--rounds {args.rounds}"]
+            + ([] if args.adapters else ["--no-adapters"])),
+        "environment": environment(),
+        "device": "a stand-in: each replay takes device_ms, the wait for the ids sleeps until "
+                  "then; a model of a device, not a GPU",
+        "adapters": "half the requests with a rank-16 all-linear LoRA" if args.adapters
+        else "none",
+        "rows": rows,
+    }  # fmt: skip
+    out = args.out or Path(__file__).parent / "results" / "host_step_overlap_cpu.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 

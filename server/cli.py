@@ -107,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
               for flag, _, _ in _SERVE_FLAGS}
     values["admin_token_file"] = args.admin_token_file
     values["cuda_graphs"] = args.cuda_graphs
+    values["overlap_outputs"] = args.overlap_outputs
     values["screened_head"] = args.screened_head
     try:
         config = serve_config.build(values, args.config)
@@ -169,6 +170,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const",
                        const=False, default=None,
                        help="run static decode steps eagerly (no CUDA graphs captured)")
+    serve.add_argument("--no-overlap-outputs", dest="overlap_outputs", action="store_const",
+                       const=False, default=None,
+                       help="make each decode step's outputs in that step (by default, where "
+                            "CUDA graphs replay, they are made while the next step runs on the "
+                            "GPU; the same outputs)")
     serve.add_argument("--no-screened-head", dest="screened_head", action="store_const",
                        const=False, default=None,
                        help="greedy tokens from the whole bf16 LM head (the same tokens; by "

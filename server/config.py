@@ -33,6 +33,9 @@ class EngineConfig:
     # (kernels/screened_head.py; the same tokens, fewer bytes read a step)
     screened_head: bool = True
     max_cuda_graph_batch: int = 64  # the largest captured batch; larger decode steps run eagerly
+    # where decode steps replay CUDA graphs: the text and outputs of a step's continuing
+    # sequences are made while the next step runs on the device (the same outputs, in order)
+    overlap_outputs: bool = True
     # the longest context a captured decode step serves (its block tables' width, and so its
     # attention's splits); a step with a longer one runs eagerly
     max_cuda_graph_len: int = 8192

@@ -181,7 +181,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                outputs = self.engine.step(emit=self._deliver)
             except Exception as e:
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all(e)

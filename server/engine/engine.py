@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -77,6 +78,8 @@ class Engine:
         self._last_batch = (0, 0)
         self._seq_ids = itertools.count()
         self.steps = 0
+        # sequences whose output for their newest token is made during the next step (overlap)
+        self._pending: list[Sequence] = []
 
     @classmethod
     def from_config(cls, config: EngineConfig, backend: Backend | None = None) -> Engine:
@@ -158,16 +161,44 @@ class Engine:
 
     # --- the step ---------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(
+        self, emit: Callable[[list[RequestOutput]], None] | None = None
+    ) -> list[RequestOutput]:
+        """One step -> the outputs it made. Where decode steps replay CUDA graphs (and
+        config.overlap_outputs), a continuing sequence's output for its newest token is made
+        during the next step, while the device runs it (its text is the host's largest part
+        of a step): those outputs are passed to `emit` as soon as they are made, or returned
+        first. A request's outputs keep their order either way."""
         batch = self._schedule()
         failed = [self._fail(seq) for seq in batch.failed]
         self._last_batch = (len(batch), batch.num_tokens)
         if not len(batch):
-            return failed
-        sampled = self.runner.execute(batch)
+            return self._made(self._pending_outputs(), emit) + failed
+        wait = self.runner.launch(batch)
+        ready = self._made(self._pending_outputs(), emit)  # while the device works
+        sampled = wait()
         self.scheduler.postprocess(batch)
         self.steps += 1
-        return failed + self._process_samples(batch, sampled)
+        return ready + failed + self._process_samples(batch, sampled)
+
+    @staticmethod
+    def _made(
+        outputs: list[RequestOutput], emit: Callable[[list[RequestOutput]], None] | None
+    ) -> list[RequestOutput]:
+        if emit is None or not outputs:
+            return outputs
+        emit(outputs)
+        return []
+
+    def _pending_outputs(self) -> list[RequestOutput]:
+        """The outputs the last step left to this one; a request that ended since (aborted,
+        failed) gets none."""
+        pending, self._pending = self._pending, []
+        outputs = []
+        for seq in pending:
+            if self.outputs.get(seq.request_id) is seq:
+                outputs.append(self.outputs.on_token(seq, None)[0])
+        return outputs
 
     def _schedule(self) -> ScheduledBatch:
         """The scheduler's decision, then the device work it needs (adapter slots, prefix KV);
@@ -195,6 +226,8 @@ class Engine:
         tokens, logprobs = sampled.tokens, sampled.logprobs
         now = time.monotonic()
         outputs = []
+        # the next step makes the outputs of sequences that go on (and need no text to know)
+        overlap = self.config.overlap_outputs and self.runner.replays_graphs
         for i, seq in enumerate(sampling):
             token = tokens[i]
             seq.token_ids.append(token)
@@ -202,7 +235,11 @@ class Engine:
                 seq.output_logprobs.append(logprobs[i])
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            out, done = self.outputs.on_token(seq, self.outputs.stop_reason(seq, token))
+            reason = self.outputs.stop_reason(seq, token)
+            if overlap and reason is None and not seq.params.stop:
+                self._pending.append(seq)
+                continue
+            out, done = self.outputs.on_token(seq, reason)
             if done:
                 assert seq.finish_reason is not None
                 self._finish(seq, seq.finish_reason)

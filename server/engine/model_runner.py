@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -212,6 +213,21 @@ class ModelRunner:
         if len(rows) == h.shape[0]:  # every row samples (a decode-only step): no gather
             return h
         return h[torch.tensor(rows, dtype=torch.long, device=self.device)]
+
+    def launch(self, batch: ScheduledBatch) -> Callable[[], SampledTokens]:
+        """execute() in two halves where the step allows: a decode-only static step queues its
+        device work and returns the function that waits for its tokens; any other step runs
+        here whole."""
+        if self.static is not None and batch.decodes and not batch.prefills:
+            return self.static.launch(batch.decodes)
+        sampled = self.execute(batch)
+        return lambda: sampled
+
+    @property
+    def replays_graphs(self) -> bool:
+        """True when decode steps replay CUDA graphs: their device work runs while the host
+        goes on."""
+        return self.static is not None and self.static.graphs is not None
 
     def execute(self, batch: ScheduledBatch) -> SampledTokens:
         """Runs one step and samples: a token for each item that samples, in `batch.items`

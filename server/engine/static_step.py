@@ -14,6 +14,7 @@ runs eagerly, unpadded, and on the CPU gives today's step bit for bit (same ops,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from collections.abc import Sequence as Seqs
 from dataclasses import dataclass
 
@@ -185,9 +186,15 @@ class StaticDecodeStep:
 
     # --- a step --------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def decode(self, decodes: Seqs[ScheduledSeq]) -> SampledTokens:
         """A decode-only step: one new token for each of `decodes` (1 <= len <= max_rows)."""
+        return self.launch(decodes)()
+
+    @torch.inference_mode()
+    def launch(self, decodes: Seqs[ScheduledSeq]) -> Callable[[], SampledTokens]:
+        """decode() up to its device work queued -> the function that waits for its tokens
+        (the step's one device->host copy). Until it is called the host may do anything but
+        fill another step: the upload reads the page-locked buffers as the device gets to it."""
         seqs = [d.seq for d in decodes]
         n = len(seqs)
         ctx = max(s.num_computed_tokens + 1 for s in seqs)
@@ -215,7 +222,7 @@ class StaticDecodeStep:
             self.sample_rows(n, draws, penalty)
         else:
             graphs.replay(rows, adapters, full=draws or penalty)
-        return self._results(seqs)
+        return lambda: self._results(seqs)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: Seqs[Sequence]) -> SampledTokens:

@@ -26,6 +26,14 @@ def test_serve_flags_reach_the_engine_config():
     assert serve_config.build({}).engine.cuda_graphs is True
 
 
+def test_the_overlap_of_outputs_can_be_turned_off():
+    args = build_parser().parse_args(["serve", "--no-overlap-outputs"])
+    engine = serve_config.build({"overlap_outputs": args.overlap_outputs}).engine
+    assert engine.overlap_outputs is False
+    default = build_parser().parse_args(["serve"]).overlap_outputs
+    assert serve_config.build({"overlap_outputs": default}).engine.overlap_outputs is True
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("decode_step", "graphs", "decode_step must be one of"),
     ("max_cuda_graph_batch", 0, "max_cuda_graph_batch must be >= 1"),

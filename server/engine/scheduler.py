@@ -80,9 +80,9 @@ class Scheduler:
         failed: list[Sequence] = []
         scheduled: list[Sequence] = []
         # Running sequences first, oldest first; the newest is preempted when blocks run out.
-        queue = list(self.running)
+        queue = deque(self.running)
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_needed(seq, seq.num_computed_tokens + n)
             while not self._make_room(need):
@@ -102,8 +102,9 @@ class Scheduler:
         # Sequences left in `queue` got no budget this step; they stay running.
         if not preempted:
             self._admit(budget, prefills, scheduled, failed)
+        chosen = {id(s) for s in scheduled}  # not `s in scheduled`: quadratic in the batch
         self.running = scheduled + [
-            s for s in self.running if s not in scheduled and s.status is SeqStatus.RUNNING
+            s for s in self.running if id(s) not in chosen and s.status is SeqStatus.RUNNING
         ]
         return ScheduledBatch(decodes, prefills, preempted, failed)
 

@@ -139,16 +139,24 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             if profile is not None:
                 pstats.Stats(profile).sort_stats(args.sort).print_stats(30)
+    write(args, rows, "host_step_cpu.json")
+
+
+def write(args: argparse.Namespace, rows: list[dict], name: str, **extra: str) -> None:
+    """The rows, the command that made them and the machine -> args.out or results/NAME."""
+    flags = [f"--batches {' '.join(map(str, args.batches))}", f"--steps {args.steps}"]
+    if args.device_ms:
+        flags += [f"--device-ms {' '.join(map(str, args.device_ms))}", f"--rounds {args.rounds}"]
     result = {
-        "command": "python -m bench.host_step " + " ".join(
-            [f"--batches {' '.join(map(str, args.batches))}", f"--steps {args.steps}"]
-            + ([] if args.adapters else ["--no-adapters"])),
+        "command": " ".join(["python -m bench.host_step", *flags,
+                             *([] if args.adapters else ["--no-adapters"])]),
         "environment": environment(),
+        **extra,
         "adapters": "half the requests with a rank-16 all-linear LoRA" if args.adapters
         else "none",
         "rows": rows,
     }  # fmt: skip
-    out = args.out or Path(__file__).parent / "results" / "host_step_cpu.json"
+    out = args.out or Path(__file__).parent / "results" / name
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
@@ -169,21 +177,9 @@ def overlap_rows(model_dir: Path, lora: Path | None, args: argparse.Namespace) -
                                                              "no_overlap": medians[False]}})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds_ms"}),
                   flush=True)  # fmt: skip
-    result = {
-        "command": "python -m bench.host_step " + " ".join(
-            [f"--batches {' '.join(map(str, args.batches))}", f"--steps {args.steps}",
-             f"--device-ms {' '.join(map(str, args.device_ms))}", f"--rounds {args.rounds}"]
-            + ([] if args.adapters else ["--no-adapters"])),
-        "environment": environment(),
-        "device": "a stand-in: each replay takes device_ms, the wait for the ids sleeps until "
-                  "then; a model of a device, not a GPU",
-        "adapters": "half the requests with a rank-16 all-linear LoRA" if args.adapters
-        else "none",
-        "rows": rows,
-    }  # fmt: skip
-    out = args.out or Path(__file__).parent / "results" / "host_step_overlap_cpu.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write(args, rows, "host_step_overlap_cpu.json",
+          device="a stand-in: each replay takes device_ms, the wait for the ids sleeps until "
+                 "then; a model of a device, not a GPU")  # fmt: skip
 
 
 if __name__ == "__main__":

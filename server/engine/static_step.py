@@ -13,7 +13,6 @@ runs eagerly, unpadded, and on the CPU gives today's step bit for bit (same ops,
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seqs
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata
 from peftserve.layers.linear import DeltaHook
 from peftserve.models.llama import LlamaModel, StepContext
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -98,10 +98,11 @@ native() {
 # add up to 475 s (T_* override them), cut to BUDGET as the run goes; a step that hits its limit
 # leaves its log (gpu_engine.py also writes its JSON after each section).
 if [ -n "${MODEL_DIR:-}" ]; then
-  # Llama-3.1-8B's shape: random bf16 weights written on the GPU under /dev/shm (removed after)
+  # Llama-3.1-8B's shape: random bf16 weights written on the GPU under /dev/shm (removed after);
+  # two timed runs a configuration, not three: its sections fill most of the step's limit
   step engine_bench_8b "${T_ENGINE_BENCH_8B:-130}" "$PY" -m bench.gpu_engine \
     --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections throughput,floor,adapters,profile \
-    --out "$OUT/gpu_engine_8b.json" ${ENGINE_BENCH_8B_ARGS:-}
+    --repeat 2 --out "$OUT/gpu_engine_8b.json" ${ENGINE_BENCH_8B_ARGS:-}
   rm -rf /dev/shm/peftserve-llama-3.1-8b
   # ENGINE_BENCH_ARGS, e.g. "--sections peft": other sections of gpu_engine.py
   step engine_bench "${T_ENGINE_BENCH:-80}" "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" \

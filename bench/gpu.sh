@@ -14,7 +14,9 @@
 #    SmolLM2's tokenizer);
 # 2. engine_cuda_tests: the engine's oracle tests on the GPU (PEFTSERVE_TEST_DEVICE=cuda), CUDA
 #    graphs vs eager first: logits vs transformers and PEFT, bottlenecks vs the injected
-#    reference, every kind in one batch vs alone, preemption; deltas through the Triton kernels;
+#    reference, every kind in one batch vs alone, preemption, the batch-invariance guarantee
+#    the proto states per dtype (fp32 tokens alone = in a batch of 1..32; bf16 run to run);
+#    deltas through the Triton kernels;
 #    a slot write from page-locked memory against the same write on the host;
 # 3. kernel_tests: the kernel tests with the Triton kernels compiled for the GPU
 #    (TRITON_INTERPRET unset), the GPU-marked ones included, against the plain-torch reference;
@@ -110,8 +112,9 @@ if [ -n "${MODEL_DIR:-}" ]; then
     ${ENGINE_BENCH_ARGS:-}
   rm -rf /dev/shm/peftserve-smollm2
 fi
-step engine_cuda_tests "${T_ENGINE_TESTS:-65}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
+step engine_cuda_tests "${T_ENGINE_TESTS:-75}" env PEFTSERVE_TEST_DEVICE=cuda "$PY" -m pytest \
   tests/integration/test_cuda_graphs.py tests/integration/test_parity.py \
+  tests/integration/test_batch_invariance.py \
   tests/integration/test_adapter_parity.py tests/integration/test_adapter_batching.py \
   tests/integration/test_batching.py tests/integration/test_engine_requests.py \
   tests/unit/test_slot_buffers.py::test_a_write_through_one_upload_equals_a_direct_one \
@@ -124,7 +127,7 @@ step decode_kernels_bench "${T_DECODE_KERNELS:-35}" "$PY" bench/decode_kernels.p
 step fused_ops_bench "${T_FUSED_OPS:-30}" "$PY" bench/decode_kernels.py --ops fused \
   --batches 1 8 32 --out "$OUT/decode_fused_ops_cuda.json"
 step kernels_bench "${T_KERNEL_BENCH:-20}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
-step native_kernels "${T_NATIVE:-60}" env PY="$PY" bash -c "$(declare -f native); native"
+step native_kernels "${T_NATIVE:-50}" env PY="$PY" bash -c "$(declare -f native); native"
 cat "$OUT/steps.log"
 # The issue's must-shows from the files above, met or not (no GPU needed; rerun it on copies)
 timeout -k 2 "$T_REPORT" "$PY" -m bench.gpu_report "$OUT" | tee "$OUT/gpu_report.md"

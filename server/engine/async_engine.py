@@ -42,7 +42,6 @@ class AsyncEngine:
         self._admitting = True
         self._running = False
         self._thread: threading.Thread | None = None
-        self.on_step: Callable[[Engine], None] | None = None  # metrics hook, engine thread
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -190,8 +189,6 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.005)  # only adapters loading: do not spin
                 self._wake.clear()
             self._deliver(outputs)
-            if self.on_step is not None:
-                self.on_step(self.engine)
         self._fail_all(EngineStopped("the engine stopped"))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:

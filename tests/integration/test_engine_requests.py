@@ -18,6 +18,7 @@ from peftserve.engine.sampling_params import SamplingParams
 from peftserve.engine.sequence import FinishReason
 from peftserve.errors import InvalidRequest, Overloaded
 from tests.device import DEVICE
+from tests.outcomes import leave_after, served, settled
 
 
 @pytest.fixture()
@@ -164,10 +165,7 @@ def test_logprobs_match_scored_logits(engine):
 
 
 def test_async_engine_streams_and_abort_frees_blocks(engine):
-    aeng = AsyncEngine(engine)
-    aeng.start()
-
-    async def main():
+    async def main(aeng: AsyncEngine):
         long = Request(
             "long", prompt="hello", params=SamplingParams(max_new_tokens=90, ignore_eos=True)
         )
@@ -180,25 +178,13 @@ def test_async_engine_streams_and_abort_frees_blocks(engine):
             async for o in aeng.generate(short):
                 got.append(o)
 
-        async def cancel_long():
-            n = 0
-            async for _ in aeng.generate(long):
-                n += 1
-                if n == 3:
-                    break  # leaving the iterator aborts the request
-            return n
-
-        n, _ = await asyncio.gather(cancel_long(), consume_short())
+        n, _ = await asyncio.gather(leave_after(aeng, long, 3), consume_short())
         with pytest.raises(InvalidRequest):
             async for _ in aeng.generate(Request("bad", prompt="")):
                 pass
-        used = await aeng.call(lambda: (engine.block_manager.num_used, engine.has_unfinished()))
-        return n, got, used
+        return n, got, await settled(aeng)
 
-    try:
-        n, got, used = asyncio.run(main())
-    finally:
-        aeng.shutdown()
+    n, got, used = served(engine, main)
     assert n == 3
     assert got[-1].finished and got[-1].completion_tokens == 6
     assert sum(len(o.token_ids) for o in got) == 6

@@ -20,6 +20,7 @@ from peftserve.engine.request import Request, RequestOutput
 from peftserve.engine.sampling_params import SamplingParams
 from tests import adapters as A
 from tests.eager_graphs import EagerBuckets
+from tests.outcomes import leave_after, served, settled
 
 WORDS = "the quick brown fox jumps over the lazy dog low rank adapters share a batch".split()
 
@@ -177,30 +178,17 @@ def test_the_server_loop_streams_the_same_outputs_and_aborts_cleanly(tiny_llama_
     plain = content(run(plain_engine, reqs))
     held = plain_engine.block_manager.num_used  # the prefix adapter's KV, kept for reuse
     engine = engine_for(tiny_llama_dir, adapter_dirs, overlap=True)
-    aeng = AsyncEngine(engine)
-    aeng.start()
 
-    async def main():
+    async def main(aeng: AsyncEngine):
         async def stream(req: Request) -> list[RequestOutput]:
             return [o async for o in aeng.generate(req)]
 
-        async def leave_early() -> int:
-            n = 0
-            params = SamplingParams(max_new_tokens=40, ignore_eos=True)
-            async for _ in aeng.generate(Request("early", prompt="hello", params=params)):
-                n += 1
-                if n == 3:
-                    break  # leaving the iterator aborts the request
-            return n
+        early = Request("early", prompt="hello",
+                        params=SamplingParams(max_new_tokens=40, ignore_eos=True))  # fmt: skip
+        *outs, n = await asyncio.gather(*(stream(r) for r in reqs), leave_after(aeng, early, 3))
+        return outs, n, await settled(aeng)
 
-        *outs, n = await asyncio.gather(*(stream(r) for r in reqs), leave_early())
-        state = await aeng.call(lambda: (engine.block_manager.num_used, engine.has_unfinished()))
-        return outs, n, state
-
-    try:
-        outs, n, state = asyncio.run(main())
-    finally:
-        aeng.shutdown()
+    outs, n, state = served(engine, main)
     got = content({r.request_id: o for r, o in zip(reqs, outs, strict=True)})
     assert n == 3 and state == (held, False)
     # arrivals interleave with steps differently here, so batches differ: in fp32 a logprob

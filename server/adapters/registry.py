@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,13 +104,24 @@ class AdapterRegistry:
         self.loads = 0
         self.load_seconds = 0.0
         self.host_evictions = 0
+        # called on the loader thread as each load ends (AsyncEngine: wakes its step loop,
+        # which otherwise looks again only after a poll interval)
+        self.on_loaded: Callable[[], None] | None = None
 
     def submit_load(self, directory: Path, expected: Mapping[str, FileDigest] | None = None
                     ) -> Future:
         """load_from_disk on a loader thread; the future's result is the LoadedAdapter."""
         if expected is None:
-            return self._pool.submit(self.load_from_disk, directory)
-        return self._pool.submit(self.load_from_disk, directory, expected)
+            future = self._pool.submit(self.load_from_disk, directory)
+        else:
+            future = self._pool.submit(self.load_from_disk, directory, expected)
+        future.add_done_callback(self._loaded)
+        return future
+
+    def _loaded(self, _: Future) -> None:
+        callback = self.on_loaded
+        if callback is not None:
+            callback()
 
     def load_from_disk(self, directory: Path, expected: Mapping[str, FileDigest] | None = None
                        ) -> LoadedAdapter:

@@ -32,6 +32,9 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+LOADING_POLL_S = 0.005  # the longest the loop waits while only adapter loads are in flight
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine | None = None) -> None:
         self.engine = engine  # None until start(build) has built it on the engine thread
@@ -62,6 +65,7 @@ class AsyncEngine:
                     ready.set()
                     return
             self.engine.bind_thread()  # before any adapter load can change torch's count
+            self.engine.registry.on_loaded = self._wake.set  # a load's end: step at once
             ready.set()
             self._loop()
 
@@ -186,7 +190,8 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             if not outputs and not self.engine.last_batch_size:
-                self._wake.wait(timeout=0.005)  # only adapters loading: do not spin
+                # only adapters loading: do not spin (a load's end wakes the loop earlier)
+                self._wake.wait(timeout=LOADING_POLL_S)
                 self._wake.clear()
             self._deliver(outputs)
         self._fail_all(EngineStopped("the engine stopped"))

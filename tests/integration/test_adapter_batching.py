@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import pytest
 import torch
 
 from peftserve.adapters.errors import AdapterExists, AdapterNotFound
 from peftserve.config import EngineConfig
+from peftserve.engine import async_engine
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
@@ -18,6 +20,7 @@ from peftserve.engine.sequence import FinishReason
 from peftserve.layers.backend import Backend
 from tests import adapters as A
 from tests.device import DEVICE
+from tests.outcomes import served
 
 PROMPTS = [
     "the quick brown fox",
@@ -154,6 +157,30 @@ def test_cold_adapters_reload_from_disk_when_host_tier_is_small(tiny_llama_dir, 
     assert sum(1 for e in engine.registry.entries() if e.loaded is None) == 3
     assert tokens(engine.generate(requests(names))) == alone
     assert engine.registry.loads > len(names)  # some came back from disk
+
+
+def test_the_server_loop_steps_as_soon_as_a_reload_ends(tiny_llama_dir, adapter_dirs, monkeypatch):
+    """While only adapter loads are in flight the server's engine loop waits; a load's end
+    wakes it (AdapterRegistry.on_loaded), not the next poll. The poll is made 60 s here: a
+    request whose adapter comes back from disk must still finish in well under that."""
+    monkeypatch.setattr(async_engine, "LOADING_POLL_S", 60.0)
+    names = ["lora-r2", "lora-r8"]
+    engine = engine_with(tiny_llama_dir, {n: adapter_dirs[n] for n in names},
+                         max_cpu_adapters=1, max_loras=1)  # fmt: skip
+    cold = next(e.name for e in engine.registry.entries() if e.loaded is None)
+    req = Request("cold", prompt="hello", adapter=cold,
+                  params=SamplingParams(max_new_tokens=3, ignore_eos=True))  # fmt: skip
+
+    async def main(aeng):
+        t0 = time.monotonic()
+        outs = [o async for o in aeng.generate(req)]
+        return outs, time.monotonic() - t0
+
+    loads = engine.registry.loads
+    outs, seconds = served(engine, main)
+    assert engine.registry.loads > loads  # it came back from disk
+    assert outs[-1].finished and outs[-1].completion_tokens == 3
+    assert seconds < 20, seconds
 
 
 def test_unregister_in_use_lets_running_requests_finish(tiny_llama_dir, adapter_dirs):

@@ -57,6 +57,7 @@ GOALS = [
          ("cold_register_to_first_token_ms", "p50"), 40.0, True),
 ]  # fmt: skip
 TEST_STEPS = ("engine_cuda_tests", "kernel_tests", "native_kernels")
+ENGINE_FILES = (("gpu_engine_8b.json", "Llama-3.1-8B"), ("gpu_engine.json", "SmolLM2"))
 
 
 def dig(data: Any, path: tuple[str, ...]) -> float | None:
@@ -144,7 +145,7 @@ def run_lines(out: Path) -> list[str]:
     except (OSError, IndexError):
         env = "missing"
     lines = [f"- machine: {env}"]
-    for name, shape in (("gpu_engine_8b.json", "Llama-3.1-8B"), ("gpu_engine.json", "SmolLM2")):
+    for name, shape in ENGINE_FILES:
         data = read_json(out, name)
         seconds = {what: dig(data, (key,)) for what, key in (
             ("engine start", "engine_start_s"), ("of it graph capture", "cuda_graph_capture_s"),
@@ -173,7 +174,7 @@ def overlap_lines(out: Path) -> list[str]:
     """Per shape: the decode step with the graphs, its outputs made while the next step runs
     (the default) and made in their own step, at each batch of the floor section."""
     lines = []
-    for name, shape in (("gpu_engine_8b.json", "Llama-3.1-8B"), ("gpu_engine.json", "SmolLM2")):
+    for name, shape in ENGINE_FILES:
         floor = (read_json(out, name) or {}).get("decode_floor", {})
         pairs = [f"batch {b}: {_fmt(row.get('decode_step_ms'))} / "
                  f"{_fmt(row.get('no_overlap_decode_step_ms'))}"
@@ -188,7 +189,7 @@ def profile_lines(out: Path, top: int = 8) -> list[str]:
     against the unprofiled step's time at that batch (the floor section's, or the adapters
     section's at batch 32), and the kernels that take the most device time."""
     lines = []
-    for name, shape in (("gpu_engine_8b.json", "Llama-3.1-8B"), ("gpu_engine.json", "SmolLM2")):
+    for name, shape in ENGINE_FILES:
         data = read_json(out, name) or {}
         runs = [(f"base, batch {b}", p, ("decode_floor", b, "decode_step_ms"))
                 for b, p in data.get("profile", {}).items()]  # fmt: skip

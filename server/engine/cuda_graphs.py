@@ -100,18 +100,16 @@ class DecodeGraphs:
         samplers = True
         for rows in reversed(self.sizes):
             self.base[rows] = self._capture(rows, lambda r=rows: step.forward(r, width, None))
-            for full in (False, True) if samplers else ():
-                try:
+            try:
+                for full in (False, True) if samplers else ():
                     self.samplers[(rows, full)] = self._capture(
                         rows, lambda r=rows, f=full: step.sample_rows(r, f, f)
                     )
-                except Exception as e:  # an op the sampler cannot capture: eager sampler
-                    log.warning("CUDA graph capture of the sampler failed, it runs eagerly "
-                                "after each replayed forward: %s: %s",
-                                type(e).__name__, e)  # fmt: skip
-                    self.samplers.clear()
-                    samplers = False
-                    break
+            except Exception as e:  # an op the sampler cannot capture: eager sampler
+                log.warning("CUDA graph capture of the sampler failed, it runs eagerly after "
+                            "each replayed forward: %s: %s", type(e).__name__, e)  # fmt: skip
+                self.samplers.clear()
+                samplers = False
         seconds = time.perf_counter() - t0
         self.capture_seconds += seconds
         return seconds

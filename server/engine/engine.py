@@ -173,32 +173,26 @@ class Engine:
         failed = [self._fail(seq) for seq in batch.failed]
         self._last_batch = (len(batch), batch.num_tokens)
         if not len(batch):
-            return self._made(self._pending_outputs(), emit) + failed
+            return self._pending_outputs(emit) + failed
         wait = self.runner.launch(batch)
-        ready = self._made(self._pending_outputs(), emit)  # while the device works
+        ready = self._pending_outputs(emit)  # while the device works
         sampled = wait()
         self.scheduler.postprocess(batch)
         self.steps += 1
         return ready + failed + self._process_samples(batch, sampled)
 
-    @staticmethod
-    def _made(
-        outputs: list[RequestOutput], emit: Callable[[list[RequestOutput]], None] | None
+    def _pending_outputs(
+        self, emit: Callable[[list[RequestOutput]], None] | None
     ) -> list[RequestOutput]:
+        """The outputs the last step left to this one, passed to `emit` (-> none) or returned;
+        a request that ended since (aborted, failed) gets none."""
+        pending, self._pending = self._pending, []
+        outputs = [self.outputs.on_token(seq, None)[0] for seq in pending
+                   if self.outputs.get(seq.request_id) is seq]  # fmt: skip
         if emit is None or not outputs:
             return outputs
         emit(outputs)
         return []
-
-    def _pending_outputs(self) -> list[RequestOutput]:
-        """The outputs the last step left to this one; a request that ended since (aborted,
-        failed) gets none."""
-        pending, self._pending = self._pending, []
-        outputs = []
-        for seq in pending:
-            if self.outputs.get(seq.request_id) is seq:
-                outputs.append(self.outputs.on_token(seq, None)[0])
-        return outputs
 
     def _schedule(self) -> ScheduledBatch:
         """The scheduler's decision, then the device work it needs (adapter slots, prefix KV);

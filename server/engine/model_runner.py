@@ -215,12 +215,13 @@ class ModelRunner:
         return h[torch.tensor(rows, dtype=torch.long, device=self.device)]
 
     def launch(self, batch: ScheduledBatch) -> Callable[[], SampledTokens]:
-        """execute() in two halves where the step allows: a decode-only static step queues its
-        device work and returns the function that waits for its tokens; any other step runs
-        here whole."""
+        """Runs one step and samples -> the function that returns a token for each item that
+        samples, in `batch.items` order (before the scheduler's postprocess). A decode-only
+        static step returns once its device work is queued (the function waits for its
+        tokens); any other step runs here whole."""
         if self.static is not None and batch.decodes and not batch.prefills:
             return self.static.launch(batch.decodes)
-        sampled = self.execute(batch)
+        sampled = self._run(batch)
         return lambda: sampled
 
     @property
@@ -229,12 +230,9 @@ class ModelRunner:
         goes on."""
         return self.static is not None and self.static.graphs is not None
 
-    def execute(self, batch: ScheduledBatch) -> SampledTokens:
-        """Runs one step and samples: a token for each item that samples, in `batch.items`
-        order (before the scheduler's postprocess)."""
+    def _run(self, batch: ScheduledBatch) -> SampledTokens:
+        """launch()'s step other than a static decode-only one, run whole."""
         seqs = [item.seq for item in batch.items if item.samples]
-        if self.static is not None and batch.decodes and not batch.prefills:
-            return self.static.decode(batch.decodes)
         h = self.sampling_states(batch)
         if not seqs:
             return SampledTokens([], None)

@@ -1,7 +1,8 @@
 """The graph-safe decode step: the model and the sampler run from persistent buffers.
 
     step = StaticDecodeStep(model, kv_cache, block_size, scratch_block, slots, options)
-    sampled = step.decode(batch.decodes)           # a decode-only step -> one token per row
+    wait = step.launch(batch.decodes)              # a decode-only step, its device work queued
+    sampled = wait()                               # -> one token per row
     sampled = step.sample(logits, sampling_seqs)   # any other step's logits, the same sampler
 
 A step writes its inputs into one pinned host buffer (step_buffers.py), copies it to the device
@@ -183,15 +184,12 @@ class StaticDecodeStep:
 
     # --- a step --------------------------------------------------------------------------
 
-    def decode(self, decodes: Seqs[ScheduledSeq]) -> SampledTokens:
-        """A decode-only step: one new token for each of `decodes` (1 <= len <= max_rows)."""
-        return self.launch(decodes)()
-
     @torch.inference_mode()
     def launch(self, decodes: Seqs[ScheduledSeq]) -> Callable[[], SampledTokens]:
-        """decode() up to its device work queued -> the function that waits for its tokens
-        (the step's one device->host copy). Until it is called the host may do anything but
-        fill another step: the upload reads the page-locked buffers as the device gets to it."""
+        """A decode-only step, one new token for each of `decodes` (1 <= len <= max_rows), up
+        to its device work queued -> the function that waits for its tokens (the step's one
+        device->host copy). Until it is called the host may do anything but fill another
+        step: the upload reads the page-locked buffers as the device gets to it."""
         seqs = [d.seq for d in decodes]
         n = len(seqs)
         ctx = max(s.num_computed_tokens + 1 for s in seqs)

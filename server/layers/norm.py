@@ -19,3 +19,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]
         return self.backend.rms_norm(x, self.weight, self.eps)
+
+    def add(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm), the add fused into the norm where the backend can (one
+        launch on the Triton backend); residual None: (x, the norm of x)."""
+        if residual is None:
+            return x, self(x)
+        return self.backend.add_rms_norm(x, residual, self.weight, self.eps)

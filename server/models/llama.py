@@ -106,19 +106,13 @@ class DecoderLayer(nn.Module):
         layer. -> (h, this layer's MLP output): the residual adds are each fused into the
         RMSNorm after them, one launch on the Triton backend."""
         T = h.shape[0]
-        norm = self.input_norm
-        if mlp_out is None:
-            x = norm(h)
-        else:
-            h, x = self.backend.add_rms_norm(h, mlp_out, norm.weight, norm.eps)
+        h, x = self.input_norm.add(h, mlp_out)
         qkv = self.qkv(x, ctx.hook)
         q, k, v = self.backend.rotary_and_cache(
             qkv, ctx.cos, ctx.sin, cache, ctx.attn.slot_mapping, self.heads, self.kv_heads
         )
         a = paged_attention(q, k, v, cache, ctx.attn, self.scale, self.backend)
-        norm = self.post_attn_norm
-        h, x = self.backend.add_rms_norm(h, self.o(a.reshape(T, self.q_out), ctx.hook),
-                                         norm.weight, norm.eps)  # fmt: skip
+        h, x = self.post_attn_norm.add(h, self.o(a.reshape(T, self.q_out), ctx.hook))
         act = self.backend.silu_and_mul(self.gate_up(x, ctx.hook))
         return h, self.down(act, ctx.hook)
 
@@ -283,9 +277,7 @@ class LlamaModel(nn.Module):
         mlp_out = None
         for i, layer in enumerate(self.layers):
             h, mlp_out = layer(h, mlp_out, kv_cache[i], ctx)
-        if mlp_out is None:
-            return self.norm(h)
-        return self.backend.add_rms_norm(h, mlp_out, self.norm.weight, self.norm.eps)[1]
+        return self.norm.add(h, mlp_out)[1]
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

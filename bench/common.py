@@ -89,14 +89,18 @@ def start_decoding(engine, requests: list) -> None:
     engine.step()
 
 
-def decode_step_time(
-    engine, requests: list, repeat: int, sync: Callable[[], None] | None = None
-) -> float:
-    """Median time of `engine.step()` once every request in `requests` (added here) has
-    finished its prefill and decodes one token per step; the requests are drained afterwards.
-    Their max_new_tokens must leave room for the measured steps."""
+def steady_step_time(engine, requests: list, steps: int) -> float:
+    """Mean time of a decode step over `steps` consecutive ones, once every request in
+    `requests` (added here) decodes: from one step's return (its tokens are back) to the
+    return `steps` steps later, with no synchronization in between, so that a step queued
+    ahead runs on while the host goes on (Engine.step). The requests are drained afterwards;
+    their max_new_tokens must leave room for the steps."""
     start_decoding(engine, requests)
-    t = median_time(engine.step, repeat, sync)
+    engine.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    t = (time.perf_counter() - t0) / steps
     while engine.has_unfinished():
         engine.step()
     return t
@@ -109,7 +113,7 @@ def decode_step_vs_floor(
     floors: dict[str, Callable[[], object]],
     sync: Callable[[], None] | None = None,
 ) -> dict[str, object]:
-    """A decode step (as decode_step_time) and one pass of each floor, timed in turn `repeat`
+    """A decode step (once every request decodes) and one pass of each floor, timed in turn `repeat`
     times, so that drift of a shared machine hits them alike. Returns the median step time
     (s) and, per floor name, its median time and the median of the paired step / floor
     ratios."""

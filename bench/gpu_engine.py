@@ -16,9 +16,11 @@ Sections, each on the same 32 requests as bench.engine_throughput / bench.multi_
 (bench.common.workload(): chat prompts, outputs 16..128 tokens, seed 0):
   throughput   ours vs transformers `generate` (one left-padded batch of 32; batches of 8)
   decode step  ours at batch 1/8/32/64 vs one plain matmul pass over the same weights (the
-               floor), with the CUDA graphs, with them but each step's outputs made in that
-               step (not while the next runs: EngineConfig.overlap_outputs), and with the
-               same static step run eagerly
+               floor), with the CUDA graphs; with them but each step scheduled once the last
+               one's tokens are back (EngineConfig.schedule_ahead off); with neither that nor
+               the outputs made while the next step runs (overlap_outputs off); and the same
+               static step run eagerly. A step's time is the mean over a run of STEADY_STEPS
+               steps with no synchronization between them (bench.common.steady_step_time)
   adapters     base; 32 distinct LoRAs on q,v (ranks 8/16); 32 distinct all-linear LoRAs (ranks
                8/16/32/64), through the Triton kernels; PEFT generate(adapter_names=...) with
                the q,v adapters
@@ -45,7 +47,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import decode_step_time, environment, start_decoding, timed, workload
+from bench.common import environment, start_decoding, steady_step_time, timed, workload
 from bench.engine_throughput import matmul_pass
 from bench.multi_adapter import (
     ALL,
@@ -64,6 +66,7 @@ from peftserve.engine.sampling_params import SamplingParams
 
 DEV = "cuda"  # --device cpu runs the same code on a CPU (a dry run of the script)
 REPEAT = 3  # --repeat: timed runs of the engine per configuration (best of them)
+STEADY_STEPS = 24  # decode steps a step time is the mean of (max_new_tokens 60 leaves room)
 
 
 def sync() -> None:
@@ -119,7 +122,7 @@ def decode_step(engine: Engine, reqs: list[Request], batch: int) -> float:
         replace(reqs[i % len(reqs)], request_id=f"d{batch}-{i}", params=params)
         for i in range(batch)
     ]
-    return decode_step_time(engine, probe, 21, sync)
+    return steady_step_time(engine, probe, STEADY_STEPS)
 
 
 def main() -> None:
@@ -273,13 +276,16 @@ def decode_floor(engine, base) -> dict:
                 static.graphs = graphs
             floor[str(b)] |= {"eager_decode_step_ms": eager * 1e3,
                               "eager_step_over_floor": eager / mm}  # fmt: skip
-            # with graphs, each step's outputs made in the step, not during the next one's
+            # with graphs, each step scheduled after the last one's tokens; and each step's
+            # outputs made in that step too, not during the next one's
             config = engine.config
-            engine.config = replace(config, overlap_outputs=False)
-            try:
-                floor[str(b)]["no_overlap_decode_step_ms"] = decode_step(engine, base, b) * 1e3
-            finally:
-                engine.config = config
+            for key, off in (("no_ahead", {"schedule_ahead": False}),
+                             ("no_overlap", {"schedule_ahead": False, "overlap_outputs": False})):
+                engine.config = replace(config, **off)
+                try:
+                    floor[str(b)][f"{key}_decode_step_ms"] = decode_step(engine, base, b) * 1e3
+                finally:
+                    engine.config = config
     print(json.dumps(floor, indent=1), flush=True)
     return floor
 

@@ -171,16 +171,17 @@ def cold_lines(out: Path) -> list[str]:
 
 
 def overlap_lines(out: Path) -> list[str]:
-    """Per shape: the decode step with the graphs, its outputs made while the next step runs
-    (the default) and made in their own step, at each batch of the floor section."""
+    """Per shape, at each batch of the floor section, the decode step with the graphs: as
+    served (the next step scheduled ahead, the outputs made while it runs), each step
+    scheduled after the last one's tokens, and that with each step's outputs made in it."""
     lines = []
     for name, shape in ENGINE_FILES:
         floor = (read_json(out, name) or {}).get("decode_floor", {})
-        pairs = [f"batch {b}: {_fmt(row.get('decode_step_ms'))} / "
-                 f"{_fmt(row.get('no_overlap_decode_step_ms'))}"
-                 for b, row in floor.items()]  # fmt: skip
-        lines.append(f"- {shape}, decode step ms, outputs overlapped / not: "
-                     f"{'; '.join(pairs) or 'missing'}")  # fmt: skip
+        keys = ("decode_step_ms", "no_ahead_decode_step_ms", "no_overlap_decode_step_ms")
+        rows = [f"batch {b}: {' / '.join(_fmt(row.get(k)) for k in keys)}"
+                for b, row in floor.items()]  # fmt: skip
+        lines.append(f"- {shape}, decode step ms, as served / not scheduled ahead / neither "
+                     f"ahead nor outputs overlapped: {'; '.join(rows) or 'missing'}")  # fmt: skip
     return lines
 
 

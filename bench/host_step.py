@@ -15,13 +15,14 @@ size and kernels do not enter; the C++ kernels' background build would).
 size; --profile prints cProfile's top functions at the largest batch.
 
     .venv/bin/python -m bench.host_step --device-ms 1 4 [--rounds 3]
-        # -> bench/results/host_step_overlap_cpu.json
+        # -> bench/results/host_step_ahead_cpu.json
 
---device-ms: the stand-in's replay takes that long, as a device would (the wait for the
-sampled ids sleeps until then), and each batch runs with the outputs made while the next step
-runs (EngineConfig.overlap_outputs, the default where graphs replay) and without, alternated
-`--rounds` times: the step's time is then the device's plus whatever host work cannot hide
-behind it. A model of the device, not a GPU measurement.
+--device-ms: the stand-in's replay takes that long, as a device would: replays queue one
+after another, and the wait for a step's sampled ids sleeps until its replay ends. Each batch
+runs as served where graphs replay (the next step scheduled ahead, EngineConfig.schedule_ahead,
+and the outputs made while it runs, overlap_outputs), with only the outputs overlapped, and
+with neither, alternated `--rounds` times: the step's time is then the device's plus whatever
+host work cannot hide behind it. A model of the device, not a GPU measurement.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -48,17 +50,20 @@ from tests.tiny import make_model_dir
 
 class NullGraphs:
     """DecodeGraphs' interface: every batch size is a bucket, a replay samples token 7 and
-    takes `device_s` of a stand-in device (the step's wait for its ids ends no sooner)."""
+    takes `device_s` of a stand-in device: replays queue on it one after another, and the
+    wait for a step's ids ends no sooner than its replay does."""
 
     def __init__(self, step, device_s: float = 0.0) -> None:
         self.step, self.replays, self.device_s = step, 0, device_s
-        self.done_at = 0.0
+        self.done: deque[float] = deque()  # when each replay not yet waited for ends
+        self.busy_until = 0.0
         if device_s:
             results = step._results
 
-            def waiting(seqs):
-                time.sleep(max(0.0, self.done_at - time.perf_counter()))
-                return results(seqs)
+            def waiting(seqs, turn):
+                if self.done:  # (a step that only samples replays nothing)
+                    time.sleep(max(0.0, self.done.popleft() - time.perf_counter()))
+                return results(seqs, turn)
 
             step._results = waiting
 
@@ -70,7 +75,8 @@ class NullGraphs:
         return True
 
     def replay(self, rows: int, adapters: bool, full: bool) -> None:
-        self.done_at = time.perf_counter() + self.device_s
+        self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_s
+        self.done.append(self.busy_until)
         self.step.out[0, :rows] = 7
         self.step.out[1, :rows] = 0
         self.replays += 1
@@ -78,11 +84,11 @@ class NullGraphs:
 
 def run(model_dir: Path, lora: Path | None, batch: int, steps: int,
         profile: cProfile.Profile | None, device_ms: float = 0.0,
-        overlap: bool = True) -> list[float]:  # fmt: skip
+        overlap: bool = True, ahead: bool = True) -> list[float]:  # fmt: skip
     engine = Engine.from_config(EngineConfig(
         model=str(model_dir), device="cpu", dtype="float32", decode_step="static", backend="torch",
         max_num_seqs=batch, num_kv_blocks=batch * 8 + 64, block_size=16, max_model_len=128,
-        max_loras=2, overlap_outputs=overlap))  # fmt: skip
+        max_loras=2, overlap_outputs=overlap, schedule_ahead=ahead))  # fmt: skip
     step = engine.runner.static
     assert step is not None
     step.graphs = graphs = NullGraphs(step, device_ms / 1e3)
@@ -128,7 +134,7 @@ def main() -> None:
         if args.adapters:
             lora = A.make_lora(model_dir, Path(tmp) / "lora", r=16, targets=A.ALL_LINEAR)
         if args.device_ms:
-            overlap_rows(model_dir, lora, args)
+            device_rows(model_dir, lora, args)
             return
         for batch in args.batches:
             profile = cProfile.Profile() if args.profile and batch == max(args.batches) else None
@@ -161,25 +167,32 @@ def write(args: argparse.Namespace, rows: list[dict], name: str, **extra: str) -
     print(f"wrote {out}")
 
 
-def overlap_rows(model_dir: Path, lora: Path | None, args: argparse.Namespace) -> None:
+# (overlap_outputs, schedule_ahead) of each configuration --device-ms compares
+CONFIGS = {"served": (True, True), "overlap_only": (True, False), "neither": (False, False)}
+
+
+def device_rows(model_dir: Path, lora: Path | None, args: argparse.Namespace) -> None:
     rows = []
     for device_ms in args.device_ms:
         for batch in args.batches:
-            medians: dict[bool, list[float]] = {True: [], False: []}
+            medians: dict[str, list[float]] = {name: [] for name in CONFIGS}
             for _ in range(args.rounds):
-                for overlap in (True, False):
-                    times = run(model_dir, lora, batch, args.steps, None, device_ms, overlap)
-                    medians[overlap].append(statistics.median(times))
-            on, off = (statistics.median(medians[o]) for o in (True, False))
-            rows.append({"device_ms": device_ms, "batch": batch, "step_ms_overlap": on,
-                         "step_ms_no_overlap": off, "overlap_over_no_overlap": on / off,
-                         "saved_ms": off - on, "rounds_ms": {"overlap": medians[True],
-                                                             "no_overlap": medians[False]}})
+                for name, (overlap, ahead) in CONFIGS.items():
+                    times = run(model_dir, lora, batch, args.steps, None, device_ms, overlap,
+                                ahead)  # fmt: skip
+                    medians[name].append(statistics.median(times))
+            step = {name: statistics.median(m) for name, m in medians.items()}
+            rows.append({"device_ms": device_ms, "batch": batch,
+                         **{f"step_ms_{name}": ms for name, ms in step.items()},
+                         "served_over_neither": step["served"] / step["neither"],
+                         "served_over_overlap_only": step["served"] / step["overlap_only"],
+                         "rounds_ms": medians})  # fmt: skip
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds_ms"}),
                   flush=True)  # fmt: skip
-    write(args, rows, "host_step_overlap_cpu.json",
-          device="a stand-in: each replay takes device_ms, the wait for the ids sleeps until "
-                 "then; a model of a device, not a GPU")  # fmt: skip
+    write(args, rows, "host_step_ahead_cpu.json",
+          device="a stand-in: replays queue one after another, each takes device_ms, the "
+                 "wait for a step's ids sleeps until its replay ends; a model of a device, "
+                 "not a GPU")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     values["admin_token_file"] = args.admin_token_file
     values["cuda_graphs"] = args.cuda_graphs
     values["overlap_outputs"] = args.overlap_outputs
+    values["schedule_ahead"] = args.schedule_ahead
     values["screened_head"] = args.screened_head
     try:
         config = serve_config.build(values, args.config)
@@ -175,6 +176,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        help="make each decode step's outputs in that step (by default, where "
                             "CUDA graphs replay, they are made while the next step runs on the "
                             "GPU; the same outputs)")
+    serve.add_argument("--no-schedule-ahead", dest="schedule_ahead", action="store_const",
+                       const=False, default=None,
+                       help="schedule each decode step once the last one's tokens are back (by "
+                            "default, where CUDA graphs replay, the next step is queued on the "
+                            "GPU before them when it is known without them; the same outputs)")
     serve.add_argument("--no-screened-head", dest="screened_head", action="store_const",
                        const=False, default=None,
                        help="greedy tokens from the whole bf16 LM head (the same tokens; by "

@@ -36,6 +36,9 @@ class EngineConfig:
     # where decode steps replay CUDA graphs: the text and outputs of a step's continuing
     # sequences are made while the next step runs on the device (the same outputs, in order)
     overlap_outputs: bool = True
+    # where decode steps replay CUDA graphs: the next decode step is queued on the device before
+    # this one's tokens are back, when it is known without them (the same outputs)
+    schedule_ahead: bool = True
     # the longest context a captured decode step serves (its block tables' width, and so its
     # attention's splits); a step with a longer one runs eagerly
     max_cuda_graph_len: int = 8192

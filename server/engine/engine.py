@@ -22,8 +22,8 @@ from peftserve.engine.model_runner import ModelRunner, static_options
 from peftserve.engine.outputs import OutputProcessor
 from peftserve.engine.request import Request, RequestOutput
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.engine.scheduler import ScheduledBatch, Scheduler
-from peftserve.engine.sequence import FinishReason, Sequence
+from peftserve.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
+from peftserve.engine.sequence import FinishReason, SeqStatus, Sequence
 from peftserve.engine.static_step import SampledTokens
 from peftserve.engine.stats import EngineInfo, EngineStats
 from peftserve.errors import InvalidRequest, Overloaded, shorten
@@ -80,6 +80,9 @@ class Engine:
         self.steps = 0
         # sequences whose output for their newest token is made during the next step (overlap)
         self._pending: list[Sequence] = []
+        # the decode step queued on the device behind the last one (schedule ahead): its batch
+        # and the wait for its tokens
+        self._ahead: tuple[ScheduledBatch, Callable[[], SampledTokens]] | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig, backend: Backend | None = None) -> Engine:
@@ -164,17 +167,27 @@ class Engine:
     def step(
         self, emit: Callable[[list[RequestOutput]], None] | None = None
     ) -> list[RequestOutput]:
-        """One step -> the outputs it made. Where decode steps replay CUDA graphs (and
-        config.overlap_outputs), a continuing sequence's output for its newest token is made
-        during the next step, while the device runs it (its text is the host's largest part
-        of a step): those outputs are passed to `emit` as soon as they are made, or returned
-        first. A request's outputs keep their order either way."""
-        batch = self._schedule()
-        failed = [self._fail(seq) for seq in batch.failed]
-        self._last_batch = (len(batch), batch.num_tokens)
-        if not len(batch):
-            return self._pending_outputs(emit) + failed
-        wait = self.runner.launch(batch)
+        """One step -> the outputs it made. Where decode steps replay CUDA graphs:
+        - (config.overlap_outputs) a continuing sequence's output for its newest token is made
+          during the next step, while the device runs it (its text is the host's largest part
+          of a step): those outputs are passed to `emit` as soon as they are made, or returned
+          first. A request's outputs keep their order either way.
+        - (config.schedule_ahead) the next decode step is queued on the device before this
+          one's tokens are back, when it is known without them (_launch_ahead): the device
+          need not wait for the host between steps. The next call's step is that one."""
+        taken = self._take_ahead()
+        failed: list[RequestOutput] = []
+        if taken is None:
+            batch = self._schedule()
+            failed = [self._fail(seq) for seq in batch.failed]
+            self._last_batch = (len(batch), batch.num_tokens)
+            if not len(batch):
+                return self._pending_outputs(emit) + failed
+            wait, rows = self.runner.launch(batch), list(range(len(batch.decodes)))
+        else:
+            batch, wait, rows = taken
+            self._last_batch = (len(batch), batch.num_tokens)
+        self._ahead = self._launch_ahead(batch, rows)
         ready = self._pending_outputs(emit)  # while the device works
         sampled = wait()
         self.scheduler.postprocess(batch)
@@ -193,6 +206,67 @@ class Engine:
             return outputs
         emit(outputs)
         return []
+
+    def _take_ahead(
+        self,
+    ) -> tuple[ScheduledBatch, Callable[[], SampledTokens], list[int]] | None:
+        """The step the last one queued ahead -> its batch less the sequences that ended
+        since (a stop token or string, an abort), the wait for their tokens, and each one's
+        row in that step; None when there is none, or when none of its sequences goes on (its
+        tokens are waited for and dropped)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        batch, wait = ahead
+        rows = [i for i, item in enumerate(batch.decodes) if item.seq.status is SeqStatus.RUNNING]
+        if not rows:
+            wait()
+            return None
+        if len(rows) == len(batch.decodes):
+            return batch, wait, rows
+
+        def kept() -> SampledTokens:
+            s = wait()
+            logprobs = None if s.logprobs is None else [s.logprobs[i] for i in rows]
+            return SampledTokens([s.tokens[i] for i in rows], logprobs)
+
+        return ScheduledBatch([batch.decodes[i] for i in rows], [], [], []), kept, rows
+
+    def _launch_ahead(
+        self, batch: ScheduledBatch, rows: list[int]
+    ) -> tuple[ScheduledBatch, Callable[[], SampledTokens]] | None:
+        """Queues the next decode step behind `batch` (just launched; `rows`: each decode's
+        row in it) before its tokens are back, when the scheduler's next step is known without
+        them: every running sequence decodes in `batch`, none waits that could be admitted,
+        no repetition penalty needs the newest token on the host, and each sequence's next KV
+        slot is free to take. A sequence that reaches its length in `batch` is left out; one
+        that stops on a token or a string there is known only after, and its row of the step
+        ahead is dropped (_take_ahead). -> the step's batch and its wait; None: the next
+        step is scheduled after this one's tokens, as without."""
+        if not (self.config.schedule_ahead and self.runner.replays_graphs):
+            return None
+        sched = self.scheduler
+        if batch.prefills or len(batch.decodes) != len(sched.running):
+            return None  # a prefill, or a sequence left out for the token budget
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            return None
+        decodes: list[ScheduledSeq] = []
+        feed: list[int] = []
+        for item, row in zip(batch.decodes, rows, strict=True):
+            seq = item.seq
+            if seq.params.repetition_penalty != 1.0:
+                return None
+            if not self.outputs.length_reached(seq, 1):
+                decodes.append(ScheduledSeq(seq, 1))
+                feed.append(row)
+        blocks = self.block_manager
+        need = sum(blocks.blocks_needed(d.seq, d.seq.num_computed_tokens + 2) for d in decodes)
+        if not decodes or not blocks.can_allocate(need):
+            return None  # (the scheduler preempts)
+        for d in decodes:
+            blocks.allocate(d.seq, d.seq.num_computed_tokens + 2)
+        wait = self.runner.launch_ahead(decodes, feed)
+        return ScheduledBatch(decodes, [], [], []), wait
 
     def _schedule(self) -> ScheduledBatch:
         """The scheduler's decision, then the device work it needs (adapter slots, prefix KV);

@@ -224,6 +224,15 @@ class ModelRunner:
         sampled = self._run(batch)
         return lambda: sampled
 
+    def launch_ahead(
+        self, decodes: list[ScheduledSeq], feed: list[int]
+    ) -> Callable[[], SampledTokens]:
+        """A decode-only step queued behind the one launch() just queued, before its tokens
+        are back: each sequence one token further, its input token that step's row feed[i]
+        (StaticDecodeStep.launch) -> the function that waits for its tokens."""
+        assert self.static is not None
+        return self.static.launch(decodes, feed)
+
     @property
     def replays_graphs(self) -> bool:
         """True when decode steps replay CUDA graphs: their device work runs while the host

@@ -45,12 +45,15 @@ class OutputProcessor:
         """Whether `token`, just appended, ends the sequence (stop strings aside)."""
         if token in seq.eos_token_ids or token in seq.params.stop_token_ids:
             return FinishReason.STOP
-        if (
-            seq.num_output_tokens >= seq.params.max_new_tokens
-            or len(seq.token_ids) >= self.max_model_len
-        ):
-            return FinishReason.LENGTH
-        return None
+        return FinishReason.LENGTH if self.length_reached(seq) else None
+
+    def length_reached(self, seq: Sequence, more: int = 0) -> bool:
+        """Whether `seq`, `more` tokens longer, is as long as it may be (max_new_tokens, the
+        context)."""
+        return (
+            seq.num_output_tokens + more >= seq.params.max_new_tokens
+            or len(seq.token_ids) + more >= self.max_model_len
+        )
 
     def on_token(self, seq: Sequence, reason: FinishReason | None) -> tuple[RequestOutput, bool]:
         """The output for the token just appended to `seq` -> (it, whether `seq` is done). A

@@ -2,14 +2,20 @@
 
     step = StaticDecodeStep(model, kv_cache, block_size, scratch_block, slots, options)
     wait = step.launch(batch.decodes)              # a decode-only step, its device work queued
+    wait_next = step.launch(next_decodes, feed)    # the step after it, queued behind it
     sampled = wait()                               # -> one token per row
     sampled = step.sample(logits, sampling_seqs)   # any other step's logits, the same sampler
 
-A step writes its inputs into one pinned host buffer (step_buffers.py), copies it to the device
+A step writes its inputs into a pinned host buffer (step_buffers.py), copies it to the device
 once, runs the model and samples on the device without a host synchronization, and copies the
-sampled ids (and logprobs) back once. With graphs (cuda_graphs.py) the forward and the sampler
-are replayed per batch-size bucket, padded with a dummy sequence; without them the same code
-runs eagerly, unpadded, and on the CPU gives today's step bit for bit (same ops, same shapes).
+sampled ids (and logprobs) back once, to a pinned host buffer of its own. A step launched with
+`feed` is scheduled ahead: each of its sequences is one token past what the host knows of it,
+and its input token is the one the step launched just before sampled for it (row `feed[i]`),
+read on the device: the host need not wait for a step before queuing the next.
+
+With graphs (cuda_graphs.py) the forward and the sampler are replayed per batch-size bucket,
+padded with a dummy sequence; without them the same code runs eagerly, unpadded, and on the
+CPU gives today's step bit for bit (same ops, same shapes).
 """
 
 from __future__ import annotations
@@ -66,6 +72,15 @@ class StaticDecodeStep:
         # them and writes [token, logprob bits] per row.
         self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=dev)
         self.out = torch.zeros(2, rows, dtype=torch.int32, device=dev)
+        # the sampled ids of the step before, which a step scheduled ahead feeds (a capture
+        # before its upload may overwrite self.out)
+        self.fed = torch.zeros(rows, dtype=torch.int64, device=dev)
+        # each step's results, copied back from self.out in the host buffer's turn, and on a
+        # GPU the event that says they are there
+        pin = model.backend.captures_graphs
+        self.host_out = [torch.zeros(2, rows, dtype=torch.int32, pin_memory=pin)
+                         for _ in range(2)]  # fmt: skip
+        self.copied = [torch.cuda.Event() for _ in range(2)] if dev.type == "cuda" else None
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)  # penalty histories
         self.ctx_positions = torch.arange(options.max_blocks * block_size, device=dev)
         # Adapter deltas by per-token slot (graph-safe) rather than by host-built segments
@@ -76,9 +91,10 @@ class StaticDecodeStep:
 
     # --- host side: fill the buffers -------------------------------------------------------
 
-    def _fill_sampling(self, seqs: Seqs[Sequence]) -> tuple[bool, bool]:
-        """Rows 0..len(seqs)-1's sampling fields -> (any row draws, any row has a penalty).
-        A list per field, then one conversion: a step's host time, before the GPU can start."""
+    def _fill_sampling(self, seqs: Seqs[Sequence], ahead: int = 0) -> tuple[bool, bool]:
+        """Rows 0..len(seqs)-1's sampling fields, `ahead` tokens past the sequences' state ->
+        (any row draws, any row has a penalty). A list per field, then one conversion: a
+        step's host time, before the GPU can start."""
         n, k, engine_seed = self.buffers.np, len(seqs), self.options.engine_seed
         params = [seq.params for seq in seqs]
         temperature = [p.temperature for p in params]
@@ -89,14 +105,21 @@ class StaticDecodeStep:
         n["penalty"][:k] = penalty
         n["seed"][:k] = [request_seed(p.seed, engine_seed, seq.seq_id)
                          for p, seq in zip(params, seqs, strict=True)]  # fmt: skip
-        n["counter"][:k] = [len(seq.token_ids) for seq in seqs]
+        n["counter"][:k] = [len(seq.token_ids) + ahead for seq in seqs]
         return any(t > 0 for t in temperature), any(r != 1.0 for r in penalty)
 
-    def _fill_decode(self, decodes: Seqs[ScheduledSeq], width: int) -> None:
+    def _fill_decode(
+        self, decodes: Seqs[ScheduledSeq], width: int, feed: Seqs[int] | None
+    ) -> None:
+        """The rows' decode fields; `feed`: the step is scheduled ahead (launch())."""
         n, bs, k = self.buffers.np, self.block_size, len(decodes)
         seqs = [d.seq for d in decodes]
-        pos = [seq.num_computed_tokens for seq in seqs]
-        n["input_ids"][:k] = [seq.token_ids[p] for seq, p in zip(seqs, pos, strict=True)]
+        ahead = 0 if feed is None else 1
+        pos = [seq.num_computed_tokens + ahead for seq in seqs]
+        if feed is None:
+            n["input_ids"][:k] = [seq.token_ids[p] for seq, p in zip(seqs, pos, strict=True)]
+        else:  # on the device, after the upload
+            n["feed"][:k] = feed
         n["positions"][:k] = pos
         n["slot_mapping"][:k] = [seq.block_table[p // bs] * bs + p % bs
                                  for seq, p in zip(seqs, pos, strict=True)]  # fmt: skip
@@ -122,8 +145,17 @@ class StaticDecodeStep:
         self.seen[: len(seqs)].zero_()
         self.seen[index[0], index[1]] = True
 
-    def _results(self, seqs: Seqs[Sequence]) -> SampledTokens:
-        host = self.out[:, : len(seqs)].cpu()  # the step's one device->host copy
+    def _copy_out(self, turn: int) -> None:
+        """The step's one device->host copy (self.out is a few hundred bytes), queued."""
+        self.host_out[turn].copy_(self.out, non_blocking=self.host_out[turn].is_pinned())
+        if self.copied is not None:
+            self.copied[turn].record()
+
+    def _results(self, seqs: Seqs[Sequence], turn: int) -> SampledTokens:
+        """The tokens of the step that filled turn `turn`, once they are back."""
+        if self.copied is not None:
+            self.copied[turn].synchronize()
+        host = self.host_out[turn][:, : len(seqs)]
         logprobs = None
         if any(s.params.logprobs for s in seqs):
             logprobs = host[1].view(torch.float32).tolist()
@@ -185,14 +217,25 @@ class StaticDecodeStep:
     # --- a step --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def launch(self, decodes: Seqs[ScheduledSeq]) -> Callable[[], SampledTokens]:
+    def launch(
+        self, decodes: Seqs[ScheduledSeq], feed: Seqs[int] | None = None
+    ) -> Callable[[], SampledTokens]:
         """A decode-only step, one new token for each of `decodes` (1 <= len <= max_rows), up
-        to its device work queued -> the function that waits for its tokens (the step's one
-        device->host copy). Until it is called the host may do anything but fill another
-        step: the upload reads the page-locked buffers as the device gets to it."""
+        to its device work queued -> the function that waits for its tokens. The steps
+        launched are waited for in order, and at most two are in flight: a step's upload reads
+        the page-locked buffer it filled as the device gets to it.
+
+        `feed`: the step is scheduled ahead, behind the step launched just before (not yet
+        waited for): each sequence is one token past its state on the host (its KV block for
+        that position allocated), and row i's input token is the one that step sampled at its
+        row feed[i]."""
         seqs = [d.seq for d in decodes]
         n = len(seqs)
-        ctx = max(s.num_computed_tokens + 1 for s in seqs)
+        ahead = 0 if feed is None else 1
+        turn = self.buffers.next_turn()
+        if feed is not None:  # before a capture in prepare() can overwrite self.out
+            self.fed.copy_(self.out[0])
+        ctx = max(s.num_computed_tokens + 1 + ahead for s in seqs)
         graphs = self.graphs
         rows = None
         if graphs is not None and ctx <= self.options.graph_blocks * self.block_size:
@@ -201,15 +244,20 @@ class StaticDecodeStep:
         # a capture (rare) fills the buffers: first; False: this step runs eagerly
         if graphs is not None and rows is not None and not graphs.prepare(rows, adapters):
             rows = None
-        draws, penalty = self._fill_sampling(seqs)
+        draws, penalty = self._fill_sampling(seqs, ahead)
+        if penalty and feed is not None:
+            raise ValueError("a step with a repetition penalty cannot be scheduled ahead")
         if rows is None:  # eager: unpadded, the block tables as wide as this batch needs
             width = -(-ctx // self.block_size)
-            self._fill_decode(decodes, width)
+            self._fill_decode(decodes, width, feed)
         else:
             width = self.options.graph_blocks
-            self._fill_decode(decodes, width)
+            self._fill_decode(decodes, width, feed)
             self.buffers.pad(n, rows, width, self.scratch_slot, self.block_size)
         self.buffers.upload(rows or n, width)
+        if feed is not None:
+            d = self.buffers.dev
+            d["input_ids"][:n].copy_(self.fed.index_select(0, d["feed"][:n]))
         if penalty:
             self._load_histories(seqs)
         if graphs is None or rows is None:
@@ -217,16 +265,19 @@ class StaticDecodeStep:
             self.sample_rows(n, draws, penalty)
         else:
             graphs.replay(rows, adapters, full=draws or penalty)
-        return lambda: self._results(seqs)
+        self._copy_out(turn)
+        return lambda: self._results(seqs, turn)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: Seqs[Sequence]) -> SampledTokens:
         """The sampler over another step's logits ([len(seqs), vocab] fp32), eagerly."""
         n = len(seqs)
+        turn = self.buffers.next_turn()
         draws, penalty = self._fill_sampling(seqs)
         self.buffers.upload()
         if penalty:
             self._load_histories(seqs)
         self.logits[:n].copy_(logits)
         self.sample_rows(n, draws, penalty)
-        return self._results(seqs)
+        self._copy_out(turn)
+        return self._results(seqs, turn)

@@ -1,7 +1,10 @@
-"""Persistent input buffers of the static decode step: one pinned host buffer, one device buffer
-of the same layout, and one host->device copy per step: the per-row fields, then the block
-tables packed at the step's width, as far as the step fills them (a table as wide as the longest
-context, copied whole, would be megabytes a step at a 128K context).
+"""Persistent input buffers of the static decode step: two pinned host buffers used in turn, one
+device buffer of the same layout, and one host->device copy per step: the per-row fields, then
+the block tables packed at the step's width, as far as the step fills them (a table as wide as
+the longest context, copied whole, would be megabytes a step at a 128K context). Two host
+buffers, because a step may be filled while the one before it is still queued (a step scheduled
+ahead, Engine.step): its upload may not have read its buffer yet, but the step before that one
+has been waited for, and so has its upload.
 
 Every field is a fixed view of the device buffer, so a CUDA graph captured over a step reads the
 step's new inputs where it read them at capture. A step of `rows` rows uses the first `rows`
@@ -26,6 +29,7 @@ INT_FIELDS = (
     "top_k",  # 0 = off
     "seed",  # its sampling stream (device_sampler.uniform)
     "counter",  # index of the token it samples
+    "feed",  # a step scheduled ahead: the row of the step before whose sampled token it feeds
 )
 # float32 fields, [rows] each
 FLOAT_FIELDS = ("temperature", "top_p", "penalty")
@@ -41,11 +45,23 @@ class StepBuffers:
         # the fields' bytes, rounded up to 8 so that the int64 block tables after them align
         self.fields_bytes = -(-(8 * len(INT_FIELDS) * rows + 4 * n_float) // 8) * 8
         nbytes = self.fields_bytes + 8 * rows * max_blocks
-        self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.hosts = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        self._host = self._views(self.host)
-        self.np = {k: v.numpy() for k, v in self._host.items()}  # the host views, to fill
+        self._np = [{k: v.numpy() for k, v in self._views(h).items()} for h in self.hosts]
+        self.turn = 0  # the host buffer this step fills
+        self.np = self._np[0]  # its views, to fill
         self.dev = self._views(self.device)  # the device views the step reads
+
+    @property
+    def host(self) -> torch.Tensor:
+        return self.hosts[self.turn]
+
+    def next_turn(self) -> int:
+        """The other host buffer, for a new step to fill -> its index (a step's results use it
+        too: StaticDecodeStep.host_out)."""
+        self.turn ^= 1
+        self.np = self._np[self.turn]
+        return self.turn
 
     def _views(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
         r, n_int = self.rows, len(INT_FIELDS) * self.rows

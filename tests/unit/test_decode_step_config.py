@@ -26,12 +26,14 @@ def test_serve_flags_reach_the_engine_config():
     assert serve_config.build({}).engine.cuda_graphs is True
 
 
-def test_the_overlap_of_outputs_can_be_turned_off():
-    args = build_parser().parse_args(["serve", "--no-overlap-outputs"])
-    engine = serve_config.build({"overlap_outputs": args.overlap_outputs}).engine
-    assert engine.overlap_outputs is False
-    default = build_parser().parse_args(["serve"]).overlap_outputs
-    assert serve_config.build({"overlap_outputs": default}).engine.overlap_outputs is True
+@pytest.mark.parametrize(("flag", "field"), [("--no-overlap-outputs", "overlap_outputs"),
+                                             ("--no-schedule-ahead", "schedule_ahead")])
+def test_the_overlaps_can_be_turned_off(flag, field):
+    args = build_parser().parse_args(["serve", flag])
+    engine = serve_config.build({field: getattr(args, field)}).engine
+    assert getattr(engine, field) is False
+    default = getattr(build_parser().parse_args(["serve"]), field)
+    assert getattr(serve_config.build({field: default}).engine, field) is True
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -105,12 +105,14 @@ def test_the_machine_and_start_up_times(tmp_path):
             "written and registered missing") in text  # fmt: skip
 
 
-def test_the_overlap_of_outputs_is_set_against_the_step_without_it(tmp_path):
+def test_the_overlaps_are_set_against_the_step_without_them(tmp_path):
     data = engine_json(1.2, 3.5, 0.95, 0.65)
-    data["decode_floor"]["1"] |= {"decode_step_ms": 4.61, "no_overlap_decode_step_ms": 4.73}
+    data["decode_floor"]["1"] |= {"decode_step_ms": 4.21, "no_ahead_decode_step_ms": 4.61,
+                                  "no_overlap_decode_step_ms": 4.73}  # fmt: skip
     data["decode_floor"]["32"] |= {"decode_step_ms": 5.02}  # the run without graphs: no pair
     write(tmp_path, "gpu_engine_8b.json", data)
     text, _ = gpu_report.report(tmp_path)
-    line = row("- Llama-3.1-8B, decode step ms, outputs overlapped / not:", text)
-    assert "batch 1: 4.61 / 4.73;" in line and "batch 32: 5.02 / missing" in line
-    assert row("- SmolLM2, decode step ms", text).endswith("not: missing")
+    line = row("- Llama-3.1-8B, decode step ms, as served / not scheduled ahead / neither", text)
+    assert "batch 1: 4.21 / 4.61 / 4.73;" in line
+    assert "batch 32: 5.02 / missing / missing" in line
+    assert row("- SmolLM2, decode step ms", text).endswith("overlapped: missing")

@@ -1,0 +1,165 @@
+"""Decode steps scheduled ahead (Engine.step, config.schedule_ahead): where decode steps replay
+CUDA graphs, the next decode step is queued before this one's tokens are back, its input ids
+read on the device. Here the static decode step in its captured form (tests/eager_graphs.py)
+stands in for the graphs, and runs in the calling thread: the step ahead computes at once what
+the GPU would compute later, so every output must equal the outputs with each step scheduled
+after the last one's tokens: the rows of sequences that ended meanwhile dropped, the length
+limits and the KV blocks as the scheduler would have them, an abort honoured."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from peftserve.engine.engine import Engine
+from peftserve.engine.request import Request, RequestOutput
+from peftserve.engine.sampling_params import SamplingParams
+from tests import adapters as A
+from tests.integration.test_overlap_outputs import content, engine_for, mixed_requests, run
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory):
+    return A.every_kind(tiny_llama_dir, tmp_path_factory.mktemp("ahead"),
+                        ("lora", "bottleneck", "prefix"))  # fmt: skip
+
+
+def counting(engine: Engine) -> dict[str, int]:
+    """Counts, as the engine runs: steps launched ahead, their rows, and the rows dropped
+    because their sequence ended before the step was taken."""
+    counts = {"launched": 0, "rows": 0, "dropped": 0}
+    launch_ahead, take = engine.runner.launch_ahead, engine._take_ahead
+
+    def launching(decodes, feed):
+        counts["launched"] += 1
+        counts["rows"] += len(decodes)
+        return launch_ahead(decodes, feed)
+
+    def taking():
+        ahead = engine._ahead
+        taken = take()
+        if ahead is not None:
+            counts["dropped"] += len(ahead[0].decodes) - (0 if taken is None else len(taken[0]))
+        return taken
+
+    engine.runner.launch_ahead, engine._take_ahead = launching, taking
+    return counts
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_steps_scheduled_ahead_give_the_same_outputs(tiny_llama_dir, adapter_dirs, overlap):
+    """Every ending (length, EOS, stop string, stop token), greedy and seeded draws, logprobs,
+    three adapter kinds and none, late arrivals."""
+    reqs = [replace(r, params=replace(r.params, max_new_tokens=3 * r.params.max_new_tokens))
+            for r in mixed_requests()]  # fmt: skip
+    ref = engine_for(tiny_llama_dir, adapter_dirs, overlap, schedule_ahead=False)
+    # one more stops on a token it samples late, once every request has arrived
+    free = [t for o in run(ref, reqs)["6"] for t in o.token_ids]
+    reqs[6] = replace(reqs[6], params=replace(reqs[6].params, stop_token_ids=(free[6],)))
+    plain = run(ref, reqs)
+    engine = engine_for(tiny_llama_dir, adapter_dirs, overlap)
+    counts = counting(engine)
+    ahead = run(engine, reqs)
+    assert content(ahead) == content(plain)
+    # most tokens came from steps ahead, and rows ended under a step ahead
+    tokens = sum(len(o.token_ids) for outs in ahead.values() for o in outs)
+    assert counts["rows"] - counts["dropped"] > tokens // 2, (counts, tokens)
+    assert counts["dropped"] > 0, counts
+
+
+def greedy(max_new_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **kw)
+
+
+def outputs_of(engine: Engine, rid: str, outs: list[RequestOutput]) -> list[int]:
+    mine = [o for o in outs if o.request_id == rid]
+    assert mine[-1].finished and not any(o.finished for o in mine[:-1]), rid
+    return [t for o in mine for t in o.token_ids]
+
+
+def test_an_abort_while_its_step_runs_ahead(tiny_llama_dir, adapter_dirs):
+    prompt = "the quick brown fox"
+    engine = engine_for(tiny_llama_dir, adapter_dirs, overlap=True)
+    seqs = {rid: engine.add_request(Request(rid, prompt=prompt, params=greedy(12)))
+            for rid in ("a", "b")}  # fmt: skip
+    got: list[RequestOutput] = []
+    while engine._ahead is None:
+        got += engine.step(emit=got.extend)
+    assert any(d.seq is seqs["a"] for d in engine._ahead[0].decodes)
+    final = engine.abort("a")
+    assert final is not None and final.finished
+    new = engine.add_request(Request("a", prompt="low rank", params=greedy(2)))
+    after: list[RequestOutput] = []
+    while engine.has_unfinished():
+        after += engine.step(emit=after.extend)
+    ref = engine_for(tiny_llama_dir, adapter_dirs, overlap=True, schedule_ahead=False)
+    want = ref.generate([Request("b", prompt=prompt, params=greedy(12)),
+                         Request("a", prompt="low rank", params=greedy(2))])  # fmt: skip
+    b_tokens = outputs_of(engine, "b", got + after)
+    assert b_tokens == seqs["b"].output_token_ids == outputs_of(ref, "b", want["b"])
+    assert outputs_of(engine, "a", after) == new.output_token_ids
+    assert new.output_token_ids == outputs_of(ref, "a", want["a"])
+    assert engine.block_manager.num_used == 0 and engine._ahead is None
+
+
+def test_a_step_ahead_whose_every_row_ended_is_dropped(tiny_llama_dir, adapter_dirs):
+    """The only request stops on a token while the step after it is queued: that step's tokens
+    are dropped, and the next request is served as on a fresh engine."""
+    prompt, later = "the quick brown fox", Request("c", prompt="low rank", params=greedy(5))
+    ref = engine_for(tiny_llama_dir, adapter_dirs, overlap=False, schedule_ahead=False)
+    drawn = greedy(8, temperature=1.0, seed=3)  # (greedy, the tiny model repeats one token)
+    free_run = outputs_of(ref, "x", ref.generate([Request("x", prompt=prompt, params=drawn)])["x"])
+    stop = free_run[4]
+    assert free_run.index(stop) >= 3  # the first two decode steps: a plain one, one ahead
+    stopping = Request("s", prompt=prompt, params=replace(drawn, stop_token_ids=(stop,)))
+    want = ref.generate([stopping])["s"]
+    want_later = ref.generate([later])["c"]
+    engine = engine_for(tiny_llama_dir, adapter_dirs, overlap=True)
+    counts = counting(engine)
+    got = engine.generate([stopping])["s"]
+    assert engine._ahead is not None and not engine.has_unfinished()  # queued, all ended
+    assert content({"s": got}) == content({"s": want})
+    assert content({"c": engine.generate([later])["c"]}) == content({"c": want_later})
+    assert counts["dropped"] >= 1 and engine.block_manager.num_used == 0
+
+
+@pytest.mark.parametrize("case", ["penalty", "waiting", "blocks"])
+def test_no_step_goes_ahead_when_the_scheduler_must_decide(tiny_llama_dir, adapter_dirs, case):
+    """A repetition penalty (its history needs the newest token on the host), a request that
+    waits and could be admitted, too few free KV blocks (the scheduler preempts): the next
+    step is scheduled after this one's tokens, with the same outputs as without."""
+    kw: dict = {}
+    reqs = [Request(f"r{i}", prompt=" ".join(["the quick brown fox"] * (1 + i)),
+                    params=greedy(10)) for i in range(3)]  # fmt: skip
+    if case == "penalty":
+        reqs[1] = replace(reqs[1], params=greedy(4, repetition_penalty=1.3))
+    if case == "waiting":
+        kw = {"max_num_batched_tokens": 12}  # one prompt a step: one waits while two decode
+    if case == "blocks":
+        kw = {"num_kv_blocks": 12}  # the three outgrow the cache: preemptions
+    plain_engine = engine_for(tiny_llama_dir, {}, overlap=True, schedule_ahead=False, **kw)
+    plain = plain_engine.generate(reqs)
+    engine = engine_for(tiny_llama_dir, {}, overlap=True, **kw)
+    counts = counting(engine)
+    launched_while: list[tuple[int, bool]] = []  # (requests waiting, a penalized row)
+    launch_ahead, preempt = engine.runner.launch_ahead, engine.scheduler._preempt
+    preempted: list[str] = []
+
+    def watching(decodes, feed):
+        penalized = any(d.seq.params.repetition_penalty != 1.0 for d in decodes)
+        launched_while.append((len(engine.scheduler.waiting), penalized))
+        return launch_ahead(decodes, feed)
+
+    def preempting(seq):
+        preempted.append(seq.request_id)
+        preempt(seq)
+
+    engine.runner.launch_ahead, engine.scheduler._preempt = watching, preempting
+    got = engine.generate(reqs)
+    assert content(got) == content(plain)
+    assert counts["launched"] > 0  # once the scheduler's decision is known again
+    assert not any(penalized for _, penalized in launched_while)
+    assert all(waiting == 0 for waiting, _ in launched_while)
+    if case == "blocks":
+        assert preempted and engine.block_manager.num_used == 0

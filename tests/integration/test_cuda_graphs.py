@@ -5,6 +5,8 @@ Run by bench/gpu.sh; on the CPU the same step runs eagerly in test_static_step.p
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -91,6 +93,30 @@ def test_graph_replay_gives_the_eager_tokens(tiny_llama_dir, adapter_dirs):
             assert pointers.setdefault(key, ptrs) == ptrs, key
     assert step.graphs.replays > 0
     assert graphs.adapters.evictions > 0
+
+
+def test_steps_scheduled_ahead_give_the_tokens_of_steps_scheduled_after(
+    tiny_llama_dir, adapter_dirs
+):  # fmt: skip
+    """On the GPU a step scheduled ahead (EngineConfig.schedule_ahead) runs while the host
+    takes the tokens of the step before it: the same tokens as with each step scheduled after
+    them, with sequences that end by length (left out of it) and on a stop token (their rows
+    dropped). On the CPU: tests/integration/test_schedule_ahead.py."""
+    from tests.integration.test_schedule_ahead import counting
+
+    ahead = engine_for(tiny_llama_dir, adapter_dirs)
+    after = engine_for(tiny_llama_dir, adapter_dirs, schedule_ahead=False)
+    counts = counting(ahead)
+    for reqs in waves():
+        free = run(after, reqs)
+        stopping = [replace(r, request_id=f"{r.request_id}-s", params=replace(
+            r.params, stop_token_ids=(free[r.request_id][0][2],))) for r in reqs]  # fmt: skip
+        for wave in (reqs, stopping):
+            want, got = run(after, wave), run(ahead, wave)
+            for rid in want:
+                assert got[rid][0] == want[rid][0], rid
+                assert got[rid][1] == pytest.approx(want[rid][1], abs=1e-4)
+    assert counts["launched"] > 0 and counts["dropped"] > 0, counts
 
 
 def wide_case(work, device: str) -> tuple[Engine, Engine, list[Request]]:

@@ -296,7 +296,8 @@ def profile_decode(engine: Engine, reqs: list[Request], batch: int, steps: int =
     launches, every kernel's, and the device's busy time (the union of the kernels'
     intervals; the rest of a step is the host's part and the gaps between launches). The
     step's two copies (the upload, the sampled ids back) are device activities too and count
-    among the kernels, under their memcpy names. The
+    among the kernels, under their memcpy names, and so do a step scheduled ahead's three
+    small kernels outside its graph (the sampled ids kept, gathered into its input ids). The
     profiler slows the host, so the profiled wall time is not the step's. On the CPU (a dry
     run) the top-level CPU ops stand in for kernels."""
     from torch.autograd import DeviceType

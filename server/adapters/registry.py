@@ -197,6 +197,12 @@ class AdapterRegistry:
         self._touch_host(entry)
         return True
 
+    @staticmethod
+    def load_in_flight(entry: AdapterEntry) -> bool:
+        """True while the adapter's weights are on their way to host memory (ensure_host
+        started a load that has not ended): a request for it cannot be admitted yet."""
+        return entry.loaded is None and entry.loading is not None and not entry.loading.done()
+
     def _touch_host(self, entry: AdapterEntry) -> None:
         self._host_lru[entry] = None
         self._host_lru.move_to_end(entry)

@@ -237,18 +237,21 @@ class Engine:
     ) -> tuple[ScheduledBatch, Callable[[], SampledTokens]] | None:
         """Queues the next decode step behind `batch` (just launched; `rows`: each decode's
         row in it) before its tokens are back, when the scheduler's next step is known without
-        them: every running sequence decodes in `batch`, none waits that could be admitted,
-        no repetition penalty needs the newest token on the host, and each sequence's next KV
-        slot is free to take. A sequence that reaches its length in `batch` is left out; one
-        that stops on a token or a string there is known only after, and its row of the step
-        ahead is dropped (_take_ahead). -> the step's batch and its wait; None: the next
-        step is scheduled after this one's tokens, as without."""
+        them: every running sequence decodes in `batch`, no waiting request could be admitted
+        (there is no room, or its adapter is still loading), no repetition penalty needs the
+        newest token on the host, and each sequence's next KV slot is free to take. A
+        sequence that reaches its length in `batch` is left out; one that stops on a token or
+        a string there is known only after, and its row of the step ahead is dropped
+        (_take_ahead). -> the step's batch and its wait; None: the next step is scheduled
+        after this one's tokens, as without."""
         if not (self.config.schedule_ahead and self.runner.replays_graphs):
             return None
         sched = self.scheduler
         if batch.prefills or len(batch.decodes) != len(sched.running):
             return None  # a prefill, or a sequence left out for the token budget
-        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+        if len(sched.running) < sched.max_num_seqs and any(
+            s.adapter is None or not self.registry.load_in_flight(s.adapter) for s in sched.waiting
+        ):
             return None
         decodes: list[ScheduledSeq] = []
         feed: list[int] = []

@@ -8,6 +8,7 @@ limits and the KV blocks as the scheduler would have them, an abort honoured."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
@@ -163,3 +164,44 @@ def test_no_step_goes_ahead_when_the_scheduler_must_decide(tiny_llama_dir, adapt
     assert all(waiting == 0 for waiting, _ in launched_while)
     if case == "blocks":
         assert preempted and engine.block_manager.num_used == 0
+
+
+def test_steps_go_ahead_while_a_waiting_request_s_adapter_loads(tiny_llama_dir, adapter_dirs):
+    """A request that waits for its adapter to come back from disk could not be admitted
+    anyway: the running ones go on ahead meanwhile, and it is admitted once the load ends."""
+    engine = engine_for(tiny_llama_dir, adapter_dirs, overlap=True, max_cpu_adapters=1)
+    cold = next(e.name for e in engine.registry.entries() if e.loaded is None)
+    release, load = threading.Event(), engine.registry.load_from_disk
+
+    def held_load(*args):
+        release.wait(60)
+        return load(*args)
+
+    engine.registry.load_from_disk = held_load
+    counts = counting(engine)
+    reqs = [Request(rid, prompt="the quick brown fox", params=greedy(24)) for rid in "ab"]
+    late = Request("c", prompt="low rank", adapter=cold, params=greedy(4))
+    got: dict[str, list[RequestOutput]] = {r: [] for r in "abc"}
+
+    def step() -> None:
+        for out in engine.step():
+            got[out.request_id].append(out)
+
+    for r in reqs:
+        engine.add_request(r)
+    while counts["launched"] == 0:
+        step()
+    engine.add_request(late)
+    for _ in range(3):  # admission starts the load, then the steps go ahead again
+        step()
+    launched = counts["launched"]
+    for _ in range(4):
+        step()
+    assert counts["launched"] == launched + 4 and engine.scheduler.waiting  # ahead, c waits
+    release.set()
+    while engine.has_unfinished():
+        step()
+    ref = engine_for(tiny_llama_dir, adapter_dirs, overlap=True, schedule_ahead=False)
+    want = ref.generate([*reqs, late])
+    for rid in "abc":
+        assert outputs_of(engine, rid, got[rid]) == outputs_of(ref, rid, want[rid]), rid

@@ -83,6 +83,7 @@ class Engine:
         # the decode step queued on the device behind the last one (schedule ahead): its batch
         # and the wait for its tokens
         self._ahead: tuple[ScheduledBatch, Callable[[], SampledTokens]] | None = None
+        self.ahead_failed = False  # a step ahead failed to launch: no more are tried
 
     @classmethod
     def from_config(cls, config: EngineConfig, backend: Backend | None = None) -> Engine:
@@ -244,7 +245,7 @@ class Engine:
         a string there is known only after, and its row of the step ahead is dropped
         (_take_ahead). -> the step's batch and its wait; None: the next step is scheduled
         after this one's tokens, as without."""
-        if not (self.config.schedule_ahead and self.runner.replays_graphs):
+        if not (self.config.schedule_ahead and self.runner.replays_graphs) or self.ahead_failed:
             return None
         sched = self.scheduler
         if batch.prefills or len(batch.decodes) != len(sched.running):
@@ -268,7 +269,14 @@ class Engine:
             return None  # (the scheduler preempts)
         for d in decodes:
             blocks.allocate(d.seq, d.seq.num_computed_tokens + 2)
-        wait = self.runner.launch_ahead(decodes, feed)
+        try:
+            wait = self.runner.launch_ahead(decodes, feed)
+        except Exception as e:  # a bug on some device: serve on, each step after the last
+            log.warning("a decode step scheduled ahead failed to launch; steps are scheduled "
+                        "after the last one's tokens from now on: %s: %s",
+                        type(e).__name__, e)  # fmt: skip
+            self.ahead_failed = True
+            return None  # (the blocks it took are the ones the next step takes)
         return ScheduledBatch(decodes, [], [], []), wait
 
     def _schedule(self) -> ScheduledBatch:

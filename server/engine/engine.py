@@ -264,11 +264,12 @@ class Engine:
                 decodes.append(ScheduledSeq(seq, 1))
                 feed.append(row)
         blocks = self.block_manager
-        need = sum(blocks.blocks_needed(d.seq, d.seq.num_computed_tokens + 2) for d in decodes)
-        if not decodes or not blocks.can_allocate(need):
+        need = [blocks.blocks_needed(d.seq, d.seq.num_computed_tokens + 2) for d in decodes]
+        if not decodes or not blocks.can_allocate(sum(need)):
             return None  # (the scheduler preempts)
-        for d in decodes:
-            blocks.allocate(d.seq, d.seq.num_computed_tokens + 2)
+        for d, n in zip(decodes, need, strict=True):
+            if n:  # (most steps: none)
+                blocks.allocate(d.seq, d.seq.num_computed_tokens + 2)
         try:
             wait = self.runner.launch_ahead(decodes, feed)
         except Exception as e:  # a bug on some device: serve on, each step after the last

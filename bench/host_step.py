@@ -18,7 +18,8 @@ size; --profile prints cProfile's top functions at the largest batch.
         # -> bench/results/host_step_ahead_cpu.json
 
 --device-ms: the stand-in's replay takes that long, as a device would: replays queue one
-after another, and the wait for a step's sampled ids sleeps until its replay ends. Each batch
+after another, and the wait for a step's sampled ids spins until its replay ends (as the wait
+for a CUDA event does; a sleep's wake-up added up to a millisecond a step here). Each batch
 runs as served where graphs replay (the next step scheduled ahead, EngineConfig.schedule_ahead,
 and the outputs made while it runs, overlap_outputs), with only the outputs overlapped, and
 with neither, alternated `--rounds` times: the step's time is then the device's plus whatever
@@ -51,7 +52,7 @@ from tests.tiny import make_model_dir
 class NullGraphs:
     """DecodeGraphs' interface: every batch size is a bucket, a replay samples token 7 and
     takes `device_s` of a stand-in device: replays queue on it one after another, and the
-    wait for a step's ids ends no sooner than its replay does."""
+    wait for a step's ids spins until its replay ends."""
 
     def __init__(self, step, device_s: float = 0.0) -> None:
         self.step, self.replays, self.device_s = step, 0, device_s
@@ -62,7 +63,9 @@ class NullGraphs:
 
             def waiting(seqs, turn):
                 if self.done:  # (a step that only samples replays nothing)
-                    time.sleep(max(0.0, self.done.popleft() - time.perf_counter()))
+                    end = self.done.popleft()
+                    while time.perf_counter() < end:  # spins, as a wait on a CUDA event does
+                        pass
                 return results(seqs, turn)
 
             step._results = waiting
@@ -191,7 +194,7 @@ def device_rows(model_dir: Path, lora: Path | None, args: argparse.Namespace) ->
                   flush=True)  # fmt: skip
     write(args, rows, "host_step_ahead_cpu.json",
           device="a stand-in: replays queue one after another, each takes device_ms, the "
-                 "wait for a step's ids sleeps until its replay ends; a model of a device, "
+                 "wait for a step's ids spins until its replay ends; a model of a device, "
                  "not a GPU")  # fmt: skip
 
 

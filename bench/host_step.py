@@ -19,7 +19,7 @@ size; --profile prints cProfile's top functions at the largest batch.
 
 --device-ms: the stand-in's replay takes that long, as a device would: replays queue one
 after another, and the wait for a step's sampled ids spins until its replay ends (as the wait
-for a CUDA event does; a sleep's wake-up added up to a millisecond a step here). Each batch
+for a CUDA event does; a sleep's wake-up added up to 0.6 ms a step here). Each batch
 runs as served where graphs replay (the next step scheduled ahead, EngineConfig.schedule_ahead,
 and the outputs made while it runs, overlap_outputs), with only the outputs overlapped, and
 with neither, alternated `--rounds` times: the step's time is then the device's plus whatever

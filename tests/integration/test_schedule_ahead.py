@@ -23,7 +23,7 @@ from tests.integration.test_overlap_outputs import content, engine_for, mixed_re
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_llama_dir, tmp_path_factory):
     return A.every_kind(tiny_llama_dir, tmp_path_factory.mktemp("ahead"),
-                        ("lora", "bottleneck", "prefix"))  # fmt: skip
+                        ("lora", "bottleneck", "prefix", "prompt"))  # fmt: skip
 
 
 def counting(engine: Engine) -> dict[str, int]:
@@ -52,9 +52,13 @@ def counting(engine: Engine) -> dict[str, int]:
 @pytest.mark.parametrize("overlap", [True, False])
 def test_steps_scheduled_ahead_give_the_same_outputs(tiny_llama_dir, adapter_dirs, overlap):
     """Every ending (length, EOS, stop string, stop token), greedy and seeded draws, logprobs,
-    three adapter kinds and none, late arrivals."""
+    four adapter kinds (prompt tuning's virtual tokens shift its positions) and none, late
+    arrivals."""
     reqs = [replace(r, params=replace(r.params, max_new_tokens=3 * r.params.max_new_tokens))
             for r in mixed_requests()]  # fmt: skip
+    reqs.append(Request("virtual", prompt="low rank adapters", adapter="prompt",
+                        params=SamplingParams(max_new_tokens=14, ignore_eos=True, logprobs=True,
+                                              temperature=0.7, seed=9)))  # fmt: skip
     ref = engine_for(tiny_llama_dir, adapter_dirs, overlap, schedule_ahead=False)
     # one more stops on a token it samples late, once every request has arrived
     free = [t for o in run(ref, reqs)["6"] for t in o.token_ids]

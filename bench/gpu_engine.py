@@ -39,6 +39,7 @@ import argparse
 import json
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -175,6 +176,19 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
+    def section(name: str, body: Callable[[], None]) -> None:
+        """Runs a section; one that raises is recorded under "errors" (its traceback in the
+        log) and the next runs on an engine cleared of its requests: one GPU run measures
+        what it can."""
+        try:
+            body()
+        except Exception as e:
+            traceback.print_exc()
+            out.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:500]
+            for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:
+                engine.abort(seq.request_id)
+        save()
+
     t0 = time.perf_counter()
     engine = Engine.from_config(
         EngineConfig(
@@ -203,40 +217,49 @@ def main() -> None:
 
     # --- throughput vs transformers ------------------------------------------------------------
     if "throughput" in sections:
-        throughput(engine, hf, pad, base, prompts, lengths, out)
-        save()
+        section("throughput", lambda: throughput(engine, hf, pad, base, prompts, lengths, out))
 
     # --- decode step vs the matmul floor -------------------------------------------------------
     if "floor" in sections:
-        out["decode_floor"] = decode_floor(engine, base)
-        save()
+        section("floor", lambda: out.__setitem__("decode_floor", decode_floor(engine, base)))
 
     # --- many adapters in one batch ------------------------------------------------------------
     adapters_dir = tempfile.TemporaryDirectory()  # kept for the profile section
+    adapter_names: dict[str, list] = {}
     if "adapters" in sections or "peft" in sections:
         configs = ["base", *[c for c in args.configs.split(",") if c != "base"]]
         if "peft" in sections and "lora-qv" not in configs:
             configs.append("lora-qv")
-        adapter_names = many_adapters(engine, hf, pad, work, prompts, lengths, configs,
-                                      "peft" in sections, out, Path(adapters_dir.name))
-        save()
+        section("adapters", lambda: adapter_names.update(many_adapters(
+            engine, hf, pad, work, prompts, lengths, configs, "peft" in sections, out,
+            Path(adapters_dir.name))))  # fmt: skip
+
     # --- cold register -> first token ----------------------------------------------------------
-    if "cold" in sections:
+    def cold() -> None:
         with tempfile.TemporaryDirectory() as root:
             first_token(engine, prompts[0], None, "cold-warm-up")
             out["cold_register_to_first_token_ms"] = cold_start(engine, Path(root), prompts[0])
         print("cold", json.dumps(out["cold_register_to_first_token_ms"]))
-    save()
+
+    if "cold" in sections:
+        section("cold", cold)
+
     # --- where the device time of a decode step goes (last: the profiler's risks its own) -------
-    if "profile" in sections:
+    def profiles() -> None:
         out["profile"] = {str(b): profile_decode(engine, base, b) for b in (1, 32)}
         save()
-        for name in out.get("adapters", {}):
+        for name in adapter_names:
             reqs = make_requests(work, prompts, lengths, adapter_names[name])
             out["adapters"][name]["profile"] = profile_decode(engine, reqs, 32)
             save()
+
+    if "profile" in sections:
+        section("profile", profiles)
     adapters_dir.cleanup()
     print(f"wrote {args.out}")
+    if out.get("errors"):
+        print("sections that failed:", json.dumps(out["errors"], indent=1), flush=True)
+        raise SystemExit(1)
 
 
 def throughput(engine, hf, pad, base, prompts, lengths, out) -> None:

@@ -152,6 +152,8 @@ def run_lines(out: Path) -> list[str]:
             ("adapters written and registered", "adapters_written_and_registered_s"))}
         parts = [f"{what} {_fmt(v)}{'' if v is None else ' s'}" for what, v in seconds.items()]
         lines.append(f"- {shape}: {', '.join(parts)}")
+        for section, error in ((data or {}).get("errors") or {}).items():
+            lines.append(f"- {shape}: section {section} failed: {error}")
     return lines
 
 

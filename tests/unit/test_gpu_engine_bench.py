@@ -56,3 +56,31 @@ def test_dry_run_writes_every_goal(tmp_path):
         assert sum(k["share"] for k in prof["top"]) <= 1 + 1e-9
     text, _ = gpu_report.report(tmp_path)  # the report's profile lines read these
     assert "SmolLM2, lora-heavy, batch 32:" in text and "SmolLM2, base, batch 1:" in text
+
+
+def test_a_failing_section_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    """One GPU run measures what it can: a section that raises (here the floor, with requests
+    in flight) is named under "errors", the engine is cleared of its requests, the next
+    section runs, and the script exits 1."""
+    from bench import gpu_engine
+    from bench.common import start_decoding
+
+    def broken(engine, base):
+        start_decoding(engine, base[:3])
+        raise RuntimeError("the floor broke")
+
+    monkeypatch.setattr(gpu_engine, "decode_floor", broken)
+    monkeypatch.setattr(gpu_engine, "DEV", gpu_engine.DEV)  # main() sets both: put back after
+    monkeypatch.setattr(gpu_engine, "REPEAT", gpu_engine.REPEAT)
+    out = tmp_path / "gpu_engine.json"
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_engine", "--device", "cpu", "--shape", "tiny", "--model-dir",
+        str(resolve_model_dir("default")), "--weights-dir", str(tmp_path / "w"),
+        "--sections", "floor,cold", "--repeat", "1", "--out", str(out)])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        gpu_engine.main()
+    assert exit_.value.code == 1
+    result = json.loads(out.read_text())
+    assert result["errors"] == {"floor": "RuntimeError: the floor broke"}
+    assert "decode_floor" not in result
+    assert result["cold_register_to_first_token_ms"]["p50"] > 0

@@ -105,6 +105,14 @@ def test_the_machine_and_start_up_times(tmp_path):
             "written and registered missing") in text  # fmt: skip
 
 
+def test_a_failed_section_is_named(tmp_path):
+    data = engine_json(1.2, 3.5, 0.95, 0.65) | {"errors": {"floor": "RuntimeError: broke"}}
+    write(tmp_path, "gpu_engine_8b.json", data)
+    text, _ = gpu_report.report(tmp_path)
+    assert "- Llama-3.1-8B: section floor failed: RuntimeError: broke" in text
+    assert "SmolLM2: section" not in text
+
+
 def test_the_overlaps_are_set_against_the_step_without_them(tmp_path):
     data = engine_json(1.2, 3.5, 0.95, 0.65)
     data["decode_floor"]["1"] |= {"decode_step_ms": 4.21, "no_ahead_decode_step_ms": 4.61,

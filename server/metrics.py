@@ -170,6 +170,13 @@ class EngineCollector(Collector):
                        "Requests whose adapter had to be loaded.", s.cache_misses)
         yield _counter("peftserve_adapter_cache_evictions", "Adapters evicted from a tier.",
                        s.cache_evictions)
+        yield _counter("peftserve_engine_steps", "Engine steps run.", s.steps)
+        yield _counter("peftserve_engine_steps_ahead",
+                       "Decode steps queued on the device before the last step's tokens were "
+                       "back (where CUDA graphs replay).", s.steps_ahead)
+        yield _counter("peftserve_engine_ahead_rows_dropped",
+                       "Rows of steps queued ahead whose sequence had ended meanwhile.",
+                       s.ahead_rows_dropped)
         resident = GaugeMetricFamily("peftserve_adapters_resident",
                                      "Registered adapters by where their weights are.",
                                      labels=("tier",))

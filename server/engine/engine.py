@@ -84,6 +84,8 @@ class Engine:
         # and the wait for its tokens
         self._ahead: tuple[ScheduledBatch, Callable[[], SampledTokens]] | None = None
         self.ahead_failed = False  # a step ahead failed to launch: no more are tried
+        self.steps_ahead = 0
+        self.ahead_rows_dropped = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig, backend: Backend | None = None) -> Engine:
@@ -220,6 +222,7 @@ class Engine:
             return None
         batch, wait = ahead
         rows = [i for i, item in enumerate(batch.decodes) if item.seq.status is SeqStatus.RUNNING]
+        self.ahead_rows_dropped += len(batch.decodes) - len(rows)
         if not rows:
             wait()
             return None
@@ -278,6 +281,7 @@ class Engine:
                         type(e).__name__, e)  # fmt: skip
             self.ahead_failed = True
             return None  # (the blocks it took are the ones the next step takes)
+        self.steps_ahead += 1
         return ScheduledBatch(decodes, [], [], []), wait
 
     def _schedule(self) -> ScheduledBatch:
@@ -378,6 +382,9 @@ class Engine:
             cache_hits=mgr.hits,
             cache_misses=mgr.misses,
             cache_evictions=mgr.evictions + reg.host_evictions,
+            steps=self.steps,
+            steps_ahead=self.steps_ahead,
+            ahead_rows_dropped=self.ahead_rows_dropped,
         )
 
     def info(self) -> EngineInfo:

@@ -22,6 +22,9 @@ class EngineStats:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_evictions: int = 0
+    steps: int = 0  # steps run
+    steps_ahead: int = 0  # of them, decode steps queued before the last one's tokens were back
+    ahead_rows_dropped: int = 0  # rows of those whose sequence had ended meanwhile
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ def test_steps_scheduled_ahead_give_the_same_outputs(tiny_llama_dir, adapter_dir
     tokens = sum(len(o.token_ids) for outs in ahead.values() for o in outs)
     assert counts["rows"] - counts["dropped"] > tokens // 2, (counts, tokens)
     assert counts["dropped"] > 0, counts
+    stats = engine.stats()  # what the metrics report (peftserve_engine_steps_ahead, ...)
+    assert (stats.steps_ahead, stats.ahead_rows_dropped) == (counts["launched"], counts["dropped"])
+    assert stats.steps > stats.steps_ahead
 
 
 def greedy(max_new_tokens: int, **kw) -> SamplingParams:

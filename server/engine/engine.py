@@ -242,8 +242,8 @@ class Engine:
         """Queues the next decode step behind `batch` (just launched; `rows`: each decode's
         row in it) before its tokens are back, when the scheduler's next step is known without
         them: every running sequence decodes in `batch`, no waiting request could be admitted
-        (there is no room, or its adapter is still loading), no repetition penalty needs the
-        newest token on the host, and each sequence's next KV slot is free to take. A
+        (there is no room, or its adapter is still loading), and each sequence's next KV slot
+        is free to take (a repetition penalty reads the newest token on the device). A
         sequence that reaches its length in `batch` is left out; one that stops on a token or
         a string there is known only after, and its row of the step ahead is dropped
         (_take_ahead). -> the step's batch and its wait; None: the next step is scheduled
@@ -260,11 +260,8 @@ class Engine:
         decodes: list[ScheduledSeq] = []
         feed: list[int] = []
         for item, row in zip(batch.decodes, rows, strict=True):
-            seq = item.seq
-            if seq.params.repetition_penalty != 1.0:
-                return None
-            if not self.outputs.length_reached(seq, 1):
-                decodes.append(ScheduledSeq(seq, 1))
+            if not self.outputs.length_reached(item.seq, 1):
+                decodes.append(ScheduledSeq(item.seq, 1))
                 feed.append(row)
         blocks = self.block_manager
         need = [blocks.blocks_needed(d.seq, d.seq.num_computed_tokens + 2) for d in decodes]

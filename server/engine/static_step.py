@@ -82,6 +82,7 @@ class StaticDecodeStep:
                          for _ in range(2)]  # fmt: skip
         self.copied = [torch.cuda.Event() for _ in range(2)] if dev.type == "cuda" else None
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)  # penalty histories
+        self.row_ids = torch.arange(rows, device=dev)
         self.ctx_positions = torch.arange(options.max_blocks * block_size, device=dev)
         # Adapter deltas by per-token slot (graph-safe) rather than by host-built segments
         # (today's ops, bit-equal on the CPU). On where graphs are captured, also when they
@@ -132,8 +133,10 @@ class StaticDecodeStep:
             tables[i, : len(blocks)] = blocks
         self.tables.keep(seq.seq_id for seq in seqs)
 
-    def _load_histories(self, seqs: Seqs[Sequence]) -> None:
-        """The penalty rows' histories into `seen` (a second copy, only when a row asks)."""
+    def _load_histories(self, seqs: Seqs[Sequence], ahead: bool = False) -> None:
+        """The penalty rows' histories into `seen` (a second copy, only when a row asks). A
+        step scheduled ahead adds each row's input token, known only on the device (every
+        row's: `seen` counts only where the row has a penalty)."""
         rows: list[int] = []
         ids: list[int] = []
         for i, seq in enumerate(seqs):
@@ -141,9 +144,14 @@ class StaticDecodeStep:
                 hist = seq.token_ids[seq.num_virtual :]
                 rows += [i] * len(hist)
                 ids += hist
-        index = torch.tensor([rows, ids], dtype=torch.long).to(self.seen.device)
-        self.seen[: len(seqs)].zero_()
+        pin = self.seen.is_cuda  # (from pageable memory the copy would wait for the device)
+        index = torch.tensor([rows, ids], dtype=torch.long, pin_memory=pin)
+        index = index.to(self.seen.device, non_blocking=pin)
+        n = len(seqs)
+        self.seen[:n].zero_()
         self.seen[index[0], index[1]] = True
+        if ahead:
+            self.seen[self.row_ids[:n], self.buffers.dev["input_ids"][:n]] = True
 
     def _copy_out(self, turn: int) -> None:
         """The step's one device->host copy (self.out is a few hundred bytes), queued."""
@@ -245,8 +253,6 @@ class StaticDecodeStep:
         if graphs is not None and rows is not None and not graphs.prepare(rows, adapters):
             rows = None
         draws, penalty = self._fill_sampling(seqs, ahead)
-        if penalty and feed is not None:
-            raise ValueError("a step with a repetition penalty cannot be scheduled ahead")
         if rows is None:  # eager: unpadded, the block tables as wide as this batch needs
             width = -(-ctx // self.block_size)
             self._fill_decode(decodes, width, feed)
@@ -259,7 +265,7 @@ class StaticDecodeStep:
             d = self.buffers.dev
             d["input_ids"][:n].copy_(self.fed.index_select(0, d["feed"][:n]))
         if penalty:
-            self._load_histories(seqs)
+            self._load_histories(seqs, ahead=feed is not None)
         if graphs is None or rows is None:
             self.forward(n, width, self.hook(n, seqs))
             self.sample_rows(n, draws, penalty)

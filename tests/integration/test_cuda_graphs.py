@@ -101,7 +101,7 @@ def test_steps_scheduled_ahead_give_the_tokens_of_steps_scheduled_after(
     """On the GPU a step scheduled ahead (EngineConfig.schedule_ahead) runs while the host
     takes the tokens of the step before it: the same tokens as with each step scheduled after
     them, with sequences that end by length (left out of it) and on a stop token (their rows
-    dropped). On the CPU: tests/integration/test_schedule_ahead.py."""
+    dropped), and with repetition penalties. On the CPU: test_schedule_ahead.py."""
     from tests.integration.test_schedule_ahead import counting
 
     ahead = engine_for(tiny_llama_dir, adapter_dirs)
@@ -111,7 +111,11 @@ def test_steps_scheduled_ahead_give_the_tokens_of_steps_scheduled_after(
         free = run(after, reqs)
         stopping = [replace(r, request_id=f"{r.request_id}-s", params=replace(
             r.params, stop_token_ids=(free[r.request_id][0][2],))) for r in reqs]  # fmt: skip
-        for wave in (reqs, stopping):
+        # a penalty's history holds the newest token, added on the device in a step ahead
+        penalized = [replace(r, request_id=f"{r.request_id}-p", params=replace(
+            r.params, repetition_penalty=1.3 if i % 2 else 1.0))
+            for i, r in enumerate(reqs)]  # fmt: skip
+        for wave in (reqs, stopping, penalized):
             want, got = run(after, wave), run(ahead, wave)
             for rid in want:
                 assert got[rid][0] == want[rid][0], rid

@@ -220,8 +220,11 @@ def main() -> None:
         section("throughput", lambda: throughput(engine, hf, pad, base, prompts, lengths, out))
 
     # --- decode step vs the matmul floor -------------------------------------------------------
+    def floor() -> None:
+        out["decode_floor"] = decode_floor(engine, base)
+
     if "floor" in sections:
-        section("floor", lambda: out.__setitem__("decode_floor", decode_floor(engine, base)))
+        section("floor", floor)
 
     # --- many adapters in one batch ------------------------------------------------------------
     adapters_dir = tempfile.TemporaryDirectory()  # kept for the profile section

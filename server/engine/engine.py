@@ -186,7 +186,7 @@ class Engine:
             self._last_batch = (len(batch), batch.num_tokens)
             if not len(batch):
                 return self._pending_outputs(emit) + failed
-            wait, rows = self.runner.launch(batch), list(range(len(batch.decodes)))
+            wait, rows = self.runner.launch(batch), None
         else:
             batch, wait, rows = taken
             self._last_batch = (len(batch), batch.num_tokens)
@@ -237,17 +237,17 @@ class Engine:
         return ScheduledBatch([batch.decodes[i] for i in rows], [], [], []), kept, rows
 
     def _launch_ahead(
-        self, batch: ScheduledBatch, rows: list[int]
+        self, batch: ScheduledBatch, rows: list[int] | None
     ) -> tuple[ScheduledBatch, Callable[[], SampledTokens]] | None:
         """Queues the next decode step behind `batch` (just launched; `rows`: each decode's
-        row in it) before its tokens are back, when the scheduler's next step is known without
-        them: every running sequence decodes in `batch`, no waiting request could be admitted
-        (there is no room, or its adapter is still loading), and each sequence's next KV slot
-        is free to take (a repetition penalty reads the newest token on the device). A
-        sequence that reaches its length in `batch` is left out; one that stops on a token or
-        a string there is known only after, and its row of the step ahead is dropped
-        (_take_ahead). -> the step's batch and its wait; None: the next step is scheduled
-        after this one's tokens, as without."""
+        row in it, None: its own order) before its tokens are back, when the scheduler's next
+        step is known without them: every running sequence decodes in `batch`, no waiting
+        request could be admitted (there is no room, or its adapter is still loading), and each
+        sequence's next KV slot is free to take (a repetition penalty reads the newest token on
+        the device). A sequence that reaches its length in `batch` is left out; one that stops
+        on a token or a string there is known only after, and its row of the step ahead is
+        dropped (_take_ahead). -> the step's batch and its wait; None: the next step is
+        scheduled after this one's tokens, as without."""
         if not (self.config.schedule_ahead and self.runner.replays_graphs) or self.ahead_failed:
             return None
         sched = self.scheduler
@@ -259,7 +259,8 @@ class Engine:
             return None
         decodes: list[ScheduledSeq] = []
         feed: list[int] = []
-        for item, row in zip(batch.decodes, rows, strict=True):
+        for item, row in zip(batch.decodes, range(len(batch.decodes)) if rows is None else rows,
+                             strict=True):  # fmt: skip
             if not self.outputs.length_reached(item.seq, 1):
                 decodes.append(ScheduledSeq(item.seq, 1))
                 feed.append(row)

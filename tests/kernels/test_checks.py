@@ -217,7 +217,7 @@ def test_lowrank_checks_refuse_after_accepting(name, mutate, message):
 def test_lowrank_checks_check_weights_once(monkeypatch):
     """The weights are checked at their first call only; new activations and meta each step
     are checked on their own, and an entry goes with its A."""
-    case = _case("cpu")
+    case = _case()
     check = LowrankChecks()
     full: list[int] = []
     monkeypatch.setattr(
@@ -231,7 +231,7 @@ def test_lowrank_checks_check_weights_once(monkeypatch):
     args.update(scale=case.scale.clone())  # other weights: checked again
     check(**args)
     assert len(full) == 2
-    other = _lowrank_args(_case("cpu"))
+    other = _lowrank_args(_case())
     check(**other)
     assert len(full) == 3 and len(check._accepted) == 2
     del other, args, case

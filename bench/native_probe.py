@@ -57,6 +57,7 @@ VARIANTS = {
 }
 CALL_PROBE = """
 import sys, torch
+exec(sys.argv[3] if len(sys.argv) > 3 else "")
 torch.ops.load_library(sys.argv[1])
 ns = getattr(torch.ops, sys.argv[2])
 for op in ("check", "throw_"):
@@ -130,11 +131,77 @@ def ours(march: str, root: Path) -> dict:
     return result
 
 
+# What runs before the probe library is loaded, in --unwind's children.
+PRELUDES = {
+    "none": "",
+    "triton": "import triton",
+    "peftserve_kernels": "from peftserve.kernels import cpu_ext",
+    "libgcc_s_global": "import ctypes; ctypes.CDLL('libgcc_s.so.1', mode=ctypes.RTLD_GLOBAL)",
+    "cuda_used": "torch.zeros(1, device='cuda')",
+}
+UNWIND_SYMBOLS = ("_Unwind_", "__cxa_throw", "__gxx_personality", "__cxa_begin_catch")
+
+
+def unwind(root: Path) -> dict:
+    """The torch-flags probe library's throw under each prelude; the dynamic linker's bindings
+    of the unwinder's symbols; the native backtrace of the fault, of the probe and of a failing
+    argument check of lora_rows under pytest."""
+    built = build_probe("torch_flags", [], root)
+    lib = str(root / "torch_flags" / "probe_torch_flags.so")
+    report: dict = {"build_rc": built["build_rc"], "ldd": built.get("ldd")}
+    probe = [sys.executable, "-c", CALL_PROBE, lib, "probe_torch_flags"]
+    with ThreadPoolExecutor(8) as pool:
+        runs = {n: pool.submit(run, [*probe, code], 60) for n, code in PRELUDES.items()}
+        env = {**os.environ, "LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(root / "ld")}
+        ld = pool.submit(run, [*probe, ""], 60, env)
+        gdb = shutil.which("cuda-gdb")
+        bt = ["-q", "-batch", "-ex", "run", "-ex", "bt 30", "-ex", "info sharedlibrary"]
+        if gdb:
+            gdb_probe = pool.submit(run, [gdb, *bt, "--args", *probe, ""], 120)
+            gdb_pytest = pool.submit(run, [gdb, *bt, "--args", sys.executable, "-m", "pytest",
+                                           "-x", "-q", "-p", "no:cacheprovider",
+                                           "tests/kernels/test_lowrank_rows.py", "-k",
+                                           "refuse_bad_arguments"], 150)  # fmt: skip
+        report["preludes"] = {n: f.result() for n, f in runs.items()}
+        ld.result()
+        lines = []
+        for f in sorted(root.glob("ld.*")):
+            lines += [ln.strip() for ln in f.read_text(errors="replace").splitlines()
+                      if any(sym in ln for sym in UNWIND_SYMBOLS)]  # fmt: skip
+        # the probe's and libstdc++'s bindings, then any to an unwinder other than libgcc_s
+        def first(ln: str) -> int:
+            to = ln.split(" to ", 1)[-1]
+            return 0 if "probe_" in ln or "libstdc++.so.6 [0] to" in ln else (
+                1 if "libgcc_s" not in to and "libstdc++" not in to else 2)
+
+        report["ld_bindings"] = sorted(set(lines), key=lambda ln: (first(ln), ln))[:200]
+        if gdb:
+            report["gdb_probe"] = gdb_probe.result()
+            report["gdb_pytest"] = gdb_pytest.result()
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--unwind", action="store_true", help="only the unwinder's experiments")
     args = p.parse_args()
     import torch
+
+    if args.unwind:
+        report = unwind(Path(tempfile.mkdtemp(prefix="native_unwind_")))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "native_unwind.json").write_text(json.dumps(report, indent=1))
+        for name, r in report["preludes"].items():
+            print(f"== prelude {name}: rc {r['rc']}: {' | '.join(r['output'].splitlines()[:4])}")
+        print("== ld bindings:", *report["ld_bindings"][:60], sep="\n")
+        for key in ("gdb_probe", "gdb_pytest"):
+            if key in report:
+                text = report[key]["output"]
+                keep = [ln for ln in text.splitlines() if ln.startswith(("#", "Program", "0x"))]
+                print(f"== {key}:", *keep[:70], sep="\n")
+        return
 
     cxx = os.environ.get("CXX", "c++")
     report: dict = {

@@ -14,6 +14,7 @@ of raising. This separates the causes, each in a child process with a time limit
 - the libraries' linked runtimes (ldd) and torch's build configuration.
 Prints each outcome and writes them to DIR/native_probe.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -168,11 +169,15 @@ def unwind(root: Path) -> dict:
         for f in sorted(root.glob("ld.*")):
             lines += [ln.strip() for ln in f.read_text(errors="replace").splitlines()
                       if any(sym in ln for sym in UNWIND_SYMBOLS)]  # fmt: skip
+
         # the probe's and libstdc++'s bindings, then any to an unwinder other than libgcc_s
         def first(ln: str) -> int:
             to = ln.split(" to ", 1)[-1]
-            return 0 if "probe_" in ln or "libstdc++.so.6 [0] to" in ln else (
-                1 if "libgcc_s" not in to and "libstdc++" not in to else 2)
+            return (
+                0
+                if "probe_" in ln or "libstdc++.so.6 [0] to" in ln
+                else (1 if "libgcc_s" not in to and "libstdc++" not in to else 2)
+            )
 
         report["ld_bindings"] = sorted(set(lines), key=lambda ln: (first(ln), ln))[:200]
         if gdb:
@@ -209,10 +214,17 @@ def main() -> None:
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
         "torch_config": torch.__config__.show()[:1500],
         "compiler": run([cxx, "--version"], 10)["output"].splitlines()[0],
-        "cpu": next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name")), "?"),  # fmt: skip
-        "torch_libc10_ldd": run(["ldd", str(Path(torch.__file__).parent / "lib/libc10.so")],
-                                10)["output"],  # fmt: skip
+        "cpu": next(
+            (
+                ln
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "?",
+        ),  # fmt: skip
+        "torch_libc10_ldd": run(["ldd", str(Path(torch.__file__).parent / "lib/libc10.so")], 10)[
+            "output"
+        ],  # fmt: skip
     }
     root = Path(tempfile.mkdtemp(prefix="native_probe_"))
     with ThreadPoolExecutor(8) as pool:

@@ -32,6 +32,7 @@ UndefinedBehaviorSanitizer (`make test-sanitize`; Python must run with libasan p
 The oldest torch the ops are built and tested against is 2.11 (the CUDA image's): the sources use
 only ATen's stable tensor API and TORCH_LIBRARY registration.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,11 +84,17 @@ def build_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     cflags: tuple[str, ...] = (
         f"-march={march}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
     )  # fmt: skip
+    # The process's shared C++ runtime, named before the compiler's own libraries: a compiler
+    # that links libstdc++ statically (the H200 image's g++ does) would otherwise give the
+    # library a private copy, and every C++ exception it throws into torch (a failed argument
+    # check) garbles its message or crashes the process (bench/native_probe.py).
+    ldflags: tuple[str, ...] = ("-lstdc++",)
     if os.environ.get(ENV_SANITIZE, "0") == "1":
         # Any report aborts the process: a test run under it fails instead of printing on.
         sanitize = (SANITIZERS, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
-        return ("-O1", *cflags, *sanitize), (SANITIZERS,)
-    return ("-O3", *cflags), ()
+        return ("-O1", *cflags, *sanitize), (SANITIZERS, *ldflags)
+    return ("-O3", *cflags), ldflags
+
 
 # gcc's predefined macro for an instruction set -> its /proc/cpuinfo flag: what code built for a
 # -march may contain, and what this CPU must have to run it.
@@ -134,6 +141,7 @@ def march_adds_code(march: str, cxx: str | None = None) -> bool:
     """True when a -march=`march` build takes other code paths of the kernels (CODE_MACROS)
     than this CPU's own build, which `make test` covers; `make test-march` skips one that does
     not (x86-64-v3 on a CPU with AVX2 alone)."""
+
     def paths(m: str) -> set[str]:
         return {name for name in CODE_MACROS if name in _macros(m, cxx)}
 
@@ -287,15 +295,19 @@ def _in_op(stdout: str) -> str:
 if __name__ == "__main__":  # python -m peftserve.kernels.cpu_ext --march-to-test MARCH
     import argparse
 
-    ap = argparse.ArgumentParser(description="Does `make test-march` test the kernels built for "
-                                             "MARCH on this CPU? Exit status 0: yes.")
+    ap = argparse.ArgumentParser(
+        description="Does `make test-march` test the kernels built for "
+        "MARCH on this CPU? Exit status 0: yes."
+    )
     ap.add_argument("--march-to-test", required=True, metavar="MARCH")
     march = ap.parse_args().march_to_test
     if not march_runs_here(march):
         print(f"== not tested here: this CPU lacks an instruction set -march={march} uses")
         sys.exit(1)
     if not march_adds_code(march):
-        print(f"== not tested again: -march={march} builds the same code paths as this CPU's "
-              "own build (make test)")
+        print(
+            f"== not tested again: -march={march} builds the same code paths as this CPU's "
+            "own build (make test)"
+        )
         sys.exit(1)
     sys.exit(0)

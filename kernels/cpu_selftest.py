@@ -219,7 +219,26 @@ def check_screened_argmax(g: torch.Generator) -> None:
                 raise AssertionError(f"screened_argmax: {got} where the full head gives {want}")
 
 
+def check_refusal(g: torch.Generator) -> None:
+    """A failed argument check reaches Python as a RuntimeError with its whole message. The
+    C++ exception crosses from this library into torch's: a library carrying a private copy of
+    the C++ runtime (a compiler that links libstdc++ statically; cpu_ext.build_flags) garbles
+    the message or takes the process down here, before any request can."""
+    y, x = torch.zeros(4, 24), torch.zeros(4, 16)
+    A, B = torch.zeros(5, 16, dtype=torch.bfloat16), torch.zeros(5 * 24, dtype=torch.bfloat16)
+    want = "lora_rows: half precision only (fp32 keeps the torch forms), got Float"
+    try:
+        OPS.lora_rows(y=y, x=x, rows=None, bounds=[0, 4], A=[A], B_blocks=[B], ranks=[3, 2],
+                      offsets=[0, 12, 24])  # fmt: skip
+    except RuntimeError as e:
+        if str(e).splitlines()[0] != want:
+            raise AssertionError(f"a refused call's message arrived as {str(e)[:200]!r}") from e
+        return
+    raise AssertionError("lora_rows accepted float activations")
+
+
 CHECKS: dict[str, Callable[[torch.Generator], None]] = {
+    "a refused call (C++ exception into torch)": check_refusal,
     "lora_rows": check_lora_rows,
     "bottleneck_rows": check_bottleneck_rows,
     "rms_norm, add_rms_norm, silu_and_mul, argmax_rows": check_norms_and_mlp,

@@ -73,11 +73,11 @@ class NullGraphs:
     def bucket(self, n: int) -> int:
         return n
 
-    def prepare(self, rows: int, adapters: bool) -> bool:
+    def prepare(self, rows: int, adapters: frozenset | None) -> bool:
         """Nothing to capture: replay() computes nothing."""
         return True
 
-    def replay(self, rows: int, adapters: bool, full: bool) -> None:
+    def replay(self, rows: int, adapters: frozenset | None, full: bool) -> None:
         self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_s
         self.done.append(self.busy_until)
         self.step.out[0, :rows] = 7

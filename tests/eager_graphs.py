@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import SimpleNamespace
 
+from peftserve.adapters.slots import ModuleKey
 from peftserve.engine.cuda_graphs import DecodeGraphs, default_sizes
 from peftserve.engine.engine import Engine
 from peftserve.engine.static_step import StaticDecodeStep
@@ -44,16 +45,16 @@ class EagerBuckets:
     def bucket(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)
 
-    def prepare(self, rows: int, adapters: bool) -> bool:
+    def prepare(self, rows: int, adapters: frozenset[ModuleKey] | None) -> bool:
         """Nothing to capture: replay() runs the bodies eagerly."""
         return True
 
-    def replay(self, rows: int, adapters: bool, full: bool) -> None:
+    def replay(self, rows: int, adapters: frozenset[ModuleKey] | None, full: bool) -> None:
         step = self.step
         lens = step.buffers.dev["context_lens"][:rows]
         self.longest = max(self.longest, int(lens.max()))
         with self.around():
-            hook = step.hook(rows, None) if adapters else None
+            hook = None if adapters is None else step.hook(rows, None, adapters)
             step.forward(rows, step.options.graph_blocks, hook)
             step.sample_rows(rows, full, full)
         self.replays += 1

@@ -50,6 +50,8 @@ MAX_SLICES = max(len(projs) for projs in GROUPS.values())
 PLACEMENT_GROUP = {"mh_adapter": "o", "output_adapter": "down"}
 PLACEMENT_INDEX = {group: g for g, group in enumerate(PLACEMENT_GROUP.values())}
 FP32_MAX = torch.finfo(torch.float32).max
+# A module an adapter has deltas on: ("lora", layer, group) or ("bottleneck", layer, group, act).
+ModuleKey = tuple[str | int, ...]
 
 
 def lora_row(layer: int, group: str) -> int:
@@ -139,6 +141,9 @@ class DeviceSlots:
             {} if backend.packs_adapters else None
         )
         self.slot_activation: dict[int, str] = {}
+        # The modules each written slot's adapter has deltas on (modules_of).
+        self.slot_modules: dict[int, frozenset[ModuleKey]] = {}
+        self._modules_of: tuple[tuple[int, frozenset[int]], frozenset[ModuleKey]] | None = None
         # Bumped by every write or clear: the last DecodePlan is reused while the step's
         # segments and this stay the same (consecutive decode steps of one batch).
         self.version = 0
@@ -176,6 +181,22 @@ class DeviceSlots:
             for per_slot_b in self.packed_bottleneck.values():
                 per_slot_b[slot] = None
         self.slot_activation.pop(slot, None)
+        self.slot_modules.pop(slot, None)
+
+    def modules_of(self, slots: frozenset[int]) -> frozenset[ModuleKey]:
+        """The modules the adapters in `slots` have deltas on: ("lora", layer, group) and
+        ("bottleneck", layer, group, activation). A step whose rows hold only those slots
+        needs no other module's deltas (a slot of none, -1, adds nothing). The last answer is
+        kept while the slots and every slot's adapter stay the same (a batch's decode steps):
+        the same object, so a dict keyed by it finds it by identity."""
+        key = (self.version, slots)
+        if self._modules_of is not None and self._modules_of[0] == key:
+            return self._modules_of[1]
+        found: set[ModuleKey] = set()
+        for slot in slots:
+            found |= self.slot_modules.get(slot, frozenset())
+        self._modules_of = (key, frozenset(found))
+        return self._modules_of[1]
 
     def write_lora(self, slot: int, weights: LoraWeights) -> None:
         self.clear(slot)
@@ -209,6 +230,9 @@ class DeviceSlots:
         if self.packed is not None:
             modules = {(layer, GROUP_OF[proj][0]) for layer, proj in weights.modules}
             self._pack_lora(slot, modules, rank_rows, scale_rows)
+        self.slot_modules[slot] = frozenset(
+            ("lora", layer, GROUP_OF[proj][0]) for layer, proj in weights.modules
+        )
         self.version += 1
 
     def _pack_lora(self, slot: int, modules: set[tuple[int, str]], rank_rows: np.ndarray,
@@ -294,6 +318,10 @@ class DeviceSlots:
                     buf.A, buf.b_down, buf.B, buf.b_up, weights.scaling, slot, r, act
                 )
         self.slot_activation[slot] = act
+        self.slot_modules[slot] = frozenset(
+            ("bottleneck", layer, PLACEMENT_GROUP[placement], act)
+            for layer, placement in weights.modules
+        )
         self.version += 1
 
 

@@ -4,13 +4,15 @@ index from a persistent buffer, with no per-step host metadata (no SegmentMeta).
 Which (layer, module) buffers exist is fixed when the hook is built: a CUDA graph captured with
 it replays correctly for any adapters in those slot buffers (they are written in place, never
 reallocated). A module allocated later (the first adapter to target it) changes `layout_key`.
+A hook may be limited to some modules (those the step's adapters have deltas on): a graph
+captured with it skips every other module's kernels, which for the rows it serves add zeros.
 """
 
 from __future__ import annotations
 
 import torch
 
-from peftserve.adapters.slots import DeviceSlots
+from peftserve.adapters.slots import DeviceSlots, ModuleKey
 from peftserve.layers.linear import DecodePlan
 
 
@@ -20,12 +22,17 @@ def layout_key(slots: DeviceSlots) -> tuple[int, int]:
 
 
 class TokenSlotHook:
-    def __init__(self, slots: DeviceSlots, token_slot: torch.Tensor) -> None:
-        # token_slot: [T] int64 slot of each row, -1 = none (a view of the step's buffer)
+    def __init__(self, slots: DeviceSlots, token_slot: torch.Tensor,
+                 modules: frozenset[ModuleKey] | None = None) -> None:  # fmt: skip
+        # token_slot: [T] int64 slot of each row, -1 = none (a view of the step's buffer).
+        # modules: the only modules whose deltas are applied (DeviceSlots.modules_of the rows'
+        # slots); None: every allocated one.
         self.slots, self.token_slot = slots, token_slot
+        self.lora = {key for key in slots.lora if modules is None or ("lora", *key) in modules}
         self.bottlenecks: dict[tuple[int, str], list[str]] = {}
         for layer, module, act in sorted(slots.bottleneck):
-            self.bottlenecks.setdefault((layer, module), []).append(act)
+            if modules is None or ("bottleneck", layer, module, act) in modules:
+                self.bottlenecks.setdefault((layer, module), []).append(act)
 
     def decode_plan(self, layers: int) -> DecodePlan | None:
         return None
@@ -33,8 +40,8 @@ class TokenSlotHook:
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (updated in place)
         slots, backend = self.slots, self.slots.backend
-        lora = slots.lora.get((layer, module))
-        if lora is not None:
+        if (layer, module) in self.lora:
+            lora = slots.lora[(layer, module)]
             backend.lowrank_delta_tokens(y, x, lora.A, lora.B, lora.rank, lora.scale,
                                          self.token_slot, lora.slice_sizes)  # fmt: skip
         for act in self.bottlenecks.get((layer, module), ()):

@@ -6,9 +6,13 @@ all-greedy rows (argmax + logprobs), and the sampler with draws and repetition p
 forward with adapter deltas is captured per bucket on first use, with a TokenSlotHook over the
 slot buffers allocated by then; the deltas read the per-token slot index from the step's buffer
 and the weights from the fixed slot buffers, so registering, loading or evicting an adapter
-never invalidates it. Only the first adapter to target a module not yet allocated (a new
-(layer, projection) buffer set, or a bottleneck activation not seen before) changes the
-buffers' layout; the adapter forwards are then captured again, once, and the time logged.
+never invalidates it. It is captured per set of modules the step's adapters have deltas on
+(DeviceSlots.modules_of), up to MODULE_SETS sets a layout, then over every allocated module: a
+step of q,v LoRAs beside resident all-linear ones does not run the o / gate_up / down kernels,
+each a graph node of a few microseconds that would add zeros for its rows. Only the first
+adapter to target a module not yet allocated (a new (layer, projection) buffer set, or a
+bottleneck activation not seen before) changes the buffers' layout; the adapter forwards are
+then captured again, once, and the time logged.
 
 What cannot be captured degrades only itself, logged once: a sampler that fails to capture
 runs eagerly after each replayed forward, and an adapter forward that fails leaves the steps
@@ -24,12 +28,17 @@ from collections.abc import Callable
 
 import torch
 
+from peftserve.adapters.slots import ModuleKey
 from peftserve.adapters.token_slot_hook import layout_key
 from peftserve.engine.static_step import StaticDecodeStep
 
 log = logging.getLogger(__name__)
 
 WARMUP_RUNS = 2  # eager runs before a capture: lazy initialisation, autotuning, allocator
+MODULE_SETS = 4  # adapter forwards per bucket limited to their modules; others take ALL
+ALL = "all"  # the key of the adapter forward over every allocated module
+
+Modules = frozenset[ModuleKey] | str  # a set of modules an adapter forward covers, or ALL
 
 
 def default_sizes(max_batch: int) -> tuple[int, ...]:
@@ -48,7 +57,8 @@ class DecodeGraphs:
         self.pool = None  # the graphs' shared memory pool, made at the first capture
         self.base: dict[int, torch.cuda.CUDAGraph] = {}
         self.samplers: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # empty: eager
-        self.adapter: dict[int, torch.cuda.CUDAGraph] = {}
+        self.adapter: dict[tuple[int, Modules], torch.cuda.CUDAGraph] = {}
+        self._module_sets: set[frozenset[ModuleKey]] = set()  # this layout's, up to MODULE_SETS
         self.adapter_failed = False  # an adapter forward failed to capture: those run eagerly
         self._layout: tuple[int, int] | None = None
         self.capture_seconds = 0.0
@@ -114,7 +124,15 @@ class DecodeGraphs:
         self.capture_seconds += seconds
         return seconds
 
-    def _adapter_graph(self, rows: int) -> torch.cuda.CUDAGraph:
+    def _modules(self, adapters: frozenset[ModuleKey]) -> Modules:
+        """The key of the adapter forward that serves rows whose adapters have deltas on
+        `adapters`: that set while this layout has fewer than MODULE_SETS, else ALL."""
+        if adapters in self._module_sets or len(self._module_sets) < MODULE_SETS:
+            self._module_sets.add(adapters)
+            return adapters
+        return ALL
+
+    def _adapter_graph(self, rows: int, adapters: frozenset[ModuleKey]) -> torch.cuda.CUDAGraph:
         step = self.step
         assert step.slots is not None
         layout = layout_key(step.slots)
@@ -123,30 +141,34 @@ class DecodeGraphs:
                 log.info("adapter slot buffers grew to %s modules: recapturing the adapter "
                          "decode graphs", layout)  # fmt: skip
             self.adapter.clear()
+            self._module_sets.clear()
             self._layout = layout
-        graph = self.adapter.get(rows)
+        modules = self._modules(adapters)
+        graph = self.adapter.get((rows, modules))
         if graph is None:
             t0 = time.perf_counter()
             width = step.options.graph_blocks
-            hook = step.hook(rows, None)
-            graph = self.adapter[rows] = self._capture(
+            hook = step.hook(rows, None, None if modules == ALL else adapters)
+            graph = self.adapter[(rows, modules)] = self._capture(
                 rows, lambda: step.forward(rows, width, hook)
             )
             seconds = time.perf_counter() - t0
             self.capture_seconds += seconds
-            log.info("captured the adapter decode graph of batch %d in %.3fs", rows, seconds)
+            log.info("captured the adapter decode graph of batch %d (%s modules) in %.3fs",
+                     rows, len(adapters) if modules != ALL else "all", seconds)  # fmt: skip
         return graph
 
-    def prepare(self, rows: int, adapters: bool) -> bool:
+    def prepare(self, rows: int, adapters: frozenset[ModuleKey] | None) -> bool:
         """Captures what replay(rows, adapters, ...) needs, if missing; call it before the
-        step fills the buffers (a capture overwrites them). False when that step must run
-        eagerly: the adapter forward failed to capture, now or before (logged once)."""
-        if not adapters:
+        step fills the buffers (a capture overwrites them). `adapters`: the modules the rows'
+        adapters have deltas on, None when no row has an adapter. False when that step must
+        run eagerly: the adapter forward failed to capture, now or before (logged once)."""
+        if adapters is None:
             return True
         if self.adapter_failed:
             return False
         try:
-            self._adapter_graph(rows)
+            self._adapter_graph(rows, adapters)
         except Exception as e:  # an op the adapter deltas cannot capture: those steps eager
             log.warning("CUDA graph capture of an adapter step failed, steps with adapters run "
                         "eagerly from now on: %s: %s", type(e).__name__, e)  # fmt: skip
@@ -155,11 +177,14 @@ class DecodeGraphs:
             return False
         return True
 
-    def replay(self, rows: int, adapters: bool, full: bool) -> None:
+    def replay(self, rows: int, adapters: frozenset[ModuleKey] | None, full: bool) -> None:
         """The step over the buffers as filled and uploaded: the forward of bucket `rows`
-        (with adapter deltas when `adapters`; prepare() first), then its sampler (`full`:
-        draws and penalties; else all rows greedy), eagerly if it has no graph."""
-        forward = self.adapter[rows] if adapters else self.base[rows]
+        (with the deltas of the modules `adapters`; prepare() first), then its sampler
+        (`full`: draws and penalties; else all rows greedy), eagerly if it has no graph."""
+        if adapters is None:
+            forward = self.base[rows]
+        else:
+            forward = self.adapter[(rows, self._modules(adapters))]
         forward.replay()
         sampler = self.samplers.get((rows, full))
         if sampler is None:

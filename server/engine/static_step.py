@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peftserve.adapters.slots import AdapterHook, DeviceSlots
+from peftserve.adapters.slots import AdapterHook, DeviceSlots, ModuleKey
 from peftserve.adapters.token_slot_hook import TokenSlotHook
 from peftserve.engine.device_sampler import SamplingColumns, request_seed, sample_on_device
 from peftserve.engine.scheduler import ScheduledSeq
@@ -205,9 +205,11 @@ class StaticDecodeStep:
         self.out[0, :rows].copy_(token)
         self.out[1, :rows].copy_(logprob.view(torch.int32))
 
-    def hook(self, rows: int, seqs: Seqs[Sequence] | None) -> DeltaHook | None:
+    def hook(self, rows: int, seqs: Seqs[Sequence] | None,
+             modules: frozenset[ModuleKey] | None = None) -> DeltaHook | None:  # fmt: skip
         """The step's adapter deltas. `seqs`: the rows' sequences, or None for a captured
-        step (its hook covers every allocated slot buffer, whatever the rows hold)."""
+        step (its hook covers the allocated slot buffers of `modules`, None: all of them,
+        whatever the rows hold)."""
         slots = self.slots
         if slots is None:
             return None
@@ -215,7 +217,7 @@ class StaticDecodeStep:
         if seqs is None or self.token_slot_deltas:
             if seqs is not None and all(s.slot < 0 for s in seqs):
                 return None
-            return TokenSlotHook(slots, token_slot)
+            return TokenSlotHook(slots, token_slot, modules)
         if all(s.slot < 0 for s in seqs):
             return None
         acts = {slots.slot_activation.get(s.slot) for s in seqs}
@@ -248,7 +250,13 @@ class StaticDecodeStep:
         rows = None
         if graphs is not None and ctx <= self.options.graph_blocks * self.block_size:
             rows = graphs.bucket(n)
-        adapters = any(s.slot >= 0 for s in seqs)
+        # the modules the rows' adapters have deltas on (None: no adapter): the graph of
+        # those alone skips the kernels of modules that would add only zeros for these rows
+        adapters = (
+            self.slots.modules_of(frozenset(s.slot for s in seqs if s.slot >= 0))
+            if self.slots is not None and any(s.slot >= 0 for s in seqs)
+            else None
+        )
         # a capture (rare) fills the buffers: first; False: this step runs eagerly
         if graphs is not None and rows is not None and not graphs.prepare(rows, adapters):
             rows = None

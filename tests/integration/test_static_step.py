@@ -236,3 +236,48 @@ def test_adapter_graphs_are_captured_again_when_the_slot_buffers_grow(
     for want, have in zip(classic, got, strict=True):
         for rid, (tokens, _) in want.items():
             assert have[rid][0] == tokens, rid
+
+
+def test_adapter_graphs_hold_only_the_modules_of_their_rows_adapters(
+    tiny_llama_dir, adapter_dirs, monkeypatch
+):  # fmt: skip
+    """With all-linear LoRAs and bottlenecks resident, a decode step whose rows hold only q,v
+    LoRAs replays an adapter forward over the qkv modules alone (the others would add zeros
+    for its rows, a kernel node each); a step that mixes kinds replays one over the union of
+    its adapters' modules; past MODULE_SETS sets a layout, one over every module. Tokens are
+    the classic step's throughout (EagerCapture replays the body as captured, so a module left
+    out that a row needs changes them)."""
+    from peftserve.engine import cuda_graphs
+
+    waves = [
+        [replace(r, adapter=a) for r, a in zip(requests(8, GREEDY, tag="all"),
+                                               [None, "lora-qv", "lora", "bottleneck"] * 2,
+                                               strict=True)],
+        [replace(r, adapter=a) for r, a in zip(requests(6, GREEDY, tag="qv"),
+                                               [None, "lora-qv"] * 3, strict=True)],
+        [replace(r, adapter=a) for r, a in zip(requests(6, GREEDY, tag="lora"),
+                                               ["lora", "pfeiffer"] * 3, strict=True)],
+    ]  # fmt: skip
+    classic_engine = engine_for(tiny_llama_dir, adapter_dirs, "classic")
+    classic = [run(classic_engine, w) for w in waves]
+    for limit in (cuda_graphs.MODULE_SETS, 1):
+        monkeypatch.setattr(cuda_graphs, "MODULE_SETS", limit)
+        engine = engine_for(tiny_llama_dir, adapter_dirs, "static")
+        graphs = EagerCapture.install(engine, 12)
+        slots = engine.runner.static.slots
+        got = [run(engine, waves[0])]
+        everything = {("lora", *k) for k in slots.lora} | {("bottleneck", *k)
+                                                           for k in slots.bottleneck}  # fmt: skip
+        got.append(run(engine, waves[1]))
+        sets = {modules for _, modules in graphs.adapter}
+        qkv_only = [m for m in sets if m != cuda_graphs.ALL and {k[2] for k in m} == {"qkv"}]
+        if limit > 1:
+            assert qkv_only and all(k[0] == "lora" for m in qkv_only for k in m)
+            assert everything - qkv_only[0]  # the other modules' kernels are left out
+        else:  # the first set (wave 1's union) keeps its graph; the q,v rows take ALL
+            assert cuda_graphs.ALL in sets and not qkv_only
+        got.append(run(engine, waves[2]))
+        assert not graphs.adapter_failed
+        for want, have in zip(classic, got, strict=True):
+            for rid, (tokens, _) in want.items():
+                assert have[rid][0] == tokens, (limit, rid)

@@ -15,7 +15,7 @@ from bench import gpu_report
 REPO = Path(__file__).resolve().parents[2]
 STEPS = (
     "engine_bench_8b", "engine_bench", "engine_cuda_tests", "kernel_tests",
-    "decode_kernels_bench", "fused_ops_bench", "kernels_bench", "native_kernels",
+    "decode_kernels_bench", "native_kernels", "fused_ops_bench", "kernels_bench",
 )  # fmt: skip
 
 # MODE=ok: every step succeeds. MODE=bad: the 8B bench hangs, the SmolLM2 bench hangs and

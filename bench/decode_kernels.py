@@ -138,6 +138,28 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
                 {"ctx": [int(lens.min()), int(lens.max())]})  # fmt: skip
 
 
+def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict]:
+    """The one-launch LoRA kernels under each tile configuration "BLOCK_N:warps:BLOCK_K:warps"
+    (expand's columns a program and warps, shrink's input columns a loop step and warps),
+    against the segment kernels in the same rows: which tiles to make the default."""
+    from peftserve.kernels import triton_lowrank_rows as rows_module
+
+    names = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS")
+    default = [getattr(rows_module, n) for n in names]
+    out = []
+    try:
+        for tile in tiles:
+            values = [int(v) for v in tile.split(":")]
+            for n, v in zip(names, values, strict=True):
+                setattr(rows_module, n, v)
+            for row in lora_rows(shape, batch, reps):
+                out.append({**row, "op": "lora_tiles", "tiles": tile})
+    finally:
+        for n, v in zip(names, default, strict=True):
+            setattr(rows_module, n, v)
+    return out
+
+
 def lora_rows(shape: str, batch: int, reps: int) -> list[dict]:
     from peftserve.kernels.triton_expand import launch_expand
     from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
@@ -269,6 +291,10 @@ def main() -> None:
                         default=["smollm2-135m", "llama-3.1-8b"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="cpu: a dry run")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--lora-tiles", nargs="+", default=[], metavar="N:W:K:W",
+                        help="only the one-launch LoRA kernels, under each of these tiles "
+                             "(expand BLOCK_N:num_warps:shrink BLOCK_K:num_warps), e.g. "
+                             "64:4:128:4 128:4:128:4 256:8:256:4")  # fmt: skip
     args = parser.parse_args()
     ops = set(args.ops.split(","))
     if not ops <= {"attention", "lora", "fused"}:
@@ -291,6 +317,9 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         for batch in args.batches:
+            if args.lora_tiles:
+                rows += lora_tiles(shape, batch, args.reps, args.lora_tiles)
+                continue
             if "attention" in ops:
                 rows.append(attention_row(shape, batch, args.reps))
             if "lora" in ops:
@@ -311,6 +340,8 @@ def main() -> None:
         "rows": rows,
     }
     name = "decode_fused_ops_cuda.json" if ops == {"fused"} else "decode_kernels_cuda.json"
+    if args.lora_tiles:
+        name = "decode_lora_tiles_cuda.json"
     out = args.out or Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

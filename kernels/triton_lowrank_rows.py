@@ -28,8 +28,11 @@ from .tiling import cdiv, pow2_at_least
 from .triton_combine import add as _add
 from .triton_expand import _slice_offsets
 
+# Tiles (bench/decode_kernels.py --lora-tiles times others on the GPU)
 SHRINK_BLOCK_K = 128  # input columns per step of the shrink's loop, at most
+SHRINK_WARPS = 4
 EXPAND_BLOCK_N = 64  # output columns per expand program
+EXPAND_WARPS = 4
 
 
 @triton.jit
@@ -195,7 +198,7 @@ def shrink_rows_triton(
         *x.stride(), *A.stride(), *v.stride()[:3], rank.stride(0),  # one call a tensor
         BLOCK_R=block_r,
         BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=SHRINK_WARPS,
     )  # fmt: skip
     return v
 
@@ -236,7 +239,7 @@ def expand_rows_triton(
         RANK_ALIGN=8 if r_max % 8 == 0 else 1,
         BLOCK_R=pow2_at_least(r_max),
         BLOCK_N=EXPAND_BLOCK_N,
-        num_warps=4,
+        num_warps=EXPAND_WARPS,
     )  # fmt: skip
     return y
 

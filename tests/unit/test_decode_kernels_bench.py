@@ -44,3 +44,23 @@ def test_dry_run_times_every_method_and_they_agree(tmp_path):
         if key[0] == "fused":
             assert row["max_abs_diff_inductor"] < 1e-2, key
             assert row["inductor_first_call_s"] > 0
+
+
+def test_lora_tiles_time_each_tile(tmp_path):
+    """--lora-tiles: the one-launch LoRA kernels under each tile configuration, each agreeing
+    with the segment kernels (a tile that computed something else would show here)."""
+    out = tmp_path / "tiles.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    tiles = ["64:4:128:4", "128:8:64:2"]
+    done = subprocess.run(
+        [sys.executable, "bench/decode_kernels.py", "--device", "cpu", "--dtype", "float16",
+         "--shapes", "tiny", "--batches", "3", "--reps", "1", "--lora-tiles", *tiles,
+         "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["tiles"], r["module"]) for r in rows} == {
+        (t, m) for t in tiles for m in ("qkv", "o", "gate_up", "down")
+    }
+    assert all(r["op"] == "lora_tiles" and r["max_abs_diff"] < 1e-2 for r in rows)

@@ -205,6 +205,7 @@ class DeviceSlots:
         table = self._lora_table
         ranks, scales = table.host_columns()  # written with the weights
         rank_rows, scale_rows = ranks.numpy(), scales.numpy()
+        staged = self._staged()
         for (layer, proj), mod in weights.modules.items():
             group, i = GROUP_OF[proj]
             row = lora_row(layer, group)
@@ -217,11 +218,13 @@ class DeviceSlots:
             rows = buf.B[slot, off : off + buf.slice_sizes[i]]
             # Rows past r must be zero: only those an earlier adapter wrote need zeroing (the
             # rest never left the zero pages, and writing zeros would fault them all in).
+            # Staged, B's rows are written whole (zeros past r, _copy_in): contiguous.
             hw = buf.written[i][slot]
             if hw > r:
                 buf.A[i, slot, r:hw].zero_()
-                rows[:, r:hw].zero_()
-            dst += [buf.A[i, slot, :r], rows[:, :r]]
+                if not staged:
+                    rows[:, r:hw].zero_()
+            dst += [buf.A[i, slot, :r], rows if staged else rows[:, :r]]
             src += [mod.A, mod.B]
             buf.written[i][slot] = r
             rank_rows[row, i] = r
@@ -257,9 +260,12 @@ class DeviceSlots:
 
     def _copy_in(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         """dst[i].copy_(src[i]) for host tensors src, each cast to its dst's dtype on the host
-        (as `Tensor.to` would): one host-to-device copy, then two foreach copies."""
+        (as `Tensor.to` would): one host-to-device copy, then two foreach copies. Staged, a
+        2-D dst wider than its src (a slot's whole B rows) gets src and zeros past it."""
         if self._staged():
-            src = upload(src, [d.dtype for d in dst], self.device)
+            widths = [d.shape[1] if d.dim() == 2 and s.dim() == 2 and d.shape[1] != s.shape[1]
+                      else None for d, s in zip(dst, src, strict=True)]  # fmt: skip
+            src = upload(src, [d.dtype for d in dst], self.device, widths)
         # Contiguous pairs apart: on a GPU, one foreach copy of many such tensors takes a few
         # launches; one with a strided destination takes a launch per tensor.
         dense = [d.is_contiguous() and s.is_contiguous() for d, s in zip(dst, src, strict=True)]
@@ -285,6 +291,7 @@ class DeviceSlots:
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
         written: list[tuple[str, StackedModule, int]] = []
+        staged = self._staged()
         for (layer, placement), (wd, bd, wu, bu) in weights.modules.items():
             group = PLACEMENT_GROUP[placement]
             row = bottleneck_row(layer, group)
@@ -299,10 +306,12 @@ class DeviceSlots:
             hw = buf.written[0][slot]  # as in write_lora: zero what an earlier adapter wrote
             if hw > r:
                 buf.A[0, slot, r:hw].zero_()
-                buf.B[slot, :, r:hw].zero_()
+                if not staged:
+                    buf.B[slot, :, r:hw].zero_()
                 buf.b_down[slot, r:hw].zero_()
             buf.written[0][slot] = r
-            dst += [buf.A[0, slot, :r], buf.B[slot, :, :r], buf.b_down[slot, :r], buf.b_up[slot]]
+            b = buf.B[slot] if staged else buf.B[slot, :, :r]  # as in write_lora
+            dst += [buf.A[0, slot, :r], b, buf.b_down[slot, :r], buf.b_up[slot]]
             src += [wd, wu, bd, bu]
             rank_rows[row, 0] = r
             scale_rows[row, 0] = fp32_scale(weights.scaling, "the bottleneck")
@@ -332,32 +341,48 @@ def fp32_scale(scale: float, where: str) -> float:
     return scale
 
 
-def upload(tensors: list[torch.Tensor], dtypes: list[torch.dtype],
-           device: torch.device) -> list[torch.Tensor]:  # fmt: skip
+def upload(tensors: list[torch.Tensor], dtypes: list[torch.dtype], device: torch.device,
+           widths: list[int | None] | None = None) -> list[torch.Tensor]:  # fmt: skip
     """Host tensors on `device`, each cast to its dtype in `dtypes` on the host (as
     `Tensor.to`), through one copy from page-locked memory (asynchronous: torch keeps the
-    page-locked block from reuse until the copy is done). Two ops per tensor on the host, as
-    a write's hundreds of tensors make each op count."""
-    groups: dict[torch.dtype, list[int]] = {}
+    page-locked block from reuse until the copy is done). A fixed few ops on the host, as a
+    write's hundreds of tensors make each op count. `widths[i]`, for a 2-D tensor: the columns
+    it arrives with, zeros past its own (a slot's B columns past its rank): a destination that
+    wide is contiguous, and a foreach copy into contiguous tensors is a few launches on a GPU
+    where strided ones take one each."""
+    # (dtype, the tensors' columns, the columns they arrive with); (dtype, 0, 0): as they are
+    groups: dict[tuple[torch.dtype, int, int], list[int]] = {}
     for i, d in enumerate(dtypes):
-        groups.setdefault(d, []).append(i)
-    numels = {d: [tensors[i].numel() for i in idx] for d, idx in groups.items()}
+        w = widths[i] if widths is not None else None
+        padded = w is not None and w != tensors[i].shape[1]
+        key = (d, tensors[i].shape[1], w) if padded else (d, 0, 0)
+        groups.setdefault(key, []).append(i)  # type: ignore[arg-type]
+    numels = {key: [tensors[i].shape[0] * key[2] if key[2] else tensors[i].numel()
+                    for i in idx] for key, idx in groups.items()}  # fmt: skip
     starts, nbytes = {}, 0
-    for d in groups:  # one region per dtype, each 16-byte aligned
-        starts[d] = nbytes
-        nbytes += -(-sum(numels[d]) * d.itemsize // 16) * 16
+    for key in groups:  # one region per group, each 16-byte aligned
+        starts[key] = nbytes
+        nbytes += -(-sum(numels[key]) * key[0].itemsize // 16) * 16
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
-    def region(flat: torch.Tensor, d: torch.dtype) -> torch.Tensor:
-        return flat[starts[d] : starts[d] + sum(numels[d]) * d.itemsize].view(d)
+    def region(flat: torch.Tensor, key: tuple[torch.dtype, int, int]) -> torch.Tensor:
+        d = key[0]
+        return flat[starts[key] : starts[key] + sum(numels[key]) * d.itemsize].view(d)
 
-    for d, idx in groups.items():  # cat casts to the region's dtype as it copies
-        torch.cat([tensors[i].flatten() for i in idx], out=region(host, d))
+    for key, idx in groups.items():  # cat and copy_ cast to the region's dtype
+        if key[2]:  # the group's rows stacked into the first columns, zeros past them
+            rows = region(host, key).view(-1, key[2])
+            rows[:, key[1] :].zero_()
+            rows[:, : key[1]].copy_(torch.cat([tensors[i] for i in idx]))
+        else:
+            torch.cat([tensors[i].flatten() for i in idx], out=region(host, key))
     on_device = host.to(device, non_blocking=True)
     out: list[torch.Tensor] = [host] * len(tensors)
-    for d, idx in groups.items():
-        for i, part in zip(idx, torch.split(region(on_device, d), numels[d]), strict=True):
-            out[i] = part.view(tensors[i].shape)
+    for key, idx in groups.items():
+        parts = torch.split(region(on_device, key), numels[key])
+        for i, part in zip(idx, parts, strict=True):
+            out[i] = part.view(tensors[i].shape[0], key[2]) if key[2] else part.view(
+                tensors[i].shape)  # fmt: skip
     return out
 
 

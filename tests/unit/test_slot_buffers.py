@@ -120,6 +120,41 @@ def test_upload_gives_each_tensor_cast_to_its_dtype():
         assert o.dtype == d and o.shape == t.shape and torch.equal(o, t.to(d))
 
 
+def test_upload_pads_a_tensor_to_its_width_with_zeros():
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(4, 3, generator=g), torch.randn(2, 3, generator=g),
+               torch.randn(5, 8, generator=g), torch.randn(3, 5, generator=g)]  # fmt: skip
+    out = upload(tensors, [torch.bfloat16] * 4, CPU, [8, 8, 8, None])
+    for t, o in zip(tensors, out, strict=True):
+        w = 8 if t.shape[1] != 5 else 5
+        assert o.shape == (t.shape[0], w) and o.dtype == torch.bfloat16
+        assert torch.equal(o[:, : t.shape[1]], t.bfloat16()) and not o[:, t.shape[1] :].any()
+
+
+@pytest.mark.parametrize("kind", ["lora", "bottleneck"])
+def test_a_staged_write_copies_into_contiguous_slots_but_the_rank_tables(monkeypatch, kind):
+    """On a GPU a foreach copy into strided tensors launches once per tensor; B's first r
+    columns were such a destination in every module. Staged, B's rows go over whole."""
+    slots = DeviceSlots(SHAPE, num_slots=4, max_rank=16, dtype=torch.bfloat16, device=CPU,
+                        backend=Backend())  # fmt: skip
+    monkeypatch.setattr(slots, "_staged", lambda: True)
+    strided: list[int] = []
+    copy = torch._foreach_copy_
+
+    def recording(dst, src):
+        strided.append(sum(not d.is_contiguous() for d in dst))
+        return copy(dst, src)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", recording)
+    for rank in (12, 5):  # a smaller rank over a larger one: B's columns past it are zeroed
+        if kind == "lora":
+            slots.write_lora(2, lora(rank, seed=rank))
+        else:
+            slots.write_bottleneck(2, bottleneck(rank, seed=rank))
+        assert sum(strided) == 2, strided  # the ranks' and the scales' columns of the table
+        strided.clear()
+
+
 def test_a_write_through_one_upload_equals_a_direct_one(monkeypatch):
     """What a GPU does (the adapter's tensors staged in one buffer, copied over once, then into
     the slots) against the direct host copies, through rewrites at smaller ranks and clears.
@@ -200,7 +235,7 @@ def test_a_slot_write_moves_data_in_as_many_ops_for_any_number_of_layers(monkeyp
         with ops:
             write(1, weights)
         counts.append(ops.count)
-    assert counts[0] == counts[1] and counts[0] <= 10, counts
+    assert counts[0] == counts[1] and counts[0] <= 12, counts
 
 
 @pytest.mark.parametrize("scale", [1e308, float("inf"), float("nan")])

@@ -139,17 +139,20 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
 
 
 def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict]:
-    """The one-launch LoRA kernels under each tile configuration "BLOCK_N:warps:BLOCK_K:warps"
-    (expand's columns a program and warps, shrink's input columns a loop step and warps),
-    against the segment kernels in the same rows: which tiles to make the default."""
+    """The one-launch LoRA kernels under each tile configuration
+    "BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK]" (expand's columns a program and warps, shrink's
+    input columns a loop step and warps, ranks a step of a loop over each slot's own rank, 0 or
+    left out: one tile of every rank), against the segment kernels in the same rows: which
+    tiles to make the default."""
     from peftserve.kernels import triton_lowrank_rows as rows_module
 
-    names = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS")
+    names = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS", "RANK_CHUNK")
     default = [getattr(rows_module, n) for n in names]
     out = []
     try:
         for tile in tiles:
             values = [int(v) for v in tile.split(":")]
+            values += [0] * (len(names) - len(values))
             for n, v in zip(names, values, strict=True):
                 setattr(rows_module, n, v)
             for row in lora_rows(shape, batch, reps):
@@ -291,10 +294,10 @@ def main() -> None:
                         default=["smollm2-135m", "llama-3.1-8b"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="cpu: a dry run")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--lora-tiles", nargs="+", default=[], metavar="N:W:K:W",
+    parser.add_argument("--lora-tiles", nargs="+", default=[], metavar="N:W:K:W[:RC]",
                         help="only the one-launch LoRA kernels, under each of these tiles "
-                             "(expand BLOCK_N:num_warps:shrink BLOCK_K:num_warps), e.g. "
-                             "64:4:128:4 128:4:128:4 256:8:256:4")  # fmt: skip
+                             "(expand BLOCK_N:num_warps:shrink BLOCK_K:num_warps[:rank "
+                             "chunk]), e.g. 64:4:128:4 64:4:128:4:16 256:8:256:4:16")  # fmt: skip
     args = parser.parse_args()
     ops = set(args.ops.split(","))
     if not ops <= {"attention", "lora", "fused"}:

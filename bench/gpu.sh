@@ -136,7 +136,8 @@ step kernels_bench "${T_KERNEL_BENCH:-30}" "$PY" bench/kernels.py --out "$OUT/ke
 if [[ " ${STEPS:-} " == *" lora_tiles "* ]]; then
   step lora_tiles "${T_LORA_TILES:-120}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
     --batches 8 32 64 --out "$OUT/decode_lora_tiles_cuda.json" \
-    --lora-tiles ${LORA_TILES:-64:4:128:4 128:4:128:4 128:8:128:4 256:8:128:4 64:4:256:8 64:2:64:2}
+    --lora-tiles ${LORA_TILES:-64:4:128:4 64:4:128:4:16 128:4:256:4:16 256:4:256:4:16 \
+      256:8:128:4:32 128:8:128:4 64:2:64:2:8}
 fi
 cat "$OUT/steps.log"
 # The issue's must-shows from the files above, met or not (no GPU needed; rerun it on copies)

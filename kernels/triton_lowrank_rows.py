@@ -14,6 +14,12 @@ steps where one program per (token, slice) leaves the GPU idle); its output hold
 sum per split, which the expand adds up, deterministically. The bottleneck's `b_down` and
 activation therefore act in the expand, on the summed shrink.
 
+Both kernels have two forms of the same sums: one tile of every rank up to R_max, masked past
+the slot's own (the default), or, with RANK_CHUNK set, a loop over the slot's own rank that
+many at a time, so a rank-8 slot costs one small step and the registers do not grow with
+R_max. Which is faster where is for the GPU to say (bench/decode_kernels.py --lora-tiles); the
+kernel tests run both.
+
 Imported lazily, like triton_shrink.py.
 """
 
@@ -33,6 +39,9 @@ SHRINK_BLOCK_K = 128  # input columns per step of the shrink's loop, at most
 SHRINK_WARPS = 4
 EXPAND_BLOCK_N = 64  # output columns per expand program
 EXPAND_WARPS = 4
+# Ranks a step of a loop over each slot's own rank, in both kernels; 0: every rank up to R_max
+# in one tile (masked past the slot's rank), the tile's registers sized for R_max.
+RANK_CHUNK = 0
 
 
 @triton.jit
@@ -57,6 +66,7 @@ def _shrink_rows_kernel(
     stride_ranki,
     BLOCK_R: tl.constexpr,  # R_max padded to a power of two
     BLOCK_K: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,  # BLOCK_R: one tile of every rank; less: a loop to the rank
 ):
     t = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1).to(tl.int64)  # slice
@@ -66,6 +76,12 @@ def _shrink_rows_kernel(
     slot = tl.maximum(slot, 0)  # a token without an adapter reads slot 0's rank, then ignores it
     rank = tl.load(rank_ptr + i * stride_ranki + slot)
     rank = tl.where(live, tl.minimum(rank, R_MAX_STORE), 0)
+    if RANK_CHUNK < BLOCK_R:
+        _shrink_rank_chunks(x_ptr, a_ptr, v_ptr, t, i, split, slot, rank, K, k_per_split,
+                            R_MAX_STORE, stride_xt, stride_xk, stride_ai, stride_as, stride_ar,
+                            stride_ak, stride_vp, stride_vi, stride_vt, RANK_CHUNK,
+                            BLOCK_K)  # fmt: skip
+        return
 
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
@@ -83,6 +99,76 @@ def _shrink_rows_kernel(
     # Zeros past the rank and for idle tokens too: the buffer needs no memset launch.
     v_ptrs = v_ptr + split * stride_vp + i * stride_vi + t * stride_vt + offs_r
     tl.store(v_ptrs, acc, mask=offs_r < R_MAX_STORE)
+
+
+@triton.jit
+def _shrink_rank_chunks(
+    x_ptr, a_ptr, v_ptr, t, i, split, slot, rank, K, k_per_split, R_MAX_STORE,
+    stride_xt, stride_xk, stride_ai, stride_as, stride_ar, stride_ak, stride_vp, stride_vi,
+    stride_vt, RANK_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The shrink's program over its slot's own rank, RANK_CHUNK ranks at a time (registers
+    for a [RANK_CHUNK, BLOCK_K] tile whatever R_max), then zeros to R_max."""
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    v_row = v_ptr + split * stride_vp + i * stride_vi + t * stride_vt
+    done = (rank + RANK_CHUNK - 1) // RANK_CHUNK * RANK_CHUNK
+    for r0 in range(0, done, RANK_CHUNK):
+        offs_c = r0 + tl.arange(0, RANK_CHUNK)
+        mask_c = offs_c < rank
+        a_row = a_ptr + i * stride_ai + slot * stride_as + offs_c[:, None] * stride_ar
+        acc = tl.full((RANK_CHUNK,), 0.0, dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_end
+            x = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0)
+            a = tl.load(a_row + offs_k[None, :] * stride_ak,
+                        mask=mask_c[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+            acc += tl.reduce(a.to(tl.float32) * x.to(tl.float32)[None, :], 1, _add)
+        tl.store(v_row + offs_c, acc, mask=offs_c < R_MAX_STORE)
+    for r0 in range(done, R_MAX_STORE, RANK_CHUNK):  # past the rank: zeros, as the tile form
+        offs_c = r0 + tl.arange(0, RANK_CHUNK)
+        tl.store(v_row + offs_c, tl.full((RANK_CHUNK,), 0.0, dtype=tl.float32),
+                 mask=offs_c < R_MAX_STORE)  # fmt: skip
+
+
+@triton.jit
+def _expand_rank_chunks(
+    v_ptr, b_ptr, b_down_ptr, t, i, slot, rank, cols, mask_n, R_MAX_STORE, stride_vp,
+    stride_vi, stride_vt, stride_bs, stride_bo, stride_br, stride_bds,
+    N_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    RANK_ALIGN: tl.constexpr, RANK_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The expand's sum over its slot's own rank, RANK_CHUNK ranks at a time -> [BLOCK_N]."""
+    rank_ld = tl.minimum((rank + RANK_ALIGN - 1) // RANK_ALIGN * RANK_ALIGN, R_MAX_STORE)
+    d = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
+    for r0 in range(0, rank, RANK_CHUNK):
+        offs_c = r0 + tl.arange(0, RANK_CHUNK)
+        mask_c = offs_c < rank
+        mask_ld = offs_c < rank_ld  # as the tile form: 16-byte loads, selects on the rank
+        h = tl.full((RANK_CHUNK,), 0.0, dtype=tl.float32)
+        for p in tl.static_range(N_SPLITS):
+            h += tl.load(v_ptr + p * stride_vp + i * stride_vi + t * stride_vt + offs_c,
+                         mask=mask_ld, other=0.0)  # fmt: skip
+        if HAS_BIAS:
+            h += tl.load(b_down_ptr + slot * stride_bds + offs_c, mask=mask_c, other=0.0).to(
+                tl.float32
+            )
+        if ACT == 1:
+            h = tl.maximum(h, 0.0)
+        elif ACT == 2:
+            h = h / (1.0 + tl.exp(-h))
+        elif ACT == 3:
+            h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        h = tl.where(mask_c, h, 0.0)
+        b = tl.load(
+            b_ptr + slot * stride_bs + cols[:, None] * stride_bo + offs_c[None, :] * stride_br,
+            mask=mask_n[:, None] & mask_ld[None, :],
+            other=0.0,
+        )
+        b = tl.where(mask_c[None, :], b.to(tl.float32), 0.0)
+        d += tl.reduce(b * h[None, :], 1, _add)
+    return d
 
 
 @triton.jit
@@ -114,6 +200,7 @@ def _expand_rows_kernel(
     RANK_ALIGN: tl.constexpr,  # 8 where R_MAX_STORE is a multiple of 8, else 1
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,  # BLOCK_R: one tile of every rank; less: a loop to the rank
 ):
     t = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1).to(tl.int64)  # slice
@@ -125,6 +212,23 @@ def _expand_rows_kernel(
     col_start = tl.load(slice_offsets_ptr + i)
     width = tl.load(slice_offsets_ptr + i + 1) - col_start
     if (rank <= 0) | (pid_n * BLOCK_N >= width):  # no update here, or past a narrower slice
+        return
+    if RANK_CHUNK < BLOCK_R:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < width
+        cols = (col_start + offs_n).to(tl.int64)
+        d = _expand_rank_chunks(v_ptr, b_ptr, b_down_ptr, t, i, slot, rank, cols, mask_n,
+                                R_MAX_STORE, stride_vp, stride_vi, stride_vt, stride_bs,
+                                stride_bo, stride_br, stride_bds, N_SPLITS, HAS_BIAS, ACT,
+                                RANK_ALIGN, RANK_CHUNK, BLOCK_N)  # fmt: skip
+        if HAS_BIAS:
+            d += tl.load(b_up_ptr + slot * stride_bus + cols, mask=mask_n, other=0.0).to(
+                tl.float32
+            )
+        d *= tl.load(scale_ptr + i * stride_ranki + slot)
+        y_ptrs = y_ptr + t * stride_yt + cols * stride_yo
+        y = tl.load(y_ptrs, mask=mask_n, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + d).to(y.dtype), mask=mask_n)
         return
 
     offs_r = tl.arange(0, BLOCK_R)
@@ -169,6 +273,11 @@ def _expand_rows_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + d).to(y.dtype), mask=mask_n)
 
 
+def rank_chunk(block_r: int) -> int:
+    """The kernels' RANK_CHUNK: RANK_CHUNK where it is set and below the tile's ranks."""
+    return min(RANK_CHUNK, block_r) if RANK_CHUNK > 0 else block_r
+
+
 def shrink_splits(n_tokens: int, n_slices: int, d_in: int) -> int:
     """Splits of the input dimension: enough programs to spread a few tokens' weight reads
     over the GPU (~256 programs), at least two BLOCK_Ks of columns each."""
@@ -190,7 +299,8 @@ def shrink_rows_triton(
     if T == 0:
         return v
     block_r = pow2_at_least(r_max)
-    block_k = max(32, min(SHRINK_BLOCK_K, 8192 // block_r))  # an A tile of <= 8K elements
+    chunk = rank_chunk(block_r)
+    block_k = max(32, min(SHRINK_BLOCK_K, 8192 // chunk))  # an A tile of <= 8K elements
     k_per_split = cdiv(cdiv(d_in, n_splits), block_k) * block_k
     _shrink_rows_kernel[(T, n_slices, n_splits)](
         x, A, v, token_slot, rank,
@@ -198,6 +308,7 @@ def shrink_rows_triton(
         *x.stride(), *A.stride(), *v.stride()[:3], rank.stride(0),  # one call a tensor
         BLOCK_R=block_r,
         BLOCK_K=block_k,
+        RANK_CHUNK=chunk,
         num_warps=SHRINK_WARPS,
     )  # fmt: skip
     return v
@@ -239,6 +350,7 @@ def expand_rows_triton(
         RANK_ALIGN=8 if r_max % 8 == 0 else 1,
         BLOCK_R=pow2_at_least(r_max),
         BLOCK_N=EXPAND_BLOCK_N,
+        RANK_CHUNK=rank_chunk(pow2_at_least(r_max)),
         num_warps=EXPAND_WARPS,
     )  # fmt: skip
     return y

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peftserve.kernels import triton_lowrank_rows as rows_module
 from peftserve.kernels.triton_lowrank_rows import (
     check_rows_args,
     lowrank_delta_rows_triton,
@@ -28,6 +29,15 @@ from tests.kernels.lowrank_cases import (
 
 QKV_GQA = (48, 16, 16)  # q, k, v widths under grouped-query attention
 GATE_UP = (70, 70)
+
+
+@pytest.fixture(autouse=True, params=[0, 4, 16], ids=["whole-rank", "rank-chunk-4",
+                                                      "rank-chunk-16"])  # fmt: skip
+def rank_chunk(request, monkeypatch):
+    """Every test in both forms of the kernels: one tile of every rank up to R_max, and loops
+    over each slot's own rank in chunks (RANK_CHUNK, what --lora-tiles times on the GPU)."""
+    monkeypatch.setattr(rows_module, "RANK_CHUNK", request.param)
+    return request.param
 
 
 def case(**kwargs):

@@ -51,7 +51,7 @@ def test_lora_tiles_time_each_tile(tmp_path):
     with the segment kernels (a tile that computed something else would show here)."""
     out = tmp_path / "tiles.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    tiles = ["64:4:128:4", "128:8:64:2"]
+    tiles = ["64:4:128:4", "128:8:64:2:4"]
     done = subprocess.run(
         [sys.executable, "bench/decode_kernels.py", "--device", "cpu", "--dtype", "float16",
          "--shapes", "tiny", "--batches", "3", "--reps", "1", "--lora-tiles", *tiles,

@@ -15,7 +15,7 @@ host-to-device copies that each waited for the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -52,6 +52,10 @@ PLACEMENT_INDEX = {group: g for g, group in enumerate(PLACEMENT_GROUP.values())}
 FP32_MAX = torch.finfo(torch.float32).max
 # A module an adapter has deltas on: ("lora", layer, group) or ("bottleneck", layer, group, act).
 ModuleKey = tuple[str | int, ...]
+# A staged write sends B's rows whole (zeros past the rank, so that its destinations are
+# contiguous: a few launches on a GPU instead of one per module) while that adds at most this
+# many bytes to the upload (a rank-8 LoRA under max rank 64 at an 8B shape would add ~150 MB).
+WHOLE_ROWS_MAX_EXTRA = 32 << 20
 
 
 def lora_row(layer: int, group: str) -> int:
@@ -205,7 +209,7 @@ class DeviceSlots:
         table = self._lora_table
         ranks, scales = table.host_columns()  # written with the weights
         rank_rows, scale_rows = ranks.numpy(), scales.numpy()
-        staged = self._staged()
+        whole = self._whole_rows((m.B.shape[0], m.B.shape[1]) for m in weights.modules.values())
         for (layer, proj), mod in weights.modules.items():
             group, i = GROUP_OF[proj]
             row = lora_row(layer, group)
@@ -218,13 +222,13 @@ class DeviceSlots:
             rows = buf.B[slot, off : off + buf.slice_sizes[i]]
             # Rows past r must be zero: only those an earlier adapter wrote need zeroing (the
             # rest never left the zero pages, and writing zeros would fault them all in).
-            # Staged, B's rows are written whole (zeros past r, _copy_in): contiguous.
+            # B's rows written whole (_whole_rows: zeros past r, _copy_in) are contiguous.
             hw = buf.written[i][slot]
             if hw > r:
                 buf.A[i, slot, r:hw].zero_()
-                if not staged:
+                if not whole:
                     rows[:, r:hw].zero_()
-            dst += [buf.A[i, slot, :r], rows if staged else rows[:, :r]]
+            dst += [buf.A[i, slot, :r], rows if whole else rows[:, :r]]
             src += [mod.A, mod.B]
             buf.written[i][slot] = r
             rank_rows[row, i] = r
@@ -278,6 +282,13 @@ class DeviceSlots:
         """Whether writes go through `upload` (else straight from the host tensors)."""
         return self.device.type != "cpu"
 
+    def _whole_rows(self, b_shapes: Iterable[tuple[int, int]]) -> bool:
+        """Whether a staged write sends B's rows whole: b_shapes, each module's B [rows, r]."""
+        if not self._staged():
+            return False
+        extra = sum(n * (self.max_rank - r) for n, r in b_shapes) * self.dtype.itemsize
+        return extra <= WHOLE_ROWS_MAX_EXTRA
+
     def write_bottleneck(self, slot: int, weights: BottleneckWeights) -> None:
         self.clear(slot)
         act = weights.activation
@@ -291,7 +302,8 @@ class DeviceSlots:
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
         written: list[tuple[str, StackedModule, int]] = []
-        staged = self._staged()
+        whole = self._whole_rows((wu.shape[0], wu.shape[1]) for _, _, wu, _ in
+                                 weights.modules.values())  # fmt: skip
         for (layer, placement), (wd, bd, wu, bu) in weights.modules.items():
             group = PLACEMENT_GROUP[placement]
             row = bottleneck_row(layer, group)
@@ -306,11 +318,11 @@ class DeviceSlots:
             hw = buf.written[0][slot]  # as in write_lora: zero what an earlier adapter wrote
             if hw > r:
                 buf.A[0, slot, r:hw].zero_()
-                if not staged:
+                if not whole:
                     buf.B[slot, :, r:hw].zero_()
                 buf.b_down[slot, r:hw].zero_()
             buf.written[0][slot] = r
-            b = buf.B[slot] if staged else buf.B[slot, :, :r]  # as in write_lora
+            b = buf.B[slot] if whole else buf.B[slot, :, :r]  # as in write_lora
             dst += [buf.A[0, slot, :r], b, buf.b_down[slot, :r], buf.b_up[slot]]
             src += [wd, wu, bd, bu]
             rank_rows[row, 0] = r

@@ -153,9 +153,18 @@ def test_a_staged_write_copies_into_contiguous_slots_but_the_rank_tables(monkeyp
             slots.write_bottleneck(2, bottleneck(rank, seed=rank))
         assert sum(strided) == 2, strided  # the ranks' and the scales' columns of the table
         strided.clear()
+    # Past WHOLE_ROWS_MAX_EXTRA (a low rank under a high max rank at a large shape), B's
+    # columns to the rank go over as they are: strided, one launch each on a GPU.
+    monkeypatch.setattr(slots_module, "WHOLE_ROWS_MAX_EXTRA", -1)
+    if kind == "lora":
+        slots.write_lora(2, lora(5, seed=5))
+    else:
+        slots.write_bottleneck(2, bottleneck(5, seed=5))
+    assert sum(strided) > 2, strided
 
 
-def test_a_write_through_one_upload_equals_a_direct_one(monkeypatch):
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-B-rows", "B-rows-to-rank"])
+def test_a_write_through_one_upload_equals_a_direct_one(monkeypatch, whole):
     """What a GPU does (the adapter's tensors staged in one buffer, copied over once, then into
     the slots) against the direct host copies, through rewrites at smaller ranks and clears.
     On the CPU the staged path is forced; with PEFTSERVE_TEST_DEVICE=cuda (bench/gpu.sh) it
@@ -166,6 +175,8 @@ def test_a_write_through_one_upload_equals_a_direct_one(monkeypatch):
                          device=torch.device(DEVICE), backend=Backend())  # fmt: skip
     if DEVICE == "cpu":
         monkeypatch.setattr(staged, "_staged", lambda: True)
+    if not whole:  # past WHOLE_ROWS_MAX_EXTRA: B's columns to the rank, strided
+        monkeypatch.setattr(slots_module, "WHOLE_ROWS_MAX_EXTRA", -1)
     uploads = []
     monkeypatch.setattr(slots_module, "upload",
                         lambda *a: uploads.append(1) or upload(*a))  # fmt: skip

@@ -133,6 +133,22 @@ def _shrink_rank_chunks(
 
 
 @triton.jit
+def _hidden(h, b_down_ptr, slot, stride_bds, offs, mask, HAS_BIAS: tl.constexpr,
+            ACT: tl.constexpr):  # fmt: skip
+    """The expand's summed shrink at ranks `offs`: + b_down and the activation (a bottleneck),
+    zero past the slot's rank (`mask`)."""
+    if HAS_BIAS:
+        h += tl.load(b_down_ptr + slot * stride_bds + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 1:
+        h = tl.maximum(h, 0.0)
+    elif ACT == 2:
+        h = h / (1.0 + tl.exp(-h))
+    elif ACT == 3:
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return tl.where(mask, h, 0.0)
+
+
+@triton.jit
 def _expand_rank_chunks(
     v_ptr, b_ptr, b_down_ptr, t, i, slot, rank, cols, mask_n, R_MAX_STORE, stride_vp,
     stride_vi, stride_vt, stride_bs, stride_bo, stride_br, stride_bds,
@@ -150,17 +166,7 @@ def _expand_rank_chunks(
         for p in tl.static_range(N_SPLITS):
             h += tl.load(v_ptr + p * stride_vp + i * stride_vi + t * stride_vt + offs_c,
                          mask=mask_ld, other=0.0)  # fmt: skip
-        if HAS_BIAS:
-            h += tl.load(b_down_ptr + slot * stride_bds + offs_c, mask=mask_c, other=0.0).to(
-                tl.float32
-            )
-        if ACT == 1:
-            h = tl.maximum(h, 0.0)
-        elif ACT == 2:
-            h = h / (1.0 + tl.exp(-h))
-        elif ACT == 3:
-            h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        h = tl.where(mask_c, h, 0.0)
+        h = _hidden(h, b_down_ptr, slot, stride_bds, offs_c, mask_c, HAS_BIAS, ACT)
         b = tl.load(
             b_ptr + slot * stride_bs + cols[:, None] * stride_bo + offs_c[None, :] * stride_br,
             mask=mask_n[:, None] & mask_ld[None, :],
@@ -243,17 +249,7 @@ def _expand_rows_kernel(
     for p in tl.static_range(N_SPLITS):
         h += tl.load(v_ptr + p * stride_vp + i * stride_vi + t * stride_vt + offs_r,
                      mask=mask_ld, other=0.0)  # fmt: skip
-    if HAS_BIAS:
-        h += tl.load(b_down_ptr + slot * stride_bds + offs_r, mask=mask_r, other=0.0).to(
-            tl.float32
-        )
-    if ACT == 1:
-        h = tl.maximum(h, 0.0)
-    elif ACT == 2:
-        h = h / (1.0 + tl.exp(-h))
-    elif ACT == 3:
-        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    h = tl.where(mask_r, h, 0.0)
+    h = _hidden(h, b_down_ptr, slot, stride_bds, offs_r, mask_r, HAS_BIAS, ACT)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < width

@@ -137,6 +137,34 @@ def _fastest_and_compile(row: dict) -> str:
     return f"{_fastest(row)}; Inductor's first call {_fmt(row.get('inductor_first_call_s'))} s"
 
 
+def tile_lines(out: Path) -> list[str]:
+    """gpu.sh's opt-in lora_tiles step (decode_lora_tiles_cuda.json; nothing when it did not
+    run): each tile's total graph-replayed time over the cells every tile ran, the least first
+    (the tiles to make the default), then each cell's GB/s by tile."""
+    data = read_json(out, "decode_lora_tiles_cuda.json")
+    if data is None:
+        return []
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in data.get("rows", []):
+        if row.get("op") == "lora_tiles" and row.get("graph_ms", {}).get("rows_one_launch"):
+            key = (row["shape"], row.get("module"), row["batch"])
+            cells.setdefault(key, {})[row["tiles"]] = row
+    tiles = sorted({t for per in cells.values() for t in per})
+    common = [per for per in cells.values() if set(per) == set(tiles)]
+    total = {t: sum(per[t]["graph_ms"]["rows_one_launch"] for per in common) for t in tiles}
+    ranked = sorted(tiles, key=total.__getitem__)
+    lines = ["", "One-launch LoRA kernels by tile (N:warps:K:warps[:rank chunk], "
+             "decode_lora_tiles_cuda.json):",
+             f"- total ms over the {len(common)} cells every tile ran, least first: "
+             + ", ".join(f"{t} {_fmt(total[t])}" for t in ranked)]  # fmt: skip
+    for (shape, module, batch), per in cells.items():
+        rates = ", ".join(f"{t} {_fmt(per[t]['gbs_graph']['rows_one_launch'])}"
+                          for t in tiles if t in per)  # fmt: skip
+        best = min(per, key=lambda t: per[t]["graph_ms"]["rows_one_launch"])
+        lines.append(f"  - {shape} {module} batch {batch}: GB/s {rates}; fastest: {best}")
+    return lines
+
+
 def run_lines(out: Path) -> list[str]:
     """The machine (gpu.sh's environment check) and, per shape, the engine's start-up: load and
     graph capture, and the adapters section's writing and registering of its 64 adapters."""
@@ -217,7 +245,8 @@ def report(out: Path) -> tuple[str, int]:
             "Where a decode step's device time goes (torch.profiler, gpu_engine.py --sections "
             "profile):", *profile_lines(out), *overlap_lines(out), "",
             "Shrink/expand (one launch per stage) and the segment kernels:",
-            *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), "",
+            *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), *tile_lines(out),
+            "",
             "Paged decode attention against gather + SDPA:",
             *kernel_lines(out, "decode_kernels_cuda.json", "attention", _fastest), "",
             "Fused small ops against torch.compile's fusion of the same code:",

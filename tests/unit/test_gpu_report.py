@@ -93,6 +93,32 @@ def test_kernel_rows_give_each_method_and_the_fastest(tmp_path):
             "Inductor's first call 4.5 s; max |diff|") in rest.split("Fused")[1]  # fmt: skip
 
 
+def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
+    text, _ = gpu_report.report(tmp_path)
+    assert "by tile" not in text  # an opt-in step: no file, no section
+
+    def tile_row(tile, module, batch, ms, gbs):
+        return {"op": "lora_tiles", "tiles": tile, "shape": "llama-3.1-8b", "module": module,
+                "batch": batch, "graph_ms": {"rows_one_launch": ms, "segments": 1.0},
+                "gbs_graph": {"rows_one_launch": gbs, "segments": 1.0}}  # fmt: skip
+
+    write(tmp_path, "decode_lora_tiles_cuda.json", {"rows": [
+        tile_row("64:4:128:4", "qkv", 32, 0.024, 548.0),
+        tile_row("64:4:128:4:16", "qkv", 32, 0.012, 1096.0),
+        tile_row("64:4:128:4", "down", 32, 0.021, 1100.0),
+        tile_row("64:4:128:4:16", "down", 32, 0.025, 924.0),
+        tile_row("64:4:128:4", "o", 8, 0.5, 1.0),  # a cell only one tile ran: not in totals
+    ]})  # fmt: skip
+    text, _ = gpu_report.report(tmp_path)
+    tiles = text.split("by tile")[1]
+    assert ("- total ms over the 2 cells every tile ran, least first: 64:4:128:4:16 0.037, "
+            "64:4:128:4 0.045") in tiles
+    assert ("  - llama-3.1-8b qkv batch 32: GB/s 64:4:128:4 548, 64:4:128:4:16 1.1e+03; "
+            "fastest: 64:4:128:4:16") in tiles
+    assert "  - llama-3.1-8b down batch 32: GB/s 64:4:128:4 1.1e+03, 64:4:128:4:16 924; " \
+        "fastest: 64:4:128:4" in tiles
+
+
 def test_the_machine_and_start_up_times(tmp_path):
     (tmp_path / "gpu_env.log").write_text("NVIDIA H200 {'torch': '2.11.0'}\n")
     write(tmp_path, "gpu_engine.json", {"engine_start_s": 12.5, "cuda_graph_capture_s": 3.25,

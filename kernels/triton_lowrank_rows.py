@@ -33,6 +33,7 @@ from .activation import activation_code
 from .tiling import cdiv, pow2_at_least
 from .triton_combine import add as _add
 from .triton_expand import _slice_offsets
+from .triton_shrink import activate
 
 # Tiles (bench/decode_kernels.py --lora-tiles times others on the GPU)
 SHRINK_BLOCK_K = 128  # input columns per step of the shrink's loop, at most
@@ -139,13 +140,7 @@ def _hidden(h, b_down_ptr, slot, stride_bds, offs, mask, HAS_BIAS: tl.constexpr,
     zero past the slot's rank (`mask`)."""
     if HAS_BIAS:
         h += tl.load(b_down_ptr + slot * stride_bds + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 1:
-        h = tl.maximum(h, 0.0)
-    elif ACT == 2:
-        h = h / (1.0 + tl.exp(-h))
-    elif ACT == 3:
-        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    return tl.where(mask, h, 0.0)
+    return tl.where(mask, activate(h, ACT), 0.0)
 
 
 @triton.jit

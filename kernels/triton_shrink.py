@@ -21,6 +21,19 @@ from .tiling import cdiv, shrink_tiles
 
 
 @triton.jit
+def activate(h, ACT: tl.constexpr):
+    """A bottleneck's activation of its down projection (activation.py's codes): 0 none,
+    1 relu, 2 silu, 3 gelu (erf)."""
+    if ACT == 1:
+        h = tl.maximum(h, 0.0)
+    elif ACT == 2:
+        h = h / (1.0 + tl.exp(-h))
+    elif ACT == 3:
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return h
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr,  # [T, in]
     a_ptr,  # [n_slices, S, R_max, in]
@@ -88,12 +101,7 @@ def _shrink_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + slot * stride_bias_s + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = acc / (1.0 + tl.exp(-acc))
-    elif ACT == 3:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    acc = activate(acc, ACT)
 
     v_ptrs = v_ptr + pid_i.to(tl.int64) * stride_vi + tokens[:, None] * stride_vt
     tl.store(v_ptrs + offs_n[None, :] * stride_vr, acc, mask=mask_m[:, None] & mask_n[None, :])

@@ -250,13 +250,12 @@ class StaticDecodeStep:
         rows = None
         if graphs is not None and ctx <= self.options.graph_blocks * self.block_size:
             rows = graphs.bucket(n)
-        # the modules the rows' adapters have deltas on (None: no adapter): the graph of
-        # those alone skips the kernels of modules that would add only zeros for these rows
-        adapters = (
-            self.slots.modules_of(frozenset(s.slot for s in seqs if s.slot >= 0))
-            if self.slots is not None and any(s.slot >= 0 for s in seqs)
-            else None
-        )
+        # replayed: the modules the rows' adapters have deltas on (None: no adapter), the
+        # graph of those alone skips the kernels that would add only zeros for these rows
+        adapters = None
+        if rows is not None and self.slots is not None:
+            slots = frozenset(s.slot for s in seqs if s.slot >= 0)
+            adapters = self.slots.modules_of(slots) if slots else None
         # a capture (rare) fills the buffers: first; False: this step runs eagerly
         if graphs is not None and rows is not None and not graphs.prepare(rows, adapters):
             rows = None

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from peftserve.adapters import slots as slots_module
 from peftserve.adapters.bottleneck import BottleneckWeights
 from peftserve.adapters.lora import PROJECTIONS, LoraModule, LoraWeights, module_dims
-from peftserve.adapters.slots import GROUP_OF, DeviceSlots, upload
+from peftserve.adapters.slots import GROUP_OF, DeviceSlots
+from peftserve.adapters.upload import upload
 from peftserve.kernels import cpu_ext
 from peftserve.kernels.cpu_packed import pack_lora
 from peftserve.layers.backend import Backend, CpuBackend

@@ -138,28 +138,40 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
                 {"ctx": [int(lens.min()), int(lens.max())]})  # fmt: skip
 
 
-def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict]:
-    """The one-launch LoRA kernels under each tile configuration
-    "BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK]" (expand's columns a program and warps, shrink's
-    input columns a loop step and warps, ranks a step of a loop over each slot's own rank, 0 or
-    left out: one tile of every rank), against the segment kernels in the same rows: which
-    tiles to make the default."""
+TILE_NAMES = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS", "RANK_CHUNK")
+
+
+def set_tiles(tile: str) -> str:
+    """Sets the one-launch LoRA kernels' tiles from "BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK]"
+    (expand's columns a program and warps, shrink's input columns a loop step and warps, ranks
+    a step of a loop over each slot's own rank, 0 or left out: one tile of every rank); returns
+    the tiles it replaced, in the same form."""
     from peftserve.kernels import triton_lowrank_rows as rows_module
 
-    names = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS", "RANK_CHUNK")
-    default = [getattr(rows_module, n) for n in names]
+    values = [int(v) for v in tile.split(":")]
+    if not 4 <= len(values) <= len(TILE_NAMES) or min(values) < 0:
+        raise ValueError(f"tiles N:W:K:W[:RC] of non-negative integers, got {tile!r}")
+    values += [0] * (len(TILE_NAMES) - len(values))
+    before = ":".join(str(getattr(rows_module, n)) for n in TILE_NAMES)
+    for n, v in zip(TILE_NAMES, values, strict=True):
+        setattr(rows_module, n, v)
+    return before
+
+
+def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict]:
+    """The one-launch LoRA kernels under each tile configuration (set_tiles), against the
+    segment kernels in the same rows: which tiles to make the default."""
     out = []
+    default = None
     try:
         for tile in tiles:
-            values = [int(v) for v in tile.split(":")]
-            values += [0] * (len(names) - len(values))
-            for n, v in zip(names, values, strict=True):
-                setattr(rows_module, n, v)
+            before = set_tiles(tile)
+            default = default or before
             for row in lora_rows(shape, batch, reps):
                 out.append({**row, "op": "lora_tiles", "tiles": tile})
     finally:
-        for n, v in zip(names, default, strict=True):
-            setattr(rows_module, n, v)
+        if default:
+            set_tiles(default)
     return out
 
 

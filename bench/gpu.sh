@@ -37,8 +37,8 @@
 # T_REPORT included. A step's limit is cut to what is left of it (a step with under 5 s left
 # is skipped and fails), so the run ends in time even when every step hits its limit; a step
 # that ignores the TERM at its limit gets a KILL 5 s later.
-# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight; the
-# ninth, lora_tiles, runs only when named).
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight; two
+# more, lora_tiles and lora_tiles_engine, run only when named).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -131,13 +131,26 @@ step native_kernels "${T_NATIVE:-40}" env PY="$PY" bash -c "$(declare -f native)
 step fused_ops_bench "${T_FUSED_OPS:-45}" "$PY" bench/decode_kernels.py --ops fused \
   --batches 1 8 32 --out "$OUT/decode_fused_ops_cuda.json"
 step kernels_bench "${T_KERNEL_BENCH:-30}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
-# Opt-in only (STEPS="lora_tiles"): the one-launch LoRA kernels under other tiles at the 8B
-# shape, to pick their defaults (kernels/triton_lowrank_rows.py)
+# Opt-in only (STEPS="lora_tiles lora_tiles_engine"): the one-launch LoRA kernels under other
+# tiles at the 8B shape, to pick their defaults (kernels/triton_lowrank_rows.py); then the 8B
+# engine's adapters section under the fastest of them (gpu_engine_8b_tiles.json), next to
+# engine_bench_8b's under the defaults
 if [[ " ${STEPS:-} " == *" lora_tiles "* ]]; then
-  step lora_tiles "${T_LORA_TILES:-120}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
+  step lora_tiles "${T_LORA_TILES:-100}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
     --batches 8 32 64 --out "$OUT/decode_lora_tiles_cuda.json" \
     --lora-tiles ${LORA_TILES:-64:4:128:4 64:4:128:4:16 128:4:256:4:16 256:4:256:4:16 \
-      256:8:128:4:32 128:8:128:4 64:2:64:2:8}
+      256:8:128:4:32 128:8:128:4 64:2:64:2:8 32:2:128:4:16 128:4:64:2:8}
+fi
+tiles_engine() {
+  local tile
+  tile="$("$PY" -m bench.gpu_report --best-tile "$OUT")" || { echo "no lora_tiles result"; return 3; }
+  "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections adapters \
+    --repeat 2 --lora-tiles "$tile" --out "$OUT/gpu_engine_8b_tiles.json"
+}
+if [[ " ${STEPS:-} " == *" lora_tiles_engine "* ]] && [ -n "${MODEL_DIR:-}" ]; then
+  step lora_tiles_engine "${T_LORA_TILES_ENGINE:-90}" env PY="$PY" OUT="$OUT" \
+    MODEL_DIR="$MODEL_DIR" bash -c "$(declare -f tiles_engine); tiles_engine"
+  rm -rf /dev/shm/peftserve-llama-3.1-8b
 fi
 cat "$OUT/steps.log"
 # The issue's must-shows from the files above, met or not (no GPU needed; rerun it on copies)

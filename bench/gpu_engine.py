@@ -49,6 +49,7 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import environment, start_decoding, steady_step_time, timed, workload
+from bench.decode_kernels import set_tiles
 from bench.engine_throughput import matmul_pass
 from bench.multi_adapter import (
     ALL,
@@ -145,6 +146,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed engine runs per configuration (generate: one fewer)")
+    ap.add_argument("--lora-tiles", default=None, metavar="N:W:K:W[:RC]",
+                    help="the one-launch LoRA kernels' tiles (bench.decode_kernels.set_tiles) "
+                         "for the whole run, e.g. the fastest of gpu.sh's lora_tiles step")
     args = ap.parse_args()
     global DEV, REPEAT
     DEV, REPEAT = args.device, args.repeat
@@ -163,9 +167,12 @@ def main() -> None:
     lengths = [n for _, n in work]
     tokens = sum(lengths)
     gpu = torch.cuda.get_device_name() if DEV.startswith("cuda") else None
+    default_tiles = set_tiles(args.lora_tiles) if args.lora_tiles else None
     out: dict = {
         "environment": {**environment(), "gpu": gpu},
         "shape": args.shape or "smollm2",
+        "lora_tiles": args.lora_tiles or "default",
+        "default_lora_tiles": default_tiles,
         "weights": weights,
         "dtype": args.dtype,
         "requests": len(work),

@@ -137,13 +137,10 @@ def _fastest_and_compile(row: dict) -> str:
     return f"{_fastest(row)}; Inductor's first call {_fmt(row.get('inductor_first_call_s'))} s"
 
 
-def tile_lines(out: Path) -> list[str]:
-    """gpu.sh's opt-in lora_tiles step (decode_lora_tiles_cuda.json; nothing when it did not
-    run): each tile's total graph-replayed time over the cells every tile ran, the least first
-    (the tiles to make the default), then each cell's GB/s by tile."""
-    data = read_json(out, "decode_lora_tiles_cuda.json")
-    if data is None:
-        return []
+def tile_ranking(out: Path) -> tuple[list[str], dict[str, float], dict[tuple, dict], int]:
+    """The lora_tiles step's tiles, the least total graph-replayed time over the cells every
+    tile ran first; those totals; each cell's rows by tile; how many cells every tile ran."""
+    data = read_json(out, "decode_lora_tiles_cuda.json") or {}
     cells: dict[tuple, dict[str, dict]] = {}
     for row in data.get("rows", []):
         if row.get("op") == "lora_tiles" and row.get("graph_ms", {}).get("rows_one_launch"):
@@ -152,17 +149,37 @@ def tile_lines(out: Path) -> list[str]:
     tiles = sorted({t for per in cells.values() for t in per})
     common = [per for per in cells.values() if set(per) == set(tiles)]
     total = {t: sum(per[t]["graph_ms"]["rows_one_launch"] for per in common) for t in tiles}
-    ranked = sorted(tiles, key=total.__getitem__)
+    return sorted(tiles, key=total.__getitem__), total, cells, len(common)
+
+
+def tile_lines(out: Path) -> list[str]:
+    """gpu.sh's opt-in lora_tiles step (decode_lora_tiles_cuda.json; nothing when it did not
+    run): each tile's total, the least first (the tiles to make the default), then each cell's
+    GB/s by tile; and the lora_tiles_engine step's 8B adapters section under the fastest."""
+    ranked, total, cells, n_common = tile_ranking(out)
+    if not ranked:
+        return []
     lines = ["", "One-launch LoRA kernels by tile (N:warps:K:warps[:rank chunk], "
              "decode_lora_tiles_cuda.json):",
-             f"- total ms over the {len(common)} cells every tile ran, least first: "
+             f"- total ms over the {n_common} cells every tile ran, least first: "
              + ", ".join(f"{t} {_fmt(total[t])}" for t in ranked)]  # fmt: skip
     for (shape, module, batch), per in cells.items():
         rates = ", ".join(f"{t} {_fmt(per[t]['gbs_graph']['rows_one_launch'])}"
-                          for t in tiles if t in per)  # fmt: skip
+                          for t in sorted(per))  # fmt: skip
         best = min(per, key=lambda t: per[t]["graph_ms"]["rows_one_launch"])
         lines.append(f"  - {shape} {module} batch {batch}: GB/s {rates}; fastest: {best}")
+    engine = read_json(out, "gpu_engine_8b_tiles.json")
+    if engine is not None:
+        ratios = ", ".join(f"{config} {_fmt(dig(engine, ('adapters', config, 'vs_base')))}"
+                           for config in ("lora-qv", "lora-heavy"))  # fmt: skip
+        lines.append(f"- Llama-3.1-8B's adapters section under {engine.get('lora_tiles')} "
+                     f"(gpu_engine_8b_tiles.json), tok/s vs base: {ratios}")
     return lines
+
+
+def best_tile(out: Path) -> str:
+    """The lora_tiles step's fastest tile; "" when it has none."""
+    return (tile_ranking(out)[0] or [""])[0]
 
 
 def run_lines(out: Path) -> list[str]:
@@ -257,7 +274,13 @@ def report(out: Path) -> tuple[str, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="the directory bench/gpu.sh wrote")
+    ap.add_argument("--best-tile", action="store_true",
+                    help="print only the lora_tiles step's fastest tile (exit 1: none)")
     args = ap.parse_args()
+    if args.best_tile:
+        tile = best_tile(args.out)
+        print(tile)
+        return 0 if tile else 1
     text, unmet = report(args.out)
     sys.stdout.write(text)
     print(f"{unmet} goal(s) not met" if unmet else "every goal met")

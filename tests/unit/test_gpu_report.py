@@ -117,6 +117,17 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
             "fastest: 64:4:128:4:16") in tiles
     assert "  - llama-3.1-8b down batch 32: GB/s 64:4:128:4 1.1e+03, 64:4:128:4:16 924; " \
         "fastest: 64:4:128:4" in tiles
+    assert gpu_report.best_tile(tmp_path) == "64:4:128:4:16"
+    assert "under 64:4:128:4:16" not in tiles  # the engine step did not run
+    write(tmp_path, "gpu_engine_8b_tiles.json", {"lora_tiles": "64:4:128:4:16", "adapters": {
+        "lora-qv": {"vs_base": 0.93}, "lora-heavy": {"vs_base": 0.71}}})  # fmt: skip
+    text, _ = gpu_report.report(tmp_path)
+    assert ("- Llama-3.1-8B's adapters section under 64:4:128:4:16 (gpu_engine_8b_tiles.json), "
+            "tok/s vs base: lora-qv 0.93, lora-heavy 0.71") in text
+
+
+def test_best_tile_is_empty_without_the_tiles_step(tmp_path):
+    assert gpu_report.best_tile(tmp_path) == ""
 
 
 def test_the_machine_and_start_up_times(tmp_path):

@@ -84,11 +84,12 @@ def build_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     cflags: tuple[str, ...] = (
         f"-march={march}", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
     )  # fmt: skip
-    # The process's shared C++ runtime, named before the compiler's own libraries: a compiler
-    # that links libstdc++ statically (the H200 image's g++ does) would otherwise give the
-    # library a private copy, and every C++ exception it throws into torch (a failed argument
-    # check) garbles its message or crashes the process (bench/native_probe.py).
-    ldflags: tuple[str, ...] = ("-lstdc++",)
+    # The process's shared C++ runtime, by its file name and before the compiler's own
+    # libraries. A compiler whose -lstdc++ finds only libstdc++.a (the H200 image's g++: no
+    # libstdc++.so in its search path) would otherwise give the library a private copy of the
+    # runtime, and a failed argument check that prints a tensor's sizes crashes the process
+    # inside that copy's std::ostream (bench/native_cases.sh, bench/results/gpu_2026-12-04b).
+    ldflags: tuple[str, ...] = ("-l:libstdc++.so.6",)
     if os.environ.get(ENV_SANITIZE, "0") == "1":
         # Any report aborts the process: a test run under it fails instead of printing on.
         sanitize = (SANITIZERS, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
@@ -233,7 +234,8 @@ def compile_and_register(out: Path) -> None:
 @contextlib.contextmanager
 def _build_lock(out: Path) -> Iterator[None]:
     """One build at a time per directory, across processes; the kernel releases it when its
-    holder dies, however it dies."""
+    holder dies, however it dies. Makes `out` first: the self-test's child may be the first."""
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "build.flock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -221,20 +221,29 @@ def check_screened_argmax(g: torch.Generator) -> None:
 
 def check_refusal(g: torch.Generator) -> None:
     """A failed argument check reaches Python as a RuntimeError with its whole message. The
-    C++ exception crosses from this library into torch's: a library carrying a private copy of
-    the C++ runtime (a compiler that links libstdc++ statically; cpu_ext.build_flags) garbles
-    the message or takes the process down here, before any request can."""
+    C++ exception crosses from this library into torch's, its message printed by the library's
+    std::ostream: a library carrying a private copy of the C++ runtime (a compiler that links
+    libstdc++ statically; cpu_ext.build_flags) garbles the message or takes the process down
+    here, before any request can. One message with a dtype, one with a tensor's sizes (the
+    H200 image's crash was in printing sizes)."""
     y, x = torch.zeros(4, 24), torch.zeros(4, 16)
     A, B = torch.zeros(5, 16, dtype=torch.bfloat16), torch.zeros(5 * 24, dtype=torch.bfloat16)
-    want = "lora_rows: half precision only (fp32 keeps the torch forms), got Float"
-    try:
-        OPS.lora_rows(y=y, x=x, rows=None, bounds=[0, 4], A=[A], B_blocks=[B], ranks=[3, 2],
-                      offsets=[0, 12, 24])  # fmt: skip
-    except RuntimeError as e:
-        if str(e).splitlines()[0] != want:
-            raise AssertionError(f"a refused call's message arrived as {str(e)[:200]!r}") from e
-        return
-    raise AssertionError("lora_rows accepted float activations")
+    args = {"rows": None, "bounds": [0, 4], "B_blocks": [B], "ranks": [3, 2],
+            "offsets": [0, 12, 24]}  # fmt: skip
+    refused = {
+        "lora_rows: half precision only (fp32 keeps the torch forms), got Float":
+            {**args, "y": y, "x": x, "A": [A]},
+        "lora_rows: A must be a contiguous [5, 16] of y's dtype, got [4, 16] BFloat16":
+            {**args, "y": y.bfloat16(), "x": x.bfloat16(), "A": [A[:4]]},
+    }  # fmt: skip
+    for want, call in refused.items():
+        try:
+            OPS.lora_rows(**call)
+        except RuntimeError as e:
+            if str(e).splitlines()[0] != want:
+                raise AssertionError(f"a refused call's message arrived as {str(e)[:200]!r}") from e
+            continue
+        raise AssertionError(f"lora_rows accepted what it must refuse: {want}")
 
 
 CHECKS: dict[str, Callable[[torch.Generator], None]] = {

@@ -138,20 +138,22 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
                 {"ctx": [int(lens.min()), int(lens.max())]})  # fmt: skip
 
 
-TILE_NAMES = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS", "RANK_CHUNK")
+TILE_NAMES = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS", "RANK_CHUNK",
+              "SHRINK_PROGRAMS")
 
 
 def set_tiles(tile: str) -> str:
-    """Sets the one-launch LoRA kernels' tiles from "BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK]"
-    (expand's columns a program and warps, shrink's input columns a loop step and warps, ranks
-    a step of a loop over each slot's own rank, 0 or left out: one tile of every rank); returns
-    the tiles it replaced, in the same form."""
+    """Sets the one-launch LoRA kernels' tiles from
+    "BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK[:PROGRAMS]]" (expand's columns a program and warps,
+    shrink's input columns a loop step and warps, ranks a step of a loop over each slot's own
+    rank, 0 or left out: one tile of every rank; the shrink's programs a launch aims at, left
+    out: 256); returns the tiles it replaced, in the same form."""
     from peftserve.kernels import triton_lowrank_rows as rows_module
 
     values = [int(v) for v in tile.split(":")]
     if not 4 <= len(values) <= len(TILE_NAMES) or min(values) < 0:
-        raise ValueError(f"tiles N:W:K:W[:RC] of non-negative integers, got {tile!r}")
-    values += [0] * (len(TILE_NAMES) - len(values))
+        raise ValueError(f"tiles N:W:K:W[:RC[:P]] of non-negative integers, got {tile!r}")
+    values += [0, 256][len(values) - 4 :]
     before = ":".join(str(getattr(rows_module, n)) for n in TILE_NAMES)
     for n, v in zip(TILE_NAMES, values, strict=True):
         setattr(rows_module, n, v)
@@ -306,10 +308,11 @@ def main() -> None:
                         default=["smollm2-135m", "llama-3.1-8b"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="cpu: a dry run")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--lora-tiles", nargs="+", default=[], metavar="N:W:K:W[:RC]",
+    parser.add_argument("--lora-tiles", nargs="+", default=[], metavar="N:W:K:W[:RC[:P]]",
                         help="only the one-launch LoRA kernels, under each of these tiles "
                              "(expand BLOCK_N:num_warps:shrink BLOCK_K:num_warps[:rank "
-                             "chunk]), e.g. 64:4:128:4 64:4:128:4:16 256:8:256:4:16")  # fmt: skip
+                             "chunk[:shrink programs]]), e.g. 64:4:128:4 64:4:128:4:16 "
+                             "64:4:128:4:0:2048")  # fmt: skip
     args = parser.parse_args()
     ops = set(args.ops.split(","))
     if not ops <= {"attention", "lora", "fused"}:

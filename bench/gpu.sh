@@ -132,14 +132,15 @@ step fused_ops_bench "${T_FUSED_OPS:-45}" "$PY" bench/decode_kernels.py --ops fu
   --batches 1 8 32 --out "$OUT/decode_fused_ops_cuda.json"
 step kernels_bench "${T_KERNEL_BENCH:-30}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
 # Opt-in only (STEPS="lora_tiles lora_tiles_engine"): the one-launch LoRA kernels under other
-# tiles at the 8B shape, to pick their defaults (kernels/triton_lowrank_rows.py); then the 8B
-# engine's adapters section under the fastest of them (gpu_engine_8b_tiles.json), next to
-# engine_bench_8b's under the defaults
+# tiles and shrink splits at the 8B shape, to pick their defaults (kernels/triton_lowrank_rows.py);
+# then the 8B engine's adapters section under the fastest of them (gpu_engine_8b_tiles.json),
+# next to engine_bench_8b's under the defaults
 if [[ " ${STEPS:-} " == *" lora_tiles "* ]]; then
   step lora_tiles "${T_LORA_TILES:-100}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
     --batches 8 32 64 --out "$OUT/decode_lora_tiles_cuda.json" \
-    --lora-tiles ${LORA_TILES:-64:4:128:4 64:4:128:4:16 128:4:256:4:16 256:4:256:4:16 \
-      256:8:128:4:32 128:8:128:4 64:2:64:2:8 32:2:128:4:16 128:4:64:2:8}
+    --lora-tiles ${LORA_TILES:-64:4:128:4 64:4:128:4:0:512 64:4:128:4:0:1024 64:4:128:4:0:2048 \
+      64:4:64:4:0:2048 128:8:128:4 128:8:128:4:0:1024 256:8:128:4:32 256:8:128:4:32:1024 \
+      256:4:256:4:16}
 fi
 tiles_engine() {
   local tile

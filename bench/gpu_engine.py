@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed engine runs per configuration (generate: one fewer)")
-    ap.add_argument("--lora-tiles", default=None, metavar="N:W:K:W[:RC]",
+    ap.add_argument("--lora-tiles", default=None, metavar="N:W:K:W[:RC[:P]]",
                     help="the one-launch LoRA kernels' tiles (bench.decode_kernels.set_tiles) "
                          "for the whole run, e.g. the fastest of gpu.sh's lora_tiles step")
     args = ap.parse_args()

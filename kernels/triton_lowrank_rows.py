@@ -43,6 +43,9 @@ EXPAND_WARPS = 4
 # Ranks a step of a loop over each slot's own rank, in both kernels; 0: every rank up to R_max
 # in one tile (masked past the slot's rank), the tile's registers sized for R_max.
 RANK_CHUNK = 0
+# The shrink's programs a launch aims at: its input dimension is split until (tokens x slices
+# x splits) reaches this, each split at least two BLOCK_Ks of columns.
+SHRINK_PROGRAMS = 256
 
 
 @triton.jit
@@ -271,9 +274,9 @@ def rank_chunk(block_r: int) -> int:
 
 def shrink_splits(n_tokens: int, n_slices: int, d_in: int) -> int:
     """Splits of the input dimension: enough programs to spread a few tokens' weight reads
-    over the GPU (~256 programs), at least two BLOCK_Ks of columns each."""
+    over the GPU (~SHRINK_PROGRAMS programs), at least two BLOCK_Ks of columns each."""
     most = max(1, d_in // (2 * SHRINK_BLOCK_K))
-    return max(1, min(most, 256 // max(1, n_tokens * n_slices)))
+    return max(1, min(most, SHRINK_PROGRAMS // max(1, n_tokens * n_slices)))
 
 
 def shrink_rows_triton(

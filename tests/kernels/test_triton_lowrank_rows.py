@@ -99,6 +99,20 @@ def test_bottleneck_matches_reference(act, d_in):
     assert_untouched_rows(y, c.y, c.token_slot)
 
 
+def test_the_shrink_splits_aim_at_its_program_count(monkeypatch):
+    from peftserve.kernels import triton_lowrank_rows
+
+    # 8B's down projection at batch 32: 256 programs -> 8 splits, 2048 -> 56 (two BLOCK_Ks each)
+    assert shrink_splits(32, 1, 14336) == 8
+    monkeypatch.setattr(triton_lowrank_rows, "SHRINK_PROGRAMS", 2048)
+    assert shrink_splits(32, 1, 14336) == 56
+    assert shrink_splits(32, 3, 4096) == 16  # qkv: capped by two BLOCK_Ks of 4096 columns
+    c = case(n_tokens=6, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
+    assert shrink_splits(6, 3, 700) == 2
+    y = run(c)
+    assert_close(y, reference_y(c), *FP32_TOL[1:])
+
+
 def test_no_adapter_anywhere_leaves_y_untouched():
     c = case(n_tokens=5, d_in=40, slice_sizes=GATE_UP, n_slots=3, max_rank=8)
     idle = torch.full_like(c.meta.token_slot, -1)

@@ -25,7 +25,8 @@ Sections, each on the same 32 requests as bench.engine_throughput / bench.multi_
                8/16/32/64), through the Triton kernels; PEFT generate(adapter_names=...) with
                the q,v adapters
   cold         (only when named) register a rank-16 all-linear adapter from disk -> its first
-               token, next to the base model's first token (bench.multi_adapter.cold_start)
+               token, next to the base model's first token (bench.multi_adapter.cold_start);
+               then one more under cProfile: where its host time goes (cold_profile)
   profile      (only when named; last) where a decode step's device time goes: 8 steps under
                torch.profiler, the device time of each kernel a step (a CUDA graph's kernels
                are recorded one by one), their number, and the device's busy time a step: the
@@ -55,6 +56,7 @@ from bench.multi_adapter import (
     ALL,
     QV,
     chat_ids,
+    cold_profile,
     cold_start,
     first_token,
     make_requests,
@@ -249,7 +251,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as root:
             first_token(engine, prompts[0], None, "cold-warm-up")
             out["cold_register_to_first_token_ms"] = cold_start(engine, Path(root), prompts[0])
-        print("cold", json.dumps(out["cold_register_to_first_token_ms"]))
+            print("cold", json.dumps(out["cold_register_to_first_token_ms"]), flush=True)
+            out["cold_profile"] = cold_profile(engine, Path(root), prompts[0])
 
     if "cold" in sections:
         section("cold", cold)

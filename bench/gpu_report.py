@@ -211,10 +211,18 @@ def cold_lines(out: Path) -> list[str]:
     if None in parts.values():
         return ["- cold start: no breakdown in gpu_engine.json"]
     write = parts["first_request_p50"] - parts["resident_first_token_p50"]
-    return [f"- cold start p50 parts, ms: registration {_fmt(parts['register_p50'])}, slot write "
-            f"and other first-use costs {_fmt(write)}, prefill with the adapter "
-            f"{_fmt(parts['resident_first_token_p50'])} (the base model's "
-            f"{_fmt(parts['base_first_token_p50'])})"]  # fmt: skip
+    lines = [f"- cold start p50 parts, ms: registration {_fmt(parts['register_p50'])}, slot write "
+             f"and other first-use costs {_fmt(write)}, prefill with the adapter "
+             f"{_fmt(parts['resident_first_token_p50'])} (the base model's "
+             f"{_fmt(parts['base_first_token_p50'])})"]  # fmt: skip
+    prof = (data or {}).get("cold_profile")
+    if prof:
+        for key, ms, label in (("by_cumulative", "cumulative_ms", "in them"),
+                               ("by_own", "own_ms", "their own")):  # fmt: skip
+            top = ", ".join(f"{r['function']} {r[ms]:.1f} x{r['calls']}" for r in prof[key][:12])
+            lines.append(f"- one cold start under cProfile ({_fmt(prof['total_ms'])} ms), the "
+                         f"functions by ms {label}: {top}")
+    return lines
 
 
 def overlap_lines(out: Path) -> list[str]:

@@ -27,7 +27,9 @@ alone).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import tempfile
 import time
@@ -268,6 +270,40 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
         "base_first_token_p50": statistics.median(base) * 1e3,
         "prompt_tokens": len(prompt),
     }
+
+
+def _where(key: tuple[str, int, str]) -> str:
+    """cProfile's (file, line, function) as package/module.py:line function."""
+    path, line, fn = key
+    for marker in ("/peftserve/", "/site-packages/", "/work/main/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{path}:{line} {fn}" if line else fn
+
+
+def cold_profile(engine: Engine, root: Path, prompt: list[int], top: int = 25) -> dict:
+    """One more cold start (cold_start's adapter) under cProfile: where its host time goes, the
+    functions by time inside them (cumulative) and by their own time, each with its calls. The
+    profiler's own cost inflates the total; the shares are what it is for."""
+    path = write_lora(root / "cold_profile", engine.model.shape, 16, ALL, seed=999)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    engine.adapters.register("cold_profile", path)
+    first_token(engine, prompt, "cold_profile", "cold-profile")
+    prof.disable()
+    total = time.perf_counter() - t0
+    engine.adapters.unregister("cold_profile")
+    rows = [(_where(key), calls, own, cum)
+            for key, (_, calls, own, cum, _) in pstats.Stats(prof).stats.items()]  # fmt: skip
+
+    def ranked(index: int) -> list[dict]:
+        best = sorted(rows, key=lambda r: -r[index])[:top]
+        return [{"function": f, "calls": n, "own_ms": own * 1e3, "cumulative_ms": cum * 1e3}
+                for f, n, own, cum in best]  # fmt: skip
+
+    return {"total_ms": total * 1e3, "by_cumulative": ranked(3), "by_own": ranked(2)}
 
 
 def main() -> None:

@@ -43,6 +43,11 @@ def test_dry_run_writes_every_goal(tmp_path):
     assert result["adapters"]["base"]["vs_base"] == 1.0
     cold = result["cold_register_to_first_token_ms"]
     assert cold["register_p50"] < cold["p50"] and cold["base_first_token_p50"] > 0
+    prof = result["cold_profile"]  # the registration and the engine's step are where time goes
+    names = [r["function"] for r in prof["by_cumulative"]]
+    assert any("manager.py" in n and " register" in n for n in names), names
+    assert any("engine.py" in n and " step" in n for n in names), names
+    assert all(r["own_ms"] <= r["cumulative_ms"] + 1e-6 for r in prof["by_own"])
     # the profile of each configuration and of the base model at batch 1 and 32: the device's
     # busy time (here the top-level CPU ops') within the step, the time of its parts below it
     profiles = [result["profile"]["1"], result["profile"]["32"],

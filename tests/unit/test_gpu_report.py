@@ -54,6 +54,17 @@ def test_goals_met_and_not(tmp_path):
     assert unmet == 5
     assert ("- cold start p50 parts, ms: registration 9, slot write and other first-use costs "
             "7.5, prefill with the adapter 21.5 (the base model's 14)") in text  # fmt: skip
+    assert "under cProfile" not in text
+    small["cold_profile"] = {"total_ms": 50.0, "by_cumulative": [
+        {"function": "server/engine/engine.py:399 generate", "calls": 1, "own_ms": 0.1,
+         "cumulative_ms": 30.5}], "by_own": [
+        {"function": "slots.py:206 write_lora", "calls": 1, "own_ms": 5.4,
+         "cumulative_ms": 21.9}]}  # fmt: skip
+    write(tmp_path, "gpu_engine.json", small)
+    text, _ = gpu_report.report(tmp_path)
+    assert ("- one cold start under cProfile (50 ms), the functions by ms in them: "
+            "server/engine/engine.py:399 generate 30.5 x1") in text
+    assert "the functions by ms their own: slots.py:206 write_lora 5.4 x1" in text
 
 
 def test_a_run_that_wrote_nothing_meets_nothing(tmp_path):

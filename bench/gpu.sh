@@ -48,15 +48,7 @@ mkdir -p "$OUT"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 
-# peftserve may not be installed on that machine: lay out the package as pyproject maps it.
-if ! "$PY" -c "import peftserve.kernels" 2>/dev/null; then
-  shim="$(mktemp -d)"
-  mkdir "$shim/peftserve"
-  for entry in server/*; do ln -s "$PWD/$entry" "$shim/peftserve/"; done
-  ln -sfn "$PWD/kernels" "$shim/peftserve/kernels"
-  ln -sfn "$PWD/clients" "$shim/peftserve/client"
-  export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source bench/package_path.sh  # peftserve on PYTHONPATH where it is not installed
 
 BUDGET="${BUDGET:-470}"
 T_REPORT="${T_REPORT:-10}"

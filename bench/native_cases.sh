@@ -14,14 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/native_cases}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-if ! "$PY" -c "import peftserve.kernels" 2>/dev/null; then  # as bench/gpu.sh lays it out
-  shim="$(mktemp -d)"
-  mkdir "$shim/peftserve"
-  for entry in server/*; do ln -s "$PWD/$entry" "$shim/peftserve/"; done
-  ln -sfn "$PWD/kernels" "$shim/peftserve/kernels"
-  ln -sfn "$PWD/clients" "$shim/peftserve/client"
-  export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source bench/package_path.sh  # peftserve on PYTHONPATH where it is not installed
 export OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
 CASE="tests/kernels/test_lowrank_rows.py::test_lora_rows_refuse_bad_arguments[<lambda>-A must be0]"
 FILES=(tests/kernels/test_lowrank_rows.py tests/kernels/test_native_arguments.py

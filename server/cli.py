@@ -59,6 +59,9 @@ _SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--decode-step", str, "auto | static | classic: decode from persistent buffers with "
                            "sampling on the device (static), or build each step anew (auto: "
                            "static where CUDA graphs are captured)"),
+    ("--prefill-rows", str, "graphs | always | off: with the static step, run a step of short "
+                            "prefill chunks as a decode step's rows (graphs: only where that "
+                            "replays a CUDA graph, in half precision)"),
     ("--max-cuda-graph-batch", int, "the largest decode batch captured as a CUDA graph"),
     ("--max-cuda-graph-len", int, "the longest context a captured decode step serves (longer "
                                   "ones run eagerly)"),

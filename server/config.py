@@ -12,6 +12,12 @@ BACKENDS = ("auto", "cpp", "torch", "triton", "reference")
 # device (captured as CUDA graphs where the backend does); "classic" builds each step's inputs
 # anew and samples on the host; auto: static where the backend captures graphs (CUDA)
 DECODE_STEPS = ("auto", "static", "classic")
+# engine/static_step.py, with the static step: a step of prefill chunks no longer than the
+# largest captured batch runs as rows of a decode step (one a token, its context up to that
+# token), "graphs": only where that replays a CUDA graph, in half precision (fp32 keeps the
+# classic prefill, its batch invariance); "always": also eagerly, in every dtype (tests);
+# "off": prefills always run the classic step
+PREFILL_ROWS = ("graphs", "always", "off")
 # kernels/quant.py: the base model's matmul weights as loaded (bf16) or weight-only int8 (one
 # scale per output channel) / int4 (a scale and offset per 32 columns); adapters stay in the
 # model dtype, which must then be bfloat16
@@ -29,6 +35,7 @@ class EngineConfig:
     weights: str = "bf16"  # one of WEIGHTS
     decode_step: str = "auto"  # one of DECODE_STEPS
     cuda_graphs: bool = True  # static decode steps captured per batch-size bucket at start-up
+    prefill_rows: str = "graphs"  # one of PREFILL_ROWS
     # bf16 on the C++ CPU kernels: greedy tokens through an int8 screen of the LM head
     # (kernels/screened_head.py; the same tokens, fewer bytes read a step)
     screened_head: bool = True
@@ -73,6 +80,10 @@ class EngineConfig:
         if self.decode_step not in DECODE_STEPS:
             raise ValueError(
                 f"decode_step must be one of {DECODE_STEPS}, got {self.decode_step!r}"
+            )
+        if self.prefill_rows not in PREFILL_ROWS:
+            raise ValueError(
+                f"prefill_rows must be one of {PREFILL_ROWS}, got {self.prefill_rows!r}"
             )
         for name in (
             "block_size",

@@ -35,6 +35,7 @@ def static_options(
         graph_blocks=-(-min(max_model_len, config.max_cuda_graph_len) // config.block_size),
         engine_seed=config.seed,
         graph_sizes=default_sizes(graph_batch) if captures and config.cuda_graphs else (),
+        prefill_rows=config.prefill_rows,
     )
 
 
@@ -217,10 +218,15 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch) -> Callable[[], SampledTokens]:
         """Runs one step and samples -> the function that returns a token for each item that
         samples, in `batch.items` order (before the scheduler's postprocess). A decode-only
-        static step returns once its device work is queued (the function waits for its
+        static step, or a step of short prefill chunks run as its rows (StaticDecodeStep
+        .launch_rows), returns once its device work is queued (the function waits for its
         tokens); any other step runs here whole."""
         if self.static is not None and batch.decodes and not batch.prefills:
             return self.static.launch(batch.decodes)
+        if self.static is not None and batch.prefills:
+            wait = self.static.launch_rows(batch.items)
+            if wait is not None:
+                return wait
         sampled = self._run(batch)
         return lambda: sampled
 

@@ -4,6 +4,7 @@
     wait = step.launch(batch.decodes)              # a decode-only step, its device work queued
     wait_next = step.launch(next_decodes, feed)    # the step after it, queued behind it
     sampled = wait()                               # -> one token per row
+    wait = step.launch_rows(batch.items)           # short prefill chunks, a row a token (or None)
     sampled = step.sample(logits, sampling_seqs)   # any other step's logits, the same sampler
 
 A step writes its inputs into a pinned host buffer (step_buffers.py), copies it to the device
@@ -47,6 +48,7 @@ class StaticStepOptions:
     graph_blocks: int
     engine_seed: int = 0  # seeds the streams of requests without a seed
     graph_sizes: tuple[int, ...] = ()  # batch-size buckets captured as CUDA graphs
+    prefill_rows: str = "off"  # config.PREFILL_ROWS: steps with prefill chunks as rows
 
 
 @dataclass(frozen=True)
@@ -113,10 +115,15 @@ class StaticDecodeStep:
         self, decodes: Seqs[ScheduledSeq], width: int, feed: Seqs[int] | None
     ) -> None:
         """The rows' decode fields; `feed`: the step is scheduled ahead (launch())."""
-        n, bs, k = self.buffers.np, self.block_size, len(decodes)
         seqs = [d.seq for d in decodes]
         ahead = 0 if feed is None else 1
-        pos = [seq.num_computed_tokens + ahead for seq in seqs]
+        self._fill_rows(seqs, [seq.num_computed_tokens + ahead for seq in seqs], width, feed)
+
+    def _fill_rows(
+        self, seqs: Seqs[Sequence], pos: list[int], width: int, feed: Seqs[int] | None = None
+    ) -> None:
+        """Row i: sequence seqs[i]'s token at position pos[i], its context up to it."""
+        n, bs, k = self.buffers.np, self.block_size, len(seqs)
         if feed is None:
             n["input_ids"][:k] = [seq.token_ids[p] for seq, p in zip(seqs, pos, strict=True)]
         else:  # on the device, after the upload
@@ -280,6 +287,63 @@ class StaticDecodeStep:
             graphs.replay(rows, adapters, full=draws or penalty)
         self._copy_out(turn)
         return lambda: self._results(seqs, turn)
+
+    @torch.inference_mode()
+    def launch_rows(self, items: Seqs[ScheduledSeq]) -> Callable[[], SampledTokens] | None:
+        """A step with prefill chunks (and decodes) run as a decode step's rows: one row a
+        token, at its position, its context every position up to it. Each layer writes every
+        row's K/V before its attention reads any, so a chunk's rows see each other causally,
+        as the classic prefill does; prefix and prompt tuning's virtual tokens are already in
+        the sequence's blocks. The sampler runs on every row and the step returns the token
+        of each sampling item's last row, in `items` order. Short prompts then replay the
+        captured graphs instead of a prefill's eager kernels (a cold request's first token).
+        None, and nothing done, where options.prefill_rows does not ask for it: "graphs"
+        runs only a step that replays a graph, in half precision."""
+        mode = self.options.prefill_rows
+        if mode == "off" or (mode == "graphs" and self.model.dtype == torch.float32):
+            return None
+        seqs: list[Sequence] = []
+        pos: list[int] = []
+        picks: list[int] = []
+        for item in items:
+            start = item.seq.num_computed_tokens
+            seqs += [item.seq] * item.num_new_tokens
+            pos += range(start, start + item.num_new_tokens)
+            if item.samples:
+                picks.append(len(pos) - 1)
+        n, ctx = len(seqs), max(pos) + 1
+        graphs, rows, adapters = self.graphs, None, None
+        if graphs is not None and ctx <= self.options.graph_blocks * self.block_size:
+            rows = graphs.bucket(n)
+        if rows is not None and self.slots is not None:
+            slots = frozenset(s.slot for s in seqs if s.slot >= 0)
+            adapters = self.slots.modules_of(slots) if slots else None
+        if rows is not None and not graphs.prepare(rows, adapters):  # type: ignore[union-attr]
+            rows = None
+        if rows is None and (mode == "graphs" or n > self.options.max_rows):
+            return None
+        turn = self.buffers.next_turn()
+        draws, penalty = self._fill_sampling(seqs)
+        width = -(-ctx // self.block_size) if rows is None else self.options.graph_blocks
+        self._fill_rows(seqs, pos, width)
+        if rows is not None:
+            self.buffers.pad(n, rows, width, self.scratch_slot, self.block_size)
+        self.buffers.upload(rows or n, width)
+        if penalty:
+            self._load_histories(seqs)
+        if rows is None:
+            self.forward(n, width, self.hook(n, seqs))
+            self.sample_rows(n, draws, penalty)
+        else:
+            graphs.replay(rows, adapters, full=draws or penalty)  # type: ignore[union-attr]
+        self._copy_out(turn)
+
+        def results() -> SampledTokens:
+            got = self._results(seqs, turn)
+            logprobs = None if got.logprobs is None else [got.logprobs[i] for i in picks]
+            return SampledTokens([got.tokens[i] for i in picks], logprobs)
+
+        return results
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: Seqs[Sequence]) -> SampledTokens:

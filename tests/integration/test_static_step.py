@@ -32,10 +32,11 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory):
 
 
 def engine_for(model_dir, dirs, decode_step: str, max_loras: int = 8, **kw) -> Engine:
+    kw = {"dtype": "float32", "max_num_batched_tokens": 512, **kw}
     engine = Engine.from_config(EngineConfig(
-        model=str(model_dir), device="cpu", dtype="float32", num_kv_blocks=512, block_size=4,
-        max_loras=max_loras, max_num_seqs=16, max_num_batched_tokens=512, max_model_len=128,
-        decode_step=decode_step, **kw))  # fmt: skip
+        model=str(model_dir), device="cpu", num_kv_blocks=512, block_size=4,
+        max_loras=max_loras, max_num_seqs=16, max_model_len=128, decode_step=decode_step,
+        **kw))  # fmt: skip
     for name, path in dirs.items():
         engine.adapters.register(name, path)
     return engine
@@ -281,3 +282,87 @@ def test_adapter_graphs_hold_only_the_modules_of_their_rows_adapters(
         for want, have in zip(classic, got, strict=True):
             for rid, (tokens, _) in want.items():
                 assert have[rid][0] == tokens, (limit, rid)
+
+
+class RowsCounter:
+    """Counts the steps with prefill chunks that the static step ran as rows."""
+
+    def __init__(self, engine: Engine) -> None:
+        step = engine.runner.static
+        assert step is not None
+        self.steps = 0
+        launch = step.launch_rows
+
+        def counted(items):
+            wait = launch(items)
+            self.steps += wait is not None
+            return wait
+
+        step.launch_rows = counted
+
+
+@pytest.mark.parametrize("params", [GREEDY, PENALIZED], ids=["greedy", "penalty"])
+def test_prefill_chunks_as_decode_rows_give_the_classic_tokens(
+    tiny_llama_dir, adapter_dirs, params
+):
+    # Every kind (prefix and prompt tuning's virtual tokens already in the blocks), prompts of
+    # 2-11 tokens, 16 tokens a step (at most the 16 rows the step has): prompts admitted as
+    # others decode (mixed steps); eagerly and unpadded
+    reqs = requests(12, params)
+    classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic",
+                             max_num_batched_tokens=16), reqs)  # fmt: skip
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static", prefill_rows="always",
+                        max_num_batched_tokens=16)  # fmt: skip
+    rows = RowsCounter(engine)
+    got = run(engine, reqs)
+    assert rows.steps > 0
+    for rid, (tokens, logprobs) in classic.items():
+        assert got[rid][0] == tokens, rid
+        assert got[rid][1] == pytest.approx(logprobs, abs=1e-4), rid
+
+
+def test_prefill_rows_replay_the_buckets_and_chunks_continue(tiny_llama_dir, adapter_dirs):
+    # Chunked prompts (8 tokens a step): a chunk that does not end its prompt samples nothing,
+    # the next one continues its context; a step of more rows than the largest bucket (12)
+    # runs the classic prefill.
+    reqs = [replace(r, params=replace(GREEDY, max_new_tokens=3 + i % 3))
+            for i, r in enumerate(requests(8, GREEDY))]  # fmt: skip
+    classic = run(engine_for(tiny_llama_dir, adapter_dirs, "classic",
+                             max_num_batched_tokens=8), reqs)  # fmt: skip
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static", prefill_rows="always",
+                        max_num_batched_tokens=8)  # fmt: skip
+    buckets = EagerBuckets.install(engine, 12)
+    rows = RowsCounter(engine)
+    got = run(engine, reqs)
+    assert rows.steps > 0 and buckets.replays > 0
+    for rid, (tokens, logprobs) in classic.items():
+        assert got[rid][0] == tokens, rid
+        assert got[rid][1] == pytest.approx(logprobs, abs=1e-4), rid
+    long = [Request("long", prompt=" ".join(WORDS * 2), params=GREEDY, adapter="lora")]
+    engine = engine_for(tiny_llama_dir, adapter_dirs, "static", prefill_rows="always")
+    EagerBuckets.install(engine, 12)
+    rows = RowsCounter(engine)
+    assert run(engine, long)["long"][0] == run(engine_for(
+        tiny_llama_dir, adapter_dirs, "classic"), long)["long"][0]  # fmt: skip
+    assert rows.steps == 0  # its one prefill step: 30 rows
+
+
+def test_prefill_rows_by_default_only_replayed_and_in_half_precision(tiny_llama_dir,
+                                                                     adapter_dirs):
+    reqs = requests(4, GREEDY)
+    for dtype, graphs, used in (("float32", True, False), ("bfloat16", False, False),
+                                ("bfloat16", True, True)):  # fmt: skip
+        engine = engine_for(tiny_llama_dir, adapter_dirs, "static", dtype=dtype,
+                            max_num_batched_tokens=12)  # fmt: skip
+        if graphs:
+            EagerBuckets.install(engine, 12)
+        rows = RowsCounter(engine)
+        got = run(engine, reqs)
+        assert (rows.steps > 0) is used, (dtype, graphs)
+        assert all(len(tokens) == GREEDY.max_new_tokens for tokens, _ in got.values())
+    off = engine_for(tiny_llama_dir, adapter_dirs, "static", dtype="bfloat16",
+                     prefill_rows="off", max_num_batched_tokens=12)  # fmt: skip
+    EagerBuckets.install(off, 12)
+    rows = RowsCounter(off)
+    run(off, reqs)
+    assert rows.steps == 0

@@ -13,15 +13,16 @@ from peftserve.engine.cuda_graphs import default_sizes
 def test_serve_flags_reach_the_engine_config():
     args = build_parser().parse_args(
         ["serve", "--no-cuda-graphs", "--max-cuda-graph-batch", "16", "--max-cuda-graph-len",
-         "4096", "--decode-step", "static"]  # fmt: skip
+         "4096", "--decode-step", "static", "--prefill-rows", "off"]  # fmt: skip
     )
     assert args.cuda_graphs is False
     values = {"cuda_graphs": args.cuda_graphs, "max_cuda_graph_batch": args.max_cuda_graph_batch,
               "max_cuda_graph_len": args.max_cuda_graph_len,
-              "decode_step": args.decode_step}  # fmt: skip
+              "decode_step": args.decode_step, "prefill_rows": args.prefill_rows}  # fmt: skip
     engine = serve_config.build(values).engine
     assert (engine.cuda_graphs, engine.max_cuda_graph_batch, engine.max_cuda_graph_len,
-            engine.decode_step) == (False, 16, 4096, "static")  # fmt: skip
+            engine.decode_step, engine.prefill_rows) == (False, 16, 4096, "static", "off")
+    assert serve_config.build({}).engine.prefill_rows == "graphs"  # fmt: skip
     assert build_parser().parse_args(["serve"]).cuda_graphs is None  # not given: the default
     assert serve_config.build({}).engine.cuda_graphs is True
 
@@ -38,6 +39,7 @@ def test_the_overlaps_can_be_turned_off(flag, field):
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("decode_step", "graphs", "decode_step must be one of"),
+    ("prefill_rows", "static", "prefill_rows must be one of"),
     ("max_cuda_graph_batch", 0, "max_cuda_graph_batch must be >= 1"),
     ("max_cuda_graph_len", 0, "max_cuda_graph_len must be >= 1"),
 ])  # fmt: skip

@@ -95,6 +95,28 @@ def test_graph_replay_gives_the_eager_tokens(tiny_llama_dir, adapter_dirs):
     assert graphs.adapters.evictions > 0
 
 
+def test_short_prefills_replayed_as_rows_give_the_classic_prefills_tokens(
+    tiny_llama_dir, adapter_dirs
+):  # fmt: skip
+    """Prefill chunks of at most 8 tokens a step (the largest bucket) replay the decode graphs
+    as rows (fp32 here: "always"; by default only bf16/fp16 do), with every adapter mix of
+    waves(), sampled rows included: the tokens of the same engine prefilling classically."""
+    rows = engine_for(tiny_llama_dir, adapter_dirs, prefill_rows="always",
+                      max_num_batched_tokens=8)  # fmt: skip
+    plain = engine_for(tiny_llama_dir, adapter_dirs, prefill_rows="off",
+                       max_num_batched_tokens=8)  # fmt: skip
+    step = rows.runner.static
+    assert step is not None and step.graphs is not None
+    launch, used = step.launch_rows, []
+    step.launch_rows = lambda items: used.append(launch(items)) or used[-1]
+    for reqs in waves():
+        want, got = run(plain, reqs), run(rows, reqs)
+        for rid in want:
+            assert got[rid][0] == want[rid][0], rid
+            assert got[rid][1] == pytest.approx(want[rid][1], abs=1e-4)
+    assert any(w is not None for w in used)
+
+
 def test_steps_scheduled_ahead_give_the_tokens_of_steps_scheduled_after(
     tiny_llama_dir, adapter_dirs
 ):  # fmt: skip

@@ -169,7 +169,7 @@ def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict
         for tile in tiles:
             before = set_tiles(tile)
             default = default or before
-            for row in lora_rows(shape, batch, reps):
+            for row in lora_rows(shape, batch, reps, stages=True):
                 out.append({**row, "op": "lora_tiles", "tiles": tile})
     finally:
         if default:
@@ -177,9 +177,16 @@ def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict
     return out
 
 
-def lora_rows(shape: str, batch: int, reps: int) -> list[dict]:
+def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[dict]:
+    """The one-launch kernels against the segment ones at each module's sizes; `stages`: also
+    the one-launch shrink and expand timed apart (stage_graph_ms: which kernel a tile helps)."""
     from peftserve.kernels.triton_expand import launch_expand
-    from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
+    from peftserve.kernels.triton_lowrank_rows import (
+        expand_rows_triton,
+        lowrank_delta_rows_triton,
+        shrink_rows_triton,
+        shrink_splits,
+    )
     from peftserve.kernels.triton_shrink import launch_shrink
 
     heads, kv_heads, D, hidden, inter = SHAPES[shape]
@@ -221,7 +228,20 @@ def lora_rows(shape: str, batch: int, reps: int) -> list[dict]:
         weights = sum(int(rank_of[s]) * (d_in + sum(slices)) for s in used)
         moved = (weights + batch * (d_in + 2 * sum(slices))) * 2
         diff = float((outs[0] - outs[1]).abs().max())
-        rows.append(_row("lora", shape, batch, methods, reps, moved, diff, {"module": module}))
+        extra: dict = {"module": module}
+        if stages:
+            splits = shrink_splits(batch, n, d_in)
+            v = shrink_rows_triton(x, A, rank, token_slot, splits)
+            timed = {
+                "shrink": time_ms(lambda x=x, A=A, rank=rank, splits=splits: shrink_rows_triton(
+                    x, A, rank, token_slot, splits), reps),
+                "expand": time_ms(lambda y=y, v=v, B=B, rank=rank, scale=scale, slices=slices:
+                                  expand_rows_triton(y, v, B, rank, scale, token_slot, slices),
+                                  reps),
+            }  # fmt: skip
+            extra["stage_graph_ms"] = {k: t[1] for k, t in timed.items()}
+            extra["stage_ms"] = {k: t[0] for k, t in timed.items()}
+        rows.append(_row("lora", shape, batch, methods, reps, moved, diff, extra))
     return rows
 
 

@@ -129,8 +129,9 @@ step kernels_bench "${T_KERNEL_BENCH:-30}" "$PY" bench/kernels.py --out "$OUT/ke
 # then the 8B engine's adapters section under the fastest of them (gpu_engine_8b_tiles.json),
 # next to engine_bench_8b's under the defaults
 if [[ " ${STEPS:-} " == *" lora_tiles "* ]]; then
-  step lora_tiles "${T_LORA_TILES:-100}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
-    --batches 8 32 64 --out "$OUT/decode_lora_tiles_cuda.json" \
+  # (27 s for 9 tiles at batch 8/32/64 on the H200; each kernel is now also timed apart)
+  step lora_tiles "${T_LORA_TILES:-120}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
+    --batches 8 32 --out "$OUT/decode_lora_tiles_cuda.json" \
     --lora-tiles ${LORA_TILES:-64:4:128:4 64:4:128:4:0:512 64:4:128:4:0:1024 64:4:128:4:0:2048 \
       64:4:64:4:0:2048 128:8:128:4 128:8:128:4:0:1024 256:8:128:4:32 256:8:128:4:32:1024 \
       256:4:256:4:16}

@@ -163,6 +163,13 @@ def tile_lines(out: Path) -> list[str]:
              "decode_lora_tiles_cuda.json):",
              f"- total ms over the {n_common} cells every tile ran, least first: "
              + ", ".join(f"{t} {_fmt(total[t])}" for t in ranked)]  # fmt: skip
+    common = [per for per in cells.values() if set(per) == set(ranked)]
+    stages = {t: [sum(per[t].get("stage_graph_ms", {}).get(k) or 0.0 for per in common)
+                  for k in ("shrink", "expand")] for t in ranked}  # fmt: skip
+    if any(sum(v) for v in stages.values()):
+        lines.append("- the same cells, each kernel timed apart (shrink / expand ms): "
+                     + ", ".join(f"{t} {_fmt(a)} / {_fmt(b)}"
+                                 for t, (a, b) in stages.items()))  # fmt: skip
     for (shape, module, batch), per in cells.items():
         rates = ", ".join(f"{t} {_fmt(per[t]['gbs_graph']['rows_one_launch'])}"
                           for t in sorted(per))  # fmt: skip

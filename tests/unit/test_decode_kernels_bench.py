@@ -64,3 +64,6 @@ def test_lora_tiles_time_each_tile(tmp_path):
         (t, m) for t in tiles for m in ("qkv", "o", "gate_up", "down")
     }
     assert all(r["op"] == "lora_tiles" and r["max_abs_diff"] < 1e-2 for r in rows)
+    # each kernel timed apart too (graph times need CUDA: None here)
+    assert all(set(r["stage_ms"]) == {"shrink", "expand"} and min(r["stage_ms"].values()) > 0
+               for r in rows)  # fmt: skip

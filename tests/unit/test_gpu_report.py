@@ -111,7 +111,8 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
     def tile_row(tile, module, batch, ms, gbs):
         return {"op": "lora_tiles", "tiles": tile, "shape": "llama-3.1-8b", "module": module,
                 "batch": batch, "graph_ms": {"rows_one_launch": ms, "segments": 1.0},
-                "gbs_graph": {"rows_one_launch": gbs, "segments": 1.0}}  # fmt: skip
+                "gbs_graph": {"rows_one_launch": gbs, "segments": 1.0},
+                "stage_graph_ms": {"shrink": ms / 4, "expand": ms / 2}}  # fmt: skip
 
     write(tmp_path, "decode_lora_tiles_cuda.json", {"rows": [
         tile_row("64:4:128:4", "qkv", 32, 0.024, 548.0),
@@ -129,6 +130,8 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
     assert "  - llama-3.1-8b down batch 32: GB/s 64:4:128:4 1.1e+03, 64:4:128:4:16 924; " \
         "fastest: 64:4:128:4" in tiles
     assert gpu_report.best_tile(tmp_path) == "64:4:128:4:16"
+    assert ("- the same cells, each kernel timed apart (shrink / expand ms): "
+            "64:4:128:4:16 0.00925 / 0.0185, 64:4:128:4 0.0112 / 0.0225") in tiles
     assert "under 64:4:128:4:16" not in tiles  # the engine step did not run
     write(tmp_path, "gpu_engine_8b_tiles.json", {"lora_tiles": "64:4:128:4:16", "adapters": {
         "lora-qv": {"vs_base": 0.93}, "lora-heavy": {"vs_base": 0.71}}})  # fmt: skip

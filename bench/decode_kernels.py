@@ -180,6 +180,7 @@ def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict
 def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[dict]:
     """The one-launch kernels against the segment ones at each module's sizes; `stages`: also
     the one-launch shrink and expand timed apart (stage_graph_ms: which kernel a tile helps)."""
+    from peftserve.kernels import triton_lowrank_rows as rows_module
     from peftserve.kernels.triton_expand import launch_expand
     from peftserve.kernels.triton_lowrank_rows import (
         expand_rows_triton,
@@ -219,6 +220,16 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
             lowrank_delta_rows_triton(y, x, A, B, rank, scale, token_slot, slices)
 
         methods = {"rows_one_launch": per_token, "segments": segments}
+        if len(set(slices)) > 1:  # the expand's grid before FLAT_TILES, in the same run
+
+            def by_slice(per_token=per_token) -> None:
+                flat, rows_module.FLAT_TILES = rows_module.FLAT_TILES, False
+                try:
+                    per_token()
+                finally:
+                    rows_module.FLAT_TILES = flat
+
+            methods["rows_widest_grid"] = by_slice
         outs = []
         for fn in methods.values():
             y.zero_()

@@ -25,6 +25,8 @@ Imported lazily, like triton_shrink.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +45,10 @@ EXPAND_WARPS = 4
 # Ranks a step of a loop over each slot's own rank, in both kernels; 0: every rank up to R_max
 # in one tile (masked past the slot's rank), the tile's registers sized for R_max.
 RANK_CHUNK = 0
+# Fused projections whose slices differ in width (qkv under GQA): the expand's programs are
+# the slices' own column tiles, listed in a table, instead of every slice at the widest one's
+# tile count (at 8B, qkv's k and v are a quarter of q: half of those programs only exit).
+FLAT_TILES = True
 # The shrink's programs a launch aims at: its input dimension is split until (tokens x slices
 # x splits) reaches this, each split at least two BLOCK_Ks of columns.
 SHRINK_PROGRAMS = 256
@@ -186,6 +192,7 @@ def _expand_rows_kernel(
     b_down_ptr,  # [S, R_max], read only when HAS_BIAS
     b_up_ptr,  # [S, out_total], read only when HAS_BIAS
     slice_offsets_ptr,  # [n_slices + 1] int32, column where each slice starts
+    tiles_ptr,  # [n_tiles, 2] int32 (slice, column tile), read when FLAT
     R_MAX_STORE,
     stride_yt,
     stride_yo,
@@ -205,10 +212,15 @@ def _expand_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     RANK_CHUNK: tl.constexpr,  # BLOCK_R: one tile of every rank; less: a loop to the rank
+    FLAT: tl.constexpr,  # axis 1 enumerates tiles_ptr's (slice, column tile) pairs
 ):
     t = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1).to(tl.int64)  # slice
-    pid_n = tl.program_id(2)  # column tile within the slice
+    if FLAT:
+        i = tl.load(tiles_ptr + 2 * tl.program_id(1)).to(tl.int64)  # slice
+        pid_n = tl.load(tiles_ptr + 2 * tl.program_id(1) + 1)  # column tile within the slice
+    else:
+        i = tl.program_id(1).to(tl.int64)
+        pid_n = tl.program_id(2)
     slot = tl.load(token_slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
@@ -331,10 +343,12 @@ def expand_rows_triton(
     has_bias = b_down is not None
     bias_down = b_down if b_down is not None else v
     bias_up = b_up if b_up is not None else y
-    grid = (T, n_slices, cdiv(max(slice_sizes), EXPAND_BLOCK_N))
+    offsets = _slice_offsets(slice_sizes, y.device)
+    flat = FLAT_TILES and len(set(slice_sizes)) > 1
+    tiles = _column_tiles(slice_sizes, EXPAND_BLOCK_N, y.device) if flat else offsets
+    grid = (T, tiles.shape[0], 1) if flat else (T, n_slices, cdiv(max(slice_sizes), EXPAND_BLOCK_N))
     _expand_rows_kernel[grid](
-        y, v, B, token_slot, rank, scale, bias_down, bias_up,
-        _slice_offsets(slice_sizes, y.device),
+        y, v, B, token_slot, rank, scale, bias_down, bias_up, offsets, tiles,
         r_max,
         *y.stride(), *v.stride()[:3], *B.stride(), rank.stride(0),  # one call a tensor
         bias_down.stride(0), bias_up.stride(0),
@@ -345,9 +359,19 @@ def expand_rows_triton(
         BLOCK_R=pow2_at_least(r_max),
         BLOCK_N=EXPAND_BLOCK_N,
         RANK_CHUNK=rank_chunk(pow2_at_least(r_max)),
+        FLAT=flat,
         num_warps=EXPAND_WARPS,
     )  # fmt: skip
     return y
+
+
+@functools.cache  # never evicted: a captured CUDA graph reads the tensor where it was
+def _column_tiles(slice_sizes: tuple[int, ...], block_n: int, device: torch.device
+                  ) -> torch.Tensor:  # fmt: skip
+    """[n_tiles, 2] int32: (slice, column tile within it) for each slice's own column tiles of
+    block_n columns; one host->device copy per (layout, tile, device)."""
+    pairs = [(i, j) for i, n in enumerate(slice_sizes) for j in range(cdiv(n, block_n))]
+    return torch.tensor(pairs, dtype=torch.int32, device=device)
 
 
 def lowrank_delta_rows_triton(

@@ -113,6 +113,25 @@ def test_the_shrink_splits_aim_at_its_program_count(monkeypatch):
     assert_close(y, reference_y(c), *FP32_TOL[1:])
 
 
+def test_the_expand_over_each_slices_own_tiles_equals_the_grid_of_the_widest(monkeypatch):
+    """FLAT_TILES: slices of unequal widths (qkv under GQA) launch only their own column
+    tiles, listed in a table; the same sums, bit for bit, as every slice at the widest one's
+    tile count (the table form runs in every other test with QKV_GQA too, at one tile each)."""
+    from peftserve.kernels.triton_lowrank_rows import _column_tiles
+
+    widths = (150, 40, 40)  # 3 + 1 + 1 tiles of 64 columns, against 3 x 3
+    assert _column_tiles(widths, 64, torch.device("cpu")).tolist() == [
+        [0, 0], [0, 1], [0, 2], [1, 0], [2, 0]]  # fmt: skip
+    c = case(n_tokens=5, d_in=40, slice_sizes=widths, n_slots=3, max_rank=16)
+    got = {}
+    for flat in (True, False):
+        monkeypatch.setattr(rows_module, "FLAT_TILES", flat)
+        got[flat] = run(c)
+    assert torch.equal(got[True], got[False])
+    assert_close(got[True], reference_y(c), *FP32_TOL[1:])
+    assert_untouched_rows(got[True], c.y, c.token_slot)
+
+
 def test_no_adapter_anywhere_leaves_y_untouched():
     c = case(n_tokens=5, d_in=40, slice_sizes=GATE_UP, n_slots=3, max_rank=8)
     idle = torch.full_like(c.meta.token_slot, -1)

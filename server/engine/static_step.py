@@ -111,18 +111,11 @@ class StaticDecodeStep:
         n["counter"][:k] = [len(seq.token_ids) + ahead for seq in seqs]
         return any(t > 0 for t in temperature), any(r != 1.0 for r in penalty)
 
-    def _fill_decode(
-        self, decodes: Seqs[ScheduledSeq], width: int, feed: Seqs[int] | None
-    ) -> None:
-        """The rows' decode fields; `feed`: the step is scheduled ahead (launch())."""
-        seqs = [d.seq for d in decodes]
-        ahead = 0 if feed is None else 1
-        self._fill_rows(seqs, [seq.num_computed_tokens + ahead for seq in seqs], width, feed)
-
     def _fill_rows(
         self, seqs: Seqs[Sequence], pos: list[int], width: int, feed: Seqs[int] | None = None
     ) -> None:
-        """Row i: sequence seqs[i]'s token at position pos[i], its context up to it."""
+        """Row i: sequence seqs[i]'s token at position pos[i], its context up to it; `feed`:
+        the step is scheduled ahead (launch()), its input tokens read on the device."""
         n, bs, k = self.buffers.np, self.block_size, len(seqs)
         if feed is None:
             n["input_ids"][:k] = [seq.token_ids[p] for seq, p in zip(seqs, pos, strict=True)]
@@ -247,45 +240,13 @@ class StaticDecodeStep:
         that position allocated), and row i's input token is the one that step sampled at its
         row feed[i]."""
         seqs = [d.seq for d in decodes]
-        n = len(seqs)
         ahead = 0 if feed is None else 1
+        pos = [s.num_computed_tokens + ahead for s in seqs]
         turn = self.buffers.next_turn()
         if feed is not None:  # before a capture in prepare() can overwrite self.out
             self.fed.copy_(self.out[0])
-        ctx = max(s.num_computed_tokens + 1 + ahead for s in seqs)
-        graphs = self.graphs
-        rows = None
-        if graphs is not None and ctx <= self.options.graph_blocks * self.block_size:
-            rows = graphs.bucket(n)
-        # replayed: the modules the rows' adapters have deltas on (None: no adapter), the
-        # graph of those alone skips the kernels that would add only zeros for these rows
-        adapters = None
-        if rows is not None and self.slots is not None:
-            slots = frozenset(s.slot for s in seqs if s.slot >= 0)
-            adapters = self.slots.modules_of(slots) if slots else None
-        # a capture (rare) fills the buffers: first; False: this step runs eagerly
-        if graphs is not None and rows is not None and not graphs.prepare(rows, adapters):
-            rows = None
-        draws, penalty = self._fill_sampling(seqs, ahead)
-        if rows is None:  # eager: unpadded, the block tables as wide as this batch needs
-            width = -(-ctx // self.block_size)
-            self._fill_decode(decodes, width, feed)
-        else:
-            width = self.options.graph_blocks
-            self._fill_decode(decodes, width, feed)
-            self.buffers.pad(n, rows, width, self.scratch_slot, self.block_size)
-        self.buffers.upload(rows or n, width)
-        if feed is not None:
-            d = self.buffers.dev
-            d["input_ids"][:n].copy_(self.fed.index_select(0, d["feed"][:n]))
-        if penalty:
-            self._load_histories(seqs, ahead=feed is not None)
-        if graphs is None or rows is None:
-            self.forward(n, width, self.hook(n, seqs))
-            self.sample_rows(n, draws, penalty)
-        else:
-            graphs.replay(rows, adapters, full=draws or penalty)
-        self._copy_out(turn)
+        rows, adapters = self._plan(seqs, max(pos) + 1)
+        self._queue(seqs, pos, rows, adapters, turn, feed)
         return lambda: self._results(seqs, turn)
 
     @torch.inference_mode()
@@ -302,6 +263,8 @@ class StaticDecodeStep:
         mode = self.options.prefill_rows
         if mode == "off" or (mode == "graphs" and self.model.dtype == torch.float32):
             return None
+        if sum(item.num_new_tokens for item in items) > self.options.max_rows:
+            return None  # (every bucket is at most max_rows)
         seqs: list[Sequence] = []
         pos: list[int] = []
         picks: list[int] = []
@@ -311,32 +274,11 @@ class StaticDecodeStep:
             pos += range(start, start + item.num_new_tokens)
             if item.samples:
                 picks.append(len(pos) - 1)
-        n, ctx = len(seqs), max(pos) + 1
-        graphs, rows, adapters = self.graphs, None, None
-        if graphs is not None and ctx <= self.options.graph_blocks * self.block_size:
-            rows = graphs.bucket(n)
-        if rows is not None and self.slots is not None:
-            slots = frozenset(s.slot for s in seqs if s.slot >= 0)
-            adapters = self.slots.modules_of(slots) if slots else None
-        if rows is not None and not graphs.prepare(rows, adapters):  # type: ignore[union-attr]
-            rows = None
-        if rows is None and (mode == "graphs" or n > self.options.max_rows):
+        rows, adapters = self._plan(seqs, max(pos) + 1)
+        if rows is None and mode == "graphs":
             return None
         turn = self.buffers.next_turn()
-        draws, penalty = self._fill_sampling(seqs)
-        width = -(-ctx // self.block_size) if rows is None else self.options.graph_blocks
-        self._fill_rows(seqs, pos, width)
-        if rows is not None:
-            self.buffers.pad(n, rows, width, self.scratch_slot, self.block_size)
-        self.buffers.upload(rows or n, width)
-        if penalty:
-            self._load_histories(seqs)
-        if rows is None:
-            self.forward(n, width, self.hook(n, seqs))
-            self.sample_rows(n, draws, penalty)
-        else:
-            graphs.replay(rows, adapters, full=draws or penalty)  # type: ignore[union-attr]
-        self._copy_out(turn)
+        self._queue(seqs, pos, rows, adapters, turn)
 
         def results() -> SampledTokens:
             got = self._results(seqs, turn)
@@ -344,6 +286,56 @@ class StaticDecodeStep:
             return SampledTokens([got.tokens[i] for i in picks], logprobs)
 
         return results
+
+    def _plan(
+        self, seqs: Seqs[Sequence], ctx: int
+    ) -> tuple[int | None, frozenset[ModuleKey] | None]:
+        """The bucket a step of these rows replays (None: it runs eagerly), with `ctx` its
+        longest context, and the modules its rows' adapters have deltas on (None: no adapter,
+        or eager): the graph of those alone skips the kernels that would add only zeros for
+        these rows. A capture (rare) fills the buffers: before the step fills them."""
+        graphs = self.graphs
+        if graphs is None or ctx > self.options.graph_blocks * self.block_size:
+            return None, None
+        rows = graphs.bucket(len(seqs))
+        if rows is None:
+            return None, None
+        adapters = None
+        if self.slots is not None:
+            slots = frozenset(s.slot for s in seqs if s.slot >= 0)
+            adapters = self.slots.modules_of(slots) if slots else None
+        if not graphs.prepare(rows, adapters):  # False: this step runs eagerly
+            return None, None
+        return rows, adapters
+
+    def _queue(
+        self, seqs: Seqs[Sequence], pos: list[int], rows: int | None,
+        adapters: frozenset[ModuleKey] | None, turn: int, feed: Seqs[int] | None = None,
+    ) -> None:  # fmt: skip
+        """Fills the buffers with row i = seqs[i] at pos[i], uploads them and queues the step:
+        replays bucket `rows` (_plan), or eagerly, unpadded, the block tables as wide as these
+        rows need; then the one copy of its results out to host buffer `turn`."""
+        n = len(seqs)
+        draws, penalty = self._fill_sampling(seqs, 0 if feed is None else 1)
+        width = -(-(max(pos) + 1) // self.block_size)  # eager: unpadded, as wide as needed
+        if rows is not None:
+            width = self.options.graph_blocks
+        self._fill_rows(seqs, pos, width, feed)
+        if rows is not None:
+            self.buffers.pad(n, rows, width, self.scratch_slot, self.block_size)
+        self.buffers.upload(rows or n, width)
+        if feed is not None:
+            d = self.buffers.dev
+            d["input_ids"][:n].copy_(self.fed.index_select(0, d["feed"][:n]))
+        if penalty:
+            self._load_histories(seqs, ahead=feed is not None)
+        if rows is None:
+            self.forward(n, width, self.hook(n, seqs))
+            self.sample_rows(n, draws, penalty)
+        else:
+            assert self.graphs is not None
+            self.graphs.replay(rows, adapters, full=draws or penalty)
+        self._copy_out(turn)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: Seqs[Sequence]) -> SampledTokens:

@@ -140,20 +140,23 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
 
 TILE_NAMES = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS", "RANK_CHUNK",
               "SHRINK_PROGRAMS")
+# The last two fields where a tile leaves them out: the kernels' defaults (one tile of every
+# rank; 256 shrink programs)
+LEFT_OUT = (0, 256)
 
 
 def set_tiles(tile: str) -> str:
     """Sets the one-launch LoRA kernels' tiles from
     "BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK[:PROGRAMS]]" (expand's columns a program and warps,
     shrink's input columns a loop step and warps, ranks a step of a loop over each slot's own
-    rank, 0 or left out: one tile of every rank; the shrink's programs a launch aims at, left
-    out: 256); returns the tiles it replaced, in the same form."""
+    rank, 0: one tile of every rank; the shrink's programs a launch aims at; left out:
+    LEFT_OUT); returns the tiles it replaced, in the same form."""
     from peftserve.kernels import triton_lowrank_rows as rows_module
 
     values = [int(v) for v in tile.split(":")]
     if not 4 <= len(values) <= len(TILE_NAMES) or min(values) < 0:
         raise ValueError(f"tiles N:W:K:W[:RC[:P]] of non-negative integers, got {tile!r}")
-    values += [0, 256][len(values) - 4 :]
+    values += LEFT_OUT[len(values) - 4 :]
     before = ":".join(str(getattr(rows_module, n)) for n in TILE_NAMES)
     for n, v in zip(TILE_NAMES, values, strict=True):
         setattr(rows_module, n, v)

@@ -137,9 +137,9 @@ def _fastest_and_compile(row: dict) -> str:
     return f"{_fastest(row)}; Inductor's first call {_fmt(row.get('inductor_first_call_s'))} s"
 
 
-def tile_ranking(out: Path) -> tuple[list[str], dict[str, float], dict[tuple, dict], int]:
+def tile_ranking(out: Path) -> tuple[list[str], dict[str, float], dict[tuple, dict], list[dict]]:
     """The lora_tiles step's tiles, the least total graph-replayed time over the cells every
-    tile ran first; those totals; each cell's rows by tile; how many cells every tile ran."""
+    tile ran first; those totals; each cell's rows by tile; the cells every tile ran."""
     data = read_json(out, "decode_lora_tiles_cuda.json") or {}
     cells: dict[tuple, dict[str, dict]] = {}
     for row in data.get("rows", []):
@@ -149,21 +149,20 @@ def tile_ranking(out: Path) -> tuple[list[str], dict[str, float], dict[tuple, di
     tiles = sorted({t for per in cells.values() for t in per})
     common = [per for per in cells.values() if set(per) == set(tiles)]
     total = {t: sum(per[t]["graph_ms"]["rows_one_launch"] for per in common) for t in tiles}
-    return sorted(tiles, key=total.__getitem__), total, cells, len(common)
+    return sorted(tiles, key=total.__getitem__), total, cells, common
 
 
 def tile_lines(out: Path) -> list[str]:
     """gpu.sh's opt-in lora_tiles step (decode_lora_tiles_cuda.json; nothing when it did not
     run): each tile's total, the least first (the tiles to make the default), then each cell's
     GB/s by tile; and the lora_tiles_engine step's 8B adapters section under the fastest."""
-    ranked, total, cells, n_common = tile_ranking(out)
+    ranked, total, cells, common = tile_ranking(out)
     if not ranked:
         return []
     lines = ["", "One-launch LoRA kernels by tile (N:warps:K:warps[:rank chunk], "
              "decode_lora_tiles_cuda.json):",
-             f"- total ms over the {n_common} cells every tile ran, least first: "
+             f"- total ms over the {len(common)} cells every tile ran, least first: "
              + ", ".join(f"{t} {_fmt(total[t])}" for t in ranked)]  # fmt: skip
-    common = [per for per in cells.values() if set(per) == set(ranked)]
     stages = {t: [sum(per[t].get("stage_graph_ms", {}).get(k) or 0.0 for per in common)
                   for k in ("shrink", "expand")] for t in ranked}  # fmt: skip
     if any(sum(v) for v in stages.values()):

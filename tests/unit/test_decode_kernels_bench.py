@@ -69,3 +69,16 @@ def test_lora_tiles_time_each_tile(tmp_path):
     # each kernel timed apart too (graph times need CUDA: None here)
     assert all(set(r["stage_ms"]) == {"shrink", "expand"} and min(r["stage_ms"].values()) > 0
                for r in rows)  # fmt: skip
+
+
+def test_a_tile_leaving_fields_out_gets_the_kernels_defaults():
+    from bench import decode_kernels
+    from peftserve.kernels import triton_lowrank_rows as rows_module
+
+    assert decode_kernels.LEFT_OUT == (rows_module.RANK_CHUNK, rows_module.SHRINK_PROGRAMS)
+    before = decode_kernels.set_tiles("32:2:64:2:8:1024")
+    try:
+        assert decode_kernels.set_tiles("64:4:128:4") == "32:2:64:2:8:1024"
+        assert (rows_module.RANK_CHUNK, rows_module.SHRINK_PROGRAMS) == decode_kernels.LEFT_OUT
+    finally:
+        decode_kernels.set_tiles(before)

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Which of the C++ ops' refused calls crash on this host, and under which compiler:
+# Which of the C++ ops' refused calls crash on this host, and why:
 #
 #     OUT=DIR bash bench/native_cases.sh
 #
-# On the H200 machine's Intel host the self-test's refused call (a message with a dtype) raises,
+# On the H200 machine's Intel host the self-test's refused call (a message with a dtype) raised,
 # but tests/kernels/test_lowrank_rows.py's refused calls died of SIGSEGV at the first message
-# that prints a tensor's sizes (bench/results/gpu_2026-12-04b). This runs the C++ ops' test files
-# with xdist workers that may crash (each crash names its test and a new worker goes on), once
-# with the host's c++ and once with the real compiler behind it when c++ is a wrapper, each
-# with its own kernel cache; then the linked runtime of each build, and one crashing call's native backtrace under cuda-gdb (the image has no gdb). Every part has a time limit.
+# that prints a tensor's sizes (bench/results/gpu_2026-12-04b). This shows the compiler and its
+# link line, builds the kernels into a kernel cache of its own, runs the C++ ops' test files
+# with xdist workers that may crash (each crash names its test and a new worker goes on), shows
+# the build's linked runtime and any C++ runtime it carries itself, and, when a worker crashed,
+# one crashing call's native backtrace under cuda-gdb (the image has no gdb). Every part has a
+# time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/native_cases}"
@@ -29,55 +31,36 @@ FILES=(tests/kernels/test_lowrank_rows.py tests/kernels/test_native_arguments.py
     file "$f" 2>/dev/null
     if head -c 2 "$f" | grep -q '#!'; then echo "--- $f:"; head -c 1500 "$f"; echo; fi
   done
-  command -v g++-real && g++-real --version | head -1
   echo 'int main(){}' > /tmp/nc_main.cpp
   echo "--- c++ link line:"
   c++ -v -shared -fPIC -o /tmp/nc_x.so /tmp/nc_main.cpp 2>&1 | grep -E "collect2|ld " | tail -2
 } > "$OUT/compiler.txt" 2>&1
 cat "$OUT/compiler.txt"
 
-real="$(command -v g++-real || true)"
-variants=(default)
-if [ -n "$real" ]; then
-  printf '#!/bin/sh\nexec %s "$@"\n' "$real" > /tmp/nc_real_cxx
-  chmod +x /tmp/nc_real_cxx
-  variants+=(real)
-fi
-run_variant() {
-  local v="$1" cache="/tmp/nc_cache_$1"
-  local cxx=()
-  [ "$v" = real ] && cxx=(CXX=/tmp/nc_real_cxx)
-  rm -rf "$cache"
-  env "${cxx[@]}" PEFTSERVE_KERNEL_CACHE="$cache" timeout -k 5 150 "$PY" -X faulthandler -c \
-    "from peftserve.kernels import cpu_ext; print(cpu_ext.load(), cpu_ext.unavailable_reason())" \
-    > "$OUT/selftest_$v.log" 2>&1
-  echo "selftest $v: exit $?" >> "$OUT/selftest_$v.log"
-  env "${cxx[@]}" PEFTSERVE_KERNEL_CACHE="$cache" timeout -k 5 120 "$PY" -m pytest -q -rfE \
-    -p no:cacheprovider -p no:benchmark ${XDIST--n 6 --max-worker-restart 200} --timeout 60 \
-    "${FILES[@]}" > "$OUT/tests_$v.log" 2>&1
-  echo "tests $v: exit $?" >> "$OUT/tests_$v.log"
-  for so in "$cache"/kernels/*/peftserve_cpu.so; do
-    {
-      echo "$so"
-      readelf -d "$so" | grep -E "NEEDED|RPATH|RUNPATH"
-      echo "C++ runtime functions it defines itself (a private runtime):"
-      nm -D --defined-only "$so" | grep -E " T (__cxa_|__gxx_|_Unwind|_ZNSo|_ZNSt6locale|_ZSt)" \
-        | head -20
-    } >> "$OUT/lib_$v.txt" 2>&1
-  done
-}
-for v in "${variants[@]}"; do run_variant "$v" & done
-wait
-for v in "${variants[@]}"; do
-  echo "=== $v"; tail -3 "$OUT/selftest_$v.log"
-  grep -E "crashed|passed|failed|error" "$OUT/tests_$v.log" | tail -30
-  cat "$OUT/lib_$v.txt"
-done
+cache=/tmp/nc_cache
+rm -rf "$cache"
+export PEFTSERVE_KERNEL_CACHE="$cache"
+timeout -k 5 150 "$PY" -X faulthandler -c \
+  "from peftserve.kernels import cpu_ext; print(cpu_ext.load(), cpu_ext.unavailable_reason())" \
+  > "$OUT/selftest.log" 2>&1
+echo "selftest: exit $?" >> "$OUT/selftest.log"
+timeout -k 5 120 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:benchmark \
+  ${XDIST--n 6 --max-worker-restart 200} --timeout 60 "${FILES[@]}" > "$OUT/tests.log" 2>&1
+echo "tests: exit $?" >> "$OUT/tests.log"
+for so in "$cache"/kernels/*/peftserve_cpu.so; do
+  echo "$so"
+  readelf -d "$so" | grep -E "NEEDED|RPATH|RUNPATH"
+  echo "C++ runtime functions it defines itself (a private runtime):"
+  nm -D --defined-only "$so" | grep -E " T (__cxa_|__gxx_|_Unwind|_ZNSo|_ZNSt6locale|_ZSt)" \
+    | head -20
+done > "$OUT/lib.txt" 2>&1
+tail -3 "$OUT/selftest.log"
+grep -E "node down|passed|failed|error" "$OUT/tests.log" | tail -30
+cat "$OUT/lib.txt"
 
-# The default build's crashing call: its native backtrace
-export PEFTSERVE_KERNEL_CACHE=/tmp/nc_cache_default
+# A crashing call's native backtrace, when a worker crashed
 gdb="$(command -v cuda-gdb || true)"
-if [ -n "$gdb" ]; then
+if [ -n "$gdb" ] && grep -q "node down" "$OUT/tests.log"; then
   timeout -k 5 120 "$gdb" -q -batch -ex run -ex "bt 30" -ex "x/4i \$pc" -ex "info registers rip" \
     --args "$PY" -m pytest -q -p no:xdist -p no:cacheprovider "$CASE" 2>&1 \
     | grep -vE "New Thread|Thread .* exited|libthread_db|^\[Detaching" > "$OUT/gdb.txt"

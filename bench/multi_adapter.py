@@ -273,9 +273,11 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
 
 
 def _where(key: tuple[str, int, str]) -> str:
-    """cProfile's (file, line, function) as package/module.py:line function."""
+    """cProfile's (file, line, function) as package/module.py:line function, the path from
+    the repository root, site-packages or the standard library."""
     path, line, fn = key
-    for marker in ("/peftserve/", "/site-packages/", "/work/main/", "/lib/python3"):
+    repo = f"{Path(__file__).resolve().parents[1]}/"
+    for marker in ("/peftserve/", "/site-packages/", repo, "/lib/python3"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break

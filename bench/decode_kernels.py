@@ -145,18 +145,30 @@ TILE_NAMES = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS"
 LEFT_OUT = (0, 256)
 
 
-def set_tiles(tile: str) -> str:
-    """Sets the one-launch LoRA kernels' tiles from
-    "BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK[:PROGRAMS]]" (expand's columns a program and warps,
-    shrink's input columns a loop step and warps, ranks a step of a loop over each slot's own
-    rank, 0: one tile of every rank; the shrink's programs a launch aims at; left out:
-    LEFT_OUT); returns the tiles it replaced, in the same form."""
-    from peftserve.kernels import triton_lowrank_rows as rows_module
-
+def tile_values(tile: str) -> list[int]:
+    """"BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK[:PROGRAMS]]" (expand's columns a program and
+    warps, shrink's input columns a loop step and warps, ranks a step of a loop over each slot's
+    own rank, 0: one tile of every rank; the shrink's programs a launch aims at; left out:
+    LEFT_OUT) -> the values of TILE_NAMES."""
     values = [int(v) for v in tile.split(":")]
     if not 4 <= len(values) <= len(TILE_NAMES) or min(values) < 0:
         raise ValueError(f"tiles N:W:K:W[:RC[:P]] of non-negative integers, got {tile!r}")
-    values += LEFT_OUT[len(values) - 4 :]
+    return values + list(LEFT_OUT[len(values) - 4 :])
+
+
+def kernel_tiles(tile: str) -> dict[str, dict[str, int]]:
+    """A tile string's fields for each kernel, as a lora_tiles.TileTable entry holds them."""
+    n, n_warps, k, k_warps, chunk, programs = tile_values(tile)
+    return {"shrink": {"block": k, "warps": k_warps, "rank_chunk": chunk, "programs": programs},
+            "expand": {"block": n, "warps": n_warps, "rank_chunk": chunk}}  # fmt: skip
+
+
+def set_tiles(tile: str) -> str:
+    """Sets the one-launch LoRA kernels' default tiles from a tile string (tile_values);
+    returns the tiles it replaced, in the same form."""
+    from peftserve.kernels import triton_lowrank_rows as rows_module
+
+    values = tile_values(tile)
     before = ":".join(str(getattr(rows_module, n)) for n in TILE_NAMES)
     for n, v in zip(TILE_NAMES, values, strict=True):
         setattr(rows_module, n, v)
@@ -242,7 +254,7 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
         weights = sum(int(rank_of[s]) * (d_in + sum(slices)) for s in used)
         moved = (weights + batch * (d_in + 2 * sum(slices))) * 2
         diff = float((outs[0] - outs[1]).abs().max())
-        extra: dict = {"module": module}
+        extra: dict = {"module": module, "d_in": d_in, "slices": list(slices), "r_max": R_MAX}
         if stages:
             splits = shrink_splits(batch, n, d_in)
             v = shrink_rows_triton(x, A, rank, token_slot, splits)

@@ -125,9 +125,11 @@ step fused_ops_bench "${T_FUSED_OPS:-45}" "$PY" bench/decode_kernels.py --ops fu
   --batches 1 8 32 --out "$OUT/decode_fused_ops_cuda.json"
 step kernels_bench "${T_KERNEL_BENCH:-30}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
 # Opt-in only (STEPS="lora_tiles lora_tiles_engine"): the one-launch LoRA kernels under other
-# tiles and shrink splits at the 8B shape, to pick their defaults (kernels/triton_lowrank_rows.py);
-# then the 8B engine's adapters section under the fastest of them (gpu_engine_8b_tiles.json),
-# next to engine_bench_8b's under the defaults
+# tiles and shrink splits at the 8B shape, each kernel timed apart; then, from the fastest per
+# kernel, module and batch, a LoRA tile table ($OUT/lora_tiles_tuned.json, kernels/lora_tiles.py:
+# committed as kernels/tuned/<GPU>.json, the table a server on that GPU reads) and the 8B engine's
+# adapters section under it (gpu_engine_8b_tiles.json), next to engine_bench_8b's under the
+# kernels' defaults
 if [[ " ${STEPS:-} " == *" lora_tiles "* ]]; then
   # (27 s for 9 tiles at batch 8/32/64 on the H200; each kernel is now also timed apart)
   step lora_tiles "${T_LORA_TILES:-120}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
@@ -137,10 +139,11 @@ if [[ " ${STEPS:-} " == *" lora_tiles "* ]]; then
       256:4:256:4:16}
 fi
 tiles_engine() {
-  local tile
-  tile="$("$PY" -m bench.gpu_report --best-tile "$OUT")" || { echo "no lora_tiles result"; return 3; }
-  "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections adapters \
-    --repeat 2 --lora-tiles "$tile" --out "$OUT/gpu_engine_8b_tiles.json"
+  "$PY" -m bench.gpu_report --tuned-tiles "$OUT" > "$OUT/lora_tiles_tuned.json" \
+    || { echo "no lora_tiles result"; return 3; }
+  PEFTSERVE_LORA_TILES="$OUT/lora_tiles_tuned.json" "$PY" -m bench.gpu_engine \
+    --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections adapters --repeat 2 \
+    --out "$OUT/gpu_engine_8b_tiles.json"
 }
 if [[ " ${STEPS:-} " == *" lora_tiles_engine "* ]] && [ -n "${MODEL_DIR:-}" ]; then
   step lora_tiles_engine "${T_LORA_TILES_ENGINE:-90}" env PY="$PY" OUT="$OUT" \

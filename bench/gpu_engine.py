@@ -212,6 +212,8 @@ def main() -> None:
         )
     )
     graphs = engine.runner.static.graphs if engine.runner.static is not None else None
+    table = getattr(engine.model.backend, "lora_tiles", None)  # the Triton backend's
+    out["lora_tile_table"] = table.source if table is not None else None
     out["engine_start_s"] = time.perf_counter() - t0  # load + CUDA graph capture
     out["cuda_graph_capture_s"] = graphs.capture_seconds if graphs is not None else None
     out["cuda_graph_batch_sizes"] = list(graphs.sizes) if graphs is not None else []

@@ -178,7 +178,8 @@ def tile_lines(out: Path) -> list[str]:
     if engine is not None:
         ratios = ", ".join(f"{config} {_fmt(dig(engine, ('adapters', config, 'vs_base')))}"
                            for config in ("lora-qv", "lora-heavy"))  # fmt: skip
-        lines.append(f"- Llama-3.1-8B's adapters section under {engine.get('lora_tiles')} "
+        under = engine.get("lora_tile_table") or engine.get("lora_tiles")
+        lines.append(f"- Llama-3.1-8B's adapters section under {under} "
                      f"(gpu_engine_8b_tiles.json), tok/s vs base: {ratios}")
     return lines
 
@@ -186,6 +187,28 @@ def tile_lines(out: Path) -> list[str]:
 def best_tile(out: Path) -> str:
     """The lora_tiles step's fastest tile; "" when it has none."""
     return (tile_ranking(out)[0] or [""])[0]
+
+
+def tuned_tiles(out: Path) -> dict:
+    """The lora_tiles step's fastest tile for each kernel, module and batch, by that kernel's
+    own time replayed in a graph (stage_graph_ms), as a kernels/lora_tiles.py table file:
+    {"device", "from", "entries"}, each entry with the tile string and time it was chosen by."""
+    from bench.decode_kernels import kernel_tiles
+
+    data = read_json(out, "decode_lora_tiles_cuda.json") or {}
+    best: dict[tuple, tuple[float, str]] = {}
+    for row in data.get("rows", []):
+        if row.get("op") != "lora_tiles" or "d_in" not in row:
+            continue
+        for kernel, ms in (row.get("stage_graph_ms") or {}).items():
+            key = (kernel, row["d_in"], tuple(row["slices"]), row["r_max"], row["batch"])
+            if ms and (key not in best or ms < best[key][0]):
+                best[key] = (ms, row["tiles"])
+    entries = [{"kernel": kernel, "in": d_in, "slices": list(slices), "r_max": r_max,
+                "batch": batch, **kernel_tiles(tile)[kernel], "tiles": tile, "graph_ms": ms}
+               for (kernel, d_in, slices, r_max, batch), (ms, tile) in sorted(best.items())]
+    return {"device": data.get("device"), "from": str(out / "decode_lora_tiles_cuda.json"),
+            "entries": entries}  # fmt: skip
 
 
 def run_lines(out: Path) -> list[str]:
@@ -290,11 +313,18 @@ def main() -> int:
     ap.add_argument("out", type=Path, help="the directory bench/gpu.sh wrote")
     ap.add_argument("--best-tile", action="store_true",
                     help="print only the lora_tiles step's fastest tile (exit 1: none)")
+    ap.add_argument("--tuned-tiles", action="store_true",
+                    help="print only the lora_tiles step's fastest tile per kernel, module and "
+                         "batch as a LoRA tile table (kernels/lora_tiles.py; exit 1: none)")
     args = ap.parse_args()
     if args.best_tile:
         tile = best_tile(args.out)
         print(tile)
         return 0 if tile else 1
+    if args.tuned_tiles:
+        table = tuned_tiles(args.out)
+        print(json.dumps(table, indent=1))
+        return 0 if table["entries"] else 1
     text, unmet = report(args.out)
     sys.stdout.write(text)
     print(f"{unmet} goal(s) not met" if unmet else "every goal met")

@@ -32,12 +32,14 @@ import triton
 import triton.language as tl
 
 from .activation import activation_code
+from .lora_tiles import Tiles
 from .tiling import cdiv, pow2_at_least
 from .triton_combine import add as _add
 from .triton_expand import _slice_offsets
 from .triton_shrink import activate
 
-# Tiles (bench/decode_kernels.py --lora-tiles times others on the GPU)
+# Tiles where a launch is given none (bench/decode_kernels.py --lora-tiles times others on the
+# GPU; lora_tiles.TileTable holds the fastest per module shape on a device)
 SHRINK_BLOCK_K = 128  # input columns per step of the shrink's loop, at most
 SHRINK_WARPS = 4
 EXPAND_BLOCK_N = 64  # output columns per expand program
@@ -279,16 +281,26 @@ def _expand_rows_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + d).to(y.dtype), mask=mask_n)
 
 
-def rank_chunk(block_r: int) -> int:
-    """The kernels' RANK_CHUNK: RANK_CHUNK where it is set and below the tile's ranks."""
-    return min(RANK_CHUNK, block_r) if RANK_CHUNK > 0 else block_r
+def default_tiles(kernel: str) -> Tiles:
+    """The tiles of a launch given none: the constants above."""
+    if kernel == "shrink":
+        return Tiles(SHRINK_BLOCK_K, SHRINK_WARPS, RANK_CHUNK, SHRINK_PROGRAMS)
+    return Tiles(EXPAND_BLOCK_N, EXPAND_WARPS, RANK_CHUNK)
 
 
-def shrink_splits(n_tokens: int, n_slices: int, d_in: int) -> int:
+def rank_chunk(block_r: int, chunk: int | None = None) -> int:
+    """The kernels' RANK_CHUNK: `chunk` (default RANK_CHUNK) where it is set and below the
+    tile's ranks."""
+    chunk = RANK_CHUNK if chunk is None else chunk
+    return min(chunk, block_r) if chunk > 0 else block_r
+
+
+def shrink_splits(n_tokens: int, n_slices: int, d_in: int, tiles: Tiles | None = None) -> int:
     """Splits of the input dimension: enough programs to spread a few tokens' weight reads
-    over the GPU (~SHRINK_PROGRAMS programs), at least two BLOCK_Ks of columns each."""
-    most = max(1, d_in // (2 * SHRINK_BLOCK_K))
-    return max(1, min(most, SHRINK_PROGRAMS // max(1, n_tokens * n_slices)))
+    over the GPU (~tiles.programs programs), at least two blocks of columns each."""
+    tiles = tiles or default_tiles("shrink")
+    most = max(1, d_in // (2 * tiles.block))
+    return max(1, min(most, tiles.programs // max(1, n_tokens * n_slices)))
 
 
 def shrink_rows_triton(
@@ -297,6 +309,7 @@ def shrink_rows_triton(
     rank: torch.Tensor,  # [n_slices, S] int32, 0 = no update
     token_slot: torch.Tensor,  # [T] int, -1 = no adapter
     n_splits: int = 1,
+    tiles: Tiles | None = None,  # default_tiles("shrink")
 ) -> torch.Tensor:  # [n_splits, n_slices, T, R_max] float32, summing to shrink_reference's v
     """One launch for every (token, slice, split): the partial sums of A[i, s, :r] @ x[t]."""
     T, d_in = x.shape
@@ -304,9 +317,10 @@ def shrink_rows_triton(
     v = torch.empty(n_splits, n_slices, T, r_max, dtype=torch.float32, device=x.device)
     if T == 0:
         return v
+    tiles = tiles or default_tiles("shrink")
     block_r = pow2_at_least(r_max)
-    chunk = rank_chunk(block_r)
-    block_k = max(32, min(SHRINK_BLOCK_K, 8192 // chunk))  # an A tile of <= 8K elements
+    chunk = rank_chunk(block_r, tiles.rank_chunk)
+    block_k = max(32, min(tiles.block, 8192 // chunk))  # an A tile of <= 8K elements
     k_per_split = cdiv(cdiv(d_in, n_splits), block_k) * block_k
     _shrink_rows_kernel[(T, n_slices, n_splits)](
         x, A, v, token_slot, rank,
@@ -315,7 +329,7 @@ def shrink_rows_triton(
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         RANK_CHUNK=chunk,
-        num_warps=SHRINK_WARPS,
+        num_warps=tiles.warps,
     )  # fmt: skip
     return v
 
@@ -332,6 +346,7 @@ def expand_rows_triton(
     b_down: torch.Tensor | None = None,  # [S, R_max], with b_up and act: a bottleneck
     b_up: torch.Tensor | None = None,  # [S, out_total]
     act: str | None = None,
+    tiles: Tiles | None = None,  # default_tiles("expand")
 ) -> torch.Tensor:  # y
     """One launch for every (token, slice, column tile):
     y[t, off_i:off_i+out_i] += scale[i, s] * (B[s, off_i:off_i+out_i, :r] @ act(sum_p v[p, i, t, :r]
@@ -340,15 +355,16 @@ def expand_rows_triton(
     if T == 0:
         return y
     n_splits, n_slices, _, r_max = v.shape
+    tiles = tiles or default_tiles("expand")
     has_bias = b_down is not None
     bias_down = b_down if b_down is not None else v
     bias_up = b_up if b_up is not None else y
     offsets = _slice_offsets(slice_sizes, y.device)
     flat = FLAT_TILES and len(set(slice_sizes)) > 1
-    tiles = _column_tiles(slice_sizes, EXPAND_BLOCK_N, y.device) if flat else offsets
-    grid = (T, tiles.shape[0], 1) if flat else (T, n_slices, cdiv(max(slice_sizes), EXPAND_BLOCK_N))
+    table = _column_tiles(slice_sizes, tiles.block, y.device) if flat else offsets
+    grid = (T, table.shape[0], 1) if flat else (T, n_slices, cdiv(max(slice_sizes), tiles.block))
     _expand_rows_kernel[grid](
-        y, v, B, token_slot, rank, scale, bias_down, bias_up, offsets, tiles,
+        y, v, B, token_slot, rank, scale, bias_down, bias_up, offsets, table,
         r_max,
         *y.stride(), *v.stride()[:3], *B.stride(), rank.stride(0),  # one call a tensor
         bias_down.stride(0), bias_up.stride(0),
@@ -357,10 +373,10 @@ def expand_rows_triton(
         ACT=activation_code(act),
         RANK_ALIGN=8 if r_max % 8 == 0 else 1,
         BLOCK_R=pow2_at_least(r_max),
-        BLOCK_N=EXPAND_BLOCK_N,
-        RANK_CHUNK=rank_chunk(pow2_at_least(r_max)),
+        BLOCK_N=tiles.block,
+        RANK_CHUNK=rank_chunk(pow2_at_least(r_max), tiles.rank_chunk),
         FLAT=flat,
-        num_warps=EXPAND_WARPS,
+        num_warps=tiles.warps,
     )  # fmt: skip
     return y
 
@@ -387,14 +403,15 @@ def lowrank_delta_rows_triton(
     b_down: torch.Tensor | None = None,  # [S, R_max]
     b_up: torch.Tensor | None = None,  # [S, out_total]
     act: str | None = None,
+    tiles: tuple[Tiles | None, Tiles | None] = (None, None),  # (shrink, expand); None: default
 ) -> torch.Tensor:  # y
     """Shrink then expand, two launches whatever the adapters (reference.lowrank_delta_reference).
     Arguments are not checked here (checks.check_lowrank_args, which reads no device data)."""
-    n_splits = shrink_splits(x.shape[0], A.shape[0], x.shape[1])
-    v = shrink_rows_triton(x, A, rank, token_slot, n_splits)
+    shrink = tiles[0] or default_tiles("shrink")
+    n_splits = shrink_splits(x.shape[0], A.shape[0], x.shape[1], shrink)
+    v = shrink_rows_triton(x, A, rank, token_slot, n_splits, shrink)
     return expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes,
-                              b_down=b_down, b_up=b_up, act=act)  # fmt: skip
-
+                              b_down=b_down, b_up=b_up, act=act, tiles=tiles[1])  # fmt: skip
 
 
 def check_rows_args(

@@ -21,11 +21,14 @@ device they are on. Three kinds, like vLLM's punica selector but an object passe
 The environment switches are read here, once, by `select_backend`: PEFTSERVE_CPU_KERNELS=0
 (no C++ ops), PEFTSERVE_PACKED_WEIGHTS=0 (dense weights), PEFTSERVE_CPU_GEMV=0 (no
 matrix-vector kernel: oneDNN at every batch size), PEFTSERVE_CPU_ATTENTION=generic (the
-decode attention's plain loops instead of its AVX-512 or AVX2 code).
+decode attention's plain loops instead of its AVX-512 or AVX2 code); on CUDA,
+PEFTSERVE_LORA_TILES=FILE (the LoRA kernels' tiles per module shape from FILE instead of the
+table shipped for the GPU, kernels/lora_tiles.py; empty: the kernels' defaults).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -42,11 +45,13 @@ from peftserve.kernels.checks import LowrankChecks, check_lowrank_args
 from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
 from peftserve.kernels.cpu_packed import PackedBottleneck, PackedLora, bottleneck_delta_packed_cpu
 from peftserve.kernels.cpu_rows import bottleneck_delta_rows_cpu
+from peftserve.kernels.lora_tiles import TileTable
 from peftserve.kernels.segment_meta import SegmentMeta
 from peftserve.kernels.token_slot import lowrank_delta_token_slot
 from peftserve.layers.attention import AttentionMetadata, decode_attention, write_kv
 from peftserve.layers.rotary import apply_rotary
 
+log = logging.getLogger(__name__)
 ENV_CPU_ATTENTION = "PEFTSERVE_CPU_ATTENTION"
 ENV_CPU_GEMV = "PEFTSERVE_CPU_GEMV"
 
@@ -184,16 +189,18 @@ class TritonBackend(Backend):
     (kernels/triton_fused.py); adapter deltas of up to `rows_max_tokens` tokens (a decode
     step) run token by token, one launch per stage for every slice and adapter, reading only
     device tensors (kernels/triton_lowrank_rows.py), larger steps by segments (triton_shrink /
-    triton_expand). The Triton modules are imported on first use; on the CPU they run under
-    TRITON_INTERPRET (tests only).
+    triton_expand), each module's tiles from `lora_tiles` (kernels/lora_tiles.py: the
+    device's tuned table, else the kernels' defaults). The Triton modules are imported on
+    first use; on the CPU they run under TRITON_INTERPRET (tests only).
     """
 
     name = "triton"
     captures_graphs = True
     reads_decode_lens = True
 
-    def __init__(self, rows_max_tokens: int = 128) -> None:
+    def __init__(self, rows_max_tokens: int = 128, lora_tiles: TileTable | None = None) -> None:
         self.rows_max_tokens = rows_max_tokens
+        self.lora_tiles = lora_tiles or TileTable()
         self.check_lowrank_args = LowrankChecks()  # the slot buffers' layouts checked once
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -253,8 +260,9 @@ class TritonBackend(Backend):
         if meta.num_tokens <= self.rows_max_tokens:
             from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
 
+            tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
             lowrank_delta_rows_triton(y, x, A, B, rank, scale, meta.token_slot, slice_sizes,
-                                      b_down=b_down, b_up=b_up, act=act)  # fmt: skip
+                                      b_down=b_down, b_up=b_up, act=act, tiles=tiles)  # fmt: skip
             return
         from peftserve.kernels.triton_expand import launch_expand
         from peftserve.kernels.triton_shrink import launch_shrink
@@ -270,7 +278,9 @@ class TritonBackend(Backend):
         from peftserve.kernels.triton_lowrank_rows import check_rows_args, lowrank_delta_rows_triton
 
         check_rows_args(y, x, A, B, rank, scale, token_slot, slice_sizes)
-        lowrank_delta_rows_triton(y, x, A, B, rank, scale, token_slot, slice_sizes, **bottleneck)
+        tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
+        lowrank_delta_rows_triton(y, x, A, B, rank, scale, token_slot, slice_sizes,
+                                  tiles=tiles, **bottleneck)  # fmt: skip
 
 
 class CpuBackend(Backend):
@@ -406,7 +416,9 @@ def select_backend(name: str, device: torch.device) -> Backend:
     if device.type == "cuda":
         if name not in ("auto", "triton"):
             raise ValueError(f"the {name} backend runs on the CPU, not on {device}")
-        return TritonBackend()
+        tiles = TileTable.for_device(torch.cuda.get_device_name(device), dict(os.environ))
+        log.info("LoRA kernel tiles: %s", tiles.source)
+        return TritonBackend(lora_tiles=tiles)
     if name == "triton":
         raise ValueError(f"the triton backend needs a CUDA device, not {device}")
     native = name != "torch" and cpu_ext.load()

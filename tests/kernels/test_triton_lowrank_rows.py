@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peftserve.kernels import triton_lowrank_rows as rows_module
+from peftserve.kernels.lora_tiles import Tiles, TileTable
 from peftserve.kernels.triton_lowrank_rows import (
     check_rows_args,
     lowrank_delta_rows_triton,
@@ -168,3 +169,68 @@ def test_checks_name_the_wrong_layout():
     with pytest.raises(ValueError, match="int32"):
         check_rows_args(c.y, c.x, c.A, c.B, c.rank.long(), c.scale, c.meta.token_slot,
                         c.slice_sizes)  # fmt: skip
+
+
+def spy_tiles(monkeypatch) -> list[tuple[str, int]]:
+    """The tiles each launch ran with: ("shrink", its splits, warps) and ("expand" column
+    block) as the kernels' entry points see them."""
+    seen: list[tuple] = []
+    shrink, columns = rows_module.shrink_rows_triton, rows_module._column_tiles
+
+    def spied_shrink(x, A, rank, token_slot, n_splits=1, tiles=None):
+        seen.append(("shrink", n_splits, (tiles or rows_module.default_tiles("shrink")).warps))
+        return shrink(x, A, rank, token_slot, n_splits, tiles)
+
+    def spied_columns(sizes, block_n, device):
+        seen.append(("expand", block_n))
+        return columns(sizes, block_n, device)
+
+    monkeypatch.setattr(rows_module, "shrink_rows_triton", spied_shrink)
+    monkeypatch.setattr(rows_module, "_column_tiles", spied_columns)
+    return seen
+
+
+def test_a_launch_given_tiles_runs_them(monkeypatch):
+    """Tiles passed in (a tuned table's, lora_tiles.py) replace the defaults in both kernels:
+    the shrink's programs set its splits, the expand's block its column tiles; the sums stay
+    the reference's."""
+    seen = spy_tiles(monkeypatch)
+    c = case(n_tokens=6, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
+    y = run(c)
+    assert seen == [("shrink", 2, rows_module.SHRINK_WARPS), ("expand", 64)]
+    assert_close(y, reference_y(c), *FP32_TOL[1:])
+    seen.clear()
+    tuned = (Tiles(32, 2, 4, 64), Tiles(16, 2, 8))  # 64 programs over 6 x 3: 3 splits
+    y = run(c, tiles=tuned)
+    assert seen == [("shrink", 3, 2), ("expand", 16)]
+    assert_close(y, reference_y(c), *FP32_TOL[1:])
+    assert_untouched_rows(y, c.y, c.token_slot)
+
+
+def test_the_backend_launches_its_tables_tiles_for_the_module_and_batch(monkeypatch):
+    """TritonBackend picks each launch's tiles from its TileTable by the module's shape, max
+    rank and batch; a shape the table lacks keeps the defaults."""
+    c = case(n_tokens=6, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
+    entry = {"in": 700, "slices": list(QKV_GQA), "r_max": int(c.A.shape[2]), "rank_chunk": 0}
+    table = TileTable.from_entries([
+        {**entry, "kernel": "shrink", "batch": 4, "block": 32, "warps": 2, "programs": 64},
+        {**entry, "kernel": "expand", "batch": 4, "block": 32, "warps": 2},
+        {**entry, "kernel": "expand", "batch": 64, "block": 128, "warps": 8},
+    ])  # fmt: skip
+    seen = spy_tiles(monkeypatch)
+    for kind in ("lowrank_delta", "lowrank_delta_tokens"):
+        y = c.y.clone()
+        backend = TritonBackend(lora_tiles=table)
+        if kind == "lowrank_delta":
+            backend.lowrank_delta(y, c.x, c.A, c.B, c.rank, c.scale, c.meta, c.slice_sizes)
+        else:
+            backend.lowrank_delta_tokens(y, c.x, c.A, c.B, c.rank, c.scale,
+                                         c.meta.token_slot.long(), c.slice_sizes)  # fmt: skip
+        assert seen == [("shrink", 3, 2), ("expand", 32)], kind
+        assert_close(y, reference_y(c), *FP32_TOL[1:])
+        seen.clear()
+    other = case(n_tokens=6, d_in=64, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
+    y = other.y.clone()
+    TritonBackend(lora_tiles=table).lowrank_delta(y, other.x, other.A, other.B, other.rank,
+                                                  other.scale, other.meta, other.slice_sizes)
+    assert seen == [("shrink", 1, rows_module.SHRINK_WARPS), ("expand", 64)]

@@ -66,6 +66,10 @@ def test_lora_tiles_time_each_tile(tmp_path):
         (t, m) for t in tiles for m in ("qkv", "o", "gate_up", "down")
     }
     assert all(r["op"] == "lora_tiles" and r["max_abs_diff"] < 1e-2 for r in rows)
+    # each row names its module's shape, as gpu_report --tuned-tiles keys a tile table by it
+    shapes = {r["module"]: (r["d_in"], tuple(r["slices"]), r["r_max"]) for r in rows}
+    assert len(shapes["qkv"][1]) == 3 and len(shapes["gate_up"][1]) == 2
+    assert shapes["o"][0] == shapes["qkv"][1][0] and shapes["down"][1] == shapes["o"][1]
     # each kernel timed apart too (graph times need CUDA: None here)
     assert all(set(r["stage_ms"]) == {"shrink", "expand"} and min(r["stage_ms"].values()) > 0
                for r in rows)  # fmt: skip

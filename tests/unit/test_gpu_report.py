@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from bench import gpu_report
+from peftserve.kernels.lora_tiles import Tiles, TileTable
 
 
 def write(out: Path, name: str, data: dict) -> None:
@@ -175,3 +176,49 @@ def test_the_overlaps_are_set_against_the_step_without_them(tmp_path):
     assert "batch 1: 4.21 / 4.61 / 4.73;" in line
     assert "batch 32: 5.02 / missing / missing" in line
     assert row("- SmolLM2, decode step ms", text).endswith("overlapped: missing")
+
+
+def test_tuned_tiles_take_each_kernels_fastest_per_module_and_batch(tmp_path):
+    """--tuned-tiles: a LoRA tile table (kernels/lora_tiles.py) from the sweep, each kernel's
+    tile chosen by its own time, so the shrink and the expand of one module may come from
+    different tiles; a server reads it back as it is."""
+    assert gpu_report.tuned_tiles(tmp_path)["entries"] == []
+    qkv = {"module": "qkv", "d_in": 4096, "slices": [4096, 1024, 1024], "r_max": 64}
+    down = {"module": "down", "d_in": 14336, "slices": [4096], "r_max": 64}
+
+    def row(tile, module, batch, shrink, expand):
+        return {"op": "lora_tiles", "tiles": tile, "shape": "llama-3.1-8b", **module,
+                "batch": batch, "stage_graph_ms": {"shrink": shrink, "expand": expand}}  # fmt: skip
+
+    write(tmp_path, "decode_lora_tiles_cuda.json", {"device": "NVIDIA H200", "rows": [
+        row("64:4:128:4", qkv, 32, 0.010, 0.014),
+        row("256:8:64:2:32:1024", qkv, 32, 0.008, 0.016),
+        row("64:4:128:4", down, 8, 0.004, 0.005),
+        row("256:8:64:2:32:1024", down, 8, 0.006, 0.004),
+        {"op": "lora", "module": "o", "batch": 8},  # the plain kernel rows: not tiles
+    ]})  # fmt: skip
+    table = gpu_report.tuned_tiles(tmp_path)
+    assert table["device"] == "NVIDIA H200"
+    got = {(e["kernel"], e["in"], e["batch"]): (e["tiles"], e["block"], e["warps"],
+                                                e["rank_chunk"], e.get("programs"))
+           for e in table["entries"]}  # fmt: skip
+    assert got == {
+        ("shrink", 4096, 32): ("256:8:64:2:32:1024", 64, 2, 32, 1024),
+        ("expand", 4096, 32): ("64:4:128:4", 64, 4, 0, None),
+        ("shrink", 14336, 8): ("64:4:128:4", 128, 4, 0, 256),  # programs left out: 256
+        ("expand", 14336, 8): ("256:8:64:2:32:1024", 256, 8, 32, None),
+    }
+    tiles = TileTable.from_entries(table["entries"])
+    assert tiles.pick(4096, (4096, 1024, 1024), 64, 32) == (Tiles(64, 2, 32, 1024),
+                                                            Tiles(64, 4, 0))  # fmt: skip
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(table))
+    assert TileTable.load(path).entries == tiles.entries
+    write(tmp_path, "gpu_engine_8b_tiles.json", {"lora_tiles": "default",
+                                                 "lora_tile_table": str(path), "adapters": {
+        "lora-qv": {"vs_base": 0.93}, "lora-heavy": {"vs_base": 0.71}}})  # fmt: skip
+    write(tmp_path, "decode_lora_tiles_cuda.json", {"rows": [
+        {**row("64:4:128:4", qkv, 32, 0.01, 0.01), "graph_ms": {"rows_one_launch": 0.02},
+         "gbs_graph": {"rows_one_launch": 100.0}}]})  # fmt: skip
+    text, _ = gpu_report.report(tmp_path)
+    assert f"adapters section under {path} (gpu_engine_8b_tiles.json)" in text

@@ -89,6 +89,40 @@ def start_decoding(engine, requests: list) -> None:
     engine.step()
 
 
+def step_phases(engine, run: Callable[[], object]) -> dict:
+    """`run()` (requests through `engine`) with each engine step timed by what it held: the
+    steps with prompt tokens (prefill chunks, maybe beside decodes) and the decode-only steps
+    by batch size, each as [steps, ms]. A step's time runs from its call to its tokens back
+    (a step queued ahead overlaps the host's part). Which phase a workload's time goes to,
+    at a cost per step of two clock reads."""
+    phases: dict[str, list] = {}
+    step = engine.step
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = step(*args, **kwargs)
+        ms = (time.perf_counter() - t0) * 1e3
+        seqs, tokens = engine.last_batch_size, engine.last_batch_tokens
+        if seqs:
+            at = phases.setdefault("prefill" if tokens > seqs else f"decode_{seqs}", [0, 0.0])
+            at[0] += 1
+            at[1] += ms
+        return out
+
+    engine.step = timed
+    try:
+        run()
+    finally:
+        del engine.step
+    decodes = [v for k, v in phases.items() if k.startswith("decode_")]
+    return {
+        "prefill": phases.get("prefill", [0, 0.0]),
+        "decode": [sum(n for n, _ in decodes), sum(ms for _, ms in decodes)],
+        "decode_by_batch": dict(sorted((int(k[7:]), v) for k, v in phases.items()
+                                       if k != "prefill")),
+    }  # fmt: skip
+
+
 def steady_step_time(engine, requests: list, steps: int) -> float:
     """Mean time of a decode step over `steps` consecutive ones, once every request in
     `requests` (added here) decodes: from one step's return (its tokens are back) to the

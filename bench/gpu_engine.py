@@ -49,7 +49,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import environment, start_decoding, steady_step_time, timed, workload
+from bench.common import (
+    environment,
+    start_decoding,
+    steady_step_time,
+    step_phases,
+    timed,
+    workload,
+)
 from bench.decode_kernels import set_tiles
 from bench.engine_throughput import matmul_pass
 from bench.multi_adapter import (
@@ -422,6 +429,8 @@ def many_adapters(
         adapters[name] = {
             "tok_s": tokens / t,
             "decode_step_ms": decode_step(engine, reqs, 32) * 1e3,
+            # one more run, its steps timed by phase: where a configuration's tok/s goes
+            "phases": step_phases(engine, lambda reqs=reqs: run_engine(engine, reqs, tokens)),
         }
     for name in adapters:
         adapters[name]["vs_base"] = adapters[name]["tok_s"] / adapters["base"]["tok_s"]

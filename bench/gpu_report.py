@@ -254,6 +254,22 @@ def cold_lines(out: Path) -> list[str]:
     return lines
 
 
+def phase_lines(out: Path) -> list[str]:
+    """Per shape, the adapters section's run of each configuration by its steps' phases
+    (bench.common.step_phases): ms in steps with prompt tokens and in decode-only steps, and
+    their counts; where a configuration's tok/s against base is lost."""
+    lines = []
+    for name, shape in ENGINE_FILES:
+        adapters = (read_json(out, name) or {}).get("adapters", {})
+        parts = [f"{config} {_fmt(a['phases']['prefill'][1])} / {_fmt(a['phases']['decode'][1])} "
+                 f"({a['phases']['prefill'][0]} / {a['phases']['decode'][0]})"
+                 for config, a in adapters.items() if "phases" in a]  # fmt: skip
+        if parts:
+            lines.append(f"- {shape}, the adapters section's run by phase, ms in prefill / "
+                         f"decode steps (steps): {'; '.join(parts)}")  # fmt: skip
+    return lines
+
+
 def overlap_lines(out: Path) -> list[str]:
     """Per shape, at each batch of the floor section, the decode step with the graphs: as
     served (the next step scheduled ahead, the outputs made while it runs), each step
@@ -297,7 +313,7 @@ def report(out: Path) -> tuple[str, int]:
     lines, unmet = goal_lines(out)
     text = [f"# bench/gpu.sh in {out}", "", *lines, "", *run_lines(out), *cold_lines(out), "",
             "Where a decode step's device time goes (torch.profiler, gpu_engine.py --sections "
-            "profile):", *profile_lines(out), *overlap_lines(out), "",
+            "profile):", *profile_lines(out), *overlap_lines(out), *phase_lines(out), "",
             "Shrink/expand (one launch per stage) and the segment kernels:",
             *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), *tile_lines(out),
             "",

@@ -293,6 +293,11 @@ class Engine:
     def last_batch_size(self) -> int:
         return self._last_batch[0]
 
+    @property
+    def last_batch_tokens(self) -> int:
+        """The last step's tokens: its decodes' one each and its prefill chunks'."""
+        return self._last_batch[1]
+
     def _fail(self, seq: Sequence) -> RequestOutput:
         self._finish(seq, FinishReason.ABORT)
         out = self.outputs.finished(seq.request_id, error=seq.error)

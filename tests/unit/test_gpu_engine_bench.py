@@ -41,6 +41,15 @@ def test_dry_run_writes_every_goal(tmp_path):
     assert set(result["decode_floor"]) == {"1", "8", "32", "64"}
     assert set(result["adapters"]) == {"base", "lora-qv", "lora-heavy"}
     assert result["adapters"]["base"]["vs_base"] == 1.0
+    for config, a in result["adapters"].items():  # each run's steps by phase
+        phases = a["phases"]
+        by_batch = phases["decode_by_batch"]
+        assert phases["prefill"][0] >= 1 and phases["prefill"][1] > 0, config
+        assert phases["decode"][0] == sum(n for n, _ in by_batch.values()) > 0, config
+        assert phases["decode"][1] == pytest.approx(sum(ms for _, ms in by_batch.values()))
+        # decode rows: at most every output token but each request's first (a prefill's)
+        rows = sum(int(b) * n for b, (n, _) in by_batch.items())
+        assert 0 < rows <= result["output_tokens"] - result["requests"], config
     cold = result["cold_register_to_first_token_ms"]
     assert cold["register_p50"] < cold["p50"] and cold["base_first_token_p50"] > 0
     prof = result["cold_profile"]  # the registration and the engine's step are where time goes
@@ -61,6 +70,7 @@ def test_dry_run_writes_every_goal(tmp_path):
         assert sum(k["share"] for k in prof["top"]) <= 1 + 1e-9
     text, _ = gpu_report.report(tmp_path)  # the report's profile lines read these
     assert "SmolLM2, lora-heavy, batch 32:" in text and "SmolLM2, base, batch 1:" in text
+    assert "SmolLM2, the adapters section's run by phase, ms in prefill / decode steps" in text
 
 
 def test_a_failing_section_is_recorded_and_the_others_run(tmp_path, monkeypatch):

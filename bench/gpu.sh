@@ -37,8 +37,8 @@
 # T_REPORT included. A step's limit is cut to what is left of it (a step with under 5 s left
 # is skipped and fails), so the run ends in time even when every step hits its limit; a step
 # that ignores the TERM at its limit gets a KILL 5 s later.
-# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight; two
-# more, lora_tiles and lora_tiles_engine, run only when named).
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight; three
+# more, lora_tiles, lora_tiles_engine and lora_overlap_engine, run only when named).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -148,6 +148,16 @@ tiles_engine() {
 if [[ " ${STEPS:-} " == *" lora_tiles_engine "* ]] && [ -n "${MODEL_DIR:-}" ]; then
   step lora_tiles_engine "${T_LORA_TILES_ENGINE:-90}" env PY="$PY" OUT="$OUT" \
     MODEL_DIR="$MODEL_DIR" bash -c "$(declare -f tiles_engine); tiles_engine"
+  rm -rf /dev/shm/peftserve-llama-3.1-8b
+fi
+# Opt-in only (STEPS=lora_overlap_engine): the 8B adapters section with each LoRA's shrink on
+# a second stream beside its base matmul (EngineConfig.lora_overlap, off by default;
+# gpu_engine_8b_overlap.json), next to engine_bench_8b's without (PEFTSERVE_LORA_TILES, if set,
+# gives both the same tiles)
+if [[ " ${STEPS:-} " == *" lora_overlap_engine "* ]] && [ -n "${MODEL_DIR:-}" ]; then
+  step lora_overlap_engine "${T_LORA_OVERLAP_ENGINE:-90}" "$PY" -m bench.gpu_engine \
+    --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections adapters --repeat 2 \
+    --lora-overlap --out "$OUT/gpu_engine_8b_overlap.json"
   rm -rf /dev/shm/peftserve-llama-3.1-8b
 fi
 cat "$OUT/steps.log"

@@ -155,6 +155,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed engine runs per configuration (generate: one fewer)")
+    ap.add_argument("--lora-overlap", action="store_true",
+                    help="EngineConfig.lora_overlap: each LoRA's shrink on a second stream "
+                         "beside its base matmul")
     ap.add_argument("--lora-tiles", default=None, metavar="N:W:K:W[:RC[:P]]",
                     help="the one-launch LoRA kernels' tiles (bench.decode_kernels.set_tiles) "
                          "for the whole run, e.g. the fastest of gpu.sh's lora_tiles step")
@@ -181,6 +184,7 @@ def main() -> None:
         "environment": {**environment(), "gpu": gpu},
         "shape": args.shape or "smollm2",
         "lora_tiles": args.lora_tiles or "default",
+        "lora_overlap": args.lora_overlap,
         "default_lora_tiles": default_tiles,
         "weights": weights,
         "dtype": args.dtype,
@@ -216,6 +220,7 @@ def main() -> None:
             max_lora_rank=64,
             kv_cache_bytes=4 << 30,
             max_model_len=args.max_model_len,
+            lora_overlap=args.lora_overlap,
         )
     )
     graphs = engine.runner.static.graphs if engine.runner.static is not None else None

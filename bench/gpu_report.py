@@ -174,13 +174,30 @@ def tile_lines(out: Path) -> list[str]:
                           for t in sorted(per))  # fmt: skip
         best = min(per, key=lambda t: per[t]["graph_ms"]["rows_one_launch"])
         lines.append(f"  - {shape} {module} batch {batch}: GB/s {rates}; fastest: {best}")
-    engine = read_json(out, "gpu_engine_8b_tiles.json")
-    if engine is not None:
-        ratios = ", ".join(f"{config} {_fmt(dig(engine, ('adapters', config, 'vs_base')))}"
-                           for config in ("lora-qv", "lora-heavy"))  # fmt: skip
+    return lines
+
+
+# gpu.sh's opt-in reruns of the 8B adapters section: (file, what it changes)
+VARIANTS = (("gpu_engine_8b_tiles.json", ""),
+            ("gpu_engine_8b_overlap.json", ", each LoRA's shrink beside its base matmul"))
+
+
+def variant_lines(out: Path) -> list[str]:
+    """The opt-in reruns of the 8B adapters section (lora_tiles_engine, lora_overlap_engine):
+    each configuration's tok/s against base and its decode step at batch 32, next to
+    engine_bench_8b's under the defaults."""
+    lines = []
+    for name, what in VARIANTS:
+        engine = read_json(out, name)
+        if engine is None:
+            continue
+        configs = ("lora-qv", "lora-heavy")
+        ratios = ", ".join(f"{c} {_fmt(dig(engine, ('adapters', c, 'vs_base')))}" for c in configs)
+        steps = ", ".join(f"{c} {_fmt(dig(engine, ('adapters', c, 'decode_step_ms')))}"
+                          for c in ("base", *configs))  # fmt: skip
         under = engine.get("lora_tile_table") or engine.get("lora_tiles")
-        lines.append(f"- Llama-3.1-8B's adapters section under {under} "
-                     f"(gpu_engine_8b_tiles.json), tok/s vs base: {ratios}")
+        lines.append(f"- Llama-3.1-8B's adapters section under {under}{what} ({name}), tok/s "
+                     f"vs base: {ratios}; decode step ms at batch 32: {steps}")  # fmt: skip
     return lines
 
 
@@ -316,6 +333,7 @@ def report(out: Path) -> tuple[str, int]:
             "profile):", *profile_lines(out), *overlap_lines(out), *phase_lines(out), "",
             "Shrink/expand (one launch per stage) and the segment kernels:",
             *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), *tile_lines(out),
+            *variant_lines(out),
             "",
             "Paged decode attention against gather + SDPA:",
             *kernel_lines(out, "decode_kernels_cuda.json", "attention", _fastest), "",

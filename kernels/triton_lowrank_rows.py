@@ -310,11 +310,12 @@ def shrink_rows_triton(
     token_slot: torch.Tensor,  # [T] int, -1 = no adapter
     n_splits: int = 1,
     tiles: Tiles | None = None,  # default_tiles("shrink")
+    out: torch.Tensor | None = None,  # where v goes (else a new tensor)
 ) -> torch.Tensor:  # [n_splits, n_slices, T, R_max] float32, summing to shrink_reference's v
     """One launch for every (token, slice, split): the partial sums of A[i, s, :r] @ x[t]."""
     T, d_in = x.shape
     n_slices, _, r_max, _ = A.shape
-    v = torch.empty(n_splits, n_slices, T, r_max, dtype=torch.float32, device=x.device)
+    v = out if out is not None else shrink_output(x, A, n_splits)
     if T == 0:
         return v
     tiles = tiles or default_tiles("shrink")
@@ -331,6 +332,31 @@ def shrink_rows_triton(
         RANK_CHUNK=chunk,
         num_warps=tiles.warps,
     )  # fmt: skip
+    return v
+
+
+def shrink_output(x: torch.Tensor, A: torch.Tensor, n_splits: int) -> torch.Tensor:
+    """The shrink's output for x [T, in] and A [n_slices, S, R_max, in], unfilled."""
+    return torch.empty(n_splits, A.shape[0], x.shape[0], A.shape[2], dtype=torch.float32,
+                       device=x.device)  # fmt: skip
+
+
+def shrink_stage(
+    x: torch.Tensor, A: torch.Tensor, rank: torch.Tensor, token_slot: torch.Tensor,
+    tiles: Tiles | None = None, stream: torch.cuda.Stream | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """lowrank_delta_rows_triton's shrink: its splits from `tiles` (default_tiles), its output
+    allocated on the current stream. With `stream` (CUDA) it runs there, once the current
+    stream's work so far is done, beside what the current stream runs next (a LoRA's shrink
+    beside the base matmul): the current stream must wait for `stream` before it reads the
+    output, and keep x alive until then."""
+    tiles = tiles or default_tiles("shrink")
+    v = shrink_output(x, A, shrink_splits(x.shape[0], A.shape[0], x.shape[1], tiles))
+    if stream is None:
+        return shrink_rows_triton(x, A, rank, token_slot, v.shape[0], tiles, out=v)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(stream):
+        shrink_rows_triton(x, A, rank, token_slot, v.shape[0], tiles, out=v)
     return v
 
 
@@ -407,33 +433,32 @@ def lowrank_delta_rows_triton(
 ) -> torch.Tensor:  # y
     """Shrink then expand, two launches whatever the adapters (reference.lowrank_delta_reference).
     Arguments are not checked here (checks.check_lowrank_args, which reads no device data)."""
-    shrink = tiles[0] or default_tiles("shrink")
-    n_splits = shrink_splits(x.shape[0], A.shape[0], x.shape[1], shrink)
-    v = shrink_rows_triton(x, A, rank, token_slot, n_splits, shrink)
+    v = shrink_stage(x, A, rank, token_slot, tiles[0])
     return expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes,
                               b_down=b_down, b_up=b_up, act=act, tiles=tiles[1])  # fmt: skip
 
 
 def check_rows_args(
-    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: torch.Tensor,
+    y: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: torch.Tensor,
     scale: torch.Tensor, token_slot: torch.Tensor, slice_sizes: tuple[int, ...],
 ) -> None:  # fmt: skip
     """The layouts lowrank_delta_rows_triton reads, from shapes alone (no device->host copy:
-    the slots' values are never looked at here)."""
+    the slots' values are never looked at here); y None: all but y's (a shrink alone)."""
     T, d_in = x.shape
     n_slices, n_slots, r_max, a_in = A.shape
+    y_shape = (T, B.shape[1]) if y is None else tuple(y.shape)
     expected = {
-        "y": (y.shape[0], B.shape[1]), "A": (n_slices, n_slots, r_max, d_in),
+        "y": (T, B.shape[1]), "A": (n_slices, n_slots, r_max, d_in),
         "B": (n_slots, sum(slice_sizes), r_max), "rank": (n_slices, n_slots),
         "scale": (n_slices, n_slots), "token_slot": (T,),
     }  # fmt: skip
-    given = {"y": y.shape, "A": A.shape, "B": B.shape, "rank": rank.shape,
+    given = {"y": y_shape, "A": A.shape, "B": B.shape, "rank": rank.shape,
              "scale": scale.shape, "token_slot": token_slot.shape}  # fmt: skip
     for name, shape in expected.items():
         if tuple(given[name]) != shape:
             raise ValueError(f"{name} must be {list(shape)}, got {list(given[name])}")
-    if len(slice_sizes) != n_slices or y.shape[0] != T:
-        raise ValueError(f"{n_slices} slices and {T} rows, got {slice_sizes} and {y.shape[0]}")
+    if len(slice_sizes) != n_slices:
+        raise ValueError(f"{n_slices} slices, got {slice_sizes}")
     if rank.dtype != torch.int32 or scale.dtype != torch.float32 or token_slot.is_floating_point():
         raise ValueError("rank int32, scale float32 and an integer token_slot")
     if not (rank.is_contiguous() and scale.is_contiguous()) or A.stride(3) != 1 or B.stride(2) != 1:

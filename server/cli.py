@@ -113,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     values["overlap_outputs"] = args.overlap_outputs
     values["schedule_ahead"] = args.schedule_ahead
     values["screened_head"] = args.screened_head
+    values["lora_overlap"] = args.lora_overlap
     try:
         config = serve_config.build(values, args.config)
     except (ValueError, OSError) as e:
@@ -188,6 +189,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        const=False, default=None,
                        help="greedy tokens from the whole bf16 LM head (the same tokens; by "
                             "default an int8 screen of it picks the rows to compute)")
+    serve.add_argument("--lora-overlap", action=argparse.BooleanOptionalAction, default=None,
+                       help="on CUDA, start each LoRA's shrink on a second stream beside its "
+                            "base matmul, in the same CUDA graphs (the same sums; default: off)")
     serve.add_argument("--ray", action="store_true",
                        help="serve on Ray Serve: replicas per the [ray] table of --config "
                             "(needs pip install 'peftserve[ray]')")

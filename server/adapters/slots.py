@@ -419,6 +419,9 @@ class AdapterHook:
                 spec += items
         return plan
 
+    def begin(self, layer: int, module: str, x: torch.Tensor) -> None:
+        pass  # every delta runs in apply()
+
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (updated in place)
         slots, backend = self.slots, self.slots.backend

@@ -6,9 +6,16 @@ it replays correctly for any adapters in those slot buffers (they are written in
 reallocated). A module allocated later (the first adapter to target it) changes `layout_key`.
 A hook may be limited to some modules (those the step's adapters have deltas on): a graph
 captured with it skips every other module's kernels, which for the rows it serves add zeros.
+
+With `split` (config.lora_overlap; on a backend that splits_lowrank_tokens) a LoRA's delta
+runs in two halves: its shrink from begin(), before the base matmul, on `stream` where one is
+given (CUDA: beside the matmul, both captured in the same graph), and its expand in apply(),
+once the matmul's output is there and the current stream has waited for the shrink.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -23,11 +30,15 @@ def layout_key(slots: DeviceSlots) -> tuple[int, int]:
 
 class TokenSlotHook:
     def __init__(self, slots: DeviceSlots, token_slot: torch.Tensor,
-                 modules: frozenset[ModuleKey] | None = None) -> None:  # fmt: skip
+                 modules: frozenset[ModuleKey] | None = None, split: bool = False,
+                 stream: torch.cuda.Stream | None = None) -> None:  # fmt: skip
         # token_slot: [T] int64 slot of each row, -1 = none (a view of the step's buffer).
         # modules: the only modules whose deltas are applied (DeviceSlots.modules_of the rows'
         # slots); None: every allocated one.
         self.slots, self.token_slot = slots, token_slot
+        self.split = split and slots.backend.splits_lowrank_tokens
+        self.stream = stream if self.split else None
+        self._shrunk: dict[tuple[int, str], Any] = {}  # begin()'s shrinks, for apply()
         self.lora = {key for key in slots.lora if modules is None or ("lora", *key) in modules}
         self.bottlenecks: dict[tuple[int, str], list[str]] = {}
         for layer, module, act in sorted(slots.bottleneck):
@@ -37,13 +48,26 @@ class TokenSlotHook:
     def decode_plan(self, layers: int) -> DecodePlan | None:
         return None
 
+    def begin(self, layer: int, module: str, x: torch.Tensor) -> None:
+        if self.split and (layer, module) in self.lora:
+            lora = self.slots.lora[(layer, module)]
+            self._shrunk[(layer, module)] = self.slots.backend.lowrank_shrink_tokens(
+                x, lora.A, lora.B, lora.rank, lora.scale, self.token_slot, lora.slice_sizes,
+                self.stream,
+            )  # fmt: skip
+
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (updated in place)
         slots, backend = self.slots, self.slots.backend
         if (layer, module) in self.lora:
             lora = slots.lora[(layer, module)]
-            backend.lowrank_delta_tokens(y, x, lora.A, lora.B, lora.rank, lora.scale,
-                                         self.token_slot, lora.slice_sizes)  # fmt: skip
+            shrunk = self._shrunk.pop((layer, module), None)
+            if shrunk is not None:
+                backend.lowrank_expand_tokens(y, shrunk, lora.B, lora.rank, lora.scale,
+                                              self.token_slot, lora.slice_sizes, self.stream)
+            else:
+                backend.lowrank_delta_tokens(y, x, lora.A, lora.B, lora.rank, lora.scale,
+                                             self.token_slot, lora.slice_sizes)  # fmt: skip
         for act in self.bottlenecks.get((layer, module), ()):
             bn = slots.bottleneck[(layer, module, act)]
             # Slots of other kinds (or activations) have rank 0 here and add nothing.

@@ -36,6 +36,7 @@ def static_options(
         engine_seed=config.seed,
         graph_sizes=default_sizes(graph_batch) if captures and config.cuda_graphs else (),
         prefill_rows=config.prefill_rows,
+        lora_overlap=config.lora_overlap,
     )
 
 

@@ -49,6 +49,7 @@ class StaticStepOptions:
     engine_seed: int = 0  # seeds the streams of requests without a seed
     graph_sizes: tuple[int, ...] = ()  # batch-size buckets captured as CUDA graphs
     prefill_rows: str = "off"  # config.PREFILL_ROWS: steps with prefill chunks as rows
+    lora_overlap: bool = False  # config.lora_overlap: LoRA shrinks beside the base matmuls
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class StaticDecodeStep:
         # (today's ops, bit-equal on the CPU). On where graphs are captured, also when they
         # are turned off (the same ops either way); tests turn it on on the CPU.
         self.token_slot_deltas = model.backend.captures_graphs
+        # the stream a LoRA's shrink runs on beside its base matmul (options.lora_overlap, CUDA)
+        self.side_stream = (torch.cuda.Stream(dev) if options.lora_overlap and dev.type == "cuda"
+                            else None)  # fmt: skip
         self.graphs = None  # cuda_graphs.DecodeGraphs once captured
 
     # --- host side: fill the buffers -------------------------------------------------------
@@ -217,7 +221,8 @@ class StaticDecodeStep:
         if seqs is None or self.token_slot_deltas:
             if seqs is not None and all(s.slot < 0 for s in seqs):
                 return None
-            return TokenSlotHook(slots, token_slot, modules)
+            return TokenSlotHook(slots, token_slot, modules, self.options.lora_overlap,
+                                 self.side_stream)  # fmt: skip
         if all(s.slot < 0 for s in seqs):
             return None
         acts = {slots.slot_activation.get(s.slot) for s in seqs}

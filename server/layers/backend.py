@@ -66,6 +66,9 @@ class Backend:
     # decode attention takes the context lengths (AttentionMetadata.decode_lens) and never the
     # mask of real positions, so a step need not build one
     reads_decode_lens = False
+    # a LoRA's lowrank_delta_tokens also in two halves, the shrink able to run on another
+    # stream (lowrank_shrink_tokens, lowrank_expand_tokens)
+    splits_lowrank_tokens = False
 
     def packs_weights(self, dtype: torch.dtype) -> bool:
         """True when base matmul weights of `dtype` are held packed (packed_linear)."""
@@ -173,6 +176,24 @@ class Backend:
         as in lowrank_delta. Here the gathering torch form (kernels/token_slot.py)."""
         lowrank_delta_token_slot(y, x, A, B, rank, scale, token_slot, slice_sizes, **bottleneck)
 
+    def lowrank_shrink_tokens(
+        self, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
+        slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
+    ) -> Any:  # fmt: skip
+        """A LoRA's lowrank_delta_tokens, its first half (splits_lowrank_tokens only): the
+        shrink of x, before y exists -> what lowrank_expand_tokens takes. With `stream` (CUDA)
+        it runs there, beside the current stream's next work (the base matmul), from the
+        current stream's work so far (x)."""
+        raise NotImplementedError(f"the {self.name} backend does not split lowrank deltas")
+
+    def lowrank_expand_tokens(
+        self, y: Tensor, shrunk: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
+        slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
+    ) -> None:  # fmt: skip
+        """The second half: y += the delta from `shrunk` (lowrank_shrink_tokens' with the same
+        `stream`, which the current stream waits for first)."""
+        raise NotImplementedError(f"the {self.name} backend does not split lowrank deltas")
+
     def decode_forward(self, *args: Any) -> torch.Tensor:
         """kernels/csrc/decode_forward_cpu.cpp's op (decode_stack only)."""
         raise NotImplementedError(f"the {self.name} backend has no one-call decode stack")
@@ -197,6 +218,7 @@ class TritonBackend(Backend):
     name = "triton"
     captures_graphs = True
     reads_decode_lens = True
+    splits_lowrank_tokens = True
 
     def __init__(self, rows_max_tokens: int = 128, lora_tiles: TileTable | None = None) -> None:
         self.rows_max_tokens = rows_max_tokens
@@ -281,6 +303,29 @@ class TritonBackend(Backend):
         tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
         lowrank_delta_rows_triton(y, x, A, B, rank, scale, token_slot, slice_sizes,
                                   tiles=tiles, **bottleneck)  # fmt: skip
+
+    def lowrank_shrink_tokens(
+        self, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
+        slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
+    ) -> Any:  # fmt: skip
+        from peftserve.kernels.triton_lowrank_rows import check_rows_args, shrink_stage
+
+        check_rows_args(None, x, A, B, rank, scale, token_slot, slice_sizes)
+        shrink, expand = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
+        return shrink_stage(x, A, rank, token_slot, shrink, stream), expand
+
+    def lowrank_expand_tokens(
+        self, y: Tensor, shrunk: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
+        slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
+    ) -> None:  # fmt: skip
+        from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
+
+        v, tiles = shrunk
+        if tuple(y.shape) != (v.shape[2], B.shape[1]):
+            raise ValueError(f"y must be {[v.shape[2], B.shape[1]]}, got {list(y.shape)}")
+        if stream is not None:
+            torch.cuda.current_stream(y.device).wait_stream(stream)
+        expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes, tiles=tiles)
 
 
 class CpuBackend(Backend):

@@ -49,6 +49,11 @@ class DecodePlan:
 class DeltaHook(Protocol):
     """Adds per-token adapter deltas to a linear layer's output in place."""
 
+    def begin(self, layer: int, module: str, x: torch.Tensor) -> None:
+        """A linear layer's input, before its base matmul: a hook may start the part of its
+        deltas that reads x alone (TokenSlotHook: a LoRA's shrink, on a second stream)."""
+        ...
+
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (the base output, updated in place)
         ...
@@ -110,6 +115,8 @@ class AdaptableLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, hook: DeltaHook | None = None) -> torch.Tensor:
         # x: [T, in] -> [T, out]
+        if hook is not None:
+            hook.begin(self.layer, self.name, x)
         w = self.matmul_weight(x.shape[0])
         if w is self.gemv:
             y = quant.linear(x, w, self.bias)

@@ -117,6 +117,23 @@ def test_short_prefills_replayed_as_rows_give_the_classic_prefills_tokens(
     assert any(w is not None for w in used)
 
 
+def test_lora_shrinks_beside_the_base_matmuls_give_the_same_tokens(tiny_llama_dir, adapter_dirs):
+    """config.lora_overlap: each LoRA's shrink on a second stream beside its base matmul, the
+    fork and the join inside the captured graphs (and in the eager steps past the largest
+    bucket): the tokens of the same engine without it, for every adapter mix of waves()."""
+    split = engine_for(tiny_llama_dir, adapter_dirs, lora_overlap=True)
+    plain = engine_for(tiny_llama_dir, adapter_dirs)
+    step = split.runner.static
+    assert step is not None and step.graphs is not None and step.side_stream is not None
+    assert plain.runner.static is not None and plain.runner.static.side_stream is None
+    for reqs in waves():
+        want, got = run(plain, reqs), run(split, reqs)
+        for rid in want:
+            assert got[rid][0] == want[rid][0], rid
+            assert got[rid][1] == pytest.approx(want[rid][1], abs=1e-4)
+    assert step.graphs.replays > 0
+
+
 def test_steps_scheduled_ahead_give_the_tokens_of_steps_scheduled_after(
     tiny_llama_dir, adapter_dirs
 ):  # fmt: skip

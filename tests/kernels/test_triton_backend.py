@@ -45,6 +45,14 @@ class CountedTritonBackend(TritonBackend):
         self.calls["lowrank_delta_tokens"] += 1
         super().lowrank_delta_tokens(*args, **kwargs)
 
+    def lowrank_shrink_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls["lowrank_shrink_tokens"] += 1
+        return super().lowrank_shrink_tokens(*args, **kwargs)
+
+    def lowrank_expand_tokens(self, *args: Any, **kwargs: Any) -> None:
+        self.calls["lowrank_expand_tokens"] += 1
+        super().lowrank_expand_tokens(*args, **kwargs)
+
 
 def test_decode_ops_match_the_reference():
     """One decode step's ops at SmolLM2's head layout (9 query heads on 3 KV heads)."""
@@ -109,12 +117,15 @@ def test_engine_greedy_tokens_match_the_reference(tiny_llama_dir, tmp_path):
     assert triton_backend.calls["decode_attention"] and triton_backend.calls["lowrank_delta"]
 
 
-def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("lora_overlap", [False, True], ids=["one-call", "lora-overlap"])
+def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_llama_dir, tmp_path,
+                                                                         lora_overlap):  # fmt: skip
     """The path a GPU serves by default: the static decode step in the form its CUDA graphs
     capture (rows padded to the buckets, block tables at full width so attention splits,
     adapter deltas by per-token slot), here eagerly with the Triton kernels, against the
     reference backend's classic steps; every adapter kind in one batch, some requests still
-    prefilling while others decode."""
+    prefilling while others decode. lora_overlap: each LoRA's delta in two halves, the shrink
+    before the base matmul (here on the one stream there is; on CUDA test_cuda_graphs.py)."""
     dirs = A.every_kind(tiny_llama_dir, tmp_path)
     words = "the quick brown fox jumps over the lazy dog".split()
     reqs = [Request(f"r{i}", prompt=" ".join(words[i % 5 : i % 5 + 2 + i % 3]),
@@ -127,7 +138,8 @@ def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_ll
         backend.captures_graphs = False  # no CUDA here: the captured form is set up below
         config = EngineConfig(model=str(tiny_llama_dir), dtype="float32", device=KERNEL_DEVICE,
                               block_size=4, num_kv_blocks=128, max_loras=8, max_model_len=320,
-                              max_num_batched_tokens=24, decode_step=decode_step)  # fmt: skip
+                              max_num_batched_tokens=24, decode_step=decode_step,
+                              lora_overlap=lora_overlap)  # fmt: skip
         engine = Engine.from_config(config, backend)
         for name, path in dirs.items():
             engine.adapters.register(name, path)
@@ -137,7 +149,9 @@ def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_ll
         results.append({rid: ([t for o in outs for t in o.token_ids],
                               [p for o in outs for p in o.logprobs or ()])
                         for rid, outs in out.items()})  # fmt: skip
-    assert buckets.replays > 0 and backend.calls["lowrank_delta_tokens"]
+    assert buckets.replays > 0 and backend.calls["lowrank_delta_tokens"]  # (bottlenecks')
+    split = backend.calls["lowrank_shrink_tokens"]
+    assert split == backend.calls["lowrank_expand_tokens"] and (split > 0) == lora_overlap
     for rid, (tokens, logprobs) in results[0].items():
         assert results[1][rid][0] == tokens, rid
         assert results[1][rid][1] == pytest.approx(logprobs, abs=1e-4), rid

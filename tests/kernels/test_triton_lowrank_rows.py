@@ -177,9 +177,9 @@ def spy_tiles(monkeypatch) -> list[tuple[str, int]]:
     seen: list[tuple] = []
     shrink, columns = rows_module.shrink_rows_triton, rows_module._column_tiles
 
-    def spied_shrink(x, A, rank, token_slot, n_splits=1, tiles=None):
+    def spied_shrink(x, A, rank, token_slot, n_splits=1, tiles=None, out=None):
         seen.append(("shrink", n_splits, (tiles or rows_module.default_tiles("shrink")).warps))
-        return shrink(x, A, rank, token_slot, n_splits, tiles)
+        return shrink(x, A, rank, token_slot, n_splits, tiles, out)
 
     def spied_columns(sizes, block_n, device):
         seen.append(("expand", block_n))
@@ -234,3 +234,29 @@ def test_the_backend_launches_its_tables_tiles_for_the_module_and_batch(monkeypa
     TritonBackend(lora_tiles=table).lowrank_delta(y, other.x, other.A, other.B, other.rank,
                                                   other.scale, other.meta, other.slice_sizes)
     assert seen == [("shrink", 1, rows_module.SHRINK_WARPS), ("expand", 64)]
+
+
+def test_the_backends_two_halves_give_the_one_calls_sums_bit_for_bit():
+    """lowrank_shrink_tokens then lowrank_expand_tokens (config.lora_overlap, stream-less
+    here) add what lowrank_delta_tokens adds, with the table's tiles in both halves; an
+    expand handed a y of other rows is refused before any launch."""
+    c = case(n_tokens=6, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
+    entry = {"in": 700, "slices": list(QKV_GQA), "r_max": int(c.A.shape[2]), "rank_chunk": 0,
+             "batch": 8, "warps": 2}  # fmt: skip
+    table = TileTable.from_entries([{**entry, "kernel": "shrink", "block": 32, "programs": 64},
+                                    {**entry, "kernel": "expand", "block": 16}])  # fmt: skip
+    backend = TritonBackend(lora_tiles=table)
+    slots = c.meta.token_slot.long()
+    whole = c.y.clone()
+    backend.lowrank_delta_tokens(whole, c.x, c.A, c.B, c.rank, c.scale, slots, c.slice_sizes)
+    halves = c.y.clone()
+    shrunk = backend.lowrank_shrink_tokens(c.x, c.A, c.B, c.rank, c.scale, slots, c.slice_sizes)
+    assert shrunk[0].shape[0] == 3 and shrunk[1] == Tiles(16, 2, 0)  # the table's tiles
+    backend.lowrank_expand_tokens(halves, shrunk, c.B, c.rank, c.scale, slots, c.slice_sizes)
+    assert torch.equal(halves, whole)
+    assert_close(halves, reference_y(c), *FP32_TOL[1:])
+    with pytest.raises(ValueError, match="y must be"):
+        backend.lowrank_expand_tokens(halves[:5], shrunk, c.B, c.rank, c.scale, slots,
+                                      c.slice_sizes)  # fmt: skip
+    with pytest.raises(ValueError, match="token_slot"):
+        backend.lowrank_shrink_tokens(c.x, c.A, c.B, c.rank, c.scale, slots[:5], c.slice_sizes)

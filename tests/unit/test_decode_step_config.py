@@ -37,6 +37,13 @@ def test_the_overlaps_can_be_turned_off(flag, field):
     assert getattr(serve_config.build({field: default}).engine, field) is True
 
 
+def test_the_lora_overlap_is_off_unless_asked_for():
+    for argv, want in ((["serve"], False), (["serve", "--lora-overlap"], True),
+                       (["serve", "--no-lora-overlap"], False)):  # fmt: skip
+        args = build_parser().parse_args(argv)
+        assert serve_config.build({"lora_overlap": args.lora_overlap}).engine.lora_overlap is want
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("decode_step", "graphs", "decode_step must be one of"),
     ("prefill_rows", "static", "prefill_rows must be one of"),

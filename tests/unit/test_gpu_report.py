@@ -138,7 +138,17 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
         "lora-qv": {"vs_base": 0.93}, "lora-heavy": {"vs_base": 0.71}}})  # fmt: skip
     text, _ = gpu_report.report(tmp_path)
     assert ("- Llama-3.1-8B's adapters section under 64:4:128:4:16 (gpu_engine_8b_tiles.json), "
-            "tok/s vs base: lora-qv 0.93, lora-heavy 0.71") in text
+            "tok/s vs base: lora-qv 0.93, lora-heavy 0.71; decode step ms at batch 32: "
+            "base missing") in text
+    assert "beside its base matmul" not in text  # lora_overlap_engine did not run
+    write(tmp_path, "gpu_engine_8b_overlap.json", {"lora_tiles": "default", "adapters": {
+        "base": {"vs_base": 1.0, "decode_step_ms": 5.2},
+        "lora-qv": {"vs_base": 0.91, "decode_step_ms": 5.7},
+        "lora-heavy": {"vs_base": 0.69, "decode_step_ms": 7.9}}})  # fmt: skip
+    text, _ = gpu_report.report(tmp_path)
+    assert ("- Llama-3.1-8B's adapters section under default, each LoRA's shrink beside its base "
+            "matmul (gpu_engine_8b_overlap.json), tok/s vs base: lora-qv 0.91, lora-heavy 0.69; "
+            "decode step ms at batch 32: base 5.2, lora-qv 5.7, lora-heavy 7.9") in text
 
 
 def test_best_tile_is_empty_without_the_tiles_step(tmp_path):

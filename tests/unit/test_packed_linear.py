@@ -61,9 +61,12 @@ def test_adaptable_linear_holds_the_packed_weight_and_applies_its_hook():
     seen = []
 
     class Hook:
+        def begin(self, layer, module, xin):
+            seen.append(("begin", layer, module, xin.shape))
+
         def apply(self, layer, module, xin, y):
             seen.append((layer, module, xin.shape, y.shape))
             y.add_(1)
 
     assert torch.equal(lin(x, Hook()), dense(x) + 1)
-    assert seen == [(0, "qkv", (5, 32), (5, 48))]
+    assert seen == [("begin", 0, "qkv", (5, 32)), (0, "qkv", (5, 32), (5, 48))]

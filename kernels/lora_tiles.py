@@ -3,8 +3,8 @@
     table = TileTable.for_device("NVIDIA H200")        # $PEFTSERVE_LORA_TILES, else tuned/
     shrink, expand = table.pick(d_in, slice_sizes, r_max, n_tokens)   # None: the defaults
 
-The fastest tile differs by module: on the H200 at Llama-3.1-8B's shape, gate_up's expand is
-fastest with 256 columns a program where qkv, o and down are with 64
+The fastest tile differs by module: on the H200 at Llama-3.1-8B's shape, gate_up's pair of
+kernels is fastest with 256 output columns a program, qkv's and down's with 64
 (bench/results/gpu_2026-12-04b). As vLLM ships tuned LoRA kernel configs per GPU, a table per
 device, written from gpu.sh's tile sweep (`python -m bench.gpu_report --tuned-tiles`), gives
 each (kernel, module shape, max rank) its tile at the swept batch nearest the step's; a shape it

@@ -200,8 +200,7 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
     from peftserve.kernels.triton_lowrank_rows import (
         expand_rows_triton,
         lowrank_delta_rows_triton,
-        shrink_rows_triton,
-        shrink_splits,
+        shrink_stage,
     )
     from peftserve.kernels.triton_shrink import launch_shrink
 
@@ -245,6 +244,15 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
                     rows_module.FLAT_TILES = flat
 
             methods["rows_widest_grid"] = by_slice
+
+        def by_slot(per_token=per_token) -> None:  # the expand's ranks before TOKEN_RANKS
+            by_token, rows_module.TOKEN_RANKS = rows_module.TOKEN_RANKS, False
+            try:
+                per_token()
+            finally:
+                rows_module.TOKEN_RANKS = by_token
+
+        methods["rows_rank_by_slot"] = by_slot
         outs = []
         for fn in methods.values():
             y.zero_()
@@ -256,14 +264,13 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
         diff = float((outs[0] - outs[1]).abs().max())
         extra: dict = {"module": module, "d_in": d_in, "slices": list(slices), "r_max": R_MAX}
         if stages:
-            splits = shrink_splits(batch, n, d_in)
-            v = shrink_rows_triton(x, A, rank, token_slot, splits)
+            v, ranks = shrink_stage(x, A, rank, token_slot)
             timed = {
-                "shrink": time_ms(lambda x=x, A=A, rank=rank, splits=splits: shrink_rows_triton(
-                    x, A, rank, token_slot, splits), reps),
-                "expand": time_ms(lambda y=y, v=v, B=B, rank=rank, scale=scale, slices=slices:
-                                  expand_rows_triton(y, v, B, rank, scale, token_slot, slices),
-                                  reps),
+                "shrink": time_ms(lambda x=x, A=A, rank=rank: shrink_stage(
+                    x, A, rank, token_slot), reps),
+                "expand": time_ms(lambda y=y, v=v, B=B, rank=rank, scale=scale, slices=slices,
+                                  ranks=ranks: expand_rows_triton(
+                    y, v, B, rank, scale, token_slot, slices, token_rank=ranks), reps),
             }  # fmt: skip
             extra["stage_graph_ms"] = {k: t[1] for k, t in timed.items()}
             extra["stage_ms"] = {k: t[0] for k, t in timed.items()}

@@ -54,6 +54,10 @@ FLAT_TILES = True
 # The shrink's programs a launch aims at: its input dimension is split until (tokens x slices
 # x splits) reaches this, each split at least two BLOCK_Ks of columns.
 SHRINK_PROGRAMS = 256
+# The shrink writes each (slice, token)'s rank, and the expand reads it there, where it need
+# not wait for the token's slot first: one dependent load fewer before an expand program can
+# read B (slot -> rank -> B otherwise), for kernels bound by latency more than bandwidth.
+TOKEN_RANKS = True
 
 
 @triton.jit
@@ -63,6 +67,7 @@ def _shrink_rows_kernel(
     v_ptr,  # [n_splits, n_slices, T, R_max] float32, every entry written
     token_slot_ptr,  # [T] int, -1 = no adapter
     rank_ptr,  # [n_slices, S] int32
+    token_rank_ptr,  # [n_slices, T] int32, each token's rank written (STORE_RANKS)
     K,  # in
     k_per_split,  # input columns per split, a multiple of BLOCK_K
     R_MAX_STORE,  # R_max: ranks are clamped to it so a bad rank cannot read out of bounds
@@ -76,9 +81,11 @@ def _shrink_rows_kernel(
     stride_vi,
     stride_vt,
     stride_ranki,
+    stride_tri,
     BLOCK_R: tl.constexpr,  # R_max padded to a power of two
     BLOCK_K: tl.constexpr,
     RANK_CHUNK: tl.constexpr,  # BLOCK_R: one tile of every rank; less: a loop to the rank
+    STORE_RANKS: tl.constexpr,  # write each token's rank to token_rank_ptr (TOKEN_RANKS)
 ):
     t = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1).to(tl.int64)  # slice
@@ -88,6 +95,9 @@ def _shrink_rows_kernel(
     slot = tl.maximum(slot, 0)  # a token without an adapter reads slot 0's rank, then ignores it
     rank = tl.load(rank_ptr + i * stride_ranki + slot)
     rank = tl.where(live, tl.minimum(rank, R_MAX_STORE), 0)
+    if STORE_RANKS:
+        if split == 0:  # 0 for a token without an adapter: the expand skips it on that alone
+            tl.store(token_rank_ptr + i * stride_tri + t, rank)
     if RANK_CHUNK < BLOCK_R:
         _shrink_rank_chunks(x_ptr, a_ptr, v_ptr, t, i, split, slot, rank, K, k_per_split,
                             R_MAX_STORE, stride_xt, stride_xk, stride_ai, stride_as, stride_ar,
@@ -195,6 +205,7 @@ def _expand_rows_kernel(
     b_up_ptr,  # [S, out_total], read only when HAS_BIAS
     slice_offsets_ptr,  # [n_slices + 1] int32, column where each slice starts
     tiles_ptr,  # [n_tiles, 2] int32 (slice, column tile), read when FLAT
+    token_rank_ptr,  # [n_slices, T] int32, the shrink's ranks, read when TOKEN_RANKS
     R_MAX_STORE,
     stride_yt,
     stride_yo,
@@ -207,6 +218,7 @@ def _expand_rows_kernel(
     stride_ranki,
     stride_bds,
     stride_bus,
+    stride_tri,
     N_SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,  # 0 none, 1 relu, 2 silu, 3 gelu (activation.py)
@@ -215,6 +227,7 @@ def _expand_rows_kernel(
     BLOCK_N: tl.constexpr,
     RANK_CHUNK: tl.constexpr,  # BLOCK_R: one tile of every rank; less: a loop to the rank
     FLAT: tl.constexpr,  # axis 1 enumerates tiles_ptr's (slice, column tile) pairs
+    TOKEN_RANKS: tl.constexpr,  # ranks from token_rank_ptr (by token), else rank_ptr (by slot)
 ):
     t = tl.program_id(0).to(tl.int64)
     if FLAT:
@@ -224,9 +237,11 @@ def _expand_rows_kernel(
         i = tl.program_id(1).to(tl.int64)
         pid_n = tl.program_id(2)
     slot = tl.load(token_slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    rank = tl.minimum(tl.load(rank_ptr + i * stride_ranki + slot), R_MAX_STORE)
+    if TOKEN_RANKS:  # loaded beside the slot, not after it; 0 where the slot is -1
+        rank = tl.load(token_rank_ptr + i * stride_tri + t)
+    else:
+        rank = tl.where(slot >= 0, tl.minimum(tl.load(rank_ptr + i * stride_ranki + slot,
+                                                      mask=slot >= 0, other=0), R_MAX_STORE), 0)
     col_start = tl.load(slice_offsets_ptr + i)
     width = tl.load(slice_offsets_ptr + i + 1) - col_start
     if (rank <= 0) | (pid_n * BLOCK_N >= width):  # no update here, or past a narrower slice
@@ -311,8 +326,11 @@ def shrink_rows_triton(
     n_splits: int = 1,
     tiles: Tiles | None = None,  # default_tiles("shrink")
     out: torch.Tensor | None = None,  # where v goes (else a new tensor)
+    ranks_out: torch.Tensor | None = None,  # [n_slices, T] int32: each token's rank written
 ) -> torch.Tensor:  # [n_splits, n_slices, T, R_max] float32, summing to shrink_reference's v
-    """One launch for every (token, slice, split): the partial sums of A[i, s, :r] @ x[t]."""
+    """One launch for every (token, slice, split): the partial sums of A[i, s, :r] @ x[t];
+    with `ranks_out`, also each token's rank per slice (clamped to R_max; 0 without an
+    adapter), what expand_rows_triton's `token_rank` takes."""
     T, d_in = x.shape
     n_slices, _, r_max, _ = A.shape
     v = out if out is not None else shrink_output(x, A, n_splits)
@@ -323,13 +341,16 @@ def shrink_rows_triton(
     chunk = rank_chunk(block_r, tiles.rank_chunk)
     block_k = max(32, min(tiles.block, 8192 // chunk))  # an A tile of <= 8K elements
     k_per_split = cdiv(cdiv(d_in, n_splits), block_k) * block_k
+    ranks = ranks_out if ranks_out is not None else rank  # (unread without STORE_RANKS)
     _shrink_rows_kernel[(T, n_slices, n_splits)](
-        x, A, v, token_slot, rank,
+        x, A, v, token_slot, rank, ranks,
         d_in, k_per_split, r_max,
         *x.stride(), *A.stride(), *v.stride()[:3], rank.stride(0),  # one call a tensor
+        ranks.stride(0),
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         RANK_CHUNK=chunk,
+        STORE_RANKS=ranks_out is not None,
         num_warps=tiles.warps,
     )  # fmt: skip
     return v
@@ -344,20 +365,24 @@ def shrink_output(x: torch.Tensor, A: torch.Tensor, n_splits: int) -> torch.Tens
 def shrink_stage(
     x: torch.Tensor, A: torch.Tensor, rank: torch.Tensor, token_slot: torch.Tensor,
     tiles: Tiles | None = None, stream: torch.cuda.Stream | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """lowrank_delta_rows_triton's shrink: its splits from `tiles` (default_tiles), its output
-    allocated on the current stream. With `stream` (CUDA) it runs there, once the current
-    stream's work so far is done, beside what the current stream runs next (a LoRA's shrink
-    beside the base matmul): the current stream must wait for `stream` before it reads the
-    output, and keep x alive until then."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """lowrank_delta_rows_triton's shrink -> (v, each token's ranks where TOKEN_RANKS, else
+    None): what expand_rows_triton takes as v and token_rank. Its splits come from `tiles`
+    (default_tiles), its outputs are allocated on the current stream. With `stream` (CUDA) it
+    runs there, once the current stream's work so far is done, beside what the current stream
+    runs next (a LoRA's shrink beside the base matmul): the current stream must wait for
+    `stream` before it reads the outputs, and keep x alive until then."""
     tiles = tiles or default_tiles("shrink")
     v = shrink_output(x, A, shrink_splits(x.shape[0], A.shape[0], x.shape[1], tiles))
+    ranks = (torch.empty(A.shape[0], x.shape[0], dtype=torch.int32, device=x.device)
+             if TOKEN_RANKS else None)  # fmt: skip
     if stream is None:
-        return shrink_rows_triton(x, A, rank, token_slot, v.shape[0], tiles, out=v)
+        shrink_rows_triton(x, A, rank, token_slot, v.shape[0], tiles, out=v, ranks_out=ranks)
+        return v, ranks
     stream.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(stream):
-        shrink_rows_triton(x, A, rank, token_slot, v.shape[0], tiles, out=v)
-    return v
+        shrink_rows_triton(x, A, rank, token_slot, v.shape[0], tiles, out=v, ranks_out=ranks)
+    return v, ranks
 
 
 def expand_rows_triton(
@@ -373,6 +398,7 @@ def expand_rows_triton(
     b_up: torch.Tensor | None = None,  # [S, out_total]
     act: str | None = None,
     tiles: Tiles | None = None,  # default_tiles("expand")
+    token_rank: torch.Tensor | None = None,  # [n_slices, T] int32: the shrink's ranks_out
 ) -> torch.Tensor:  # y
     """One launch for every (token, slice, column tile):
     y[t, off_i:off_i+out_i] += scale[i, s] * (B[s, off_i:off_i+out_i, :r] @ act(sum_p v[p, i, t, :r]
@@ -388,12 +414,13 @@ def expand_rows_triton(
     offsets = _slice_offsets(slice_sizes, y.device)
     flat = FLAT_TILES and len(set(slice_sizes)) > 1
     table = _column_tiles(slice_sizes, tiles.block, y.device) if flat else offsets
+    ranks = token_rank if token_rank is not None else rank  # (unread without TOKEN_RANKS)
     grid = (T, table.shape[0], 1) if flat else (T, n_slices, cdiv(max(slice_sizes), tiles.block))
     _expand_rows_kernel[grid](
-        y, v, B, token_slot, rank, scale, bias_down, bias_up, offsets, table,
+        y, v, B, token_slot, rank, scale, bias_down, bias_up, offsets, table, ranks,
         r_max,
         *y.stride(), *v.stride()[:3], *B.stride(), rank.stride(0),  # one call a tensor
-        bias_down.stride(0), bias_up.stride(0),
+        bias_down.stride(0), bias_up.stride(0), ranks.stride(0),
         N_SPLITS=n_splits,
         HAS_BIAS=has_bias,
         ACT=activation_code(act),
@@ -402,6 +429,7 @@ def expand_rows_triton(
         BLOCK_N=tiles.block,
         RANK_CHUNK=rank_chunk(pow2_at_least(r_max), tiles.rank_chunk),
         FLAT=flat,
+        TOKEN_RANKS=token_rank is not None,
         num_warps=tiles.warps,
     )  # fmt: skip
     return y
@@ -433,9 +461,9 @@ def lowrank_delta_rows_triton(
 ) -> torch.Tensor:  # y
     """Shrink then expand, two launches whatever the adapters (reference.lowrank_delta_reference).
     Arguments are not checked here (checks.check_lowrank_args, which reads no device data)."""
-    v = shrink_stage(x, A, rank, token_slot, tiles[0])
-    return expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes,
-                              b_down=b_down, b_up=b_up, act=act, tiles=tiles[1])  # fmt: skip
+    v, ranks = shrink_stage(x, A, rank, token_slot, tiles[0])
+    return expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes, b_down=b_down,
+                              b_up=b_up, act=act, tiles=tiles[1], token_rank=ranks)  # fmt: skip
 
 
 def check_rows_args(

@@ -320,12 +320,13 @@ class TritonBackend(Backend):
     ) -> None:  # fmt: skip
         from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
 
-        v, tiles = shrunk
+        (v, ranks), tiles = shrunk
         if tuple(y.shape) != (v.shape[2], B.shape[1]):
             raise ValueError(f"y must be {[v.shape[2], B.shape[1]]}, got {list(y.shape)}")
         if stream is not None:
             torch.cuda.current_stream(y.device).wait_stream(stream)
-        expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes, tiles=tiles)
+        expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes, tiles=tiles,
+                           token_rank=ranks)  # fmt: skip
 
 
 class CpuBackend(Backend):

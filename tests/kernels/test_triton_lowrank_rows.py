@@ -177,9 +177,9 @@ def spy_tiles(monkeypatch) -> list[tuple[str, int]]:
     seen: list[tuple] = []
     shrink, columns = rows_module.shrink_rows_triton, rows_module._column_tiles
 
-    def spied_shrink(x, A, rank, token_slot, n_splits=1, tiles=None, out=None):
+    def spied_shrink(x, A, rank, token_slot, n_splits=1, tiles=None, out=None, ranks_out=None):
         seen.append(("shrink", n_splits, (tiles or rows_module.default_tiles("shrink")).warps))
-        return shrink(x, A, rank, token_slot, n_splits, tiles, out)
+        return shrink(x, A, rank, token_slot, n_splits, tiles, out, ranks_out)
 
     def spied_columns(sizes, block_n, device):
         seen.append(("expand", block_n))
@@ -251,7 +251,7 @@ def test_the_backends_two_halves_give_the_one_calls_sums_bit_for_bit():
     backend.lowrank_delta_tokens(whole, c.x, c.A, c.B, c.rank, c.scale, slots, c.slice_sizes)
     halves = c.y.clone()
     shrunk = backend.lowrank_shrink_tokens(c.x, c.A, c.B, c.rank, c.scale, slots, c.slice_sizes)
-    assert shrunk[0].shape[0] == 3 and shrunk[1] == Tiles(16, 2, 0)  # the table's tiles
+    assert shrunk[0][0].shape[0] == 3 and shrunk[1] == Tiles(16, 2, 0)  # the table's tiles
     backend.lowrank_expand_tokens(halves, shrunk, c.B, c.rank, c.scale, slots, c.slice_sizes)
     assert torch.equal(halves, whole)
     assert_close(halves, reference_y(c), *FP32_TOL[1:])
@@ -260,3 +260,27 @@ def test_the_backends_two_halves_give_the_one_calls_sums_bit_for_bit():
                                       c.slice_sizes)  # fmt: skip
     with pytest.raises(ValueError, match="token_slot"):
         backend.lowrank_shrink_tokens(c.x, c.A, c.B, c.rank, c.scale, slots[:5], c.slice_sizes)
+
+
+@pytest.mark.parametrize("bottleneck", [False, True], ids=["lora", "bottleneck"])
+def test_the_expand_reading_the_shrinks_ranks_equals_it_reading_the_slots(monkeypatch,
+                                                                          bottleneck):  # fmt: skip
+    """TOKEN_RANKS: the shrink writes each (slice, token)'s rank (clamped to R_max, 0 for a
+    token without an adapter or a slice the adapter leaves out) and the expand reads it there
+    instead of by slot: the same sums bit for bit, rank-0 slices and idle tokens included."""
+    # (make_case: slot 1 has rank 0 on slice 0, about a fifth of the tokens no adapter)
+    c = case(n_tokens=9, d_in=150, slice_sizes=(64,) if bottleneck else QKV_GQA, n_slots=5,
+             max_rank=16, bottleneck="silu" if bottleneck else None)  # fmt: skip
+    assert (c.meta.token_slot < 0).any() and (c.meta.token_slot == 1).any()
+    got = {}
+    for by_token in (True, False):
+        monkeypatch.setattr(rows_module, "TOKEN_RANKS", by_token)
+        got[by_token] = run(c)
+    assert torch.equal(got[True], got[False])
+    assert_close(got[True], reference_y(c), *FP32_TOL[1:])
+    assert_untouched_rows(got[True], c.y, c.token_slot)
+    monkeypatch.setattr(rows_module, "TOKEN_RANKS", True)
+    v, ranks = rows_module.shrink_stage(c.x, c.A, c.rank, c.meta.token_slot)
+    slots = c.meta.token_slot.long().cpu()
+    want = torch.where(slots >= 0, c.rank.cpu()[:, slots.clamp(min=0)], 0).clamp(max=c.A.shape[2])
+    assert ranks.dtype == torch.int32 and torch.equal(ranks.cpu(), want.int())

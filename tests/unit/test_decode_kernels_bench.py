@@ -28,9 +28,11 @@ def test_dry_run_times_every_method_and_they_agree(tmp_path):
     assert result["device_copy_gbs"] > 0
     methods = {
         ("attention", None): {"triton_paged", "triton_paged_graph_width", "gather_sdpa"},
-        **{("lora", m): {"rows_one_launch", "segments"} for m in ("o", "gate_up", "down")},
+        # each with the expand's ranks read by slot, as before TOKEN_RANKS
+        **{("lora", m): {"rows_one_launch", "segments", "rows_rank_by_slot"}
+           for m in ("o", "gate_up", "down")},
         # qkv's slices differ in width under GQA: also the expand's grid before FLAT_TILES
-        ("lora", "qkv"): {"rows_one_launch", "segments", "rows_widest_grid"},
+        ("lora", "qkv"): {"rows_one_launch", "segments", "rows_widest_grid", "rows_rank_by_slot"},
         **{("fused", m): {"triton", "inductor", "torch"}
            for m in ("add_rms_norm", "rotary_and_cache", "silu_and_mul")},
     }  # fmt: skip

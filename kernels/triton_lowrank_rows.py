@@ -25,8 +25,6 @@ Imported lazily, like triton_shrink.py.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -48,9 +46,11 @@ EXPAND_WARPS = 4
 # in one tile (masked past the slot's rank), the tile's registers sized for R_max.
 RANK_CHUNK = 0
 # Fused projections whose slices differ in width (qkv under GQA): the expand's programs are
-# the slices' own column tiles, listed in a table, instead of every slice at the widest one's
-# tile count (at 8B, qkv's k and v are a quarter of q: half of those programs only exit).
+# the slices' own column tiles, each program's slice and columns worked out from its id and the
+# slices' bounds (arguments, not a table to load first), instead of every slice at the widest
+# one's tile count (at 8B, qkv's k and v are a quarter of q: half of those programs only exit).
 FLAT_TILES = True
+FLAT_MAX_SLICES = 3  # the bounds the kernel takes (qkv's three slices)
 # The shrink's programs a launch aims at: its input dimension is split until (tokens x slices
 # x splits) reaches this, each split at least two BLOCK_Ks of columns.
 SHRINK_PROGRAMS = 256
@@ -203,9 +203,13 @@ def _expand_rows_kernel(
     scale_ptr,  # [n_slices, S] float32, laid out like rank
     b_down_ptr,  # [S, R_max], read only when HAS_BIAS
     b_up_ptr,  # [S, out_total], read only when HAS_BIAS
-    slice_offsets_ptr,  # [n_slices + 1] int32, column where each slice starts
-    tiles_ptr,  # [n_tiles, 2] int32 (slice, column tile), read when FLAT
+    slice_offsets_ptr,  # [n_slices + 1] int32, column where each slice starts (not FLAT)
     token_rank_ptr,  # [n_slices, T] int32, the shrink's ranks, read when TOKEN_RANKS
+    tile_end0,  # FLAT: programs (column tiles) of slice 0, then of slices 0 and 1
+    tile_end1,
+    col1,  # FLAT: the columns where slices 1 and 2 start and where the last one ends
+    col2,
+    col3,
     R_MAX_STORE,
     stride_yt,
     stride_yo,
@@ -226,24 +230,27 @@ def _expand_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     RANK_CHUNK: tl.constexpr,  # BLOCK_R: one tile of every rank; less: a loop to the rank
-    FLAT: tl.constexpr,  # axis 1 enumerates tiles_ptr's (slice, column tile) pairs
+    FLAT: tl.constexpr,  # axis 1: every slice's own column tiles, one after another
     TOKEN_RANKS: tl.constexpr,  # ranks from token_rank_ptr (by token), else rank_ptr (by slot)
 ):
     t = tl.program_id(0).to(tl.int64)
     if FLAT:
-        i = tl.load(tiles_ptr + 2 * tl.program_id(1)).to(tl.int64)  # slice
-        pid_n = tl.load(tiles_ptr + 2 * tl.program_id(1) + 1)  # column tile within the slice
+        pid = tl.program_id(1)
+        i = (pid >= tile_end0).to(tl.int64) + (pid >= tile_end1).to(tl.int64)  # slice
+        pid_n = pid - tl.where(i == 0, 0, tl.where(i == 1, tile_end0, tile_end1))
+        col_start = tl.where(i == 0, 0, tl.where(i == 1, col1, col2))
+        width = tl.where(i == 0, col1, tl.where(i == 1, col2, col3)) - col_start
     else:
         i = tl.program_id(1).to(tl.int64)
         pid_n = tl.program_id(2)
+        col_start = tl.load(slice_offsets_ptr + i)
+        width = tl.load(slice_offsets_ptr + i + 1) - col_start
     slot = tl.load(token_slot_ptr + t).to(tl.int64)
     if TOKEN_RANKS:  # loaded beside the slot, not after it; 0 where the slot is -1
         rank = tl.load(token_rank_ptr + i * stride_tri + t)
     else:
         rank = tl.where(slot >= 0, tl.minimum(tl.load(rank_ptr + i * stride_ranki + slot,
                                                       mask=slot >= 0, other=0), R_MAX_STORE), 0)
-    col_start = tl.load(slice_offsets_ptr + i)
-    width = tl.load(slice_offsets_ptr + i + 1) - col_start
     if (rank <= 0) | (pid_n * BLOCK_N >= width):  # no update here, or past a narrower slice
         return
     if RANK_CHUNK < BLOCK_R:
@@ -412,12 +419,12 @@ def expand_rows_triton(
     bias_down = b_down if b_down is not None else v
     bias_up = b_up if b_up is not None else y
     offsets = _slice_offsets(slice_sizes, y.device)
-    flat = FLAT_TILES and len(set(slice_sizes)) > 1
-    table = _column_tiles(slice_sizes, tiles.block, y.device) if flat else offsets
+    flat = FLAT_TILES and len(set(slice_sizes)) > 1 and n_slices <= FLAT_MAX_SLICES
+    programs, bounds = flat_bounds(slice_sizes, tiles.block) if flat else (0, (0,) * 5)
     ranks = token_rank if token_rank is not None else rank  # (unread without TOKEN_RANKS)
-    grid = (T, table.shape[0], 1) if flat else (T, n_slices, cdiv(max(slice_sizes), tiles.block))
+    grid = (T, programs, 1) if flat else (T, n_slices, cdiv(max(slice_sizes), tiles.block))
     _expand_rows_kernel[grid](
-        y, v, B, token_slot, rank, scale, bias_down, bias_up, offsets, table, ranks,
+        y, v, B, token_slot, rank, scale, bias_down, bias_up, offsets, ranks, *bounds,
         r_max,
         *y.stride(), *v.stride()[:3], *B.stride(), rank.stride(0),  # one call a tensor
         bias_down.stride(0), bias_up.stride(0), ranks.stride(0),
@@ -435,13 +442,15 @@ def expand_rows_triton(
     return y
 
 
-@functools.cache  # never evicted: a captured CUDA graph reads the tensor where it was
-def _column_tiles(slice_sizes: tuple[int, ...], block_n: int, device: torch.device
-                  ) -> torch.Tensor:  # fmt: skip
-    """[n_tiles, 2] int32: (slice, column tile within it) for each slice's own column tiles of
-    block_n columns; one host->device copy per (layout, tile, device)."""
-    pairs = [(i, j) for i, n in enumerate(slice_sizes) for j in range(cdiv(n, block_n))]
-    return torch.tensor(pairs, dtype=torch.int32, device=device)
+def flat_bounds(slice_sizes: tuple[int, ...], block_n: int
+                ) -> tuple[int, tuple[int, int, int, int, int]]:  # fmt: skip
+    """The FLAT expand's programs (every slice's column tiles of block_n columns) and its
+    bounds (tile_end0, tile_end1, col1, col2, col3), for up to FLAT_MAX_SLICES slices: the
+    tiles up to the end of slices 0 and 1, and the columns where slices 1 and 2 start and the
+    last one ends. A missing third slice starts where the second ends and holds nothing."""
+    sizes = [*slice_sizes, *[0] * (FLAT_MAX_SLICES - len(slice_sizes))]
+    tiles = [cdiv(n, block_n) for n in sizes]
+    return sum(tiles), (tiles[0], tiles[0] + tiles[1], sizes[0], sizes[0] + sizes[1], sum(sizes))
 
 
 def lowrank_delta_rows_triton(

@@ -116,21 +116,28 @@ def test_the_shrink_splits_aim_at_its_program_count(monkeypatch):
 
 def test_the_expand_over_each_slices_own_tiles_equals_the_grid_of_the_widest(monkeypatch):
     """FLAT_TILES: slices of unequal widths (qkv under GQA) launch only their own column
-    tiles, listed in a table; the same sums, bit for bit, as every slice at the widest one's
-    tile count (the table form runs in every other test with QKV_GQA too, at one tile each)."""
-    from peftserve.kernels.triton_lowrank_rows import _column_tiles
+    tiles, each program's slice worked out from its id and the slices' bounds (two or three
+    slices, the widest first or not); the same sums, bit for bit, as every slice at the widest
+    one's tile count (the flat form runs in every other test with QKV_GQA too)."""
+    from peftserve.kernels.triton_lowrank_rows import flat_bounds
 
     widths = (150, 40, 40)  # 3 + 1 + 1 tiles of 64 columns, against 3 x 3
-    assert _column_tiles(widths, 64, torch.device("cpu")).tolist() == [
-        [0, 0], [0, 1], [0, 2], [1, 0], [2, 0]]  # fmt: skip
-    c = case(n_tokens=5, d_in=40, slice_sizes=widths, n_slots=3, max_rank=16)
-    got = {}
-    for flat in (True, False):
-        monkeypatch.setattr(rows_module, "FLAT_TILES", flat)
-        got[flat] = run(c)
-    assert torch.equal(got[True], got[False])
-    assert_close(got[True], reference_y(c), *FP32_TOL[1:])
-    assert_untouched_rows(got[True], c.y, c.token_slot)
+    assert flat_bounds(widths, 64) == (5, (3, 4, 150, 190, 230))
+    assert flat_bounds((150, 40), 64) == (4, (3, 4, 150, 190, 190))  # no third slice
+    launches = spy_launches(monkeypatch)
+    for sizes in (widths, (150, 40), (40, 150, 90)):
+        c = case(n_tokens=5, d_in=40, slice_sizes=sizes, n_slots=3, max_rank=16)
+        got = {}
+        launches.clear()
+        for flat in (True, False):
+            monkeypatch.setattr(rows_module, "FLAT_TILES", flat)
+            got[flat] = run(c)
+        tiles = sum(-(-n // 64) for n in sizes)
+        assert [grid for kernel, grid, _ in launches if kernel == "expand"] == [
+            (5, tiles, 1), (5, len(sizes), -(-max(sizes) // 64))]  # fmt: skip
+        assert torch.equal(got[True], got[False]), sizes
+        assert_close(got[True], reference_y(c), *FP32_TOL[1:])
+        assert_untouched_rows(got[True], c.y, c.token_slot)
 
 
 def test_no_adapter_anywhere_leaves_y_untouched():
@@ -171,38 +178,48 @@ def test_checks_name_the_wrong_layout():
                         c.slice_sizes)  # fmt: skip
 
 
-def spy_tiles(monkeypatch) -> list[tuple[str, int]]:
-    """The tiles each launch ran with: ("shrink", its splits, warps) and ("expand" column
-    block) as the kernels' entry points see them."""
-    seen: list[tuple] = []
-    shrink, columns = rows_module.shrink_rows_triton, rows_module._column_tiles
+class SpiedKernel:
+    """Stands in for a @triton.jit kernel: each launch's grid and constexprs recorded in
+    `launches` as (name, grid, kwargs), then launched."""
 
-    def spied_shrink(x, A, rank, token_slot, n_splits=1, tiles=None, out=None, ranks_out=None):
-        seen.append(("shrink", n_splits, (tiles or rows_module.default_tiles("shrink")).warps))
-        return shrink(x, A, rank, token_slot, n_splits, tiles, out, ranks_out)
+    def __init__(self, name: str, kernel, launches: list) -> None:
+        self.name, self.kernel, self.launches = name, kernel, launches
 
-    def spied_columns(sizes, block_n, device):
-        seen.append(("expand", block_n))
-        return columns(sizes, block_n, device)
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, tuple(grid), kwargs))
+            return self.kernel[grid](*args, **kwargs)
 
-    monkeypatch.setattr(rows_module, "shrink_rows_triton", spied_shrink)
-    monkeypatch.setattr(rows_module, "_column_tiles", spied_columns)
-    return seen
+        return launch
+
+
+def spy_launches(monkeypatch) -> list[tuple[str, tuple, dict]]:
+    launches: list[tuple[str, tuple, dict]] = []
+    for name, attr in (("shrink", "_shrink_rows_kernel"), ("expand", "_expand_rows_kernel")):
+        monkeypatch.setattr(rows_module, attr,
+                            SpiedKernel(name, getattr(rows_module, attr), launches))  # fmt: skip
+    return launches
+
+
+def tiles_of(launches: list[tuple[str, tuple, dict]]) -> list[tuple]:
+    """The tiles each launch ran with: ("shrink", its splits, warps), ("expand", its block)."""
+    return [("shrink", grid[2], kw["num_warps"]) if name == "shrink" else ("expand", kw["BLOCK_N"])
+            for name, grid, kw in launches]  # fmt: skip
 
 
 def test_a_launch_given_tiles_runs_them(monkeypatch):
     """Tiles passed in (a tuned table's, lora_tiles.py) replace the defaults in both kernels:
     the shrink's programs set its splits, the expand's block its column tiles; the sums stay
     the reference's."""
-    seen = spy_tiles(monkeypatch)
+    seen = spy_launches(monkeypatch)
     c = case(n_tokens=6, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
     y = run(c)
-    assert seen == [("shrink", 2, rows_module.SHRINK_WARPS), ("expand", 64)]
+    assert tiles_of(seen) == [("shrink", 2, rows_module.SHRINK_WARPS), ("expand", 64)]
     assert_close(y, reference_y(c), *FP32_TOL[1:])
     seen.clear()
     tuned = (Tiles(32, 2, 4, 64), Tiles(16, 2, 8))  # 64 programs over 6 x 3: 3 splits
     y = run(c, tiles=tuned)
-    assert seen == [("shrink", 3, 2), ("expand", 16)]
+    assert tiles_of(seen) == [("shrink", 3, 2), ("expand", 16)]
     assert_close(y, reference_y(c), *FP32_TOL[1:])
     assert_untouched_rows(y, c.y, c.token_slot)
 
@@ -217,7 +234,7 @@ def test_the_backend_launches_its_tables_tiles_for_the_module_and_batch(monkeypa
         {**entry, "kernel": "expand", "batch": 4, "block": 32, "warps": 2},
         {**entry, "kernel": "expand", "batch": 64, "block": 128, "warps": 8},
     ])  # fmt: skip
-    seen = spy_tiles(monkeypatch)
+    seen = spy_launches(monkeypatch)
     for kind in ("lowrank_delta", "lowrank_delta_tokens"):
         y = c.y.clone()
         backend = TritonBackend(lora_tiles=table)
@@ -226,14 +243,14 @@ def test_the_backend_launches_its_tables_tiles_for_the_module_and_batch(monkeypa
         else:
             backend.lowrank_delta_tokens(y, c.x, c.A, c.B, c.rank, c.scale,
                                          c.meta.token_slot.long(), c.slice_sizes)  # fmt: skip
-        assert seen == [("shrink", 3, 2), ("expand", 32)], kind
+        assert tiles_of(seen) == [("shrink", 3, 2), ("expand", 32)], kind
         assert_close(y, reference_y(c), *FP32_TOL[1:])
         seen.clear()
     other = case(n_tokens=6, d_in=64, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
     y = other.y.clone()
     TritonBackend(lora_tiles=table).lowrank_delta(y, other.x, other.A, other.B, other.rank,
                                                   other.scale, other.meta, other.slice_sizes)
-    assert seen == [("shrink", 1, rows_module.SHRINK_WARPS), ("expand", 64)]
+    assert tiles_of(seen) == [("shrink", 1, rows_module.SHRINK_WARPS), ("expand", 64)]
 
 
 def test_the_backends_two_halves_give_the_one_calls_sums_bit_for_bit():

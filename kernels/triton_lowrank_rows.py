@@ -1,13 +1,15 @@
 """Low-rank deltas token by token in Triton (BGMV, as punica / vLLM / SGLang do at decode).
 
-    v = shrink_rows_triton(x, A, rank, token_slot)               # one launch, all slices
-    expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes)   # one launch, all slices
+    v, ranks = shrink_stage(x, A, rank, token_slot)              # one launch, all slices
+    expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes, token_rank=ranks)
 
-Each program reads its token's slot from `token_slot` on the device and that slot's exact rank
-per slice from `rank`: no host-side grouping (kernels/segment_meta.py) and no device->host
-read, so a decode step that calls these can be captured in a CUDA graph and replayed for any
-mix of adapters. One launch covers every slice of a fused projection (q/k/v, gate/up) and every
-adapter of the step. The semantics are reference.lowrank_delta_reference's loop.
+Each shrink program reads its token's slot from `token_slot` on the device and that slot's
+exact rank per slice from `rank` (writing it to `ranks` for the expand, which then need not
+wait for the slot to find it): no host-side grouping (kernels/segment_meta.py) and no
+device->host read, so a decode step that calls these can be captured in a CUDA graph and
+replayed for any mix of adapters. One launch covers every slice of a fused projection (q/k/v,
+gate/up) and every adapter of the step. The semantics are reference.lowrank_delta_reference's
+loop.
 
 The shrink may split the input dimension over several programs (`n_splits`, for the few-token
 steps where one program per (token, slice) leaves the GPU idle); its output holds one partial

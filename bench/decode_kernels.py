@@ -43,7 +43,8 @@ import torch
 from peftserve.config import EngineConfig
 from peftserve.kernels import build_segment_meta
 from peftserve.layers.attention import AttentionMetadata
-from peftserve.layers.backend import Backend, TritonBackend
+from peftserve.layers.backend import Backend
+from peftserve.layers.triton_backend import TritonBackend
 
 SHAPES = {  # heads, kv_heads, head_dim, hidden, intermediate
     "smollm2-135m": (9, 3, 64, 576, 1536),
@@ -192,6 +193,20 @@ def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict
     return out
 
 
+def switched_off(fn: Callable[[], None], module: object, flag: str) -> Callable[[], None]:
+    """fn run with module.flag False (a kernel form timed beside the default in one run)."""
+
+    def run() -> None:
+        was = getattr(module, flag)
+        setattr(module, flag, False)
+        try:
+            fn()
+        finally:
+            setattr(module, flag, was)
+
+    return run
+
+
 def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[dict]:
     """The one-launch kernels against the segment ones at each module's sizes; `stages`: also
     the one-launch shrink and expand timed apart (stage_graph_ms: which kernel a tile helps)."""
@@ -235,24 +250,9 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
 
         methods = {"rows_one_launch": per_token, "segments": segments}
         if len(set(slices)) > 1:  # the expand's grid before FLAT_TILES, in the same run
-
-            def by_slice(per_token=per_token) -> None:
-                flat, rows_module.FLAT_TILES = rows_module.FLAT_TILES, False
-                try:
-                    per_token()
-                finally:
-                    rows_module.FLAT_TILES = flat
-
-            methods["rows_widest_grid"] = by_slice
-
-        def by_slot(per_token=per_token) -> None:  # the expand's ranks before TOKEN_RANKS
-            by_token, rows_module.TOKEN_RANKS = rows_module.TOKEN_RANKS, False
-            try:
-                per_token()
-            finally:
-                rows_module.TOKEN_RANKS = by_token
-
-        methods["rows_rank_by_slot"] = by_slot
+            methods["rows_widest_grid"] = switched_off(per_token, rows_module, "FLAT_TILES")
+        # the expand's ranks read by slot, as before TOKEN_RANKS
+        methods["rows_rank_by_slot"] = switched_off(per_token, rows_module, "TOKEN_RANKS")
         outs = []
         for fn in methods.values():
             y.zero_()

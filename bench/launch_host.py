@@ -54,7 +54,7 @@ from peftserve.kernels import (  # noqa: E402
     triton_paged_attention,
     triton_shrink,
 )
-from peftserve.layers.backend import TritonBackend  # noqa: E402
+from peftserve.layers.triton_backend import TritonBackend  # noqa: E402
 from tests import adapters as A  # noqa: E402
 from tests.kernels.gpu_compile import CompileOnly  # noqa: E402
 from tests.tiny import make_model_dir  # noqa: E402

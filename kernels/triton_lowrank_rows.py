@@ -475,30 +475,3 @@ def lowrank_delta_rows_triton(
     v, ranks = shrink_stage(x, A, rank, token_slot, tiles[0])
     return expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes, b_down=b_down,
                               b_up=b_up, act=act, tiles=tiles[1], token_rank=ranks)  # fmt: skip
-
-
-def check_rows_args(
-    y: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: torch.Tensor,
-    scale: torch.Tensor, token_slot: torch.Tensor, slice_sizes: tuple[int, ...],
-) -> None:  # fmt: skip
-    """The layouts lowrank_delta_rows_triton reads, from shapes alone (no device->host copy:
-    the slots' values are never looked at here); y None: all but y's (a shrink alone)."""
-    T, d_in = x.shape
-    n_slices, n_slots, r_max, a_in = A.shape
-    y_shape = (T, B.shape[1]) if y is None else tuple(y.shape)
-    expected = {
-        "y": (T, B.shape[1]), "A": (n_slices, n_slots, r_max, d_in),
-        "B": (n_slots, sum(slice_sizes), r_max), "rank": (n_slices, n_slots),
-        "scale": (n_slices, n_slots), "token_slot": (T,),
-    }  # fmt: skip
-    given = {"y": y_shape, "A": A.shape, "B": B.shape, "rank": rank.shape,
-             "scale": scale.shape, "token_slot": token_slot.shape}  # fmt: skip
-    for name, shape in expected.items():
-        if tuple(given[name]) != shape:
-            raise ValueError(f"{name} must be {list(shape)}, got {list(given[name])}")
-    if len(slice_sizes) != n_slices:
-        raise ValueError(f"{n_slices} slices, got {slice_sizes}")
-    if rank.dtype != torch.int32 or scale.dtype != torch.float32 or token_slot.is_floating_point():
-        raise ValueError("rank int32, scale float32 and an integer token_slot")
-    if not (rank.is_contiguous() and scale.is_contiguous()) or A.stride(3) != 1 or B.stride(2) != 1:
-        raise ValueError("rank and scale contiguous; A and B contiguous in their last dim")

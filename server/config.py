@@ -36,9 +36,9 @@ class EngineConfig:
     decode_step: str = "auto"  # one of DECODE_STEPS
     cuda_graphs: bool = True  # static decode steps captured per batch-size bucket at start-up
     prefill_rows: str = "graphs"  # one of PREFILL_ROWS
-    # with the static step on a backend that splits its LoRA deltas (Triton): each LoRA's
-    # shrink starts before its base matmul, on a second CUDA stream beside it (captured in the
-    # same graphs), and its expand follows the matmul; the same sums. Off until measured faster
+    # with the static step on CUDA (Triton): each LoRA's shrink starts before its base matmul,
+    # on a second CUDA stream beside it (captured in the same graphs), and its expand follows
+    # the matmul; the same sums. Off until measured faster
     lora_overlap: bool = False
     # bf16 on the C++ CPU kernels: greedy tokens through an int8 screen of the LM head
     # (kernels/screened_head.py; the same tokens, fewer bytes read a step)

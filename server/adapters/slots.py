@@ -420,7 +420,7 @@ class AdapterHook:
         return plan
 
     def begin(self, layer: int, module: str, x: torch.Tensor) -> None:
-        pass  # every delta runs in apply()
+        """Every delta runs in apply()."""
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: [T, in], y: [T, out] (updated in place)

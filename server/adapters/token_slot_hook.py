@@ -7,10 +7,10 @@ reallocated). A module allocated later (the first adapter to target it) changes 
 A hook may be limited to some modules (those the step's adapters have deltas on): a graph
 captured with it skips every other module's kernels, which for the rows it serves add zeros.
 
-With `split` (config.lora_overlap; on a backend that splits_lowrank_tokens) a LoRA's delta
-runs in two halves: its shrink from begin(), before the base matmul, on `stream` where one is
-given (CUDA: beside the matmul, both captured in the same graph), and its expand in apply(),
-once the matmul's output is there and the current stream has waited for the shrink.
+With `split` (config.lora_overlap) a LoRA's delta runs in the backend's two halves: the first
+from begin(), before the base matmul (Triton: the shrink, on `stream` where one is given, CUDA:
+beside the matmul, both captured in the same graph), the second in apply(), once the matmul's
+output is there and the current stream has waited for the first.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ class TokenSlotHook:
         # modules: the only modules whose deltas are applied (DeviceSlots.modules_of the rows'
         # slots); None: every allocated one.
         self.slots, self.token_slot = slots, token_slot
-        self.split = split and slots.backend.splits_lowrank_tokens
-        self.stream = stream if self.split else None
+        self.split, self.stream = split, stream
         self._shrunk: dict[tuple[int, str], Any] = {}  # begin()'s shrinks, for apply()
         self.lora = {key for key in slots.lora if modules is None or ("lora", *key) in modules}
         self.bottlenecks: dict[tuple[int, str], list[str]] = {}

@@ -15,8 +15,9 @@ device they are on. Three kinds, like vLLM's punica selector but an object passe
   steps of up to gemv.GEMV_MAX_ROWS rows (every step: then no oneDNN copy). Without a compiler
   (`native=False`, named "torch") its ops are the reference's and the adapters take the packed
   torch forms.
-- `TritonBackend`: Triton kernels for the adapters, decode attention over the paged cache and
-  the small fused ops (norms, rotary + KV write, SwiGLU); the reference's torch ops otherwise.
+- `TritonBackend` (triton_backend.py): Triton kernels for the adapters, decode attention over
+  the paged cache and the small fused ops (norms, rotary + KV write, SwiGLU); the reference's
+  torch ops otherwise.
 
 The environment switches are read here, once, by `select_backend`: PEFTSERVE_CPU_KERNELS=0
 (no C++ ops), PEFTSERVE_PACKED_WEIGHTS=0 (dense weights), PEFTSERVE_CPU_GEMV=0 (no
@@ -41,7 +42,7 @@ from torch.nn import functional as F
 
 from peftserve.config import BACKENDS
 from peftserve.kernels import add_lowrank_delta, cpu_ext, gemv, huge_pages, packed_linear
-from peftserve.kernels.checks import LowrankChecks, check_lowrank_args
+from peftserve.kernels.checks import check_lowrank_args
 from peftserve.kernels.cpu_lowrank import lowrank_delta_cpu
 from peftserve.kernels.cpu_packed import PackedBottleneck, PackedLora, bottleneck_delta_packed_cpu
 from peftserve.kernels.cpu_rows import bottleneck_delta_rows_cpu
@@ -66,9 +67,6 @@ class Backend:
     # decode attention takes the context lengths (AttentionMetadata.decode_lens) and never the
     # mask of real positions, so a step need not build one
     reads_decode_lens = False
-    # a LoRA's lowrank_delta_tokens also in two halves, the shrink able to run on another
-    # stream (lowrank_shrink_tokens, lowrank_expand_tokens)
-    splits_lowrank_tokens = False
 
     def packs_weights(self, dtype: torch.dtype) -> bool:
         """True when base matmul weights of `dtype` are held packed (packed_linear)."""
@@ -180,11 +178,12 @@ class Backend:
         self, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
         slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
     ) -> Any:  # fmt: skip
-        """A LoRA's lowrank_delta_tokens, its first half (splits_lowrank_tokens only): the
-        shrink of x, before y exists -> what lowrank_expand_tokens takes. With `stream` (CUDA)
-        it runs there, beside the current stream's next work (the base matmul), from the
-        current stream's work so far (x)."""
-        raise NotImplementedError(f"the {self.name} backend does not split lowrank deltas")
+        """A LoRA's lowrank_delta_tokens in two halves, the first before y exists -> what
+        lowrank_expand_tokens takes. Where a backend splits the work (Triton), this half is the
+        shrink of x, and with `stream` (CUDA) it runs there, beside the current stream's next
+        work (the base matmul), from the current stream's work so far (x). Here nothing runs
+        yet: the second half computes the whole delta."""
+        return x, A
 
     def lowrank_expand_tokens(
         self, y: Tensor, shrunk: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
@@ -192,7 +191,8 @@ class Backend:
     ) -> None:  # fmt: skip
         """The second half: y += the delta from `shrunk` (lowrank_shrink_tokens' with the same
         `stream`, which the current stream waits for first)."""
-        raise NotImplementedError(f"the {self.name} backend does not split lowrank deltas")
+        x, A = shrunk
+        self.lowrank_delta_tokens(y, x, A, B, rank, scale, token_slot, slice_sizes)
 
     def decode_forward(self, *args: Any) -> torch.Tensor:
         """kernels/csrc/decode_forward_cpu.cpp's op (decode_stack only)."""
@@ -200,133 +200,6 @@ class Backend:
 
 
 REFERENCE = Backend()  # stateless: one serves every caller
-
-
-class TritonBackend(Backend):
-    """CUDA: Triton kernels for the step's ops; prefill attention and the matmuls stay torch's.
-
-    Decode attention reads the paged cache in place (kernels/triton_paged_attention.py);
-    RMSNorm (with the residual add), rotary + the K/V write and SwiGLU are one launch each
-    (kernels/triton_fused.py); adapter deltas of up to `rows_max_tokens` tokens (a decode
-    step) run token by token, one launch per stage for every slice and adapter, reading only
-    device tensors (kernels/triton_lowrank_rows.py), larger steps by segments (triton_shrink /
-    triton_expand), each module's tiles from `lora_tiles` (kernels/lora_tiles.py: the
-    device's tuned table, else the kernels' defaults). The Triton modules are imported on
-    first use; on the CPU they run under TRITON_INTERPRET (tests only).
-    """
-
-    name = "triton"
-    captures_graphs = True
-    reads_decode_lens = True
-    splits_lowrank_tokens = True
-
-    def __init__(self, rows_max_tokens: int = 128, lora_tiles: TileTable | None = None) -> None:
-        self.rows_max_tokens = rows_max_tokens
-        self.lora_tiles = lora_tiles or TileTable()
-        self.check_lowrank_args = LowrankChecks()  # the slot buffers' layouts checked once
-
-    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        if x.dim() != 2 or weight.dtype != x.dtype:
-            return super().rms_norm(x, weight, eps)
-        from peftserve.kernels.triton_fused import rms_norm_triton
-
-        return rms_norm_triton(x, weight, eps)[1]
-
-    def add_rms_norm(
-        self, x: Tensor, residual: Tensor, weight: Tensor, eps: float
-    ) -> tuple[Tensor, Tensor]:
-        if x.dim() != 2 or weight.dtype != x.dtype or residual.dtype != x.dtype:
-            return super().add_rms_norm(x, residual, weight, eps)
-        from peftserve.kernels.triton_fused import rms_norm_triton
-
-        return rms_norm_triton(x, weight, eps, residual)
-
-    def rotary_and_cache(
-        self, qkv: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, slot_mapping: Tensor,
-        heads: int, kv_heads: int,
-    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        # In place, as the CPU backend's C++ op: q and k rotated inside qkv.
-        from peftserve.kernels.triton_fused import rotary_and_cache_triton
-
-        if qkv.stride(1) != 1:
-            qkv = qkv.contiguous()
-        rotary_and_cache_triton(qkv, cos, sin, cache, slot_mapping, heads, kv_heads)
-        T, D = qkv.shape[0], cache.shape[-1]
-        q, k, v = qkv.view(T, heads + 2 * kv_heads, D).split((heads, kv_heads, kv_heads), dim=1)
-        return q, k, v
-
-    def silu_and_mul(self, gate_up: Tensor) -> Tensor:
-        from peftserve.kernels.triton_fused import silu_and_mul_triton
-
-        return silu_and_mul_triton(gate_up)
-
-    def decode_attention(
-        self, q: Tensor, cache: Tensor, meta: AttentionMetadata, scale: float
-    ) -> Tensor:
-        from peftserve.kernels.triton_paged_attention import paged_decode_attention
-
-        assert meta.decode_blocks is not None and meta.decode_lens is not None
-        return paged_decode_attention(
-            q, cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale
-        )
-
-    def lowrank_delta(
-        self, y: Tensor, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor,
-        meta: SegmentMeta, slice_sizes: tuple[int, ...],
-        packed: Sequence[PackedLora | None] | None = None, **bottleneck: Any,
-    ) -> None:  # fmt: skip
-        if meta.is_empty:
-            return
-        b_down, b_up, act = (bottleneck.get(k) for k in ("b_down", "b_up", "act"))
-        self.check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
-        if meta.num_tokens <= self.rows_max_tokens:
-            from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
-
-            tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
-            lowrank_delta_rows_triton(y, x, A, B, rank, scale, meta.token_slot, slice_sizes,
-                                      b_down=b_down, b_up=b_up, act=act, tiles=tiles)  # fmt: skip
-            return
-        from peftserve.kernels.triton_expand import launch_expand
-        from peftserve.kernels.triton_shrink import launch_shrink
-
-        v = launch_shrink(x, A, rank, meta, b_down, act)
-        launch_expand(y, v, B, rank, scale, meta, slice_sizes, b_up)
-
-    def lowrank_delta_tokens(
-        self, y: Tensor, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor,
-        token_slot: Tensor, slice_sizes: tuple[int, ...], **bottleneck: Any,
-    ) -> None:  # fmt: skip
-        # Two launches whatever the adapters, no host metadata: graph-safe.
-        from peftserve.kernels.triton_lowrank_rows import check_rows_args, lowrank_delta_rows_triton
-
-        check_rows_args(y, x, A, B, rank, scale, token_slot, slice_sizes)
-        tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
-        lowrank_delta_rows_triton(y, x, A, B, rank, scale, token_slot, slice_sizes,
-                                  tiles=tiles, **bottleneck)  # fmt: skip
-
-    def lowrank_shrink_tokens(
-        self, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
-        slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
-    ) -> Any:  # fmt: skip
-        from peftserve.kernels.triton_lowrank_rows import check_rows_args, shrink_stage
-
-        check_rows_args(None, x, A, B, rank, scale, token_slot, slice_sizes)
-        shrink, expand = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
-        return shrink_stage(x, A, rank, token_slot, shrink, stream), expand
-
-    def lowrank_expand_tokens(
-        self, y: Tensor, shrunk: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
-        slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
-    ) -> None:  # fmt: skip
-        from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
-
-        (v, ranks), tiles = shrunk
-        if tuple(y.shape) != (v.shape[2], B.shape[1]):
-            raise ValueError(f"y must be {[v.shape[2], B.shape[1]]}, got {list(y.shape)}")
-        if stream is not None:
-            torch.cuda.current_stream(y.device).wait_stream(stream)
-        expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes, tiles=tiles,
-                           token_rank=ranks)  # fmt: skip
 
 
 class CpuBackend(Backend):
@@ -462,6 +335,8 @@ def select_backend(name: str, device: torch.device) -> Backend:
     if device.type == "cuda":
         if name not in ("auto", "triton"):
             raise ValueError(f"the {name} backend runs on the CPU, not on {device}")
+        from peftserve.layers.triton_backend import TritonBackend  # (it imports this module)
+
         tiles = TileTable.for_device(torch.cuda.get_device_name(device), dict(os.environ))
         log.info("LoRA kernel tiles: %s", tiles.source)
         return TritonBackend(lora_tiles=tiles)

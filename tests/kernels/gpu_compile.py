@@ -52,7 +52,7 @@ from peftserve.config import EngineConfig  # noqa: E402
 from peftserve.engine.engine import Engine  # noqa: E402
 from peftserve.engine.request import Request  # noqa: E402
 from peftserve.engine.sampling_params import SamplingParams  # noqa: E402
-from peftserve.layers.backend import TritonBackend  # noqa: E402
+from peftserve.layers.triton_backend import TritonBackend  # noqa: E402
 from tests import adapters as A  # noqa: E402
 from tests.eager_graphs import EagerBuckets  # noqa: E402
 from tests.tiny import make_model_dir  # noqa: E402

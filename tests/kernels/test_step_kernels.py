@@ -17,7 +17,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
-from peftserve.layers.backend import TritonBackend
+from peftserve.layers.triton_backend import TritonBackend
 from tests import adapters as A
 from tests.eager_graphs import EagerBuckets
 from tests.kernel_census import KernelCensus

@@ -17,7 +17,8 @@ from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
 from peftserve.layers.attention import AttentionMetadata
-from peftserve.layers.backend import Backend, TritonBackend
+from peftserve.layers.backend import Backend
+from peftserve.layers.triton_backend import TritonBackend
 from tests import adapters as A
 from tests.eager_graphs import EagerBuckets
 from tests.kernels.lowrank_cases import KERNEL_DEVICE, assert_close

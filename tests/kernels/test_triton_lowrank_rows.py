@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from peftserve.kernels import triton_lowrank_rows as rows_module
+from peftserve.kernels.checks import check_rows_args
 from peftserve.kernels.lora_tiles import Tiles, TileTable
 from peftserve.kernels.triton_lowrank_rows import (
-    check_rows_args,
     lowrank_delta_rows_triton,
     shrink_rows_triton,
     shrink_splits,
 )
-from peftserve.layers.backend import TritonBackend
+from peftserve.layers.triton_backend import TritonBackend
 from tests.kernels.lowrank_cases import (
     BF16_TOL,
     FP16_TOL,

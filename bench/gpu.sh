@@ -151,14 +151,21 @@ if [[ " ${STEPS:-} " == *" lora_tiles_engine "* ]] && [ -n "${MODEL_DIR:-}" ]; t
     MODEL_DIR="$MODEL_DIR" bash -c "$(declare -f tiles_engine); tiles_engine"
   rm -rf /dev/shm/peftserve-llama-3.1-8b
 fi
-# Opt-in only (STEPS=lora_overlap_engine): the 8B adapters section with each LoRA's shrink on
-# a second stream beside its base matmul (EngineConfig.lora_overlap, off by default;
-# gpu_engine_8b_overlap.json), next to engine_bench_8b's without (PEFTSERVE_LORA_TILES, if set,
-# gives both the same tiles)
+# Opt-in only (STEPS=lora_overlap_engine): the 8B adapters section with each LoRA's work that
+# need not wait for its base matmul on a second stream beside it (EngineConfig.lora_overlap, off
+# by default), for each of $LORA_OVERLAP (default: delta, then shrink) in
+# gpu_engine_8b_overlap_<mode>.json, next to engine_bench_8b's without (PEFTSERVE_LORA_TILES,
+# if set, gives them all the same tiles)
+overlap_engine() {
+  for mode in ${LORA_OVERLAP:-delta shrink}; do
+    "$PY" -m bench.gpu_engine --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections adapters \
+      --repeat 2 --lora-overlap "$mode" --out "$OUT/gpu_engine_8b_overlap_$mode.json" || return
+  done
+}
 if [[ " ${STEPS:-} " == *" lora_overlap_engine "* ]] && [ -n "${MODEL_DIR:-}" ]; then
-  step lora_overlap_engine "${T_LORA_OVERLAP_ENGINE:-90}" "$PY" -m bench.gpu_engine \
-    --model-dir "$MODEL_DIR" --shape llama-3.1-8b --sections adapters --repeat 2 \
-    --lora-overlap --out "$OUT/gpu_engine_8b_overlap.json"
+  step lora_overlap_engine "${T_LORA_OVERLAP_ENGINE:-170}" env PY="$PY" OUT="$OUT" \
+    MODEL_DIR="$MODEL_DIR" LORA_OVERLAP="${LORA_OVERLAP:-}" \
+    bash -c "$(declare -f overlap_engine); overlap_engine"
   rm -rf /dev/shm/peftserve-llama-3.1-8b
 fi
 cat "$OUT/steps.log"

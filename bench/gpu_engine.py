@@ -70,7 +70,7 @@ from bench.multi_adapter import (
     write_lora,
 )
 from bench.random_weights import SHAPES, write_model
-from peftserve.config import EngineConfig
+from peftserve.config import LORA_OVERLAP, EngineConfig
 from peftserve.engine.engine import Engine
 from peftserve.engine.request import Request
 from peftserve.engine.sampling_params import SamplingParams
@@ -155,9 +155,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed engine runs per configuration (generate: one fewer)")
-    ap.add_argument("--lora-overlap", action="store_true",
-                    help="EngineConfig.lora_overlap: each LoRA's shrink on a second stream "
-                         "beside its base matmul")
+    ap.add_argument("--lora-overlap", choices=LORA_OVERLAP, default="off",
+                    help="EngineConfig.lora_overlap: each LoRA's shrink (or whole delta) on a "
+                         "second stream beside its base matmul")
     ap.add_argument("--lora-tiles", default=None, metavar="N:W:K:W[:RC[:P]]",
                     help="the one-launch LoRA kernels' tiles (bench.decode_kernels.set_tiles) "
                          "for the whole run, e.g. the fastest of gpu.sh's lora_tiles step")

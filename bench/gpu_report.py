@@ -178,8 +178,11 @@ def tile_lines(out: Path) -> list[str]:
 
 
 # gpu.sh's opt-in reruns of the 8B adapters section: (file, what it changes)
-VARIANTS = (("gpu_engine_8b_tiles.json", ""),
-            ("gpu_engine_8b_overlap.json", ", each LoRA's shrink beside its base matmul"))
+VARIANTS = (
+    ("gpu_engine_8b_tiles.json", ""),
+    ("gpu_engine_8b_overlap_delta.json", ", each LoRA's whole delta beside its base matmul"),
+    ("gpu_engine_8b_overlap_shrink.json", ", each LoRA's shrink beside its base matmul"),
+)
 
 
 def variant_lines(out: Path) -> list[str]:
@@ -250,15 +253,18 @@ def run_lines(out: Path) -> list[str]:
 
 def cold_lines(out: Path) -> list[str]:
     """Where the cold start's time went: registration, the slot write (the first request
-    less the same adapter's next one), the prefill with the adapter and without."""
+    less the same adapter's next one; and timed alone where the run did), the prefill with the
+    adapter and without."""
     data = read_json(out, "gpu_engine.json")
     parts = {k: dig(data, ("cold_register_to_first_token_ms", k)) for k in (
         "register_p50", "first_request_p50", "resident_first_token_p50", "base_first_token_p50")}
     if None in parts.values():
         return ["- cold start: no breakdown in gpu_engine.json"]
     write = parts["first_request_p50"] - parts["resident_first_token_p50"]
+    alone = dig(data, ("cold_register_to_first_token_ms", "slot_write_p50"))
+    timed = "" if alone is None else f" (the slot write alone, synchronized, {_fmt(alone)})"
     lines = [f"- cold start p50 parts, ms: registration {_fmt(parts['register_p50'])}, slot write "
-             f"and other first-use costs {_fmt(write)}, prefill with the adapter "
+             f"and other first-use costs {_fmt(write)}{timed}, prefill with the adapter "
              f"{_fmt(parts['resident_first_token_p50'])} (the base model's "
              f"{_fmt(parts['base_first_token_p50'])})"]  # fmt: skip
     prof = (data or {}).get("cold_profile")

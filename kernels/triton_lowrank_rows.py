@@ -27,6 +27,8 @@ Imported lazily, like triton_shrink.py.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -382,16 +384,64 @@ def shrink_stage(
     runs next (a LoRA's shrink beside the base matmul): the current stream must wait for
     `stream` before it reads the outputs, and keep x alive until then."""
     tiles = tiles or default_tiles("shrink")
+    v, ranks = _shrink_outputs(x, A, tiles)
+    _beside(stream, x.device, lambda: shrink_rows_triton(x, A, rank, token_slot, v.shape[0],
+                                                         tiles, out=v, ranks_out=ranks))
+    return v, ranks
+
+
+class Delta(NamedTuple):
+    """delta_stage's delta, with the shrink's outputs it went through: all three kept alive
+    until the current stream has waited for the stream they were filled on (a block freed
+    earlier could be handed to the current stream's next tensor while the other still writes)."""
+
+    d: torch.Tensor  # [T, out_total] float32
+    v: torch.Tensor
+    ranks: torch.Tensor | None
+
+
+def delta_stage(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: torch.Tensor, scale: torch.Tensor,
+    token_slot: torch.Tensor, slice_sizes: tuple[int, ...],
+    tiles: tuple[Tiles | None, Tiles | None] = (None, None),
+    stream: torch.cuda.Stream | None = None,
+) -> Delta:  # fmt: skip
+    """A LoRA's whole delta, shrink and expand, into a new float32 d [T, out_total] (zero
+    where a token has no adapter); allocated, and run on `stream`, as shrink_stage's shrink
+    is: beside the base matmul, as the delta need not wait for y. `y.add_(d)` then gives
+    lowrank_delta_rows_triton's y: the expand adds its float32 delta to a zero here, and add_
+    rounds y + d to y's dtype once, as the expand does into y."""
+    shrink = tiles[0] or default_tiles("shrink")
+    d = torch.empty(x.shape[0], sum(slice_sizes), dtype=torch.float32, device=x.device)
+    v, ranks = _shrink_outputs(x, A, shrink)
+
+    def run() -> None:
+        d.zero_()
+        shrink_rows_triton(x, A, rank, token_slot, v.shape[0], shrink, out=v, ranks_out=ranks)
+        expand_rows_triton(d, v, B, rank, scale, token_slot, slice_sizes, tiles=tiles[1],
+                           token_rank=ranks)  # fmt: skip
+
+    _beside(stream, x.device, run)
+    return Delta(d, v, ranks)
+
+
+def _shrink_outputs(x: torch.Tensor, A: torch.Tensor, tiles: Tiles
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The shrink's v at `tiles`' splits and, where TOKEN_RANKS, its ranks, unfilled."""
     v = shrink_output(x, A, shrink_splits(x.shape[0], A.shape[0], x.shape[1], tiles))
     ranks = (torch.empty(A.shape[0], x.shape[0], dtype=torch.int32, device=x.device)
              if TOKEN_RANKS else None)  # fmt: skip
-    if stream is None:
-        shrink_rows_triton(x, A, rank, token_slot, v.shape[0], tiles, out=v, ranks_out=ranks)
-        return v, ranks
-    stream.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(stream):
-        shrink_rows_triton(x, A, rank, token_slot, v.shape[0], tiles, out=v, ranks_out=ranks)
     return v, ranks
+
+
+def _beside(stream: torch.cuda.Stream | None, device: torch.device, run) -> None:
+    """run() now, or with `stream` on that stream once the current one's work so far is done."""
+    if stream is None:
+        run()
+        return
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        run()
 
 
 def expand_rows_triton(

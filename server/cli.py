@@ -62,6 +62,9 @@ _SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--prefill-rows", str, "graphs | always | off: with the static step, run a step of short "
                             "prefill chunks as a decode step's rows (graphs: only where that "
                             "replays a CUDA graph, in half precision)"),
+    ("--lora-overlap", str, "off | shrink | delta: on CUDA, start each LoRA's shrink (or its "
+                            "whole delta, added after) on a second stream beside its base "
+                            "matmul, in the same CUDA graphs (the same sums; default: off)"),
     ("--max-cuda-graph-batch", int, "the largest decode batch captured as a CUDA graph"),
     ("--max-cuda-graph-len", int, "the longest context a captured decode step serves (longer "
                                   "ones run eagerly)"),
@@ -113,7 +116,6 @@ def _serve(args: argparse.Namespace) -> int:
     values["overlap_outputs"] = args.overlap_outputs
     values["schedule_ahead"] = args.schedule_ahead
     values["screened_head"] = args.screened_head
-    values["lora_overlap"] = args.lora_overlap
     try:
         config = serve_config.build(values, args.config)
     except (ValueError, OSError) as e:
@@ -189,9 +191,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        const=False, default=None,
                        help="greedy tokens from the whole bf16 LM head (the same tokens; by "
                             "default an int8 screen of it picks the rows to compute)")
-    serve.add_argument("--lora-overlap", action=argparse.BooleanOptionalAction, default=None,
-                       help="on CUDA, start each LoRA's shrink on a second stream beside its "
-                            "base matmul, in the same CUDA graphs (the same sums; default: off)")
     serve.add_argument("--ray", action="store_true",
                        help="serve on Ray Serve: replicas per the [ray] table of --config "
                             "(needs pip install 'peftserve[ray]')")

@@ -18,6 +18,12 @@ DECODE_STEPS = ("auto", "static", "classic")
 # classic prefill, its batch invariance); "always": also eagerly, in every dtype (tests);
 # "off": prefills always run the classic step
 PREFILL_ROWS = ("graphs", "always", "off")
+# With the static step on CUDA (Triton), each LoRA's work that need not wait for its base
+# matmul starts before it, on a second CUDA stream beside it (in the same captured graphs):
+# "shrink": the shrink, the expand into the matmul's output after it; "delta": the shrink and
+# the expand into a delta of their own, added to the output after the matmul (one small add
+# where the expand was). The same sums; "off" until measured faster
+LORA_OVERLAP = ("off", "shrink", "delta")
 # kernels/quant.py: the base model's matmul weights as loaded (bf16) or weight-only int8 (one
 # scale per output channel) / int4 (a scale and offset per 32 columns); adapters stay in the
 # model dtype, which must then be bfloat16
@@ -36,10 +42,7 @@ class EngineConfig:
     decode_step: str = "auto"  # one of DECODE_STEPS
     cuda_graphs: bool = True  # static decode steps captured per batch-size bucket at start-up
     prefill_rows: str = "graphs"  # one of PREFILL_ROWS
-    # with the static step on CUDA (Triton): each LoRA's shrink starts before its base matmul,
-    # on a second CUDA stream beside it (captured in the same graphs), and its expand follows
-    # the matmul; the same sums. Off until measured faster
-    lora_overlap: bool = False
+    lora_overlap: str = "off"  # one of LORA_OVERLAP
     # bf16 on the C++ CPU kernels: greedy tokens through an int8 screen of the LM head
     # (kernels/screened_head.py; the same tokens, fewer bytes read a step)
     screened_head: bool = True
@@ -84,6 +87,10 @@ class EngineConfig:
         if self.decode_step not in DECODE_STEPS:
             raise ValueError(
                 f"decode_step must be one of {DECODE_STEPS}, got {self.decode_step!r}"
+            )
+        if self.lora_overlap not in LORA_OVERLAP:
+            raise ValueError(
+                f"lora_overlap must be one of {LORA_OVERLAP}, got {self.lora_overlap!r}"
             )
         if self.prefill_rows not in PREFILL_ROWS:
             raise ValueError(

@@ -7,10 +7,11 @@ reallocated). A module allocated later (the first adapter to target it) changes 
 A hook may be limited to some modules (those the step's adapters have deltas on): a graph
 captured with it skips every other module's kernels, which for the rows it serves add zeros.
 
-With `split` (config.lora_overlap) a LoRA's delta runs in the backend's two halves: the first
-from begin(), before the base matmul (Triton: the shrink, on `stream` where one is given, CUDA:
-beside the matmul, both captured in the same graph), the second in apply(), once the matmul's
-output is there and the current stream has waited for the first.
+With `overlap` (config.lora_overlap) a LoRA's delta runs in the backend's two halves: the first
+from begin(), before the base matmul (Triton: the shrink, or with "delta" the shrink and the
+expand into a delta of their own, on `stream` where one is given, CUDA: beside the matmul, both
+captured in the same graph), the second in apply(), once the matmul's output is there and the
+current stream has waited for the first (the expand into it, or with "delta" adding the delta).
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ def layout_key(slots: DeviceSlots) -> tuple[int, int]:
 
 class TokenSlotHook:
     def __init__(self, slots: DeviceSlots, token_slot: torch.Tensor,
-                 modules: frozenset[ModuleKey] | None = None, split: bool = False,
+                 modules: frozenset[ModuleKey] | None = None, overlap: str = "off",
                  stream: torch.cuda.Stream | None = None) -> None:  # fmt: skip
         # token_slot: [T] int64 slot of each row, -1 = none (a view of the step's buffer).
         # modules: the only modules whose deltas are applied (DeviceSlots.modules_of the rows'
         # slots); None: every allocated one.
         self.slots, self.token_slot = slots, token_slot
-        self.split, self.stream = split, stream
-        self._shrunk: dict[tuple[int, str], Any] = {}  # begin()'s shrinks, for apply()
+        # overlap: config.lora_overlap ("off", "shrink", "delta"): each LoRA's first half (its
+        # shrink, or its whole delta) begun before the base matmul, on `stream` where given
+        self.overlap, self.stream = overlap, stream
+        self._begun: dict[tuple[int, str], Any] = {}  # begin()'s halves, for apply()
         self.lora = {key for key in slots.lora if modules is None or ("lora", *key) in modules}
         self.bottlenecks: dict[tuple[int, str], list[str]] = {}
         for layer, module, act in sorted(slots.bottleneck):
@@ -48,11 +51,11 @@ class TokenSlotHook:
         return None
 
     def begin(self, layer: int, module: str, x: torch.Tensor) -> None:
-        if self.split and (layer, module) in self.lora:
+        if self.overlap != "off" and (layer, module) in self.lora:
             lora = self.slots.lora[(layer, module)]
-            self._shrunk[(layer, module)] = self.slots.backend.lowrank_shrink_tokens(
+            self._begun[(layer, module)] = self.slots.backend.lowrank_begin_tokens(
                 x, lora.A, lora.B, lora.rank, lora.scale, self.token_slot, lora.slice_sizes,
-                self.stream,
+                self.stream, whole=self.overlap == "delta",
             )  # fmt: skip
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -60,10 +63,10 @@ class TokenSlotHook:
         slots, backend = self.slots, self.slots.backend
         if (layer, module) in self.lora:
             lora = slots.lora[(layer, module)]
-            shrunk = self._shrunk.pop((layer, module), None)
-            if shrunk is not None:
-                backend.lowrank_expand_tokens(y, shrunk, lora.B, lora.rank, lora.scale,
-                                              self.token_slot, lora.slice_sizes, self.stream)
+            begun = self._begun.pop((layer, module), None)
+            if begun is not None:
+                backend.lowrank_end_tokens(y, begun, lora.B, lora.rank, lora.scale,
+                                           self.token_slot, lora.slice_sizes, self.stream)
             else:
                 backend.lowrank_delta_tokens(y, x, lora.A, lora.B, lora.rank, lora.scale,
                                              self.token_slot, lora.slice_sizes)  # fmt: skip

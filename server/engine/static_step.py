@@ -49,7 +49,7 @@ class StaticStepOptions:
     engine_seed: int = 0  # seeds the streams of requests without a seed
     graph_sizes: tuple[int, ...] = ()  # batch-size buckets captured as CUDA graphs
     prefill_rows: str = "off"  # config.PREFILL_ROWS: steps with prefill chunks as rows
-    lora_overlap: bool = False  # config.lora_overlap: LoRA shrinks beside the base matmuls
+    lora_overlap: str = "off"  # config.LORA_OVERLAP: LoRA work beside the base matmuls
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,9 @@ class StaticDecodeStep:
         # (today's ops, bit-equal on the CPU). On where graphs are captured, also when they
         # are turned off (the same ops either way); tests turn it on on the CPU.
         self.token_slot_deltas = model.backend.captures_graphs
-        # the stream a LoRA's shrink runs on beside its base matmul (options.lora_overlap, CUDA)
-        self.side_stream = (torch.cuda.Stream(dev) if options.lora_overlap and dev.type == "cuda"
-                            else None)  # fmt: skip
+        # the stream a LoRA's first half runs on beside its base matmul (options.lora_overlap)
+        self.side_stream = (torch.cuda.Stream(dev)
+                            if options.lora_overlap != "off" and dev.type == "cuda" else None)
         self.graphs = None  # cuda_graphs.DecodeGraphs once captured
 
     # --- host side: fill the buffers -------------------------------------------------------

@@ -174,24 +174,26 @@ class Backend:
         as in lowrank_delta. Here the gathering torch form (kernels/token_slot.py)."""
         lowrank_delta_token_slot(y, x, A, B, rank, scale, token_slot, slice_sizes, **bottleneck)
 
-    def lowrank_shrink_tokens(
+    def lowrank_begin_tokens(
         self, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
         slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
+        whole: bool = False,
     ) -> Any:  # fmt: skip
         """A LoRA's lowrank_delta_tokens in two halves, the first before y exists -> what
-        lowrank_expand_tokens takes. Where a backend splits the work (Triton), this half is the
-        shrink of x, and with `stream` (CUDA) it runs there, beside the current stream's next
-        work (the base matmul), from the current stream's work so far (x). Here nothing runs
-        yet: the second half computes the whole delta."""
+        lowrank_end_tokens takes. Where a backend splits the work (Triton), this half is the
+        shrink of x (`whole`: the shrink and the expand, into a delta of its own), and with
+        `stream` (CUDA) it runs there, beside the current stream's next work (the base matmul),
+        from the current stream's work so far (x). Here nothing runs yet: the second half
+        computes the whole delta."""
         return x, A
 
-    def lowrank_expand_tokens(
-        self, y: Tensor, shrunk: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
+    def lowrank_end_tokens(
+        self, y: Tensor, begun: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
         slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
     ) -> None:  # fmt: skip
-        """The second half: y += the delta from `shrunk` (lowrank_shrink_tokens' with the same
+        """The second half: y += the delta from `begun` (lowrank_begin_tokens' with the same
         `stream`, which the current stream waits for first)."""
-        x, A = shrunk
+        x, A = begun
         self.lowrank_delta_tokens(y, x, A, B, rank, scale, token_slot, slice_sizes)
 
     def decode_forward(self, *args: Any) -> torch.Tensor:

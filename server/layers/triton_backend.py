@@ -120,26 +120,33 @@ class TritonBackend(Backend):
         lowrank_delta_rows_triton(y, x, A, B, rank, scale, token_slot, slice_sizes,
                                   tiles=tiles, **bottleneck)  # fmt: skip
 
-    def lowrank_shrink_tokens(
+    def lowrank_begin_tokens(
         self, x: Tensor, A: Tensor, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
         slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
+        whole: bool = False,
     ) -> Any:  # fmt: skip
-        from peftserve.kernels.triton_lowrank_rows import shrink_stage
+        from peftserve.kernels.triton_lowrank_rows import delta_stage, shrink_stage
 
         check_rows_args(None, x, A, B, rank, scale, token_slot, slice_sizes)
-        shrink, expand = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
-        return shrink_stage(x, A, rank, token_slot, shrink, stream), expand
+        tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
+        if whole:
+            return delta_stage(x, A, B, rank, scale, token_slot, slice_sizes, tiles, stream)
+        return shrink_stage(x, A, rank, token_slot, tiles[0], stream), tiles[1]
 
-    def lowrank_expand_tokens(
-        self, y: Tensor, shrunk: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
+    def lowrank_end_tokens(
+        self, y: Tensor, begun: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
         slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
     ) -> None:  # fmt: skip
-        from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
+        from peftserve.kernels.triton_lowrank_rows import Delta, expand_rows_triton
 
-        (v, ranks), tiles = shrunk
-        if tuple(y.shape) != (v.shape[2], B.shape[1]):
-            raise ValueError(f"y must be {[v.shape[2], B.shape[1]]}, got {list(y.shape)}")
+        want = (token_slot.shape[0], B.shape[1])
+        if tuple(y.shape) != want:
+            raise ValueError(f"y must be {list(want)}, got {list(y.shape)}")
         if stream is not None:
             torch.cuda.current_stream(y.device).wait_stream(stream)
+        if isinstance(begun, Delta):  # the whole delta (whole=True)
+            y.add_(begun.d)
+            return
+        (v, ranks), tiles = begun
         expand_rows_triton(y, v, B, rank, scale, token_slot, slice_sizes, tiles=tiles,
                            token_rank=ranks)  # fmt: skip

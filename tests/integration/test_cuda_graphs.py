@@ -117,11 +117,14 @@ def test_short_prefills_replayed_as_rows_give_the_classic_prefills_tokens(
     assert any(w is not None for w in used)
 
 
-def test_lora_shrinks_beside_the_base_matmuls_give_the_same_tokens(tiny_llama_dir, adapter_dirs):
-    """config.lora_overlap: each LoRA's shrink on a second stream beside its base matmul, the
-    fork and the join inside the captured graphs (and in the eager steps past the largest
-    bucket): the tokens of the same engine without it, for every adapter mix of waves()."""
-    split = engine_for(tiny_llama_dir, adapter_dirs, lora_overlap=True)
+@pytest.mark.parametrize("overlap", ["shrink", "delta"])
+def test_lora_work_beside_the_base_matmuls_gives_the_same_tokens(tiny_llama_dir, adapter_dirs,
+                                                                 overlap):  # fmt: skip
+    """config.lora_overlap: each LoRA's shrink (or its whole delta) on a second stream beside
+    its base matmul, the fork and the join inside the captured graphs (and in the eager steps
+    past the largest bucket): the tokens of the same engine without it, for every adapter mix
+    of waves()."""
+    split = engine_for(tiny_llama_dir, adapter_dirs, lora_overlap=overlap)
     plain = engine_for(tiny_llama_dir, adapter_dirs)
     step = split.runner.static
     assert step is not None and step.graphs is not None and step.side_stream is not None

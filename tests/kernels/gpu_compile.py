@@ -197,11 +197,15 @@ def run_shape(shape: str, work: Path, fake: CompileOnly, syncs: list[dict]) -> i
     replays = 0
     backend = TritonBackend()
     backend.captures_graphs = False  # graphs and pinned buffers need CUDA; the same kernels
-    for dtype in DTYPES[shape]:
-        fake.context = {"shape": shape, "dtype": dtype}
+    # and once more in the first dtype with each LoRA's whole delta begun before its base matmul
+    # (config.lora_overlap "delta": the expand into a float32 delta of its own)
+    runs = [*((d, "off") for d in DTYPES[shape]), (DTYPES[shape][0], "delta")]
+    for dtype, overlap in runs:
+        fake.context = {"shape": shape, "dtype": dtype, "lora_overlap": overlap}
         config = EngineConfig(model=str(model_dir), dtype=dtype, device="cpu", block_size=16,
                               num_kv_blocks=256, max_loras=8, max_num_batched_tokens=256,
-                              decode_step="static", cuda_graphs=False)  # fmt: skip
+                              decode_step="static", cuda_graphs=False,
+                              lora_overlap=overlap)  # fmt: skip
         engine = Engine.from_config(config, backend)
         graphs = EagerBuckets.install(engine, 16, lambda: CaptureLint(syncs))
         for name, path in adapters.items():

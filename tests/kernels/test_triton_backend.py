@@ -46,13 +46,14 @@ class CountedTritonBackend(TritonBackend):
         self.calls["lowrank_delta_tokens"] += 1
         super().lowrank_delta_tokens(*args, **kwargs)
 
-    def lowrank_shrink_tokens(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls["lowrank_shrink_tokens"] += 1
-        return super().lowrank_shrink_tokens(*args, **kwargs)
+    def lowrank_begin_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls["lowrank_begin_tokens"] += 1
+        self.calls[f"whole={kwargs.get('whole')}"] += 1
+        return super().lowrank_begin_tokens(*args, **kwargs)
 
-    def lowrank_expand_tokens(self, *args: Any, **kwargs: Any) -> None:
-        self.calls["lowrank_expand_tokens"] += 1
-        super().lowrank_expand_tokens(*args, **kwargs)
+    def lowrank_end_tokens(self, *args: Any, **kwargs: Any) -> None:
+        self.calls["lowrank_end_tokens"] += 1
+        super().lowrank_end_tokens(*args, **kwargs)
 
 
 def test_decode_ops_match_the_reference():
@@ -118,7 +119,7 @@ def test_engine_greedy_tokens_match_the_reference(tiny_llama_dir, tmp_path):
     assert triton_backend.calls["decode_attention"] and triton_backend.calls["lowrank_delta"]
 
 
-@pytest.mark.parametrize("lora_overlap", [False, True], ids=["one-call", "lora-overlap"])
+@pytest.mark.parametrize("lora_overlap", ["off", "shrink", "delta"])
 def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_llama_dir, tmp_path,
                                                                          lora_overlap):  # fmt: skip
     """The path a GPU serves by default: the static decode step in the form its CUDA graphs
@@ -126,7 +127,8 @@ def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_ll
     adapter deltas by per-token slot), here eagerly with the Triton kernels, against the
     reference backend's classic steps; every adapter kind in one batch, some requests still
     prefilling while others decode. lora_overlap: each LoRA's delta in two halves, the shrink
-    before the base matmul (here on the one stream there is; on CUDA test_cuda_graphs.py)."""
+    (or with "delta" the whole delta) before the base matmul (here on the one stream there is;
+    on CUDA test_cuda_graphs.py)."""
     dirs = A.every_kind(tiny_llama_dir, tmp_path)
     words = "the quick brown fox jumps over the lazy dog".split()
     reqs = [Request(f"r{i}", prompt=" ".join(words[i % 5 : i % 5 + 2 + i % 3]),
@@ -151,8 +153,9 @@ def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_ll
                               [p for o in outs for p in o.logprobs or ()])
                         for rid, outs in out.items()})  # fmt: skip
     assert buckets.replays > 0 and backend.calls["lowrank_delta_tokens"]  # (bottlenecks')
-    split = backend.calls["lowrank_shrink_tokens"]
-    assert split == backend.calls["lowrank_expand_tokens"] and (split > 0) == lora_overlap
+    split = backend.calls["lowrank_begin_tokens"]
+    assert split == backend.calls["lowrank_end_tokens"] and (split > 0) == (lora_overlap != "off")
+    assert backend.calls["whole=True"] == (split if lora_overlap == "delta" else 0)
     for rid, (tokens, logprobs) in results[0].items():
         assert results[1][rid][0] == tokens, rid
         assert results[1][rid][1] == pytest.approx(logprobs, abs=1e-4), rid

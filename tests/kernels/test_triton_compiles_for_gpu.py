@@ -86,6 +86,14 @@ def test_both_attention_forms_and_the_8b_layout_compile(child):
     assert max(c["shared_bytes"] for c in compiled) <= 232448
 
 
+def test_the_lora_expand_into_a_delta_of_its_own_compiles(child):
+    """config.lora_overlap "delta": the expand writes a float32 delta where y is bf16, a
+    specialization of its own (compiled, without spills, as the rest)."""
+    delta = {c["shape"] for c in child[:-1]
+             if c["kernel"] == "_expand_rows_kernel" and c.get("lora_overlap") == "delta"}
+    assert delta == {"smollm2", "llama-3.1-8b"}
+
+
 def test_no_kernel_spills_registers(child):
     """Local memory is where ptxas puts what does not fit in registers: slow on the GPU."""
     compiled = child[:-1]

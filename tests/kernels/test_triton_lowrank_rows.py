@@ -253,10 +253,16 @@ def test_the_backend_launches_its_tables_tiles_for_the_module_and_batch(monkeypa
     assert tiles_of(seen) == [("shrink", 1, rows_module.SHRINK_WARPS), ("expand", 64)]
 
 
-def test_the_backends_two_halves_give_the_one_calls_sums_bit_for_bit():
-    """lowrank_shrink_tokens then lowrank_expand_tokens (config.lora_overlap, stream-less
-    here) add what lowrank_delta_tokens adds, with the table's tiles in both halves; an
-    expand handed a y of other rows is refused before any launch."""
+@pytest.mark.parametrize("whole", [False, True], ids=["shrink-first", "delta-first"])
+def test_the_backends_two_halves_give_the_one_calls_sums_bit_for_bit(monkeypatch, whole):
+    """lowrank_begin_tokens then lowrank_end_tokens (config.lora_overlap, stream-less here)
+    add what lowrank_delta_tokens adds, with the table's tiles in both halves, whether the
+    first half is the shrink or (`whole`) the shrink and the expand into a float32 delta of
+    their own that the second adds to y; an end handed a y of other rows is refused before
+    any launch."""
+    # fp32: in half precision the two forms round y + delta to y's dtype once each, in the
+    # kernel and in add_, which the interpreter does apart (it truncates to bf16, torch and the
+    # GPU round to nearest)
     c = case(n_tokens=6, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
     entry = {"in": 700, "slices": list(QKV_GQA), "r_max": int(c.A.shape[2]), "rank_chunk": 0,
              "batch": 8, "warps": 2}  # fmt: skip
@@ -264,19 +270,29 @@ def test_the_backends_two_halves_give_the_one_calls_sums_bit_for_bit():
                                     {**entry, "kernel": "expand", "block": 16}])  # fmt: skip
     backend = TritonBackend(lora_tiles=table)
     slots = c.meta.token_slot.long()
-    whole = c.y.clone()
-    backend.lowrank_delta_tokens(whole, c.x, c.A, c.B, c.rank, c.scale, slots, c.slice_sizes)
-    halves = c.y.clone()
-    shrunk = backend.lowrank_shrink_tokens(c.x, c.A, c.B, c.rank, c.scale, slots, c.slice_sizes)
-    assert shrunk[0][0].shape[0] == 3 and shrunk[1] == Tiles(16, 2, 0)  # the table's tiles
-    backend.lowrank_expand_tokens(halves, shrunk, c.B, c.rank, c.scale, slots, c.slice_sizes)
-    assert torch.equal(halves, whole)
+    y = c.y
+    one_call = y.clone()
+    backend.lowrank_delta_tokens(one_call, c.x, c.A, c.B, c.rank, c.scale, slots, c.slice_sizes)
+    halves = y.clone()
+    seen = spy_launches(monkeypatch)
+    begun = backend.lowrank_begin_tokens(c.x, c.A, c.B, c.rank, c.scale, slots, c.slice_sizes,
+                                         whole=whole)  # fmt: skip
+    if whole:
+        assert begun.d.dtype == torch.float32 and begun.d.shape == y.shape
+        assert not begun.d[c.meta.token_slot < 0].any()  # no adapter: a zero delta
+    else:
+        assert begun[0][0].shape[0] == 3 and begun[1] == Tiles(16, 2, 0)  # the table's tiles
+    backend.lowrank_end_tokens(halves, begun, c.B, c.rank, c.scale, slots, c.slice_sizes)
+    assert tiles_of(seen) == [("shrink", 3, 2), ("expand", 16)]
+    assert torch.equal(halves, one_call) and not torch.equal(halves, y)
     assert_close(halves, reference_y(c), *FP32_TOL[1:])
+    assert_untouched_rows(halves, y, c.token_slot)
     with pytest.raises(ValueError, match="y must be"):
-        backend.lowrank_expand_tokens(halves[:5], shrunk, c.B, c.rank, c.scale, slots,
-                                      c.slice_sizes)  # fmt: skip
+        backend.lowrank_end_tokens(halves[:5], begun, c.B, c.rank, c.scale, slots,
+                                   c.slice_sizes)  # fmt: skip
     with pytest.raises(ValueError, match="token_slot"):
-        backend.lowrank_shrink_tokens(c.x, c.A, c.B, c.rank, c.scale, slots[:5], c.slice_sizes)
+        backend.lowrank_begin_tokens(c.x, c.A, c.B, c.rank, c.scale, slots[:5], c.slice_sizes,
+                                     whole=whole)  # fmt: skip
 
 
 @pytest.mark.parametrize("bottleneck", [False, True], ids=["lora", "bottleneck"])

@@ -38,15 +38,17 @@ def test_the_overlaps_can_be_turned_off(flag, field):
 
 
 def test_the_lora_overlap_is_off_unless_asked_for():
-    for argv, want in ((["serve"], False), (["serve", "--lora-overlap"], True),
-                       (["serve", "--no-lora-overlap"], False)):  # fmt: skip
+    for argv, want in ((["serve"], "off"), (["serve", "--lora-overlap", "shrink"], "shrink"),
+                       (["serve", "--lora-overlap", "delta"], "delta")):  # fmt: skip
         args = build_parser().parse_args(argv)
-        assert serve_config.build({"lora_overlap": args.lora_overlap}).engine.lora_overlap is want
+        values = {"lora_overlap": args.lora_overlap}
+        assert serve_config.build(values).engine.lora_overlap == want
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("decode_step", "graphs", "decode_step must be one of"),
     ("prefill_rows", "static", "prefill_rows must be one of"),
+    ("lora_overlap", True, "lora_overlap must be one of"),
     ("max_cuda_graph_batch", 0, "max_cuda_graph_batch must be >= 1"),
     ("max_cuda_graph_len", 0, "max_cuda_graph_len must be >= 1"),
 ])  # fmt: skip

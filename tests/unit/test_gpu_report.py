@@ -56,6 +56,11 @@ def test_goals_met_and_not(tmp_path):
     assert ("- cold start p50 parts, ms: registration 9, slot write and other first-use costs "
             "7.5, prefill with the adapter 21.5 (the base model's 14)") in text  # fmt: skip
     assert "under cProfile" not in text
+    small["cold_register_to_first_token_ms"]["slot_write_p50"] = 6.25
+    write(tmp_path, "gpu_engine.json", small)
+    text, _ = gpu_report.report(tmp_path)
+    assert ("slot write and other first-use costs 7.5 (the slot write alone, synchronized, "
+            "6.25), prefill") in text
     small["cold_profile"] = {"total_ms": 50.0, "by_cumulative": [
         {"function": "server/engine/engine.py:399 generate", "calls": 1, "own_ms": 0.1,
          "cumulative_ms": 30.5}], "by_own": [
@@ -141,14 +146,17 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
             "tok/s vs base: lora-qv 0.93, lora-heavy 0.71; decode step ms at batch 32: "
             "base missing") in text
     assert "beside its base matmul" not in text  # lora_overlap_engine did not run
-    write(tmp_path, "gpu_engine_8b_overlap.json", {"lora_tiles": "default", "adapters": {
-        "base": {"vs_base": 1.0, "decode_step_ms": 5.2},
-        "lora-qv": {"vs_base": 0.91, "decode_step_ms": 5.7},
-        "lora-heavy": {"vs_base": 0.69, "decode_step_ms": 7.9}}})  # fmt: skip
-    text, _ = gpu_report.report(tmp_path)
-    assert ("- Llama-3.1-8B's adapters section under default, each LoRA's shrink beside its base "
-            "matmul (gpu_engine_8b_overlap.json), tok/s vs base: lora-qv 0.91, lora-heavy 0.69; "
-            "decode step ms at batch 32: base 5.2, lora-qv 5.7, lora-heavy 7.9") in text
+    for mode, what in (("delta", "whole delta"), ("shrink", "shrink")):
+        write(tmp_path, f"gpu_engine_8b_overlap_{mode}.json", {"lora_tiles": "default",
+            "lora_overlap": mode, "adapters": {
+            "base": {"vs_base": 1.0, "decode_step_ms": 5.2},
+            "lora-qv": {"vs_base": 0.91, "decode_step_ms": 5.7},
+            "lora-heavy": {"vs_base": 0.69, "decode_step_ms": 7.9}}})  # fmt: skip
+        text, _ = gpu_report.report(tmp_path)
+        assert (f"- Llama-3.1-8B's adapters section under default, each LoRA's {what} beside "
+                f"its base matmul (gpu_engine_8b_overlap_{mode}.json), tok/s vs base: lora-qv "
+                "0.91, lora-heavy 0.69; decode step ms at batch 32: base 5.2, lora-qv 5.7, "
+                "lora-heavy 7.9") in text
 
 
 def test_best_tile_is_empty_without_the_tiles_step(tmp_path):

@@ -219,13 +219,7 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
     )
     from peftserve.kernels.triton_shrink import launch_shrink
 
-    heads, kv_heads, D, hidden, inter = SHAPES[shape]
-    modules = {
-        "qkv": (hidden, (heads * D, kv_heads * D, kv_heads * D)),
-        "o": (heads * D, (hidden,)),
-        "gate_up": (hidden, (inter, inter)),
-        "down": (inter, (hidden,)),
-    }
+    modules = lora_modules(shape)
     rows = []
     g = torch.Generator().manual_seed(batch)
     token_slot = torch.randint(0, N_SLOTS, (batch,), generator=g).to(DEV)
@@ -276,6 +270,81 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
             extra["stage_ms"] = {k: t[0] for k, t in timed.items()}
         rows.append(_row("lora", shape, batch, methods, reps, moved, diff, extra))
     return rows
+
+
+def overlap_rows(shape: str, batch: int, reps: int) -> list[dict]:
+    """Each module's base matmul with its LoRA deltas (32 slots, as lora_rows), in the forms
+    config.lora_overlap chooses between: after the matmul ("off"), the shrink on a second
+    stream beside it ("shrink"), the whole delta there and one add after it ("delta"), next to
+    the matmul alone: how much of the LoRA work the matmul hides, module by module."""
+    from peftserve.kernels.triton_lowrank_rows import (
+        delta_stage,
+        expand_rows_triton,
+        lowrank_delta_rows_triton,
+        shrink_stage,
+    )
+
+    side = torch.cuda.Stream() if DEV.startswith("cuda") else None
+    rows = []
+    g = torch.Generator().manual_seed(batch)
+    token_slot = torch.randint(0, N_SLOTS, (batch,), generator=g).to(DEV)
+    rank_of = torch.tensor([RANKS[s % len(RANKS)] for s in range(N_SLOTS)], dtype=torch.int32)
+    for module, (d_in, slices) in lora_modules(shape).items():
+        dev, dt, n = DEV, DTYPE, len(slices)
+        rank = rank_of.repeat(n, 1).contiguous().to(dev)
+        A = torch.randn(n, N_SLOTS, R_MAX, d_in, device=dev, dtype=dt) * 0.02
+        B = torch.randn(N_SLOTS, sum(slices), R_MAX, device=dev, dtype=dt) * 0.02
+        scale = torch.full((n, N_SLOTS), 2.0, device=dev)
+        W = torch.randn(sum(slices), d_in, device=dev, dtype=dt) * 0.02
+        x = torch.randn(batch, d_in, device=dev, dtype=dt)
+        args = (A, B, rank, scale, token_slot, slices)
+
+        def matmul(x=x, W=W) -> torch.Tensor:
+            return torch.nn.functional.linear(x, W)
+
+        def after(x=x, W=W, args=args) -> torch.Tensor:
+            A, B, rank, scale, token_slot, slices = args
+            return lowrank_delta_rows_triton(matmul(x, W), x, A, B, rank, scale, token_slot,
+                                             slices)  # fmt: skip
+
+        def shrink_beside(x=x, W=W, args=args) -> torch.Tensor:
+            A, B, rank, scale, token_slot, slices = args
+            v, ranks = shrink_stage(x, A, rank, token_slot, stream=side)
+            y = matmul(x, W)
+            if side is not None:
+                torch.cuda.current_stream().wait_stream(side)
+            return expand_rows_triton(y, v, B, rank, scale, token_slot, slices,
+                                      token_rank=ranks)  # fmt: skip
+
+        def delta_beside(x=x, W=W, args=args) -> torch.Tensor:
+            delta = delta_stage(x, *args, stream=side)
+            y = matmul(x, W)
+            if side is not None:
+                torch.cuda.current_stream().wait_stream(side)
+            return y.add_(delta.d)
+
+        methods = {"matmul_alone": matmul, "lora_after": after, "shrink_beside": shrink_beside,
+                   "delta_beside": delta_beside}  # fmt: skip
+        want = after().float()
+        diff = max(float((fn().float() - want).abs().max()) for fn in (shrink_beside,
+                                                                       delta_beside))
+        used = sorted(set(token_slot.tolist()))
+        lora = sum(int(rank_of[s]) * (d_in + sum(slices)) for s in used)
+        moved = (W.numel() + lora + batch * (d_in + 2 * sum(slices))) * 2
+        rows.append(_row("overlap", shape, batch, methods, reps, moved, diff,
+                         {"module": module, "d_in": d_in, "slices": list(slices)}))
+    return rows
+
+
+def lora_modules(shape: str) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """The adapted projections of a layer: (in, its output slices), qkv and gate_up fused."""
+    heads, kv_heads, D, hidden, inter = SHAPES[shape]
+    return {
+        "qkv": (hidden, (heads * D, kv_heads * D, kv_heads * D)),
+        "o": (heads * D, (hidden,)),
+        "gate_up": (hidden, (inter, inter)),
+        "down": (inter, (hidden,)),
+    }
 
 
 _COMPILED: dict[str, Callable] = {}  # one torch.compile per op, for every shape and batch
@@ -356,7 +425,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--ops", default="attention,lora", help="and/or fused")
+    parser.add_argument("--ops", default="attention,lora", help="and/or fused, overlap")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES),
                         default=["smollm2-135m", "llama-3.1-8b"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="cpu: a dry run")
@@ -368,8 +437,8 @@ def main() -> None:
                              "64:4:128:4:0:2048")  # fmt: skip
     args = parser.parse_args()
     ops = set(args.ops.split(","))
-    if not ops <= {"attention", "lora", "fused"}:
-        parser.error(f"--ops: attention, lora, fused; got {args.ops}")
+    if not ops <= {"attention", "lora", "fused", "overlap"}:
+        parser.error(f"--ops: attention, lora, fused, overlap; got {args.ops}")
     global DEV, DTYPE
     DEV, DTYPE = args.device, getattr(torch, args.dtype)
     cuda = DEV.startswith("cuda")
@@ -397,6 +466,8 @@ def main() -> None:
                 rows += lora_rows(shape, batch, args.reps)
             if "fused" in ops:
                 rows += fused_rows(shape, batch, args.reps)
+            if "overlap" in ops:
+                rows += overlap_rows(shape, batch, args.reps)
             if cuda:
                 torch.cuda.empty_cache()
     result = {
@@ -410,7 +481,8 @@ def main() -> None:
                   "graph_calls": GRAPH_CALLS},  # fmt: skip
         "rows": rows,
     }
-    name = "decode_fused_ops_cuda.json" if ops == {"fused"} else "decode_kernels_cuda.json"
+    name = {"fused": "decode_fused_ops_cuda.json", "overlap": "decode_overlap_cuda.json"}.get(
+        ",".join(sorted(ops)), "decode_kernels_cuda.json")
     if args.lora_tiles:
         name = "decode_lora_tiles_cuda.json"
     out = args.out or Path(__file__).parent / "results" / name

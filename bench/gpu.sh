@@ -37,8 +37,9 @@
 # T_REPORT included. A step's limit is cut to what is left of it (a step with under 5 s left
 # is skipped and fails), so the run ends in time even when every step hits its limit; a step
 # that ignores the TERM at its limit gets a KILL 5 s later.
-# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight; three
-# more, lora_tiles, lora_tiles_engine and lora_overlap_engine, run only when named).
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight; four
+# more, lora_tiles, lora_tiles_engine, lora_overlap_engine and overlap_kernels, run only when
+# named).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -124,6 +125,13 @@ step native_kernels "${T_NATIVE:-40}" env PY="$PY" bash -c "$(declare -f native)
 step fused_ops_bench "${T_FUSED_OPS:-45}" "$PY" bench/decode_kernels.py --ops fused \
   --batches 1 8 32 --out "$OUT/decode_fused_ops_cuda.json"
 step kernels_bench "${T_KERNEL_BENCH:-30}" "$PY" bench/kernels.py --out "$OUT/kernels_cuda.json"
+# Opt-in only (STEPS=overlap_kernels): each 8B module's base matmul with its 32 LoRAs after it,
+# with their shrink beside it and with their whole delta beside it, next to the matmul alone
+# (decode_kernels.py --ops overlap: decode_overlap_cuda.json): what each lora_overlap hides
+if [[ " ${STEPS:-} " == *" overlap_kernels "* ]]; then
+  step overlap_kernels "${T_OVERLAP_KERNELS:-40}" "$PY" bench/decode_kernels.py --ops overlap \
+    --shapes llama-3.1-8b --batches 8 32 64 --out "$OUT/decode_overlap_cuda.json"
+fi
 # Opt-in only (STEPS="lora_tiles lora_tiles_engine"): the one-launch LoRA kernels under other
 # tiles and shrink splits at the 8B shape, each kernel timed apart; then, from the fastest per
 # kernel, module and batch, a LoRA tile table ($OUT/lora_tiles_tuned.json, kernels/lora_tiles.py:

@@ -137,6 +137,26 @@ def _fastest_and_compile(row: dict) -> str:
     return f"{_fastest(row)}; Inductor's first call {_fmt(row.get('inductor_first_call_s'))} s"
 
 
+def _lora_beside(row: dict) -> str:
+    """An overlap row (decode_kernels.py --ops overlap): what the module's LoRA work adds to
+    its matmul in each form, us graph-replayed."""
+    ms = row.get("graph_ms", {})
+    alone = ms.get("matmul_alone")
+    if not alone:
+        return "no timings"
+    added = ", ".join(f"{m} {_fmt((ms[m] - alone) * 1e3)}" for m in
+                      ("lora_after", "shrink_beside", "delta_beside") if ms.get(m))  # fmt: skip
+    return f"matmul alone {_fmt(alone * 1e3)} us, the LoRA adds (us): {added}"
+
+
+def lora_overlap_lines(out: Path) -> list[str]:
+    """gpu.sh's opt-in overlap_kernels step, where it ran."""
+    if read_json(out, "decode_overlap_cuda.json") is None:
+        return []
+    return ["Each module's matmul with its 32 LoRAs after it, or their work beside it:",
+            *kernel_lines(out, "decode_overlap_cuda.json", "overlap", _lora_beside)]
+
+
 def tile_ranking(out: Path) -> tuple[list[str], dict[str, float], dict[tuple, dict], list[dict]]:
     """The lora_tiles step's tiles, the least total graph-replayed time over the cells every
     tile ran first; those totals; each cell's rows by tile; the cells every tile ran."""
@@ -339,7 +359,7 @@ def report(out: Path) -> tuple[str, int]:
             "profile):", *profile_lines(out), *overlap_lines(out), *phase_lines(out), "",
             "Shrink/expand (one launch per stage) and the segment kernels:",
             *kernel_lines(out, "decode_kernels_cuda.json", "lora", _fastest), *tile_lines(out),
-            *variant_lines(out),
+            *variant_lines(out), *lora_overlap_lines(out),
             "",
             "Paged decode attention against gather + SDPA:",
             *kernel_lines(out, "decode_kernels_cuda.json", "attention", _fastest), "",

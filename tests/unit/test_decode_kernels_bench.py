@@ -18,8 +18,8 @@ def test_dry_run_times_every_method_and_they_agree(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
         [sys.executable, "bench/decode_kernels.py", "--device", "cpu", "--dtype", "float16",
-         "--shapes", "tiny", "--batches", "2", "--reps", "1", "--ops", "attention,lora,fused",
-         "--out", str(out)],
+         "--shapes", "tiny", "--batches", "2", "--reps", "1",
+         "--ops", "attention,lora,fused,overlap", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -35,6 +35,9 @@ def test_dry_run_times_every_method_and_they_agree(tmp_path):
         ("lora", "qkv"): {"rows_one_launch", "segments", "rows_widest_grid", "rows_rank_by_slot"},
         **{("fused", m): {"triton", "inductor", "torch"}
            for m in ("add_rms_norm", "rotary_and_cache", "silu_and_mul")},
+        # each module's matmul with its LoRA after it, or part (all) of it beside it
+        **{("overlap", m): {"matmul_alone", "lora_after", "shrink_beside", "delta_beside"}
+           for m in ("qkv", "o", "gate_up", "down")},
     }  # fmt: skip
     rows = {(r["op"], r.get("module")): r for r in result["rows"]}
     assert rows.keys() == methods.keys()

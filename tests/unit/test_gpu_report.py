@@ -240,3 +240,19 @@ def test_tuned_tiles_take_each_kernels_fastest_per_module_and_batch(tmp_path):
          "gbs_graph": {"rows_one_launch": 100.0}}]})  # fmt: skip
     text, _ = gpu_report.report(tmp_path)
     assert f"adapters section under {path} (gpu_engine_8b_tiles.json)" in text
+
+
+def test_the_lora_work_beside_each_matmul_is_reported_where_timed(tmp_path):
+    """gpu.sh's opt-in overlap_kernels step: what each module's LoRA work adds to its matmul
+    after it, with its shrink beside it, and with its whole delta beside it."""
+    text, _ = gpu_report.report(tmp_path)
+    assert "their work beside it" not in text  # the step did not run
+    write(tmp_path, "decode_overlap_cuda.json", {"device_copy_gbs": 4000, "rows": [
+        {"op": "overlap", "shape": "llama-3.1-8b", "module": "gate_up", "batch": 32,
+         "graph_ms": {"matmul_alone": 0.060, "lora_after": 0.105, "shrink_beside": 0.092,
+                      "delta_beside": 0.0655},
+         "gbs_graph": {"matmul_alone": 3900.0}, "max_abs_diff": 0.0}]})  # fmt: skip
+    text, _ = gpu_report.report(tmp_path)
+    assert ("  - llama-3.1-8b gate_up batch 32: GB/s matmul_alone 3.9e+03; matmul alone 60 us, "
+            "the LoRA adds (us): lora_after 45, shrink_beside 32, delta_beside 5.5; max |diff| "
+            "between the methods 0") in text

@@ -39,7 +39,7 @@ echo "ran: $*"
 
 
 def run_gpu_sh(
-    tmp_path: Path, mode: str, **limits: int
+    tmp_path: Path, mode: str, **limits: int | str
 ) -> tuple[subprocess.CompletedProcess, float]:
     """gpu.sh under FAKE_PY: (its exit status, output, and in `stderr` the processes it left
     alive in its session), and its wall time."""
@@ -53,6 +53,8 @@ def run_gpu_sh(
         **{k: str(v) for k, v in limits.items()},
     }  # fmt: skip
     env.pop("STEPS", None)
+    if "STEPS" in limits:
+        env["STEPS"] = str(limits["STEPS"])
     t0 = time.monotonic()
     run = subprocess.Popen(
         ["bash", str(REPO / "bench" / "gpu.sh")], env=env, stdout=subprocess.PIPE,
@@ -102,3 +104,17 @@ def test_hangs_and_crashes_fail_their_steps_and_the_budget_holds(tmp_path):
     assert wall < budget + 3, f"the run took {wall:.1f} s against a budget of {budget} s"
     assert "report from" in (out / "gpu_report.md").read_text()
     assert done.stderr == "", f"left alive after the run: {done.stderr}"
+
+
+def test_the_opt_in_lora_overlap_steps_run_when_named(tmp_path):
+    """overlap_kernels (decode_kernels.py --ops overlap) and lora_overlap_engine (the 8B
+    adapters section with lora_overlap delta, then shrink), each only when STEPS names it."""
+    done, _ = run_gpu_sh(tmp_path, "ok", STEPS="overlap_kernels lora_overlap_engine")
+    assert done.returncode == 0, done.stdout
+    status = gpu_report.step_status(tmp_path / "out")
+    assert status == {"overlap_kernels": "exit 0", "lora_overlap_engine": "exit 0"}
+    calls = (tmp_path / "calls").read_text().splitlines()
+    runs = [c for c in calls if "decode_kernels.py" in c or "gpu_engine" in c]
+    assert "--ops overlap" in runs[0] and "--shapes llama-3.1-8b" in runs[0]
+    assert ["--lora-overlap delta" in runs[1], "--lora-overlap shrink" in runs[2]] == [True, True]
+    assert runs[1].endswith("gpu_engine_8b_overlap_delta.json") and len(runs) == 3

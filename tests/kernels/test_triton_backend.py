@@ -119,16 +119,20 @@ def test_engine_greedy_tokens_match_the_reference(tiny_llama_dir, tmp_path):
     assert triton_backend.calls["decode_attention"] and triton_backend.calls["lowrank_delta"]
 
 
-@pytest.mark.parametrize("lora_overlap", ["off", "shrink", "delta"])
+@pytest.mark.parametrize(("lora_overlap", "prefill_rows"), [
+    ("off", "graphs"), ("shrink", "graphs"), ("delta", "graphs"), ("delta", "always"),
+])  # fmt: skip
 def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_llama_dir, tmp_path,
-                                                                         lora_overlap):  # fmt: skip
+                                                                         lora_overlap,
+                                                                         prefill_rows):  # fmt: skip
     """The path a GPU serves by default: the static decode step in the form its CUDA graphs
     capture (rows padded to the buckets, block tables at full width so attention splits,
     adapter deltas by per-token slot), here eagerly with the Triton kernels, against the
     reference backend's classic steps; every adapter kind in one batch, some requests still
     prefilling while others decode. lora_overlap: each LoRA's delta in two halves, the shrink
     (or with "delta" the whole delta) before the base matmul (here on the one stream there is;
-    on CUDA test_cuda_graphs.py)."""
+    on CUDA test_cuda_graphs.py). prefill_rows "always": short prefills as rows of the same
+    step too (on CUDA in half precision by default)."""
     dirs = A.every_kind(tiny_llama_dir, tmp_path)
     words = "the quick brown fox jumps over the lazy dog".split()
     reqs = [Request(f"r{i}", prompt=" ".join(words[i % 5 : i % 5 + 2 + i % 3]),
@@ -142,12 +146,16 @@ def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_ll
         config = EngineConfig(model=str(tiny_llama_dir), dtype="float32", device=KERNEL_DEVICE,
                               block_size=4, num_kv_blocks=128, max_loras=8, max_model_len=320,
                               max_num_batched_tokens=24, decode_step=decode_step,
-                              lora_overlap=lora_overlap)  # fmt: skip
+                              lora_overlap=lora_overlap, prefill_rows=prefill_rows)  # fmt: skip
         engine = Engine.from_config(config, backend)
         for name, path in dirs.items():
             engine.adapters.register(name, path)
         if decode_step == "static":
             buckets = EagerBuckets.install(engine, 8)  # 1, 2, 4, 8: 9 rows run unpadded
+            step, as_rows = engine.runner.static, []
+            launch = step.launch_rows
+            step.launch_rows = (lambda items, launch=launch, as_rows=as_rows:
+                                as_rows.append(launch(items)) or as_rows[-1])
         out = engine.generate(reqs)
         results.append({rid: ([t for o in outs for t in o.token_ids],
                               [p for o in outs for p in o.logprobs or ()])
@@ -156,6 +164,7 @@ def test_the_decode_step_as_graphs_capture_it_gives_the_reference_tokens(tiny_ll
     split = backend.calls["lowrank_begin_tokens"]
     assert split == backend.calls["lowrank_end_tokens"] and (split > 0) == (lora_overlap != "off")
     assert backend.calls["whole=True"] == (split if lora_overlap == "delta" else 0)
+    assert any(r is not None for r in as_rows) == (prefill_rows == "always")
     for rid, (tokens, logprobs) in results[0].items():
         assert results[1][rid][0] == tokens, rid
         assert results[1][rid][1] == pytest.approx(logprobs, abs=1e-4), rid

@@ -37,9 +37,9 @@
 # T_REPORT included. A step's limit is cut to what is left of it (a step with under 5 s left
 # is skipped and fails), so the run ends in time even when every step hits its limit; a step
 # that ignores the TERM at its limit gets a KILL 5 s later.
-# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight; four
-# more, lora_tiles, lora_tiles_engine, lora_overlap_engine and overlap_kernels, run only when
-# named).
+# STEPS="engine_cuda_tests engine_bench" runs only the named steps (default: all eight; five
+# more, engine_cuda_tests_eager, lora_tiles, lora_tiles_engine, lora_overlap_engine and
+# overlap_kernels, run only when named).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -116,6 +116,16 @@ step engine_cuda_tests "${T_ENGINE_TESTS:-80}" env PEFTSERVE_TEST_DEVICE=cuda "$
   tests/integration/test_batching.py tests/integration/test_engine_requests.py \
   tests/unit/test_slot_buffers.py::test_a_write_through_one_upload_equals_a_direct_one \
   "${pytest_args[@]}"
+# Opt-in only (STEPS=engine_cuda_tests_eager): the same oracle tests with every engine's decode
+# steps eager (PEFTSERVE_TEST_CUDA_GRAPHS=0, as --no-cuda-graphs serves); test_cuda_graphs.py,
+# which compares the two, stays in engine_cuda_tests
+if [[ " ${STEPS:-} " == *" engine_cuda_tests_eager "* ]]; then
+  step engine_cuda_tests_eager "${T_ENGINE_TESTS_EAGER:-70}" env PEFTSERVE_TEST_DEVICE=cuda \
+    PEFTSERVE_TEST_CUDA_GRAPHS=0 "$PY" -m pytest tests/integration/test_parity.py \
+    tests/integration/test_batch_invariance.py tests/integration/test_adapter_parity.py \
+    tests/integration/test_adapter_batching.py tests/integration/test_batching.py \
+    tests/integration/test_engine_requests.py "${pytest_args[@]}"
+fi
 step kernel_tests "${T_KERNEL_TESTS:-65}" "$PY" -m pytest tests/kernels "${pytest_args[@]}"
 step decode_kernels_bench "${T_DECODE_KERNELS:-20}" "$PY" bench/decode_kernels.py \
   --out "$OUT/decode_kernels_cuda.json"

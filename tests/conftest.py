@@ -11,7 +11,18 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tests.device import CUDA_GRAPHS, without_cuda_graphs  # noqa: E402
 from tests.tiny import make_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cuda_graphs_as_asked():
+    """PEFTSERVE_TEST_CUDA_GRAPHS=0: every engine built runs eagerly (tests/device.py)."""
+    if CUDA_GRAPHS:
+        yield
+        return
+    with without_cuda_graphs():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -106,14 +106,17 @@ def test_hangs_and_crashes_fail_their_steps_and_the_budget_holds(tmp_path):
     assert done.stderr == "", f"left alive after the run: {done.stderr}"
 
 
-def test_the_opt_in_lora_overlap_steps_run_when_named(tmp_path):
-    """overlap_kernels (decode_kernels.py --ops overlap) and lora_overlap_engine (the 8B
-    adapters section with lora_overlap delta, then shrink), each only when STEPS names it."""
-    done, _ = run_gpu_sh(tmp_path, "ok", STEPS="overlap_kernels lora_overlap_engine")
+def test_the_opt_in_steps_run_when_named(tmp_path):
+    """engine_cuda_tests_eager (the oracle tests with graphs off), overlap_kernels
+    (decode_kernels.py --ops overlap) and lora_overlap_engine (the 8B adapters section with
+    lora_overlap delta, then shrink), each only when STEPS names it."""
+    steps = ("engine_cuda_tests_eager", "overlap_kernels", "lora_overlap_engine")
+    done, _ = run_gpu_sh(tmp_path, "ok", STEPS=" ".join(steps))
     assert done.returncode == 0, done.stdout
-    status = gpu_report.step_status(tmp_path / "out")
-    assert status == {"overlap_kernels": "exit 0", "lora_overlap_engine": "exit 0"}
+    assert gpu_report.step_status(tmp_path / "out") == dict.fromkeys(steps, "exit 0")
     calls = (tmp_path / "calls").read_text().splitlines()
+    tests = [c for c in calls if c.startswith("-m pytest")]
+    assert len(tests) == 1 and "test_parity.py" in tests[0] and "test_cuda_graphs" not in tests[0]
     runs = [c for c in calls if "decode_kernels.py" in c or "gpu_engine" in c]
     assert "--ops overlap" in runs[0] and "--shapes llama-3.1-8b" in runs[0]
     assert ["--lora-overlap delta" in runs[1], "--lora-overlap shrink" in runs[2]] == [True, True]

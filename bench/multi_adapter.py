@@ -249,8 +249,13 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
     to the base model's first token on the same prompt and to the adapter's next first token
     (resident in its slot: the prefill alone), so that the first request less that is the
     slot write and what else a new adapter costs; and the slot write alone (DeviceSlots.
-    write_lora, on a GPU to its copies' end: a sync the first request otherwise lacks)."""
+    write_lora, on a GPU to its copies' end: a sync the first request otherwise lacks), and the
+    CUDA graph captures inside each first request (its adapters' modules in a bucket not yet
+    captured: the first repetition's, if any)."""
     total, register, first, resident, base, writes = [], [], [], [], [], []
+    captured = []  # CUDA graph capture inside each first request, s (a new bucket or module set)
+    static = engine.runner.static
+    graphs = static.graphs if static is not None else None
     slots = engine.adapters.slots
     write = slots.write_lora
 
@@ -269,7 +274,9 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
             t0 = time.perf_counter()
             engine.adapters.register(f"cold{i}", path)
             register.append(time.perf_counter() - t0)
+            before = graphs.capture_seconds if graphs is not None else 0.0
             first.append(first_token(engine, prompt, f"cold{i}", f"c{i}"))
+            captured.append((graphs.capture_seconds if graphs is not None else 0.0) - before)
             total.append(register[-1] + first[-1])
             resident.append(first_token(engine, prompt, f"cold{i}", f"again{i}"))
             engine.adapters.unregister(f"cold{i}")
@@ -282,6 +289,7 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
         "register_p50": statistics.median(register) * 1e3,
         "first_request_p50": statistics.median(first) * 1e3,
         "slot_write_p50": statistics.median(writes) * 1e3,
+        "graph_capture_ms": [t * 1e3 for t in captured],
         "resident_first_token_p50": statistics.median(resident) * 1e3,
         "base_first_token_p50": statistics.median(base) * 1e3,
         "prompt_tokens": len(prompt),

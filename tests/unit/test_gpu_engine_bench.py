@@ -53,6 +53,7 @@ def test_dry_run_writes_every_goal(tmp_path):
     cold = result["cold_register_to_first_token_ms"]
     assert cold["register_p50"] < cold["p50"] and cold["base_first_token_p50"] > 0
     assert 0 < cold["slot_write_p50"] < cold["first_request_p50"]  # timed inside the request
+    assert cold["graph_capture_ms"] == [0.0] * len(cold["all"])  # no graphs on the CPU
     prof = result["cold_profile"]  # the registration and the engine's step are where time goes
     names = [r["function"] for r in prof["by_cumulative"]]
     assert any("manager.py" in n and " register" in n for n in names), names

@@ -57,10 +57,11 @@ def test_goals_met_and_not(tmp_path):
             "7.5, prefill with the adapter 21.5 (the base model's 14)") in text  # fmt: skip
     assert "under cProfile" not in text
     small["cold_register_to_first_token_ms"]["slot_write_p50"] = 6.25
+    small["cold_register_to_first_token_ms"]["graph_capture_ms"] = [310.5, 0.0, 0.0]
     write(tmp_path, "gpu_engine.json", small)
     text, _ = gpu_report.report(tmp_path)
     assert ("slot write and other first-use costs 7.5 (the slot write alone, synchronized, "
-            "6.25), prefill") in text
+            "6.25; graph captures inside the first requests, ms: 310, 0, 0), prefill") in text
     small["cold_profile"] = {"total_ms": 50.0, "by_cumulative": [
         {"function": "server/engine/engine.py:399 generate", "calls": 1, "own_ms": 0.1,
          "cumulative_ms": 30.5}], "by_own": [

@@ -219,21 +219,12 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
     )
     from peftserve.kernels.triton_shrink import launch_shrink
 
-    modules = lora_modules(shape)
     rows = []
-    g = torch.Generator().manual_seed(batch)
-    token_slot = torch.randint(0, N_SLOTS, (batch,), generator=g).to(DEV)
+    token_slot = lora_token_slots(batch)
     meta = build_segment_meta(token_slot)  # built once per step by the runner: not timed
-    rank_of = torch.tensor([RANKS[s % len(RANKS)] for s in range(N_SLOTS)], dtype=torch.int32)
-    for module, (d_in, slices) in modules.items():
-        dev, dt = DEV, DTYPE
-        n = len(slices)
-        rank = rank_of.repeat(n, 1).contiguous().to(dev)
-        A = torch.randn(n, N_SLOTS, R_MAX, d_in, device=dev, dtype=dt) * 0.02
-        B = torch.randn(N_SLOTS, sum(slices), R_MAX, device=dev, dtype=dt) * 0.02
-        scale = torch.full((n, N_SLOTS), 2.0, device=dev)
-        x = torch.randn(batch, d_in, device=dev, dtype=dt)
-        y = torch.zeros(batch, sum(slices), device=dev, dtype=dt)
+    for module, (d_in, slices) in lora_modules(shape).items():
+        rank, A, B, scale, x = lora_weights(d_in, slices, batch)
+        y = torch.zeros(batch, sum(slices), device=DEV, dtype=DTYPE)
 
         def segments(y=y, x=x, A=A, B=B, rank=rank, scale=scale, slices=slices) -> None:
             launch_expand(y, launch_shrink(x, A, rank, meta, None, None), B, rank, scale, meta,
@@ -252,9 +243,8 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
             y.zero_()
             fn()
             outs.append(y.float().clone())
-        used = sorted(set(token_slot.tolist()))
-        weights = sum(int(rank_of[s]) * (d_in + sum(slices)) for s in used)
-        moved = (weights + batch * (d_in + 2 * sum(slices))) * 2
+        moved = (lora_weight_elements(token_slot, d_in, slices)
+                 + batch * (d_in + 2 * sum(slices))) * 2  # fmt: skip
         diff = float((outs[0] - outs[1]).abs().max())
         extra: dict = {"module": module, "d_in": d_in, "slices": list(slices), "r_max": R_MAX}
         if stages:
@@ -286,17 +276,10 @@ def overlap_rows(shape: str, batch: int, reps: int) -> list[dict]:
 
     side = torch.cuda.Stream() if DEV.startswith("cuda") else None
     rows = []
-    g = torch.Generator().manual_seed(batch)
-    token_slot = torch.randint(0, N_SLOTS, (batch,), generator=g).to(DEV)
-    rank_of = torch.tensor([RANKS[s % len(RANKS)] for s in range(N_SLOTS)], dtype=torch.int32)
+    token_slot = lora_token_slots(batch)
     for module, (d_in, slices) in lora_modules(shape).items():
-        dev, dt, n = DEV, DTYPE, len(slices)
-        rank = rank_of.repeat(n, 1).contiguous().to(dev)
-        A = torch.randn(n, N_SLOTS, R_MAX, d_in, device=dev, dtype=dt) * 0.02
-        B = torch.randn(N_SLOTS, sum(slices), R_MAX, device=dev, dtype=dt) * 0.02
-        scale = torch.full((n, N_SLOTS), 2.0, device=dev)
-        W = torch.randn(sum(slices), d_in, device=dev, dtype=dt) * 0.02
-        x = torch.randn(batch, d_in, device=dev, dtype=dt)
+        rank, A, B, scale, x = lora_weights(d_in, slices, batch)
+        W = torch.randn(sum(slices), d_in, device=DEV, dtype=DTYPE) * 0.02
         args = (A, B, rank, scale, token_slot, slices)
 
         def matmul(x=x, W=W) -> torch.Tensor:
@@ -328,12 +311,36 @@ def overlap_rows(shape: str, batch: int, reps: int) -> list[dict]:
         want = after().float()
         diff = max(float((fn().float() - want).abs().max()) for fn in (shrink_beside,
                                                                        delta_beside))
-        used = sorted(set(token_slot.tolist()))
-        lora = sum(int(rank_of[s]) * (d_in + sum(slices)) for s in used)
+        lora = lora_weight_elements(token_slot, d_in, slices)
         moved = (W.numel() + lora + batch * (d_in + 2 * sum(slices))) * 2
         rows.append(_row("overlap", shape, batch, methods, reps, moved, diff,
                          {"module": module, "d_in": d_in, "slices": list(slices)}))
     return rows
+
+
+def lora_token_slots(batch: int) -> torch.Tensor:
+    """Each of `batch` tokens in a random one of the N_SLOTS slots (seeded by the batch)."""
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(0, N_SLOTS, (batch,), generator=g).to(DEV)
+
+
+def lora_weights(d_in: int, slices: tuple[int, ...], batch: int
+                 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """A module's slot buffers (slot s at rank RANKS[s % 4] on every slice) and an input:
+    (rank, A, B, scale, x)."""
+    n = len(slices)
+    rank = torch.tensor([RANKS[s % len(RANKS)] for s in range(N_SLOTS)], dtype=torch.int32)
+    A = torch.randn(n, N_SLOTS, R_MAX, d_in, device=DEV, dtype=DTYPE) * 0.02
+    B = torch.randn(N_SLOTS, sum(slices), R_MAX, device=DEV, dtype=DTYPE) * 0.02
+    scale = torch.full((n, N_SLOTS), 2.0, device=DEV)
+    x = torch.randn(batch, d_in, device=DEV, dtype=DTYPE)
+    return rank.repeat(n, 1).contiguous().to(DEV), A, B, scale, x
+
+
+def lora_weight_elements(token_slot: torch.Tensor, d_in: int, slices: tuple[int, ...]) -> int:
+    """The adapter weights a step reads: each slot in use, A and B at its exact rank."""
+    used = sorted(set(token_slot.tolist()))
+    return sum(RANKS[s % len(RANKS)] * (d_in + sum(slices)) for s in used)
 
 
 def lora_modules(shape: str) -> dict[str, tuple[int, tuple[int, ...]]]:

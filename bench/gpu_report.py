@@ -283,9 +283,12 @@ def cold_lines(out: Path) -> list[str]:
     write = parts["first_request_p50"] - parts["resident_first_token_p50"]
     alone = dig(data, ("cold_register_to_first_token_ms", "slot_write_p50"))
     captures = ((data or {}).get("cold_register_to_first_token_ms") or {}).get("graph_capture_ms")
-    asides = [*([] if alone is None else [f"the slot write alone, synchronized, {_fmt(alone)}"]),
-              *([] if not captures else ["graph captures inside the first requests, ms: "
-                                         + ", ".join(_fmt(t) for t in captures)])]  # fmt: skip
+    asides = []
+    if alone is not None:
+        asides.append(f"the slot write alone, synchronized, {_fmt(alone)}")
+    if captures:
+        asides.append("graph captures inside the first requests, ms: "
+                      + ", ".join(_fmt(t) for t in captures))  # fmt: skip
     timed = f" ({'; '.join(asides)})" if asides else ""
     lines = [f"- cold start p50 parts, ms: registration {_fmt(parts['register_p50'])}, slot write "
              f"and other first-use costs {_fmt(write)}{timed}, prefill with the adapter "

@@ -140,27 +140,40 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
 
 
 TILE_NAMES = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS", "RANK_CHUNK",
-              "SHRINK_PROGRAMS")
-# The last two fields where a tile leaves them out: the kernels' defaults (one tile of every
-# rank; 256 shrink programs)
-LEFT_OUT = (0, 256)
+              "SHRINK_PROGRAMS", "SHRINK_RANK_GRID")
+# What `--lora-tiles` sweeps given none (gpu.sh's lora_tiles step): the default; more shrink
+# programs; wider expand tiles; loops over each slot's rank in chunks; shrink programs of 16 or
+# 32 ranks each. The tile table takes each kernel's fastest, so the list varies each kernel's
+# fields apart. Every one compiles for sm_90 without spills (tests/kernels/gpu_compile.py
+# --lora-tiles, in CI).
+SWEEP_TILES = (
+    "64:4:128:4", "64:4:128:4:0:512", "64:4:128:4:0:1024", "64:4:128:4:0:2048",
+    "64:4:64:4:0:2048", "128:8:128:4", "128:8:128:4:0:1024", "256:8:128:4:32",
+    "256:8:128:4:32:1024", "256:4:256:4:16", "256:8:128:4", "128:4:128:8:0:1024",
+    "64:4:128:4:0:1024:16", "64:4:256:4:0:2048:16", "64:4:128:4:0:2048:32",
+)
+# The last three fields where a tile leaves them out: the kernels' defaults (one tile of every
+# rank; 256 shrink programs, each over all of its slot's ranks)
+LEFT_OUT = (0, 256, 0)
 
 
 def tile_values(tile: str) -> list[int]:
-    """"BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK[:PROGRAMS]]" (expand's columns a program and
-    warps, shrink's input columns a loop step and warps, ranks a step of a loop over each slot's
-    own rank, 0: one tile of every rank; the shrink's programs a launch aims at; left out:
-    LEFT_OUT) -> the values of TILE_NAMES."""
+    """"BLOCK_N:warps:BLOCK_K:warps[:RANK_CHUNK[:PROGRAMS[:RANK_GRID]]]" (expand's columns a
+    program and warps, shrink's input columns a loop step and warps, ranks a step of a loop over
+    each slot's own rank, 0: one tile of every rank; the shrink's programs a launch aims at; the
+    ranks a shrink program takes, 0: all of its slot's; left out: LEFT_OUT) -> the values of
+    TILE_NAMES."""
     values = [int(v) for v in tile.split(":")]
     if not 4 <= len(values) <= len(TILE_NAMES) or min(values) < 0:
-        raise ValueError(f"tiles N:W:K:W[:RC[:P]] of non-negative integers, got {tile!r}")
+        raise ValueError(f"tiles N:W:K:W[:RC[:P[:RG]]] of non-negative integers, got {tile!r}")
     return values + list(LEFT_OUT[len(values) - 4 :])
 
 
 def kernel_tiles(tile: str) -> dict[str, dict[str, int]]:
     """A tile string's fields for each kernel, as a lora_tiles.TileTable entry holds them."""
-    n, n_warps, k, k_warps, chunk, programs = tile_values(tile)
-    return {"shrink": {"block": k, "warps": k_warps, "rank_chunk": chunk, "programs": programs},
+    n, n_warps, k, k_warps, chunk, programs, grid = tile_values(tile)
+    return {"shrink": {"block": k, "warps": k_warps, "rank_chunk": chunk, "programs": programs,
+                       "rank_grid": grid},
             "expand": {"block": n, "warps": n_warps, "rank_chunk": chunk}}  # fmt: skip
 
 
@@ -176,17 +189,26 @@ def set_tiles(tile: str) -> str:
     return before
 
 
-def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str]) -> list[dict]:
+def lora_tiles(shape: str, batch: int, reps: int, tiles: list[str] | tuple[str, ...]
+               ) -> list[dict]:  # fmt: skip
     """The one-launch LoRA kernels under each tile configuration (set_tiles), against the
-    segment kernels in the same rows: which tiles to make the default."""
+    segment kernels in the same rows: which tiles to make the default. A tile that fails (a
+    compile error) gets a row with its error, and the others still run."""
     out = []
     default = None
     try:
         for tile in tiles:
             before = set_tiles(tile)
             default = default or before
-            for row in lora_rows(shape, batch, reps, stages=True):
-                out.append({**row, "op": "lora_tiles", "tiles": tile})
+            try:
+                rows = lora_rows(shape, batch, reps, stages=True)
+            except Exception as e:  # noqa: BLE001 - the sweep's other tiles still run
+                out.append({"op": "lora_tiles", "tiles": tile, "shape": shape, "batch": batch,
+                            "error": f"{type(e).__name__}: {e}"[:2000]})  # fmt: skip
+                print(f"tile {tile} at {shape} batch {batch} failed: {out[-1]['error']}",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            out += [{**row, "op": "lora_tiles", "tiles": tile} for row in rows]
     finally:
         if default:
             set_tiles(default)
@@ -338,9 +360,10 @@ def lora_weights(d_in: int, slices: tuple[int, ...], batch: int
 
 
 def lora_weight_elements(token_slot: torch.Tensor, d_in: int, slices: tuple[int, ...]) -> int:
-    """The adapter weights a step reads: each slot in use, A and B at its exact rank."""
+    """The adapter weights a step reads: each slot in use, at its exact rank, an A per slice
+    (a fused projection's q, k and v each have their own) and B's rows of every slice."""
     used = sorted(set(token_slot.tolist()))
-    return sum(RANKS[s % len(RANKS)] * (d_in + sum(slices)) for s in used)
+    return sum(RANKS[s % len(RANKS)] * (len(slices) * d_in + sum(slices)) for s in used)
 
 
 def lora_modules(shape: str) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -437,11 +460,12 @@ def main() -> None:
                         default=["smollm2-135m", "llama-3.1-8b"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="cpu: a dry run")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--lora-tiles", nargs="+", default=[], metavar="N:W:K:W[:RC[:P]]",
+    parser.add_argument("--lora-tiles", nargs="*", default=None, metavar="N:W:K:W[:RC[:P[:RG]]]",
                         help="only the one-launch LoRA kernels, under each of these tiles "
                              "(expand BLOCK_N:num_warps:shrink BLOCK_K:num_warps[:rank "
-                             "chunk[:shrink programs]]), e.g. 64:4:128:4 64:4:128:4:16 "
-                             "64:4:128:4:0:2048")  # fmt: skip
+                             "chunk[:shrink programs[:shrink ranks a program]]]), e.g. "
+                             "64:4:128:4 64:4:128:4:16 64:4:128:4:0:2048:16; none given: "
+                             "SWEEP_TILES")  # fmt: skip
     args = parser.parse_args()
     ops = set(args.ops.split(","))
     if not ops <= {"attention", "lora", "fused", "overlap"}:
@@ -464,8 +488,8 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         for batch in args.batches:
-            if args.lora_tiles:
-                rows += lora_tiles(shape, batch, args.reps, args.lora_tiles)
+            if args.lora_tiles is not None:
+                rows += lora_tiles(shape, batch, args.reps, args.lora_tiles or SWEEP_TILES)
                 continue
             if "attention" in ops:
                 rows.append(attention_row(shape, batch, args.reps))
@@ -490,7 +514,7 @@ def main() -> None:
     }
     name = {"fused": "decode_fused_ops_cuda.json", "overlap": "decode_overlap_cuda.json"}.get(
         ",".join(sorted(ops)), "decode_kernels_cuda.json")
-    if args.lora_tiles:
+    if args.lora_tiles is not None:
         name = "decode_lora_tiles_cuda.json"
     out = args.out or Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -150,12 +150,9 @@ fi
 # kernels' defaults
 if [[ " ${STEPS:-} " == *" lora_tiles "* ]]; then
   # (27 s for 9 tiles at batch 8/32/64 on the H200; each kernel is now also timed apart, and
-  # the table takes each kernel's fastest, so the list varies the two kernels' fields apart)
-  step lora_tiles "${T_LORA_TILES:-120}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
-    --batches 8 32 --out "$OUT/decode_lora_tiles_cuda.json" \
-    --lora-tiles ${LORA_TILES:-64:4:128:4 64:4:128:4:0:512 64:4:128:4:0:1024 64:4:128:4:0:2048 \
-      64:4:64:4:0:2048 128:8:128:4 128:8:128:4:0:1024 256:8:128:4:32 256:8:128:4:32:1024 \
-      256:4:256:4:16 256:8:128:4 128:4:128:8:0:1024}
+  # the list is decode_kernels.SWEEP_TILES' 15 unless $LORA_TILES names others)
+  step lora_tiles "${T_LORA_TILES:-150}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
+    --batches 8 32 --out "$OUT/decode_lora_tiles_cuda.json" --lora-tiles ${LORA_TILES:-}
 fi
 tiles_engine() {
   "$PY" -m bench.gpu_report --tuned-tiles "$OUT" > "$OUT/lora_tiles_tuned.json" \

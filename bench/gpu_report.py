@@ -177,12 +177,16 @@ def tile_lines(out: Path) -> list[str]:
     run): each tile's total, the least first (the tiles to make the default), then each cell's
     GB/s by tile; and the lora_tiles_engine step's 8B adapters section under the fastest."""
     ranked, total, cells, common = tile_ranking(out)
-    if not ranked:
+    rows = (read_json(out, "decode_lora_tiles_cuda.json") or {}).get("rows", [])
+    failed = [f"{r['tiles']} at batch {r.get('batch')}: {r['error'][:200]}" for r in rows
+              if r.get("op") == "lora_tiles" and r.get("error")]  # fmt: skip
+    if not ranked and not failed:
         return []
-    lines = ["", "One-launch LoRA kernels by tile (N:warps:K:warps[:rank chunk], "
-             "decode_lora_tiles_cuda.json):",
+    lines = ["", "One-launch LoRA kernels by tile (N:warps:K:warps[:rank chunk[:shrink "
+             "programs[:shrink ranks a program]]], decode_lora_tiles_cuda.json):",
              f"- total ms over the {len(common)} cells every tile ran, least first: "
              + ", ".join(f"{t} {_fmt(total[t])}" for t in ranked)]  # fmt: skip
+    lines += [f"- FAILED {f}" for f in failed]
     stages = {t: [sum(per[t].get("stage_graph_ms", {}).get(k) or 0.0 for per in common)
                   for k in ("shrink", "expand")] for t in ranked}  # fmt: skip
     if any(sum(v) for v in stages.values()):

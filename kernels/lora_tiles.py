@@ -34,6 +34,7 @@ class Tiles(NamedTuple):
     warps: int
     rank_chunk: int  # ranks a step of a loop over each slot's own rank; 0: one tile of them all
     programs: int = 0  # shrink: the programs a launch aims at (its splits); expand: unused
+    rank_grid: int = 0  # shrink: ranks a program, its slot's spread over programs; 0: all
 
 
 # (kernel, in_features, output slice sizes, R_max) -> [(swept batch, tiles)], batches ascending
@@ -51,8 +52,9 @@ def _entry(raw: object, where: str) -> tuple[Key, int, Tiles]:
     if not isinstance(raw, dict) or any(k not in raw for k in fields):
         raise ValueError(f"{where}: an entry needs {', '.join(fields)}")
     kernel, d_in, slices, r_max, batch = (raw[k] for k in fields[:5])
-    tiles = Tiles(raw["block"], raw["warps"], raw["rank_chunk"], raw.get("programs", 0))
-    ints = (d_in, r_max, batch, tiles.programs)
+    tiles = Tiles(raw["block"], raw["warps"], raw["rank_chunk"], raw.get("programs", 0),
+                  raw.get("rank_grid", 0))
+    ints = (d_in, r_max, batch, tiles.programs, tiles.rank_grid)
     if (
         kernel not in KERNELS
         or not all(type(v) is int and v >= 0 for v in ints)
@@ -70,6 +72,9 @@ def _entry(raw: object, where: str) -> tuple[Key, int, Tiles]:
         raise ValueError(f"{where}: rank_chunk 0 or a power of two, got {tiles.rank_chunk}")
     if kernel == "shrink" and tiles.programs < 1:
         raise ValueError(f"{where}: a shrink entry needs programs >= 1")
+    if tiles.rank_grid and (kernel != "shrink" or not _pow2(tiles.rank_grid)):
+        raise ValueError(f"{where}: rank_grid 0, or a power of two for the shrink, got "
+                         f"{tiles.rank_grid}")  # fmt: skip
     return (kernel, d_in, tuple(slices), r_max), batch, tiles
 
 
@@ -96,8 +101,8 @@ class TileTable:
     @classmethod
     def from_entries(cls, raw: list, source: str = "given entries") -> TileTable:
         """A table from its entries: each {"kernel", "in", "slices", "r_max", "batch",
-        "block", "warps", "rank_chunk"[, "programs"]} (Tiles' fields); ValueError naming the
-        first bad one."""
+        "block", "warps", "rank_chunk"[, "programs", "rank_grid"]} (Tiles' fields); ValueError
+        naming the first bad one."""
         table = cls(source=source)
         for i, item in enumerate(raw):
             where = f"LoRA tile table {source}, entry {i}"

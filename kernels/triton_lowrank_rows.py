@@ -56,8 +56,14 @@ RANK_CHUNK = 0
 FLAT_TILES = True
 FLAT_MAX_SLICES = 3  # the bounds the kernel takes (qkv's three slices)
 # The shrink's programs a launch aims at: its input dimension is split until (tokens x slices
-# x splits) reaches this, each split at least two BLOCK_Ks of columns.
+# x rank groups x splits) reaches this, each split at least two BLOCK_Ks of columns.
 SHRINK_PROGRAMS = 256
+# Ranks a shrink program takes (0: all of its slot's): with it set, a token's rank rows are
+# spread over programs of that many rows each, those past the slot's rank only writing zeros.
+# Programs then read the same bytes whatever their slot's rank (a rank-64 token's program is no
+# longer 8 times a rank-8 one's, the launch's tail), and more programs share the reads with
+# fewer splits of the input, whose partial sums every expand program adds up.
+SHRINK_RANK_GRID = 0
 # The shrink writes each (slice, token)'s rank, and the expand reads it there, where it need
 # not wait for the token's slot first: one dependent load fewer before an expand program can
 # read B (slot -> rank -> B otherwise), for kernels bound by latency more than bandwidth.
@@ -90,18 +96,32 @@ def _shrink_rows_kernel(
     BLOCK_K: tl.constexpr,
     RANK_CHUNK: tl.constexpr,  # BLOCK_R: one tile of every rank; less: a loop to the rank
     STORE_RANKS: tl.constexpr,  # write each token's rank to token_rank_ptr (TOKEN_RANKS)
+    RANK_GRID: tl.constexpr,  # 0, or ranks a program (axis 2: split x BLOCK_R // RANK_GRID)
 ):
     t = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1).to(tl.int64)  # slice
-    split = tl.program_id(2)
+    if RANK_GRID > 0:
+        split = tl.program_id(2) // (BLOCK_R // RANK_GRID)
+        group = tl.program_id(2) % (BLOCK_R // RANK_GRID)
+        first = (split == 0) & (group == 0)
+    else:
+        split = tl.program_id(2)
+        group = split  # (unread)
+        first = split == 0
     slot = tl.load(token_slot_ptr + t).to(tl.int64)
     live = slot >= 0
     slot = tl.maximum(slot, 0)  # a token without an adapter reads slot 0's rank, then ignores it
     rank = tl.load(rank_ptr + i * stride_ranki + slot)
     rank = tl.where(live, tl.minimum(rank, R_MAX_STORE), 0)
     if STORE_RANKS:
-        if split == 0:  # 0 for a token without an adapter: the expand skips it on that alone
+        if first:  # 0 for a token without an adapter: the expand skips it on that alone
             tl.store(token_rank_ptr + i * stride_tri + t, rank)
+    if RANK_GRID > 0:
+        _shrink_rank_group(x_ptr, a_ptr, v_ptr, t, i, split, group * RANK_GRID, slot, rank, K,
+                           k_per_split, R_MAX_STORE, stride_xt, stride_xk, stride_ai, stride_as,
+                           stride_ar, stride_ak, stride_vp, stride_vi, stride_vt, RANK_GRID,
+                           BLOCK_K)  # fmt: skip
+        return
     if RANK_CHUNK < BLOCK_R:
         _shrink_rank_chunks(x_ptr, a_ptr, v_ptr, t, i, split, slot, rank, K, k_per_split,
                             R_MAX_STORE, stride_xt, stride_xk, stride_ai, stride_as, stride_ar,
@@ -125,6 +145,32 @@ def _shrink_rows_kernel(
     # Zeros past the rank and for idle tokens too: the buffer needs no memset launch.
     v_ptrs = v_ptr + split * stride_vp + i * stride_vi + t * stride_vt + offs_r
     tl.store(v_ptrs, acc, mask=offs_r < R_MAX_STORE)
+
+
+@triton.jit
+def _shrink_rank_group(
+    x_ptr, a_ptr, v_ptr, t, i, split, r0, slot, rank, K, k_per_split, R_MAX_STORE,
+    stride_xt, stride_xk, stride_ai, stride_as, stride_ar, stride_ak, stride_vp, stride_vi,
+    stride_vt, RANK_GRID: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The shrink's program over ranks r0..r0 + RANK_GRID of its slot (SHRINK_RANK_GRID):
+    their sums over its split's input columns, zeros past the slot's rank (a group wholly past
+    it reads nothing)."""
+    offs_c = r0 + tl.arange(0, RANK_GRID)
+    mask_c = offs_c < rank
+    k_start = split * k_per_split
+    k_end = tl.where(r0 < rank, tl.minimum(k_start + k_per_split, K), k_start)
+    a_row = a_ptr + i * stride_ai + slot * stride_as + offs_c[:, None] * stride_ar
+    acc = tl.full((RANK_GRID,), 0.0, dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0)
+        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=mask_c[:, None] & mask_k[None, :],
+                    other=0.0)  # fmt: skip
+        acc += tl.reduce(a.to(tl.float32) * x.to(tl.float32)[None, :], 1, _add)
+    v_row = v_ptr + split * stride_vp + i * stride_vi + t * stride_vt
+    tl.store(v_row + offs_c, acc, mask=offs_c < R_MAX_STORE)
 
 
 @triton.jit
@@ -310,7 +356,7 @@ def _expand_rows_kernel(
 def default_tiles(kernel: str) -> Tiles:
     """The tiles of a launch given none: the constants above."""
     if kernel == "shrink":
-        return Tiles(SHRINK_BLOCK_K, SHRINK_WARPS, RANK_CHUNK, SHRINK_PROGRAMS)
+        return Tiles(SHRINK_BLOCK_K, SHRINK_WARPS, RANK_CHUNK, SHRINK_PROGRAMS, SHRINK_RANK_GRID)
     return Tiles(EXPAND_BLOCK_N, EXPAND_WARPS, RANK_CHUNK)
 
 
@@ -321,12 +367,23 @@ def rank_chunk(block_r: int, chunk: int | None = None) -> int:
     return min(chunk, block_r) if chunk > 0 else block_r
 
 
-def shrink_splits(n_tokens: int, n_slices: int, d_in: int, tiles: Tiles | None = None) -> int:
+def shrink_splits(n_tokens: int, n_slices: int, d_in: int, tiles: Tiles | None = None,
+                  r_max: int = 1) -> int:  # fmt: skip
     """Splits of the input dimension: enough programs to spread a few tokens' weight reads
-    over the GPU (~tiles.programs programs), at least two blocks of columns each."""
+    over the GPU (~tiles.programs programs, counting a token's rank groups where
+    tiles.rank_grid spreads its ranks, up to r_max, over programs), at least two blocks of
+    columns each."""
     tiles = tiles or default_tiles("shrink")
     most = max(1, d_in // (2 * tiles.block))
-    return max(1, min(most, tiles.programs // max(1, n_tokens * n_slices)))
+    groups = rank_groups(r_max, tiles)
+    return max(1, min(most, tiles.programs // max(1, n_tokens * n_slices * groups)))
+
+
+def rank_groups(r_max: int, tiles: Tiles) -> int:
+    """The shrink's programs a (token, slice, split): pow2(r_max) // tiles.rank_grid where the
+    rank grid is on (and below the ranks' tile), else 1."""
+    block_r = pow2_at_least(r_max)
+    return block_r // tiles.rank_grid if 0 < tiles.rank_grid < block_r else 1
 
 
 def shrink_rows_triton(
@@ -350,10 +407,12 @@ def shrink_rows_triton(
     tiles = tiles or default_tiles("shrink")
     block_r = pow2_at_least(r_max)
     chunk = rank_chunk(block_r, tiles.rank_chunk)
-    block_k = max(32, min(tiles.block, 8192 // chunk))  # an A tile of <= 8K elements
+    groups = rank_groups(r_max, tiles)
+    rows = block_r // groups if groups > 1 else chunk  # A rows a step of a program's loop
+    block_k = max(32, min(tiles.block, 8192 // rows))  # an A tile of <= 8K elements
     k_per_split = cdiv(cdiv(d_in, n_splits), block_k) * block_k
     ranks = ranks_out if ranks_out is not None else rank  # (unread without STORE_RANKS)
-    _shrink_rows_kernel[(T, n_slices, n_splits)](
+    _shrink_rows_kernel[(T, n_slices, n_splits * groups)](
         x, A, v, token_slot, rank, ranks,
         d_in, k_per_split, r_max,
         *x.stride(), *A.stride(), *v.stride()[:3], rank.stride(0),  # one call a tensor
@@ -362,6 +421,7 @@ def shrink_rows_triton(
         BLOCK_K=block_k,
         RANK_CHUNK=chunk,
         STORE_RANKS=ranks_out is not None,
+        RANK_GRID=block_r // groups if groups > 1 else 0,
         num_warps=tiles.warps,
     )  # fmt: skip
     return v
@@ -428,7 +488,8 @@ def delta_stage(
 def _shrink_outputs(x: torch.Tensor, A: torch.Tensor, tiles: Tiles
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """The shrink's v at `tiles`' splits and, where TOKEN_RANKS, its ranks, unfilled."""
-    v = shrink_output(x, A, shrink_splits(x.shape[0], A.shape[0], x.shape[1], tiles))
+    splits = shrink_splits(x.shape[0], A.shape[0], x.shape[1], tiles, A.shape[2])
+    v = shrink_output(x, A, splits)
     ranks = (torch.empty(A.shape[0], x.shape[0], dtype=torch.int32, device=x.device)
              if TOKEN_RANKS else None)  # fmt: skip
     return v, ranks

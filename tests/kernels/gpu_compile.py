@@ -1,6 +1,7 @@
 """Compiles every Triton kernel the engine launches for a CUDA GPU, on a machine without one.
 
     python -m tests.kernels.gpu_compile [--arch 90] [--shapes smollm2,llama-3.1-8b]
+    python -m tests.kernels.gpu_compile --lora-tiles     # gpu.sh's LoRA tile sweep's tiles
 
 The interpreter (the kernel tests on the CPU) runs a kernel's Python, not what Triton's compiler
 makes of it: a construct the compiler rejects, a shared-memory overflow or a type error in a
@@ -217,24 +218,57 @@ def run_shape(shape: str, work: Path, fake: CompileOnly, syncs: list[dict]) -> i
     return replays
 
 
+def run_tiles(fake: CompileOnly) -> None:
+    """The one-launch LoRA kernels under every tile gpu.sh's sweep times
+    (bench/decode_kernels.SWEEP_TILES), launched as the sweep does, at Llama-3.1-8B's module
+    sizes in bf16: a tile that cannot compile fails here, not in the GPU's few minutes."""
+    from bench.decode_kernels import N_SLOTS, R_MAX, SWEEP_TILES, kernel_tiles, lora_modules
+    from peftserve.kernels.lora_tiles import Tiles
+    from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
+
+    bf16 = torch.bfloat16
+    for tile in SWEEP_TILES:
+        fields = kernel_tiles(tile)
+        tiles = (Tiles(**fields["shrink"]), Tiles(**fields["expand"]))
+        for module, (d_in, slices) in lora_modules("llama-3.1-8b").items():
+            fake.context = {"shape": "llama-3.1-8b", "dtype": "bfloat16", "tiles": tile,
+                            "module": module}  # fmt: skip
+            n, out = len(slices), sum(slices)
+            A = torch.empty(n, N_SLOTS, R_MAX, d_in, dtype=bf16)
+            B = torch.empty(N_SLOTS, out, R_MAX, dtype=bf16)
+            rank = torch.zeros(n, N_SLOTS, dtype=torch.int32)
+            for batch in (8, 32):  # the shrink's splits (its grid) differ, not its constants
+                x, y = torch.empty(batch, d_in, dtype=bf16), torch.empty(batch, out, dtype=bf16)
+                lowrank_delta_rows_triton(y, x, A, B, rank, torch.zeros(n, N_SLOTS),
+                                          torch.zeros(batch, dtype=torch.long), slices,
+                                          tiles=tiles)  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90,
                     help="CUDA compute capability, e.g. 80, 90 (shared memory is checked "
                          "against the H200's limit)")  # fmt: skip
     ap.add_argument("--shapes", default="smollm2,llama-3.1-8b")
+    ap.add_argument("--lora-tiles", action="store_true",
+                    help="instead of the engine: the LoRA kernels under gpu.sh's sweep tiles")
     args = ap.parse_args()
     fake = CompileOnly(GPUTarget("cuda", args.arch, 32))
     driver.set_active(fake)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     failed, syncs, replays = None, [], 0
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in args.shapes.split(","):
+        for shape in [] if args.lora_tiles else args.shapes.split(","):
             try:
                 replays += run_shape(shape, Path(tmp), fake, syncs)
             except Exception as e:  # a compile error: report it with where it happened
                 failed = f"{shape} {fake.context.get('dtype')}: {type(e).__name__}: {e}"
                 break
+        if args.lora_tiles:
+            try:
+                run_tiles(fake)
+            except Exception as e:  # noqa: BLE001 - reported as the summary's failure
+                failed = f"tiles {fake.context.get('tiles')}: {type(e).__name__}: {e}"
     for entry in fake.compiled:
         print(json.dumps(entry))
     unique_syncs = [dict(t) for t in sorted({tuple(d.items()) for d in syncs})]

@@ -37,12 +37,13 @@ def child() -> list[dict]:
         pytest.skip("with CUDA at hand the kernel tests run every kernel compiled")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "tests.kernels.gpu_compile", "--arch", "90", "--shapes"]
-    # One child per shape, at once (each runs its engines on one thread: two cores, half the
-    # time), their lines joined as one child's.
-    children = [subprocess.Popen([*cmd, shape], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    cmd = [sys.executable, "-m", "tests.kernels.gpu_compile", "--arch", "90"]
+    # One child per shape and one for gpu.sh's LoRA tile sweep, at once (each runs on one
+    # thread: two cores, less time), their lines joined as one child's.
+    children = [subprocess.Popen([*cmd, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-                for shape in ("smollm2", "llama-3.1-8b")]  # fmt: skip
+                for args in (("--shapes", "smollm2"), ("--shapes", "llama-3.1-8b"),
+                             ("--lora-tiles",))]  # fmt: skip
     try:
         outputs = [run.communicate(timeout=600) for run in children]
     finally:
@@ -92,6 +93,27 @@ def test_the_lora_expand_into_a_delta_of_its_own_compiles(child):
     delta = {c["shape"] for c in child[:-1]
              if c["kernel"] == "_expand_rows_kernel" and c.get("lora_overlap") == "delta"}
     assert delta == {"smollm2", "llama-3.1-8b"}
+
+
+def test_every_tile_the_gpu_sweep_times_compiles(child):
+    """gpu.sh's lora_tiles step launches the LoRA kernels under each of SWEEP_TILES: each
+    compiles for sm_90 (and, as every kernel here, without spills: the test below), the
+    shrink's programs of a few ranks each (rank_grid) among them."""
+    from bench.decode_kernels import SWEEP_TILES, kernel_tiles
+
+    swept = [c for c in child[:-1] if "tiles" in c]
+    assert {c["tiles"] for c in swept} <= set(SWEEP_TILES) and SWEEP_TILES[0] in {
+        c["tiles"] for c in swept}  # fmt: skip
+    # each tile's shrink form (a kernel compiled once serves every tile of the same constants)
+    shrinks = {(c["num_warps"], c["constexprs"]["RANK_GRID"]) for c in swept
+               if c["kernel"] == "_shrink_rows_kernel"}  # fmt: skip
+    wanted = {(f["warps"], f["rank_grid"]) for f in
+              (kernel_tiles(t)["shrink"] for t in SWEEP_TILES)}  # fmt: skip
+    assert wanted <= shrinks and {16, 32} <= {grid for _, grid in shrinks}, (wanted, shrinks)
+    expands = {(c["constexprs"]["BLOCK_N"], c["num_warps"]) for c in swept
+               if c["kernel"] == "_expand_rows_kernel"}  # fmt: skip
+    assert {(kernel_tiles(t)["expand"]["block"], kernel_tiles(t)["expand"]["warps"])
+            for t in SWEEP_TILES} <= expands  # fmt: skip
 
 
 def test_no_kernel_spills_registers(child):

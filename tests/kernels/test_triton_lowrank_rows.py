@@ -32,13 +32,16 @@ QKV_GQA = (48, 16, 16)  # q, k, v widths under grouped-query attention
 GATE_UP = (70, 70)
 
 
-@pytest.fixture(autouse=True, params=[0, 4, 16], ids=["whole-rank", "rank-chunk-4",
-                                                      "rank-chunk-16"])  # fmt: skip
+@pytest.fixture(autouse=True, params=[(0, 0), (4, 0), (16, 0), (0, 4)],
+                ids=["whole-rank", "rank-chunk-4", "rank-chunk-16", "shrink-rank-grid-4"])
 def rank_chunk(request, monkeypatch):
-    """Every test in both forms of the kernels: one tile of every rank up to R_max, and loops
-    over each slot's own rank in chunks (RANK_CHUNK, what --lora-tiles times on the GPU)."""
-    monkeypatch.setattr(rows_module, "RANK_CHUNK", request.param)
-    return request.param
+    """Every test in every form of the kernels: one tile of every rank up to R_max, loops over
+    each slot's own rank in chunks (RANK_CHUNK), and a shrink whose programs take 4 ranks each
+    (SHRINK_RANK_GRID): what --lora-tiles times on the GPU."""
+    chunk, grid = request.param
+    monkeypatch.setattr(rows_module, "RANK_CHUNK", chunk)
+    monkeypatch.setattr(rows_module, "SHRINK_RANK_GRID", grid)
+    return chunk
 
 
 def case(**kwargs):
@@ -203,8 +206,14 @@ def spy_launches(monkeypatch) -> list[tuple[str, tuple, dict]]:
 
 def tiles_of(launches: list[tuple[str, tuple, dict]]) -> list[tuple]:
     """The tiles each launch ran with: ("shrink", its splits, warps), ("expand", its block)."""
-    return [("shrink", grid[2], kw["num_warps"]) if name == "shrink" else ("expand", kw["BLOCK_N"])
-            for name, grid, kw in launches]  # fmt: skip
+    return [("shrink", grid[2] // rank_groups(kw), kw["num_warps"]) if name == "shrink"
+            else ("expand", kw["BLOCK_N"]) for name, grid, kw in launches]  # fmt: skip
+
+
+def rank_groups(kw: dict) -> int:
+    """A shrink launch's programs a (token, slice, split): its slot's ranks spread over
+    programs of RANK_GRID ranks each, or one program for them all."""
+    return kw["BLOCK_R"] // kw["RANK_GRID"] if kw["RANK_GRID"] else 1
 
 
 def test_a_launch_given_tiles_runs_them(monkeypatch):
@@ -214,7 +223,10 @@ def test_a_launch_given_tiles_runs_them(monkeypatch):
     seen = spy_launches(monkeypatch)
     c = case(n_tokens=6, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=16)
     y = run(c)
-    assert tiles_of(seen) == [("shrink", 2, rows_module.SHRINK_WARPS), ("expand", 64)]
+    # 256 programs over 6 tokens x 3 slices: 2 splits (700 columns: at most 2); with 4 ranks a
+    # program, x 8 rank groups (R_max 21): 1
+    splits = 1 if rows_module.SHRINK_RANK_GRID else 2
+    assert tiles_of(seen) == [("shrink", splits, rows_module.SHRINK_WARPS), ("expand", 64)]
     assert_close(y, reference_y(c), *FP32_TOL[1:])
     seen.clear()
     tuned = (Tiles(32, 2, 4, 64), Tiles(16, 2, 8))  # 64 programs over 6 x 3: 3 splits
@@ -317,3 +329,26 @@ def test_the_expand_reading_the_shrinks_ranks_equals_it_reading_the_slots(monkey
     slots = c.meta.token_slot.long().cpu()
     want = torch.where(slots >= 0, c.rank.cpu()[:, slots.clamp(min=0)], 0).clamp(max=c.A.shape[2])
     assert ranks.dtype == torch.int32 and torch.equal(ranks.cpu(), want.int())
+
+
+@pytest.mark.parametrize("grid", [4, 16])
+def test_a_shrink_whose_programs_take_a_few_ranks_each_gives_the_same_sums(monkeypatch, grid):
+    """SHRINK_RANK_GRID: each (token, slice, split)'s ranks over programs of `grid` ranks, those
+    wholly past the slot's rank writing zeros; the same partial sums bit for bit as the loop
+    over the rank in chunks of as many (RANK_CHUNK: the same A tiles, the same order), the
+    ranks for the expand too, each rank group counted among the programs the splits aim at."""
+    c = case(n_tokens=6, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=21)  # R_max 21
+    seen = spy_launches(monkeypatch)
+    got = {}
+    for tiles in (Tiles(128, 4, grid, 64), Tiles(128, 4, 0, 64, grid)):
+        ranks = torch.empty(3, 6, dtype=torch.int32, device=c.x.device)
+        v = shrink_rows_triton(c.x, c.A, c.rank, c.meta.token_slot, 2, tiles, ranks_out=ranks)
+        got[tiles.rank_grid] = (v, ranks)
+    assert torch.equal(got[0][0], got[grid][0]) and torch.equal(got[0][1], got[grid][1])
+    assert not got[grid][0].isnan().any()
+    assert_close(got[grid][0].sum(0), reference_v(c), *FP32_TOL[1:])
+    groups = 32 // grid  # BLOCK_R 32 over R_max 21
+    assert [g for _, g, _ in seen] == [(6, 3, 2), (6, 3, 2 * groups)]
+    # 8B's qkv at batch 32: 2048 programs over 32 tokens x 3 slices x 4 rank groups: 5 splits
+    assert shrink_splits(32, 3, 4096, Tiles(128, 4, 0, 2048, 16), r_max=64) == 5
+    assert shrink_splits(32, 3, 4096, Tiles(128, 4, 0, 2048), r_max=64) == 16

@@ -58,7 +58,9 @@ def test_lora_tiles_time_each_tile(tmp_path):
     with the segment kernels (a tile that computed something else would show here)."""
     out = tmp_path / "tiles.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    tiles = ["64:4:128:4", "128:8:64:2:4"]
+    # the third: shrink programs of 4 ranks each; the last cannot compile (a rank chunk of 3):
+    # its row says so and the others still run
+    tiles = ["64:4:128:4", "128:8:64:2:4", "64:4:128:4:0:64:4", "64:4:128:4:3"]
     done = subprocess.run(
         [sys.executable, "bench/decode_kernels.py", "--device", "cpu", "--dtype", "float16",
          "--shapes", "tiny", "--batches", "3", "--reps", "1", "--lora-tiles", *tiles,
@@ -67,8 +69,12 @@ def test_lora_tiles_time_each_tile(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
+    failed = [r for r in rows if "error" in r]
+    assert [(r["tiles"], r["batch"]) for r in failed] == [("64:4:128:4:3", 3)]
+    assert "tile 64:4:128:4:3 at tiny batch 3 failed" in done.stderr
+    rows = [r for r in rows if "error" not in r]
     assert {(r["tiles"], r["module"]) for r in rows} == {
-        (t, m) for t in tiles for m in ("qkv", "o", "gate_up", "down")
+        (t, m) for t in tiles[:-1] for m in ("qkv", "o", "gate_up", "down")
     }
     assert all(r["op"] == "lora_tiles" and r["max_abs_diff"] < 1e-2 for r in rows)
     # each row names its module's shape, as gpu_report --tuned-tiles keys a tile table by it
@@ -84,10 +90,33 @@ def test_a_tile_leaving_fields_out_gets_the_kernels_defaults():
     from bench import decode_kernels
     from peftserve.kernels import triton_lowrank_rows as rows_module
 
-    assert decode_kernels.LEFT_OUT == (rows_module.RANK_CHUNK, rows_module.SHRINK_PROGRAMS)
-    before = decode_kernels.set_tiles("32:2:64:2:8:1024")
+    defaults = (rows_module.RANK_CHUNK, rows_module.SHRINK_PROGRAMS,
+                rows_module.SHRINK_RANK_GRID)  # fmt: skip
+    assert decode_kernels.LEFT_OUT == defaults
+    before = decode_kernels.set_tiles("32:2:64:2:8:1024:16")
     try:
-        assert decode_kernels.set_tiles("64:4:128:4") == "32:2:64:2:8:1024"
-        assert (rows_module.RANK_CHUNK, rows_module.SHRINK_PROGRAMS) == decode_kernels.LEFT_OUT
+        assert rows_module.SHRINK_RANK_GRID == 16
+        assert decode_kernels.set_tiles("64:4:128:4") == "32:2:64:2:8:1024:16"
+        assert (rows_module.RANK_CHUNK, rows_module.SHRINK_PROGRAMS,
+                rows_module.SHRINK_RANK_GRID) == decode_kernels.LEFT_OUT  # fmt: skip
     finally:
         decode_kernels.set_tiles(before)
+    assert decode_kernels.kernel_tiles("64:4:128:4:0:1024:16")["shrink"] == {
+        "block": 128, "warps": 4, "rank_chunk": 0, "programs": 1024, "rank_grid": 16}
+
+
+def test_the_lora_bytes_count_what_the_kernels_read(monkeypatch):
+    """The bytes a LoRA row's GB/s is over: each slot in use, A of every slice (q, k and v
+    each have their own) and B's rows, at the slot's rank: counted here from the tensors."""
+    import torch
+
+    from bench import decode_kernels as dk
+
+    monkeypatch.setattr(dk, "DEV", "cpu")
+    monkeypatch.setattr(dk, "DTYPE", torch.float32)
+    token_slot = dk.lora_token_slots(8)
+    for d_in, slices in dk.lora_modules("tiny").values():
+        rank, A, B, _, _ = dk.lora_weights(d_in, slices, 8)
+        read = sum(A[:, s, : int(rank[0, s])].numel() + B[s, :, : int(rank[0, s])].numel()
+                   for s in set(token_slot.tolist()))  # fmt: skip
+        assert dk.lora_weight_elements(token_slot, d_in, slices) == read, slices

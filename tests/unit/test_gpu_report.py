@@ -127,9 +127,12 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
         tile_row("64:4:128:4", "down", 32, 0.021, 1100.0),
         tile_row("64:4:128:4:16", "down", 32, 0.025, 924.0),
         tile_row("64:4:128:4", "o", 8, 0.5, 1.0),  # a cell only one tile ran: not in totals
+        {"op": "lora_tiles", "tiles": "64:4:128:4:0:64:4", "shape": "llama-3.1-8b", "batch": 8,
+         "error": "CompilationError: at 12:4"},  # a tile that failed: named, not ranked
     ]})  # fmt: skip
     text, _ = gpu_report.report(tmp_path)
     tiles = text.split("by tile")[1]
+    assert "- FAILED 64:4:128:4:0:64:4 at batch 8: CompilationError: at 12:4" in tiles
     assert ("- total ms over the 2 cells every tile ran, least first: 64:4:128:4:16 0.037, "
             "64:4:128:4 0.045") in tiles
     assert ("  - llama-3.1-8b qkv batch 32: GB/s 64:4:128:4 548, 64:4:128:4:16 1.1e+03; "

@@ -22,13 +22,13 @@ def entry(**kw):
 def test_pick_takes_each_kernels_entry_at_the_nearest_swept_batch():
     table = TileTable.from_entries([
         entry(batch=8, block=128), entry(batch=32, block=256, warps=8),
-        entry(kernel="shrink", batch=32, block=128, programs=1024),
+        entry(kernel="shrink", batch=32, block=128, programs=1024, rank_grid=16),
     ])  # fmt: skip
     expand_at = {n: table.pick(4096, tuple(QKV), 64, n)[1] for n in (1, 8, 15, 16, 17, 64)}
     assert expand_at[1] == expand_at[8] == expand_at[15] == Tiles(128, 4, 0)
     # 16 lies as far from 8 as from 32 (by ratio): the larger batch's
     assert expand_at[16] == expand_at[17] == expand_at[64] == Tiles(256, 8, 0)
-    assert table.pick(4096, tuple(QKV), 64, 1)[0] == Tiles(128, 4, 0, 1024)  # one entry: any n
+    assert table.pick(4096, tuple(QKV), 64, 1)[0] == Tiles(128, 4, 0, 1024, 16)  # any n
     # another module, another max rank: not listed, the kernels' defaults
     assert table.pick(4096, (4096,), 64, 32) == (None, None)
     assert table.pick(4096, tuple(QKV), 16, 32) == (None, None)
@@ -45,6 +45,8 @@ def test_pick_takes_each_kernels_entry_at_the_nearest_swept_batch():
     (entry(warps=3), "warps in"),
     (entry(rank_chunk=12), "rank_chunk 0 or a power of two"),
     (entry(kernel="shrink"), "needs programs"),
+    (entry(kernel="shrink", programs=512, rank_grid=12), "rank_grid 0, or a power of two"),
+    (entry(rank_grid=16), "rank_grid 0, or a power of two for the shrink"),
     ({"kernel": "expand"}, "an entry needs"),
     ("64:4:128:4", "an entry needs"),
 ])  # fmt: skip

@@ -142,15 +142,17 @@ def attention_row(shape: str, batch: int, reps: int) -> dict:
 TILE_NAMES = ("EXPAND_BLOCK_N", "EXPAND_WARPS", "SHRINK_BLOCK_K", "SHRINK_WARPS", "RANK_CHUNK",
               "SHRINK_PROGRAMS", "SHRINK_RANK_GRID")
 # What `--lora-tiles` sweeps given none (gpu.sh's lora_tiles step): the default; more shrink
-# programs; wider expand tiles; loops over each slot's rank in chunks; shrink programs of 16 or
-# 32 ranks each. The tile table takes each kernel's fastest, so the list varies each kernel's
-# fields apart. Every one compiles for sm_90 without spills (tests/kernels/gpu_compile.py
-# --lora-tiles, in CI).
+# programs; shrink programs of 16 or 32 ranks each; wider expand tiles, and loops over each
+# slot's rank in chunks, each with more shrink programs too. The tile table takes both kernels
+# from the tile whose pair is fastest (the expand adds up the shrink's splits), so the list
+# pairs each expand form with shrink forms. Every one compiles for sm_90 without spills
+# (tests/kernels/gpu_compile.py --lora-tiles, in CI).
 SWEEP_TILES = (
     "64:4:128:4", "64:4:128:4:0:512", "64:4:128:4:0:1024", "64:4:128:4:0:2048",
-    "64:4:64:4:0:2048", "128:8:128:4", "128:8:128:4:0:1024", "256:8:128:4:32",
-    "256:8:128:4:32:1024", "256:4:256:4:16", "256:8:128:4", "128:4:128:8:0:1024",
-    "64:4:128:4:0:1024:16", "64:4:256:4:0:2048:16", "64:4:128:4:0:2048:32",
+    "64:4:64:4:0:2048", "64:4:128:4:0:1024:16", "64:4:256:4:0:2048:16", "64:4:128:4:0:2048:32",
+    "128:8:128:4", "128:8:128:4:0:1024", "128:8:128:4:0:1024:16", "256:8:128:4:32",
+    "256:8:128:4:32:1024", "256:8:128:4:32:1024:16", "256:4:256:4:16", "256:8:128:4",
+    "128:4:128:8:0:1024",
 )
 # The last three fields where a tile leaves them out: the kernels' defaults (one tile of every
 # rank; 256 shrink programs, each over all of its slot's ranks)

@@ -143,14 +143,15 @@ if [[ " ${STEPS:-} " == *" overlap_kernels "* ]]; then
     --shapes llama-3.1-8b --batches 8 32 64 --out "$OUT/decode_overlap_cuda.json"
 fi
 # Opt-in only (STEPS="lora_tiles lora_tiles_engine"): the one-launch LoRA kernels under other
-# tiles and shrink splits at the 8B shape, each kernel timed apart; then, from the fastest per
-# kernel, module and batch, a LoRA tile table ($OUT/lora_tiles_tuned.json, kernels/lora_tiles.py:
-# committed as kernels/tuned/<GPU>.json, the table a server on that GPU reads) and the 8B engine's
+# tiles and shrink splits at the 8B shape, each kernel timed apart; then, from the fastest
+# pair of kernels per module and batch, a LoRA tile table ($OUT/lora_tiles_tuned.json,
+# kernels/lora_tiles.py: committed as kernels/tuned/<GPU>.json, the table a server on that GPU
+# reads) and the 8B engine's
 # adapters section under it (gpu_engine_8b_tiles.json), next to engine_bench_8b's under the
 # kernels' defaults
 if [[ " ${STEPS:-} " == *" lora_tiles "* ]]; then
   # (27 s for 9 tiles at batch 8/32/64 on the H200; each kernel is now also timed apart, and
-  # the list is decode_kernels.SWEEP_TILES' 15 unless $LORA_TILES names others)
+  # the list is decode_kernels.SWEEP_TILES' 17 unless $LORA_TILES names others)
   step lora_tiles "${T_LORA_TILES:-150}" "$PY" bench/decode_kernels.py --shapes llama-3.1-8b \
     --batches 8 32 --out "$OUT/decode_lora_tiles_cuda.json" --lora-tiles ${LORA_TILES:-}
 fi

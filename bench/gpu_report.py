@@ -234,23 +234,27 @@ def best_tile(out: Path) -> str:
 
 
 def tuned_tiles(out: Path) -> dict:
-    """The lora_tiles step's fastest tile for each kernel, module and batch, by that kernel's
-    own time replayed in a graph (stage_graph_ms), as a kernels/lora_tiles.py table file:
-    {"device", "from", "entries"}, each entry with the tile string and time it was chosen by."""
+    """The lora_tiles step's fastest tile for each module and batch, by the time of its pair of
+    kernels replayed in a graph (graph_ms rows_one_launch), both kernels' entries from that one
+    tile: the expand's time depends on the shrink's (its splits are the partial sums each
+    expand program adds up), so a shrink and an expand each fastest in another tile's company
+    need not be fastest together. As a kernels/lora_tiles.py table file: {"device", "from",
+    "entries"}, each entry with the tile string and the pair's time it was chosen by."""
     from bench.decode_kernels import kernel_tiles
 
     data = read_json(out, "decode_lora_tiles_cuda.json") or {}
     best: dict[tuple, tuple[float, str]] = {}
     for row in data.get("rows", []):
-        if row.get("op") != "lora_tiles" or "d_in" not in row:
+        ms = (row.get("graph_ms") or {}).get("rows_one_launch")
+        if row.get("op") != "lora_tiles" or "d_in" not in row or not ms:
             continue
-        for kernel, ms in (row.get("stage_graph_ms") or {}).items():
-            key = (kernel, row["d_in"], tuple(row["slices"]), row["r_max"], row["batch"])
-            if ms and (key not in best or ms < best[key][0]):
-                best[key] = (ms, row["tiles"])
+        key = (row["d_in"], tuple(row["slices"]), row["r_max"], row["batch"])
+        if key not in best or ms < best[key][0]:
+            best[key] = (ms, row["tiles"])
     entries = [{"kernel": kernel, "in": d_in, "slices": list(slices), "r_max": r_max,
                 "batch": batch, **kernel_tiles(tile)[kernel], "tiles": tile, "graph_ms": ms}
-               for (kernel, d_in, slices, r_max, batch), (ms, tile) in sorted(best.items())]
+               for (d_in, slices, r_max, batch), (ms, tile) in sorted(best.items())
+               for kernel in ("shrink", "expand")]  # fmt: skip
     return {"device": data.get("device"), "from": str(out / "decode_lora_tiles_cuda.json"),
             "entries": entries}  # fmt: skip
 

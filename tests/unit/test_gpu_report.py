@@ -208,31 +208,35 @@ def test_tuned_tiles_take_each_kernels_fastest_per_module_and_batch(tmp_path):
     qkv = {"module": "qkv", "d_in": 4096, "slices": [4096, 1024, 1024], "r_max": 64}
     down = {"module": "down", "d_in": 14336, "slices": [4096], "r_max": 64}
 
-    def row(tile, module, batch, shrink, expand):
+    def row(tile, module, batch, shrink, expand, pair):
         return {"op": "lora_tiles", "tiles": tile, "shape": "llama-3.1-8b", **module,
-                "batch": batch, "stage_graph_ms": {"shrink": shrink, "expand": expand}}  # fmt: skip
+                "batch": batch, "stage_graph_ms": {"shrink": shrink, "expand": expand},
+                "graph_ms": {"rows_one_launch": pair}}  # fmt: skip
 
+    # qkv: the second tile's shrink is the faster alone, the first tile's pair the faster
+    # (its expand sums fewer splits): the pair decides, both kernels from one tile
     write(tmp_path, "decode_lora_tiles_cuda.json", {"device": "NVIDIA H200", "rows": [
-        row("64:4:128:4", qkv, 32, 0.010, 0.014),
-        row("256:8:64:2:32:1024", qkv, 32, 0.008, 0.016),
-        row("64:4:128:4", down, 8, 0.004, 0.005),
-        row("256:8:64:2:32:1024", down, 8, 0.006, 0.004),
+        row("64:4:128:4", qkv, 32, 0.010, 0.014, 0.025),
+        row("256:8:64:2:32:1024:16", qkv, 32, 0.008, 0.019, 0.028),
+        row("64:4:128:4", down, 8, 0.004, 0.005, 0.010),
+        row("256:8:64:2:32:1024:16", down, 8, 0.003, 0.004, 0.008),
+        {"op": "lora_tiles", "tiles": "64:4:128:4:3", "batch": 8, "error": "no compile"},
         {"op": "lora", "module": "o", "batch": 8},  # the plain kernel rows: not tiles
     ]})  # fmt: skip
     table = gpu_report.tuned_tiles(tmp_path)
     assert table["device"] == "NVIDIA H200"
     got = {(e["kernel"], e["in"], e["batch"]): (e["tiles"], e["block"], e["warps"],
-                                                e["rank_chunk"], e.get("programs"))
+                                                e["rank_chunk"], e.get("programs"),
+                                                e.get("rank_grid"), e["graph_ms"])
            for e in table["entries"]}  # fmt: skip
     assert got == {
-        ("shrink", 4096, 32): ("256:8:64:2:32:1024", 64, 2, 32, 1024),
-        ("expand", 4096, 32): ("64:4:128:4", 64, 4, 0, None),
-        ("shrink", 14336, 8): ("64:4:128:4", 128, 4, 0, 256),  # programs left out: 256
-        ("expand", 14336, 8): ("256:8:64:2:32:1024", 256, 8, 32, None),
+        ("shrink", 4096, 32): ("64:4:128:4", 128, 4, 0, 256, 0, 0.025),  # left out: defaults
+        ("expand", 4096, 32): ("64:4:128:4", 64, 4, 0, None, None, 0.025),
+        ("shrink", 14336, 8): ("256:8:64:2:32:1024:16", 64, 2, 32, 1024, 16, 0.008),
+        ("expand", 14336, 8): ("256:8:64:2:32:1024:16", 256, 8, 32, None, None, 0.008),
     }
     tiles = TileTable.from_entries(table["entries"])
-    assert tiles.pick(4096, (4096, 1024, 1024), 64, 32) == (Tiles(64, 2, 32, 1024),
-                                                            Tiles(64, 4, 0))  # fmt: skip
+    assert tiles.pick(14336, (4096,), 64, 8) == (Tiles(64, 2, 32, 1024, 16), Tiles(256, 8, 32))
     path = tmp_path / "tuned.json"
     path.write_text(json.dumps(table))
     assert TileTable.load(path).entries == tiles.entries
@@ -240,7 +244,7 @@ def test_tuned_tiles_take_each_kernels_fastest_per_module_and_batch(tmp_path):
                                                  "lora_tile_table": str(path), "adapters": {
         "lora-qv": {"vs_base": 0.93}, "lora-heavy": {"vs_base": 0.71}}})  # fmt: skip
     write(tmp_path, "decode_lora_tiles_cuda.json", {"rows": [
-        {**row("64:4:128:4", qkv, 32, 0.01, 0.01), "graph_ms": {"rows_one_launch": 0.02},
+        {**row("64:4:128:4", qkv, 32, 0.01, 0.01, 0.02),
          "gbs_graph": {"rows_one_launch": 100.0}}]})  # fmt: skip
     text, _ = gpu_report.report(tmp_path)
     assert f"adapters section under {path} (gpu_engine_8b_tiles.json)" in text

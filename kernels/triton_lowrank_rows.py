@@ -282,6 +282,7 @@ def _expand_rows_kernel(
     RANK_CHUNK: tl.constexpr,  # BLOCK_R: one tile of every rank; less: a loop to the rank
     FLAT: tl.constexpr,  # axis 1: every slice's own column tiles, one after another
     TOKEN_RANKS: tl.constexpr,  # ranks from token_rank_ptr (by token), else rank_ptr (by slot)
+    ADD: tl.constexpr,  # y += delta; else y = delta (zero where a token has no update)
 ):
     t = tl.program_id(0).to(tl.int64)
     if FLAT:
@@ -301,7 +302,14 @@ def _expand_rows_kernel(
     else:
         rank = tl.where(slot >= 0, tl.minimum(tl.load(rank_ptr + i * stride_ranki + slot,
                                                       mask=slot >= 0, other=0), R_MAX_STORE), 0)
-    if (rank <= 0) | (pid_n * BLOCK_N >= width):  # no update here, or past a narrower slice
+    if pid_n * BLOCK_N >= width:  # past a narrower slice
+        return
+    if rank <= 0:  # no update here: y as it is, or (not ADD) a zero delta
+        if not ADD:
+            offs_z = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(y_ptr + t * stride_yt + (col_start + offs_z).to(tl.int64) * stride_yo,
+                     tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty),
+                     mask=offs_z < width)  # fmt: skip
         return
     if RANK_CHUNK < BLOCK_R:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -316,9 +324,7 @@ def _expand_rows_kernel(
                 tl.float32
             )
         d *= tl.load(scale_ptr + i * stride_ranki + slot)
-        y_ptrs = y_ptr + t * stride_yt + cols * stride_yo
-        y = tl.load(y_ptrs, mask=mask_n, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + d).to(y.dtype), mask=mask_n)
+        _store_delta(y_ptr + t * stride_yt + cols * stride_yo, d, mask_n, ADD)
         return
 
     offs_r = tl.arange(0, BLOCK_R)
@@ -348,9 +354,17 @@ def _expand_rows_kernel(
     if HAS_BIAS:
         d += tl.load(b_up_ptr + slot * stride_bus + cols, mask=mask_n, other=0.0).to(tl.float32)
     d *= tl.load(scale_ptr + i * stride_ranki + slot)
-    y_ptrs = y_ptr + t * stride_yt + cols * stride_yo
-    y = tl.load(y_ptrs, mask=mask_n, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + d).to(y.dtype), mask=mask_n)
+    _store_delta(y_ptr + t * stride_yt + cols * stride_yo, d, mask_n, ADD)
+
+
+@triton.jit
+def _store_delta(y_ptrs, d, mask, ADD: tl.constexpr):
+    """y + d rounded to y's dtype once (ADD), or d in y's dtype."""
+    if ADD:
+        y = tl.load(y_ptrs, mask=mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + d).to(y.dtype), mask=mask)
+    else:
+        tl.store(y_ptrs, d.to(y_ptrs.dtype.element_ty), mask=mask)
 
 
 def default_tiles(kernel: str) -> Tiles:
@@ -469,17 +483,16 @@ def delta_stage(
     """A LoRA's whole delta, shrink and expand, into a new float32 d [T, out_total] (zero
     where a token has no adapter); allocated, and run on `stream`, as shrink_stage's shrink
     is: beside the base matmul, as the delta need not wait for y. `y.add_(d)` then gives
-    lowrank_delta_rows_triton's y: the expand adds its float32 delta to a zero here, and add_
-    rounds y + d to y's dtype once, as the expand does into y."""
+    lowrank_delta_rows_triton's y: the expand writes its float32 delta into d (every entry:
+    no zero fill first), and add_ rounds y + d to y's dtype once, as the expand does into y."""
     shrink = tiles[0] or default_tiles("shrink")
     d = torch.empty(x.shape[0], sum(slice_sizes), dtype=torch.float32, device=x.device)
     v, ranks = _shrink_outputs(x, A, shrink)
 
     def run() -> None:
-        d.zero_()
         shrink_rows_triton(x, A, rank, token_slot, v.shape[0], shrink, out=v, ranks_out=ranks)
         expand_rows_triton(d, v, B, rank, scale, token_slot, slice_sizes, tiles=tiles[1],
-                           token_rank=ranks)  # fmt: skip
+                           token_rank=ranks, add=False)  # fmt: skip
 
     _beside(stream, x.device, run)
     return Delta(d, v, ranks)
@@ -519,10 +532,11 @@ def expand_rows_triton(
     act: str | None = None,
     tiles: Tiles | None = None,  # default_tiles("expand")
     token_rank: torch.Tensor | None = None,  # [n_slices, T] int32: the shrink's ranks_out
+    add: bool = True,  # False: y = the delta, every entry written (zero without an update)
 ) -> torch.Tensor:  # y
     """One launch for every (token, slice, column tile):
     y[t, off_i:off_i+out_i] += scale[i, s] * (B[s, off_i:off_i+out_i, :r] @ act(sum_p v[p, i, t, :r]
-    + b_down[s, :r]) + b_up[s, off_i:off_i+out_i])."""
+    + b_down[s, :r]) + b_up[s, off_i:off_i+out_i]); with add=False, = instead of +=."""
     T = y.shape[0]
     if T == 0:
         return y
@@ -550,6 +564,7 @@ def expand_rows_triton(
         RANK_CHUNK=rank_chunk(pow2_at_least(r_max), tiles.rank_chunk),
         FLAT=flat,
         TOKEN_RANKS=token_rank is not None,
+        ADD=add,
         num_warps=tiles.warps,
     )  # fmt: skip
     return y

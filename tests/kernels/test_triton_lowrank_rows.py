@@ -352,3 +352,25 @@ def test_a_shrink_whose_programs_take_a_few_ranks_each_gives_the_same_sums(monke
     # 8B's qkv at batch 32: 2048 programs over 32 tokens x 3 slices x 4 rank groups: 5 splits
     assert shrink_splits(32, 3, 4096, Tiles(128, 4, 0, 2048, 16), r_max=64) == 5
     assert shrink_splits(32, 3, 4096, Tiles(128, 4, 0, 2048), r_max=64) == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bottleneck", [None, "silu"])
+def test_the_expand_writing_its_delta_gives_its_sum_into_zeros_bit_for_bit(dtype, bottleneck):
+    """add=False (delta_stage: no zero fill before the expand): every entry of y written, the
+    delta where a token's slot has a rank on the slice, zero where it has none (slot -1, rank 0
+    on a slice), the same values bit for bit as the expand adding into zeros."""
+    from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
+
+    c = case(n_tokens=7, d_in=700, slice_sizes=QKV_GQA, n_slots=4, max_rank=16, dtype=dtype,
+             bottleneck=bottleneck)  # fmt: skip
+    v = shrink_rows_triton(c.x, c.A, c.rank, c.meta.token_slot, 2)
+    kw = {"b_down": c.b_down, "b_up": c.b_up, "act": bottleneck} if bottleneck else {}
+    into_zeros = expand_rows_triton(torch.zeros_like(c.y), v, c.B, c.rank, c.scale,
+                                    c.meta.token_slot, c.slice_sizes, **kw)  # fmt: skip
+    written = expand_rows_triton(torch.full_like(c.y, float("nan")), v, c.B, c.rank, c.scale,
+                                 c.meta.token_slot, c.slice_sizes, add=False, **kw)  # fmt: skip
+    assert torch.equal(written, into_zeros)
+    assert not written[c.meta.token_slot < 0].any()  # no adapter: zeros, not the NaN left there
+    assert written[c.meta.token_slot == 1, : QKV_GQA[0]].eq(0).all()  # slot 1: rank 0 on q
+    assert written[c.meta.token_slot == 0].ne(0).any()

@@ -121,54 +121,50 @@ def _shrink_rows_kernel(
                            k_per_split, R_MAX_STORE, stride_xt, stride_xk, stride_ai, stride_as,
                            stride_ar, stride_ak, stride_vp, stride_vi, stride_vt, RANK_GRID,
                            BLOCK_K)  # fmt: skip
-        return
-    if RANK_CHUNK < BLOCK_R:
+    elif RANK_CHUNK < BLOCK_R:
         _shrink_rank_chunks(x_ptr, a_ptr, v_ptr, t, i, split, slot, rank, K, k_per_split,
                             R_MAX_STORE, stride_xt, stride_xk, stride_ai, stride_as, stride_ar,
                             stride_ak, stride_vp, stride_vi, stride_vt, RANK_CHUNK,
                             BLOCK_K)  # fmt: skip
-        return
+    else:  # one tile of every rank up to R_max, masked past the slot's own
+        _shrink_rank_group(x_ptr, a_ptr, v_ptr, t, i, split, 0, slot, rank, K, k_per_split,
+                           R_MAX_STORE, stride_xt, stride_xk, stride_ai, stride_as, stride_ar,
+                           stride_ak, stride_vp, stride_vi, stride_vt, BLOCK_R,
+                           BLOCK_K)  # fmt: skip
 
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < rank
-    k_start = split * k_per_split
-    k_end = tl.where(rank > 0, tl.minimum(k_start + k_per_split, K), k_start)  # rank 0: no loop
-    a_row = a_ptr + i * stride_ai + slot * stride_as + offs_r[:, None] * stride_ar  # [R, 1]
-    acc = tl.full((BLOCK_R,), 0.0, dtype=tl.float32)
+
+@triton.jit
+def _rows_dot(x_ptr, a_row, t, k_start, k_end, mask_rows, stride_xt, stride_xk, stride_ak,
+              ROWS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Rows a_row [ROWS, 1] of A (those in mask_rows) dotted with x[t] over input columns
+    k_start..k_end, BLOCK_K at a time, in float32 -> [ROWS]."""
+    acc = tl.full((ROWS,), 0.0, dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0)
-        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=mask_r[:, None] & mask_k[None, :],
-                    other=0.0)  # fmt: skip
+        a = tl.load(a_row + offs_k[None, :] * stride_ak,
+                    mask=mask_rows[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
         acc += tl.reduce(a.to(tl.float32) * x.to(tl.float32)[None, :], 1, _add)
-    # Zeros past the rank and for idle tokens too: the buffer needs no memset launch.
-    v_ptrs = v_ptr + split * stride_vp + i * stride_vi + t * stride_vt + offs_r
-    tl.store(v_ptrs, acc, mask=offs_r < R_MAX_STORE)
+    return acc
 
 
 @triton.jit
 def _shrink_rank_group(
     x_ptr, a_ptr, v_ptr, t, i, split, r0, slot, rank, K, k_per_split, R_MAX_STORE,
     stride_xt, stride_xk, stride_ai, stride_as, stride_ar, stride_ak, stride_vp, stride_vi,
-    stride_vt, RANK_GRID: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_vt, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The shrink's program over ranks r0..r0 + RANK_GRID of its slot (SHRINK_RANK_GRID):
-    their sums over its split's input columns, zeros past the slot's rank (a group wholly past
-    it reads nothing)."""
-    offs_c = r0 + tl.arange(0, RANK_GRID)
-    mask_c = offs_c < rank
+    """The shrink's program over ranks r0..r0 + ROWS of its slot (all of them from 0, or a
+    SHRINK_RANK_GRID group): their sums over its split's input columns, zeros past the slot's
+    rank and for a token without an adapter (a group wholly past it reads nothing), so the
+    buffer needs no memset launch."""
+    offs_c = r0 + tl.arange(0, ROWS)
     k_start = split * k_per_split
     k_end = tl.where(r0 < rank, tl.minimum(k_start + k_per_split, K), k_start)
     a_row = a_ptr + i * stride_ai + slot * stride_as + offs_c[:, None] * stride_ar
-    acc = tl.full((RANK_GRID,), 0.0, dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0)
-        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=mask_c[:, None] & mask_k[None, :],
-                    other=0.0)  # fmt: skip
-        acc += tl.reduce(a.to(tl.float32) * x.to(tl.float32)[None, :], 1, _add)
+    acc = _rows_dot(x_ptr, a_row, t, k_start, k_end, offs_c < rank, stride_xt, stride_xk,
+                    stride_ak, ROWS, BLOCK_K)  # fmt: skip
     v_row = v_ptr + split * stride_vp + i * stride_vi + t * stride_vt
     tl.store(v_row + offs_c, acc, mask=offs_c < R_MAX_STORE)
 
@@ -189,14 +185,8 @@ def _shrink_rank_chunks(
         offs_c = r0 + tl.arange(0, RANK_CHUNK)
         mask_c = offs_c < rank
         a_row = a_ptr + i * stride_ai + slot * stride_as + offs_c[:, None] * stride_ar
-        acc = tl.full((RANK_CHUNK,), 0.0, dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_end
-            x = tl.load(x_ptr + t * stride_xt + offs_k * stride_xk, mask=mask_k, other=0.0)
-            a = tl.load(a_row + offs_k[None, :] * stride_ak,
-                        mask=mask_c[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
-            acc += tl.reduce(a.to(tl.float32) * x.to(tl.float32)[None, :], 1, _add)
+        acc = _rows_dot(x_ptr, a_row, t, k_start, k_end, mask_c, stride_xt, stride_xk,
+                        stride_ak, RANK_CHUNK, BLOCK_K)  # fmt: skip
         tl.store(v_row + offs_c, acc, mask=offs_c < R_MAX_STORE)
     for r0 in range(done, R_MAX_STORE, RANK_CHUNK):  # past the rank: zeros, as the tile form
         offs_c = r0 + tl.arange(0, RANK_CHUNK)

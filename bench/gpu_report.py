@@ -198,6 +198,32 @@ def tile_lines(out: Path) -> list[str]:
                           for t in sorted(per))  # fmt: skip
         best = min(per, key=lambda t: per[t]["graph_ms"]["rows_one_launch"])
         lines.append(f"  - {shape} {module} batch {batch}: GB/s {rates}; fastest: {best}")
+    return lines + layer_lines(cells)
+
+
+def layer_lines(cells: dict[tuple, dict[str, dict]]) -> list[str]:
+    """Per shape and batch, a layer's LoRA pairs (every module the sweep timed) under the
+    kernels' defaults (SWEEP_TILES[0]) against each module at its fastest tile, as the tuned
+    table gives them: what the table saves a layer, in us."""
+    from bench.decode_kernels import SWEEP_TILES
+
+    default = SWEEP_TILES[0]
+    layers: dict[tuple, dict[str, dict]] = {}
+    for (shape, module, batch), per in cells.items():
+        layers.setdefault((shape, batch), {})[module] = per
+    lines = []
+    for (shape, batch), modules in sorted(layers.items()):
+        if not all(default in per for per in modules.values()):
+            continue
+        us = {m: {t: row["graph_ms"]["rows_one_launch"] * 1e3 for t, row in per.items()}
+              for m, per in modules.items()}  # fmt: skip
+        best = {m: min(times, key=times.__getitem__) for m, times in us.items()}
+        before = sum(t[default] for t in us.values())
+        after = sum(us[m][b] for m, b in best.items())
+        each = ", ".join(f"{m} {_fmt(us[m][default])} -> {_fmt(us[m][b])} {b}"
+                         for m, b in best.items())  # fmt: skip
+        lines.append(f"- {shape} batch {batch}, a layer's LoRA pairs: {_fmt(before)} us under "
+                     f"the defaults ({default}), {_fmt(after)} us each at its fastest ({each})")
     return lines
 
 

@@ -93,6 +93,9 @@ def test_a_tile_leaving_fields_out_gets_the_kernels_defaults():
     defaults = (rows_module.RANK_CHUNK, rows_module.SHRINK_PROGRAMS,
                 rows_module.SHRINK_RANK_GRID)  # fmt: skip
     assert decode_kernels.LEFT_OUT == defaults
+    # the sweep's first tile is the kernels' defaults (gpu_report compares the others with it)
+    assert decode_kernels.tile_values(decode_kernels.SWEEP_TILES[0]) == [
+        getattr(rows_module, name) for name in decode_kernels.TILE_NAMES]
     before = decode_kernels.set_tiles("32:2:64:2:8:1024:16")
     try:
         assert rows_module.SHRINK_RANK_GRID == 16

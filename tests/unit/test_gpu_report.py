@@ -140,6 +140,9 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
     assert "  - llama-3.1-8b down batch 32: GB/s 64:4:128:4 1.1e+03, 64:4:128:4:16 924; " \
         "fastest: 64:4:128:4" in tiles
     assert gpu_report.best_tile(tmp_path) == "64:4:128:4:16"
+    assert ("- llama-3.1-8b batch 32, a layer's LoRA pairs: 45 us under the defaults "
+            "(64:4:128:4), 33 us each at its fastest (qkv 24 -> 12 64:4:128:4:16, down 21 -> 21 "
+            "64:4:128:4)") in tiles
     assert ("- the same cells, each kernel timed apart (shrink / expand ms): "
             "64:4:128:4:16 0.00925 / 0.0185, 64:4:128:4 0.0112 / 0.0225") in tiles
     assert "under 64:4:128:4:16" not in tiles  # the engine step did not run

@@ -263,6 +263,16 @@ def test_the_backend_launches_its_tables_tiles_for_the_module_and_batch(monkeypa
     TritonBackend(lora_tiles=table).lowrank_delta(y, other.x, other.A, other.B, other.rank,
                                                   other.scale, other.meta, other.slice_sizes)
     assert tiles_of(seen) == [("shrink", 1, rows_module.SHRINK_WARPS), ("expand", 64)]
+    # a table entry whose shrink programs take 8 ranks each (rank_grid): 4 groups (R_max 21)
+    seen.clear()
+    grid = TileTable.from_entries([{**entry, "kernel": "shrink", "batch": 8, "block": 32,
+                                    "warps": 2, "programs": 64, "rank_grid": 8}])  # fmt: skip
+    y = c.y.clone()
+    TritonBackend(lora_tiles=grid).lowrank_delta_tokens(y, c.x, c.A, c.B, c.rank, c.scale,
+                                                        c.meta.token_slot.long(), c.slice_sizes)
+    assert [kw["RANK_GRID"] for name, _, kw in seen if name == "shrink"] == [8]
+    assert tiles_of(seen)[0] == ("shrink", 1, 2)  # 64 programs over 6 x 3 x 4 groups: 1 split
+    assert_close(y, reference_y(c), *FP32_TOL[1:])
 
 
 @pytest.mark.parametrize("whole", [False, True], ids=["shrink-first", "delta-first"])

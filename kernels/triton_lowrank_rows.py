@@ -19,8 +19,9 @@ activation therefore act in the expand, on the summed shrink.
 Both kernels have two forms of the same sums: one tile of every rank up to R_max, masked past
 the slot's own (the default), or, with RANK_CHUNK set, a loop over the slot's own rank that
 many at a time, so a rank-8 slot costs one small step and the registers do not grow with
-R_max. Which is faster where is for the GPU to say (bench/decode_kernels.py --lora-tiles); the
-kernel tests run both.
+R_max. The shrink has a third: with SHRINK_RANK_GRID set, a token's ranks are spread over
+programs of that many each. Which is faster where is for the GPU to say
+(bench/decode_kernels.py --lora-tiles); the kernel tests run every form.
 
 Imported lazily, like triton_shrink.py.
 """

@@ -118,7 +118,7 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
     def tile_row(tile, module, batch, ms, gbs):
         return {"op": "lora_tiles", "tiles": tile, "shape": "llama-3.1-8b", "module": module,
                 "batch": batch, "graph_ms": {"rows_one_launch": ms, "segments": 1.0},
-                "gbs_graph": {"rows_one_launch": gbs, "segments": 1.0},
+                "gbs_graph": {"rows_one_launch": gbs, "segments": 1.0}, "max_abs_diff": 0.01,
                 "stage_graph_ms": {"shrink": ms / 4, "expand": ms / 2}}  # fmt: skip
 
     write(tmp_path, "decode_lora_tiles_cuda.json", {"rows": [
@@ -129,10 +129,14 @@ def test_lora_tiles_rank_the_tiles_by_their_total_time(tmp_path):
         tile_row("64:4:128:4", "o", 8, 0.5, 1.0),  # a cell only one tile ran: not in totals
         {"op": "lora_tiles", "tiles": "64:4:128:4:0:64:4", "shape": "llama-3.1-8b", "batch": 8,
          "error": "CompilationError: at 12:4"},  # a tile that failed: named, not ranked
+        # the fastest, but its sums are not the segment kernels': named, not ranked
+        {**tile_row("32:2:64:2", "qkv", 32, 0.001, 9e3), "max_abs_diff": 3.5},
     ]})  # fmt: skip
     text, _ = gpu_report.report(tmp_path)
     tiles = text.split("by tile")[1]
     assert "- FAILED 64:4:128:4:0:64:4 at batch 8: CompilationError: at 12:4" in tiles
+    assert ("- WRONG SUMS 32:2:64:2 qkv at batch 32: max |diff| 3.5 against the segment "
+            "kernels (left out of the table)") in tiles
     assert ("- total ms over the 2 cells every tile ran, least first: 64:4:128:4:16 0.037, "
             "64:4:128:4 0.045") in tiles
     assert ("  - llama-3.1-8b qkv batch 32: GB/s 64:4:128:4 548, 64:4:128:4:16 1.1e+03; "
@@ -214,7 +218,7 @@ def test_tuned_tiles_take_each_kernels_fastest_per_module_and_batch(tmp_path):
     def row(tile, module, batch, shrink, expand, pair):
         return {"op": "lora_tiles", "tiles": tile, "shape": "llama-3.1-8b", **module,
                 "batch": batch, "stage_graph_ms": {"shrink": shrink, "expand": expand},
-                "graph_ms": {"rows_one_launch": pair}}  # fmt: skip
+                "graph_ms": {"rows_one_launch": pair}, "max_abs_diff": 0.0078}  # fmt: skip
 
     # qkv: the second tile's shrink is the faster alone, the first tile's pair the faster
     # (its expand sums fewer splits): the pair decides, both kernels from one tile
@@ -223,6 +227,9 @@ def test_tuned_tiles_take_each_kernels_fastest_per_module_and_batch(tmp_path):
         row("256:8:64:2:32:1024:16", qkv, 32, 0.008, 0.019, 0.028),
         row("64:4:128:4", down, 8, 0.004, 0.005, 0.010),
         row("256:8:64:2:32:1024:16", down, 8, 0.003, 0.004, 0.008),
+        # faster still, but wrong (or NaN) sums against the segment kernels: never taken
+        {**row("32:2:64:2", down, 8, 0.001, 0.001, 0.002), "max_abs_diff": 0.5},
+        {**row("32:2:64:4", qkv, 32, 0.001, 0.001, 0.002), "max_abs_diff": float("nan")},
         {"op": "lora_tiles", "tiles": "64:4:128:4:3", "batch": 8, "error": "no compile"},
         {"op": "lora", "module": "o", "batch": 8},  # the plain kernel rows: not tiles
     ]})  # fmt: skip

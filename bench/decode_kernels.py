@@ -236,11 +236,8 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
     the one-launch shrink and expand timed apart (stage_graph_ms: which kernel a tile helps)."""
     from peftserve.kernels import triton_lowrank_rows as rows_module
     from peftserve.kernels.triton_expand import launch_expand
-    from peftserve.kernels.triton_lowrank_rows import (
-        expand_rows_triton,
-        lowrank_delta_rows_triton,
-        shrink_stage,
-    )
+    from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
+    from peftserve.kernels.triton_lowrank_stages import lowrank_delta_rows_triton, shrink_stage
     from peftserve.kernels.triton_shrink import launch_shrink
 
     rows = []
@@ -291,9 +288,9 @@ def overlap_rows(shape: str, batch: int, reps: int) -> list[dict]:
     config.lora_overlap chooses between: after the matmul ("off"), the shrink on a second
     stream beside it ("shrink"), the whole delta there and one add after it ("delta"), next to
     the matmul alone: how much of the LoRA work the matmul hides, module by module."""
-    from peftserve.kernels.triton_lowrank_rows import (
+    from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
+    from peftserve.kernels.triton_lowrank_stages import (
         delta_stage,
-        expand_rows_triton,
         lowrank_delta_rows_triton,
         shrink_stage,
     )

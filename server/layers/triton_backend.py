@@ -96,7 +96,7 @@ class TritonBackend(Backend):
         b_down, b_up, act = (bottleneck.get(k) for k in ("b_down", "b_up", "act"))
         self.check_lowrank_args(y, x, A, B, rank, scale, meta, slice_sizes, b_down, b_up, act)
         if meta.num_tokens <= self.rows_max_tokens:
-            from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
+            from peftserve.kernels.triton_lowrank_stages import lowrank_delta_rows_triton
 
             tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
             lowrank_delta_rows_triton(y, x, A, B, rank, scale, meta.token_slot, slice_sizes,
@@ -113,7 +113,7 @@ class TritonBackend(Backend):
         token_slot: Tensor, slice_sizes: tuple[int, ...], **bottleneck: Any,
     ) -> None:  # fmt: skip
         # Two launches whatever the adapters, no host metadata: graph-safe.
-        from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
+        from peftserve.kernels.triton_lowrank_stages import lowrank_delta_rows_triton
 
         check_rows_args(y, x, A, B, rank, scale, token_slot, slice_sizes)
         tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
@@ -125,7 +125,7 @@ class TritonBackend(Backend):
         slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
         whole: bool = False,
     ) -> Any:  # fmt: skip
-        from peftserve.kernels.triton_lowrank_rows import delta_stage, shrink_stage
+        from peftserve.kernels.triton_lowrank_stages import delta_stage, shrink_stage
 
         check_rows_args(None, x, A, B, rank, scale, token_slot, slice_sizes)
         tiles = self.lora_tiles.pick(x.shape[1], slice_sizes, A.shape[2], x.shape[0])
@@ -137,7 +137,8 @@ class TritonBackend(Backend):
         self, y: Tensor, begun: Any, B: Tensor, rank: Tensor, scale: Tensor, token_slot: Tensor,
         slice_sizes: tuple[int, ...], stream: torch.cuda.Stream | None = None,
     ) -> None:  # fmt: skip
-        from peftserve.kernels.triton_lowrank_rows import Delta, expand_rows_triton
+        from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
+        from peftserve.kernels.triton_lowrank_stages import Delta
 
         want = (token_slot.shape[0], B.shape[1])
         if tuple(y.shape) != want:

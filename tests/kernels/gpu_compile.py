@@ -224,7 +224,7 @@ def run_tiles(fake: CompileOnly) -> None:
     sizes in bf16: a tile that cannot compile fails here, not in the GPU's few minutes."""
     from bench.decode_kernels import N_SLOTS, R_MAX, SWEEP_TILES, kernel_tiles, lora_modules
     from peftserve.kernels.lora_tiles import Tiles
-    from peftserve.kernels.triton_lowrank_rows import lowrank_delta_rows_triton
+    from peftserve.kernels.triton_lowrank_stages import lowrank_delta_rows_triton
 
     bf16 = torch.bfloat16
     for tile in SWEEP_TILES:

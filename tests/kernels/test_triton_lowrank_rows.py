@@ -1,6 +1,7 @@
-"""The token-by-token Triton low-rank kernels (triton_lowrank_rows.py; interpreted when there is
-no GPU) against reference.py: mixed exact ranks, rank 0 on a slice, tokens without an adapter
-(slot -1, NaN inputs), fused projections' slices, split shrinks, bottleneck epilogues."""
+"""The token-by-token Triton low-rank kernels (triton_lowrank_rows.py, run by
+triton_lowrank_stages.py; interpreted when there is no GPU) against reference.py: mixed exact
+ranks, rank 0 on a slice, tokens without an adapter (slot -1, NaN inputs), fused projections'
+slices, split shrinks, bottleneck epilogues."""
 
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ import torch
 from peftserve.kernels import triton_lowrank_rows as rows_module
 from peftserve.kernels.checks import check_rows_args
 from peftserve.kernels.lora_tiles import Tiles, TileTable
-from peftserve.kernels.triton_lowrank_rows import (
-    lowrank_delta_rows_triton,
-    shrink_rows_triton,
-    shrink_splits,
-)
+from peftserve.kernels.triton_lowrank_rows import shrink_rows_triton, shrink_splits
+from peftserve.kernels.triton_lowrank_stages import lowrank_delta_rows_triton, shrink_stage
 from peftserve.layers.triton_backend import TritonBackend
 from tests.kernels.lowrank_cases import (
     BF16_TOL,
@@ -335,7 +333,7 @@ def test_the_expand_reading_the_shrinks_ranks_equals_it_reading_the_slots(monkey
     assert_close(got[True], reference_y(c), *FP32_TOL[1:])
     assert_untouched_rows(got[True], c.y, c.token_slot)
     monkeypatch.setattr(rows_module, "TOKEN_RANKS", True)
-    v, ranks = rows_module.shrink_stage(c.x, c.A, c.rank, c.meta.token_slot)
+    v, ranks = shrink_stage(c.x, c.A, c.rank, c.meta.token_slot)
     slots = c.meta.token_slot.long().cpu()
     want = torch.where(slots >= 0, c.rank.cpu()[:, slots.clamp(min=0)], 0).clamp(max=c.A.shape[2])
     assert ranks.dtype == torch.int32 and torch.equal(ranks.cpu(), want.int())

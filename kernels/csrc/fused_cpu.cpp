@@ -5,7 +5,9 @@
 // Each op rounds where its torch spelling rounds (layers/norm.py, layers/rotary.py, the SwiGLU
 // in models/llama.py): intermediate products are rounded to the tensor's dtype, so in bf16 the
 // results equal the torch path's bit for bit except where torch's own vectorized exp differs
-// in the last place (silu).
+// in the last place (silu), and where rms_norm's fp32 sum of squares, ordered by the
+// compiler's vector lanes, differs in its last place from torch's reduction and a normalized
+// value rounds to the neighbouring bf16 (rare: 3 of 20,000 random 5 x 32 draws).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -255,8 +255,10 @@ class CpuBackend(Backend):
         return huge_pages.gather(tensors) if self.huge_pages else tensors
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        # Half precision: one C++ pass with the same roundings (bf16 bit-equal); fp32, the
-        # parity dtype, keeps transformers' op sequence.
+        # Half precision: one C++ pass with the same roundings (bf16: equal to torch's but
+        # where the two fp32 sums of squares, ordered apart, differ in their last place and a
+        # value rounds to the neighbouring bf16, rarely); fp32, the parity dtype, keeps
+        # transformers' op sequence.
         if self.native and x.dtype != torch.float32 and x.is_contiguous():
             out = torch.empty_like(x)
             self.ops.rms_norm(out, x, weight, eps)

@@ -160,13 +160,23 @@ def test_bad_arguments_raise_a_clear_error(ops):
 
 
 def test_rms_norm_module_takes_the_op_on_the_cpu(ops):
+    """In bf16 the op rounds where torch's spelling rounds, but its fp32 sum of squares is
+    ordered by the compiler's vector lanes, not as torch's reduction orders it: where the two
+    sums differ in their last place, a normalized value can round to the neighbouring bf16 (3
+    of 20,000 random draws of these shapes, under every -march the tests build). This draw
+    holds such a value: one bf16 ulp apart, no more."""
+    g = torch.Generator().manual_seed(2483)
     backend, calls = counted_cpu_backend()
-    weight = torch.randn(32).bfloat16()
-    x = torch.randn(5, 32).bfloat16()
+    weight = torch.randn(32, generator=g).bfloat16()
+    x = torch.randn(5, 32, generator=g).bfloat16()
     norm = RMSNorm(32, 1e-6, backend)
     norm.weight.data = weight
     fused = norm(x)
     assert calls["rms_norm"] == 1
     plain = RMSNorm(32, 1e-6, CpuBackend(native=False))  # as without a compiler: torch's
     plain.weight.data = weight
-    assert torch.equal(plain(x), fused) and calls["rms_norm"] == 1
+    want = plain(x)
+    assert calls["rms_norm"] == 1
+    # one bf16 ulp: 2^-7 of a value at most (bf16 keeps 8 significant bits)
+    torch.testing.assert_close(fused.float(), want.float(), atol=0.0, rtol=2.0**-7)
+    assert (fused != want).sum() <= 1

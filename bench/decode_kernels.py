@@ -285,53 +285,40 @@ def lora_rows(shape: str, batch: int, reps: int, stages: bool = False) -> list[d
 
 def overlap_rows(shape: str, batch: int, reps: int) -> list[dict]:
     """Each module's base matmul with its LoRA deltas (32 slots, as lora_rows), in the forms
-    config.lora_overlap chooses between: after the matmul ("off"), the shrink on a second
-    stream beside it ("shrink"), the whole delta there and one add after it ("delta"), next to
-    the matmul alone: how much of the LoRA work the matmul hides, module by module."""
-    from peftserve.kernels.triton_lowrank_rows import expand_rows_triton
-    from peftserve.kernels.triton_lowrank_stages import (
-        delta_stage,
-        lowrank_delta_rows_triton,
-        shrink_stage,
-    )
-
+    config.lora_overlap chooses between, as TritonBackend runs them for the engine: after the
+    matmul ("off"), the shrink on a second stream beside it ("shrink"), the whole delta there
+    and one add after it ("delta"), next to the matmul alone: how much of the LoRA work the
+    matmul hides, module by module."""
     side = torch.cuda.Stream() if DEV.startswith("cuda") else None
+    tri = TritonBackend()  # no tile table: the kernels' defaults, as lora_rows
     rows = []
     token_slot = lora_token_slots(batch)
     for module, (d_in, slices) in lora_modules(shape).items():
         rank, A, B, scale, x = lora_weights(d_in, slices, batch)
         W = torch.randn(sum(slices), d_in, device=DEV, dtype=DTYPE) * 0.02
-        args = (A, B, rank, scale, token_slot, slices)
 
         def matmul(x=x, W=W) -> torch.Tensor:
             return torch.nn.functional.linear(x, W)
 
-        def after(x=x, W=W, args=args) -> torch.Tensor:
-            A, B, rank, scale, token_slot, slices = args
-            return lowrank_delta_rows_triton(matmul(x, W), x, A, B, rank, scale, token_slot,
-                                             slices)  # fmt: skip
-
-        def shrink_beside(x=x, W=W, args=args) -> torch.Tensor:
-            A, B, rank, scale, token_slot, slices = args
-            v, ranks = shrink_stage(x, A, rank, token_slot, stream=side)
+        def after(x=x, W=W, A=A, B=B, rank=rank, scale=scale, slices=slices) -> torch.Tensor:
             y = matmul(x, W)
-            if side is not None:
-                torch.cuda.current_stream().wait_stream(side)
-            return expand_rows_triton(y, v, B, rank, scale, token_slot, slices,
-                                      token_rank=ranks)  # fmt: skip
+            tri.lowrank_delta_tokens(y, x, A, B, rank, scale, token_slot, slices)
+            return y
 
-        def delta_beside(x=x, W=W, args=args) -> torch.Tensor:
-            delta = delta_stage(x, *args, stream=side)
+        def beside(whole: bool, x=x, W=W, A=A, B=B, rank=rank, scale=scale, slices=slices
+                   ) -> torch.Tensor:  # fmt: skip
+            begun = tri.lowrank_begin_tokens(x, A, B, rank, scale, token_slot, slices, side,
+                                             whole=whole)  # fmt: skip
             y = matmul(x, W)
-            if side is not None:
-                torch.cuda.current_stream().wait_stream(side)
-            return y.add_(delta.d)
+            tri.lowrank_end_tokens(y, begun, B, rank, scale, token_slot, slices, side)
+            return y
 
-        methods = {"matmul_alone": matmul, "lora_after": after, "shrink_beside": shrink_beside,
-                   "delta_beside": delta_beside}  # fmt: skip
+        methods = {"matmul_alone": matmul, "lora_after": after,
+                   "shrink_beside": functools.partial(beside, False),
+                   "delta_beside": functools.partial(beside, True)}  # fmt: skip
         want = after().float()
-        diff = max(float((fn().float() - want).abs().max()) for fn in (shrink_beside,
-                                                                       delta_beside))
+        diff = max(float((methods[m]().float() - want).abs().max())
+                   for m in ("shrink_beside", "delta_beside"))  # fmt: skip
         lora = lora_weight_elements(token_slot, d_in, slices)
         moved = (W.numel() + lora + batch * (d_in + 2 * sum(slices))) * 2
         rows.append(_row("overlap", shape, batch, methods, reps, moved, diff,

@@ -256,6 +256,10 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
     captured = []  # CUDA graph capture inside each first request, s (a new bucket or module set)
     static = engine.runner.static
     graphs = static.graphs if static is not None else None
+
+    def capture_s() -> float:  # the engine's CUDA graph capture so far, s
+        return graphs.capture_seconds if graphs is not None else 0.0
+
     slots = engine.adapters.slots
     write = slots.write_lora
 
@@ -274,9 +278,9 @@ def cold_start(engine: Engine, root: Path, prompt: list[int], reps: int = 7) -> 
             t0 = time.perf_counter()
             engine.adapters.register(f"cold{i}", path)
             register.append(time.perf_counter() - t0)
-            before = graphs.capture_seconds if graphs is not None else 0.0
+            before = capture_s()
             first.append(first_token(engine, prompt, f"cold{i}", f"c{i}"))
-            captured.append((graphs.capture_seconds if graphs is not None else 0.0) - before)
+            captured.append(capture_s() - before)
             total.append(register[-1] + first[-1])
             resident.append(first_token(engine, prompt, f"cold{i}", f"again{i}"))
             engine.adapters.unregister(f"cold{i}")

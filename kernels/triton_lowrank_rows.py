@@ -107,7 +107,6 @@ def _shrink_rows_kernel(
         first = (split == 0) & (group == 0)
     else:
         split = tl.program_id(2)
-        group = split  # (unread)
         first = split == 0
     slot = tl.load(token_slot_ptr + t).to(tl.int64)
     live = slot >= 0

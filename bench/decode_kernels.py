@@ -54,6 +54,7 @@ SHAPES = {  # heads, kv_heads, head_dim, hidden, intermediate
 BLOCK_SIZE, MAX_CTX = 16, 1024
 GRAPH_LEN = EngineConfig.max_cuda_graph_len  # the block-table width of a captured step
 N_SLOTS, R_MAX, RANKS = 32, 64, (8, 16, 32, 64)
+SLOT_RANKS = [RANKS[s % len(RANKS)] for s in range(N_SLOTS)]  # slot s's rank, every slice
 GRAPH_CALLS = 20
 DEV = "cuda"  # --device
 DTYPE = torch.bfloat16  # --dtype
@@ -334,10 +335,10 @@ def lora_token_slots(batch: int) -> torch.Tensor:
 
 def lora_weights(d_in: int, slices: tuple[int, ...], batch: int
                  ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """A module's slot buffers (slot s at rank RANKS[s % 4] on every slice) and an input:
+    """A module's slot buffers (slot s at rank SLOT_RANKS[s] on every slice) and an input:
     (rank, A, B, scale, x)."""
     n = len(slices)
-    rank = torch.tensor([RANKS[s % len(RANKS)] for s in range(N_SLOTS)], dtype=torch.int32)
+    rank = torch.tensor(SLOT_RANKS, dtype=torch.int32)
     A = torch.randn(n, N_SLOTS, R_MAX, d_in, device=DEV, dtype=DTYPE) * 0.02
     B = torch.randn(N_SLOTS, sum(slices), R_MAX, device=DEV, dtype=DTYPE) * 0.02
     scale = torch.full((n, N_SLOTS), 2.0, device=DEV)
@@ -349,7 +350,7 @@ def lora_weight_elements(token_slot: torch.Tensor, d_in: int, slices: tuple[int,
     """The adapter weights a step reads: each slot in use, at its exact rank, an A per slice
     (a fused projection's q, k and v each have their own) and B's rows of every slice."""
     used = sorted(set(token_slot.tolist()))
-    return sum(RANKS[s % len(RANKS)] * (len(slices) * d_in + sum(slices)) for s in used)
+    return sum(SLOT_RANKS[s] * (len(slices) * d_in + sum(slices)) for s in used)
 
 
 def lora_modules(shape: str) -> dict[str, tuple[int, tuple[int, ...]]]:

@@ -178,9 +178,10 @@ def tile_lines(out: Path) -> list[str]:
     run): each tile's total, the least first (the tiles to make the default), then each cell's
     GB/s by tile; and the lora_tiles_engine step's 8B adapters section under the fastest."""
     ranked, total, cells, common = tile_ranking(out)
-    rows = (read_json(out, "decode_lora_tiles_cuda.json") or {}).get("rows", [])
+    rows = [r for r in (read_json(out, "decode_lora_tiles_cuda.json") or {}).get("rows", [])
+            if r.get("op") == "lora_tiles"]  # fmt: skip
     failed = [f"{r['tiles']} at batch {r.get('batch')}: {r['error'][:200]}" for r in rows
-              if r.get("op") == "lora_tiles" and r.get("error")]  # fmt: skip
+              if r.get("error")]  # fmt: skip
     if not ranked and not failed:
         return []
     lines = ["", "One-launch LoRA kernels by tile (N:warps:K:warps[:rank chunk[:shrink "
@@ -190,8 +191,7 @@ def tile_lines(out: Path) -> list[str]:
     lines += [f"- FAILED {f}" for f in failed]
     lines += [f"- WRONG SUMS {r['tiles']} {r.get('module')} at batch {r.get('batch')}: max |diff| "
               f"{_fmt(r.get('max_abs_diff'))} against the segment kernels (left out of the "
-              "table)" for r in rows
-              if r.get("op") == "lora_tiles" and "error" not in r and wrong_sums(r)]  # fmt: skip
+              "table)" for r in rows if "error" not in r and wrong_sums(r)]  # fmt: skip
     stages = {t: [sum(per[t].get("stage_graph_ms", {}).get(k) or 0.0 for per in common)
                   for k in ("shrink", "expand")] for t in ranked}  # fmt: skip
     if any(sum(v) for v in stages.values()):

@@ -412,8 +412,8 @@ def shrink_rows_triton(
     block_r = pow2_at_least(r_max)
     chunk = rank_chunk(block_r, tiles.rank_chunk)
     groups = rank_groups(r_max, tiles)
-    rows = block_r // groups if groups > 1 else chunk  # A rows a step of a program's loop
-    block_k = max(32, min(tiles.block, 8192 // rows))  # an A tile of <= 8K elements
+    grid = block_r // groups if groups > 1 else 0  # ranks a program (RANK_GRID), 0: all
+    block_k = max(32, min(tiles.block, 8192 // (grid or chunk)))  # A tiles of <= 8K elements
     k_per_split = cdiv(cdiv(d_in, n_splits), block_k) * block_k
     ranks = ranks_out if ranks_out is not None else rank  # (unread without STORE_RANKS)
     _shrink_rows_kernel[(T, n_slices, n_splits * groups)](
@@ -425,7 +425,7 @@ def shrink_rows_triton(
         BLOCK_K=block_k,
         RANK_CHUNK=chunk,
         STORE_RANKS=ranks_out is not None,
-        RANK_GRID=block_r // groups if groups > 1 else 0,
+        RANK_GRID=grid,
         num_warps=tiles.warps,
     )  # fmt: skip
     return v
